@@ -1,0 +1,3 @@
+"""mpfl: Masked Pruning over Federated Learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""Exceptions raised by mpfl; each message says what was wrong and what to do about it."""
+
+
+class MpflError(Exception):
+    """Base class of every error mpfl raises on purpose."""
+
+
+class ConfigError(MpflError, ValueError):
+    """A configuration value, file or flag is unknown, malformed or out of range."""
+
+
+class DataError(MpflError):
+    """A dataset file is missing, truncated, corrupt or of the wrong format."""
+
+
+class ModelError(MpflError):
+    """A model name is unknown or a weight file does not fit the model."""
+
+
+class PayloadError(MpflError, ValueError):
+    """A message body failed validation: wrong magic, kind, round, length, checksum or values."""
+
+
+class RoundError(MpflError):
+    """A round could not complete: fewer than `min_nodes` nodes gave a valid reply."""
