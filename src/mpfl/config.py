@@ -1,0 +1,304 @@
+"""One typed configuration for every run, settable from a TOML file and from CLI flags.
+
+A TOML file has top-level run keys and the sections ``[data]``, ``[train]``, ``[prune]``,
+``[codec]`` and ``[faults]``; every field is also a CLI flag of the same name (``--lr``,
+``--batch-size``, ...), since field names are unique across sections.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
+CRITERIA = ("magnitude", "filter", "saliency")
+CONSENSUS_RULES = ("vote", "threshold", "dynamic", "histogram")
+SCHEDULES = ("geometric", "linear")
+SCOPES = ("layer", "global")
+REWINDS = ("init", "none")
+TRAIN_INITS = ("rewind", "local")
+OPTIMIZERS = ("sgd", "adam")
+PARTITIONS = ("iid", "dirichlet", "shards")
+MASK_CODERS = ("range", "packbits")
+VALUE_DTYPES = ("float32", "float16", "int8")
+
+
+def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        hint = difflib.get_close_matches(str(value), options, n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
+
+
+def _range(name: str, value: float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
+    if lo is not None and (value < lo or (lo_open and value == lo)):
+        raise ConfigError(f"{name} = {value} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and (value > hi or (hi_open and value == hi)):
+        raise ConfigError(f"{name} = {value} must be {'<' if hi_open else '<='} {hi}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, where it lives and how it is split across nodes."""
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards: int = 2
+    val_fraction: float = 0.1
+    train_samples: int | None = None
+    test_samples: int | None = None
+
+    def validate(self) -> None:
+        _choice("partition", self.partition, PARTITIONS)
+        _range("alpha", self.alpha, 0, lo_open=True)
+        _range("shards", self.shards, 1)
+        _range("val_fraction", self.val_fraction, 0, 1, hi_open=True)
+        for name in ("train_samples", "test_samples"):
+            value = getattr(self, name)
+            if value is not None:
+                _range(name, value, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The model and the local training every node runs."""
+
+    model: str = "mlp"
+    init: str | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    batch_size: int = 32
+    fraction: float = 1.0
+
+    def validate(self) -> None:
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _range("lr", self.lr, 0, lo_open=True)
+        _range("momentum", self.momentum, 0, 1, hi_open=True)
+        _range("weight_decay", self.weight_decay, 0)
+        _range("epochs", self.epochs, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("fraction", self.fraction, 0, 1, lo_open=True)
+        if self.init is not None and not Path(self.init).is_file():
+            raise ConfigError(f"init = {self.init!r}: no such file; pass the path of a saved state_dict")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How the mask is found: schedule, local criterion, consensus rule and starting points."""
+
+    sparsity: float = 0.9
+    mask_rounds: int = 5
+    schedule: str = "geometric"
+    criterion: str = "magnitude"
+    scope: str = "layer"
+    consensus: str = "vote"
+    tau: float = 0.5
+    percentile: float | None = None
+    rewind: str = "init"
+    train_init: str = "rewind"
+    warmup_rounds: int = 0
+    exclude: tuple[str, ...] = ()
+    layer_floor: float = 0.01
+    saliency_batches: int = 4
+    early_stop: bool = True
+
+    def validate(self) -> None:
+        _range("sparsity", self.sparsity, 0, 1, hi_open=True)
+        _range("mask_rounds", self.mask_rounds, 1)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("criterion", self.criterion, CRITERIA)
+        _choice("scope", self.scope, SCOPES)
+        _choice("consensus", self.consensus, CONSENSUS_RULES)
+        _range("tau", self.tau, 0, 1, lo_open=True)
+        if self.percentile is not None:
+            _range("percentile", self.percentile, 0, 100)
+        _choice("rewind", self.rewind, REWINDS)
+        _choice("train_init", self.train_init, TRAIN_INITS)
+        if self.train_init == "local" and self.rewind != "none":
+            raise ConfigError("train_init = 'local' starts training from each node's own weights, which only exist with rewind = 'none'")
+        _range("warmup_rounds", self.warmup_rounds, 0)
+        _range("layer_floor", self.layer_floor, 0, 1)
+        _range("saliency_batches", self.saliency_batches, 1)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How messages are coded on the wire."""
+
+    mask_coder: str = "range"
+    value_dtype: str = "float32"
+
+    def validate(self) -> None:
+        _choice("mask_coder", self.mask_coder, MASK_CODERS)
+        _choice("value_dtype", self.value_dtype, VALUE_DTYPES)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines a run; saved with its results so it can be reproduced."""
+
+    method: str = "mpfl"
+    seed: int = 0
+    nodes: int = 10
+    rounds: int = 10
+    min_nodes: int = 1
+    eval_every: int = 1
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value; raise ConfigError naming the field and the allowed values."""
+        _choice("method", self.method, METHODS)
+        _range("seed", self.seed, 0, 2**32 - 1)
+        _range("nodes", self.nodes, 1)
+        _range("rounds", self.rounds, 0)
+        _range("min_nodes", self.min_nodes, 1)
+        if self.min_nodes > self.nodes:
+            raise ConfigError(f"min_nodes = {self.min_nodes} is larger than nodes = {self.nodes}")
+        _range("eval_every", self.eval_every, 0)
+        if self.threads is not None:
+            _range("threads", self.threads, 1)
+        for section in (self.data, self.train, self.prune, self.codec):
+            section.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (TOML/JSON-ready; None values dropped) that `from_dict` turns back into this config."""
+        return _drop_none(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        """Build a config from nested dicts, rejecting unknown keys and wrong types."""
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "Config":
+        """Read a TOML config file."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        return cls.from_dict(data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        """A copy with flat `field = value` overrides applied to whichever section owns the field."""
+        data = self.to_dict()
+        for name, value in overrides.items():
+            section = FIELD_SECTIONS.get(name)
+            if section is None:
+                raise ConfigError(_unknown(name, FIELD_SECTIONS))
+            (data.setdefault(section, {}) if section else data)[name] = value
+        return Config.from_dict(data)
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "codec": CodecConfig}
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _unknown(name: str, known: Any) -> str:
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    return f"unknown config key {name!r}." + (f" Did you mean {hint[0]!r}?" if hint else f" Known keys: {', '.join(sorted(known))}")
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type, or explain what type was expected."""
+    text = str(hint)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"{name} must not be empty")
+    if "tuple" in text:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    for typ in (bool, int, float, str):
+        if text.startswith(typ.__name__) or text == f"<class '{typ.__name__}'>":
+            break
+    else:  # pragma: no cover - every field has one of the types above
+        raise ConfigError(f"{name} has an unsupported type {text}")
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, bool):
+            return value
+    elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif typ is str and isinstance(value, str):
+        return value
+    if isinstance(value, str) and typ in (int, float):
+        try:
+            return typ(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{name} must be of type {typ.__name__}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{prefix.rstrip('.')}] must be a table of keys, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(_unknown(prefix + key, [prefix + k for k in known]))
+        if is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, hints[key], value)
+    return cls(**kwargs)
+
+
+def _field_sections() -> dict[str, str]:
+    owners: dict[str, str] = {f.name: "" for f in fields(Config) if f.name not in SECTIONS}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.name in owners:  # pragma: no cover - guarded by a test
+                raise RuntimeError(f"config field {f.name!r} is defined twice")
+            owners[f.name] = section
+    return owners
+
+
+FIELD_SECTIONS = _field_sections()
+
+
+def field_types() -> dict[str, Any]:
+    """Every flat field name with its type hint (for building CLI flags)."""
+    types = {k: v for k, v in get_type_hints(Config).items() if k not in SECTIONS}
+    for cls in SECTIONS.values():
+        types.update(get_type_hints(cls))
+    return types
