@@ -425,12 +425,12 @@ def decode_sparse(
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
 
 
-def peek_kind(buf: bytes) -> Kind:
-    """The kind of a body, read from its header without decoding (for dispatch)."""
+def peek(buf: bytes) -> Body:
+    """A body's header fields (kind, round, base, num_samples) without decoding its payload, for dispatch."""
     view = memoryview(buf).cast("B")
     if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC:
         raise PayloadError("not an mpfl message: too short or bad magic")
-    code = view[5]
-    if code not in Kind._value2member_map_:
-        raise PayloadError(f"unknown body kind {code}")
-    return Kind(code)
+    _, _, kind, _, _, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
+    if kind not in Kind._value2member_map_:
+        raise PayloadError(f"unknown body kind {kind}")
+    return Body(Kind(kind), round, base, num_samples, [])

@@ -1,0 +1,118 @@
+"""The `mpfl` command: run experiments and inspect data splits.
+
+Every config field is a flag of the same name (``--lr 0.1``, ``--batch-size 64``); a
+``--config file.toml`` supplies a base that flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .config import FIELD_SECTIONS, Config, field_types
+from .errors import MpflError
+from .protocol import plan
+from .records import default_run_dir
+
+console = Console(stderr=True)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with the base configuration")
+    group = parser.add_argument_group("configuration (override the file and the defaults)")
+    for name, hint in field_types().items():
+        section = FIELD_SECTIONS[name]
+        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=str(hint).replace("typing.", ""),
+                           help=f"{section + '.' if section else ''}{name}")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config a command line asks for: file (if any), then flags."""
+    base = Config.from_toml(args.config) if args.config else Config()
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    for name, value in overrides.items():
+        if isinstance(value, str) and value.lower() == "none":
+            overrides[name] = None
+    return base.with_overrides(overrides)
+
+
+def _progress_printer(cfg: Config, progress: Progress):
+    total = len(plan(cfg))
+    task = progress.add_task("starting", total=total)
+
+    def on_round(r: dict) -> None:
+        acc = f"acc {100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "acc   -   "
+        mb = (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6
+        text = f"{r['phase']:>6} {r['round']:>3}  {acc}  density {r['density']:.3f}  {mb:8.2f} MB"
+        progress.update(task, advance=1, description=text)
+        if r.get("dropped"):
+            progress.console.print(f"step {r['step']}: dropped {r['dropped']}")
+
+    return on_round
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .sim import simulate
+
+    cfg = config_from_args(args)
+    out = Path(args.out) if args.out else default_run_dir(cfg)
+    console.print(f"[bold]mpfl run[/] method={cfg.method} dataset={cfg.data.dataset} model={cfg.train.model} "
+                  f"nodes={cfg.nodes} seed={cfg.seed} -> {out}")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        result = simulate(cfg, out, on_round=_progress_printer(cfg, progress))
+    s = result.summary
+    acc = "n/a" if s["final_accuracy"] is None else f"{100 * s['final_accuracy']:.2f}%"
+    console.print(f"final accuracy {acc}, density {s['final_density']:.3f}, bytes up {s['bytes_up']:,} "
+                  f"down {s['bytes_down']:,}, {s['wall_time']:.1f} s. Records in {out}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .partition import format_summary, make_partition, summarize
+
+    cfg = config_from_args(args)
+    d = cfg.data
+    data = load_dataset(d.dataset, d.data_dir).take(d.train_samples, d.test_samples)
+    part = make_partition(data.y_train.numpy(), cfg.nodes, d.partition, alpha=d.alpha, shards_per_node=d.shards,
+                          val_fraction=d.val_fraction, seed=cfg.seed)
+    print(format_summary(summarize(data.y_train.numpy(), part, data.num_classes)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpfl", description="Masked Pruning over Federated Learning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one experiment on the in-process simulator")
+    _add_config_flags(run)
+    run.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(func=cmd_run)
+    part = sub.add_parser("partition", help="show how the data is split over the nodes")
+    _add_config_flags(part)
+    part.set_defaults(func=cmd_partition)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `mpfl` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MpflError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

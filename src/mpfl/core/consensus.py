@@ -1,0 +1,109 @@
+"""Consensus rules: the parameter server's mask from the nodes' weighted votes.
+
+Votes v_i = sum_n alpha_n m_{n,i} lie in [0, 1]. Every rule only keeps entries of the
+previous consensus (`support`), so the new consensus is always a subset of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .masks import Mask, expand_rows, rows, select
+
+_EPS = 1e-9
+
+
+def tally(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> list[np.ndarray]:
+    """Weighted votes per entry; `weights` are normalised to sum to 1 (alpha_n = |D_n| / sum |D|)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if len(masks) == 0 or w.sum() <= 0:
+        raise ValueError("consensus needs at least one mask with a positive weight")
+    w = w / w.sum()
+    return [sum(wn * np.asarray(m[i], dtype=np.float64) for wn, m in zip(w, masks)) for i in range(len(masks[0]))]
+
+
+@dataclass(frozen=True)
+class VoteContext:
+    """What a rule may use besides the votes: the round's target, the nodes, the tie-breaker."""
+
+    density: float
+    prev_density: float
+    num_nodes: int
+    scope: str = "layer"
+    floor: float = 0.01
+    tau: float = 0.5
+    percentile: float | None = None
+    structured: bool = False
+    tiebreak: Sequence[np.ndarray] | None = None
+
+
+def _on_rows(rule: Callable[..., Mask], votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:
+    """Run a rule on one vote per output filter, then expand back (structured masks)."""
+    row_votes = [rows(v).mean(axis=1) for v in votes]
+    row_support = [rows(s).any(axis=1) for s in support]
+    ties = None if ctx.tiebreak is None else [np.linalg.norm(rows(t), axis=1) for t in ctx.tiebreak]
+    flat = rule(row_votes, row_support, VoteContext(**{**ctx.__dict__, "structured": False, "tiebreak": ties}))
+    return [expand_rows(f, s.shape) for f, s in zip(flat, support)]
+
+
+def vote(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:
+    """Keep exactly the highest-voted entries at the target density (per layer or global);
+    ties go to the larger |w0|, then the lower index."""
+    if ctx.structured:
+        return _on_rows(vote, votes, support, ctx)
+    return select(votes, support, ctx.density, ctx.scope, ctx.floor, ctx.tiebreak)
+
+
+def threshold(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:
+    """Keep entries with a vote of at least tau (0.5: a weighted majority); density emerges."""
+    return [s & (v >= ctx.tau - _EPS) for v, s in zip(votes, support)]
+
+
+def dynamic(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:
+    """Per layer, prune entries that at least a share `thr` of the nodes pruned, lowering thr
+    from (N-1)/N in steps of 1/N until the layer reaches its target pruned fraction."""
+    n = ctx.num_nodes
+    thresholds = [(n - j) / n for j in range(1, n)] or [1.0]
+    out = []
+    for v, s in zip(votes, support):
+        target_pruned = 1.0 - ctx.density
+        for thr in thresholds:
+            keep = s & ~(1.0 - v >= thr - _EPS)
+            if 1.0 - keep.mean() >= target_pruned - _EPS:
+                break
+        out.append(keep)
+    return out
+
+
+def histogram(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:
+    """Per layer, keep votes at or above a percentile of the votes over the support; by default
+    the percentile that removes the round's share of the support (1 - d_t / d_{t-1})."""
+    q = ctx.percentile if ctx.percentile is not None else 100.0 * (1.0 - ctx.density / ctx.prev_density)
+    out = []
+    for v, s in zip(votes, support):
+        if not s.any():
+            out.append(s.copy())
+            continue
+        cut = np.percentile(v[s], min(max(q, 0.0), 100.0), method="lower")
+        out.append(s & (v >= cut - _EPS))
+    return out
+
+
+Rule = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], VoteContext], Mask]
+RULES: dict[str, Rule] = {"vote": vote, "threshold": threshold, "dynamic": dynamic, "histogram": histogram}
+
+
+def register_rule(name: str, rule: Rule) -> None:
+    """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`)."""
+    if name in RULES:
+        raise ValueError(f"a consensus rule named {name!r} already exists")
+    RULES[name] = rule
+
+
+def consensus(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], rule: str, ctx: VoteContext) -> Mask:
+    """Apply the named rule and guarantee the result is a subset of `support`."""
+    mask = RULES[rule](votes, support, ctx)
+    return [np.asarray(m, dtype=bool) & s for m, s in zip(mask, support)]

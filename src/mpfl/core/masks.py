@@ -1,0 +1,170 @@
+"""Sparsity schedules, local mask criteria and mask statistics, as pure functions on arrays.
+
+A mask is a list of boolean arrays, one per prunable tensor. Every new mask is a subset of
+the current one: the criteria only ever choose among entries that are still kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+Mask = list[np.ndarray]
+
+
+def target_density(t: int, rounds: int, sparsity: float, schedule: str) -> float:
+    """Density after mask round t of `rounds`: geometric keeps the same fraction each round, linear
+    removes the same share of the full model each round."""
+    if schedule == "geometric":
+        return (1.0 - sparsity) ** (t / rounds)
+    if schedule == "linear":
+        return 1.0 - sparsity * t / rounds
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def keep_count(size: int, density: float, minimum: int = 1) -> int:
+    """Entries to keep in a tensor of `size` at `density` (rounded, at least `minimum` when size allows)."""
+    return min(size, max(minimum, int(math.floor(density * size + 0.5))))
+
+
+def top_k(scores: np.ndarray, eligible: np.ndarray, k: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """The k eligible entries with the highest scores; ties go to the higher `tiebreak`, then the lower index."""
+    scores, eligible = scores.reshape(-1), eligible.reshape(-1)
+    idx = np.flatnonzero(eligible)
+    out = np.zeros(eligible.shape, dtype=bool)
+    if k >= idx.size:
+        out[idx] = True
+        return out
+    if k <= 0:
+        return out
+    s = scores[idx]
+    kth = np.partition(s, idx.size - k)[idx.size - k]
+    out[idx[s > kth]] = True
+    ties = idx[s == kth]
+    need = k - int(np.count_nonzero(s > kth))
+    if tiebreak is not None:
+        ties = ties[np.lexsort((ties, -tiebreak.reshape(-1)[ties]))]
+    out[ties[:need]] = True
+    return out
+
+
+def select(
+    scores: Sequence[np.ndarray],
+    current: Sequence[np.ndarray],
+    density: float,
+    scope: str = "layer",
+    floor: float = 0.01,
+    tiebreak: Sequence[np.ndarray] | None = None,
+) -> Mask:
+    """Keep the highest-scoring entries of the current mask at `density` of each layer (scope
+    ``layer``) or of all layers together (scope ``global``, each layer keeping at least `floor`)."""
+    ties = tiebreak if tiebreak is not None else [None] * len(scores)
+    if scope == "layer":
+        return [
+            top_k(s, c, keep_count(c.size, density), t).reshape(c.shape) for s, c, t in zip(scores, current, ties)
+        ]
+    if scope != "global":
+        raise ValueError(f"unknown scope {scope!r}")
+    reserved = [top_k(s, c, min(int(c.sum()), keep_count(c.size, floor)), t) for s, c, t in zip(scores, current, ties)]
+    total = keep_count(sum(c.size for c in current), density)
+    rest = total - sum(int(r.sum()) for r in reserved)
+    flat_scores = np.concatenate([s.reshape(-1) for s in scores])
+    eligible = np.concatenate([c.reshape(-1) & ~r for c, r in zip(current, reserved)])
+    flat_ties = None if tiebreak is None else np.concatenate([t.reshape(-1) for t in tiebreak])
+    chosen = top_k(flat_scores, eligible, rest, flat_ties) | np.concatenate(reserved)
+    return _split(chosen, current)
+
+
+def _split(flat: np.ndarray, like: Sequence[np.ndarray]) -> Mask:
+    out, start = [], 0
+    for c in like:
+        out.append(flat[start : start + c.size].reshape(c.shape))
+        start += c.size
+    return out
+
+
+def rows(a: np.ndarray) -> np.ndarray:
+    """A tensor viewed as one row per output filter / neuron (dim 0)."""
+    return a.reshape(a.shape[0], -1)
+
+
+def expand_rows(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A per-filter flag vector broadcast back to a full tensor mask."""
+    return np.ascontiguousarray(np.broadcast_to(flags.reshape((-1,) + (1,) * (len(shape) - 1)), shape))
+
+
+def magnitude_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *, scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
+    """Unstructured magnitude pruning: keep the largest |w| of the current mask."""
+    return select([np.abs(w) for w in weights], current, density, scope, floor)
+
+
+def filter_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, **_: object) -> Mask:
+    """Structured pruning: keep the output filters / neurons with the largest L2 norm, per layer."""
+    out = []
+    for w, c in zip(weights, current):
+        kept_rows = rows(c).any(axis=1)
+        norms = np.linalg.norm(rows(w).astype(np.float64), axis=1)
+        chosen = top_k(norms, kept_rows, keep_count(kept_rows.size, density))
+        out.append(expand_rows(chosen, c.shape))
+    return out
+
+
+def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *, scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
+    """SNIP-style pruning: keep the entries with the largest |w * dL/dw| (scores computed by the node)."""
+    return select(scores, current, density, scope, floor)
+
+
+Criterion = Callable[..., Mask]
+CRITERIA: dict[str, Criterion] = {"magnitude": magnitude_mask, "filter": filter_mask, "saliency": saliency_mask}
+STRUCTURED = {"filter"}
+NEEDS_SCORES = {"saliency"}
+
+
+def register_criterion(name: str, fn: Criterion, *, structured: bool = False, needs_scores: bool = False) -> None:
+    """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`.
+
+    With ``needs_scores`` the node passes SNIP saliency scores instead of trained weights and
+    skips local training; with ``structured`` masks keep or drop whole output filters.
+    """
+    if name in CRITERIA:
+        raise ValueError(f"a mask criterion named {name!r} already exists")
+    CRITERIA[name] = fn
+    if structured:
+        STRUCTURED.add(name)
+    if needs_scores:
+        NEEDS_SCORES.add(name)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def density(mask: Sequence[np.ndarray]) -> float:
+    """Fraction of prunable entries kept."""
+    total = sum(m.size for m in mask)
+    return sum(int(m.sum()) for m in mask) / total if total else 1.0
+
+
+def layer_density(mask: Sequence[np.ndarray]) -> list[float]:
+    """Fraction kept per prunable tensor."""
+    return [float(m.mean()) if m.size else 1.0 for m in mask]
+
+
+def hamming(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> int:
+    """Number of entries on which two masks differ."""
+    return sum(int(np.count_nonzero(x != y)) for x, y in zip(a, b))
+
+
+def jaccard(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    """|a & b| / |a | b| over all entries (1.0 for identical masks)."""
+    inter = sum(int(np.count_nonzero(x & y)) for x, y in zip(a, b))
+    union = sum(int(np.count_nonzero(x | y)) for x, y in zip(a, b))
+    return inter / union if union else 1.0
+
+
+def agreement(local: Sequence[np.ndarray], consensus: Sequence[np.ndarray], support: Sequence[np.ndarray]) -> float:
+    """Fraction of the previous support on which a node's mask matches the new consensus."""
+    same = sum(int(np.count_nonzero((x == y) & s)) for x, y, s in zip(local, consensus, support))
+    total = sum(int(s.sum()) for s in support)
+    return same / total if total else 1.0

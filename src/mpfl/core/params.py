@@ -1,0 +1,93 @@
+"""Which tensors a model exchanges and which of them are prunable, as plain numpy arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+Weights = list[np.ndarray]
+Mask = list[np.ndarray]
+
+_PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """The exchanged state of a model: floating tensors in state_dict order, and the prunable ones."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    prunable: tuple[int, ...]
+
+    @property
+    def prunable_names(self) -> list[str]:
+        return [self.names[i] for i in self.prunable]
+
+    @property
+    def prunable_shapes(self) -> list[tuple[int, ...]]:
+        return [self.shapes[i] for i in self.prunable]
+
+    @property
+    def prunable_sizes(self) -> np.ndarray:
+        return np.array([int(np.prod(s)) for s in self.prunable_shapes], dtype=np.int64)
+
+    def full_mask(self) -> Mask:
+        """The all-ones mask (version 0: nothing pruned)."""
+        return [np.ones(s, dtype=bool) for s in self.prunable_shapes]
+
+    def supports(self, mask: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One support per exchanged tensor: the mask for prunable ones, all-ones for the rest."""
+        out = [np.ones(s, dtype=bool) for s in self.shapes]
+        for i, m in zip(self.prunable, mask):
+            out[i] = m
+        return out
+
+    def apply(self, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray]) -> Weights:
+        """Weights with every pruned entry set to exactly zero."""
+        out = list(weights)
+        for i, m in zip(self.prunable, mask):
+            out[i] = np.where(m, weights[i], np.float32(0))
+        return out
+
+    def pick(self, weights: Sequence[np.ndarray]) -> Weights:
+        """The prunable tensors of a full weight list."""
+        return [weights[i] for i in self.prunable]
+
+
+def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool = False) -> ParamSpec:
+    """Describe a model's exchanged state; prunable = Linear/Conv weights not matched by `exclude`.
+
+    `exclude` holds fnmatch patterns on tensor names (e.g. ``"0.*"``). A structured (filter)
+    mask never prunes the last prunable layer, whose output rows are the classes.
+    """
+    state = model.state_dict()
+    names = tuple(k for k, v in state.items() if v.is_floating_point())
+    candidates = [
+        f"{mod_name}.weight" if mod_name else "weight"
+        for mod_name, module in model.named_modules()
+        if isinstance(module, _PRUNABLE_MODULES)
+    ]
+    if structured and candidates:
+        candidates = candidates[:-1]
+    chosen = {c for c in candidates if not any(fnmatch(c, pattern) for pattern in exclude)}
+    prunable = tuple(i for i, n in enumerate(names) if n in chosen)
+    return ParamSpec(names, tuple(tuple(state[n].shape) for n in names), prunable)
+
+
+def get_weights(model: nn.Module, spec: ParamSpec) -> Weights:
+    """Copy the exchanged tensors of a model out as float32 numpy arrays."""
+    state = model.state_dict()
+    return [state[n].detach().cpu().numpy().astype(np.float32, copy=True) for n in spec.names]
+
+
+def set_weights(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray]) -> None:
+    """Copy numpy arrays into a model's tensors in place (no new model, no new optimizer)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for n, w in zip(spec.names, weights):
+            state[n].copy_(torch.from_numpy(np.ascontiguousarray(w)))

@@ -1,0 +1,74 @@
+"""Everything a run builds from its config before the first round: data, split, model, initial weights.
+
+Both runners call `Experiment.from_config`, so a node process on another machine derives
+exactly the same partition, model and initial weights from the same config and seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .core.params import ParamSpec, Weights, get_weights, param_spec
+from .core.training import LocalData, evaluate
+from .data import Dataset, load_dataset
+from .errors import ConfigError
+from .models import build_model, load_init
+from .node import is_structured
+from .partition import Partition, make_partition
+
+
+def set_threads(cfg: Config) -> None:
+    """Use the configured number of torch threads (default: torch's own choice)."""
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+@dataclass
+class Experiment:
+    """The built pieces of a run."""
+
+    cfg: Config
+    dataset: Dataset
+    partition: Partition
+    model: nn.Module
+    spec: ParamSpec
+    w0: Weights
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Experiment":
+        """Load data, split it, build the model with the run's seed and read `--init` weights."""
+        set_threads(cfg)
+        d = cfg.data
+        dataset = load_dataset(d.dataset, d.data_dir).take(d.train_samples, d.test_samples)
+        partition = make_partition(dataset.y_train.numpy(), cfg.nodes, d.partition, alpha=d.alpha,
+                                   shards_per_node=d.shards, val_fraction=d.val_fraction, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.train.model, dataset.input_shape, dataset.num_classes)
+        if cfg.train.init is not None:
+            load_init(model, cfg.train.init)
+        spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
+        if not spec.prunable and cfg.method != "fedavg":
+            raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "
+                              f"{list(cfg.prune.exclude)}; exclude fewer layers")
+        return cls(cfg, dataset, partition, model, spec, get_weights(model, spec))
+
+    def node_data(self, node: int) -> LocalData:
+        """Node `node`'s view of the shared training tensors."""
+        return LocalData(self.dataset.x_train, self.dataset.y_train,
+                         torch.from_numpy(self.partition.train[node]), torch.from_numpy(self.partition.val[node]))
+
+    def pooled_data(self) -> LocalData:
+        """All nodes' training samples together (the centralized upper bound)."""
+        train = np.sort(np.concatenate(self.partition.train))
+        return LocalData(self.dataset.x_train, self.dataset.y_train, torch.from_numpy(train),
+                         torch.from_numpy(np.concatenate(self.partition.val)))
+
+    def evaluate(self, weights: Weights) -> tuple[float, float]:
+        """Accuracy and loss of `weights` on the test set."""
+        return evaluate(self.model, self.spec, weights, self.dataset.x_test, self.dataset.y_test)
+

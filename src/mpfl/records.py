@@ -1,0 +1,120 @@
+"""Run directories: the resolved config, a JSON-lines and CSV log per round, and a final summary.
+
+Every runner writes the same layout, so `mpfl report` treats simulator and Flower runs alike:
+
+    <run>/config.toml     the resolved configuration (reload it with `mpfl run --config`)
+    <run>/rounds.jsonl    one JSON object per round
+    <run>/rounds.csv      the same rounds as a flat table
+    <run>/summary.json    final figures, the config, the seed and the software versions
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomli_w
+import torch
+
+from . import __version__
+from .config import Config
+from .errors import ConfigError
+
+CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "rounds.csv", "summary.json"
+CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
+               "agreement", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "time", "nodes", "dropped")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a file so that readers see either the old or the new content, never half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
+    """A new, unused directory name under `root` describing the run."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / f"{stamp}-{cfg.method}-{cfg.data.dataset}-{cfg.train.model}-s{cfg.seed}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return "" if value is None else value
+
+
+class RunDir:
+    """Writes one run's records; refuses to overwrite a directory that already holds results."""
+
+    def __init__(self, path: str | Path, cfg: Config, *, resume: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"run directory {str(self.path)!r} exists and is not a directory; choose another --out")
+        if not resume and self.path.is_dir() and any(self.path.iterdir()):
+            raise ConfigError(f"run directory {str(self.path)!r} already holds files; choose another --out, "
+                              "or continue it with --resume")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        if not resume:
+            atomic_write(self.path / CONFIG, tomli_w.dumps(cfg.to_dict()))
+
+    def log(self, record: dict) -> None:
+        """Append one round to the JSON-lines and CSV logs."""
+        with open(self.path / ROUNDS_JSONL, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        csv_path = self.path / ROUNDS_CSV
+        new = not csv_path.exists()
+        with open(csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _csv_value(record.get(k)) for k in CSV_COLUMNS})
+
+    def finish(self, summary: dict) -> None:
+        """Write the final summary (atomically)."""
+        atomic_write(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+
+def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dict | None = None) -> dict:
+    """Final figures of a run from its round records."""
+    records = list(records)
+    accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    last = records[-1] if records else {}
+    return {
+        "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "partition": cfg.data.partition,
+        "nodes": cfg.nodes, "seed": cfg.seed, "sparsity": 0.0 if cfg.method == "fedavg" else cfg.prune.sparsity,
+        "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
+        "final_loss": last.get("loss"), "final_density": last.get("density"),
+        "rounds": len(records), "train_rounds": sum(r["phase"] == "train" for r in records),
+        "mask_rounds": sum(r["phase"] == "mask" for r in records),
+        "bytes_up": last.get("cum_bytes_up", 0), "bytes_down": last.get("cum_bytes_down", 0),
+        "wall_time": wall_time, **(extra or {}),
+        "config": cfg.to_dict(),
+        "versions": {"mpfl": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def read_rounds(path: str | Path) -> list[dict]:
+    """The round records of a run directory."""
+    with open(Path(path) / ROUNDS_JSONL) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_summary(path: str | Path) -> dict:
+    """The summary of a finished run directory."""
+    return json.loads((Path(path) / SUMMARY).read_text())
+

@@ -1,0 +1,27 @@
+"""Shared data fixtures: the reference dataset copies and an isolated data lookup environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The reference MNIST / Fashion-MNIST copies in `shared/data`, beside the repository."""
+    path = Path(__file__).parents[1].parent / "shared" / "data"
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.skip(f"reference datasets not found at {path}")
+    return path
+
+
+@pytest.fixture
+def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Unset MPFL_DATA and point the per-user cache at an empty temp dir, so no user files leak in."""
+    import mpfl.data
+
+    cache = tmp_path / "user-cache"
+    monkeypatch.delenv("MPFL_DATA", raising=False)
+    monkeypatch.setattr(mpfl.data, "_cache_dir", lambda: cache)
+    return cache
