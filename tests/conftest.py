@@ -25,3 +25,21 @@ def data_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("MPFL_DATA", raising=False)
     monkeypatch.setattr(mpfl.data, "_cache_dir", lambda: cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Full MNIST (the copy shipped with the package), loaded once per test session."""
+    from mpfl.data import load_dataset
+
+    return load_dataset("mnist")
+
+
+def tiny_config(**overrides):
+    """A run small enough for a unit test: a few nodes on a slice of MNIST, one local epoch."""
+    from mpfl.config import Config
+
+    base = {"nodes": 3, "rounds": 2, "train_samples": 1500, "test_samples": 300, "mask_rounds": 2, "batch_size": 32,
+            "threads": 1}
+    base.update(overrides)
+    return Config().with_overrides(base)

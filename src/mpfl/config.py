@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .core.consensus import RULES
+from .core.masks import CRITERIA
 from .errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -21,8 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
-CRITERIA = ("magnitude", "filter", "saliency")
-CONSENSUS_RULES = ("vote", "threshold", "dynamic", "histogram")
 SCHEDULES = ("geometric", "linear")
 SCOPES = ("layer", "global")
 REWINDS = ("init", "none")
@@ -121,9 +121,9 @@ class PruneConfig:
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
         _range("mask_rounds", self.mask_rounds, 1)
         _choice("schedule", self.schedule, SCHEDULES)
-        _choice("criterion", self.criterion, CRITERIA)
+        _choice("criterion", self.criterion, tuple(CRITERIA))
         _choice("scope", self.scope, SCOPES)
-        _choice("consensus", self.consensus, CONSENSUS_RULES)
+        _choice("consensus", self.consensus, tuple(RULES))
         _range("tau", self.tau, 0, 1, lo_open=True)
         if self.percentile is not None:
             _range("percentile", self.percentile, 0, 100)

@@ -1,0 +1,105 @@
+"""Consensus rules against numpy references on small vote matrices, including ties and extremes."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpfl.core.consensus import RULES, VoteContext, consensus, tally
+
+
+def ctx(**kw):
+    base = dict(density=0.5, prev_density=1.0, num_nodes=4)
+    base.update(kw)
+    return VoteContext(**base)
+
+
+def test_tally_weights_votes_by_sample_counts():
+    masks = [[np.array([1, 1, 0], bool)], [np.array([1, 0, 0], bool)], [np.array([0, 1, 1], bool)]]
+    v = tally(masks, [100, 300, 600])[0]
+    assert v == pytest.approx([0.4, 0.1 + 0.6, 0.6])
+
+
+def test_vote_keeps_exactly_k_highest_votes_with_ties_broken_by_w0_then_index():
+    votes = [np.array([1.0, 0.5, 0.5, 0.5, 0.25, 0.0])]
+    support = [np.ones(6, bool)]
+    w0 = [np.array([0, 0.1, 0.3, 0.3, 9, 9])]
+    got = consensus(votes, support, "vote", ctx(density=0.5, tiebreak=w0))[0]
+    # keep 3: index 0 (vote 1), then among the 0.5 ties the larger |w0| (2 and 3 tie at 0.3 -> lower index 2 first)
+    assert got.tolist() == [True, False, True, True, False, False]
+
+
+def test_vote_agrees_with_a_sorted_reference_on_random_matrices():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n_nodes, size = rng.integers(2, 8), rng.integers(5, 60)
+        support = rng.random(size) < 0.8
+        masks = [[(rng.random(size) < 0.5) & support] for _ in range(n_nodes)]
+        weights = rng.integers(1, 100, n_nodes)
+        votes = tally(masks, weights)
+        w0 = rng.standard_normal(size)
+        got = consensus(votes, [support], "vote", ctx(density=0.3, tiebreak=[np.abs(w0)]))[0]
+        k = min(int(support.sum()), max(1, int(np.floor(0.3 * size + 0.5))))
+        order = sorted(np.flatnonzero(support), key=lambda i: (-votes[0][i], -abs(w0[i]), i))
+        want = np.zeros(size, bool)
+        want[order[:k]] = True
+        assert np.array_equal(got, want)
+
+
+def test_all_agree_gives_the_common_mask_and_all_disagree_falls_back_to_w0():
+    common = np.array([1, 0, 1, 0, 1, 0], bool)
+    votes = tally([[common]] * 3, [1, 1, 1])
+    got = consensus(votes, [np.ones(6, bool)], "vote", ctx(density=0.5))[0]
+    assert np.array_equal(got, common)
+    flat = [np.full(6, 0.5)]  # every entry equally voted: |w0| decides
+    w0 = [np.array([1, 6, 2, 5, 3, 4.0])]
+    got = consensus(flat, [np.ones(6, bool)], "vote", ctx(density=0.5, tiebreak=w0))[0]
+    assert got.tolist() == [False, True, False, True, False, True]
+
+
+def test_threshold_is_a_weighted_majority():
+    votes = [np.array([0.0, 0.49, 0.5, 0.51, 1.0])]
+    support = [np.array([1, 1, 1, 1, 0], bool)]
+    got = consensus(votes, support, "threshold", ctx(tau=0.5))[0]
+    assert got.tolist() == [False, False, True, True, False]
+
+
+def test_dynamic_lowers_the_prune_threshold_until_the_target_is_met():
+    # 4 nodes; vote = share of nodes keeping; prune share u = 1 - vote
+    votes = [np.array([1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.25, 0.5])]
+    support = [np.ones(8, bool)]
+    # target sparsity 0.5: thr 3/4 prunes u>=0.75 -> entries 3,4,5,6 (4 of 8) -> reached
+    got = consensus(votes, support, "dynamic", ctx(density=0.5, num_nodes=4))[0]
+    assert got.tolist() == [True, True, True, False, False, False, False, True]
+    # target sparsity 0.75: thr 3/4 gives 0.5, thr 2/4 prunes u>=0.5 -> also 2 and 7 -> 6 of 8
+    got = consensus(votes, support, "dynamic", ctx(density=0.25, num_nodes=4))[0]
+    assert got.tolist() == [True, True, False, False, False, False, False, False]
+
+
+def test_histogram_keeps_votes_at_or_above_the_percentile():
+    votes = [np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])]
+    support = [np.ones(10, bool)]
+    # density 0.3 from 0.6: remove half of the support -> 50th percentile ("lower") = 0.5
+    got = consensus(votes, support, "histogram", ctx(density=0.3, prev_density=0.6))[0]
+    assert got.tolist() == [False] * 4 + [True] * 6
+    got = consensus(votes, support, "histogram", ctx(percentile=80.0))[0]
+    assert got.sum() == 3
+
+
+def test_structured_vote_keeps_whole_rows():
+    rows = np.array([0.9, 0.1, 0.6, 0.4])
+    votes = [np.repeat(rows[:, None], 3, axis=1)]
+    support = [np.ones((4, 3), bool)]
+    got = consensus(votes, support, "vote", ctx(density=0.5, structured=True))[0]
+    assert got.tolist() == [[True] * 3, [False] * 3, [True] * 3, [False] * 3]
+
+
+@settings(max_examples=40, deadline=None)
+@given(rule=st.sampled_from(sorted(RULES)), seed=st.integers(0, 1000), density=st.floats(0.05, 1.0))
+def test_every_rule_returns_a_subset_of_the_support(rule, seed, density):
+    rng = np.random.default_rng(seed)
+    support = rng.random(40) < 0.7
+    masks = [[(rng.random(40) < 0.5) & support] for _ in range(5)]
+    votes = tally(masks, rng.integers(1, 10, 5))
+    got = consensus(votes, [support], rule, ctx(density=density * support.mean(), prev_density=support.mean(), num_nodes=5))[0]
+    assert not (got & ~support).any()

@@ -1,0 +1,223 @@
+"""End-to-end behaviour of the server, nodes and in-process transport on small MNIST slices."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mpfl import codec
+from mpfl.core import masks as M
+from mpfl.core.aggregate import weighted_average
+from mpfl.errors import RoundError
+from mpfl.experiment import Experiment
+from mpfl.node import Node, make_trainer
+from mpfl.protocol import NodeFailure, plan
+from mpfl.server import Server
+from mpfl.sim import InProcessTransport, simulate
+
+
+class Recording(InProcessTransport):
+    """An in-process transport that keeps every request and reply it carried."""
+
+    def __init__(self, nodes, fail=()):
+        super().__init__(nodes)
+        self.log, self.fail = [], set(fail)
+
+    def exchange(self, task, step, requests):
+        replies = super().exchange(task, step, {n: b for n, b in requests.items() if n not in self.fail})
+        replies.update({n: NodeFailure("switched off") for n in self.fail if n in requests})
+        self.log.append((task, step, dict(requests), dict(replies)))
+        return replies
+
+
+def build(cfg, fail=()):
+    exp = Experiment.from_config(cfg)
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
+    transport = Recording(nodes, fail)
+    records = []
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
+    return exp, server, transport, records
+
+
+@pytest.fixture(scope="module")
+def mpfl_run():
+    cfg = tiny_config(mask_rounds=3, sparsity=0.8)
+    exp, server, transport, records = build(cfg)
+    server.run()
+    return cfg, exp, server, transport, records
+
+
+def test_consensus_masks_shrink_as_nested_subsets_at_the_scheduled_density(mpfl_run):
+    cfg, exp, server, _, records = mpfl_run
+    history = [server.state.history[v] for v in sorted(server.state.history)]
+    assert len(history) == 4  # the full mask, then one per mask round
+    for prev, new in zip(history, history[1:]):
+        assert all(not (n & ~p).any() for p, n in zip(prev, new))
+    mask_records = [r for r in records if r["phase"] == "mask"]
+    for r, new in zip(mask_records, history[1:]):
+        for m in new:
+            assert m.sum() == M.keep_count(m.size, r["target_density"])
+    assert records[-1]["density"] == pytest.approx(0.2, abs=1e-3)
+
+
+def test_pruned_weights_are_zero_in_the_global_model_and_every_reply(mpfl_run):
+    cfg, exp, server, transport, _ = mpfl_run
+    mask = server.state.mask
+    for w, m in zip(exp.spec.pick(server.state.weights), mask):
+        assert (w[~m] == 0).all()
+    for task, step, requests, replies in transport.log:
+        if task != "train":
+            continue
+        for bodies in replies.values():
+            body = codec.decode_values(bodies[0], exp.spec.supports(mask))
+            for w, m in zip(exp.spec.pick(body.tensors), mask):
+                assert (w[~m] == 0).all()
+
+
+def test_bytes_counted_equal_the_encoded_message_lengths(mpfl_run):
+    _, _, _, transport, records = mpfl_run
+    for (task, step, requests, replies), r in zip(transport.log, records):
+        assert r["step"] == step
+        assert r["bytes_down"] == sum(len(b) for bodies in requests.values() for b in bodies)
+        assert r["bytes_up"] == sum(len(b) for bodies in replies.values() for b in bodies)
+    assert records[-1]["cum_bytes_up"] == sum(r["bytes_up"] for r in records)
+
+
+def test_aggregate_is_the_sample_weighted_average_of_the_replies(mpfl_run):
+    cfg, exp, server, transport, _ = mpfl_run
+    task, step, requests, replies = transport.log[-1]
+    supports = exp.spec.supports(server.state.mask)
+    bodies = [codec.decode_values(replies[n][0], supports) for n in sorted(replies)]
+    sizes = [len(exp.partition.train[n]) for n in sorted(replies)]
+    assert [b.num_samples for b in bodies] == sizes
+    expected = [sum(s * b.tensors[i].astype(np.float64) for s, b in zip(sizes, bodies)) / sum(sizes)
+                for i in range(len(supports))]
+    for got, want in zip(server.state.weights, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_only_masks_travel_in_the_mask_phase_after_the_initial_weights(mpfl_run):
+    _, exp, _, transport, _ = mpfl_run
+    for task, step, requests, replies in transport.log:
+        if task != "mask":
+            continue
+        kinds = [codec.peek(b).kind for bodies in requests.values() for b in bodies]
+        assert set(kinds) <= {codec.Kind.WEIGHTS, codec.Kind.MASK}
+        assert (codec.Kind.WEIGHTS in kinds) == (step == 1)
+        assert {codec.peek(b).kind for bodies in replies.values() for b in bodies} == {codec.Kind.MASK}
+
+
+def test_same_seed_same_masks_and_another_seed_other_masks():
+    a = simulate(tiny_config(rounds=1, mask_rounds=1))
+    b = simulate(tiny_config(rounds=1, mask_rounds=1))
+    c = simulate(tiny_config(rounds=1, mask_rounds=1, seed=1))
+    assert all(np.array_equal(x, y) for x, y in zip(a.mask, b.mask))
+    assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights))
+    assert a.records == [dict(r, time=a.records[i]["time"]) for i, r in enumerate(b.records)]
+    assert not all(np.array_equal(x, y) for x, y in zip(a.mask, c.mask))
+
+
+def test_filter_criterion_removes_whole_filters():
+    result = simulate(tiny_config(model="cnn", criterion="filter", mask_rounds=1, rounds=1, sparsity=0.5,
+                                  train_samples=600))
+    for m in result.mask:
+        rows = m.reshape(m.shape[0], -1)
+        assert (rows.all(1) | ~rows.any(1)).all()
+        assert rows.all(1).mean() == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl"])
+def test_every_method_runs_and_keeps_its_density(method):
+    cfg = tiny_config(method=method, sparsity=0.75, mask_rounds=2, rounds=2, train_samples=900)
+    result = simulate(cfg)
+    want = 1.0 if method in ("fedavg", "topk") else 0.25
+    assert result.summary["final_density"] == pytest.approx(want, abs=0.01)
+    assert result.summary["final_accuracy"] > (0.05 if method == "random" else 0.2)
+    assert [r["phase"] for r in result.records] == [s.phase for s in plan(cfg)]
+
+
+def test_topk_uploads_are_density_matched_sparse_updates():
+    cfg = tiny_config(method="topk", sparsity=0.9, rounds=1)
+    exp, server, transport, _ = build(cfg)
+    server.run()
+    _, _, _, replies = transport.log[0]
+    for bodies in replies.values():
+        body = codec.decode_sparse(bodies[0], exp.spec.shapes)
+        for i, size in zip(exp.spec.prunable, exp.spec.prunable_sizes):
+            assert np.count_nonzero(body.tensors[i]) <= M.keep_count(int(size), 0.1)
+
+
+def test_fedavg_matches_a_hand_computed_round():
+    cfg = tiny_config(method="fedavg", rounds=1)
+    exp, server, transport, _ = build(cfg)
+    server.run()
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    locals_, sizes = [], []
+    for n in range(cfg.nodes):
+        node = Node(n, cfg, trainer, exp.node_data(n))
+        body = codec.decode_values(node.handle("train", 1, transport.log[0][2][n])[0], exp.spec.supports(exp.spec.full_mask()))
+        locals_.append(body.tensors)
+        sizes.append(len(exp.partition.train[n]))
+    for got, want in zip(server.state.weights, weighted_average(locals_, sizes)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_failed_node_is_dropped_and_recorded():
+    cfg = tiny_config(rounds=1, mask_rounds=1)
+    _, server, _, records = build(cfg, fail={1})
+    server.run()
+    assert all(r["dropped"] == {"1": "switched off"} for r in records)
+    assert all(r["nodes"] == [0, 2] for r in records)
+
+
+def test_too_few_replies_stop_the_run_with_a_clear_message():
+    cfg = tiny_config(rounds=1, mask_rounds=1, min_nodes=3)
+    _, server, _, _ = build(cfg, fail={2})
+    with pytest.raises(RoundError, match="fewer than min_nodes = 3.*node 2: switched off"):
+        server.run()
+
+
+def test_a_corrupted_reply_is_rejected_and_the_round_completes():
+    cfg = tiny_config(rounds=1, mask_rounds=1)
+    exp, server, transport, records = build(cfg)
+    original = transport.exchange
+
+    def corrupt(task, step, requests):
+        replies = original(task, step, requests)
+        body = bytearray(replies[0][0])
+        body[-1] ^= 0xFF
+        replies[0] = [bytes(body)]
+        return replies
+
+    transport.exchange = corrupt
+    server.run()
+    assert all("checksum" in r["dropped"]["0"] for r in records)
+    assert all(r["nodes"] == [1, 2] for r in records)
+
+
+def test_early_stop_when_the_mask_stops_changing():
+    from mpfl.core.consensus import RULES, register_rule
+
+    if "keep-all" not in RULES:
+        register_rule("keep-all", lambda votes, support, ctx: [s.copy() for s in support])
+    cfg = tiny_config(consensus="keep-all", mask_rounds=3, rounds=1)
+    result = simulate(cfg)
+    assert [r["phase"] for r in result.records] == ["mask", "train"]
+    assert result.records[0]["hamming"] == 0
+
+
+def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
+    from mpfl.core.training import generator
+
+    cfg = tiny_config(rewind="none", train_init="local", rounds=1, mask_rounds=1)
+    exp, server, transport, records = build(cfg)
+    server.run()
+    task, step, requests, replies = transport.log[-1]
+    assert task == "train"
+    assert {codec.peek(b).kind for bodies in requests.values() for b in bodies} == {codec.Kind.MASK}
+    mask = server.state.mask
+    for node in transport.nodes.values():
+        trained, _ = node.trainer.train(exp.spec.apply(node.state.local, mask), mask, node.data, 1, generator(cfg.seed, step, node.id))
+        expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
+                                       num_samples=node.data.num_samples)
+        assert replies[node.id][0] == expected
