@@ -19,7 +19,7 @@ from .errors import MpflError
 from .protocol import plan
 from .records import default_run_dir
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _flag(name: str) -> str:
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except MpflError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
         return 2
 
 

@@ -57,16 +57,20 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
+def check_run_dir(path: Path, *, resume: bool = False) -> None:
+    """Refuse a run directory that is a file or already holds results (unless resuming it)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run directory {str(path)!r} exists and is not a directory; choose another --out")
+    if not resume and path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"run directory {str(path)!r} already holds files; choose another --out")
+
+
 class RunDir:
     """Writes one run's records; refuses to overwrite a directory that already holds results."""
 
     def __init__(self, path: str | Path, cfg: Config, *, resume: bool = False) -> None:
         self.path = Path(path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"run directory {str(self.path)!r} exists and is not a directory; choose another --out")
-        if not resume and self.path.is_dir() and any(self.path.iterdir()):
-            raise ConfigError(f"run directory {str(self.path)!r} already holds files; choose another --out, "
-                              "or continue it with --resume")
+        check_run_dir(self.path, resume=resume)
         self.path.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         if not resume:

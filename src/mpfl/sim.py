@@ -18,7 +18,7 @@ from .errors import PayloadError
 from .experiment import Experiment
 from .node import Node, find_mask, make_trainer
 from .protocol import NodeFailure, Reply
-from .records import RunDir, summarize
+from .records import RunDir, check_run_dir, summarize
 from .server import Server
 
 
@@ -67,10 +67,12 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
              experiment: Experiment | None = None) -> RunResult:
     """Run `cfg` on the in-process simulator; write records to `out` when given."""
     started = time.perf_counter()
+    if out is not None:
+        check_run_dir(Path(out))
     exp = experiment or Experiment.from_config(cfg)
+    run_dir = RunDir(out, cfg) if out is not None else None
     trainer = make_trainer(cfg, exp.model, exp.spec)
     nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
-    run_dir = RunDir(out, cfg) if out is not None else None
     records: list[dict] = []
 
     def record(r: dict) -> None:

@@ -1,0 +1,60 @@
+"""Config: defaults, TOML and flag overrides, and errors that name the problem and the fix."""
+
+import pytest
+
+from mpfl.config import FIELD_SECTIONS, Config, field_types
+from mpfl.errors import ConfigError
+
+
+def test_round_trip_through_a_dict_and_toml(tmp_path):
+    import tomli_w
+
+    cfg = Config().with_overrides({"lr": 0.1, "exclude": "0.*,3.weight", "nodes": 20, "percentile": 40.0})
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "c.toml"
+    path.write_text(tomli_w.dumps(cfg.to_dict()))
+    assert Config.from_toml(path) == cfg
+    assert cfg.prune.exclude == ("0.*", "3.weight")
+
+
+def test_overrides_reach_the_owning_section_and_convert_strings():
+    cfg = Config().with_overrides({"lr": "0.2", "epochs": "3", "early_stop": "false", "data_dir": "/x", "test_samples": None})
+    assert cfg.train.lr == 0.2 and cfg.train.epochs == 3
+    assert cfg.prune.early_stop is False
+    assert cfg.data.data_dir == "/x" and cfg.data.test_samples is None
+
+
+def test_every_field_is_a_unique_flag():
+    names = list(field_types())
+    assert len(names) == len(set(names)) == len(FIELD_SECTIONS)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"metod": "mpfl"}, "unknown config key 'metod'. Did you mean 'method'"),
+        ({"method": "fedavgg"}, "method = 'fedavgg' is not one of .* Did you mean 'fedavg'"),
+        ({"train": {"lr": 0}}, "lr = 0.0 must be > 0"),
+        ({"train": {"lr": "fast"}}, "train.lr must be of type float"),
+        ({"prune": {"sparsity": 1.0}}, "sparsity = 1.0 must be < 1"),
+        ({"prune": {"schedul": "linear"}}, "unknown config key 'prune.schedul'. Did you mean 'prune.schedule'"),
+        ({"nodes": 2, "min_nodes": 3}, "min_nodes = 3 is larger than nodes = 2"),
+        ({"prune": {"train_init": "local"}}, "only exist with rewind = 'none'"),
+        ({"data": {"partition": "dirichlet", "alpha": -1.0}}, "alpha = -1.0 must be > 0"),
+        ({"train": {"init": "/no/such/file.pt"}}, "no such file"),
+        ({"train": 3}, r"\[train\] must be a table"),
+        ({"nodes": True}, "nodes must be of type int"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_fix(data, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict(data)
+
+
+def test_bad_toml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.from_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("method = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Config.from_toml(bad)
