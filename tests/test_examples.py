@@ -1,0 +1,21 @@
+"""The examples in examples/ run as documented."""
+
+import runpy
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def test_custom_extensions_example_runs_with_the_users_own_pieces():
+    module = runpy.run_path(str(EXAMPLES / "custom_extensions.py"))
+    result = module["main"]()
+    assert result.summary["config"]["data"]["dataset"] == "blobs"
+    assert result.summary["final_accuracy"] > 0.9
+    # the two-thirds rule keeps only entries that at least 2/3 of the nodes kept, so each mask round
+    # removes at least the share the nodes were asked to remove
+    assert result.summary["final_density"] <= 0.5 + 1e-9
+    assert all(not (m & ~p).any() for p, m in zip(result.masks[0], result.mask))
+    assert [w.shape for w in result.weights] == [(32, 16), (32,), (2, 32), (2,)]
+    assert np.isfinite(np.concatenate([w.ravel() for w in result.weights])).all()
