@@ -8,17 +8,26 @@ value dtype or the mask coder), flags (u8: bit 0 = structured mask), round (u32)
 they agree on it), num_samples (u32), tensor count (u32), payload length (u32), CRC-32 of
 everything else (u32).
 
-Payload records, one per tensor, by kind:
+Payload records, one per tensor, by kind (``k`` = number of values in the record):
 
-- ``WEIGHTS`` / ``SCORES`` / ``VALUES``: count (u32) [+ scale (f32) for int8], then the
-  values. ``VALUES`` holds only the entries inside a support both sides know, in row-major
-  order, so no indices travel.
+- ``WEIGHTS`` / ``SCORES`` / ``VALUES``: count (u32) [+ scale (f32) for int8], then the ``k``
+  values: ``4 + 4k`` bytes as float32, ``4 + 2k`` as float16, ``8 + k`` as int8. ``VALUES``
+  holds only the entries inside a support both sides know, in row-major order, so no
+  indices travel.
 - ``MASK``: coded positions (u32: the size of the previous support), ones (u32), coded
-  length (u32), then the bits of the new mask over the previous support only, range coded
-  with the Bernoulli probability ones/positions (or raw ``packbits``). A structured mask
-  spends one bit per output filter.
-- ``SPARSE``: tensor size (u32), ones (u32), coded length (u32), the range-coded position
-  bitmap (which costs no more than optimally coded index gaps), then the values.
+  length (u32), then the bits of the new mask over the previous support only: ``12 + L``
+  bytes. ``L`` is 0 for an all-zero or all-one mask, ``ceil(n / 8)`` with ``packbits``, and a
+  multiple of 4 near ``n * H(ones / n) / 8`` with the range coder. A structured mask spends
+  one bit per output filter.
+- ``SPARSE``: tensor size (u32), non-zeros (u32), coded length (u32), the coded position
+  bitmap (which costs no more than optimally coded index gaps), then a values record of the
+  non-zeros. A coded position never carries a zero value, so each tensor has one encoding.
+
+Values: float32 is exact. float16 rounds to nearest (relative error at most 2**-11, absolute
+at most 2**-25 in float16's subnormal range); values beyond float16's range are refused.
+int8 is symmetric per tensor: ``q = round(x / scale)`` with ``scale = max|x| / 127``, so the
+error is at most ``scale / 2`` (plus the float32 rounding of ``q * scale``).
+:func:`quantization_error` measures both on actual data.
 
 Decoding is strict: the receiver states what it expects (kind, round, shapes, supports)
 and every header field, count, length and checksum is checked before anything of the
@@ -39,7 +48,7 @@ import numpy as np
 from .errors import PayloadError
 
 MAGIC = b"MPFL"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<4sBBBBIIIII")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
@@ -47,6 +56,9 @@ _U32 = struct.Struct("<I")
 _MASK_META = struct.Struct("<III")
 _F32 = struct.Struct("<f")
 _STRUCTURED = 1
+_RANGE_SLACK = 64
+_MODEL_BITS = 32
+_MIN_SCALE = np.float32(np.finfo(np.float32).smallest_subnormal)
 
 
 class Kind(IntEnum):
@@ -61,7 +73,7 @@ class Kind(IntEnum):
 
 VALUE_DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2")), "int8": (2, np.dtype("i1"))}
 MASK_CODERS = {"range": 0, "packbits": 1}
-_DTYPE_BY_CODE = {code: (name, dt) for name, (code, dt) in VALUE_DTYPES.items()}
+_DTYPE_BY_CODE = {code: name for name, (code, _) in VALUE_DTYPES.items()}
 _CODER_BY_CODE = {code: name for name, code in MASK_CODERS.items()}
 _DENSE_KINDS = (Kind.WEIGHTS, Kind.SCORES, Kind.VALUES)
 
@@ -90,39 +102,50 @@ def _pack(kind: Kind, encoding: int, flags: int, round: int, base: int, num_samp
 
 @dataclass(frozen=True)
 class _Header:
+    """The header fields a decoder still needs once :func:`_unpack` has checked the rest."""
+
     kind: Kind
     encoding: int
-    flags: int
     round: int
     base: int
     num_samples: int
-    count: int
 
 
-def _unpack(buf: bytes, kind: Kind, round: int | None, base: int | None, count: int) -> tuple[_Header, memoryview]:
-    view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf.cast("B")
+def _unpack(
+    buf: bytes, kind: Kind, round: int | None, base: int | None, count: int, flags: int = 0
+) -> tuple[_Header, memoryview]:
+    """Check the header against what the receiver expects; return it and the payload.
+
+    Framing and the checksum are checked before the header's meaning, so a corrupted body is
+    reported as corrupted rather than as, say, a message for another round.
+    """
+    view = memoryview(buf).cast("B")
     if len(view) < HEADER_SIZE:
         raise PayloadError(f"body of {len(view)} bytes is shorter than the {HEADER_SIZE}-byte header")
-    magic, version, got_kind, encoding, flags, got_round, got_base, num_samples, got_count, length = _HEADER.unpack_from(view)
+    fields = _HEADER.unpack_from(view)
+    magic, version, got_kind, encoding, got_flags, got_round, got_base, num_samples, got_count, length = fields
     if magic != MAGIC:
         raise PayloadError(f"bad magic {bytes(magic)!r}: this is not an mpfl message")
     if version != VERSION:
         raise PayloadError(f"format version {version} is not supported (expected {VERSION}); upgrade mpfl on both sides")
+    if length != len(view) - HEADER_SIZE:
+        arrived = len(view) - HEADER_SIZE
+        raise PayloadError(f"payload length field says {length} bytes but {arrived} arrived (truncated or extended)")
+    (crc,) = _CRC.unpack_from(view, _HEADER.size)
+    if zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[: _HEADER.size])) != crc:
+        raise PayloadError("checksum mismatch: the body was corrupted in transit")
     if got_kind != kind:
         name = Kind(got_kind).name if got_kind in Kind._value2member_map_ else str(got_kind)
         raise PayloadError(f"expected a {kind.name} body, got {name}")
+    if got_flags != flags:
+        raise PayloadError(f"body has flags {got_flags:#04x}, expected {flags:#04x}")
     if round is not None and got_round != round:
         raise PayloadError(f"body is for round {got_round}, expected round {round}")
     if base is not None and got_base != base:
         raise PayloadError(f"body is coded over mask version {got_base}, but the receiver holds version {base}")
     if got_count != count:
         raise PayloadError(f"body holds {got_count} tensors, expected {count}")
-    if length != len(view) - HEADER_SIZE:
-        raise PayloadError(f"payload length field says {length} bytes but {len(view) - HEADER_SIZE} arrived (truncated or extended)")
-    (crc,) = _CRC.unpack_from(view, _HEADER.size)
-    if zlib.crc32(view[HEADER_SIZE:], zlib.crc32(view[: _HEADER.size])) != crc:
-        raise PayloadError("checksum mismatch: the body was corrupted in transit")
-    header = _Header(Kind(got_kind), encoding, flags, got_round, got_base, num_samples, got_count)
+    header = _Header(Kind(got_kind), encoding, got_round, got_base, num_samples)
     return header, view[HEADER_SIZE:]
 
 
@@ -157,38 +180,101 @@ def _value_dtype(dtype: str) -> tuple[int, np.dtype]:
         raise PayloadError(f"unknown value dtype {dtype!r}; choose one of {sorted(VALUE_DTYPES)}") from None
 
 
-def _encode_values(flat: np.ndarray, dtype: str) -> bytes:
-    code, dt = _value_dtype(dtype)
-    flat = np.asarray(flat, dtype=np.float32).ravel()
+def _dtype_name(code: int) -> str:
+    if code not in _DTYPE_BY_CODE:
+        raise PayloadError(f"unknown value dtype code {code}")
+    return _DTYPE_BY_CODE[code]
+
+
+def _float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32; values beyond its range become Inf, which the encoder then refuses."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, dtype=np.float32)
+
+
+def _to_float16(flat: np.ndarray) -> np.ndarray:
+    """Round to float16, refusing values that would overflow to Inf."""
+    with np.errstate(over="ignore"):
+        half = flat.astype(VALUE_DTYPES["float16"][1])
+    if not np.isfinite(half).all():
+        peak = float(np.abs(flat).max())
+        raise PayloadError(f"a value of magnitude {peak:g} overflows float16 (largest 65504); send float32 or int8 values")
+    return half
+
+
+def _to_int8(flat: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """Symmetric per-tensor quantization; the scale is float32 and never underflows to 0."""
+    peak = float(np.abs(flat).max()) if flat.size else 0.0
+    scale = max(np.float32(peak / 127), _MIN_SCALE) if peak > 0 else np.float32(1)
+    q = np.clip(np.rint(flat.astype(np.float64) / float(scale)), -127, 127).astype(VALUE_DTYPES["int8"][1])
+    with np.errstate(over="ignore"):
+        top = np.float32(np.abs(q).max(initial=0)) * scale
+    if not np.isfinite(top):
+        raise PayloadError(f"a value of magnitude {peak:g} is too close to the float32 limit for int8 with a float32 scale")
+    return q, scale
+
+
+def _quantize(flat: np.ndarray, dtype: str) -> tuple[np.ndarray, np.float32 | None]:
+    """float32 values in their wire form: (array in the wire dtype, int8 scale or None)."""
     if not np.isfinite(flat).all():
-        raise PayloadError("refusing to encode NaN or Inf values")
+        raise PayloadError("refusing to encode NaN or Inf values (or values beyond the float32 range)")
+    if dtype == "float16":
+        return _to_float16(flat), None
     if dtype == "int8":
-        peak = float(np.abs(flat).max()) if flat.size else 0.0
-        scale = peak / 127.0 if peak > 0 else 1.0
-        q = np.clip(np.rint(flat / scale), -127, 127).astype(dt)
-        return _U32.pack(flat.size) + _F32.pack(scale) + q.tobytes()
-    return _U32.pack(flat.size) + flat.astype(dt).tobytes()
+        return _to_int8(flat)
+    return flat.astype(VALUE_DTYPES["float32"][1], copy=False), None
 
 
-def _decode_values(reader: _Reader, dtype_code: int, expected: int, index: int) -> np.ndarray:
-    if dtype_code not in _DTYPE_BY_CODE:
-        raise PayloadError(f"unknown value dtype code {dtype_code}")
-    name, dt = _DTYPE_BY_CODE[dtype_code]
+def _dequantize(raw: np.ndarray, scale: np.float32 | None) -> np.ndarray:
+    """The float32 values a wire array stands for (Inf where an int8 product overflows)."""
+    out = raw.astype(np.float32)
+    if scale is not None:
+        with np.errstate(over="ignore"):
+            out *= scale
+    return out
+
+
+def _values_record(raw: np.ndarray, scale: np.float32 | None) -> bytes:
+    head = _U32.pack(raw.size) + (b"" if scale is None else _F32.pack(scale))
+    return head + raw.tobytes()
+
+
+def _encode_values(values: np.ndarray, dtype: str) -> bytes:
+    return _values_record(*_quantize(_float32(values).ravel(), dtype))
+
+
+def _decode_values(reader: _Reader, dtype: str, expected: int, index: int) -> np.ndarray:
+    """Read one values record of exactly ``expected`` entries as float32, all finite."""
     (count,) = reader.unpack(_U32, f"the count of tensor {index}")
     if count != expected:
         raise PayloadError(f"tensor {index} holds {count} values, expected {expected}")
-    scale = reader.unpack(_F32, f"the scale of tensor {index}")[0] if name == "int8" else 1.0
-    raw = np.frombuffer(reader.take(count * dt.itemsize, f"the values of tensor {index}"), dtype=dt)
-    if name == "int8":
-        if not np.isfinite(scale) or scale <= 0:
+    scale = None
+    if dtype == "int8":
+        scale = np.float32(reader.unpack(_F32, f"the scale of tensor {index}")[0])
+        if not (np.isfinite(scale) and scale > 0):
             raise PayloadError(f"tensor {index} has an invalid int8 scale {scale}")
-        if raw.size and raw.min() < -127:
-            raise PayloadError(f"tensor {index} holds the int8 value -128, which the encoder never writes")
-        return raw.astype(np.float32) * np.float32(scale)
-    out = raw.astype(np.float32)
+    dt = VALUE_DTYPES[dtype][1]
+    raw = np.frombuffer(reader.take(count * dt.itemsize, f"the values of tensor {index}"), dtype=dt)
+    if dtype == "int8" and raw.size and raw.min() < -127:
+        raise PayloadError(f"tensor {index} holds the int8 value -128, which the encoder never writes")
+    out = _dequantize(raw, scale)
     if not np.isfinite(out).all():
-        raise PayloadError(f"tensor {index} contains NaN or Inf values")
+        raise PayloadError(f"tensor {index} contains NaN, Inf or out-of-range values")
     return out
+
+
+def quantization_error(x: np.ndarray, dtype: str) -> dict[str, float]:
+    """The error of sending ``x`` as ``dtype`` values: ``{"max_abs_error", "rms_error"}``.
+
+    Computed by the same quantization the encoder applies, in float64, so it is what a
+    receiver actually sees. Raises :class:`PayloadError` for values the dtype cannot carry.
+    """
+    _value_dtype(dtype)
+    flat = _float32(x).ravel()
+    err = _dequantize(*_quantize(flat, dtype)).astype(np.float64) - flat
+    if not err.size:
+        return {"max_abs_error": 0.0, "rms_error": 0.0}
+    return {"max_abs_error": float(np.abs(err).max()), "rms_error": float(np.sqrt(np.mean(err**2)))}
 
 
 def encode_dense(
@@ -197,8 +283,9 @@ def encode_dense(
     """Encode whole tensors (initial weights, dense FedAvg, saliency scores)."""
     if kind not in _DENSE_KINDS:
         raise PayloadError(f"{kind.name} is not a dense kind")
+    code = _value_dtype(dtype)[0]
     payload = b"".join(_encode_values(t, dtype) for t in tensors)
-    return _pack(kind, _value_dtype(dtype)[0], 0, round, base, num_samples, len(tensors), payload)
+    return _pack(kind, code, 0, round, base, num_samples, len(tensors), payload)
 
 
 def decode_dense(
@@ -206,10 +293,9 @@ def decode_dense(
 ) -> Body:
     """Decode whole tensors, checking each count against the expected shape."""
     header, payload = _unpack(buf, kind, round, base, len(shapes))
+    dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
-    tensors = [
-        _decode_values(reader, header.encoding, int(np.prod(shape)), i).reshape(shape) for i, shape in enumerate(shapes)
-    ]
+    tensors = [_decode_values(reader, dtype, int(np.prod(shape)), i).reshape(shape) for i, shape in enumerate(shapes)]
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
 
@@ -226,8 +312,14 @@ def encode_values(
     """Encode the entries of each tensor inside its support (both sides know the supports)."""
     if len(tensors) != len(supports):
         raise PayloadError(f"{len(tensors)} tensors but {len(supports)} supports")
-    payload = b"".join(_encode_values(np.asarray(t).reshape(-1)[np.asarray(s).reshape(-1)], dtype) for t, s in zip(tensors, supports))
-    return _pack(Kind.VALUES, _value_dtype(dtype)[0], 0, round, base, num_samples, len(tensors), payload)
+    code = _value_dtype(dtype)[0]
+    parts = []
+    for i, (tensor, support) in enumerate(zip(tensors, supports)):
+        tensor, support = _float32(tensor), np.asarray(support, dtype=bool)
+        if tensor.shape != support.shape:
+            raise PayloadError(f"tensor {i} has shape {tensor.shape} but its support has shape {support.shape}")
+        parts.append(_encode_values(tensor[support], dtype))
+    return _pack(Kind.VALUES, code, 0, round, base, num_samples, len(tensors), b"".join(parts))
 
 
 def decode_values(
@@ -235,12 +327,13 @@ def decode_values(
 ) -> Body:
     """Decode kept values into full-shape tensors that are exactly zero outside each support."""
     header, payload = _unpack(buf, Kind.VALUES, round, base, len(supports))
+    dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
     tensors = []
     for i, support in enumerate(supports):
         support = np.asarray(support, dtype=bool)
         full = np.zeros(support.shape, dtype=np.float32)
-        full[support] = _decode_values(reader, header.encoding, int(support.sum()), i)
+        full[support] = _decode_values(reader, dtype, int(np.count_nonzero(support)), i)
         tensors.append(full)
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
@@ -251,25 +344,54 @@ def decode_values(
 _POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
 
 
-def _byte_model(p: float) -> "constriction.stream.model.Categorical":
-    """Categorical model over packed bytes whose 8 bits are i.i.d. Bernoulli(p)."""
-    probs = np.exp(_POPCOUNT * np.log(p) + (8 - _POPCOUNT) * np.log1p(-p))
-    return constriction.stream.model.Categorical(probs / probs.sum(), perfect=False)
+def _coder_name(code: int) -> str:
+    if code not in _CODER_BY_CODE:
+        raise PayloadError(f"unknown mask coder code {code}")
+    return _CODER_BY_CODE[code]
+
+
+def _check_coder(coder: str) -> None:
+    if coder not in MASK_CODERS:
+        raise PayloadError(f"unknown mask coder {coder!r}; choose one of {sorted(MASK_CODERS)}")
+
+
+def _byte_model(ones: int, n: int) -> "constriction.stream.model.Categorical":
+    """Categorical model over packed bytes whose 8 bits are i.i.d. Bernoulli(ones / n).
+
+    The probability is rounded to a multiple of 2**-32, and the nine distinct byte
+    probabilities (one per number of set bits) are computed in exact integer arithmetic and
+    rounded once. Sender and receiver therefore build bit-identical models on every
+    platform, which ``exp`` and ``log`` from different math libraries would not guarantee.
+    """
+    one = 1 << _MODEL_BITS
+    q = min(max((2 * ones * one + n) // (2 * n), 1), one - 1)
+    by_count = np.array([q**k * (one - q) ** (8 - k) / one**8 for k in range(9)])
+    return constriction.stream.model.Categorical(by_count[_POPCOUNT], perfect=False)
+
+
+def _max_coded(n: int) -> int:
+    """The most bytes a range-coded bitmap of n bits may take (the decoder's allocation bound)."""
+    return (n + 7) // 8 + _RANGE_SLACK
 
 
 def _code_bits(bits: np.ndarray, coder: str) -> bytes:
-    ones = int(bits.sum())
+    """The coded bitmap; empty when all bits are equal, since the count of ones says it all."""
+    ones = int(np.count_nonzero(bits))
     if ones in (0, bits.size):
         return b""
     packed = np.packbits(bits)
     if coder == "packbits":
         return packed.tobytes()
     encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(packed.astype(np.int32), _byte_model(ones / bits.size))
-    return encoder.get_compressed().astype("<u4").tobytes()
+    encoder.encode(packed.astype(np.int32), _byte_model(ones, bits.size))
+    data = encoder.get_compressed().astype("<u4").tobytes()
+    if len(data) > _max_coded(bits.size):
+        raise PayloadError(f"range coding a {bits.size}-bit mask took {len(data)} bytes; use the packbits coder")
+    return data
 
 
 def _decode_bits(data: memoryview, coder: str, n: int, ones: int, index: int) -> np.ndarray:
+    """Decode n bits with exactly ``ones`` set, rejecting malformed streams and padding."""
     if ones > n:
         raise PayloadError(f"mask {index} claims {ones} ones over only {n} positions")
     if ones in (0, n):
@@ -282,28 +404,34 @@ def _decode_bits(data: memoryview, coder: str, n: int, ones: int, index: int) ->
             raise PayloadError(f"mask {index} carries {len(data)} packed bytes, expected {nbytes}")
         packed = np.frombuffer(data, dtype=np.uint8)
     else:
-        if len(data) % 4 or len(data) > nbytes + 64:
+        if len(data) % 4 or len(data) > _max_coded(n):
             raise PayloadError(f"mask {index} has an invalid coded length of {len(data)} bytes")
         try:
             decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
-            packed = decoder.decode(_byte_model(ones / n), nbytes).astype(np.uint8)
+            packed = decoder.decode(_byte_model(ones, n), nbytes).astype(np.uint8)
         except Exception as exc:  # the coder rejects malformed streams in its own way
             raise PayloadError(f"mask {index} is not a valid range-coded stream: {exc}") from None
     bits = np.unpackbits(packed)
     if bits[n:].any():
         raise PayloadError(f"mask {index} has non-zero padding bits")
     bits = bits[:n].astype(bool)
-    if int(bits.sum()) != ones:
-        raise PayloadError(f"mask {index} decodes to {int(bits.sum())} ones but its header says {ones}")
+    got = int(np.count_nonzero(bits))
+    if got != ones:
+        raise PayloadError(f"mask {index} decodes to {got} ones but its header says {ones}")
     return bits
 
 
-def _rows(mask: np.ndarray, index: int) -> np.ndarray:
-    """One flag per output filter of a structured mask (checking the mask is row-constant)."""
-    mask = np.asarray(mask, dtype=bool)
-    rows = mask.reshape(mask.shape[0], -1) if mask.ndim else mask.reshape(1, 1)
-    flags = rows.any(axis=1)
-    if not (rows == flags[:, None]).all():
+def _filters(mask: np.ndarray) -> np.ndarray:
+    """A mask as a (filters, entries per filter) matrix; output filters / neurons lie on axis 0."""
+    shape = mask.shape or (1,)
+    return mask.reshape(shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+
+
+def _filter_flags(mask: np.ndarray, index: int) -> np.ndarray:
+    """One flag per output filter of a structured mask (checking that whole filters are kept or dropped)."""
+    grid = _filters(mask)
+    flags = grid.any(axis=1)
+    if not (grid == flags[:, None]).all():
         raise PayloadError(f"structured mask {index} does not keep or drop whole filters")
     return flags
 
@@ -319,8 +447,7 @@ def encode_mask(
     num_samples: int = 0,
 ) -> bytes:
     """Encode masks as bits over the previous support ``base`` (each mask must be a subset of it)."""
-    if coder not in MASK_CODERS:
-        raise PayloadError(f"unknown mask coder {coder!r}; choose one of {sorted(MASK_CODERS)}")
+    _check_coder(coder)
     if len(masks) != len(base):
         raise PayloadError(f"{len(masks)} masks but {len(base)} base supports")
     parts = []
@@ -331,10 +458,10 @@ def encode_mask(
         if (mask & ~prev).any():
             raise PayloadError(f"mask {i} is not a subset of the previous support")
         if structured:
-            mask, prev = _rows(mask, i), _rows(prev, i)
+            mask, prev = _filter_flags(mask, i), _filter_flags(prev, i)
         bits = mask.reshape(-1)[prev.reshape(-1)]
         data = _code_bits(bits, coder)
-        parts.append(_MASK_META.pack(bits.size, int(bits.sum()), len(data)) + data)
+        parts.append(_MASK_META.pack(bits.size, int(np.count_nonzero(bits)), len(data)) + data)
     flags = _STRUCTURED if structured else 0
     return _pack(Kind.MASK, MASK_CODERS[coder], flags, round, base_version, num_samples, len(masks), b"".join(parts))
 
@@ -348,31 +475,43 @@ def decode_mask(
     structured: bool = False,
 ) -> Body:
     """Decode masks coded over ``base``; the result is a full-shape subset of each base."""
-    header, payload = _unpack(buf, Kind.MASK, round, base_version, len(base))
-    if header.encoding not in _CODER_BY_CODE:
-        raise PayloadError(f"unknown mask coder code {header.encoding}")
-    if bool(header.flags & _STRUCTURED) != structured or header.flags & ~_STRUCTURED:
-        raise PayloadError(f"mask flags {header.flags} do not match the expected {'structured' if structured else 'unstructured'} mask")
-    coder = _CODER_BY_CODE[header.encoding]
+    header, payload = _unpack(buf, Kind.MASK, round, base_version, len(base), _STRUCTURED if structured else 0)
+    coder = _coder_name(header.encoding)
     reader = _Reader(payload)
     masks = []
     for i, prev in enumerate(base):
         prev = np.asarray(prev, dtype=bool)
-        support = _rows(prev, i) if structured else prev.reshape(-1)
+        support = _filter_flags(prev, i) if structured else prev.reshape(-1)
         n, ones, length = reader.unpack(_MASK_META, f"the header of mask {i}")
-        if n != int(support.sum()):
-            raise PayloadError(f"mask {i} is coded over {n} positions but the previous support has {int(support.sum())}")
-        bits = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, i)
+        kept = int(np.count_nonzero(support))
+        if n != kept:
+            raise PayloadError(f"mask {i} is coded over {n} positions but the previous support has {kept}")
         flat = np.zeros(support.shape, dtype=bool)
-        flat[support] = bits
+        flat[support] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, i)
         if structured:
-            flat = np.broadcast_to(flat.reshape((-1,) + (1,) * (prev.ndim - 1)), prev.shape)
-        masks.append(np.ascontiguousarray(flat.reshape(prev.shape)))
+            flat = np.broadcast_to(flat[:, None], _filters(prev).shape)
+        masks.append(np.ascontiguousarray(flat).reshape(prev.shape))
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, masks)
 
 
 # --------------------------------------------------------------------------- sparse updates
+
+
+def _sparse_record(tensor: np.ndarray, dtype: str, coder: str) -> bytes:
+    """Positions and values of one tensor's non-zeros, counted after quantization.
+
+    An entry that quantizes to zero is dropped from the positions, so the decoder can refuse a
+    zero value at a coded position and every tensor has exactly one encoding.
+    """
+    flat = _float32(tensor).reshape(-1)
+    nonzero = np.flatnonzero(flat)
+    raw, scale = _quantize(flat[nonzero], dtype)
+    sent = raw != 0
+    bits = np.zeros(flat.size, dtype=bool)
+    bits[nonzero[sent]] = True
+    data = _code_bits(bits, coder)
+    return _MASK_META.pack(flat.size, int(np.count_nonzero(sent)), len(data)) + data + _values_record(raw[sent], scale)
 
 
 def encode_sparse(
@@ -385,14 +524,10 @@ def encode_sparse(
     coder: str = "range",
 ) -> bytes:
     """Encode sparse tensors (top-k updates): coded positions of the non-zeros, then their values."""
-    parts = []
-    for i, tensor in enumerate(tensors):
-        flat = np.asarray(tensor, dtype=np.float32).reshape(-1)
-        bits = flat != 0
-        data = _code_bits(bits, coder)
-        parts.append(_MASK_META.pack(flat.size, int(bits.sum()), len(data)) + data + _encode_values(flat[bits], dtype))
+    _check_coder(coder)
     encoding = _value_dtype(dtype)[0] | MASK_CODERS[coder] << 4
-    return _pack(Kind.SPARSE, encoding, 0, round, base, num_samples, len(tensors), b"".join(parts))
+    payload = b"".join(_sparse_record(t, dtype, coder) for t in tensors)
+    return _pack(Kind.SPARSE, encoding, 0, round, base, num_samples, len(tensors), payload)
 
 
 def decode_sparse(
@@ -405,9 +540,7 @@ def decode_sparse(
 ) -> Body:
     """Decode sparse tensors into full shape; ``max_ones`` caps the non-zeros per tensor."""
     header, payload = _unpack(buf, Kind.SPARSE, round, base, len(shapes))
-    dtype_code, coder_code = header.encoding & 0x0F, header.encoding >> 4
-    if coder_code not in _CODER_BY_CODE:
-        raise PayloadError(f"unknown position coder code {coder_code}")
+    dtype, coder = _dtype_name(header.encoding & 0x0F), _coder_name(header.encoding >> 4)
     reader = _Reader(payload)
     tensors = []
     for i, shape in enumerate(shapes):
@@ -417,9 +550,12 @@ def decode_sparse(
             raise PayloadError(f"sparse tensor {i} has {n} positions, expected {size}")
         if max_ones is not None and ones > max_ones[i]:
             raise PayloadError(f"sparse tensor {i} has {ones} non-zeros, more than the allowed {max_ones[i]}")
-        bits = _decode_bits(reader.take(length, f"the positions of sparse tensor {i}"), _CODER_BY_CODE[coder_code], n, ones, i)
+        bits = _decode_bits(reader.take(length, f"the positions of sparse tensor {i}"), coder, n, ones, i)
+        values = _decode_values(reader, dtype, ones, i)
+        if not values.all():
+            raise PayloadError(f"sparse tensor {i} carries a zero value at a coded position")
         flat = np.zeros(size, dtype=np.float32)
-        flat[bits] = _decode_values(reader, dtype_code, ones, i)
+        flat[bits] = values
         tensors.append(flat.reshape(shape))
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
@@ -430,7 +566,9 @@ def peek(buf: bytes) -> Body:
     view = memoryview(buf).cast("B")
     if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC:
         raise PayloadError("not an mpfl message: too short or bad magic")
-    _, _, kind, _, _, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
+    _, version, kind, _, _, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
+    if version != VERSION:
+        raise PayloadError(f"format version {version} is not supported (expected {VERSION}); upgrade mpfl on both sides")
     if kind not in Kind._value2member_map_:
         raise PayloadError(f"unknown body kind {kind}")
     return Body(Kind(kind), round, base, num_samples, [])

@@ -1,6 +1,6 @@
 """MPFL against dense FedAvg and the pruning / compression baselines, side by side.
 
-    python benchmarks/mpfl.py [--quick] [--json PATH] [--methods mpfl,fedavg,...]
+    python benchmarks/methods.py [--quick] [--json PATH] [--methods mpfl,fedavg,...]
 
 MNIST, 10 IID nodes, cnn, sparsity 0.9, the package's default MPFL settings, the same seed,
 data and number of training rounds for every method. Bytes are the encoded messages; the
