@@ -1,7 +1,7 @@
 """One typed configuration for every run, settable from a TOML file and from CLI flags.
 
 A TOML file has top-level run keys and the sections ``[data]``, ``[train]``, ``[prune]``,
-``[codec]`` and ``[faults]``; every field is also a CLI flag of the same name (``--lr``,
+``[codec]``, ``[robust]`` and ``[faults]``; every field is also a CLI flag of the same name (``--lr``,
 ``--batch-size``, ...), since field names are unique across sections.
 """
 
@@ -30,6 +30,9 @@ TRAIN_INITS = ("rewind", "local")
 OPTIMIZERS = ("sgd", "adam")
 PARTITIONS = ("iid", "dirichlet", "shards")
 MASK_CODERS = ("range", "packbits")
+VOTE_WEIGHTINGS = ("samples", "agreement", "trimmed")
+AGGREGATORS = ("mean", "trimmed-mean", "median", "krum")
+ATTACKS = ("none", "noise", "shuffle", "random-mask", "inverted-mask", "important-mask", "scale", "sign-flip")
 VALUE_DTYPES = ("float32", "float16", "int8")
 
 
@@ -149,6 +152,44 @@ class CodecConfig:
 
 
 @dataclass(frozen=True)
+class RobustConfig:
+    """How the parameter server defends against bad nodes: vote weighting and value aggregation."""
+
+    vote_weighting: str = "samples"
+    trim: float = 0.2
+    aggregator: str = "mean"
+    byzantine: int = 1
+
+    def validate(self) -> None:
+        _choice("vote_weighting", self.vote_weighting, VOTE_WEIGHTINGS)
+        _range("trim", self.trim, 0, 0.5, hi_open=True)
+        _choice("aggregator", self.aggregator, AGGREGATORS)
+        _range("byzantine", self.byzantine, 0)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Faults and attacks the simulator injects, all seeded: dropouts, stragglers, corrupt or
+    duplicated replies, and malicious nodes."""
+
+    dropout: float = 0.0
+    straggler: float = 0.0
+    corrupt: float = 0.0
+    duplicate: float = 0.0
+    malicious: int = 0
+    attack: str = "none"
+    attack_scale: float = 10.0
+
+    def validate(self) -> None:
+        for name in ("dropout", "straggler", "corrupt", "duplicate"):
+            _range(name, getattr(self, name), 0, 1)
+        _range("malicious", self.malicious, 0)
+        _choice("attack", self.attack, ATTACKS)
+        if self.malicious and self.attack == "none":
+            raise ConfigError(f"malicious = {self.malicious} needs an attack; choose one of {', '.join(ATTACKS[1:])}")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything that determines a run; saved with its results so it can be reproduced."""
 
@@ -163,6 +204,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -179,7 +222,9 @@ class Config:
         _range("eval_every", self.eval_every, 0)
         if self.threads is not None:
             _range("threads", self.threads, 1)
-        for section in (self.data, self.train, self.prune, self.codec):
+        if self.faults.malicious > self.nodes:
+            raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
+        for section in (self.data, self.train, self.prune, self.codec, self.robust, self.faults):
             section.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -214,7 +259,8 @@ class Config:
         return Config.from_dict(data)
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "codec": CodecConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "codec": CodecConfig,
+                             "robust": RobustConfig, "faults": FaultConfig}
 
 
 def _drop_none(value: Any) -> Any:

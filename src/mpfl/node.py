@@ -13,6 +13,7 @@ import numpy as np
 
 from . import codec
 from .codec import Kind
+from .compact import CompactTrainer, compactable
 from .config import Config
 from .core.masks import CRITERIA, NEEDS_SCORES, STRUCTURED, keep_count, top_k
 from .core.params import Mask, ParamSpec, Weights
@@ -33,10 +34,11 @@ class NodeState:
 
 
 def make_trainer(cfg: Config, model, spec: ParamSpec) -> LocalTrainer:
-    """A LocalTrainer with the run's optimiser settings."""
+    """A LocalTrainer with the run's optimiser settings; filter masks on a flat sequential model train it shrunk."""
     t = cfg.train
-    return LocalTrainer(model, spec, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-                        weight_decay=t.weight_decay, batch_size=t.batch_size)
+    trainer = CompactTrainer if is_structured(cfg) and compactable(model) else LocalTrainer
+    return trainer(model, spec, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
+                   weight_decay=t.weight_decay, batch_size=t.batch_size)
 
 
 def is_structured(cfg: Config) -> bool:
@@ -104,6 +106,14 @@ class Node:
             raise PayloadError(f"unknown task {task!r}")
         return handler(step, weights)
 
+    def forge_mask(self, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
+        """The local mask this node reports; an honest node reports the one it computed."""
+        return mask
+
+    def forge_values(self, trained: Weights, start: Weights, step: int) -> Weights:
+        """The weights this node reports after training; an honest node reports its own."""
+        return trained
+
     def _key(self, step: int) -> tuple[int, ...]:
         return (self.cfg.seed, step, self.id)
 
@@ -116,6 +126,7 @@ class Node:
         new, trained = find_mask(self.cfg, self.trainer, self.data, start, current, self.steps[step].density, self._key(step))
         if self.cfg.prune.rewind == "none" and trained is not None:
             self.state.local = trained
+        new = self.forge_mask(new, current, start, step)
         return [codec.encode_mask(new, current, round=step, base_version=self.state.version, coder=self.cfg.codec.mask_coder,
                                   structured=self.structured, num_samples=self.data.num_samples)]
 
@@ -125,7 +136,9 @@ class Node:
                 raise PayloadError("a training round without weights needs local weights, which this node does not have")
             weights = self.state.local
         mask = self.mask
-        trained, _ = self.trainer.train(self.spec.apply(weights, mask), mask, self.data, self.cfg.train.epochs, generator(*self._key(step)))
+        start = self.spec.apply(weights, mask)
+        trained, _ = self.trainer.train(start, mask, self.data, self.cfg.train.epochs, generator(*self._key(step)))
+        trained = self.forge_values(trained, start, step)
         return [codec.encode_values(trained, self.spec.supports(mask), round=step, base=self.state.version,
                                     num_samples=self.data.num_samples, dtype=self.cfg.codec.value_dtype)]
 
@@ -142,11 +155,12 @@ class Node:
         update = [t - w for t, w in zip(trained, weights)]
         residual = self.state.residual or [np.zeros(s, dtype=np.float32) for s in self.spec.prunable_shapes]
         density = self.steps[step].density
-        for j, i in enumerate(self.spec.prunable):
-            full = update[i] + residual[j]
-            keep = top_k(np.abs(full), np.ones(full.shape, dtype=bool), keep_count(full.size, density)).reshape(full.shape)
-            update[i] = np.where(keep, full, np.float32(0))
-            residual[j] = full - update[i]
-        self.state.residual = residual
-        return [codec.encode_sparse(update, round=step, num_samples=self.data.num_samples,
-                                    dtype=self.cfg.codec.value_dtype, coder=self.cfg.codec.mask_coder)]
+        full = {i: update[i] + residual[j] for j, i in enumerate(self.spec.prunable)}
+        for i, f in full.items():
+            keep = top_k(np.abs(f), np.ones(f.shape, dtype=bool), keep_count(f.size, density)).reshape(f.shape)
+            update[i] = np.where(keep, f, np.float32(0))
+        body = codec.encode_sparse(update, round=step, num_samples=self.data.num_samples,
+                                   dtype=self.cfg.codec.value_dtype, coder=self.cfg.codec.mask_coder)
+        sent = codec.decode_sparse(body, self.spec.shapes).tensors
+        self.state.residual = [full[i] - sent[i] for i in self.spec.prunable]
+        return [body]

@@ -11,6 +11,7 @@ Every runner writes the same layout, so `mpfl report` treats simulator and Flowe
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
@@ -65,6 +66,16 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
         raise ConfigError(f"run directory {str(path)!r} already holds files; choose another --out")
 
 
+def _csv_text(records: Iterable[dict], *, header: bool) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    if header:
+        writer.writeheader()
+    for r in records:
+        writer.writerow({k: _csv_value(r.get(k)) for k in CSV_COLUMNS})
+    return out.getvalue()
+
+
 class RunDir:
     """Writes one run's records; refuses to overwrite a directory that already holds results."""
 
@@ -81,12 +92,13 @@ class RunDir:
         with open(self.path / ROUNDS_JSONL, "a") as f:
             f.write(json.dumps(record) + "\n")
         csv_path = self.path / ROUNDS_CSV
-        new = not csv_path.exists()
         with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _csv_value(record.get(k)) for k in CSV_COLUMNS})
+            f.write(_csv_text([record], header=not csv_path.exists() or csv_path.stat().st_size == 0))
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Atomically replace the round logs with `records` (on resume: drop rounds after the checkpoint)."""
+        atomic_write(self.path / ROUNDS_JSONL, "".join(json.dumps(r) + "\n" for r in records))
+        atomic_write(self.path / ROUNDS_CSV, _csv_text(records, header=True))
 
     def finish(self, summary: dict) -> None:
         """Write the final summary (atomically)."""

@@ -17,8 +17,8 @@ from . import codec
 from .codec import Kind
 from .config import Config
 from .core import masks as M
-from .core.aggregate import weighted_average
-from .core.consensus import VoteContext, consensus, tally
+from .core.aggregate import robust_average, weighted_average
+from .core.consensus import VoteContext, agreement_weights, consensus, tally, trimmed_tally
 from .core.params import Mask, ParamSpec, Weights
 from .errors import PayloadError, RoundError
 from .node import is_structured
@@ -219,7 +219,7 @@ class Server:
 
         rnd = self._exchange(TASK_TRAIN, step, requests, decode)
         self._acknowledge(rnd)
-        st.weights = weighted_average([b.tensors for b in rnd.replies.values()], rnd.weights())
+        st.weights = self._aggregate(rnd)
         return rnd
 
     def _topk_round(self, step: Step) -> Round:
@@ -234,9 +234,14 @@ class Server:
             return codec.decode_sparse(reply[0], self.spec.shapes, max_ones=limits, round=step.step)
 
         rnd = self._exchange(TASK_TOPK, step, {n: [body] for n in self._sample(step)}, decode)
-        update = weighted_average([b.tensors for b in rnd.replies.values()], rnd.weights())
-        st.weights = [w + u for w, u in zip(st.weights, update)]
+        st.weights = [w + u for w, u in zip(st.weights, self._aggregate(rnd))]
         return rnd
+
+    def _aggregate(self, rnd: Round) -> Weights:
+        """The configured aggregate of the valid replies (sample-weighted mean by default)."""
+        r = self.cfg.robust
+        return robust_average([b.tensors for b in rnd.replies.values()], rnd.weights(), r.aggregator,
+                              trim=r.trim, byzantine=r.byzantine)
 
     # ------------------------------------------------------------------ mask search
 
@@ -277,9 +282,15 @@ class Server:
         ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=p.scope,
                           floor=p.layer_floor, tau=p.tau, percentile=p.percentile, structured=self.structured,
                           tiebreak=[np.abs(w) for w in self.spec.pick(st.w0)])
-        new = consensus(tally(local, rnd.weights()), support, p.consensus, ctx)
+        weights = rnd.weights()
+        robust = self.cfg.robust
+        if robust.vote_weighting == "agreement":
+            weights = list(agreement_weights(local, weights, support))
+        votes = trimmed_tally(local, robust.trim) if robust.vote_weighting == "trimmed" else tally(local, weights)
+        new = consensus(votes, support, p.consensus, ctx)
         agreement = float(np.mean([M.agreement(m, new, support) for m in local]))
-        return rnd, new, {"agreement": agreement}
+        shares = np.asarray(weights) / np.sum(weights)
+        return rnd, new, {"agreement": agreement, "vote_weights": {str(n): round(float(w), 6) for n, w in zip(rnd.replies, shares)}}
 
     def _prune_round(self, step: Step, prev_density: float) -> tuple[Round, Mask, dict]:
         """fedavg-prune: a FedAvg round on the current mask, then the PS prunes the aggregate by magnitude."""

@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .config import Config
+import numpy as np
+
+from .attacks import MaliciousNode, malicious_ids
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, FaultConfig
 from .core.params import Mask, Weights
-from .errors import PayloadError
+from .errors import ConfigError, PayloadError
 from .experiment import Experiment
+from .export import save_final
 from .node import Node, find_mask, make_trainer
 from .protocol import NodeFailure, Reply
-from .records import RunDir, check_run_dir, summarize
+from .records import SUMMARY, RunDir, check_run_dir, read_rounds, summarize
 from .server import Server
 
 
@@ -38,6 +43,36 @@ class InProcessTransport:
                 replies[node_id] = self.nodes[node_id].handle(task, step, bodies)
             except PayloadError as exc:
                 replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
+        return replies
+
+
+class FaultyTransport(InProcessTransport):
+    """The in-process transport with seeded faults: nodes that drop out, straggle past the
+    deadline, or send corrupted or duplicated replies."""
+
+    def __init__(self, nodes: Sequence[Node], faults: FaultConfig, seed: int) -> None:
+        super().__init__(nodes)
+        self.faults, self.seed = faults, seed
+
+    def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
+        f = self.faults
+        draws = {n: np.random.default_rng([self.seed, step, n, 4]).random(5) for n in requests}
+        present = {n: b for n, b in requests.items() if draws[n][0] >= f.dropout}
+        replies = super().exchange(task, step, present)
+        for n in requests:
+            u = draws[n]
+            if n not in present:
+                replies[n] = NodeFailure("dropped out")
+            elif isinstance(replies[n], NodeFailure):
+                continue
+            elif u[1] < f.straggler:
+                replies[n] = NodeFailure("no reply before the deadline (straggler)")
+            elif u[2] < f.corrupt:
+                body = bytearray(replies[n][0])
+                body[int(u[4] * len(body))] ^= 0xFF
+                replies[n] = [bytes(body)]
+            elif u[3] < f.duplicate:
+                replies[n] = list(replies[n]) * 2
         return replies
 
 
@@ -64,29 +99,44 @@ class RunResult:
 
 
 def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[dict], None] | None = None,
-             experiment: Experiment | None = None) -> RunResult:
-    """Run `cfg` on the in-process simulator; write records to `out` when given."""
+             experiment: Experiment | None = None, resume: bool = False) -> RunResult:
+    """Run `cfg` on the in-process simulator; write records (and a checkpoint per round) to `out`
+    when given; with `resume`, continue the run in `out` from its last checkpoint."""
     started = time.perf_counter()
-    if out is not None:
+    if out is not None and not resume:
         check_run_dir(Path(out))
     exp = experiment or Experiment.from_config(cfg)
-    run_dir = RunDir(out, cfg) if out is not None else None
+    server_state, node_states, records = None, {}, []
+    if resume:
+        if out is None or (Path(out) / SUMMARY).exists():
+            raise ConfigError(f"{str(out)!r} holds a finished run; there is nothing to resume")
+        server_state, node_states = load_checkpoint(Path(out), exp.spec)
+        records = [r for r in read_rounds(out) if r["step"] < server_state.next_step]
+    run_dir = RunDir(out, cfg, resume=resume) if out is not None else None
+    if run_dir is not None and resume:
+        run_dir.rewrite(records)
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
-    records: list[dict] = []
+    bad = set(malicious_ids(cfg))
+    nodes = [(MaliciousNode if i in bad else Node)(i, cfg, trainer, exp.node_data(i), node_states.get(i))
+             for i in range(cfg.nodes)]
+    transport = FaultyTransport(nodes, cfg.faults, cfg.seed)
+    server: Server
 
     def record(r: dict) -> None:
         records.append(r)
         if run_dir is not None:
             run_dir.log(r)
+            save_checkpoint(run_dir.path, server.state, {n.id: n.state for n in nodes})
         if on_round is not None:
             on_round(r)
 
     oracle = PooledOracle(exp, trainer) if cfg.method == "centralized" else None
-    server = Server(cfg, exp.spec, exp.w0, InProcessTransport(nodes), evaluate=exp.evaluate, oracle=oracle, on_round=record)
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
+                    state=server_state)
     server.run()
-    summary = summarize(cfg, records, time.perf_counter() - started)
+    summary = summarize(cfg, records, time.perf_counter() - started, {"malicious_nodes": sorted(bad)})
     if run_dir is not None:
+        save_final(run_dir.path, exp.spec, server.state.weights, server.state.mask, exp.dataset.input_shape, exp.dataset.num_classes)
         run_dir.finish(summary)
     st = server.state
     return RunResult(records, summary, st.weights, st.mask, run_dir.path if run_dir else None, dict(st.history))

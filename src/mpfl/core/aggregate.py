@@ -27,3 +27,23 @@ def weighted_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[
             acc += a * t[i]
         out.append(acc.astype(np.float32))
     return out
+
+
+def robust_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float], rule: str = "mean", *,
+                   trim: float = 0.2, byzantine: int = 1) -> list[np.ndarray]:
+    """Aggregate with `rule`: the sample-weighted mean, or Flower's coordinate-wise trimmed mean,
+    coordinate-wise median or Krum (which ignore sample counts, as robust rules do)."""
+    if rule == "mean":
+        return weighted_average(tensors, weights)
+    from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+    results = [([np.asarray(t, dtype=np.float32) for t in node], int(w)) for node, w in zip(tensors, weights)]
+    if rule == "trimmed-mean":
+        out = aggregate_trimmed_avg(results, trim)
+    elif rule == "median":
+        out = aggregate_median(results)
+    elif rule == "krum":
+        out = aggregate_krum(results, byzantine, 0)
+    else:
+        raise ValueError(f"unknown aggregation rule {rule!r}")
+    return [np.asarray(o, dtype=np.float32) for o in out]

@@ -25,6 +25,34 @@ def tally(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> li
     return [sum(wn * np.asarray(m[i], dtype=np.float64) for wn, m in zip(w, masks)) for i in range(len(masks[0]))]
 
 
+def trimmed_tally(masks: Sequence[Sequence[np.ndarray]], trim: float) -> list[np.ndarray]:
+    """Per entry, the mean vote after dropping the `trim` share of highest and lowest votes
+    (unweighted), so a few nodes cannot push an entry in or out on their own."""
+    n = len(masks)
+    cut = int(trim * n)
+    if n - 2 * cut <= 0:
+        raise ValueError(f"trimming {cut} of {n} votes from each end leaves none")
+    out = []
+    for i in range(len(masks[0])):
+        ones = sum(np.asarray(m[i], dtype=np.int64) for m in masks)
+        out.append(np.clip(ones - cut, 0, n - 2 * cut) / (n - 2 * cut))
+    return out
+
+
+def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[float], support: Sequence[np.ndarray]) -> np.ndarray:
+    """Sample weights scaled down for nodes far from the plain consensus of all votes: weight_n ∝
+    alpha_n * exp(-d_n / median(d)), with d_n the Hamming distance of node n's mask to the
+    majority mask over the support. Honest nodes sit near the median distance; random,
+    inverted or adversarial masks sit far above it and lose almost all their say."""
+    majority = [s & (v >= 0.5) for v, s in zip(tally(masks, weights), support)]
+    dist = np.array([sum(int(np.count_nonzero((a != b) & s)) for a, b, s in zip(m, majority, support)) for m in masks],
+                    dtype=np.float64)
+    scale = np.median(dist)
+    factor = np.exp(-dist / scale) if scale > 0 else (dist == 0).astype(np.float64)
+    w = np.asarray(weights, dtype=np.float64) * factor
+    return w if w.sum() > 0 else np.asarray(weights, dtype=np.float64)
+
+
 @dataclass(frozen=True)
 class VoteContext:
     """What a rule may use besides the votes: the round's target, the nodes, the tie-breaker."""

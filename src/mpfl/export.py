@@ -1,0 +1,313 @@
+"""Compact export of a finished run, with its measured size, compute and latency, dense vs pruned.
+
+The runner saves the final weights and mask beside the round records (`final.npz`); `mpfl export`
+turns them into files a device can load:
+
+    <out>/model.pt          state_dict: the shrunk dense model (filter masks) or the masked one
+    <out>/model.sparse.pt   sparse: prunable weights as torch sparse CSR (int32 indices) or COO tensors
+    <out>/model.ts          torchscript: the exported model, traced
+    <out>/model.onnx        onnx: the exported model (needs the onnx and onnxscript packages)
+    <out>/mask.bin          the final mask in the codec's MASK format, coded over the full model
+    <out>/export.json       what was written, parameters, bytes, FLOPs and latency, dense vs pruned
+
+Filter masks on a flat sequential model give a shrunk dense model (default formats state_dict
+and torchscript); other masks give sparse tensors (default format sparse). Every torch file
+loads with ``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import codec
+from .compact import compactable, flops, latency_ms, layer_flops, parameter_count, shrink, unsupported
+from .config import Config
+from .core.params import ParamSpec, param_spec, set_weights
+from .errors import MpflError
+from .models import build_model
+from .node import is_structured
+from .records import CONFIG, atomic_write
+
+FINAL, EXPORT_JSON, MASK_FILE = "final.npz", "export.json", "mask.bin"
+FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
+FORMATS = tuple(FILES)
+FLOPS_CONVENTION = "2 FLOPs per multiply-accumulate of Linear/Conv layers; biases, activations, pooling and norms not counted"
+
+
+class ExportError(MpflError):
+    """A run directory cannot be exported, or an export directory cannot be loaded."""
+
+
+# --------------------------------------------------------------------------- final weights
+
+
+@dataclass(frozen=True)
+class Final:
+    """A run's final weights and mask by tensor name, and the input the model was built for."""
+
+    weights: dict[str, np.ndarray]
+    mask: dict[str, np.ndarray]
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def save_final(run_dir: str | Path, spec: ParamSpec, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray],
+               input_shape: Sequence[int], num_classes: int) -> Path:
+    """Write the final weights and mask of a run as `final.npz` (atomically), so the model can be exported."""
+    arrays = {f"w/{n}": np.asarray(w, dtype=np.float32) for n, w in zip(spec.names, weights)}
+    arrays.update({f"m/{n}": np.asarray(m, dtype=bool) for n, m in zip(spec.prunable_names, mask)})
+    arrays["input_shape"] = np.asarray(input_shape, dtype=np.int64)
+    arrays["num_classes"] = np.asarray(num_classes, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    path = Path(run_dir) / FINAL
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def load_final(run_dir: str | Path) -> Final:
+    """Read `final.npz` from a run directory (no pickles)."""
+    path = Path(run_dir) / FINAL
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist: the run did not finish, or was made by a version of mpfl that "
+                          "did not save final weights; rerun it")
+    with np.load(path, allow_pickle=False) as z:
+        weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
+        mask = {k[2:]: z[k].astype(bool) for k in z.files if k.startswith("m/")}
+        return Final(weights, mask, tuple(int(d) for d in z["input_shape"]), int(z["num_classes"]))
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _serialize(obj: Any) -> bytes:
+    """What torch.save writes for `obj`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _sparse(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A weight tensor as COO (its own shape) or CSR over its rows (int32 indices, shape restored on load)."""
+    if layout == "coo":
+        return t.to_sparse_coo()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        csr = t.reshape(t.shape[0], -1).to_sparse_csr()
+        return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
+                                       check_invariants=True)
+
+
+def sparse_state(model: nn.Module, prunable: Sequence[str], layout: str = "csr") -> dict[str, torch.Tensor]:
+    """A model's state_dict with the prunable weights stored as sparse tensors."""
+    if layout not in ("csr", "coo"):
+        raise ExportError(f"unknown sparse layout {layout!r}; choose csr or coo")
+    chosen = set(prunable)
+    return {k: _sparse(v, layout) if k in chosen else v for k, v in model.state_dict().items()}
+
+
+def dense_state(state: dict[str, torch.Tensor], like: nn.Module) -> dict[str, torch.Tensor]:
+    """A state_dict with sparse tensors turned back into dense ones of the model's shapes."""
+    shapes = {k: v.shape for k, v in like.state_dict().items()}
+    return {k: v.to_dense().reshape(shapes[k]) if v.layout != torch.strided and k in shapes else v for k, v in state.items()}
+
+
+def _traced(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """The model traced to TorchScript (torch.jit still works but warns that it is deprecated)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.trace(model.eval(), example)
+
+
+def _check_onnx() -> None:
+    """Refuse ONNX export up front when its packages are missing."""
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"ONNX export needs the {' and '.join(missing)} package(s), which are not installed "
+                          f"(pip install {' '.join(missing)}); --format torchscript works without them")
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """The model as an ONNX graph for a batch of one."""
+    torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"])
+
+
+def _load_torch(path: Path) -> Any:
+    """torch.load without pickled code, checking sparse tensors' indices before use."""
+    with torch.sparse.check_sparse_tensor_invariants(enable=True):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _rebuild(info: dict) -> tuple[nn.Module, ParamSpec]:
+    """The full-size model and spec an export was made from (weights not loaded)."""
+    model = build_model(info["model"], tuple(info["input_shape"]), info["num_classes"])
+    base = param_spec(model)
+    chosen = set(info["prunable"])
+    return model, ParamSpec(base.names, base.shapes, tuple(i for i, n in enumerate(base.names) if n in chosen))
+
+
+def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, list[np.ndarray]]:
+    """The run's config, final arrays, full-size model holding the masked final weights, its spec and mask."""
+    if not (run / CONFIG).is_file():
+        raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
+    cfg = Config.from_toml(run / CONFIG)
+    final = load_final(run)
+    model = build_model(cfg.train.model, final.input_shape, final.num_classes)
+    spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
+    if set(spec.names) != set(final.weights) or set(spec.prunable_names) != set(final.mask):
+        raise ExportError(f"{run / FINAL} does not hold the tensors of model {cfg.train.model!r} as configured")
+    bad = [n for n, s in zip(spec.names, spec.shapes) if final.weights[n].shape != s]
+    bad += [n for n, s in zip(spec.prunable_names, spec.prunable_shapes) if final.mask[n].shape != s]
+    if bad:
+        raise ExportError(f"{run / FINAL}: tensors {', '.join(bad)} do not have the shapes of model {cfg.train.model!r}")
+    mask = [final.mask[n] for n in spec.prunable_names]
+    set_weights(model, spec, spec.apply([final.weights[n] for n in spec.names], mask))
+    return cfg, final, model, spec, mask
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: Sequence[str] | None = None,
+               layout: str = "csr", batch: int = 1, repeats: int = 50, threads: int = 1) -> dict:
+    """Write a run's final model in compact form plus `export.json`, and return what export.json holds."""
+    run = Path(run_dir)
+    cfg, final, model, spec, mask = _model_from_run(run)
+    structured = is_structured(cfg)
+    compact = structured and compactable(model)
+    formats = list(dict.fromkeys(formats or (["state_dict", "torchscript"] if compact else ["sparse"])))
+    unknown = [f for f in formats if f not in FILES]
+    if unknown:
+        raise ExportError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    if "onnx" in formats:
+        _check_onnx()
+    if not {"state_dict", "sparse"} & set(formats):
+        formats.insert(0, "state_dict" if compact else "sparse")
+    primary = next(f for f in formats if f in ("state_dict", "sparse"))
+    out = Path(out) if out is not None else run / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    small = shrink(model, spec, mask) if compact else None
+    pruned = small.model if small is not None else model
+    example = torch.zeros(1, *final.input_shape)
+
+    files = {"mask": MASK_FILE}
+    atomic_write(out / MASK_FILE, codec.encode_mask(mask, spec.full_mask(), round=0, structured=structured))
+    payload = {"state_dict": lambda: _serialize(pruned.state_dict()),
+               "sparse": lambda: _serialize(sparse_state(model, spec.prunable_names, layout))}
+    sizes = {}
+    for fmt in formats:
+        path = out / FILES[fmt]
+        if fmt in payload:
+            atomic_write(path, payload[fmt]())
+        elif fmt == "torchscript":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.jit.save(_traced(pruned, example), str(path))
+        else:
+            _write_onnx(pruned, example, path)
+        files[fmt] = FILES[fmt]
+        sizes[fmt] = path.stat().st_size
+
+    dropped = sum(int(m.size - m.sum()) for m in mask)
+    dense_layers = {f.layer: f for f in layer_flops(model, final.input_shape)}
+    pruned_layers = {f.layer: f for f in layer_flops(pruned, final.input_shape)}
+    info = {
+        "run": str(run), "model": cfg.train.model, "input_shape": list(final.input_shape),
+        "num_classes": final.num_classes, "prunable": spec.prunable_names, "structured": structured,
+        "compact": compact, "not_compact_because": None if compact or not structured else unsupported(model),
+        "density": 1 - dropped / max(1, int(spec.prunable_sizes.sum())), "formats": formats, "primary": primary,
+        "files": files, "file_bytes": sizes, "flops_convention": FLOPS_CONVENTION,
+        "latency": {"batch": batch, "repeats": repeats, "statistic": "median", "threads": threads},
+        "dense": {
+            "parameters": parameter_count(model), "bytes": len(_serialize(model.state_dict())),
+            "flops": flops(model, final.input_shape),
+            "latency_ms": latency_ms(model, final.input_shape, batch=batch, repeats=repeats, threads=threads),
+        },
+        "pruned": {
+            "parameters": parameter_count(pruned) - (0 if compact else dropped), "bytes": sizes[primary],
+            "flops": flops(pruned, final.input_shape, nonzero=not compact),
+            "latency_ms": latency_ms(pruned, final.input_shape, batch=batch, repeats=repeats, threads=threads),
+            "latency_note": None if compact else "dense kernels: unstructured sparsity needs sparse kernels to run faster",
+        },
+        "layers": [{"layer": name, "type": f.kind, "dense_flops": f.flops,
+                    "pruned_flops": (pruned_layers[name].flops if compact else f.nonzero_flops)}
+                   for name, f in dense_layers.items()],
+    }
+    x = torch.randn(16, *final.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        info["max_abs_diff"] = float((model.eval()(x) - load_export(out, primary, info)(x)).abs().max())
+    atomic_write(out / EXPORT_JSON, json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_export(out: str | Path, fmt: str | None = None, info: dict | None = None) -> nn.Module:
+    """Load an exported model (eval mode): `fmt` is state_dict, sparse or torchscript (default: the main file)."""
+    out = Path(out)
+    if info is None:
+        path = out / EXPORT_JSON
+        if not path.is_file():
+            raise ExportError(f"{out} is not an export directory: it has no {EXPORT_JSON}")
+        info = json.loads(path.read_text())
+    fmt = fmt or info["primary"]
+    if fmt not in info["files"]:
+        raise ExportError(f"{out} holds no {fmt} export; it has {', '.join(f for f in info['files'] if f != 'mask')}")
+    path = out / info["files"][fmt]
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
+    if fmt == "onnx":
+        raise ExportError("load ONNX files with an ONNX runtime, not with mpfl")
+    model, spec = _rebuild(info)
+    state = _load_torch(path)
+    if info["compact"] and fmt == "state_dict":
+        mask = codec.decode_mask((out / info["files"]["mask"]).read_bytes(), spec.full_mask(), structured=True).tensors
+        model = shrink(model, spec, mask).model
+    model.load_state_dict(dense_state(state, model))
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """`mpfl export`: write the compact model and print its savings."""
+    info = export_run(args.run_dir, args.out, formats=args.format, layout=args.layout, batch=args.latency_batch,
+                      repeats=args.repeats, threads=args.threads)
+    d, p = info["dense"], info["pruned"]
+    print(f"{'':<12}{'dense':>14}{'pruned':>14}{'ratio':>8}")
+    for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
+                            ("latency_ms", "latency ms", ".3f")):
+        print(f"{label:<12}{d[key]:>14{fmt}}{p[key]:>14{fmt}}{p[key] / d[key]:>8.3f}")
+    if info["max_abs_diff"] > 1e-4:
+        print(f"note: the exported model differs from the masked model by up to {info['max_abs_diff']:.3g} in its outputs: "
+              "the biases of dropped filters were not zero, and the compact model drops them")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    print(f"wrote {', '.join(info['files'].values())} and {EXPORT_JSON} to {out}")
+    return 0
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the `export` subcommand."""
+    p = sub.add_parser("export", help="write a run's final model in compact form, with its size, FLOPs and latency")
+    p.add_argument("run_dir", type=Path, help="a finished run directory")
+    p.add_argument("--format", nargs="+", choices=FORMATS, default=None,
+                   help="files to write (default: state_dict torchscript for filter masks, sparse otherwise; "
+                        "state_dict or sparse is always among them)")
+    p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/export)")
+    p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    p.set_defaults(func=cmd_export)

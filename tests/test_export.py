@@ -1,0 +1,122 @@
+"""`mpfl export`: compact and sparse files that load safely and predict exactly like the masked model."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from mpfl import codec
+from mpfl.cli import main
+from mpfl.core.params import param_spec, set_weights
+from mpfl.data import load_dataset
+from mpfl.export import ExportError, export_run, load_export, load_final
+from mpfl.models import build_model
+from mpfl.sim import simulate
+
+SMALL = {"model": "mlp", "nodes": 2, "mask_rounds": 1, "rounds": 1, "sparsity": 0.5, "train_samples": 600,
+         "test_samples": 100}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the runs below use; restored afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def test_batch():
+    return load_dataset("mnist").x_test[:64]
+
+
+@pytest.fixture(scope="module")
+def structured_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "filter"
+    return simulate(tiny_config(criterion="filter", **SMALL), out)
+
+
+@pytest.fixture(scope="module")
+def unstructured_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "magnitude"
+    return simulate(tiny_config(**{**SMALL, "sparsity": 0.9}), out)
+
+
+def masked_model(result, structured):
+    """The full-size model holding the run's final weights with its final mask applied, as the run evaluated it."""
+    model = build_model("mlp", (1, 28, 28), 10)
+    spec = param_spec(model, structured=structured)
+    set_weights(model, spec, spec.apply(result.weights, result.mask))
+    return model.eval()
+
+
+def logits(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def test_run_directory_holds_the_final_weights_and_mask(structured_run):
+    final = load_final(structured_run.run_dir)
+    spec = param_spec(build_model("mlp", (1, 28, 28), 10), structured=True)
+    assert final.input_shape == (1, 28, 28) and final.num_classes == 10
+    assert all(np.array_equal(final.weights[n], w) for n, w in zip(spec.names, structured_run.weights))
+    assert all(np.array_equal(final.mask[n], m) for n, m in zip(spec.prunable_names, structured_run.mask))
+
+
+def test_structured_export_is_smaller_and_predicts_like_the_masked_model(structured_run, test_batch, tmp_path):
+    info = export_run(structured_run.run_dir, tmp_path, formats=["state_dict", "torchscript", "sparse"], repeats=3)
+    reference = logits(masked_model(structured_run, True), test_batch)
+    for fmt in ("state_dict", "torchscript", "sparse"):
+        got = logits(load_export(tmp_path, fmt), test_batch)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.argmax(1), reference.argmax(1))
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    k1, k2 = state["1.weight"].shape[0], state["3.weight"].shape[0]
+    assert state["1.weight"].shape == (k1, 784) and state["3.weight"].shape == (k2, k1) and state["5.weight"].shape == (10, k2)
+    assert info["compact"] and info["max_abs_diff"] < 1e-5
+    assert info["dense"]["flops"] == 2 * (784 * 200 + 200 * 200 + 200 * 10)
+    assert info["pruned"]["flops"] == 2 * (784 * k1 + k1 * k2 + k2 * 10)
+    assert info["pruned"]["parameters"] == 785 * k1 + (k1 + 1) * k2 + (k2 + 1) * 10
+    assert info["pruned"]["bytes"] == (tmp_path / "model.pt").stat().st_size < info["dense"]["bytes"]
+    assert info["dense"]["latency_ms"] > 0 and info["pruned"]["latency_ms"] > 0
+    assert json.loads((tmp_path / "export.json").read_text()) == info
+
+
+@pytest.mark.parametrize("layout", ["csr", "coo"])
+def test_unstructured_export_round_trips_sparse_tensors_and_the_mask(unstructured_run, test_batch, tmp_path, layout):
+    info = export_run(unstructured_run.run_dir, tmp_path, layout=layout, repeats=3)
+    assert info["formats"] == ["sparse"] and not info["compact"]
+    state = torch.load(tmp_path / "model.sparse.pt", weights_only=True)
+    spec = param_spec(build_model("mlp", (1, 28, 28), 10))
+    masked = spec.apply(unstructured_run.weights, unstructured_run.mask)
+    want = torch.sparse_csr if layout == "csr" else torch.sparse_coo
+    for i, name in zip(spec.prunable, spec.prunable_names):
+        assert state[name].layout == want
+        assert np.array_equal(state[name].to_dense().reshape(spec.shapes[i]).numpy(), masked[i])
+    mask = codec.decode_mask((tmp_path / "mask.bin").read_bytes(), spec.full_mask()).tensors
+    assert all(np.array_equal(a, b) for a, b in zip(mask, unstructured_run.mask))
+    reference = logits(masked_model(unstructured_run, False), test_batch)
+    torch.testing.assert_close(logits(load_export(tmp_path), test_batch), reference, rtol=0, atol=0)
+    kept = sum(int(m.sum()) for m in unstructured_run.mask)
+    assert info["pruned"]["parameters"] == kept + 200 + 200 + 10
+    assert info["pruned"]["bytes"] < info["dense"]["bytes"]
+
+
+def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_run, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(["export", str(structured_run.run_dir), "--out", str(out), "--repeats", "2"]) == 0
+    assert {p.name for p in out.iterdir()} == {"model.pt", "model.ts", "mask.bin", "export.json"}
+    assert "FLOPs" in capsys.readouterr().out
+    assert main(["export", str(tmp_path), "--repeats", "2"]) == 2
+    if importlib.util.find_spec("onnx") is None:
+        with pytest.raises(ExportError, match="onnx"):
+            export_run(structured_run.run_dir, out, formats=["onnx"], repeats=2)
+
+
+def test_dropped_filter_biases_left_alive_show_up_as_an_output_difference(tmp_path):
+    result = simulate(tiny_config(criterion="filter", **{**SMALL, "rounds": 0}), tmp_path / "run")
+    info = export_run(result.run_dir, tmp_path / "exp", formats=["state_dict"], repeats=2)
+    assert info["max_abs_diff"] > 1e-4
