@@ -159,12 +159,14 @@ class RobustConfig:
     trim: float = 0.2
     aggregator: str = "mean"
     byzantine: int = 1
+    value_limit: float = 1e4
 
     def validate(self) -> None:
         _choice("vote_weighting", self.vote_weighting, VOTE_WEIGHTINGS)
         _range("trim", self.trim, 0, 0.5, hi_open=True)
         _choice("aggregator", self.aggregator, AGGREGATORS)
         _range("byzantine", self.byzantine, 0)
+        _range("value_limit", self.value_limit, 0, lo_open=True)
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,7 @@ class Server:
                 body = decode(node, reply)
                 if body.num_samples <= 0:
                     raise PayloadError("reply claims no training samples")
+                self._check_values(body)
                 rnd.replies[node] = body
             except PayloadError as exc:
                 rnd.dropped[node] = f"rejected: {exc}"
@@ -153,6 +154,14 @@ class Server:
             raise RoundError(f"step {step.step} ({step.phase}): only {len(rnd.replies)} valid replies, fewer than "
                              f"min_nodes = {self.cfg.min_nodes}. {detail}")
         return rnd
+
+    def _check_values(self, body: codec.Body) -> None:
+        """Refuse checksum-valid values no honest node sends: beyond ±robust.value_limit."""
+        if body.kind == Kind.MASK:
+            return
+        limit = self.cfg.robust.value_limit
+        if any(t.size and float(np.abs(t).max()) > limit for t in body.tensors):
+            raise PayloadError(f"values beyond ±{limit:g} (robust.value_limit)")
 
     def _sample(self, step: Step) -> list[int]:
         """Nodes taking part in a training round: a seeded fraction q of the reachable nodes."""

@@ -1,0 +1,279 @@
+"""Bad payloads, dropouts, crash and resume, malicious nodes and robust consensus."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from mpfl import codec
+from mpfl.attacks import MaliciousNode, malicious_ids
+from mpfl.cli import main
+from mpfl.core.aggregate import robust_average
+from mpfl.core.consensus import agreement_weights, trimmed_tally
+from mpfl.core.masks import jaccard
+from mpfl.experiment import Experiment
+from mpfl.export import load_final
+from mpfl.node import Node, make_trainer
+from mpfl.records import read_rounds
+from mpfl.server import Server
+from mpfl.sim import FaultyTransport, InProcessTransport, simulate
+
+# --------------------------------------------------------------------------- bad messages
+
+
+def _mutate(body: bytes, rng: np.random.Generator, replay: bytes) -> list[bytes]:
+    """One of many ways a reply can go wrong, including forgeries with a valid checksum."""
+    b = bytearray(body)
+    kind = rng.integers(9)
+    if kind == 0:
+        b[rng.integers(len(b))] ^= int(rng.integers(1, 256))
+    elif kind == 1:
+        del b[rng.integers(len(b)) :]
+    elif kind == 2:
+        b += rng.bytes(int(rng.integers(1, 64)))
+    elif kind == 3:
+        b = bytearray(rng.bytes(int(rng.integers(0, 200))))
+    elif kind == 4:
+        return [bytes(b), bytes(b)]
+    elif kind == 5:
+        return [replay]
+    elif kind == 6:
+        return []
+    else:  # rewrite payload bytes and fix the checksum, as a deliberate forger would
+        for _ in range(int(rng.integers(1, 8))):
+            pos = int(rng.integers(codec.HEADER_SIZE, len(b))) if len(b) > codec.HEADER_SIZE else 0
+            b[pos] = int(rng.integers(256))
+        if kind == 8 and len(b) >= 16:
+            b[8:12] = rng.bytes(4)  # round field
+        head = bytes(b[:28])
+        import zlib
+
+        b[28:32] = zlib.crc32(bytes(b[32:]), zlib.crc32(head)).to_bytes(4, "little")
+    return [bytes(b)]
+
+
+class MutatingTransport(InProcessTransport):
+    """Two honest nodes plus many ids whose replies are mutated copies of honest ones."""
+
+    def __init__(self, nodes, fakes: int, seed: int):
+        super().__init__(nodes)
+        self.fakes, self.rng, self.last, self.sent = fakes, np.random.default_rng(seed), {}, 0
+
+    def node_ids(self):
+        return list(self.nodes) + list(range(100, 100 + self.fakes))
+
+    def exchange(self, task, step, requests):
+        honest = super().exchange(task, step, {n: b for n, b in requests.items() if n in self.nodes})
+        replies = dict(honest)
+        sources = [r[0] for r in honest.values()]
+        for n in requests:
+            if n >= 100:
+                replies[n] = _mutate(sources[n % len(sources)], self.rng, self.last.get(n, sources[0]))
+                self.sent += 1
+        self.last = {n: sources[0] for n in requests}
+        return replies
+
+
+def test_thousands_of_mutated_replies_never_reach_the_model():
+    """Corrupted, truncated, extended, replayed, duplicated and checksum-valid forged replies;
+    with a coordinate-wise median the forgeries that decode cannot move the model."""
+    cfg = tiny_config(nodes=2, mask_rounds=2, rounds=40, train_samples=300, test_samples=100, eval_every=0,
+                      aggregator="median")
+    exp = Experiment.from_config(cfg)
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    transport = MutatingTransport([Node(i, cfg, trainer, exp.node_data(i)) for i in range(2)], fakes=50, seed=0)
+    records = []
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
+    server.run()
+    assert transport.sent >= 2000
+    assert len(records) == 42
+    accepted = sum(len(r["nodes"]) - 2 for r in records)
+    assert accepted < transport.sent * 0.2  # almost everything is rejected ...
+    assert all(set(r["nodes"]) >= {0, 1} for r in records)  # ... and honest nodes always get through
+    for w in server.state.weights:
+        assert np.isfinite(w).all()
+    for w, m in zip(exp.spec.pick(server.state.weights), server.state.mask):
+        assert (w[~m] == 0).all()
+    reasons = {reason.split(":")[0] for r in records for reason in r["dropped"].values()}
+    assert "rejected" in reasons
+
+
+# --------------------------------------------------------------------------- dropouts
+
+
+def test_dropout_aggregates_exactly_the_survivors():
+    cfg = tiny_config(method="fedavg", nodes=6, rounds=1, dropout=0.4, seed=4)
+    exp = Experiment.from_config(cfg)
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
+    records = []
+    server = Server(cfg, exp.spec, exp.w0, FaultyTransport(nodes, cfg.faults, cfg.seed), evaluate=exp.evaluate,
+                    on_round=records.append)
+    server.run()
+    survivors = records[0]["nodes"]
+    assert 0 < len(survivors) < cfg.nodes
+    assert set(records[0]["dropped"]) == {str(n) for n in range(cfg.nodes) if n not in survivors}
+    full = exp.spec.supports(exp.spec.full_mask())
+    request = [codec.encode_values(exp.w0, full, round=1)]
+    tensors, sizes = [], []
+    for n in survivors:
+        node = Node(n, cfg, trainer, exp.node_data(n))
+        tensors.append(codec.decode_values(node.handle("train", 1, request)[0], full).tensors)
+        sizes.append(len(exp.partition.train[n]))
+    for got, *per_node in zip(server.state.weights, *tensors):
+        want = sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_faults_are_seeded_and_logged_with_their_reason():
+    cfg = tiny_config(rounds=4, mask_rounds=1, nodes=6, dropout=0.1, straggler=0.1, corrupt=0.2, duplicate=0.3)
+    a, b = simulate(cfg), simulate(cfg)
+    assert [r["dropped"] for r in a.records] == [r["dropped"] for r in b.records]
+    reasons = " ".join(v for r in a.records for v in r["dropped"].values())
+    for word in ("dropped out", "deadline", "checksum", "expected 1 reply body"):
+        assert word in reasons
+
+
+# --------------------------------------------------------------------------- crash and resume
+
+RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples", "3000", "--test-samples", "300",
+       "--threads", "1", "--rewind", "none", "--method", "mpfl", "--quiet"]
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+
+
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+    reference = tmp_path / "reference"
+    assert main(["run", *RUN, "--out", str(reference)]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl.cli", "run", *RUN, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    target = np.random.default_rng(int(time.time())).integers(2, 7)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        lines = (killed / "rounds.jsonl").read_text().count("\n") if (killed / "rounds.jsonl").exists() else 0
+        if lines >= target:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    assert main(["run", "--resume", str(killed), "--quiet"]) == 0
+    assert _comparable(read_rounds(killed)) == _comparable(read_rounds(reference))
+    a, b = load_final(killed), load_final(reference)
+    assert a.weights.keys() == b.weights.keys()
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    assert all(np.array_equal(a.mask[k], b.mask[k]) for k in a.mask)
+    csv_rows = (killed / "rounds.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + len(read_rounds(reference))
+
+
+def test_resume_refuses_finished_or_foreign_directories(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    done = tmp_path / "done"
+    assert main(["run", *RUN[:2], "--rounds", "1", "--mask-rounds", "1", "--train-samples", "600", "--quiet",
+                 "--out", str(done)]) == 0
+    before = (done / "summary.json").read_text()
+    assert main(["run", "--resume", str(done), "--quiet"]) == 2
+    assert "finished run" in capsys.readouterr().err
+    assert (done / "summary.json").read_text() == before
+
+
+# --------------------------------------------------------------------------- user input
+
+
+def test_bad_init_files_stop_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "w.pt"
+    torch.save({"1.weight": torch.zeros(3, 3)}, bad)
+    out = tmp_path / "run"
+    assert main(["run", "--init", str(bad), "--out", str(out), "--quiet"]) == 2
+    assert "1.weight" in capsys.readouterr().err
+    assert not out.exists()
+    bad.write_bytes(b"not a torch file")
+    assert main(["run", "--init", str(bad), "--out", str(out), "--quiet"]) == 2
+    assert "w.pt" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_corrupt_dataset_stops_before_any_work(tmp_path, capsys):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (raw / name).write_bytes(b"\x1f\x8b garbage")
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "--out", str(out), "--quiet"]) == 2
+    assert "FashionMNIST" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- untrusted nodes
+
+
+def test_agreement_weighting_silences_random_and_inverted_masks():
+    rng = np.random.default_rng(0)
+    support = [np.ones(2000, bool)]
+    truth = rng.random(2000) < 0.4
+    honest = [[truth ^ (rng.random(2000) < 0.03)] for _ in range(7)]
+    random_mask = [[rng.random(2000) < 0.4]]
+    inverted = [[~truth]]
+    masks = honest + [random_mask, inverted]
+    w = agreement_weights(masks, [1.0] * 9, support)
+    assert w[:7].min() > 10 * w[7] and w[:7].min() > 100 * w[8]
+
+
+def test_trimmed_votes_by_hand():
+    masks = [[np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 0, 1], bool)], [np.array([1, 1, 1, 0], bool)],
+             [np.array([0, 1, 0, 0], bool)], [np.array([1, 1, 0, 0], bool)]]
+    # 5 votes, trim 1 from each end: ones per entry 4, 4, 1, 1 -> clip(ones - 1, 0, 3) / 3
+    assert trimmed_tally(masks, 0.2)[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
+
+
+def test_robust_aggregators_against_numpy():
+    rng = np.random.default_rng(1)
+    nodes = [[rng.standard_normal((4, 3)).astype(np.float32)] for _ in range(7)]
+    nodes.append([np.full((4, 3), 1000.0, np.float32)])
+    stack = np.stack([n[0] for n in nodes])
+    np.testing.assert_allclose(robust_average(nodes, [1] * 8, "median")[0], np.median(stack, axis=0), rtol=1e-6)
+    s = np.sort(stack, axis=0)[1:-1]  # trim 1 of 8 from each end (0.125 * 8 = 1)
+    np.testing.assert_allclose(robust_average(nodes, [1] * 8, "trimmed-mean", trim=0.125)[0], s.mean(axis=0), rtol=1e-6)
+    krum = robust_average(nodes, [1] * 8, "krum", byzantine=1)[0]
+    assert any(np.array_equal(krum, n[0]) for n in nodes[:7])
+
+
+def test_malicious_nodes_are_chosen_by_seed_and_forge_what_they_send():
+    cfg = tiny_config(malicious=1, attack="inverted-mask", mask_rounds=1, rounds=1)
+    bad = malicious_ids(cfg)
+    assert len(bad) == 1 and bad == malicious_ids(cfg)
+    current = [np.array([1, 1, 1, 0], bool)]
+    honest = [np.array([1, 0, 0, 0], bool)]
+    exp = Experiment.from_config(cfg)
+    node = MaliciousNode(bad[0], cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(bad[0]))
+    assert node.forge_mask(honest, current, exp.w0, 1)[0].tolist() == [False, True, True, False]
+    flip = MaliciousNode(0, tiny_config(malicious=1, attack="sign-flip"), node.trainer, exp.node_data(0))
+    start, trained = [np.ones(2, np.float32)], [np.array([1.5, 0.5], np.float32)]
+    assert flip.forge_values(trained, start, 1)[0].tolist() == [0.5, 1.5]
+
+
+def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
+    base = dict(nodes=6, mask_rounds=2, rounds=1, train_samples=1800, sparsity=0.8)
+    clean = simulate(tiny_config(**base))
+    attacked = simulate(tiny_config(**base, malicious=2, attack="inverted-mask"))
+    robust = simulate(tiny_config(**base, malicious=2, attack="inverted-mask", vote_weighting="agreement"))
+    assert jaccard(robust.mask, clean.mask) > jaccard(attacked.mask, clean.mask)
+    assert jaccard(robust.mask, clean.mask) > 0.8
+    weights = robust.records[0]["vote_weights"]
+    bad = {str(n) for n in malicious_ids(tiny_config(**base, malicious=2, attack="inverted-mask"))}
+    assert max(weights[n] for n in bad) < min(w for n, w in weights.items() if n not in bad) / 5
+    assert json.dumps(robust.summary["malicious_nodes"]) == json.dumps(sorted(int(n) for n in bad))
