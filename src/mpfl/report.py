@@ -1,0 +1,425 @@
+"""Comparison tables and plots from run directories, so any set of runs can be read side by side.
+
+Simulator, study and Flower runs share one directory format (`mpfl.records`), so they mix
+freely. Runs whose configs differ only in the seed form one group, reported as mean ± sample
+standard deviation (ddof=1) over its n seeds. Within a method, config fields that differ from
+the most common value among that method's runs are listed as the group's *variant* (an
+ablation such as ``consensus=threshold`` or ``nodes=50``).
+
+Bytes are summed from ``rounds.jsonl``. "Bytes vs FedAvg" divides a run's bytes (up + down)
+by those of the dense FedAvg run (float32 values) with the same dataset, partition, model,
+nodes, training rounds and seed, and averages that ratio over the group's seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+from .config import METHODS, PARTITIONS
+from .data import DATASETS
+from .errors import ConfigError
+from .records import ROUNDS_JSONL, SUMMARY, atomic_write, read_rounds, read_summary
+
+FIGSIZE, DPI = (7.0, 4.5), 120
+# Fields shown in their own columns (or meaningless across runs), never listed as a variant.
+SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "seed", "data_dir", "threads"}
+NOT_GROUPED = {"seed", "data_dir", "threads"}
+_PLAIN = FuncFormatter(lambda x, _: f"{x:g}")
+COLUMNS = {  # JSON key -> markdown header
+    "method": "Method", "variant": "Variant", "dataset": "Dataset", "partition": "Partition", "sparsity": "Sparsity",
+    "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)", "rounds": "Rounds (mask+train)",
+    "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg", "wall_time": "Wall time (s)",
+}
+
+
+@dataclass
+class Run:
+    """One finished run directory: its summary, its round records and its flattened config."""
+
+    path: Path
+    summary: dict
+    rounds: list[dict]
+    flat: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.flat = {}
+        for key, value in self.summary["config"].items():
+            self.flat.update(value if isinstance(value, dict) else {key: value})
+
+    @property
+    def method(self) -> str:
+        return self.flat["method"]
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(r["bytes_up"] for r in self.rounds)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(r["bytes_down"] for r in self.rounds)
+
+    @property
+    def partition(self) -> str:
+        """The partition as a label: iid, dirichlet(0.5) or shards(2)."""
+        p = self.flat["partition"]
+        return {"dirichlet": f"dirichlet({self.flat['alpha']:g})", "shards": f"shards({self.flat['shards']})"}.get(p, p)
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Step, cumulative bytes (up + down) and accuracy of every evaluated round."""
+        cum = np.cumsum([r["bytes_up"] + r["bytes_down"] for r in self.rounds])
+        rows = [(r["step"], c, r["accuracy"]) for r, c in zip(self.rounds, cum) if r.get("accuracy") is not None]
+        steps, cum_bytes, acc = (np.array(col, dtype=float) for col in zip(*rows)) if rows else (np.empty(0),) * 3
+        return steps, cum_bytes, acc
+
+
+@dataclass
+class Group:
+    """Runs whose configs differ only in the seed."""
+
+    runs: list[Run]
+    variant: dict[str, Any]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    @property
+    def label(self) -> str:
+        return self.first.method + (f" · {format_variant(self.variant)}" if self.variant else "")
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among `paths`: each path is a run directory or a folder holding some (at any depth)."""
+    found: dict[Path, None] = {}
+    for raw in paths:
+        path = Path(raw)
+        if (path / SUMMARY).is_file():
+            found[path.resolve()] = None
+            continue
+        if not path.is_dir():
+            raise ConfigError(f"{str(path)!r} is not a run directory nor a folder of run directories")
+        runs = sorted(p.parent.resolve() for p in path.rglob(SUMMARY))
+        if not runs:
+            hint = " (an unfinished run: it has no summary.json yet)" if (path / ROUNDS_JSONL).exists() else ""
+            raise ConfigError(f"no finished run directory found under {str(path)!r}{hint}")
+        found.update(dict.fromkeys(runs))
+    return list(found)
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Read every finished run directory found among `paths`."""
+    runs = []
+    for path in find_run_dirs(paths):
+        try:
+            runs.append(Run(path, read_summary(path), read_rounds(path)))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot read run directory {str(path)!r}: {exc}") from exc
+    return runs
+
+
+def format_variant(variant: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in variant.items())
+
+
+def _group_key(run: Run) -> str:
+    return json.dumps({k: v for k, v in run.flat.items() if k not in NOT_GROUPED}, sort_keys=True)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+    """Group runs that differ only in their seed, and name each group's variant within its method."""
+    modal: dict[str, dict[str, Any]] = {}
+    for method in {r.method for r in runs}:
+        mine = [r for r in runs if r.method == method]
+        keys = sorted({k for r in mine for k in r.flat} - SHOWN)
+        modal[method] = {k: Counter(json.dumps(r.flat.get(k)) for r in mine).most_common(1)[0][0] for k in keys}
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[_group_key(run)].append(run)
+    out = []
+    for members in groups.values():
+        members.sort(key=lambda r: (r.flat["seed"], str(r.path)))
+        first = members[0]
+        variant = {k: first.flat.get(k) for k, v in modal[first.method].items() if json.dumps(first.flat.get(k)) != v}
+        out.append(Group(members, variant))
+    out.sort(key=_sort_key)
+    return out
+
+
+def _order(items: Sequence[str], value: str) -> tuple[int, str]:
+    """Known names in their canonical order, others after them alphabetically."""
+    return (items.index(value), "") if value in items else (len(items), value)
+
+
+def _section_key(r: Run) -> tuple:
+    """Datasets in the package's order; partitions from iid to the most skewed."""
+    kind = _order(PARTITIONS, r.flat["partition"])
+    skew = -r.flat["alpha"] if r.flat["partition"] == "dirichlet" else r.flat["shards"]
+    return (_order(DATASETS, r.flat["dataset"]), kind, skew)
+
+
+def _sort_key(g: Group) -> tuple:
+    r = g.first
+    variant = tuple((k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in g.variant.items())
+    return (_section_key(r), r.summary["sparsity"], _order(METHODS, r.method), len(g.variant), variant)
+
+
+def _fedavg_bytes(runs: Sequence[Run]) -> dict[tuple, float]:
+    """Mean total bytes of the dense FedAvg runs, by the key runs are matched on."""
+    totals: dict[tuple, list[int]] = defaultdict(list)
+    for r in runs:
+        if r.method == "fedavg" and r.flat.get("value_dtype", "float32") == "float32":
+            totals[_match_key(r)].append(r.bytes_up + r.bytes_down)
+    return {k: float(np.mean(v)) for k, v in totals.items()}
+
+
+def _match_key(r: Run) -> tuple:
+    f = r.flat
+    return (f["dataset"], r.partition, f["model"], f["nodes"], f["rounds"], f["seed"])
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def table(runs: Sequence[Run]) -> list[dict]:
+    """One row per group: means over seeds keyed like `COLUMNS` (rounds split by phase), `_std` spreads, seeds, paths."""
+    fedavg = _fedavg_bytes(runs)
+    rows = []
+    for g in group_runs(runs):
+        r, rs = g.first, g.runs
+        final, final_std = _mean_std([x.summary["final_accuracy"] for x in rs])
+        best, best_std = _mean_std([x.summary["best_accuracy"] for x in rs])
+        ratios = [(x.bytes_up + x.bytes_down) / fedavg[_match_key(x)] for x in rs if _match_key(x) in fedavg]
+        ratio, ratio_std = _mean_std(ratios)
+        mask = float(np.mean([x.summary["mask_rounds"] for x in rs]))
+        train = float(np.mean([x.summary["train_rounds"] for x in rs]))
+        warmup = float(np.mean([x.summary["rounds"] for x in rs])) - mask - train
+        rows.append({
+            "method": r.method, "variant": format_variant(g.variant), "dataset": r.flat["dataset"],
+            "partition": r.partition, "sparsity": r.summary["sparsity"], "n": len(rs),
+            "final_accuracy": final, "final_accuracy_std": final_std, "best_accuracy": best, "best_accuracy_std": best_std,
+            "warmup_rounds": warmup, "mask_rounds": mask, "train_rounds": train,
+            "bytes_up": float(np.mean([x.bytes_up for x in rs])), "bytes_down": float(np.mean([x.bytes_down for x in rs])),
+            "bytes_vs_fedavg": ratio, "bytes_vs_fedavg_std": ratio_std,
+            "wall_time": float(np.mean([x.summary["wall_time"] for x in rs])),
+            "seeds": [x.flat["seed"] for x in rs], "runs": [str(x.path) for x in rs],
+        })
+    return rows
+
+
+def _percent(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _num(x: float) -> str:
+    return f"{x:.1f}".removesuffix(".0")
+
+
+def _cell(row: dict, key: str) -> str:
+    if key in ("final_accuracy", "best_accuracy"):
+        return _percent(row[key], row[key + "_std"])
+    if key == "bytes_vs_fedavg":
+        ratio = row[key]
+        return "–" if ratio is None else f"{100 * ratio:.{1 if ratio >= 0.01 else 2}f}%"
+    if key == "rounds":
+        prefix = f"{_num(row['warmup_rounds'])}w+" if row["warmup_rounds"] else ""
+        return f"{prefix}{_num(row['mask_rounds'])}+{_num(row['train_rounds'])}"
+    if key in ("bytes_up", "bytes_down"):
+        return f"{row[key] / 1e6:.2f}"
+    if key == "wall_time":
+        return f"{row[key]:.1f}"
+    if key == "sparsity":
+        return f"{row[key]:g}"
+    return str(row[key]) if row[key] != "" else "–"
+
+
+def to_markdown(rows: Sequence[dict]) -> str:
+    """A markdown table of `table` rows (the variant column only when some row has one)."""
+    keys = [k for k in COLUMNS if k != "variant" or any(r["variant"] for r in rows)]
+    lines = ["| " + " | ".join(COLUMNS[k] for k in keys) + " |",
+             "|" + "|".join("---" if k in ("method", "variant", "dataset", "partition") else "---:" for k in keys) + "|"]
+    lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _color(method: str) -> str:
+    return f"C{METHODS.index(method) % 10}" if method in METHODS else "C9"
+
+
+def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title, fontsize=11)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _mean_curve(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps evaluated in every seed, with the mean cumulative bytes and the mean and std of accuracy."""
+    curves = [r.curve() for r in group.runs]
+    common = sorted(set.intersection(*(set(c[0].tolist()) for c in curves)))
+    if not common:
+        return (np.empty(0),) * 4
+    at = [[np.flatnonzero(c[0] == s)[0] for s in common] for c in curves]
+    cum = np.mean([c[1][i] for c, i in zip(curves, at)], axis=0)
+    acc = np.array([c[2][i] for c, i in zip(curves, at)])
+    std = acc.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
+    return np.array(common), cum, acc.mean(axis=0), std
+
+
+def _curve_groups(groups: Sequence[Group]) -> tuple[list[Group], float | None]:
+    """Per method the groups with the fewest variant fields, at the sparsity most methods share (plus FedAvg)."""
+    pruned = [g for g in groups if g.first.method != "fedavg"]
+    per_sparsity = Counter()
+    for s in {g.first.summary["sparsity"] for g in pruned}:
+        per_sparsity[s] = len({g.first.method for g in pruned if g.first.summary["sparsity"] == s})
+    main = max(per_sparsity, key=lambda s: (per_sparsity[s], s)) if per_sparsity else None
+    chosen = [g for g in groups if g.first.method == "fedavg" or g.first.summary["sparsity"] == main]
+    fewest = {m: min(len(g.variant) for g in chosen if g.first.method == m) for m in {g.first.method for g in chosen}}
+    return [g for g in chosen if len(g.variant) == fewest[g.first.method]], main
+
+
+def _title_suffix(dataset: str, partition: str, sparsity: float | None) -> str:
+    return f"{dataset}, {partition}" + (f", sparsity {sparsity:g}" if sparsity is not None else "")
+
+
+def plot_accuracy_vs_round(groups: Sequence[Group], path: Path, title: str) -> Path:
+    """Test accuracy per round (mask search and training rounds), mean over seeds with a ±1 std band."""
+    fig, ax = _figure(f"Accuracy per round: {title}", "round (mask search + training)", "test accuracy (%)")
+    for g in groups:
+        steps, _, acc, std = _mean_curve(g)
+        ax.plot(steps, 100 * acc, marker=".", color=_color(g.first.method), label=g.label)
+        ax.fill_between(steps, 100 * (acc - std), 100 * (acc + std), color=_color(g.first.method), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8, loc="best", ncol=2)
+    fig.savefig(path)
+    return path
+
+
+def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> Path:
+    """Test accuracy against cumulative traffic (up + down, log scale): what each method pays for accuracy."""
+    fig, ax = _figure(f"Accuracy vs traffic: {title}", "cumulative bytes up + down (MB, log scale)", "test accuracy (%)")
+    for g in groups:
+        _, cum, acc, _ = _mean_curve(g)
+        ax.plot(cum / 1e6, 100 * acc, marker=".", color=_color(g.first.method), label=g.label)
+    ax.set_xscale("log")
+    lo, hi = ax.get_xlim()
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
+    ax.xaxis.set_major_formatter(_PLAIN)
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=8, loc="best", ncol=2)
+    fig.savefig(path)
+    return path
+
+
+def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -> Path:
+    """Final accuracy against sparsity per method (mean ± std over seeds); dense FedAvg as a reference line."""
+    fig, ax = _figure(f"Final accuracy vs sparsity: {title}", "sparsity (logit scale)", "final test accuracy (%)")
+    ticks = set()
+    for method in sorted({g.first.method for g in groups}, key=lambda m: METHODS.index(m) if m in METHODS else 99):
+        mine = sorted((g for g in groups if g.first.method == method), key=lambda g: g.first.summary["sparsity"])
+        stats = [_mean_std([r.summary["final_accuracy"] for r in g.runs]) for g in mine]
+        mean = np.array([100 * m for m, _ in stats])
+        std = np.array([100 * (s or 0.0) for _, s in stats])
+        if method == "fedavg":
+            ax.axhline(mean.mean(), color=_color(method), linestyle="--", label="fedavg (dense)")
+            continue
+        x = [g.first.summary["sparsity"] for g in mine]
+        ticks.update(x)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=_color(method), label=mine[0].label)
+    if ticks:
+        ax.set_xscale("logit")
+        ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+        ax.minorticks_off()
+    ax.legend(fontsize=8, loc="best")
+    fig.savefig(path)
+    return path
+
+
+def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
+    """Final accuracy of each variant against its method's baseline (dashed), mean ± std over seeds."""
+    fig, ax = _figure(f"Variants: {title}", "final test accuracy (%)", "")
+    several = len({g.first.summary["sparsity"] for g in groups if g.first.method != "fedavg"}) > 1
+    y = np.arange(len(groups))[::-1]
+    labels = []
+    for yi, g in zip(y, groups):
+        mean, std = _mean_std([r.summary["final_accuracy"] for r in g.runs])
+        color = _color(g.first.method)
+        if not g.variant:
+            ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
+        ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,
+                    markerfacecolor="white" if not g.variant else color)
+        where = f" @ {g.first.summary['sparsity']:g}" if several and g.first.method != "fedavg" else ""
+        labels.append(f"{g.first.method}{where}: {format_variant(g.variant) or 'baseline'}")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_ylim(-0.7, len(groups) - 0.3)
+    fig.savefig(path)
+    return path
+
+
+def _ablation_groups(groups: Sequence[Group]) -> list[Group]:
+    """Groups that share method and sparsity with at least one other group: a baseline and its variants."""
+    by_cell: dict[tuple, list[Group]] = defaultdict(list)
+    for g in groups:
+        by_cell[(g.first.method, g.first.summary["sparsity"])].append(g)
+    return [g for cell in by_cell.values() if len(cell) > 1 for g in cell]
+
+
+def _slug(*parts: str) -> str:
+    return "-".join(p.replace("(", "").replace(")", "").replace(" ", "") for p in parts)
+
+
+def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None) -> list[Path]:
+    """Write report.md and its PNG plots into `out` (and the table as JSON if asked); return the files written."""
+    if not runs:
+        raise ConfigError("no runs to report on")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table(runs)
+    groups = group_runs(runs)
+    written: list[Path] = []
+    md = ["# mpfl report", "",
+          f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n seeds "
+          "of a group. Rounds count mask-search and training rounds. Bytes vs FedAvg divides total bytes (up + down) "
+          "by those of the dense FedAvg run with the same dataset, partition, model, nodes, rounds and seed.", ""]
+    for dataset, partition in dict.fromkeys((g.first.flat["dataset"], g.first.partition) for g in groups):
+        mine = [g for g in groups if (g.first.flat["dataset"], g.first.partition) == (dataset, partition)]
+        md += [f"## {dataset}, {partition}", "",
+               to_markdown([r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)])]
+        curve_groups, main = _curve_groups(mine)
+        title = _title_suffix(dataset, partition, main)
+        plots = [(plot_accuracy_vs_round, "accuracy_vs_round", curve_groups, title),
+                 (plot_accuracy_vs_bytes, "accuracy_vs_bytes", curve_groups, title),
+                 (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in mine if not g.variant],
+                  _title_suffix(dataset, partition, None))]
+        if ablation := _ablation_groups(mine):
+            pruned = {g.first.summary["sparsity"] for g in ablation if g.first.method != "fedavg"}
+            shared = pruned.pop() if len(pruned) == 1 else None
+            plots.append((plot_ablation, "ablation", ablation, _title_suffix(dataset, partition, shared)))
+        for plot, name, chosen, plot_title in plots:
+            if chosen:
+                png = plot(chosen, out / f"{name}-{_slug(dataset, partition)}.png", plot_title)
+                written.append(png)
+                md += [f"![{name.replace('_', ' ')}, {dataset}, {partition}]({png.name})", ""]
+    md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
+    atomic_write(out / "report.md", "\n".join(md))
+    written.insert(0, out / "report.md")
+    if json_path is not None:
+        atomic_write(Path(json_path), json.dumps(rows, indent=2) + "\n")
+        written.append(Path(json_path))
+    return written

@@ -1,0 +1,281 @@
+"""The experimental study: MPFL against FedAvg and pruning baselines over a resumable grid of runs.
+
+A study is a list of cells, each a set of flat overrides on top of `Config()`, so changes to
+the algorithm's defaults flow into every cell. Each cell runs into its own directory under
+the study folder, named from its config (a readable slug plus a hash of the whole config,
+the data directory aside), so a cell whose ``summary.json`` exists is skipped and an
+interrupted study resumes where it stopped. A cell directory without a summary is an
+unfinished attempt: it is moved aside to ``<name>.incomplete-<n>`` (never deleted) and the
+cell runs again from scratch. The study's report covers the cells of the current grid only.
+
+The grid (every preset):
+
+* main comparison: all 8 methods x {mnist, fashion-mnist} x {iid, dirichlet 0.5, dirichlet 0.1}
+  at sparsity 0.9, over the preset's seeds;
+* sparsity sweep: mpfl, fedavg-prune and random at 0.5 ... 0.98 on mnist iid, same seeds;
+* ablations on mnist iid at 0.9, seed 0, of mpfl: consensus rule, mask criterion (magnitude
+  per layer / global, filter, saliency), rewind (init, or none with local training init); and
+  of mpfl and fedavg: the number of nodes (5, 10, 20, 50 sharing the same training samples).
+
+Cells that coincide (the default consensus rule is also the main mpfl cell) run once.
+
+Sizing, measured on this 2-core machine with one torch thread per run, runs one after the
+other (so the second core stays free for other work): mlp, 10 nodes, one local epoch. A
+round costs about 22 us per training sample (x1.5 in mask-search rounds, x1.6 with 50 nodes)
+plus about 1.5 s per run to load data and build the model; cnn rounds cost ~35x more, so
+both presets use mlp. `estimate_seconds` applies that model to each cell's round plan (so it
+follows the configured mask_rounds); ``mpfl study --dry-run`` prints it per cell.
+
+* quick: 5,000 training / 2,000 test samples, 5 training rounds, 1 seed: 73 runs, estimated
+  3.2 min; measured 4.2 min wall (2.9 min of CPU) beside other work (load average 4 to 6),
+  and 8.3 min with the load average near 8.
+* full: 20,000 training / 10,000 test samples, 20 training rounds, 3 seeds: 193 runs,
+  estimated 42 min on an otherwise idle core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .config import METHODS, Config
+from .data import load_dataset
+from .errors import ConfigError, MpflError
+from .protocol import ITERATIVE_MASK, plan
+from .records import SUMMARY, atomic_write, read_summary
+
+DATASETS = ("mnist", "fashion-mnist")
+PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1})
+SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
+MAIN_SPARSITY = 0.9
+SWEEP_METHODS = ("mpfl", "fedavg-prune", "random")
+ABLATIONS: dict[str, list[dict[str, Any]]] = {
+    "consensus": [{"consensus": rule} for rule in ("vote", "threshold", "dynamic", "histogram")],
+    "criterion": [{"criterion": "magnitude", "scope": "layer"}, {"criterion": "magnitude", "scope": "global"},
+                  {"criterion": "filter"}, {"criterion": "saliency"}],
+    "rewind": [{"rewind": "init", "train_init": "rewind"}, {"rewind": "none", "train_init": "local"}],
+    "nodes": [{"nodes": n} for n in (5, 10, 20, 50)],
+}
+# FedAvg gets the node counts too, so each has a dense reference for accuracy and bytes.
+ABLATION_METHODS = {"consensus": ("mpfl",), "criterion": ("mpfl",), "rewind": ("mpfl",), "nodes": ("mpfl", "fedavg")}
+# Prune settings named in a cell's directory when they differ from these (fixed, so a name depends on the config only).
+UNTAGGED = {"consensus": "vote", "criterion": "magnitude", "scope": "layer", "rewind": "init", "train_init": "rewind"}
+
+# The cost model of `estimate_seconds`, measured as described in the module docstring.
+SETUP_SECONDS = 1.5
+SAMPLE_ROUND_SECONDS = 22e-6
+MASK_ROUND_FACTOR = 1.5
+PER_NODE_FACTOR = 0.02
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sized study: the overrides every cell starts from, and the seeds of the main comparison and sweep."""
+
+    base: dict[str, Any]
+    seeds: int
+    about: str
+
+
+PRESETS = {
+    "quick": Preset({"model": "mlp", "nodes": 10, "rounds": 5, "train_samples": 5000, "test_samples": 2000,
+                     "threads": 1}, seeds=1, about="every cell of the grid, small: a smoke test of the whole study"),
+    "full": Preset({"model": "mlp", "nodes": 10, "rounds": 20, "train_samples": 20000, "test_samples": 10000,
+                    "threads": 1}, seeds=3, about="the reported study: 3 seeds for the main comparison and sweep"),
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a study: the part of the grid it belongs to and its flat overrides of `Config()`."""
+
+    group: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, data_dir: str | None = None) -> Config:
+        """The cell's full config (the data directory is where to read data, not part of the cell)."""
+        return Config().with_overrides({**self.overrides, **({"data_dir": data_dir} if data_dir else {})})
+
+
+def grid(base: dict[str, Any], seeds: int) -> list[Cell]:
+    """The study's cells for a sizing `base`: main comparison, sparsity sweep and ablations, without duplicates."""
+    cells = [Cell("main", {**base, "method": m, "dataset": d, **p, "sparsity": MAIN_SPARSITY, "seed": s})
+             for d in DATASETS for p in PARTITIONS for m in METHODS for s in range(seeds)]
+    cells += [Cell("sparsity", {**base, "method": m, "dataset": "mnist", "partition": "iid", "sparsity": sp, "seed": s})
+              for m in SWEEP_METHODS for sp in SPARSITIES for s in range(seeds)]
+    cells += [Cell(f"ablation:{axis}", {**base, "method": method, "dataset": "mnist", "partition": "iid",
+                                        "sparsity": MAIN_SPARSITY, "seed": 0, **variant})
+              for axis, variants in ABLATIONS.items() for method in ABLATION_METHODS[axis] for variant in variants]
+    return unique(cells)
+
+
+def preset_cells(name: str, seeds: int | None = None) -> list[Cell]:
+    """The cells of a named preset, optionally with another number of seeds."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    return grid(preset.base, seeds or preset.seeds)
+
+
+def unique(cells: Sequence[Cell]) -> list[Cell]:
+    """Cells with distinct configs, keeping the first of each."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        seen.setdefault(cell_name(cell.config()), cell)
+    return list(seen.values())
+
+
+def _identity(config: dict[str, Any]) -> str:
+    """The config as canonical JSON, without the machine-specific data directory."""
+    data = json.loads(json.dumps(config))
+    data.get("data", {}).pop("data_dir", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def cell_name(cfg: Config) -> str:
+    """A directory name that is a function of the config: readable slug plus a hash of everything else."""
+    d, p = cfg.data, cfg.prune
+    part = d.partition + {"dirichlet": f"{d.alpha:g}", "shards": str(d.shards)}.get(d.partition, "")
+    tags = [f"{k}-{getattr(p, k)}" for k, usual in UNTAGGED.items() if getattr(p, k) != usual]
+    digest = hashlib.sha256(_identity(cfg.to_dict()).encode()).hexdigest()[:10]
+    return "-".join([cfg.method, d.dataset, part, f"sp{p.sparsity:g}", f"n{cfg.nodes}", f"s{cfg.seed}", *tags, digest])
+
+
+def estimate_seconds(cfg: Config) -> float:
+    """Expected wall time of a run on one mlp thread, from its round plan (see the module docstring)."""
+    samples = (cfg.data.train_samples or 60000) * (1 - cfg.data.val_fraction) * cfg.train.epochs
+    per_round = samples * SAMPLE_ROUND_SECONDS * (1 + PER_NODE_FACTOR * cfg.nodes)
+    total = SETUP_SECONDS
+    for step in plan(cfg):
+        if step.phase == "train":
+            total += per_round * cfg.train.fraction
+        elif step.phase == "mask" and cfg.method in ITERATIVE_MASK:
+            total += per_round * MASK_ROUND_FACTOR
+        elif step.phase == "warmup":
+            total += per_round
+    return total
+
+
+def cell_status(path: Path) -> str:
+    """done (has a summary), incomplete (has files but no summary) or todo."""
+    if (path / SUMMARY).is_file():
+        return "done"
+    return "incomplete" if path.is_dir() and any(path.iterdir()) else "todo"
+
+
+def prepare_cell(path: Path, cfg: Config) -> bool:
+    """Whether the cell must run: a finished cell is checked and skipped, an unfinished one moved aside first."""
+    status = cell_status(path)
+    if status == "done":
+        if _identity(read_summary(path)["config"]) != _identity(cfg.to_dict()):
+            raise ConfigError(f"{str(path)!r} holds a run of another config; move it away or choose another --out")
+        return False
+    if status == "incomplete":
+        n = 1
+        while path.with_name(f"{path.name}.incomplete-{n}").exists():
+            n += 1
+        path.rename(path.with_name(f"{path.name}.incomplete-{n}"))
+    return True
+
+
+@dataclass
+class StudyResult:
+    """What a study invocation did: cells run, skipped as already done, failed (with the reason), report files."""
+
+    ran: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)
+    report: list[Path] = field(default_factory=list)
+
+
+def print_plan(cells: Sequence[Cell], out: str | Path, console: Console, data_dir: str | None = None) -> float:
+    """Print every cell with its status and estimated time; return the estimated seconds still to run."""
+    console.print(f"{'#':>4}  {'group':<20} {'rounds':>6} {'est. s':>7}  {'status':<10} cell")
+    todo, per_group = 0.0, {}
+    for i, cell in enumerate(cells, 1):
+        cfg = cell.config(data_dir)
+        name, est = cell_name(cfg), estimate_seconds(cfg)
+        status = cell_status(Path(out) / name)
+        console.print(f"{i:>4}  {cell.group:<20} {len(plan(cfg)):>6} {est:>7.1f}  {status:<10} {name}", soft_wrap=True)
+        n, t = per_group.get(cell.group, (0, 0.0))
+        per_group[cell.group] = (n + 1, t + est)
+        todo += 0.0 if status == "done" else est
+    for group, (n, t) in per_group.items():
+        console.print(f"  {group:<20} {n:>4} cells  {t / 60:6.1f} min")
+    console.print(f"{len(cells)} cells, estimated {sum(t for _, t in per_group.values()) / 60:.1f} min in all; "
+                  f"still to run: about {todo / 60:.1f} min (one run at a time, one torch thread)")
+    return todo
+
+
+def _check_datasets(names: set[str], data_dir: str | None) -> None:
+    """Fail before the first run if a dataset cannot be found (or downloaded), not halfway through."""
+    for name in sorted(names):
+        load_dataset(name, data_dir)
+
+
+def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = None, console: Console | None = None,
+              quiet: bool = False, report: bool = True) -> StudyResult:
+    """Run every cell not yet done into `out/<cell name>`, then write the study's report into `out`."""
+    from .report import load_runs, write_report
+
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
+    atomic_write(out / "study.json", json.dumps(
+        [{"name": path.name, "group": cell.group, "overrides": cell.overrides} for cell, _, path in planned], indent=2))
+    result = StudyResult()
+    todo = [(cfg, path) for _, cfg, path in planned if prepare_cell(path, cfg)]
+    result.skipped = [path for _, _, path in planned if cell_status(path) == "done"]
+    _check_datasets({cfg.data.dataset for cfg, _ in todo}, data_dir)
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=quiet) as progress:
+        overall = progress.add_task("", total=sum(estimate_seconds(cfg) for cfg, _ in todo) or 1)
+        for i, (cfg, path) in enumerate(todo, 1):
+            progress.update(overall, description=f"cell {i}/{len(todo)} ({len(result.skipped)} already done)")
+            _run_cell(cfg, path, progress, result)
+            progress.advance(overall, estimate_seconds(cfg))
+    if result.failed:
+        console.print(f"[red]{len(result.failed)} cells failed:[/] " + ", ".join(p.name for p in result.failed))
+    finished = [path for _, _, path in planned if cell_status(path) == "done"]
+    if report and finished:
+        result.report = write_report(load_runs(finished), out)
+        console.print(f"report: {result.report[0]}")
+    return result
+
+
+def _run_cell(cfg: Config, path: Path, progress: Progress, result: StudyResult) -> None:
+    """Run one cell with a live line of its rounds; record a failure instead of stopping the study."""
+    from .sim import simulate
+
+    task = progress.add_task(path.name, total=len(plan(cfg)))
+
+    def on_round(r: dict) -> None:
+        acc = f"acc {100 * r['accuracy']:5.2f}%" if r.get("accuracy") is not None else "acc    -  "
+        progress.update(task, advance=1, description=f"  {path.name[:48]:<48} {r['phase']:>6} {r['round']:>3} {acc}")
+
+    try:
+        summary = simulate(cfg, path, on_round=on_round).summary
+    except MpflError as exc:
+        result.failed[path] = str(exc)
+        progress.console.print(f"[red]failed[/] {path.name}: {exc}")
+    except Exception as exc:  # a bug in one method must not stop the other cells; the traceback is shown
+        result.failed[path] = f"{type(exc).__name__}: {exc}"
+        progress.console.print(f"[red]failed[/] {path.name}:")
+        progress.console.print_exception(max_frames=8)
+    else:
+        result.ran.append(path)
+        acc = "n/a" if summary["final_accuracy"] is None else f"{100 * summary['final_accuracy']:.2f}%"
+        progress.console.print(f"done {path.name}: accuracy {acc}, {summary['wall_time']:.1f} s "
+                               f"(estimated {estimate_seconds(cfg):.1f} s)")
+    finally:
+        progress.remove_task(task)

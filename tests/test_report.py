@@ -1,0 +1,93 @@
+"""`mpfl report` on short runs: the table's numbers against the run records, and each plot a valid PNG."""
+
+import json
+import struct
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mpfl.cli import main
+from mpfl.records import read_rounds, read_summary
+from mpfl.report import DPI, FIGSIZE, load_runs
+from mpfl.sim import simulate
+
+SEEDS = (0, 1)
+PLOTS = ("accuracy_vs_round-mnist-iid.png", "accuracy_vs_bytes-mnist-iid.png", "accuracy_vs_sparsity-mnist-iid.png")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for method in ("mpfl", "fedavg"):
+        for seed in SEEDS:
+            simulate(tiny_config(method=method, seed=seed, mask_rounds=1), root / f"{method}-{seed}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", str(runs), "--out", str(out), "--json", str(out / "table.json")]) == 0
+    rows = {row["method"]: row for row in json.loads((out / "table.json").read_text())}
+    return out, rows
+
+
+def total_bytes(run_dir):
+    return sum(r["bytes_up"] + r["bytes_down"] for r in read_rounds(run_dir))
+
+
+def test_rows_match_the_run_records(runs, report):
+    _, rows = report
+    assert set(rows) == {"mpfl", "fedavg"}
+    for method, row in rows.items():
+        dirs = [runs / f"{method}-{seed}" for seed in SEEDS]
+        summaries = [read_summary(d) for d in dirs]
+        final = [s["final_accuracy"] for s in summaries]
+        assert row["n"] == 2 and row["seeds"] == list(SEEDS)
+        assert row["final_accuracy"] == pytest.approx(np.mean(final))
+        assert row["final_accuracy_std"] == pytest.approx(np.std(final, ddof=1))
+        assert row["best_accuracy"] == pytest.approx(np.mean([s["best_accuracy"] for s in summaries]))
+        for key in ("bytes_up", "bytes_down"):
+            assert row[key] == pytest.approx(np.mean([sum(r[key] for r in read_rounds(d)) for d in dirs]))
+        assert row["train_rounds"] == 2 and row["mask_rounds"] == (1 if method == "mpfl" else 0)
+        assert row["wall_time"] == pytest.approx(np.mean([s["wall_time"] for s in summaries]))
+    ratios = [total_bytes(runs / f"mpfl-{s}") / total_bytes(runs / f"fedavg-{s}") for s in SEEDS]
+    assert rows["mpfl"]["bytes_vs_fedavg"] == pytest.approx(np.mean(ratios))
+    assert rows["fedavg"]["bytes_vs_fedavg"] == pytest.approx(1.0)
+    assert rows["mpfl"]["sparsity"] == 0.9 and rows["fedavg"]["sparsity"] == 0.0
+
+
+def test_markdown_table_shows_mean_and_spread(report):
+    out, rows = report
+    text = (out / "report.md").read_text()
+    mpfl = rows["mpfl"]
+    assert "| Method | Dataset | Partition | Sparsity | n | Final acc. (%) |" in text
+    assert f"{100 * mpfl['final_accuracy']:.2f} ± {100 * mpfl['final_accuracy_std']:.2f}" in text
+    assert f"{100 * mpfl['bytes_vs_fedavg']:.1f}%" in text
+    assert "| mpfl | mnist | iid | 0.9 | 2 |" in text
+    for name in PLOTS:
+        assert f"]({name})" in text
+
+
+@pytest.mark.parametrize("name", PLOTS)
+def test_each_plot_is_a_png_of_the_expected_size(report, name):
+    out, _ = report
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI)) == (840, 540)
+    assert matplotlib.image.imread(out / name).shape[:2] == (height, width)
+
+
+def test_a_single_run_directory_and_python_api(runs, tmp_path):
+    assert main(["report", str(runs / "mpfl-0"), "--out", str(tmp_path)]) == 0
+    assert "| mpfl | mnist | iid | 0.9 | 1 |" in (tmp_path / "report.md").read_text()
+    assert [r.path.name for r in load_runs([runs, runs / "fedavg-1"])] == ["fedavg-0", "fedavg-1", "mpfl-0", "mpfl-1"]
+
+
+def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no finished run directory" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The study runner on a tiny grid: runs cells, resumes without rerunning, keeps unfinished attempts aside."""
+
+import json
+
+import pytest
+
+import mpfl.sim
+from mpfl.cli import main
+from mpfl.config import Config
+from mpfl.errors import ConfigError, RoundError
+from mpfl.records import read_summary
+from mpfl.study import (PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique)
+
+TINY = {"nodes": 3, "rounds": 1, "mask_rounds": 1, "train_samples": 1200, "test_samples": 300, "threads": 1}
+CELLS = [Cell("t", {**TINY, "method": "fedavg"}), Cell("t", {**TINY, "method": "mpfl"})]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    return out, run_study(CELLS, out, quiet=True)
+
+
+def counting(monkeypatch):
+    """Replace the simulator by a counter of the cells it is asked to run."""
+    calls = []
+    monkeypatch.setattr(mpfl.sim, "simulate", lambda cfg, out, **kw: calls.append(out) or pytest.fail("rerun"))
+    return calls
+
+
+def test_each_cell_runs_into_a_directory_named_from_its_config(study):
+    out, result = study
+    names = [cell_name(c.config()) for c in CELLS]
+    assert sorted(p.name for p in result.ran) == sorted(names) and not result.failed
+    for cell, name in zip(CELLS, names):
+        assert read_summary(out / name)["config"] == cell.config().to_dict()
+    assert (out / "report.md").is_file() and "| fedavg |" in (out / "report.md").read_text()
+    assert [c["name"] for c in json.loads((out / "study.json").read_text())] == names
+
+
+def test_a_second_invocation_skips_finished_cells(study, monkeypatch):
+    out, _ = study
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    calls = counting(monkeypatch)
+    again = run_study(CELLS, out, quiet=True)
+    assert calls == [] and again.ran == [] and len(again.skipped) == len(CELLS)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == mtimes
+
+
+def test_an_unfinished_cell_is_moved_aside_and_run_again(tmp_path):
+    cell = CELLS[0]
+    path = tmp_path / cell_name(cell.config())
+    path.mkdir()
+    (path / "rounds.jsonl").write_text('{"step": 1}\n')
+    result = run_study([cell], tmp_path, quiet=True)
+    assert result.ran == [path] and (path / "summary.json").is_file()
+    assert (tmp_path / f"{path.name}.incomplete-1" / "rounds.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_finished_cell_of_another_config_is_refused(study, tmp_path):
+    out, _ = study
+    src = out / cell_name(CELLS[0].config())
+    other = Cell("t", {**TINY, "method": "fedavg", "seed": 5})
+    dest = tmp_path / cell_name(other.config())
+    dest.mkdir()
+    (dest / "summary.json").write_text((src / "summary.json").read_text())
+    with pytest.raises(ConfigError, match="another config"):
+        run_study([other], tmp_path, quiet=True)
+
+
+def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
+    real = mpfl.sim.simulate
+
+    def flaky(cfg, out, **kw):
+        if cfg.method == "fedavg":
+            raise RoundError("no node replied")
+        return real(cfg, out, **kw)
+
+    monkeypatch.setattr(mpfl.sim, "simulate", flaky)
+    result = run_study(CELLS, tmp_path, quiet=True, report=False)
+    assert [p.name for p in result.failed] == [cell_name(CELLS[0].config())]
+    assert [p.name for p in result.ran] == [cell_name(CELLS[1].config())]
+
+
+def test_presets_cover_the_grid_and_fit_their_time_budgets():
+    for name, budget in (("quick", 10 * 60), ("full", 90 * 60)):
+        cells = preset_cells(name)
+        configs = [c.config() for c in cells]
+        assert len({cell_name(c) for c in configs}) == len(cells)
+        seeds = PRESETS[name].seeds
+        main_cells = [c for c in cells if c.group == "main"]
+        assert len(main_cells) == 8 * 2 * 3 * seeds
+        assert {c.prune.sparsity for c in configs if c.method == "random"} == {0.5, 0.8, 0.9, 0.95, 0.98}
+        ablation = [c for c in configs if c.method == "mpfl" and c.data.dataset == "mnist" and c.data.partition == "iid"
+                    and c.prune.sparsity == 0.9 and c.seed == 0]
+        assert {c.prune.consensus for c in ablation} == {"vote", "threshold", "dynamic", "histogram"}
+        assert {c.nodes for c in ablation} == {5, 10, 20, 50}
+        assert {(c.prune.rewind, c.prune.train_init) for c in ablation} == {("init", "rewind"), ("none", "local")}
+        assert sum(estimate_seconds(c) for c in configs) < budget / 2
+
+
+def test_cells_start_from_the_current_defaults():
+    cells = grid({"rounds": 1}, seeds=1)
+    assert cells[0].config().prune.mask_rounds == Config().prune.mask_rounds
+    duplicate = unique([Cell("a", {"method": "mpfl"}), Cell("b", {"method": "mpfl", "consensus": "vote"})])
+    assert [c.group for c in duplicate] == ["a"]
+
+
+def test_dry_run_lists_cells_with_estimates(tmp_path, capsys, monkeypatch):
+    calls = counting(monkeypatch)
+    assert main(["study", "--preset", "quick", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    text = capsys.readouterr().out
+    assert calls == [] and not (tmp_path / "s").exists()
+    assert "ablation:nodes" in text and "still to run" in text and len(preset_cells("quick")) == text.count(" todo ")
