@@ -1,0 +1,85 @@
+"""The Flower ClientApp: every SuperNode runs the simulator's `mpfl.node.Node` on its partition.
+
+Flower starts the ClientApp afresh for each message, so each handler rebuilds the run's
+`Experiment` from the run config (the same data split, model and plan as the ServerApp)
+and restores the node's state from ``context.state``. The SuperNode's node config says
+which partition it holds: ``partition-id``, ``num-partitions`` and optionally ``data-dir``.
+The partitions the run config makes malicious (``faults.malicious``) run the simulator's
+`MaliciousNode`, so attack studies give the same results on both runners.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from .. import codec
+from ..attacks import MaliciousNode, malicious_ids
+from ..codec import Kind
+from ..config import Config
+from ..core.training import evaluate as evaluate_weights
+from ..errors import PayloadError
+from ..experiment import Experiment
+from ..node import Node, make_trainer
+from ..protocol import TASKS
+from .payload import METRICS, load_state, pack, partition_reply, save_state, step_of, unpack
+from .settings import NodeSettings, from_run_config, node_config, node_settings
+
+app = ClientApp()
+
+
+def _setup(context: Context) -> tuple[Config, NodeSettings]:
+    """This SuperNode's view of the run: the run's config with its data dir, and its partition."""
+    cfg, _ = from_run_config(context.run_config)
+    where = node_settings(context.node_config, cfg)
+    return node_config(cfg, where), where
+
+
+@app.query("partition")
+def partition(message: Message, context: Context) -> Message:
+    """Tell the ServerApp which partition this SuperNode holds, once its node config fits the run."""
+    _, where = _setup(context)
+    return partition_reply(message, where.partition_id)
+
+
+def _task_handler(task: str) -> Callable[[Message, Context], Message]:
+    """A handler for ``train.<task>`` messages that runs `Node.handle` on the request's bodies."""
+
+    def handle(message: Message, context: Context) -> Message:
+        cfg, where = _setup(context)
+        exp = Experiment.from_config(cfg)
+        kind = MaliciousNode if where.partition_id in malicious_ids(cfg) else Node
+        node = kind(where.partition_id, cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(where.partition_id),
+                    load_state(context.state))
+        try:
+            bodies = node.handle(task, step_of(message.content), unpack(message.content))
+        except PayloadError as exc:
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"node rejected the request: {exc}"),
+                           reply_to=message)
+        finally:
+            save_state(context.state, node.state)
+        return Message(pack(bodies), reply_to=message)
+
+    return handle
+
+
+for _task in TASKS:
+    app.train(_task)(_task_handler(_task))
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Accuracy and loss of the weights in the request on this node's validation split."""
+    cfg, where = _setup(context)
+    exp = Experiment.from_config(cfg)
+    bodies = unpack(message.content)
+    if len(bodies) != 1:
+        raise PayloadError(f"an evaluation request carries 1 body, got {len(bodies)}")
+    weights = codec.decode_dense(bodies[0], Kind.WEIGHTS, exp.spec.shapes, round=step_of(message.content)).tensors
+    data = exp.node_data(where.partition_id)
+    accuracy, loss = evaluate_weights(exp.model, exp.spec, weights, data.x[data.val], data.y[data.val])
+    metrics = MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": int(data.val.numel())})
+    return Message(RecordDict({METRICS: metrics}), reply_to=message)

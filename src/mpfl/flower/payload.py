@@ -1,0 +1,108 @@
+"""How mpfl's codec bodies and node state travel in Flower records.
+
+A request or reply holds an ArrayRecord ``bodies`` whose arrays carry the codec's bytes
+unchanged (``stype = "bytes"``, one array per body, in order) and a ConfigRecord ``meta``
+with the step number. Nothing but the codec's bytes is counted as payload, exactly as in
+the simulator. A node's `NodeState` survives between messages in ``context.state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Sequence
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+from ..errors import PayloadError
+from ..node import NodeState
+from ..protocol import NodeFailure
+
+BODIES, META, STATE = "bodies", "meta", "mpfl.node"
+STYPE = "bytes"
+STEP = "step"
+QUERY_PARTITION = "query.partition"
+NODE, PARTITION_ID = "node", "partition-id"
+EVALUATE, METRICS = "evaluate", "metrics"
+
+
+def message_type(task: str) -> str:
+    """The Flower message type of an mpfl task (handled by ``@app.train(task)``)."""
+    return f"train.{task}"
+
+
+def pack(bodies: Sequence[bytes], step: int | None = None) -> RecordDict:
+    """Message content carrying `bodies` byte for byte (and the step of a request)."""
+    arrays = ArrayRecord(array_dict={str(i): Array(dtype="uint8", shape=(len(b),), stype=STYPE, data=bytes(b))
+                                     for i, b in enumerate(bodies)})
+    content = RecordDict({BODIES: arrays})
+    if step is not None:
+        content[META] = ConfigRecord({STEP: step})
+    return content
+
+
+def unpack(content: RecordDict) -> list[bytes]:
+    """The bodies of a message, in order; anything else in their place is a PayloadError."""
+    arrays = content.array_records.get(BODIES)
+    if arrays is None:
+        raise PayloadError(f"message has no {BODIES!r} record")
+    if list(arrays.keys()) != [str(i) for i in range(len(arrays))]:
+        raise PayloadError(f"bodies are not numbered 0..{len(arrays) - 1}: {list(arrays.keys())}")
+    bodies = []
+    for array in arrays.values():
+        if array.stype != STYPE or array.dtype != "uint8" or tuple(array.shape) != (len(array.data),):
+            raise PayloadError(f"a body must be raw bytes, got stype {array.stype!r}, dtype {array.dtype!r}")
+        bodies.append(array.data)
+    return bodies
+
+
+def step_of(content: RecordDict) -> int:
+    """The step number a request belongs to."""
+    meta = content.config_records.get(META)
+    step = meta.get(STEP) if meta is not None else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise PayloadError(f"request carries no integer step number (got {step!r})")
+    return step
+
+
+def partition_reply(message: Message, partition_id: int) -> Message:
+    """A SuperNode's answer to the partition query."""
+    return Message(RecordDict({NODE: ConfigRecord({PARTITION_ID: partition_id})}), reply_to=message)
+
+
+def partition_of(reply: Message | NodeFailure) -> int:
+    """The partition id a SuperNode answered with; PayloadError if it gave none."""
+    if isinstance(reply, NodeFailure):
+        raise PayloadError(reply.reason)
+    node = reply.content.config_records.get(NODE)
+    pid = node.get(PARTITION_ID) if node is not None else None
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise PayloadError(f"partition query reply has no integer {PARTITION_ID} (got {pid!r})")
+    return pid
+
+
+def save_state(state: RecordDict, node: NodeState) -> None:
+    """Store a node's state in ``context.state``: tensors as ArrayRecords, counters in a ConfigRecord."""
+    counters = ConfigRecord()
+    for f in fields(NodeState):
+        value, key = getattr(node, f.name), f"{STATE}.{f.name}"
+        if isinstance(value, int):
+            counters[f.name] = value
+        elif value is None:
+            state.pop(key, None)
+        else:
+            state[key] = ArrayRecord(numpy_ndarrays=[np.asarray(v) for v in value])
+    state[STATE] = counters
+
+
+def load_state(state: RecordDict) -> NodeState:
+    """The node state saved by `save_state` (a fresh state on the first message of a run)."""
+    node = NodeState()
+    counters = state.config_records.get(STATE)
+    for f in fields(NodeState):
+        key = f"{STATE}.{f.name}"
+        if counters is not None and f.name in counters:
+            setattr(node, f.name, counters[f.name])
+        elif key in state.array_records:
+            setattr(node, f.name, state.array_records[key].to_numpy_ndarrays())
+    return node

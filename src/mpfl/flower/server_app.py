@@ -1,0 +1,106 @@
+"""The Flower ServerApp: the simulator's `mpfl.server.Server`, driven over a Flower Grid.
+
+It builds the run's `Experiment` from the run config (for the model, the initial weights
+and the server-side test set), waits for the SuperNodes, runs the Server through a
+`FlowerTransport`, and writes the same run directory as `mpfl run` (``out-dir`` in the run
+config), plus ``masks.npz`` with the consensus mask of every step.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from .. import codec
+from ..attacks import malicious_ids
+from ..codec import Kind
+from ..core.params import Mask, ParamSpec
+from ..errors import RoundError
+from ..experiment import Experiment
+from ..export import save_final
+from ..protocol import NodeFailure
+from ..records import RunDir, atomic_write, check_run_dir, default_run_dir, summarize
+from ..server import Server
+from .settings import from_run_config
+from .transport import FlowerTransport
+
+MASKS = "masks.npz"
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run one experiment on the connected SuperNodes and write its run directory."""
+    started = time.perf_counter()
+    cfg, opts = from_run_config(context.run_config)
+    out = Path(opts.out_dir) if opts.out_dir else default_run_dir(cfg)
+    check_run_dir(out)
+    exp = Experiment.from_config(cfg)
+    transport = FlowerTransport(grid, opts.round_timeout)
+    records: list[dict] = []
+
+    def on_round(record: dict) -> None:
+        records.append(record)
+        run_dir.log(record)
+        _log_round(record)
+
+    # Built before any node is contacted, so a method Flower cannot run fails at once.
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=on_round)
+    missing = transport.connect(cfg.nodes, cfg.min_nodes, opts.connect_timeout)
+    run_dir = RunDir(out, cfg)
+    log(INFO, "writing the run to %s", run_dir.path.resolve())
+    try:
+        server.run()
+    except RoundError as exc:
+        log(ERROR, "the run stopped: %s (rounds so far are in %s)", exc, run_dir.path.resolve())
+        raise
+    partitions = {str(p): n for p, n in sorted(transport.flower_ids.items())}
+    extra: dict = {"malicious_nodes": malicious_ids(cfg), "runner": "flower", "partitions": partitions,
+                   "missing_partitions": missing}
+    if opts.federated_eval:
+        extra["federated_eval"] = _evaluate_on_nodes(transport, server)
+    st = server.state
+    save_final(run_dir.path, exp.spec, st.weights, st.mask, exp.dataset.input_shape, exp.dataset.num_classes)
+    _save_masks(run_dir.path, exp.spec, st.history)
+    run_dir.finish(summarize(cfg, records, time.perf_counter() - started, extra))
+
+
+def _log_round(record: dict) -> None:
+    """One line per round on the ServerApp's log (``flwr log``), and one per node left out."""
+    acc = "-" if record["accuracy"] is None else f"{100 * record['accuracy']:.2f}%"
+    log(INFO, "step %d (%s %d): accuracy %s, density %.4f, %d B up, %d B down, nodes %s", record["step"],
+        record["phase"], record["round"], acc, record["density"], record["bytes_up"], record["bytes_down"],
+        record["nodes"])
+    for node, reason in record["dropped"].items():
+        log(WARNING, "step %d: node %s left out: %s", record["step"], node, reason)
+
+
+def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> dict:
+    """The final weights evaluated on every node's validation split (federated evaluation)."""
+    step = server.plan[-1].step
+    body = codec.encode_dense(Kind.WEIGHTS, server.state.weights, round=step)
+    per_node, total, correct = {}, 0, 0.0
+    for pid, result in sorted(transport.evaluate(body, step).items()):
+        if isinstance(result, NodeFailure):
+            log(WARNING, "federated evaluation: node %d left out: %s", pid, result.reason)
+            continue
+        per_node[str(pid)] = result
+        total += int(result["num-examples"])
+        correct += result["accuracy"] * result["num-examples"]
+    return {"accuracy": correct / total if total else None, "nodes": per_node}
+
+
+def _save_masks(path: Path, spec: ParamSpec, history: dict[int, Mask]) -> None:
+    """The consensus mask of every step (0 = nothing pruned) as ``<step>/<tensor name>`` arrays."""
+    arrays = {f"{step}/{name}": m for step, mask in history.items() for name, m in zip(spec.prunable_names, mask)}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write(path / MASKS, buffer.getvalue())

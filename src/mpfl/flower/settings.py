@@ -1,0 +1,103 @@
+"""Flower's flat run config and node config, mapped onto mpfl's typed `Config`.
+
+The run config holds the same fields as an `mpfl run` TOML file, flattened with dots
+(``method``, ``train.lr``, ``data.train-samples``; ``-`` or ``_`` alike), plus the keys of
+the Flower runner itself (``out-dir``, ``round-timeout``, ...). An empty string means "mpfl's
+default", since Flower's config values cannot be empty. Both apps derive the same `Config`
+from the same run config, so every SuperNode builds the same partition, model and plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+from ..config import Config
+from ..errors import ConfigError
+
+ConfigValue = bool | int | float | str
+INJECTED_FAULTS = ("dropout", "straggler", "corrupt", "duplicate")
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Settings of the Flower runner that are not part of the algorithm's config."""
+
+    out_dir: str = ""
+    round_timeout: float = 600.0
+    connect_timeout: float = 120.0
+    federated_eval: bool = True
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Which partition a SuperNode holds and where it finds its data."""
+
+    partition_id: int
+    num_partitions: int
+    data_dir: str | None = None
+
+
+RUNNER_FIELDS = frozenset(f.name for f in fields(RunnerOptions))
+
+
+def from_run_config(run_config: Mapping[str, ConfigValue]) -> tuple[Config, RunnerOptions]:
+    """The experiment's `Config` and the runner's options from Flower's flat run config
+    (refusing the faults only the simulator can inject; malicious nodes are honoured)."""
+    data: dict = {}
+    runner: dict = {}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name in RUNNER_FIELDS:
+            runner[name] = value
+        elif value != "":
+            section, _, field = name.rpartition(".")
+            (data.setdefault(section, {}) if section else data)[field] = value
+    cfg = Config.from_dict(data)
+    injected = [f"faults.{name} = {getattr(cfg.faults, name)}" for name in INJECTED_FAULTS if getattr(cfg.faults, name)]
+    if injected:
+        raise ConfigError(f"{', '.join(injected)}: the in-process simulator injects dropouts, stragglers and "
+                          "corrupt or duplicated replies; on Flower they happen for real, so set these to 0")
+    return cfg, _runner_options(runner)
+
+
+def _runner_options(values: dict) -> RunnerOptions:
+    defaults = RunnerOptions()
+    out = {}
+    for name, value in values.items():
+        kind = type(getattr(defaults, name))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise ConfigError(f"run config {name.replace('_', '-')} = {value!r} must be of type {kind.__name__}")
+        out[name] = value
+    options = RunnerOptions(**out)
+    for name in ("round_timeout", "connect_timeout"):
+        if getattr(options, name) <= 0:
+            raise ConfigError(f"run config {name.replace('_', '-')} must be > 0 seconds")
+    return options
+
+
+def node_settings(node_config: Mapping[str, ConfigValue], cfg: Config) -> NodeSettings:
+    """Check a SuperNode's node config against the run: it needs its partition of `cfg.nodes`."""
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+    if missing:
+        raise ConfigError(f"SuperNode node config lacks {', '.join(missing)}; start it with "
+                          f"--node-config \"partition-id=<i> num-partitions={cfg.nodes}\"")
+    pid, num = node_config["partition-id"], node_config["num-partitions"]
+    if not isinstance(pid, int) or not isinstance(num, int) or isinstance(pid, bool) or isinstance(num, bool):
+        raise ConfigError(f"partition-id and num-partitions must be integers, got {pid!r} and {num!r}")
+    if num != cfg.nodes:
+        raise ConfigError(f"this SuperNode has num-partitions = {num} but the run has nodes = {cfg.nodes}; "
+                          f"restart it with num-partitions={cfg.nodes} or run with --run-config nodes={num}")
+    if not 0 <= pid < num:
+        raise ConfigError(f"partition-id = {pid} is outside 0..{num - 1}")
+    data_dir = node_config.get("data-dir") or None
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise ConfigError(f"data-dir must be a path, got {data_dir!r}")
+    return NodeSettings(pid, num, data_dir)
+
+
+def node_config(cfg: Config, node: NodeSettings) -> Config:
+    """The run's config as seen by one SuperNode: its own data directory, if it set one."""
+    return cfg.with_overrides({"data_dir": node.data_dir}) if node.data_dir else cfg

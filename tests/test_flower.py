@@ -1,0 +1,318 @@
+"""The Flower runner: run config mapping, records on the wire, the ServerApp and ClientApp in one
+process, failure handling, and a real deployment (SuperLink + SuperNodes on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.config import flatten_dict
+from flwr.supercore.task_identity import TaskIdentity
+
+from mpfl.config import SECTIONS, Config
+from mpfl.errors import ConfigError, PayloadError, RoundError
+from mpfl.experiment import Experiment
+from mpfl.export import load_final
+from mpfl.flower import client_app, server_app
+from mpfl.flower.local import LocalFederation
+from mpfl.flower.payload import load_state, pack, save_state, step_of, unpack
+from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings
+from mpfl.flower.transport import FlowerTransport
+from mpfl.node import NodeState
+from mpfl.records import read_rounds, read_summary
+from mpfl.server import Server
+from mpfl.sim import simulate
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).parents[1]
+DEFAULTS = flatten_dict(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+SMALL = {"nodes": 2, "min-nodes": 1, "rounds": 2, "threads": 1, "data.train-samples": 2000, "data.test-samples": 500,
+         "prune.mask-rounds": 2, "round-timeout": 120.0, "connect-timeout": 60.0}
+
+
+def run_config(**overrides) -> dict:
+    """The run config Flower hands both apps: the pyproject defaults with SMALL and `overrides` applied."""
+    return {**DEFAULTS, **SMALL, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+
+
+@pytest.fixture(scope="module")
+def sim():
+    """The in-process simulator's result for the SMALL configuration."""
+    cfg, _ = from_run_config(run_config())
+    return simulate(cfg)
+
+
+def assert_same_run(out: Path, sim) -> None:
+    """A Flower run directory holds the simulator's masks, final weights, accuracies and bytes."""
+    keys = ("step", "phase", "nodes", "dropped", "bytes_up", "bytes_down", "accuracy", "density")
+    assert [{k: r[k] for k in keys} for r in read_rounds(out)] == [{k: r[k] for k in keys} for r in sim.records]
+    final = load_final(out)
+    with np.load(out / server_app.MASKS) as masks:
+        assert len(masks.files) == len(sim.masks) * len(final.mask)
+        for step, mask in sim.masks.items():
+            for name, m in zip(final.mask, mask, strict=True):
+                assert np.array_equal(masks[f"{step}/{name}"], m)
+    for got, want in zip(final.weights.values(), sim.weights, strict=True):
+        assert np.array_equal(got, want)
+    summary = read_summary(out)
+    assert summary["runner"] == "flower"
+    assert (summary["bytes_up"], summary["bytes_down"]) == (sim.summary["bytes_up"], sim.summary["bytes_down"])
+
+
+# --------------------------------------------------------------------------- run config
+
+
+def test_pyproject_run_config_declares_every_config_field_with_mpfls_default():
+    runner = {f.name for f in fields(RunnerOptions)}
+    declared = {k.replace("-", "_") for k in DEFAULTS} - runner
+    expected = {f.name for f in fields(Config) if f.name not in SECTIONS}
+    expected |= {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)}
+    assert declared == expected
+    assert from_run_config(DEFAULTS) == (Config(), RunnerOptions())
+
+
+def test_run_config_takes_dashes_or_underscores_and_empty_means_default():
+    cfg, opts = from_run_config({"train.batch-size": 16, "train.weight_decay": 1, "data.train-samples": "",
+                                 "prune.exclude": "fc1,fc2", "out-dir": "x", "round-timeout": 5})
+    assert (cfg.train.batch_size, cfg.train.weight_decay, cfg.data.train_samples) == (16, 1.0, None)
+    assert cfg.prune.exclude == ("fc1", "fc2")
+    assert (opts.out_dir, opts.round_timeout) == ("x", 5.0)
+
+
+@pytest.mark.parametrize("bad, message", [({"train.lrr": 0.1}, "train.lr"), ({"method": "fedsgd"}, "method"),
+                                           ({"round-timeout": "soon"}, "round-timeout"),
+                                           ({"faults.dropout": 0.1}, "faults.dropout = 0.1: the in-process simulator"),
+                                           ({"connect-timeout": 0}, "connect-timeout")])
+def test_bad_run_config_is_named(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        from_run_config(bad)
+
+
+def test_node_config_must_name_a_partition_of_this_run():
+    cfg = Config(nodes=2)
+    assert node_settings({"partition-id": 1, "num-partitions": 2, "data-dir": "/d"}, cfg).data_dir == "/d"
+    with pytest.raises(ConfigError, match="num-partitions = 3 but the run has nodes = 2"):
+        node_settings({"partition-id": 0, "num-partitions": 3}, cfg)
+    with pytest.raises(ConfigError, match="lacks partition-id"):
+        node_settings({"num-partitions": 2}, cfg)
+    with pytest.raises(ConfigError, match="outside"):
+        node_settings({"partition-id": 2, "num-partitions": 2}, cfg)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_bodies_travel_byte_for_byte_with_the_step():
+    bodies = [b"MPFL\x00" * 7, b"", bytes(range(256))]
+    content = pack(bodies, step=4)
+    assert unpack(content) == bodies and step_of(content) == 4
+    assert unpack(pack([])) == []
+    with pytest.raises(PayloadError, match="step"):
+        step_of(pack(bodies))
+    with pytest.raises(PayloadError, match="bodies"):
+        unpack(RecordDict())
+
+
+def test_node_state_survives_in_context_state():
+    state = RecordDict()
+    w0, mask = [np.arange(6, dtype=np.float32).reshape(2, 3)], [np.array([[True, False, True]])]
+    node = NodeState(w0=w0, mask=mask, version=3)
+    save_state(state, node)
+    back = load_state(state)
+    assert back.version == 3 and back.local is None and back.residual is None
+    assert back.mask[0].dtype == bool and np.array_equal(back.mask[0], node.mask[0])
+    assert np.array_equal(back.w0[0], node.w0[0])
+    node.w0 = None
+    save_state(state, node)
+    assert load_state(state).w0 is None
+    assert load_state(RecordDict()) == NodeState()
+
+
+# --------------------------------------------------------------------------- apps in one process
+
+
+class LoopbackGrid:
+    """A Grid that hands every message to the ClientApp in this process, one Context per SuperNode.
+
+    `down` SuperNodes are not connected; to ``train.*`` messages, `silent` ones never answer,
+    `failing` ones answer with an error, and `garble` ones flip a bit of every reply body."""
+
+    def __init__(self, rc: dict, partitions: list[int], num_partitions: int | None = None) -> None:
+        n = num_partitions or len(partitions)
+        self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, state=RecordDict(), run_config=rc,
+                                          node_config={"partition-id": p, "num-partitions": n})
+                         for i, p in enumerate(partitions)}
+        self.down: set[int] = set()
+        self.silent: set[int] = set()
+        self.failing: set[int] = set()
+        self.garble: set[int] = set()
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return [n for n in self.contexts if n not in self.down]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(msg)
+            node, train = msg.metadata.dst_node_id, msg.metadata.message_type.startswith("train.")
+            if train and node in self.silent:
+                continue
+            if node in self.down or (train and node in self.failing):
+                replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
+                continue
+            try:
+                reply = client_app.app(msg, self.contexts[node])
+            except Exception as exc:  # the SuperNode turns a ClientApp exception into an error reply
+                reply = Message(Error(code=2, reason=str(exc)), reply_to=msg)
+            if train and node in self.garble and reply.has_content():
+                bodies = [b[:-1] + bytes([b[-1] ^ 1]) for b in unpack(reply.content)]
+                reply = Message(pack(bodies), reply_to=msg)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Give this process the task identity Flower gives a ServerApp process, and build each
+    config's Experiment once per test (as the simulator does) to keep the apps fast."""
+    monkeypatch.setattr(Experiment, "from_config", functools.lru_cache(Experiment.from_config))
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def serve(grid: LoopbackGrid, rc: dict) -> None:
+    server_app.app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+
+
+def test_apps_in_one_process_match_the_simulator(tmp_path, sim, in_process):
+    rc = run_config(out_dir=str(tmp_path / "run"))
+    grid = LoopbackGrid(rc, [1, 0])
+    serve(grid, rc)
+    assert_same_run(tmp_path / "run", sim)
+    summary = read_summary(tmp_path / "run")
+    assert summary["partitions"] == {"0": 101, "1": 100} and summary["missing_partitions"] == []
+    assert set(summary["federated_eval"]["nodes"]) == {"0", "1"}
+    assert 0.0 < summary["federated_eval"]["accuracy"] <= 1.0
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types == ["query.partition"] * 2 + ["train.mask"] * 4 + ["train.train"] * 4 + ["evaluate"] * 2
+
+
+def test_malicious_nodes_and_robust_rules_run_as_in_the_simulator(tmp_path, in_process):
+    extra = {"nodes": 3, "faults.malicious": 1, "faults.attack": "inverted-mask", "robust.vote-weighting": "agreement",
+             "robust.aggregator": "median", "federated-eval": False, "out-dir": str(tmp_path / "run")}
+    rc = run_config(**extra)
+    cfg, _ = from_run_config(rc)
+    serve(LoopbackGrid(rc, [0, 1, 2]), rc)
+    sim = simulate(cfg)
+    assert_same_run(tmp_path / "run", sim)
+    assert read_summary(tmp_path / "run")["malicious_nodes"] == sim.summary["malicious_nodes"] != []
+
+
+def test_failed_nodes_are_left_out_and_recorded_per_round(in_process):
+    cfg, _ = from_run_config(run_config(nodes=4, method="fedavg"))
+    grid = LoopbackGrid(run_config(nodes=4, method="fedavg"), [0, 1, 2, 3])
+    transport = FlowerTransport(grid, round_timeout=1.0)
+    assert transport.connect(cfg.nodes, cfg.min_nodes, timeout=1.0) == []
+    exp = Experiment.from_config(cfg)
+    records = []
+
+    def on_round(record: dict) -> None:
+        records.append(record)
+        grid.down = {101}
+
+    grid.failing, grid.silent, grid.garble = {101}, {102}, {103}
+    Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=on_round).run()
+    first, second = records
+    assert first["nodes"] == second["nodes"] == [0]
+    assert first["dropped"]["1"] == "error reply (Flower code 5): node unavailable"
+    assert first["dropped"]["2"] == second["dropped"]["2"] == "no reply within 1 s"
+    assert first["dropped"]["3"].startswith("rejected:") and second["dropped"]["3"].startswith("rejected:")
+    assert second["dropped"]["1"] == "SuperNode 101 is no longer connected"
+
+
+def test_below_min_nodes_the_run_stops_with_a_clear_message_and_keeps_its_rounds(tmp_path, in_process):
+    rc = run_config(min_nodes=2, out_dir=str(tmp_path / "run"))
+    grid = LoopbackGrid(rc, [0, 1])
+    grid.silent = {101}
+    with pytest.raises(RoundError, match=r"step 1 \(mask\): only 1 valid replies, fewer than min_nodes = 2. "
+                                         r"node 1: no reply within 120 s"):
+        serve(grid, rc)
+    assert (tmp_path / "run" / "config.toml").is_file() and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_centralized_is_refused_before_any_node_is_contacted(tmp_path, in_process):
+    rc = run_config(method="centralized", out_dir=str(tmp_path / "run"))
+    grid = LoopbackGrid(rc, [0, 1])
+    with pytest.raises(RoundError, match="centralized method needs the pooled training data"):
+        serve(grid, rc)
+    assert grid.sent == [] and not (tmp_path / "run").exists()
+
+
+def test_discovery_leaves_out_misconfigured_supernodes_and_refuses_duplicates(in_process):
+    rc = run_config()
+    grid = LoopbackGrid(rc, [0, 1], num_partitions=3)
+    with pytest.raises(RoundError, match="only 0 of 2 partitions joined.*num-partitions = 3 but the run has nodes = 2"):
+        FlowerTransport(grid, 1.0).connect(2, 1, timeout=0.1)
+    twice = LoopbackGrid(rc, [1, 1])
+    with pytest.raises(ConfigError, match="both hold partition-id 1"):
+        FlowerTransport(twice, 1.0).connect(2, 1, timeout=0.1)
+    one = FlowerTransport(LoopbackGrid(rc, [1], num_partitions=2), 1.0)
+    assert one.connect(2, 1, timeout=0.1) == [0] and one.node_ids() == [1]
+
+
+# --------------------------------------------------------------------------- deployment on loopback
+
+deployment = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
+                                reason="Flower's command line tools are not installed")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    """A SuperLink and two SuperNodes (partitions 0 and 1) on 127.0.0.1, ended after the module."""
+    with LocalFederation(tmp_path_factory.mktemp("flower"), nodes=2) as fed:
+        yield fed
+
+
+@deployment
+def test_deployment_matches_the_simulator(federation, tmp_path, sim):
+    out = tmp_path / "run"
+    run_id = federation.run(REPO, {**SMALL, "out-dir": str(out), "federated-eval": False})
+    run = federation.wait(run_id, 300, done=out / "summary.json")
+    assert run["status"] == "finished:completed", run["status-details"]
+    assert_same_run(out, sim)
+    summary = read_summary(out)
+    assert run["network-traffic"]["total-bytes"] > summary["bytes_up"] + summary["bytes_down"]
+
+
+@deployment
+def test_a_supernode_stopped_mid_run_is_left_out_and_the_run_finishes(federation, tmp_path):
+    out = tmp_path / "run"
+    run_id = federation.run(REPO, {**SMALL, "out-dir": str(out), "rounds": 1, "federated-eval": False})
+    log, deadline = out / "rounds.jsonl", time.monotonic() + 240
+    while not (log.is_file() and log.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "the first round did not finish in time"
+        time.sleep(0.5)
+    federation.stop_supernode(1)
+    run = federation.wait(run_id, 300, done=out / "summary.json")
+    assert run["status"] == "finished:completed", run["status-details"]
+    rounds = read_rounds(out)
+    assert len(rounds) == 3 and rounds[0]["nodes"] == [0, 1] and rounds[0]["dropped"] == {}
+    missing = [i for i, r in enumerate(rounds) if "1" in r["dropped"]]
+    assert missing and missing == list(range(missing[0], 3))
+    for r in rounds[missing[0]:]:
+        assert r["nodes"] == [0] and r["dropped"]["1"]
+    assert read_summary(out)["final_accuracy"] is not None
