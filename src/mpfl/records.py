@@ -6,6 +6,8 @@ Every runner writes the same layout, so `mpfl report` treats simulator and Flowe
     <run>/rounds.jsonl    one JSON object per round
     <run>/rounds.csv      the same rounds as a flat table
     <run>/summary.json    final figures, the config, the seed and the software versions
+    <run>/final.npz       the final weights and mask (for `mpfl export`)
+    <run>/checkpoint.npz  server and node state after the last complete round (simulator)
 """
 
 from __future__ import annotations
