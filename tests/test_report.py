@@ -91,3 +91,21 @@ def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     assert "no finished run directory" in capsys.readouterr().err
+
+
+def test_device_costs_follow_the_final_mask(runs, report):
+    out, rows = report
+    from mpfl.export import load_final
+
+    final = load_final(runs / "mpfl-0")
+    pruned = sum(int((~m).sum()) for m in final.mask.values())
+    dense = 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
+    summary = read_summary(runs / "mpfl-0")
+    assert summary["params_dense"] == dense and summary["params_kept"] == dense - pruned
+    assert summary["flops_per_sample_dense"] == 2 * (784 * 200 + 200 * 200 + 200 * 10)
+    assert summary["flops_per_sample"] <= 2 * (dense - pruned)
+    assert rows["mpfl"]["params_kept"] == pytest.approx(np.mean([read_summary(runs / f"mpfl-{s}")["params_kept"] for s in SEEDS]))
+    times = [read_summary(runs / f"{m}-{s}")["train_round_time"] for m in ("mpfl", "fedavg") for s in SEEDS]
+    want = np.mean([times[i] / times[2 + i] for i in range(2)])
+    assert rows["mpfl"]["train_time_vs_dense"] == pytest.approx(want)
+    assert "Params kept" in (out / "report.md").read_text()

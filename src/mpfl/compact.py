@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .core.masks import rows
-from .core.params import ParamSpec, Weights
+from .core.params import ParamSpec, Weights, set_weights
 from .core.training import LocalData, LocalTrainer
 from .errors import ModelError
 
@@ -288,3 +288,22 @@ def latency_ms(model: nn.Module, input_shape: Sequence[int], *, batch: int = 1, 
         model.train(training)
         torch.set_num_threads(before)
     return 1000.0 * statistics.median(times)
+
+
+def model_stats(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray],
+                input_shape: Sequence[int], structured: bool) -> dict:
+    """What the final pruned model costs on a device, next to the dense model: parameters kept,
+    bytes (a shrunk dense model for filter masks; kept float32 values plus a 1-bit-per-weight
+    mask otherwise) and FLOPs per sample (of the shrunk model, or of the non-zero weights)."""
+    set_weights(model, spec, spec.apply(weights, mask))
+    dense_params, dense_flops = parameter_count(model), flops(model, input_shape)
+    if structured and compactable(model):
+        small = shrink(model, spec, mask).model
+        params, size, cost = parameter_count(small), state_bytes(small), flops(small, input_shape)
+    else:
+        pruned = sum(int(m.size - m.sum()) for m in mask)
+        params = dense_params - pruned
+        size = state_bytes(model) - 4 * pruned + sum(m.size for m in mask) // 8
+        cost = flops(model, input_shape, nonzero=True)
+    return {"params_kept": params, "params_dense": dense_params, "model_bytes": size,
+            "model_bytes_dense": state_bytes(model), "flops_per_sample": cost, "flops_per_sample_dense": dense_flops}

@@ -111,6 +111,7 @@ def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dic
     """Final figures of a run from its round records."""
     records = list(records)
     accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    train_times = [r["time"] for r in records if r["phase"] == "train" and r.get("time") is not None]
     last = records[-1] if records else {}
     return {
         "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "partition": cfg.data.partition,
@@ -120,7 +121,8 @@ def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dic
         "rounds": len(records), "train_rounds": sum(r["phase"] == "train" for r in records),
         "mask_rounds": sum(r["phase"] == "mask" for r in records),
         "bytes_up": last.get("cum_bytes_up", 0), "bytes_down": last.get("cum_bytes_down", 0),
-        "wall_time": wall_time, **(extra or {}),
+        "wall_time": wall_time, "train_round_time": sum(train_times) / len(train_times) if train_times else None,
+        **(extra or {}),
         "config": cfg.to_dict(),
         "versions": {"mpfl": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }

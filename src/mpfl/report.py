@@ -38,6 +38,10 @@ COLUMNS = {  # JSON key -> markdown header
     "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)", "rounds": "Rounds (mask+train)",
     "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg", "wall_time": "Wall time (s)",
 }
+DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
+    "method": "Method", "variant": "Variant", "sparsity": "Sparsity", "params_kept": "Params kept",
+    "model_bytes": "Model (kB)", "flops_per_sample": "MFLOPs / sample", "train_time_vs_dense": "Train round vs FedAvg",
+}
 
 
 @dataclass
@@ -180,6 +184,20 @@ def _fedavg_bytes(runs: Sequence[Run]) -> dict[tuple, float]:
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
 
+def _fedavg_round_time(runs: Sequence[Run]) -> dict[tuple, float]:
+    """Mean training-round wall time of the dense FedAvg runs, by the key runs are matched on."""
+    times: dict[tuple, list[float]] = defaultdict(list)
+    for r in runs:
+        if r.method == "fedavg" and r.summary.get("train_round_time"):
+            times[_match_key(r)].append(r.summary["train_round_time"])
+    return {k: float(np.mean(v)) for k, v in times.items()}
+
+
+def _mean_of(runs: Sequence[Run], key: str) -> float | None:
+    values = [x.summary.get(key) for x in runs]
+    return float(np.mean(values)) if values and None not in values else None
+
+
 def _match_key(r: Run) -> tuple:
     f = r.flat
     return (f["dataset"], r.partition, f["model"], f["nodes"], f["rounds"], f["seed"])
@@ -194,7 +212,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 def table(runs: Sequence[Run]) -> list[dict]:
     """One row per group: means over seeds keyed like `COLUMNS` (rounds split by phase), `_std` spreads, seeds, paths."""
-    fedavg = _fedavg_bytes(runs)
+    fedavg, fedavg_time = _fedavg_bytes(runs), _fedavg_round_time(runs)
     rows = []
     for g in group_runs(runs):
         r, rs = g.first, g.runs
@@ -205,7 +223,12 @@ def table(runs: Sequence[Run]) -> list[dict]:
         mask = float(np.mean([x.summary["mask_rounds"] for x in rs]))
         train = float(np.mean([x.summary["train_rounds"] for x in rs]))
         warmup = float(np.mean([x.summary["rounds"] for x in rs])) - mask - train
+        times = [x.summary["train_round_time"] / fedavg_time[_match_key(x)] for x in rs
+                 if _match_key(x) in fedavg_time and x.summary.get("train_round_time")]
+        device = {k: _mean_of(rs, k) for k in ("params_kept", "params_dense", "model_bytes", "model_bytes_dense",
+                                                "flops_per_sample", "flops_per_sample_dense")}
         rows.append({
+            **device, "train_time_vs_dense": float(np.mean(times)) if times else None,
             "method": r.method, "variant": format_variant(g.variant), "dataset": r.flat["dataset"],
             "partition": r.partition, "sparsity": r.summary["sparsity"], "n": len(rs),
             "final_accuracy": final, "final_accuracy_std": final_std, "best_accuracy": best, "best_accuracy_std": best_std,
@@ -243,13 +266,21 @@ def _cell(row: dict, key: str) -> str:
         return f"{row[key]:.1f}"
     if key == "sparsity":
         return f"{row[key]:g}"
+    if key in ("params_kept", "model_bytes", "flops_per_sample"):
+        value, dense = row[key], row[key.replace("_kept", "_dense") if key == "params_kept" else key + "_dense"]
+        if value is None or not dense:
+            return "–"
+        scale = {"params_kept": 1, "model_bytes": 1e3, "flops_per_sample": 1e6}[key]
+        return f"{value / scale:,.{0 if key == 'params_kept' else 1}f} ({100 * value / dense:.1f}%)"
+    if key == "train_time_vs_dense":
+        return "–" if row[key] is None else f"{row[key]:.2f}x"
     return str(row[key]) if row[key] != "" else "–"
 
 
-def to_markdown(rows: Sequence[dict]) -> str:
+def to_markdown(rows: Sequence[dict], columns: dict[str, str] = COLUMNS) -> str:
     """A markdown table of `table` rows (the variant column only when some row has one)."""
-    keys = [k for k in COLUMNS if k != "variant" or any(r["variant"] for r in rows)]
-    lines = ["| " + " | ".join(COLUMNS[k] for k in keys) + " |",
+    keys = [k for k in columns if k != "variant" or any(r["variant"] for r in rows)]
+    lines = ["| " + " | ".join(columns[k] for k in keys) + " |",
              "|" + "|".join("---" if k in ("method", "variant", "dataset", "partition") else "---:" for k in keys) + "|"]
     lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -399,8 +430,10 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
           "by those of the dense FedAvg run with the same dataset, partition, model, nodes, rounds and seed.", ""]
     for dataset, partition in dict.fromkeys((g.first.flat["dataset"], g.first.partition) for g in groups):
         mine = [g for g in groups if (g.first.flat["dataset"], g.first.partition) == (dataset, partition)]
-        md += [f"## {dataset}, {partition}", "",
-               to_markdown([r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)])]
+        here = [r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)]
+        md += [f"## {dataset}, {partition}", "", to_markdown(here), "",
+               "The pruned model on a device (the share of the dense model in brackets; training-round wall "
+               "time relative to the matched FedAvg run):", "", to_markdown(here, DEVICE_COLUMNS)]
         curve_groups, main = _curve_groups(mine)
         title = _title_suffix(dataset, partition, main)
         plots = [(plot_accuracy_vs_round, "accuracy_vs_round", curve_groups, title),

@@ -20,10 +20,9 @@ from .config import Config, FaultConfig
 from .core.params import Mask, Weights
 from .errors import ConfigError, PayloadError
 from .experiment import Experiment
-from .export import save_final
 from .node import Node, find_mask, make_trainer
 from .protocol import NodeFailure, Reply
-from .records import SUMMARY, RunDir, check_run_dir, read_rounds, summarize
+from .records import SUMMARY, RunDir, check_run_dir, read_rounds
 from .server import Server
 
 
@@ -134,9 +133,6 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
                     state=server_state)
     server.run()
-    summary = summarize(cfg, records, time.perf_counter() - started, {"malicious_nodes": sorted(bad)})
-    if run_dir is not None:
-        save_final(run_dir.path, exp.spec, server.state.weights, server.state.mask, exp.dataset.input_shape, exp.dataset.num_classes)
-        run_dir.finish(summary)
+    summary = exp.finish(run_dir, server.state.weights, server.state.mask, records, time.perf_counter() - started, {})
     st = server.state
     return RunResult(records, summary, st.weights, st.mask, run_dir.path if run_dir else None, dict(st.history))

@@ -19,14 +19,12 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .. import codec
-from ..attacks import malicious_ids
 from ..codec import Kind
 from ..core.params import Mask, ParamSpec
 from ..errors import RoundError
 from ..experiment import Experiment
-from ..export import save_final
 from ..protocol import NodeFailure
-from ..records import RunDir, atomic_write, check_run_dir, default_run_dir, summarize
+from ..records import RunDir, atomic_write, check_run_dir, default_run_dir
 from ..server import Server
 from .settings import from_run_config
 from .transport import FlowerTransport
@@ -63,14 +61,12 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "the run stopped: %s (rounds so far are in %s)", exc, run_dir.path.resolve())
         raise
     partitions = {str(p): n for p, n in sorted(transport.flower_ids.items())}
-    extra: dict = {"malicious_nodes": malicious_ids(cfg), "runner": "flower", "partitions": partitions,
-                   "missing_partitions": missing}
+    extra: dict = {"runner": "flower", "partitions": partitions, "missing_partitions": missing}
     if opts.federated_eval:
         extra["federated_eval"] = _evaluate_on_nodes(transport, server)
     st = server.state
-    save_final(run_dir.path, exp.spec, st.weights, st.mask, exp.dataset.input_shape, exp.dataset.num_classes)
     _save_masks(run_dir.path, exp.spec, st.history)
-    run_dir.finish(summarize(cfg, records, time.perf_counter() - started, extra))
+    exp.finish(run_dir, st.weights, st.mask, records, time.perf_counter() - started, extra)
 
 
 def _log_round(record: dict) -> None:
