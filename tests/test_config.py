@@ -39,7 +39,7 @@ def test_every_field_is_a_unique_flag():
         ({"prune": {"sparsity": 1.0}}, "sparsity = 1.0 must be < 1"),
         ({"prune": {"schedul": "linear"}}, "unknown config key 'prune.schedul'. Did you mean 'prune.schedule'"),
         ({"nodes": 2, "min_nodes": 3}, "min_nodes = 3 is larger than nodes = 2"),
-        ({"prune": {"train_init": "local"}}, "only exist with rewind = 'none'"),
+        ({"prune": {"rewind": "init"}}, "only exist with rewind = 'none'; with rewind = 'init' also set train_init"),
         ({"data": {"partition": "dirichlet", "alpha": -1.0}}, "alpha = -1.0 must be > 0"),
         ({"train": {"init": "/no/such/file.pt"}}, "no such file"),
         ({"train": 3}, r"\[train\] must be a table"),

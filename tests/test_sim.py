@@ -221,3 +221,10 @@ def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
         expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
                                        num_samples=node.data.num_samples)
         assert replies[node.id][0] == expected
+
+
+def test_saliency_masks_need_no_training_and_start_training_from_w0():
+    result = simulate(tiny_config(criterion="saliency", mask_rounds=1, rounds=1, sparsity=0.5))
+    assert result.records[0]["phase"] == "mask"
+    assert result.summary["final_density"] == pytest.approx(0.5, abs=0.01)
+    assert result.summary["final_accuracy"] > 0.3

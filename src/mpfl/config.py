@@ -112,8 +112,8 @@ class PruneConfig:
     consensus: str = "vote"
     tau: float = 0.5
     percentile: float | None = None
-    rewind: str = "init"
-    train_init: str = "rewind"
+    rewind: str = "none"
+    train_init: str = "local"
     warmup_rounds: int = 0
     exclude: tuple[str, ...] = ()
     layer_floor: float = 0.01
@@ -133,7 +133,8 @@ class PruneConfig:
         _choice("rewind", self.rewind, REWINDS)
         _choice("train_init", self.train_init, TRAIN_INITS)
         if self.train_init == "local" and self.rewind != "none":
-            raise ConfigError("train_init = 'local' starts training from each node's own weights, which only exist with rewind = 'none'")
+            raise ConfigError("train_init = 'local' starts training from each node's own weights, which only exist "
+                              "with rewind = 'none'; with rewind = 'init' also set train_init = 'rewind'")
         _range("warmup_rounds", self.warmup_rounds, 0)
         _range("layer_floor", self.layer_floor, 0, 1)
         _range("saliency_batches", self.saliency_batches, 1)
@@ -202,6 +203,7 @@ class Config:
     min_nodes: int = 1
     eval_every: int = 1
     threads: int | None = None
+    workers: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -224,6 +226,7 @@ class Config:
         _range("eval_every", self.eval_every, 0)
         if self.threads is not None:
             _range("threads", self.threads, 1)
+        _range("workers", self.workers, 1)
         if self.faults.malicious > self.nodes:
             raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
         for section in (self.data, self.train, self.prune, self.codec, self.robust, self.faults):

@@ -6,8 +6,9 @@ the bodies it received, so both runners run exactly the same node code.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -31,6 +32,25 @@ class NodeState:
     version: int = 0
     local: Weights | None = None
     residual: Weights | None = None
+
+
+class SharedDecodes:
+    """Decoded bodies shared by the nodes of one process and run: nodes that receive the same bytes
+    with the same expectations get one decoded copy (one set of initial weights, not one per node).
+    Nodes never modify decoded arrays in place, so sharing them changes no result."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, codec.Body] = OrderedDict()
+
+    def get(self, key: tuple, decode: Callable[[], codec.Body]) -> codec.Body:
+        """The body decoded under `key` (the bytes and every expectation the decoder checks), decoding it if new."""
+        body = self._entries.get(key)
+        if body is None:
+            body = self._entries[key] = decode()
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return body
 
 
 def make_trainer(cfg: Config, model, spec: ParamSpec) -> LocalTrainer:
@@ -68,6 +88,7 @@ class Node:
         self.state = state or NodeState()
         self.steps = {s.step: s for s in plan(cfg)}
         self.structured = is_structured(cfg)
+        self.shared: SharedDecodes | None = None
 
     # ------------------------------------------------------------------ receiving
 
@@ -75,21 +96,27 @@ class Node:
     def mask(self) -> Mask:
         return self.state.mask if self.state.mask is not None else self.spec.full_mask()
 
+    def _decode(self, key: tuple, decode: Callable[[], codec.Body]) -> codec.Body:
+        return decode() if self.shared is None else self.shared.get(key, decode)
+
     def _receive(self, step: int, bodies: Sequence[bytes]) -> Weights | None:
         """Apply the bodies of a request in order; return the weights it carried, if any."""
         weights = None
         for body in bodies:
             head = codec.peek(body)
             if head.kind == Kind.WEIGHTS:
-                self.state.w0 = codec.decode_dense(body, Kind.WEIGHTS, self.spec.shapes, round=step).tensors
+                self.state.w0 = self._decode((Kind.WEIGHTS, body, step), lambda: codec.decode_dense(
+                    body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
                 weights = self.state.w0
             elif head.kind == Kind.MASK:
-                base = self.spec.full_mask() if head.base == 0 else self.mask
-                decoded = codec.decode_mask(body, base, base_version=head.base if head.base == 0 else self.state.version,
-                                            structured=self.structured)
+                version = 0 if head.base == 0 else self.state.version
+                decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
+                    body, self.spec.full_mask() if version == 0 else self.mask, base_version=version,
+                    structured=self.structured))
                 self.state.mask, self.state.version = decoded.tensors, decoded.round
             elif head.kind == Kind.VALUES:
-                weights = codec.decode_values(body, self.spec.supports(self.mask), round=step, base=self.state.version).tensors
+                weights = self._decode((Kind.VALUES, body, step, self.state.version), lambda: codec.decode_values(
+                    body, self.spec.supports(self.mask), round=step, base=self.state.version)).tensors
             else:
                 raise PayloadError(f"a node does not accept {head.kind.name} bodies")
         return weights
@@ -124,8 +151,8 @@ class Node:
         own = self.cfg.prune.rewind == "none" and self.state.local is not None
         start = self.spec.apply(self.state.local if own else self.state.w0, current)
         new, trained = find_mask(self.cfg, self.trainer, self.data, start, current, self.steps[step].density, self._key(step))
-        if self.cfg.prune.rewind == "none" and trained is not None:
-            self.state.local = trained
+        if self.cfg.prune.rewind == "none":
+            self.state.local = trained if trained is not None else start
         new = self.forge_mask(new, current, start, step)
         return [codec.encode_mask(new, current, round=step, base_version=self.state.version, coder=self.cfg.codec.mask_coder,
                                   structured=self.structured, num_samples=self.data.num_samples)]

@@ -65,7 +65,7 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
 # FedAvg gets the node counts too, so each has a dense reference for accuracy and bytes.
 ABLATION_METHODS = {"consensus": ("mpfl",), "criterion": ("mpfl",), "rewind": ("mpfl",), "nodes": ("mpfl", "fedavg")}
 # Prune settings named in a cell's directory when they differ from these (fixed, so a name depends on the config only).
-UNTAGGED = {"consensus": "vote", "criterion": "magnitude", "scope": "layer", "rewind": "init", "train_init": "rewind"}
+UNTAGGED = {"consensus": "vote", "criterion": "magnitude", "scope": "layer", "rewind": "none", "train_init": "local"}
 
 # The cost model of `estimate_seconds`, measured as described in the module docstring.
 SETUP_SECONDS = 1.5
