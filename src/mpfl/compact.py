@@ -294,7 +294,7 @@ def model_stats(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray]
                 input_shape: Sequence[int], structured: bool) -> dict:
     """What the final pruned model costs on a device, next to the dense model: parameters kept,
     bytes (a shrunk dense model for filter masks; kept float32 values plus a 1-bit-per-weight
-    mask otherwise) and FLOPs per sample (of the shrunk model, or of the non-zero weights)."""
+    mask otherwise, no mask when nothing is pruned) and FLOPs per sample (of the shrunk model, or of the non-zero weights)."""
     set_weights(model, spec, spec.apply(weights, mask))
     dense_params, dense_flops = parameter_count(model), flops(model, input_shape)
     if structured and compactable(model):
@@ -303,7 +303,7 @@ def model_stats(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray]
     else:
         pruned = sum(int(m.size - m.sum()) for m in mask)
         params = dense_params - pruned
-        size = state_bytes(model) - 4 * pruned + sum(m.size for m in mask) // 8
+        size = state_bytes(model) - 4 * pruned + (sum(m.size for m in mask) + 7) // 8 * bool(pruned)
         cost = flops(model, input_shape, nonzero=True)
     return {"params_kept": params, "params_dense": dense_params, "model_bytes": size,
             "model_bytes_dense": state_bytes(model), "flops_per_sample": cost, "flops_per_sample_dense": dense_flops}

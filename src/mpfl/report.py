@@ -271,7 +271,8 @@ def _cell(row: dict, key: str) -> str:
         if value is None or not dense:
             return "–"
         scale = {"params_kept": 1, "model_bytes": 1e3, "flops_per_sample": 1e6}[key]
-        return f"{value / scale:,.{0 if key == 'params_kept' else 1}f} ({100 * value / dense:.1f}%)"
+        shown = f"{value:,.0f}" if key == "params_kept" else f"{value / scale:.3g}"
+        return f"{shown} ({100 * value / dense:.1f}%)"
     if key == "train_time_vs_dense":
         return "–" if row[key] is None else f"{row[key]:.2f}x"
     return str(row[key]) if row[key] != "" else "–"
