@@ -1,6 +1,6 @@
 """MPFL against dense FedAvg and the pruning / compression baselines, side by side.
 
-    python benchmarks/methods.py [--quick] [--json PATH] [--methods mpfl,fedavg,...]
+    python benchmarks/methods.py [--quick] [--json PATH] [--methods mpfl,fedavg,...] [--threads N]
 
 MNIST, 10 IID nodes, cnn, sparsity 0.9, the package's default MPFL settings, the same seed,
 data and number of training rounds for every method. Bytes are the encoded messages; the
@@ -31,8 +31,9 @@ VARIANTS = {
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated rows to run")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
     args = p.parse_args()
-    base = {"model": "cnn", "nodes": 10, "sparsity": 0.9, "partition": "iid", "eval_every": 0}
+    base = {"model": "cnn", "nodes": 10, "sparsity": 0.9, "partition": "iid", "eval_every": 0, "threads": args.threads}
     if args.quick:
         base.update(model="mlp", train_samples=12000, mask_rounds=3, rounds=5)
     rows = []
