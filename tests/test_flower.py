@@ -94,6 +94,7 @@ def test_run_config_takes_dashes_or_underscores_and_empty_means_default():
 @pytest.mark.parametrize("bad, message", [({"train.lrr": 0.1}, "train.lr"), ({"method": "fedsgd"}, "method"),
                                            ({"round-timeout": "soon"}, "round-timeout"),
                                            ({"faults.dropout": 0.1}, "faults.dropout = 0.1: the in-process simulator"),
+                                           ({"workers": 2}, "workers = 2: worker processes"),
                                            ({"connect-timeout": 0}, "connect-timeout")])
 def test_bad_run_config_is_named(bad, message):
     with pytest.raises(ConfigError, match=message):

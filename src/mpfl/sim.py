@@ -2,7 +2,8 @@
 
 Nodes are `mpfl.node.Node` objects and the server is `mpfl.server.Server`, exactly as on
 Flower; only the transport differs: bodies are handed to `Node.handle` directly, so the
-bytes counted are the bytes Flower would carry.
+bytes counted are the bytes Flower would carry. With `workers` > 1 the nodes run in that many
+worker processes (`mpfl.parallel`), with the same results.
 """
 
 from __future__ import annotations
@@ -20,37 +21,58 @@ from .config import Config, FaultConfig
 from .core.params import Mask, Weights
 from .errors import ConfigError, PayloadError
 from .experiment import Experiment
-from .node import Node, find_mask, make_trainer
+from .node import Node, NodeState, SharedDecodes, find_mask, make_trainer
+from .parallel import NodePool
 from .protocol import NodeFailure, Reply
 from .records import SUMMARY, RunDir, check_run_dir, read_rounds
 from .server import Server
 
 
-class InProcessTransport:
-    """Delivers bodies by calling each node's handler; a node's PayloadError becomes a failed reply."""
+def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mapping[int, NodeState], *,
+                share: bool = True) -> list[Node]:
+    """The nodes `ids` of a run on one shared trainer; with `share`, identical bodies are decoded once for all."""
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    bad = set(malicious_ids(cfg))
+    nodes = [(MaliciousNode if i in bad else Node)(i, cfg, trainer, exp.node_data(i), states.get(i)) for i in ids]
+    shared = SharedDecodes() if share else None
+    for node in nodes:
+        node.shared = shared
+    return nodes
 
-    def __init__(self, nodes: Sequence[Node]) -> None:
+
+def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
+    """Run each addressed node's handler in turn; a node's PayloadError becomes a failed reply."""
+    replies: dict[int, Reply] = {}
+    for node_id, bodies in requests.items():
+        try:
+            replies[node_id] = nodes[node_id].handle(task, step, bodies)
+        except PayloadError as exc:
+            replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
+    return replies
+
+
+class InProcessTransport:
+    """Delivers bodies by calling each node's handler, here or (with a `pool`) in worker processes."""
+
+    def __init__(self, nodes: Sequence[Node], pool: NodePool | None = None) -> None:
         self.nodes = {n.id: n for n in nodes}
+        self.pool = pool
 
     def node_ids(self) -> list[int]:
-        return list(self.nodes)
+        return self.pool.node_ids() if self.pool is not None else list(self.nodes)
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-        replies: dict[int, Reply] = {}
-        for node_id, bodies in requests.items():
-            try:
-                replies[node_id] = self.nodes[node_id].handle(task, step, bodies)
-            except PayloadError as exc:
-                replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
-        return replies
+        if self.pool is not None:
+            return self.pool.exchange(task, step, requests)
+        return deliver(self.nodes, task, step, requests)
 
 
 class FaultyTransport(InProcessTransport):
     """The in-process transport with seeded faults: nodes that drop out, straggle past the
     deadline, or send corrupted or duplicated replies."""
 
-    def __init__(self, nodes: Sequence[Node], faults: FaultConfig, seed: int) -> None:
-        super().__init__(nodes)
+    def __init__(self, nodes: Sequence[Node], faults: FaultConfig, seed: int, pool: NodePool | None = None) -> None:
+        super().__init__(nodes, pool)
         self.faults, self.seed = faults, seed
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
@@ -114,25 +136,27 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     run_dir = RunDir(out, cfg, resume=resume) if out is not None else None
     if run_dir is not None and resume:
         run_dir.rewrite(records)
-    trainer = make_trainer(cfg, exp.model, exp.spec)
-    bad = set(malicious_ids(cfg))
-    nodes = [(MaliciousNode if i in bad else Node)(i, cfg, trainer, exp.node_data(i), node_states.get(i))
-             for i in range(cfg.nodes)]
-    transport = FaultyTransport(nodes, cfg.faults, cfg.seed)
+    pool = NodePool(cfg, exp.dataset, node_states, cfg.workers) if cfg.workers > 1 and cfg.nodes > 1 else None
+    nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
+    transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
     server: Server
 
     def record(r: dict) -> None:
         records.append(r)
         if run_dir is not None:
             run_dir.log(r)
-            save_checkpoint(run_dir.path, server.state, {n.id: n.state for n in nodes})
+            save_checkpoint(run_dir.path, server.state, pool.states() if pool is not None else {n.id: n.state for n in nodes})
         if on_round is not None:
             on_round(r)
 
-    oracle = PooledOracle(exp, trainer) if cfg.method == "centralized" else None
+    oracle = PooledOracle(exp, make_trainer(cfg, exp.model, exp.spec)) if cfg.method == "centralized" else None
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
                     state=server_state)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if pool is not None:
+            pool.close()
     summary = exp.finish(run_dir, server.state.weights, server.state.mask, records, time.perf_counter() - started, {})
     st = server.state
     return RunResult(records, summary, st.weights, st.mask, run_dir.path if run_dir else None, dict(st.history))

@@ -1,0 +1,243 @@
+"""Simulator speed and memory: overhead over a bare torch loop, speed-up over Flower's simulation
+engine, and peak resident memory.
+
+    python benchmarks/speed.py [--quick] [--json PATH] [--threads N] [--skip-flower]
+
+1. Overhead (``overhead_cnn``, ``overhead_mlp``): the wall time of an MPFL run on the in-process
+   simulator divided by the time of the same local training steps in a bare torch loop. The run:
+   10 IID MNIST nodes, E = 1, B = 32, SGD lr 0.05, 2 geometric mask rounds towards sparsity 0.9,
+   then 3 masked training rounds, test-set evaluation after every training round (the defaults).
+   Simulator time: all of `simulate` once the data and model are built (training, masking,
+   encoding and decoding every message, consensus, aggregation, evaluation, records). Bare loop:
+   for every node of every round, load the start weights into the same architecture, a fresh
+   ``torch.optim.SGD``, then for each minibatch of the node's shuffled samples (the same order
+   and batches as the simulator) ``index_select``, ``zero_grad``, forward, cross-entropy,
+   backward, ``step``; no masks, messages or evaluation. Both use the same torch threads. Each
+   round's bare loop runs right after the simulator's round (from its ``on_round`` callback), so
+   both see the same machine load, and its time is subtracted from the simulator's wall time.
+   The same ratio of this process's CPU time (``overhead_cpu_time_*``), which other work on a
+   shared machine disturbs less, is reported too.
+2. Flower (``speedup_vs_flower_simulation``): MPFL (5 mask + 5 training rounds) and FedAvg
+   (5 rounds), mlp, 10 nodes, on Flower's simulation engine (a SuperLink with ``--simulation`` on
+   127.0.0.1, one CPU per virtual SuperNode) and on the in-process simulator (``mpfl run`` in a
+   fresh process), end to end: from submitting the run to its summary.json for Flower (SuperLink
+   start-up not counted), from process start to exit for ``mpfl run``. The figure is the ratio
+   of the summed wall times; ``same`` says whether both produced the same final weights.
+3. Memory (``peak_rss_mib_10_nodes``, ``peak_rss_mib_100_nodes``): peak resident set size of a
+   fresh process running an MPFL cnn run on all of MNIST (2 mask rounds, 1 training round).
+
+--quick: overhead runs on 12,000 training and 2,000 test samples with 1 + 2 rounds, the Flower
+comparison on 12,000 training samples, memory runs with 1 mask round. --threads sets torch
+threads for the overhead runs (default 1: steadier on a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from _common import emit
+from torch import nn
+
+from mpfl.config import Config
+from mpfl.core.params import get_weights, set_weights
+from mpfl.core.training import generator
+from mpfl.experiment import Experiment
+from mpfl.export import load_final
+from mpfl.models import build_model
+from mpfl.records import read_summary
+from mpfl.sim import simulate
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = {"nodes": 10, "method": "mpfl", "sparsity": 0.9, "batch_size": 32, "lr": 0.05, "epochs": 1}
+
+
+def bare_round(model: nn.Module, exp: Experiment, step: int, nodes: list[int], weights: list[np.ndarray]) -> float:
+    """Seconds for one round of the textbook loop over the simulator's batches of `nodes` at `step`."""
+    cfg = exp.cfg
+    loss_fn = nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    for node in nodes:
+        data = exp.node_data(node)
+        set_weights(model, exp.spec, weights)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+        model.train()
+        order = data.train[torch.randperm(data.num_samples, generator=generator(cfg.seed, step, node))]
+        for start in range(0, len(order), cfg.train.batch_size):
+            idx = order[start : start + cfg.train.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(data.x.index_select(0, idx)), data.y.index_select(0, idx))
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - started
+
+
+def overhead(model_name: str, quick: bool, threads: int) -> dict:
+    """Simulator time over bare-loop time for one MPFL run (see the module docstring), as wall time
+    and as this process's CPU time (which other work on the machine disturbs less)."""
+    size = {"train_samples": 12000, "test_samples": 2000, "mask_rounds": 1, "rounds": 2} if quick else \
+        {"mask_rounds": 2, "rounds": 3}
+    cfg = Config().with_overrides({**BASE, **size, "model": model_name, "threads": threads})
+    exp = Experiment.from_config(cfg)
+    bare_model = build_model(model_name, exp.dataset.input_shape, exp.dataset.num_classes)
+    bare_round(bare_model, exp, 0, [0], exp.w0)  # one-off costs (torch's first optimizer imports torch._dynamo)
+    bare = {"wall": 0.0, "cpu": 0.0}
+
+    def on_round(record: dict) -> None:
+        cpu = time.process_time()
+        bare["wall"] += bare_round(bare_model, exp, record["step"], record["nodes"], exp.w0)
+        bare["cpu"] += time.process_time() - cpu
+
+    started, cpu = time.perf_counter(), time.process_time()
+    result = simulate(cfg, experiment=exp, on_round=on_round)
+    sim_wall = time.perf_counter() - started - bare["wall"]
+    sim_cpu = time.process_time() - cpu - bare["cpu"]
+    evaluated = sum(r["accuracy"] is not None for r in result.records)
+    return {"model": model_name, "rounds": len(result.records), "evaluations": evaluated, "threads": threads,
+            "simulator_s": sim_wall, "bare_loop_s": bare["wall"], "overhead": sim_wall / bare["wall"],
+            "overhead_cpu_time": sim_cpu / bare["cpu"]}
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def flower_configs(quick: bool) -> dict[str, dict]:
+    """The run configs (Flower's flat keys) of the comparison."""
+    common = {"nodes": 10, "train.model": "mlp", "threads": 1, "federated-eval": False, "round-timeout": 3600.0}
+    if quick:
+        common["data.train-samples"] = 12000
+    return {"mpfl": {**common, "method": "mpfl", "rounds": 5, "prune.mask-rounds": 5},
+            "fedavg": {**common, "method": "fedavg", "rounds": 5}}
+
+
+def cli_args(run_config: dict) -> list[str]:
+    """`mpfl run` flags for a Flower run config (the flag of a.b.c-d is --c-d)."""
+    skip = {"federated-eval", "round-timeout"}
+    return [a for k, v in run_config.items() if k not in skip for a in (f"--{k.rsplit('.', 1)[-1]}", str(v))]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    fa, fb = load_final(a), load_final(b)
+    return fa.weights.keys() == fb.weights.keys() and all(np.array_equal(fa.weights[k], fb.weights[k]) for k in fa.weights)
+
+
+def in_process(run_config: dict, out: Path, workers: int = 1) -> float:
+    """Seconds for `mpfl run` in a fresh process, start to exit."""
+    cmd = [sys.executable, "-m", "mpfl.cli", "run", *cli_args(run_config), "--workers", str(workers),
+           "--out", str(out), "--quiet"]
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=out.parent, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def on_flower_simulation(run_config: dict, nodes: int, work: Path) -> tuple[float, Path]:
+    """Seconds from `flwr run` to the run's summary.json on Flower's simulation engine, and the run dir."""
+    from mpfl.flower.local import LocalFederation
+
+    out = work / "run"
+    with LocalFederation(work, nodes, simulation=True) as fed:
+        started = time.perf_counter()
+        run_id = fed.run(REPO, {**run_config, "out-dir": str(out)})
+        while not (out / "summary.json").exists():
+            time.sleep(0.1)
+            if time.perf_counter() - started > 3600:
+                raise TimeoutError("the Flower run did not finish within an hour")
+        wall = time.perf_counter() - started
+        run = fed.wait(run_id, 600, done=out / "summary.json")
+    if run["status"] != "finished:completed":
+        raise SystemExit(f"Flower run {run_id} ended {run['status']}: {run['status-details']}")
+    return wall, out
+
+
+def flower(quick: bool) -> tuple[list[dict], float]:
+    """Rows of the Flower comparison and the overall speed-up (summed Flower time / summed in-process time)."""
+    rows, flower_total, local_total = [], 0.0, 0.0
+    work = Path(tempfile.mkdtemp(prefix="mpfl-speed-"))
+    try:
+        for name, rc in flower_configs(quick).items():
+            local = in_process(rc, work / f"{name}-inprocess")
+            local2 = in_process(rc, work / f"{name}-inprocess-2w", workers=2)
+            fl, out = on_flower_simulation(rc, rc["nodes"], work / f"{name}-flower")
+            same = same_weights(out, work / f"{name}-inprocess") and same_weights(out, work / f"{name}-inprocess-2w")
+            rows.append({"config": name, "flower_simulation_s": fl, "in_process_s": local, "in_process_2_workers_s": local2,
+                         "speedup": fl / local, "speedup_2_workers": fl / local2, "same": same,
+                         "final_accuracy": read_summary(out)["final_accuracy"]})
+            flower_total += fl
+            local_total += local
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows, flower_total / local_total
+
+
+# --------------------------------------------------------------------------- memory
+
+PEAK = """
+import json, sys
+from mpfl.config import Config
+from mpfl.sim import simulate
+simulate(Config().with_overrides(json.loads(sys.argv[1])))
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024)
+"""
+
+
+def peak_rss(overrides: dict) -> float:
+    """Peak resident MiB of a fresh process running one simulation. Read from VmHWM, not getrusage's
+    ru_maxrss, which Linux carries over from the forked copy of this (larger) process across exec."""
+    done = subprocess.run([sys.executable, "-c", PEAK, json.dumps(overrides)], check=True, capture_output=True, text=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def memory(quick: bool) -> list[dict]:
+    rows = []
+    for nodes in (10, 100):
+        overrides = {**BASE, "model": "cnn", "nodes": nodes, "mask_rounds": 1 if quick else 2, "rounds": 1, "threads": 1}
+        started = time.perf_counter()
+        rows.append({"nodes": nodes, "model": "cnn", "peak_rss_mib": peak_rss(overrides), "run_s": time.perf_counter() - started})
+    return rows
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "torch_threads_default": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average": os.getloadavg()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller runs that finish in minutes")
+    p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as one JSON object")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the overhead runs (default 1)")
+    p.add_argument("--skip-flower", action="store_true", help="leave out the Flower comparison")
+    args = p.parse_args()
+    figures: dict = {"machine_before": machine(), "quick": args.quick}
+
+    rows = [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")]
+    emit("Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, mlp <= 1.25)",
+         rows, None)
+    figures.update({f"overhead_{r['model']}": r["overhead"] for r in rows}, overhead_runs=rows)
+    figures.update({f"overhead_cpu_time_{r['model']}": r["overhead_cpu_time"] for r in rows})
+
+    if not args.skip_flower:
+        rows, speedup = flower(args.quick)
+        emit("mlp, 10 nodes: Flower simulation engine vs the in-process simulator, end to end (target >= 3x)", rows, None)
+        figures.update(speedup_vs_flower_simulation=speedup, flower_runs=rows)
+
+    rows = memory(args.quick)
+    emit("Peak resident memory, cnn on MNIST (fresh process per run)", rows, None)
+    figures.update({f"peak_rss_mib_{r['nodes']}_nodes": r["peak_rss_mib"] for r in rows}, memory_runs=rows)
+    figures["machine_after"] = machine()
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Nodes in worker processes, for the simulator's `workers` option.
+
+Each of `workers` processes holds a fixed share of the nodes (node i lives in worker
+i mod workers) with its own model and trainer; the training data are passed once as
+shared-memory tensors, so they are held once whatever the number of workers. A round sends
+each worker the requests of its nodes, which it runs one after another exactly as the
+sequential simulator does. Every random draw depends on (seed, step, node) only, so with the
+same number of torch threads per process the masks and weights are bit for bit those of a
+run with one process.
+
+Workers are forked from a server process that has imported mpfl and torch once (the
+``forkserver`` start method), so starting them costs little after the first run. As with any
+multiprocessing code, a script that sets `workers` > 1 must start the run under
+``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import traceback
+from multiprocessing.connection import Connection
+from typing import Mapping, Sequence
+
+import torch
+import torch.multiprocessing as mp
+
+from .config import Config
+from .data import Dataset
+from .node import NodeState
+from .protocol import Reply
+
+
+PRELOAD = ["mpfl.sim"]
+
+
+def worker_threads(cfg: Config, workers: int) -> int:
+    """Torch threads per worker: the configured `threads`, else this process's threads shared out."""
+    return cfg.threads if cfg.threads is not None else max(1, torch.get_num_threads() // workers)
+
+
+def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: list[int],
+           states: dict[int, NodeState]) -> None:
+    """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
+    until it receives None."""
+    from .experiment import Experiment
+    from .sim import build_nodes, deliver
+
+    torch.set_num_threads(threads)
+    nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
+    while (message := conn.recv()) is not None:
+        try:
+            if message[0] == "exchange":
+                result = deliver(nodes, *message[1:])
+            else:
+                result = {i: n.state for i, n in nodes.items()}
+            conn.send(("ok", result))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+class NodePool:
+    """The nodes of a run spread over worker processes; `exchange` runs every worker's share at once."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, states: Mapping[int, NodeState], workers: int) -> None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(PRELOAD)
+        self.ids = list(range(cfg.nodes))
+        self.workers = max(1, min(workers, cfg.nodes))
+        threads = worker_threads(cfg, self.workers)
+        self.conns: list[Connection] = []
+        self.procs = []
+        for w in range(self.workers):
+            mine = self.ids[w :: self.workers]
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child, cfg, threads, dataset, mine,
+                                                    {i: states[i] for i in mine if i in states}), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+
+    def node_ids(self) -> list[int]:
+        return list(self.ids)
+
+    def _ask(self, messages: dict[int, tuple]) -> dict[int, dict]:
+        """Send one message to each of some workers, then wait for all their answers."""
+        for w, message in messages.items():
+            try:
+                self.conns[w].send(message)
+            except ConnectionError:
+                pass
+        answers = {}
+        for w in messages:
+            try:
+                status, result = self.conns[w].recv()
+            except (EOFError, ConnectionError):
+                self.procs[w].join(timeout=5)
+                raise RuntimeError(f"worker process {w} exited (exit code {self.procs[w].exitcode}); a script that "
+                                   "sets workers > 1 must start the run under `if __name__ == \"__main__\":`") from None
+            if status != "ok":
+                raise RuntimeError(f"worker process {w} failed:\n{result}")
+            answers[w] = result
+        return answers
+
+    def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
+        """Run each addressed node's handler in its worker; replies in the order of `requests`."""
+        shares: dict[int, dict[int, Sequence[bytes]]] = {}
+        for n, bodies in requests.items():
+            shares.setdefault(n % self.workers, {})[n] = bodies
+        replies: dict[int, Reply] = {}
+        for answer in self._ask({w: ("exchange", task, step, share) for w, share in shares.items()}).values():
+            replies.update(answer)
+        return {n: replies[n] for n in requests}
+
+    def states(self) -> dict[int, NodeState]:
+        """Every node's state, fetched from the workers (for checkpoints)."""
+        out: dict[int, NodeState] = {}
+        for answer in self._ask({w: ("states",) for w in range(self.workers)}).values():
+            out.update(answer)
+        return {n: out[n] for n in self.ids}
+
+    def close(self) -> None:
+        """Stop the workers."""
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+            conn.close()
