@@ -27,12 +27,17 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _metavar(hint: object) -> str:
+    """A type hint as help text: `int`, `float | None`, `tuple[str, ...]`."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with the base configuration")
     group = parser.add_argument_group("configuration (override the file and the defaults)")
     for name, hint in field_types().items():
         section = FIELD_SECTIONS[name]
-        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=str(hint).replace("typing.", ""),
+        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(hint),
                            help=f"{section + '.' if section else ''}{name}")
 
 

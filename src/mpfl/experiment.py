@@ -12,15 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config
 from .attacks import malicious_ids
 from .compact import model_stats
+from .config import Config
 from .core.params import Mask, ParamSpec, Weights, get_weights, param_spec
 from .core.training import LocalData, evaluate
 from .data import Dataset, load_dataset
 from .errors import ConfigError
-from .models import build_model, load_init
 from .export import save_final
+from .models import build_model, load_init
 from .node import is_structured
 from .partition import Partition, make_partition
 from .records import RunDir, summarize
