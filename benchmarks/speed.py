@@ -1,7 +1,7 @@
 """Simulator speed and memory: overhead over a bare torch loop, speed-up over Flower's simulation
 engine, and peak resident memory.
 
-    python benchmarks/speed.py [--quick] [--json PATH] [--threads N] [--skip-flower]
+    python benchmarks/speed.py [--quick] [--json PATH] [--threads N] [--only overhead|flower|memory]
 
 1. Overhead (``overhead_cnn``, ``overhead_mlp``): the wall time of an MPFL run on the in-process
    simulator divided by the time of the same local training steps in a bare torch loop. The run:
@@ -19,10 +19,13 @@ engine, and peak resident memory.
    shared machine disturbs less, is reported too.
 2. Flower (``speedup_vs_flower_simulation``): MPFL (5 mask + 5 training rounds) and FedAvg
    (5 rounds), mlp, 10 nodes, on Flower's simulation engine (a SuperLink with ``--simulation`` on
-   127.0.0.1, one CPU per virtual SuperNode) and on the in-process simulator (``mpfl run`` in a
-   fresh process), end to end: from submitting the run to its summary.json for Flower (SuperLink
-   start-up not counted), from process start to exit for ``mpfl run``. The figure is the ratio
-   of the summed wall times; ``same`` says whether both produced the same final weights.
+   127.0.0.1, one CPU per virtual SuperNode, so it trains as many nodes at once as the machine
+   has cores) and on the in-process simulator (``mpfl run`` in a fresh process), end to end: from
+   submitting the run to its summary.json for Flower (SuperLink start-up not counted), from
+   process start to exit for ``mpfl run``. The figure is the ratio of the summed wall times with
+   both on the same cores: ``mpfl run --workers <cores>``; the ratio against a single in-process
+   worker is ``speedup_vs_flower_simulation_1_worker``. ``same`` says whether all three produced
+   the same final weights.
 3. Memory (``peak_rss_mib_10_nodes``, ``peak_rss_mib_100_nodes``): peak resident set size of a
    fresh process running an MPFL cnn run on all of MNIST (2 mask rounds, 1 training round).
 
@@ -59,6 +62,7 @@ from mpfl.records import read_summary
 from mpfl.sim import simulate
 
 REPO = Path(__file__).resolve().parents[1]
+PARTS = ("overhead", "flower", "memory")
 BASE = {"nodes": 10, "method": "mpfl", "sparsity": 0.9, "batch_size": 32, "lr": 0.05, "epochs": 1}
 
 
@@ -159,24 +163,26 @@ def on_flower_simulation(run_config: dict, nodes: int, work: Path) -> tuple[floa
     return wall, out
 
 
-def flower(quick: bool) -> tuple[list[dict], float]:
-    """Rows of the Flower comparison and the overall speed-up (summed Flower time / summed in-process time)."""
-    rows, flower_total, local_total = [], 0.0, 0.0
+def flower(quick: bool) -> tuple[list[dict], dict]:
+    """Rows of the Flower comparison and the overall speed-ups (summed Flower time / summed in-process
+    time), on the same cores and against one in-process worker."""
+    cores = os.cpu_count() or 1
+    rows = []
     work = Path(tempfile.mkdtemp(prefix="mpfl-speed-"))
     try:
         for name, rc in flower_configs(quick).items():
-            local = in_process(rc, work / f"{name}-inprocess")
-            local2 = in_process(rc, work / f"{name}-inprocess-2w", workers=2)
+            one = in_process(rc, work / f"{name}-1w")
+            same_cores = in_process(rc, work / f"{name}-{cores}w", workers=cores)
             fl, out = on_flower_simulation(rc, rc["nodes"], work / f"{name}-flower")
-            same = same_weights(out, work / f"{name}-inprocess") and same_weights(out, work / f"{name}-inprocess-2w")
-            rows.append({"config": name, "flower_simulation_s": fl, "in_process_s": local, "in_process_2_workers_s": local2,
-                         "speedup": fl / local, "speedup_2_workers": fl / local2, "same": same,
-                         "final_accuracy": read_summary(out)["final_accuracy"]})
-            flower_total += fl
-            local_total += local
+            same = same_weights(out, work / f"{name}-1w") and same_weights(out, work / f"{name}-{cores}w")
+            rows.append({"config": name, "cores": cores, "flower_simulation_s": fl, "in_process_s": same_cores,
+                         "in_process_1_worker_s": one, "speedup": fl / same_cores, "speedup_1_worker": fl / one,
+                         "same": same, "final_accuracy": read_summary(out)["final_accuracy"]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return rows, flower_total / local_total
+    flower_total = sum(r["flower_simulation_s"] for r in rows)
+    return rows, {"speedup_vs_flower_simulation": flower_total / sum(r["in_process_s"] for r in rows),
+                  "speedup_vs_flower_simulation_1_worker": flower_total / sum(r["in_process_1_worker_s"] for r in rows)}
 
 
 # --------------------------------------------------------------------------- memory
@@ -216,24 +222,26 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smaller runs that finish in minutes")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as one JSON object")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the overhead runs (default 1)")
-    p.add_argument("--skip-flower", action="store_true", help="leave out the Flower comparison")
+    p.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)")
     args = p.parse_args()
     figures: dict = {"machine_before": machine(), "quick": args.quick}
 
-    rows = [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")]
-    emit("Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, mlp <= 1.25)",
-         rows, None)
-    figures.update({f"overhead_{r['model']}": r["overhead"] for r in rows}, overhead_runs=rows)
-    figures.update({f"overhead_cpu_time_{r['model']}": r["overhead_cpu_time"] for r in rows})
-
-    if not args.skip_flower:
-        rows, speedup = flower(args.quick)
-        emit("mlp, 10 nodes: Flower simulation engine vs the in-process simulator, end to end (target >= 3x)", rows, None)
-        figures.update(speedup_vs_flower_simulation=speedup, flower_runs=rows)
-
-    rows = memory(args.quick)
-    emit("Peak resident memory, cnn on MNIST (fresh process per run)", rows, None)
-    figures.update({f"peak_rss_mib_{r['nodes']}_nodes": r["peak_rss_mib"] for r in rows}, memory_runs=rows)
+    parts = args.only or PARTS
+    if "overhead" in parts:
+        rows = [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")]
+        emit("Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, mlp <= 1.25)",
+             rows, None)
+        figures.update({f"overhead_{r['model']}": r["overhead"] for r in rows}, overhead_runs=rows)
+        figures.update({f"overhead_cpu_time_{r['model']}": r["overhead_cpu_time"] for r in rows})
+    if "flower" in parts:
+        rows, speedups = flower(args.quick)
+        emit("mlp, 10 nodes: Flower simulation engine vs the in-process simulator on the same cores, end to end "
+             "(target >= 3x)", rows, None)
+        figures.update(speedups, flower_runs=rows)
+    if "memory" in parts:
+        rows = memory(args.quick)
+        emit("Peak resident memory, cnn on MNIST (fresh process per run)", rows, None)
+        figures.update({f"peak_rss_mib_{r['nodes']}_nodes": r["peak_rss_mib"] for r in rows}, memory_runs=rows)
     figures["machine_after"] = machine()
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

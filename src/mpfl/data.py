@@ -409,9 +409,10 @@ def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.
 
 
 def _normalise(images: np.ndarray, spec: _Spec) -> torch.Tensor:
-    """uint8 NCHW images to contiguous float32 (x/255 - mean)/std per channel, via a lookup table."""
+    """uint8 NCHW images to contiguous float32 (x/255 - mean)/std per channel, via a lookup table
+    (indexed directly: np.take would first widen the uint8 indices to int64, ten times slower)."""
     levels = np.arange(256, dtype=np.float64) / 255
     out = np.empty(images.shape, dtype=np.float32)
     for c, (mean, std) in enumerate(zip(spec.mean, spec.std)):
-        out[:, c] = np.take(((levels - mean) / std).astype(np.float32), images[:, c])
+        out[:, c] = ((levels - mean) / std).astype(np.float32)[images[:, c]]
     return torch.from_numpy(out)
