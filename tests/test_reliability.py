@@ -108,6 +108,19 @@ def test_thousands_of_mutated_replies_never_reach_the_model():
 # --------------------------------------------------------------------------- dropouts
 
 
+def _fedavg_of(cfg, exp, survivors) -> list[np.ndarray]:
+    """One FedAvg round from w0 over `survivors` only, computed node by node (the reference)."""
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    full = exp.spec.supports(exp.spec.full_mask())
+    request = [codec.encode_values(exp.w0, full, round=1)]
+    tensors, sizes = [], []
+    for n in survivors:
+        node = Node(n, cfg, trainer, exp.node_data(n))
+        tensors.append(codec.decode_values(node.handle("train", 1, request)[0], full).tensors)
+        sizes.append(len(exp.partition.train[n]))
+    return [sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes) for per_node in zip(*tensors)]
+
+
 def test_dropout_aggregates_exactly_the_survivors():
     cfg = tiny_config(method="fedavg", nodes=6, rounds=1, dropout=0.4, seed=4)
     exp = Experiment.from_config(cfg)
@@ -120,15 +133,18 @@ def test_dropout_aggregates_exactly_the_survivors():
     survivors = records[0]["nodes"]
     assert 0 < len(survivors) < cfg.nodes
     assert set(records[0]["dropped"]) == {str(n) for n in range(cfg.nodes) if n not in survivors}
-    full = exp.spec.supports(exp.spec.full_mask())
-    request = [codec.encode_values(exp.w0, full, round=1)]
-    tensors, sizes = [], []
-    for n in survivors:
-        node = Node(n, cfg, trainer, exp.node_data(n))
-        tensors.append(codec.decode_values(node.handle("train", 1, request)[0], full).tensors)
-        sizes.append(len(exp.partition.train[n]))
-    for got, *per_node in zip(server.state.weights, *tensors):
-        want = sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes)
+    for got, want in zip(server.state.weights, _fedavg_of(cfg, exp, survivors)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_silent_nodes_are_left_out_of_every_round_and_logged():
+    cfg = tiny_config(method="fedavg", nodes=5, rounds=1, malicious=2, attack="silent")
+    bad = malicious_ids(cfg)
+    result = simulate(cfg)
+    record = result.records[0]
+    assert record["nodes"] == [n for n in range(cfg.nodes) if n not in bad]
+    assert set(record["dropped"]) == {str(n) for n in bad} and all("silent" in r for r in record["dropped"].values())
+    for got, want in zip(result.weights, _fedavg_of(cfg, Experiment.from_config(cfg), record["nodes"])):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
@@ -221,16 +237,18 @@ def test_a_corrupt_dataset_stops_before_any_work(tmp_path, capsys):
 # --------------------------------------------------------------------------- untrusted nodes
 
 
-def test_agreement_weighting_silences_random_and_inverted_masks():
+def test_agreement_weighting_silences_random_and_inverted_masks_and_leaves_honest_votes_alone():
     rng = np.random.default_rng(0)
     support = [np.ones(2000, bool)]
     truth = rng.random(2000) < 0.4
     honest = [[truth ^ (rng.random(2000) < 0.03)] for _ in range(7)]
     random_mask = [[rng.random(2000) < 0.4]]
     inverted = [[~truth]]
-    masks = honest + [random_mask, inverted]
-    w = agreement_weights(masks, [1.0] * 9, support)
-    assert w[:7].min() > 10 * w[7] and w[:7].min() > 100 * w[8]
+    sizes = [3.0, 1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0]
+    w = agreement_weights(honest + [random_mask, inverted], sizes, support)
+    assert w[:7].tolist() == sizes[:7]
+    assert w[7] < 1e-6 and w[8] < 1e-6
+    assert agreement_weights(honest, sizes[:7], support).tolist() == sizes[:7]
 
 
 def test_trimmed_votes_by_hand():
@@ -273,6 +291,8 @@ def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
     robust = simulate(tiny_config(**base, malicious=2, attack="inverted-mask", vote_weighting="agreement"))
     assert jaccard(robust.mask, clean.mask) > jaccard(attacked.mask, clean.mask)
     assert jaccard(robust.mask, clean.mask) > 0.8
+    honest_only = simulate(tiny_config(**base, malicious=2, attack="silent"))
+    assert all(np.array_equal(a, b) for a, b in zip(robust.mask, honest_only.mask))
     weights = robust.records[0]["vote_weights"]
     bad = {str(n) for n in malicious_ids(tiny_config(**base, malicious=2, attack="inverted-mask"))}
     assert max(weights[n] for n in bad) < min(w for n, w in weights.items() if n not in bad) / 5

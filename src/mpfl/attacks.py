@@ -2,10 +2,14 @@
 
 The data attacks are the two the reference implementation studies (a node trained on noise
 inputs, a node with shuffled labels); the others forge what a node reports while following
-the protocol to the letter, so only the server's robust rules can stop them.
+the protocol to the letter, so only the server's robust rules can stop them. A silent node
+never replies, which is what the honest nodes alone would agree on: the reference for how
+much of an attack the robust rules remove.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -15,6 +19,7 @@ from .core.masks import select, top_k
 from .core.params import Mask, Weights
 from .core.training import LocalData, LocalTrainer, generator
 from .node import Node, NodeState
+from .protocol import NodeFailure, Reply
 
 DATA_ATTACKS = ("noise", "shuffle")
 MASK_ATTACKS = ("random-mask", "inverted-mask", "important-mask")
@@ -48,6 +53,12 @@ class MaliciousNode(Node):
             data = poison(data, attack, (cfg.seed, node_id, 5))
         super().__init__(node_id, cfg, trainer, data, state)
         self.attack = attack
+
+    def handle(self, task: str, step: int, bodies: Sequence[bytes]) -> Reply:
+        """A silent node withholds every reply; the others answer, forging what the attack forges."""
+        if self.attack == "silent":
+            return NodeFailure("withheld its reply (silent attack)")
+        return super().handle(task, step, bodies)
 
     def forge_mask(self, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
         """Random: as many entries as the honest mask, uniformly; inverted: the entries the honest

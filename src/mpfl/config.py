@@ -32,7 +32,7 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 MASK_CODERS = ("range", "packbits")
 VOTE_WEIGHTINGS = ("samples", "agreement", "trimmed")
 AGGREGATORS = ("mean", "trimmed-mean", "median", "krum")
-ATTACKS = ("none", "noise", "shuffle", "random-mask", "inverted-mask", "important-mask", "scale", "sign-flip")
+ATTACKS = ("none", "noise", "shuffle", "random-mask", "inverted-mask", "important-mask", "scale", "sign-flip", "silent")
 VALUE_DTYPES = ("float32", "float16", "int8")
 
 

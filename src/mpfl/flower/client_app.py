@@ -24,7 +24,7 @@ from ..core.training import evaluate as evaluate_weights
 from ..errors import PayloadError
 from ..experiment import Experiment
 from ..node import Node, make_trainer
-from ..protocol import TASKS
+from ..protocol import TASKS, NodeFailure
 from .payload import METRICS, load_state, pack, partition_reply, save_state, step_of, unpack
 from .settings import NodeSettings, from_run_config, node_config, node_settings
 
@@ -55,13 +55,14 @@ def _task_handler(task: str) -> Callable[[Message, Context], Message]:
         node = kind(where.partition_id, cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(where.partition_id),
                     load_state(context.state))
         try:
-            bodies = node.handle(task, step_of(message.content), unpack(message.content))
+            reply = node.handle(task, step_of(message.content), unpack(message.content))
         except PayloadError as exc:
-            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"node rejected the request: {exc}"),
-                           reply_to=message)
+            reply = NodeFailure(f"node rejected the request: {exc}")
         finally:
             save_state(context.state, node.state)
-        return Message(pack(bodies), reply_to=message)
+        if isinstance(reply, NodeFailure):
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reply.reason), reply_to=message)
+        return Message(pack(reply), reply_to=message)
 
     return handle
 
