@@ -5,7 +5,7 @@ import json
 import pytest
 
 from mpfl.cli import main
-from mpfl.config import Config
+from mpfl.config import ATTACKS, Config
 from mpfl.records import read_rounds, read_summary
 
 SMALL = ["--nodes", "3", "--rounds", "2", "--mask-rounds", "2", "--train-samples", "1200", "--test-samples", "300",
@@ -63,3 +63,13 @@ def test_partition_summary(capsys):
     assert main(["partition", "--nodes", "4", "--partition", "dirichlet", "--alpha", "0.1", "--train-samples", "2000"]) == 0
     out = capsys.readouterr().out
     assert "node" in out and len([line for line in out.splitlines() if line.strip()]) >= 5
+
+
+def test_run_help_lists_each_flag_with_its_default_and_choices(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")}
+    assert "faults.attack (default none; one of " + ", ".join(ATTACKS) + ")" in lines["--attack"]
+    assert "train.lr (default 0.05)" in lines["--lr"] and "prune.sparsity (default 0.9)" in lines["--sparsity"]
+    assert "one of" not in lines["--nodes"]

@@ -14,7 +14,7 @@ from typing import Sequence
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .config import FIELD_SECTIONS, Config, field_types
+from .config import FIELD_SECTIONS, Config, field_choices, field_types
 from .errors import ConfigError, MpflError
 from .export import add_export_parser
 from .protocol import plan
@@ -35,10 +35,14 @@ def _metavar(hint: object) -> str:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with the base configuration")
     group = parser.add_argument_group("configuration (override the file and the defaults)")
+    defaults, choices = Config(), field_choices()
     for name, hint in field_types().items():
         section = FIELD_SECTIONS[name]
+        default = getattr(getattr(defaults, section) if section else defaults, name)
+        text = f"{section + '.' if section else ''}{name} (default {default}"
+        text += f"; one of {', '.join(choices[name])})" if name in choices else ")"
         group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(hint),
-                           help=f"{section + '.' if section else ''}{name}")
+                           help=text.replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

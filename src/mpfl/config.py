@@ -36,7 +36,16 @@ ATTACKS = ("none", "noise", "shuffle", "random-mask", "inverted-mask", "importan
 VALUE_DTYPES = ("float32", "float16", "int8")
 
 
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of every field that names one of a set (registered rules and criteria included)."""
+    return {"method": METHODS, "partition": PARTITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+            "criterion": tuple(CRITERIA), "scope": SCOPES, "consensus": tuple(RULES), "rewind": REWINDS,
+            "train_init": TRAIN_INITS, "mask_coder": MASK_CODERS, "value_dtype": VALUE_DTYPES,
+            "vote_weighting": VOTE_WEIGHTINGS, "aggregator": AGGREGATORS, "attack": ATTACKS}
+
+
+def _choice(name: str, value: str) -> None:
+    options = field_choices()[name]
     if value not in options:
         hint = difflib.get_close_matches(str(value), options, n=1)
         extra = f" Did you mean {hint[0]!r}?" if hint else ""
@@ -64,7 +73,7 @@ class DataConfig:
     test_samples: int | None = None
 
     def validate(self) -> None:
-        _choice("partition", self.partition, PARTITIONS)
+        _choice("partition", self.partition)
         _range("alpha", self.alpha, 0, lo_open=True)
         _range("shards", self.shards, 1)
         _range("val_fraction", self.val_fraction, 0, 1, hi_open=True)
@@ -89,7 +98,7 @@ class TrainConfig:
     fraction: float = 1.0
 
     def validate(self) -> None:
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("optimizer", self.optimizer)
         _range("lr", self.lr, 0, lo_open=True)
         _range("momentum", self.momentum, 0, 1, hi_open=True)
         _range("weight_decay", self.weight_decay, 0)
@@ -123,15 +132,15 @@ class PruneConfig:
     def validate(self) -> None:
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
         _range("mask_rounds", self.mask_rounds, 1)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("criterion", self.criterion, tuple(CRITERIA))
-        _choice("scope", self.scope, SCOPES)
-        _choice("consensus", self.consensus, tuple(RULES))
+        _choice("schedule", self.schedule)
+        _choice("criterion", self.criterion)
+        _choice("scope", self.scope)
+        _choice("consensus", self.consensus)
         _range("tau", self.tau, 0, 1, lo_open=True)
         if self.percentile is not None:
             _range("percentile", self.percentile, 0, 100)
-        _choice("rewind", self.rewind, REWINDS)
-        _choice("train_init", self.train_init, TRAIN_INITS)
+        _choice("rewind", self.rewind)
+        _choice("train_init", self.train_init)
         if self.train_init == "local" and self.rewind != "none":
             raise ConfigError("train_init = 'local' starts training from each node's own weights, which only exist "
                               "with rewind = 'none'; with rewind = 'init' also set train_init = 'rewind'")
@@ -148,8 +157,8 @@ class CodecConfig:
     value_dtype: str = "float32"
 
     def validate(self) -> None:
-        _choice("mask_coder", self.mask_coder, MASK_CODERS)
-        _choice("value_dtype", self.value_dtype, VALUE_DTYPES)
+        _choice("mask_coder", self.mask_coder)
+        _choice("value_dtype", self.value_dtype)
 
 
 @dataclass(frozen=True)
@@ -163,9 +172,9 @@ class RobustConfig:
     value_limit: float = 1e4
 
     def validate(self) -> None:
-        _choice("vote_weighting", self.vote_weighting, VOTE_WEIGHTINGS)
+        _choice("vote_weighting", self.vote_weighting)
         _range("trim", self.trim, 0, 0.5, hi_open=True)
-        _choice("aggregator", self.aggregator, AGGREGATORS)
+        _choice("aggregator", self.aggregator)
         _range("byzantine", self.byzantine, 0)
         _range("value_limit", self.value_limit, 0, lo_open=True)
 
@@ -187,7 +196,7 @@ class FaultConfig:
         for name in ("dropout", "straggler", "corrupt", "duplicate"):
             _range(name, getattr(self, name), 0, 1)
         _range("malicious", self.malicious, 0)
-        _choice("attack", self.attack, ATTACKS)
+        _choice("attack", self.attack)
         if self.malicious and self.attack == "none":
             raise ConfigError(f"malicious = {self.malicious} needs an attack; choose one of {', '.join(ATTACKS[1:])}")
 
@@ -216,7 +225,7 @@ class Config:
 
     def validate(self) -> None:
         """Check every value; raise ConfigError naming the field and the allowed values."""
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method)
         _range("seed", self.seed, 0, 2**32 - 1)
         _range("nodes", self.nodes, 1)
         _range("rounds", self.rounds, 0)
