@@ -251,6 +251,23 @@ def test_agreement_weighting_silences_random_and_inverted_masks_and_leaves_hones
     assert agreement_weights(honest, sizes[:7], support).tolist() == sizes[:7]
 
 
+
+def test_agreement_weighting_tolerates_an_honest_node_somewhat_further_out():
+    # Six nodes each flip 60 entries of the truth (disjoint), so every distance to the majority is
+    # exactly 60 and the MAD is 0; a seventh flips 80: within half the median above it, so kept.
+    truth = np.zeros(1000, bool)
+    masks = []
+    for n, flips in enumerate([60] * 6 + [80]):
+        m = truth.copy()
+        m[n * 100 : n * 100 + flips] = True
+        masks.append([m])
+    support = [np.ones(1000, bool)]
+    assert agreement_weights(masks, [1.0] * 7, support).tolist() == [1.0] * 7
+    assert agreement_weights(masks, [1.0] * 7, support, tolerance=0.0)[6] < 1e-6
+    far = masks[:6] + [[np.r_[np.ones(120, bool), np.zeros(880, bool)]]]  # 120 > 60 + 30: an outlier
+    assert agreement_weights(far, [1.0] * 7, support)[6] < 1e-6
+
+
 def test_trimmed_votes_by_hand():
     masks = [[np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 0, 1], bool)], [np.array([1, 1, 1, 0], bool)],
              [np.array([0, 1, 0, 0], bool)], [np.array([1, 1, 0, 0], bool)]]
