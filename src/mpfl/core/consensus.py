@@ -40,13 +40,14 @@ def trimmed_tally(masks: Sequence[Sequence[np.ndarray]], trim: float) -> list[np
 
 
 def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[float], support: Sequence[np.ndarray],
-                      cutoff: float = 3.0, tolerance: float = 0.5) -> np.ndarray:
+                      cutoff: float = 3.0, tolerance: float = 0.5, floor: float = 1e-3) -> np.ndarray:
     """Sample weights with outliers down-weighted: d_n is the Hamming distance of node n's mask to
     the majority mask over the support. A node within max(`cutoff` robust standard deviations
     (1.4826 MAD), `tolerance` x the median distance) above the median keeps its weight exactly,
     so honest votes are not perturbed (the relative tolerance guards against a small, noisy MAD
-    when there are few nodes); a node beyond that cut is scaled by exp(-(d_n - cut) / sigma).
-    Random, inverted or adversarial masks sit far beyond it and lose all their say."""
+    when there are few nodes); a node beyond that cut is scaled by exp(-(d_n - cut) / sigma), and
+    left out entirely once that factor falls below `floor`, so that it cannot even break ties
+    between equal honest votes. Random, inverted or adversarial masks sit far beyond the cut."""
     majority = [s & (v >= 0.5) for v, s in zip(tally(masks, weights), support)]
     dist = np.array([sum(int(np.count_nonzero((a != b) & s)) for a, b, s in zip(m, majority, support)) for m in masks],
                     dtype=np.float64)
@@ -54,6 +55,7 @@ def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[f
     sigma = max(1.4826 * np.median(np.abs(dist - median)), 0.01 * median, 1.0)
     cut = median + max(cutoff * sigma, tolerance * median)
     factor = np.exp(-np.maximum(dist - cut, 0.0) / sigma)
+    factor[factor < floor] = 0.0
     w = np.asarray(weights, dtype=np.float64) * factor
     return w if w.sum() > 0 else np.asarray(weights, dtype=np.float64)
 
