@@ -223,6 +223,21 @@ def test_malicious_nodes_and_robust_rules_run_as_in_the_simulator(tmp_path, in_p
     assert read_summary(tmp_path / "run")["malicious_nodes"] == sim.summary["malicious_nodes"] != []
 
 
+def test_silent_nodes_withhold_their_replies_on_flower_as_in_the_simulator(tmp_path, in_process):
+    rc = run_config(nodes=3, **{"faults.malicious": 1, "faults.attack": "silent", "federated-eval": False,
+                                "out-dir": str(tmp_path / "run")})
+    cfg, _ = from_run_config(rc)
+    serve(LoopbackGrid(rc, [0, 1, 2]), rc)
+    sim = simulate(cfg)
+    rounds = read_rounds(tmp_path / "run")
+    assert [r["nodes"] for r in rounds] == [r["nodes"] for r in sim.records]
+    for got, want in zip(rounds, sim.records, strict=True):
+        assert set(got["dropped"]) == set(want["dropped"]) == {str(n) for n in sim.summary["malicious_nodes"]}
+        assert all(reason.endswith("withheld its reply (silent attack)") for reason in got["dropped"].values())
+    for got, want in zip(load_final(tmp_path / "run").weights.values(), sim.weights, strict=True):
+        assert np.array_equal(got, want)
+
+
 def test_failed_nodes_are_left_out_and_recorded_per_round(in_process):
     cfg, _ = from_run_config(run_config(nodes=4, method="fedavg"))
     grid = LoopbackGrid(run_config(nodes=4, method="fedavg"), [0, 1, 2, 3])
