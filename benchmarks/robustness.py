@@ -35,17 +35,18 @@ def main() -> None:
     if args.quick:
         base.update(train_samples=12000, mask_rounds=3, rounds=5)
         counts = [c for c in counts if c <= 2]
-    clean = simulate(Config().with_overrides(base))
+
+    def run(robust: bool, **faults):
+        return simulate(Config().with_overrides({**base, **(ROBUST if robust else {}), **faults}))
+
+    clean = run(False)
     clean_acc, clean_mask = clean.summary["final_accuracy"], clean.mask
-    honest = {(n, robust): simulate(Config().with_overrides({**base, **(ROBUST if robust else {}),
-                                                             "malicious": n, "attack": "silent"})).mask
-              for n in counts for robust in (False, True)}
+    honest = {(n, robust): run(robust, malicious=n, attack="silent").mask for n in counts for robust in (False, True)}
     rows = [{"attack": "none", "malicious": 0, "robust": False, "final_accuracy": clean_acc, "accuracy_drop": 0.0,
              "mask_jaccard": 1.0, "mask_jaccard_honest": 1.0}]
     cells = [("none", 0, True)] + [(a, n, r) for a in args.attacks.split(",") for n in counts for r in (False, True)]
     for attack, n, robust in cells:
-        faults = {"malicious": n, "attack": attack} if n else {}
-        result = simulate(Config().with_overrides({**base, **(ROBUST if robust else {}), **faults}))
+        result = run(robust, **({"malicious": n, "attack": attack} if n else {}))
         acc = result.summary["final_accuracy"]
         rows.append({"attack": attack, "malicious": n, "robust": robust, "final_accuracy": acc,
                      "accuracy_drop": clean_acc - acc, "mask_jaccard": jaccard(result.mask, clean_mask),
@@ -54,6 +55,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     emit(f"MNIST, {base['model']}, 10 IID nodes, sparsity 0.9: attacks vs robust rules", rows, args.json,
          ["attack", "malicious", "robust", "final_accuracy", "accuracy_drop", "mask_jaccard", "mask_jaccard_honest"])
+
 
 if __name__ == "__main__":
     main()
