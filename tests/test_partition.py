@@ -76,9 +76,9 @@ def test_dirichlet_respects_min_samples() -> None:
 
 def test_dirichlet_gives_up_with_advice() -> None:
     labels = np.repeat(np.arange(10), 20)
-    with pytest.raises(DataError, match="lower num_nodes .* raise alpha"):
+    with pytest.raises(DataError, match="fewer nodes .* raise alpha"):
         make_partition(labels, 20, "dirichlet", alpha=0.01, min_samples=10)
-    with pytest.raises(ConfigError, match="min_samples"):
+    with pytest.raises(ConfigError, match="at least 11 samples for each of nodes = 20"):
         make_partition(labels, 20, "dirichlet", min_samples=11)
 
 
@@ -109,15 +109,15 @@ def test_validation_split_sizes() -> None:
 
 
 @pytest.mark.parametrize("kwargs, phrase", [
-    ({"num_nodes": 0}, "num_nodes"),
-    ({"num_nodes": 1001}, "num_nodes"),
+    ({"num_nodes": 0}, "nodes = 0 must be between 1 and"),
+    ({"num_nodes": 1001}, "nodes = 1001 must be between 1 and"),
     ({"scheme": "powerlaw"}, "iid, dirichlet, shards"),
     ({"scheme": "dirichlet", "alpha": 0}, "alpha"),
     ({"scheme": "dirichlet", "alpha": float("nan")}, "alpha"),
     ({"val_fraction": 1.0}, "val_fraction"),
     ({"val_fraction": -0.1}, "val_fraction"),
-    ({"scheme": "shards", "shards_per_node": 0}, "shards_per_node"),
-    ({"scheme": "shards", "shards_per_node": 201}, "shards_per_node"),
+    ({"scheme": "shards", "shards_per_node": 0}, "shards = 0 per node"),
+    ({"scheme": "shards", "shards_per_node": 201}, "shards = 201 per node"),
 ])
 def test_bad_parameters(kwargs: dict, phrase: str) -> None:
     args = {"num_nodes": 5, **kwargs}

@@ -14,7 +14,8 @@ from mpfl.report import DPI, FIGSIZE, load_runs
 from mpfl.sim import simulate
 
 SEEDS = (0, 1)
-PLOTS = ("accuracy_vs_round-mnist-iid.png", "accuracy_vs_bytes-mnist-iid.png", "accuracy_vs_sparsity-mnist-iid.png")
+PLOTS = ("accuracy_vs_round-mnist-iid-mlp.png", "accuracy_vs_bytes-mnist-iid-mlp.png",
+         "accuracy_vs_sparsity-mnist-iid-mlp.png")
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +64,10 @@ def test_markdown_table_shows_mean_and_spread(report):
     out, rows = report
     text = (out / "report.md").read_text()
     mpfl = rows["mpfl"]
-    assert "| Method | Dataset | Partition | Sparsity | n | Final acc. (%) |" in text
+    assert "| Method | Model | Dataset | Partition | Sparsity | n | Final acc. (%) |" in text
     assert f"{100 * mpfl['final_accuracy']:.2f} ± {100 * mpfl['final_accuracy_std']:.2f}" in text
     assert f"{100 * mpfl['bytes_vs_fedavg']:.1f}%" in text
-    assert "| mpfl | mnist | iid | 0.9 | 2 |" in text
+    assert "## mnist, iid, mlp" in text and "| mpfl | mlp | mnist | iid | 0.9 | 2 |" in text
     for name in PLOTS:
         assert f"]({name})" in text
 
@@ -83,14 +84,14 @@ def test_each_plot_is_a_png_of_the_expected_size(report, name):
 
 def test_a_single_run_directory_and_python_api(runs, tmp_path):
     assert main(["report", str(runs / "mpfl-0"), "--out", str(tmp_path)]) == 0
-    assert "| mpfl | mnist | iid | 0.9 | 1 |" in (tmp_path / "report.md").read_text()
+    assert "| mpfl | mlp | mnist | iid | 0.9 | 1 |" in (tmp_path / "report.md").read_text()
     assert [r.path.name for r in load_runs([runs, runs / "fedavg-1"])] == ["fedavg-0", "fedavg-1", "mpfl-0", "mpfl-1"]
 
 
 def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
-    assert "no finished run directory" in capsys.readouterr().err
+    assert "no run directory found under" in capsys.readouterr().err
 
 
 def test_device_costs_follow_the_final_mask(runs, report):
@@ -109,3 +110,60 @@ def test_device_costs_follow_the_final_mask(runs, report):
     want = np.mean([times[i] / times[2 + i] for i in range(2)])
     assert rows["mpfl"]["train_time_vs_dense"] == pytest.approx(want)
     assert "Params kept" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """cnn FedAvg and MPFL beside mlp MPFL, a repeat of one seed, a run without training rounds
+    (so without accuracy) and a run interrupted before its first round."""
+    root = tmp_path_factory.mktemp("mixed")
+    small = {"nodes": 2, "train_samples": 600, "test_samples": 200, "mask_rounds": 1, "rounds": 1}
+    simulate(tiny_config(**small, model="cnn", method="fedavg"), root / "cnn-fedavg")
+    simulate(tiny_config(**small, model="cnn"), root / "cnn-mpfl")
+    simulate(tiny_config(**small), root / "mlp-mpfl")
+    simulate(tiny_config(**small), root / "mlp-mpfl-repeat")
+    simulate(tiny_config(**{**small, "rounds": 0}), root / "mlp-no-training")
+    (root / "unfinished").mkdir()
+    (root / "unfinished" / "config.toml").write_text((root / "mlp-mpfl" / "config.toml").read_text())
+    return root
+
+
+def test_runs_of_different_models_are_reported_apart(mixed, tmp_path):
+    out = tmp_path / "report"
+    paths = [str(p) for p in sorted(mixed.iterdir())]
+    assert main(["report", *paths, "--out", str(out), "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    by = {(r["model"], r["method"], r["variant"]): r for r in rows}
+    assert set(by) == {("cnn", "fedavg", ""), ("cnn", "mpfl", ""), ("mlp", "mpfl", ""), ("mlp", "mpfl", "rounds=0")}
+    assert by[("cnn", "mpfl", "")]["bytes_vs_fedavg"] is not None and by[("mlp", "mpfl", "")]["bytes_vs_fedavg"] is None
+    text = (out / "report.md").read_text()
+    assert "## mnist, iid, cnn" in text and "## mnist, iid, mlp" in text
+    for name in ("accuracy_vs_round-mnist-iid-cnn.png", "accuracy_vs_round-mnist-iid-mlp.png"):
+        assert (out / name).is_file()
+    assert "| mpfl | cnn | mnist | iid | 0.9 | 1 |" in text
+
+
+def test_a_repeated_seed_counts_once(mixed, tmp_path):
+    assert main(["report", str(mixed), "--out", str(tmp_path), "--json", str(tmp_path / "rows.json")]) == 0
+    row = next(r for r in json.loads((tmp_path / "rows.json").read_text())
+               if r["model"] == "mlp" and r["variant"] == "")
+    assert row["n"] == 1 and row["n_runs"] == 2 and row["seeds"] == [0, 0]
+    assert row["final_accuracy_std"] is None
+    assert "| 1 (2 runs) |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_without_accuracy_and_an_unfinished_one_do_not_stop_the_report(mixed, tmp_path, capsys):
+    assert main(["report", str(mixed / "mlp-no-training"), str(mixed / "unfinished"), str(mixed / "mlp-mpfl"),
+                 str(mixed / "mlp-mpfl-repeat"), "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "(1 skipped)" in captured.out and f"skipped {mixed / 'unfinished'}: unfinished" in captured.err
+    text = (tmp_path / "report.md").read_text()
+    assert "No test accuracy recorded" in text and "mpfl · rounds=0" in text
+    assert f"mpfl run --resume {mixed / 'unfinished'}" in text
+    assert "| mpfl | mlp | rounds=0 | mnist | iid | 0.9 | 1 | – | – | 1+0 |" in text
+
+
+def test_only_unfinished_runs_is_a_one_line_error(mixed, capsys):
+    assert main(["report", str(mixed / "unfinished")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished runs to report on" in err and "mpfl run --resume" in err and len(err.strip().splitlines()) == 1

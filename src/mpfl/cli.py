@@ -1,26 +1,33 @@
-"""The `mpfl` command: run experiments and inspect data splits.
+"""The `mpfl` command: run experiments, inspect data splits, report, run studies and export models.
 
 Every config field is a flag of the same name (``--lr 0.1``, ``--batch-size 64``); a
-``--config file.toml`` supplies a base that flags override.
+``--config file.toml`` supplies a base that flags override. Progress goes to stderr, results
+to stdout; errors are one line on stderr with exit code 2, and Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
+import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 
-from .config import FIELD_SECTIONS, Config, field_choices, field_types
+from . import __version__
+from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types
 from .errors import ConfigError, MpflError
 from .export import add_export_parser
-from .protocol import plan
-from .records import default_run_dir
+from .progress import LOG_FORMATS
+from .records import CONFIG, default_run_dir
 
 console = Console(stderr=True, soft_wrap=True)
+INTERRUPTED = 130
+PARTITION_FIELDS = ("seed", "nodes", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
 
 
 def _flag(name: str) -> str:
@@ -32,68 +39,123 @@ def _metavar(hint: object) -> str:
     return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """A flag for each config field in `names` (default: all), with its description, default and choices."""
     parser.add_argument("--config", type=Path, help="TOML file with the base configuration")
     group = parser.add_argument_group("configuration (override the file and the defaults)")
-    defaults, choices = Config(), field_choices()
-    for name, hint in field_types().items():
+    defaults, choices, texts, types = Config(), field_choices(), field_help(), field_types()
+    for name in names or types:
         section = FIELD_SECTIONS[name]
         default = getattr(getattr(defaults, section) if section else defaults, name)
-        text = f"{section + '.' if section else ''}{name} (default {default}"
-        text += f"; one of {', '.join(choices[name])})" if name in choices else ")"
-        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(hint),
-                           help=text.replace("%", "%%"))
+        shown = "all" if default is None and name.endswith("_samples") else default
+        text = f"{texts[name]} (default {shown}" + (f"; one of {', '.join(choices[name])})" if name in choices else ")")
+        text += f" [{section + '.' if section else ''}{name}]"
+        repeat = "tuple" in str(types[name])
+        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(types[name]),
+                           action="append" if repeat else "store", help=text.replace("%", "%%"))
+
+
+def _given(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields set by flags on this command line."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The config a command line asks for: file (if any), then flags."""
     base = Config.from_toml(args.config) if args.config else Config()
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    overrides = _given(args)
     optional = {name for name, hint in field_types().items() if "None" in str(hint)}
     for name, value in overrides.items():
-        if name in optional and value.lower() == "none":
+        if isinstance(value, list):
+            overrides[name] = [part.strip() for item in value for part in item.split(",") if part.strip()]
+        elif name in optional and value.lower() == "none":
             overrides[name] = None
     return base.with_overrides(overrides)
 
 
-def _progress_printer(cfg: Config, progress: Progress):
-    total = len(plan(cfg))
-    task = progress.add_task("starting", total=total)
+def name_flags(message: str, names: Iterable[str]) -> str:
+    """An error message with the config fields set on the command line named as their flags
+    (``train.lr must be ...`` -> ``--lr must be ...``), so it points at what the user typed."""
+    sections = "|".join(SECTIONS)
+    for name in names:
+        message = re.sub(rf"(?<![\w.-])(?:(?:{sections})\.)?{name}(?= = | must )", _flag(name), message)
+    return message
 
-    def on_round(r: dict) -> None:
-        acc = f"acc {100 * r['accuracy']:.2f}%" if r.get("accuracy") is not None else "acc   -   "
-        mb = (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6
-        text = f"{r['phase']:>6} {r['round']:>3}  {acc}  density {r['density']:.3f}  {mb:8.2f} MB"
-        progress.update(task, advance=1, description=text)
-        if r.get("dropped"):
-            progress.console.print(f"step {r['step']}: dropped {r['dropped']}")
+
+def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The saved config and directory of the run `--resume` names."""
+    if args.config or args.out or _given(args):
+        raise ConfigError("--resume continues a run with its own saved config; give no other config flags or --out")
+    out = Path(args.resume)
+    if not (out / CONFIG).is_file():
+        raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
+    return Config.from_toml(out / CONFIG), out
+
+
+def _steps_done(out: Path) -> int:
+    """The last step recorded in a run directory being resumed (where its progress continues)."""
+    from .records import read_rounds
+
+    try:
+        return max((r["step"] for r in read_rounds(out)), default=0)
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .progress import RoundLog
+    from .protocol import plan
+    from .records import check_run_dir
+    from .resources import available_memory, check_memory, estimate_run
+    from .sim import simulate
+    from .tensorboard import TENSORBOARD_DIR, TensorBoardLog
+
+    if args.resume:
+        cfg, out = _resume_target(args)
+    else:
+        cfg = config_from_args(args)
+        out = Path(args.out) if args.out else default_run_dir(cfg)
+        check_run_dir(out)
+    board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
+    console.print(f"[bold]mpfl run[/] method={cfg.method} dataset={cfg.data.dataset} model={cfg.train.model} "
+                  f"nodes={cfg.nodes} seed={cfg.seed} threads={cfg.threads or 'all'} -> {out}", highlight=False)
+    if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
+        check_memory(estimate, available_memory())
+    try:
+        with RoundLog(plan(cfg), _steps_done(out) if args.resume else 0, log_format=args.log_format,
+                      quiet=args.quiet, console=console) as log:
+            result = simulate(cfg, out, on_round=log if board is None else _both(log, board), resume=bool(args.resume),
+                              keep_checkpoint=args.keep_checkpoint)
+    except KeyboardInterrupt:
+        resumable = (out / CONFIG).is_file()
+        console.print(f"interrupted; continue with: mpfl run --resume {out}" if resumable
+                      else "interrupted before the run started; nothing was written", highlight=False)
+        return INTERRUPTED
+    finally:
+        if board is not None:
+            board.close()
+    _print_summary(result.summary, out, args.log_format)
+    return 0
+
+
+def _both(first: Callable[[dict], None], second: Callable[[dict], None]) -> Callable[[dict], None]:
+    """One round callback that calls two."""
+    def on_round(record: dict) -> None:
+        first(record)
+        second(record)
 
     return on_round
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from .sim import simulate
-
-    if args.resume:
-        if args.config or args.out or any(k.startswith("cfg_") and v is not None for k, v in vars(args).items()):
-            raise ConfigError("--resume continues a run with its own saved config; give no other config flags or --out")
-        out = Path(args.resume)
-        if not (out / "config.toml").is_file():
-            raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
-        cfg = Config.from_toml(out / "config.toml")
-    else:
-        cfg = config_from_args(args)
-        out = Path(args.out) if args.out else default_run_dir(cfg)
-    console.print(f"[bold]mpfl run[/] method={cfg.method} dataset={cfg.data.dataset} model={cfg.train.model} "
-                  f"nodes={cfg.nodes} seed={cfg.seed} -> {out}")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=args.quiet) as progress:
-        result = simulate(cfg, out, on_round=_progress_printer(cfg, progress), resume=bool(args.resume))
-    s = result.summary
+def _print_summary(s: dict, out: Path, log_format: str) -> None:
+    """The run's final figures on stdout: one line of text, or one JSON object with --log-format json."""
+    if log_format == "json":
+        print(json.dumps({"run_dir": str(out), **{k: v for k, v in s.items() if k != "config"}}), flush=True)
+        return
     acc = "n/a" if s["final_accuracy"] is None else f"{100 * s['final_accuracy']:.2f}%"
-    console.print(f"final accuracy {acc}, density {s['final_density']:.3f}, bytes up {s['bytes_up']:,} "
-                  f"down {s['bytes_down']:,}, {s['wall_time']:.1f} s. Records in {out}")
-    return 0
+    density = "n/a" if s["final_density"] is None else f"{s['final_density']:.3f}"
+    print(f"final accuracy {acc}, density {density}, bytes up {s['bytes_up']:,} down {s['bytes_down']:,}, "
+          f"{s['wall_time']:.1f} s. Records in {out}", flush=True)
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
@@ -110,40 +172,71 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import load_runs, write_report
+    from .report import scan_runs, write_report
 
-    runs = load_runs(args.paths)
+    scan = scan_runs(args.paths)
+    for path, why in scan.skipped.items() if scan.runs else ():
+        console.print(f"skipped {path}: {why}", highlight=False)
     out = Path(args.out) if args.out else Path(args.paths[0]) if len(args.paths) == 1 else Path("report")
-    written = write_report(runs, out, json_path=args.json)
-    console.print(f"{len(runs)} runs -> {written[0]} and {sum(p.suffix == '.png' for p in written)} plots in {out}")
+    written = write_report(scan.runs, out, json_path=args.json, skipped=scan.skipped)
+    print(f"{len(scan.runs)} runs -> {written[0]} and {sum(p.suffix == '.png' for p in written)} plots in {out}"
+          + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
     return 0
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from .study import PRESETS, preset_cells, print_plan, run_study
+    from .study import PRESETS, missing_datasets, preset_cells, print_plan, run_study
 
-    cells = preset_cells(args.preset, args.seeds)
+    cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
     console.print(f"[bold]mpfl study[/] preset={args.preset} ({PRESETS[args.preset].about}) -> {out}")
     if args.dry_run:
         print_plan(cells, out, Console(), args.data_dir)
+        missing = missing_datasets(cells, args.data_dir)
+        present = sorted({cell.overrides["dataset"] for cell in cells} - set(missing))
+        for name, where in missing.items():
+            print(f"missing data: {name} is not in {where}; it is downloaded when the study starts if this machine "
+                  f"is online" + (f", or run without it: --datasets {','.join(present)}" if present else ""))
         return 0
     result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet)
-    console.print(f"ran {len(result.ran)}, already done {len(result.skipped)}, failed {len(result.failed)}")
+    print(f"ran {len(result.ran)}, already done {len(result.skipped)}, failed {len(result.failed)}")
     return 1 if result.failed else 0
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    run = sub.add_parser("run", help="run one experiment on the in-process simulator",
+                         description="Run one experiment on the in-process simulator. Progress goes to stderr (a "
+                                     "live bar on a terminal, one line per round otherwise), the summary to stdout.")
+    _add_config_flags(run)
+    out = run.add_argument_group("output")
+    out.add_argument("--out", help="run directory (default: a new folder under runs/)")
+    out.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    out.add_argument("--quiet", action="store_true", help="no progress display")
+    out.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
+                     help="progress: auto = a live bar on a terminal, else one text line per round; text; "
+                          "json = one JSON object per round on stderr and the summary as JSON on stdout")
+    out.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
+                     help="also write TensorBoard event files (default DIR: RUN_DIR/tensorboard; "
+                          "needs pip install \"mpfl[tensorboard]\")")
+    out.add_argument("--keep-checkpoint", action="store_true",
+                     help="keep checkpoint.npz when the run ends (default: remove it; final.npz stays)")
+    out.add_argument("--no-memory-check", action="store_true",
+                     help="run even if the estimated memory exceeds what the machine has available")
+    run.set_defaults(func=cmd_run)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpfl", description="Masked Pruning over Federated Learning.")
+    parser.add_argument("--version", action="version", version=f"mpfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment on the in-process simulator")
-    _add_config_flags(run)
-    run.add_argument("--out", help="run directory (default: a new folder under runs/)")
-    run.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    run.add_argument("--quiet", action="store_true", help="no progress display")
-    run.set_defaults(func=cmd_run)
+    _add_run_parser(sub)
     part = sub.add_parser("partition", help="show how the data is split over the nodes")
-    _add_config_flags(part)
+    _add_config_flags(part, PARTITION_FIELDS)
     part.set_defaults(func=cmd_partition)
     add_export_parser(sub)
     report = sub.add_parser("report", help="compare run directories: a markdown table and PNG plots")
@@ -155,21 +248,60 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--preset", choices=("quick", "full"), default="quick", help="grid size (default: quick)")
     study.add_argument("--out", help="study folder (default: studies/<preset>)")
     study.add_argument("--seeds", type=int, help="seeds of the main comparison and sparsity sweep (default: preset's)")
+    study.add_argument("--datasets", type=_comma_list, metavar="NAMES",
+                       help="datasets of the main comparison, comma-separated (default: mnist,fashion-mnist; "
+                            "--datasets mnist needs no download)")
     study.add_argument("--data-dir", help="where the datasets are (else $MPFL_DATA, the user cache, a download)")
-    study.add_argument("--dry-run", action="store_true", help="list the cells and their estimated time, run nothing")
+    study.add_argument("--dry-run", action="store_true",
+                       help="list the cells, their estimated time and any missing data; run nothing")
     study.add_argument("--quiet", action="store_true", help="no progress display")
     study.set_defaults(func=cmd_study)
     return parser
 
 
+def _suggest(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
+    """' Did you mean --lr?' for an unknown flag that is another name of a field or close to a flag."""
+    flags = [s for action in parser._actions for s in action.option_strings]
+    for arg in (a for a in unknown if a.startswith("--")):
+        bare = arg[2:].split("=")[0].replace("-", "_")
+        owner = next((name for name, names in field_aliases().items() if bare in names), None)
+        if owner is not None and _flag(owner) in flags:
+            return f" Did you mean {_flag(owner)}?"
+        close = difflib.get_close_matches(arg.split("=")[0], flags, n=1)
+        if close:
+            return f" Did you mean {close[0]}?"
+    return ""
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse a command line; unknown flags are refused by the subcommand with a suggestion."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        sub.error(f"unrecognized arguments: {' '.join(unknown)}.{_suggest(sub, unknown)}")
+    return args
+
+
+def _error(text: str) -> int:
+    """Print a one-line error; return the exit code of a refused command."""
+    console.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mpfl` console script."""
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.func(args)
     except MpflError as exc:
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
-        return 2
+        return _error(name_flags(" ".join(str(exc).split()), _given(args)))
+    except OSError as exc:
+        where = f" {str(exc.filename)!r}" if exc.filename else ""
+        return _error(f"cannot use{where}: {exc.strerror or exc}; choose another path")
+    except KeyboardInterrupt:
+        console.print("interrupted", highlight=False)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

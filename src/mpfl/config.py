@@ -44,6 +44,12 @@ def field_choices() -> dict[str, tuple[str, ...]]:
             "vote_weighting": VOTE_WEIGHTINGS, "aggregator": AGGREGATORS, "attack": ATTACKS}
 
 
+def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field with its one-line description (the flag's `--help` text, kept here so every field
+    has exactly one) and names users commonly try for it (suggested when they do)."""
+    return field(default=default, metadata={"help": text, "aliases": aliases})
+
+
 def _choice(name: str, value: str) -> None:
     options = field_choices()[name]
     if value not in options:
@@ -63,14 +69,19 @@ def _range(name: str, value: float, lo: float | None = None, hi: float | None = 
 class DataConfig:
     """Which data, where it lives and how it is split across nodes."""
 
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards: int = 2
-    val_fraction: float = 0.1
-    train_samples: int | None = None
-    test_samples: int | None = None
+    dataset: str = _field("mnist", "dataset to train on: mnist, fashion-mnist, cifar10, cifar100 or a registered one")
+    data_dir: str | None = _field(None, "folder holding the datasets (else $MPFL_DATA, then the user cache; "
+                                        "missing files are downloaded)", aliases=("root",))
+    partition: str = _field("iid", "how the training data is split over the nodes", aliases=("split",))
+    alpha: float = _field(0.5, "Dirichlet concentration of --partition dirichlet; smaller means stronger label skew",
+                          aliases=("dirichlet_alpha",))
+    shards: int = _field(2, "label shards per node with --partition shards", aliases=("shards_per_node",))
+    val_fraction: float = _field(0.1, "share of each node's samples held out for validation",
+                                 aliases=("validation_fraction",))
+    train_samples: int | None = _field(None, "use only the first n training samples (default: all)",
+                                       aliases=("num_train", "n_train"))
+    test_samples: int | None = _field(None, "evaluate on the first n test samples (default: all)",
+                                      aliases=("num_test", "n_test"))
 
     def validate(self) -> None:
         _choice("partition", self.partition)
@@ -87,15 +98,18 @@ class DataConfig:
 class TrainConfig:
     """The model and the local training every node runs."""
 
-    model: str = "mlp"
-    init: str | None = None
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    epochs: int = 1
-    batch_size: int = 32
-    fraction: float = 1.0
+    model: str = _field("mlp", "model architecture: mlp, cnn, lenet5, vgg11, resnet18 or a registered one",
+                        aliases=("arch", "architecture"))
+    init: str | None = _field(None, "state_dict file with the initial weights (default: seeded random weights)",
+                              aliases=("init_weights", "pretrained"))
+    optimizer: str = _field("sgd", "local optimizer of every node", aliases=("optim",))
+    lr: float = _field(0.05, "learning rate of the local optimizer", aliases=("learning_rate", "step_size"))
+    momentum: float = _field(0.0, "momentum of the local optimizer")
+    weight_decay: float = _field(0.0, "L2 weight decay of the local optimizer", aliases=("l2", "wd"))
+    epochs: int = _field(1, "local epochs per round", aliases=("local_epochs", "num_epochs"))
+    batch_size: int = _field(32, "local minibatch size", aliases=("bs", "batchsize"))
+    fraction: float = _field(1.0, "share of the nodes sampled in each training round",
+                             aliases=("fraction_fit", "client_fraction"))
 
     def validate(self) -> None:
         _choice("optimizer", self.optimizer)
@@ -113,21 +127,26 @@ class TrainConfig:
 class PruneConfig:
     """How the mask is found: schedule, local criterion, consensus rule and starting points."""
 
-    sparsity: float = 0.9
-    mask_rounds: int = 5
-    schedule: str = "geometric"
-    criterion: str = "magnitude"
-    scope: str = "layer"
-    consensus: str = "vote"
-    tau: float = 0.5
-    percentile: float | None = None
-    rewind: str = "none"
-    train_init: str = "local"
-    warmup_rounds: int = 0
-    exclude: tuple[str, ...] = ()
-    layer_floor: float = 0.01
-    saliency_batches: int = 4
-    early_stop: bool = True
+    sparsity: float = _field(0.9, "final share of the prunable weights removed",
+                             aliases=("prune_rate", "target_sparsity"))
+    mask_rounds: int = _field(5, "rounds of mask search before training", aliases=("prune_rounds", "pruning_rounds"))
+    schedule: str = _field("geometric", "how the target sparsity rises over the mask rounds")
+    criterion: str = _field("magnitude", "how each node picks its local mask")
+    scope: str = _field("layer", "magnitude pruning per layer, or with one threshold over all layers")
+    consensus: str = _field("vote", "rule that turns the nodes' masks into the consensus mask", aliases=("rule",))
+    tau: float = _field(0.5, "vote share a weight needs to be kept with --consensus threshold", aliases=("threshold",))
+    percentile: float | None = _field(None, "vote percentile kept with --consensus histogram "
+                                            "(default: the round's pruning share)")
+    rewind: str = _field("none", "start of each mask round: init = the initial weights, "
+                                 "none = the node's own last weights")
+    train_init: str = _field("local", "start of training: rewind = the initial weights, "
+                                      "local = each node's own weights (needs --rewind none)")
+    warmup_rounds: int = _field(0, "dense FedAvg rounds before the mask search", aliases=("warmup",))
+    exclude: tuple[str, ...] = _field((), "layer name patterns (fnmatch, e.g. '1.weight') never pruned; "
+                                          "repeat the flag for several", aliases=("exclude_layers",))
+    layer_floor: float = _field(0.01, "least density any layer keeps with --scope global")
+    saliency_batches: int = _field(4, "batches each node scores with --criterion saliency")
+    early_stop: bool = _field(True, "end the mask search early once the consensus mask stops changing")
 
     def validate(self) -> None:
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
@@ -153,8 +172,9 @@ class PruneConfig:
 class CodecConfig:
     """How messages are coded on the wire."""
 
-    mask_coder: str = "range"
-    value_dtype: str = "float32"
+    mask_coder: str = _field("range", "how masks are coded on the wire: range (entropy coded) or packbits")
+    value_dtype: str = _field("float32", "how kept values are sent: float32, float16, or int8 with a scale",
+                              aliases=("dtype",))
 
     def validate(self) -> None:
         _choice("mask_coder", self.mask_coder)
@@ -165,11 +185,12 @@ class CodecConfig:
 class RobustConfig:
     """How the parameter server defends against bad nodes: vote weighting and value aggregation."""
 
-    vote_weighting: str = "samples"
-    trim: float = 0.2
-    aggregator: str = "mean"
-    byzantine: int = 1
-    value_limit: float = 1e4
+    vote_weighting: str = _field("samples", "weight of each node's mask vote: its share of the data, or a robust rule")
+    trim: float = _field(0.2, "share trimmed at each end by trimmed votes and --aggregator trimmed-mean")
+    aggregator: str = _field("mean", "how the server combines the nodes' values: mean (FedAvg) or a robust rule",
+                             aliases=("aggregation",))
+    byzantine: int = _field(1, "number of malicious nodes --aggregator krum allows for")
+    value_limit: float = _field(1e4, "replies holding a value beyond +-this are rejected")
 
     def validate(self) -> None:
         _choice("vote_weighting", self.vote_weighting)
@@ -184,13 +205,13 @@ class FaultConfig:
     """Faults and attacks the simulator injects, all seeded: dropouts, stragglers, corrupt or
     duplicated replies, and malicious nodes."""
 
-    dropout: float = 0.0
-    straggler: float = 0.0
-    corrupt: float = 0.0
-    duplicate: float = 0.0
-    malicious: int = 0
-    attack: str = "none"
-    attack_scale: float = 10.0
+    dropout: float = _field(0.0, "probability that a node drops out of a round (simulated)")
+    straggler: float = _field(0.0, "probability that a node replies after the deadline (simulated)")
+    corrupt: float = _field(0.0, "probability that a reply arrives with a flipped byte (simulated)")
+    duplicate: float = _field(0.0, "probability that a node sends its reply twice (simulated)")
+    malicious: int = _field(0, "number of malicious nodes", aliases=("attackers",))
+    attack: str = _field("none", "what the malicious nodes do")
+    attack_scale: float = _field(10.0, "factor by which --attack scale multiplies an update")
 
     def validate(self) -> None:
         for name in ("dropout", "straggler", "corrupt", "duplicate"):
@@ -205,14 +226,18 @@ class FaultConfig:
 class Config:
     """Everything that determines a run; saved with its results so it can be reproduced."""
 
-    method: str = "mpfl"
-    seed: int = 0
-    nodes: int = 10
-    rounds: int = 10
-    min_nodes: int = 1
-    eval_every: int = 1
-    threads: int | None = None
-    workers: int = 1
+    method: str = _field("mpfl", "the federated method: mpfl, or a baseline to compare it with")
+    seed: int = _field(0, "seed of every random choice: data split, initial weights, batches, faults")
+    nodes: int = _field(10, "number of nodes the training data is split over",
+                        aliases=("num_nodes", "n_nodes", "clients", "num_clients"))
+    rounds: int = _field(10, "federated training rounds after the mask search", aliases=("num_rounds", "train_rounds"))
+    min_nodes: int = _field(1, "fewest valid replies a round needs to go on", aliases=("min_clients",))
+    eval_every: int = _field(1, "evaluate the global model every k-th round of a phase (0: only after the last)")
+    threads: int = _field(1, "torch threads per training process; 1 stays fast beside other work (--workers "
+                             "gives parallelism); 0 = torch's choice, all cores, which slows down sharply on a busy "
+                             "machine", aliases=("num_threads",))
+    workers: int = _field(1, "processes that train the nodes side by side (same results as 1)",
+                          aliases=("processes", "num_workers"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -233,8 +258,7 @@ class Config:
         if self.min_nodes > self.nodes:
             raise ConfigError(f"min_nodes = {self.min_nodes} is larger than nodes = {self.nodes}")
         _range("eval_every", self.eval_every, 0)
-        if self.threads is not None:
-            _range("threads", self.threads, 1)
+        _range("threads", self.threads, 0)
         _range("workers", self.workers, 1)
         if self.faults.malicious > self.nodes:
             raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
@@ -286,7 +310,10 @@ def _drop_none(value: Any) -> Any:
 
 
 def _unknown(name: str, known: Any) -> str:
-    hint = difflib.get_close_matches(name, list(known), n=1)
+    prefix, _, bare = name.rpartition(".")
+    owner = next((f for f, names in field_aliases().items() if bare in names), None)
+    hint = [f"{FIELD_SECTIONS[owner]}.{owner}" if prefix and FIELD_SECTIONS[owner] else owner] if owner else []
+    hint = hint or difflib.get_close_matches(name, list(known), n=1)
     return f"unknown config key {name!r}." + (f" Did you mean {hint[0]!r}?" if hint else f" Known keys: {', '.join(sorted(known))}")
 
 
@@ -362,3 +389,21 @@ def field_types() -> dict[str, Any]:
     for cls in SECTIONS.values():
         types.update(get_type_hints(cls))
     return types
+
+
+def _flat_fields() -> dict[str, Any]:
+    """Every flat field name with its dataclass field."""
+    out = {f.name: f for f in fields(Config) if f.name not in SECTIONS}
+    for cls in SECTIONS.values():
+        out.update({f.name: f for f in fields(cls)})
+    return out
+
+
+def field_help() -> dict[str, str]:
+    """Every flat field name with its one-line description."""
+    return {name: f.metadata["help"] for name, f in _flat_fields().items()}
+
+
+def field_aliases() -> dict[str, tuple[str, ...]]:
+    """Every flat field name with the other names users try for it (``learning_rate`` for ``lr``)."""
+    return {name: f.metadata["aliases"] for name, f in _flat_fields().items()}

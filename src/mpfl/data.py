@@ -157,6 +157,15 @@ def data_search_path(data_dir: str | Path | None = None) -> list[Path]:
     return list(dict.fromkeys(roots))
 
 
+def dataset_available(name: str, data_dir: str | Path | None = None) -> bool:
+    """Whether a dataset loads without a download: its files are in a data root (or it is registered)."""
+    key = _canonical(name)
+    if key in _REGISTRY:
+        return True
+    roots = data_search_path(data_dir) + ([_SHIPPED] if key == "mnist" else [])
+    return any(_has_files(root, key) for root in roots)
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
     """Load a dataset by name from the first data root holding its files, downloading them if allowed."""
     key = _canonical(name)

@@ -23,3 +23,7 @@ class PayloadError(MpflError, ValueError):
 
 class RoundError(MpflError):
     """A round could not complete: fewer than `min_nodes` nodes gave a valid reply."""
+
+
+class ResourceError(MpflError):
+    """A run would need more memory (or other resources) than the machine has."""

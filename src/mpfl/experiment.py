@@ -6,6 +6,7 @@ exactly the same partition, model and initial weights from the same config and s
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,20 @@ from .records import RunDir, summarize
 
 
 def set_threads(cfg: Config) -> None:
-    """Use the configured number of torch threads (default: torch's own choice)."""
-    if cfg.threads is not None:
+    """Use the configured number of torch threads (0: leave torch's setting, by default one per core)."""
+    if cfg.threads:
         torch.set_num_threads(cfg.threads)
+
+
+def _check_exclude(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    """Refuse `exclude` patterns that match none of the model's prunable layers (a typo would
+    otherwise prune the layer it meant to keep)."""
+    spec = param_spec(model)
+    layers = [spec.names[i] for i in spec.prunable]
+    unmatched = [p for p in patterns if not fnmatch.filter(layers, p)]
+    if unmatched:
+        raise ConfigError(f"--exclude {', '.join(map(repr, unmatched))} matches no prunable layer of this model; "
+                          f"its prunable layers are {', '.join(layers)}")
 
 
 @dataclass
@@ -57,6 +69,7 @@ class Experiment:
         model = build_model(cfg.train.model, dataset.input_shape, dataset.num_classes)
         if cfg.train.init is not None:
             load_init(model, cfg.train.init)
+        _check_exclude(model, cfg.prune.exclude)
         spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
         if not spec.prunable and cfg.method != "fedavg":
             raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "

@@ -16,6 +16,7 @@ multiprocessing code, a script that sets `workers` > 1 must start the run under
 
 from __future__ import annotations
 
+import signal
 import traceback
 from multiprocessing.connection import Connection
 from typing import Mapping, Sequence
@@ -33,17 +34,18 @@ PRELOAD = ["mpfl.sim"]
 
 
 def worker_threads(cfg: Config, workers: int) -> int:
-    """Torch threads per worker: the configured `threads`, else this process's threads shared out."""
-    return cfg.threads if cfg.threads is not None else max(1, torch.get_num_threads() // workers)
+    """Torch threads per worker: the configured `threads`, or with 0 this process's threads shared out."""
+    return cfg.threads or max(1, torch.get_num_threads() // workers)
 
 
 def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: list[int],
            states: dict[int, NodeState]) -> None:
     """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
-    until it receives None."""
+    until it receives None. Ctrl-C is left to the main process, which stops the workers itself."""
     from .experiment import Experiment
     from .sim import build_nodes, deliver
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
     while (message := conn.recv()) is not None:

@@ -95,18 +95,19 @@ def _validate(labels: np.ndarray, num_nodes: int, scheme: str, alpha: float, sha
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
         raise ConfigError(f"labels must be a 1-D array of non-negative integers, got {labels.dtype} {labels.shape}")
     if not 1 <= num_nodes <= len(labels):
-        raise ConfigError(f"num_nodes must be between 1 and the number of samples ({len(labels)}), got {num_nodes}")
+        raise ConfigError(f"nodes = {num_nodes} must be between 1 and the number of training samples ({len(labels)}); "
+                          "use fewer nodes or more samples")
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if scheme == "dirichlet":
         if not alpha > 0 or not np.isfinite(alpha):
             raise ConfigError(f"alpha must be a positive number, got {alpha}; smaller means more label skew")
         if min_samples < 0 or min_samples * num_nodes > len(labels):
-            raise ConfigError(f"min_samples={min_samples} for each of {num_nodes} nodes needs more than the "
-                              f"{len(labels)} samples; lower min_samples or num_nodes")
+            raise ConfigError(f"at least {min_samples} samples for each of nodes = {num_nodes} needs more than the "
+                              f"{len(labels)} training samples; use fewer nodes")
     if scheme == "shards" and not 1 <= shards_per_node * num_nodes <= len(labels):
-        raise ConfigError(f"shards_per_node must be >= 1 and num_nodes * shards_per_node <= {len(labels)} "
-                          f"samples, got {shards_per_node} x {num_nodes}")
+        raise ConfigError(f"shards = {shards_per_node} per node for nodes = {num_nodes} must be >= 1 and give at "
+                          f"most {len(labels)} shards (the training samples); use fewer shards or nodes")
 
 
 def _dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, min_samples: int,
@@ -128,8 +129,8 @@ def _dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, min_samples: in
                 sizes[node] += len(chunk)
         if sizes.min() >= min_samples:
             return [np.concatenate(p) for p in parts]
-    raise DataError(f"dirichlet partition with alpha={alpha} left a node with fewer than {min_samples} samples "
-                    f"in {_DIRICHLET_ATTEMPTS} draws; lower num_nodes ({num_nodes}), raise alpha or lower min_samples")
+    raise DataError(f"dirichlet partition with alpha = {alpha} left a node with fewer than {min_samples} samples "
+                    f"in {_DIRICHLET_ATTEMPTS} draws; use fewer nodes (nodes = {num_nodes}) or raise alpha")
 
 
 def _shards(labels: np.ndarray, num_nodes: int, shards_per_node: int, rng: np.random.Generator) -> list[np.ndarray]:

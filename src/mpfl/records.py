@@ -7,7 +7,8 @@ Every runner writes the same layout, so `mpfl report` treats simulator and Flowe
     <run>/rounds.csv      the same rounds as a flat table
     <run>/summary.json    final figures, the config, the seed and the software versions
     <run>/final.npz       the final weights and mask (for `mpfl export`)
-    <run>/checkpoint.npz  server and node state after the last complete round (simulator)
+    <run>/checkpoint.npz  server and node state after the last complete round (simulator; removed
+                          when the run ends unless `mpfl run --keep-checkpoint`)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from .errors import ConfigError
 
 CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "rounds.csv", "summary.json"
 CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
-               "agreement", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "time", "nodes", "dropped")
+               "agreement", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "time", "elapsed", "nodes",
+               "dropped")
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -65,6 +67,9 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run directory {str(path)!r} exists and is not a directory; choose another --out")
     if not resume and path.is_dir() and any(path.iterdir()):
+        if (path / CONFIG).is_file() and not (path / SUMMARY).is_file():
+            raise ConfigError(f"run directory {str(path)!r} holds an unfinished run; continue it with "
+                              f"mpfl run --resume {path}, or choose another --out")
         raise ConfigError(f"run directory {str(path)!r} already holds files; choose another --out")
 
 
@@ -84,7 +89,11 @@ class RunDir:
     def __init__(self, path: str | Path, cfg: Config, *, resume: bool = False) -> None:
         self.path = Path(path)
         check_run_dir(self.path, resume=resume)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create run directory {str(self.path)!r}: {exc.strerror}; "
+                              "choose another --out") from None
         self.cfg = cfg
         if not resume:
             atomic_write(self.path / CONFIG, tomli_w.dumps(cfg.to_dict()))

@@ -1,10 +1,17 @@
 """Comparison tables and plots from run directories, so any set of runs can be read side by side.
 
 Simulator, study and Flower runs share one directory format (`mpfl.records`), so they mix
-freely. Runs whose configs differ only in the seed form one group, reported as mean ± sample
-standard deviation (ddof=1) over its n seeds. Within a method, config fields that differ from
-the most common value among that method's runs are listed as the group's *variant* (an
-ablation such as ``consensus=threshold`` or ``nodes=50``).
+freely. Runs are reported in sections of one dataset, partition and model. Runs whose configs
+differ only in the seed (and in how they were executed: threads, workers, data directory) form
+one group, reported as mean ± sample standard deviation (ddof=1) over its n distinct seeds;
+runs that repeat a seed are averaged first, so a repeat never counts as another seed. Config
+fields that differ from the most common value in the section are listed as the group's
+*variant* (an ablation such as ``consensus=threshold`` or ``nodes=50``); method options
+(``[prune]``, ``[codec]``, ``[robust]``) are compared among runs of the same method only.
+
+Run directories without a summary (unfinished runs) or that cannot be read are listed as
+skipped, with the reason, and the report covers the rest; a run that recorded no test accuracy
+(``--rounds 0``) appears with "–" and is left out of the plots.
 
 Bytes are summed from ``rounds.jsonl``. "Bytes vs FedAvg" divides a run's bytes (up + down)
 by those of the dense FedAvg run (float32 values) with the same dataset, partition, model,
@@ -23,19 +30,23 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .config import METHODS, PARTITIONS
+from .config import METHODS, PARTITIONS, Config
 from .data import DATASETS
 from .errors import ConfigError
-from .records import ROUNDS_JSONL, SUMMARY, atomic_write, read_rounds, read_summary
+from .records import CONFIG, ROUNDS_JSONL, SUMMARY, atomic_write, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 # Fields shown in their own columns (or meaningless across runs), never listed as a variant.
-SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "seed", "data_dir", "threads"}
-NOT_GROUPED = {"seed", "data_dir", "threads"}
+SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "model", "seed", "data_dir", "threads",
+         "workers"}
+NOT_GROUPED = {"seed", "data_dir", "threads", "workers"}
+METHOD_OPTIONS = {"prune", "codec", "robust"}  # config sections whose fields are compared within a method
+_DEFAULTS = {k: v for key, value in Config().to_dict().items() for k, v in (value.items() if isinstance(value, dict)
+                                                                           else [(key, value)])}
 _PLAIN = FuncFormatter(lambda x, _: f"{x:g}")
 COLUMNS = {  # JSON key -> markdown header
-    "method": "Method", "variant": "Variant", "dataset": "Dataset", "partition": "Partition", "sparsity": "Sparsity",
-    "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)", "rounds": "Rounds (mask+train)",
+    "method": "Method", "model": "Model", "variant": "Variant", "dataset": "Dataset", "partition": "Partition",
+    "sparsity": "Sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)", "rounds": "Rounds (mask+train)",
     "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg", "wall_time": "Wall time (s)",
 }
 DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
@@ -52,11 +63,13 @@ class Run:
     summary: dict
     rounds: list[dict]
     flat: dict[str, Any] = field(init=False)
+    sections: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.flat = {}
+        self.flat, self.sections = {}, {}
         for key, value in self.summary["config"].items():
             self.flat.update(value if isinstance(value, dict) else {key: value})
+            self.sections.update(dict.fromkeys(value, key) if isinstance(value, dict) else {key: ""})
 
     @property
     def method(self) -> str:
@@ -69,6 +82,11 @@ class Run:
     @property
     def bytes_down(self) -> int:
         return sum(r["bytes_down"] for r in self.rounds)
+
+    @property
+    def section(self) -> tuple[str, str, str]:
+        """Dataset, partition label and model: what a run's numbers can be compared within."""
+        return self.flat["dataset"], self.partition, self.flat["model"]
 
     @property
     def partition(self) -> str:
@@ -96,37 +114,79 @@ class Group:
         return self.runs[0]
 
     @property
+    def seeds(self) -> list[int]:
+        """The distinct seeds of the group's runs."""
+        return sorted({r.flat["seed"] for r in self.runs})
+
+    def per_seed(self, key: str) -> list[float | None]:
+        """A summary figure per distinct seed (the mean of runs that repeat a seed; None if any lacks it)."""
+        out = []
+        for seed in self.seeds:
+            values = [r.summary.get(key) for r in self.runs if r.flat["seed"] == seed]
+            out.append(None if None in values else float(np.mean(values)))
+        return out
+
+    @property
     def label(self) -> str:
         return self.first.method + (f" · {format_variant(self.variant)}" if self.variant else "")
 
 
+def _is_run_dir(path: Path) -> bool:
+    return any((path / name).is_file() for name in (SUMMARY, CONFIG, ROUNDS_JSONL))
+
+
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories among `paths`: each path is a run directory or a folder holding some (at any depth)."""
+    """Run directories among `paths` (finished or not): each path is a run directory or a folder
+    holding some (at any depth)."""
     found: dict[Path, None] = {}
     for raw in paths:
         path = Path(raw)
-        if (path / SUMMARY).is_file():
+        if _is_run_dir(path):
             found[path.resolve()] = None
             continue
         if not path.is_dir():
             raise ConfigError(f"{str(path)!r} is not a run directory nor a folder of run directories")
-        runs = sorted(p.parent.resolve() for p in path.rglob(SUMMARY))
+        runs = sorted({p.parent.resolve() for name in (SUMMARY, CONFIG) for p in path.rglob(name)})
         if not runs:
-            hint = " (an unfinished run: it has no summary.json yet)" if (path / ROUNDS_JSONL).exists() else ""
-            raise ConfigError(f"no finished run directory found under {str(path)!r}{hint}")
+            raise ConfigError(f"no run directory found under {str(path)!r}")
         found.update(dict.fromkeys(runs))
     return list(found)
 
 
-def load_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Read every finished run directory found among `paths`."""
-    runs = []
+@dataclass
+class Scan:
+    """The finished runs found among some paths, and the run directories left out with the reason."""
+
+    runs: list[Run] = field(default_factory=list)
+    skipped: dict[Path, str] = field(default_factory=dict)
+
+
+def _unfinished(path: Path) -> str:
+    """Why an unfinished run directory is left out, with how far it got and how to finish it."""
+    try:
+        done = len(read_rounds(path))
+    except (OSError, ValueError):
+        done = 0
+    return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
+
+
+def scan_runs(paths: Iterable[str | Path]) -> Scan:
+    """Read every finished run directory among `paths`; note unfinished and unreadable ones as skipped."""
+    scan = Scan()
     for path in find_run_dirs(paths):
+        if not (path / SUMMARY).is_file():
+            scan.skipped[path] = _unfinished(path)
+            continue
         try:
-            runs.append(Run(path, read_summary(path), read_rounds(path)))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"cannot read run directory {str(path)!r}: {exc}") from exc
-    return runs
+            scan.runs.append(Run(path, read_summary(path), read_rounds(path)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            scan.skipped[path] = f"cannot be read ({type(exc).__name__}: {exc})"
+    return scan
+
+
+def load_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every finished, readable run directory found among `paths`."""
+    return scan_runs(paths).runs
 
 
 def format_variant(variant: dict[str, Any]) -> str:
@@ -137,22 +197,38 @@ def _group_key(run: Run) -> str:
     return json.dumps({k: v for k, v in run.flat.items() if k not in NOT_GROUPED}, sort_keys=True)
 
 
+def _modal(runs: Sequence[Run], key: str) -> str:
+    """The most common value of a config field among runs (as JSON, so any value compares); in a tie
+    the package default, so that the variant names what was changed from it."""
+    counts = Counter(json.dumps(r.flat.get(key)) for r in runs)
+    top = max(counts.values())
+    tied = sorted(v for v, n in counts.items() if n == top)
+    default = json.dumps(_DEFAULTS.get(key))
+    return default if default in tied else tied[0]
+
+
+def _variant(run: Run, runs: Sequence[Run]) -> dict[str, Any]:
+    """The config fields in which `run` differs from the most common value in its section; method
+    options only against runs of the same method."""
+    section = [r for r in runs if r.section == run.section]
+    same_method = [r for r in section if r.method == run.method]
+    variant = {}
+    for key in sorted({k for r in section for k in r.flat} - SHOWN):
+        peers = same_method if run.sections.get(key) in METHOD_OPTIONS else section
+        if json.dumps(run.flat.get(key)) != _modal(peers, key):
+            variant[key] = run.flat.get(key)
+    return variant
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Group runs that differ only in their seed, and name each group's variant within its method."""
-    modal: dict[str, dict[str, Any]] = {}
-    for method in {r.method for r in runs}:
-        mine = [r for r in runs if r.method == method]
-        keys = sorted({k for r in mine for k in r.flat} - SHOWN)
-        modal[method] = {k: Counter(json.dumps(r.flat.get(k)) for r in mine).most_common(1)[0][0] for k in keys}
+    """Group runs that differ only in their seed, and name each group's variant within its section."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         groups[_group_key(run)].append(run)
     out = []
     for members in groups.values():
         members.sort(key=lambda r: (r.flat["seed"], str(r.path)))
-        first = members[0]
-        variant = {k: first.flat.get(k) for k, v in modal[first.method].items() if json.dumps(first.flat.get(k)) != v}
-        out.append(Group(members, variant))
+        out.append(Group(members, _variant(members[0], runs)))
     out.sort(key=_sort_key)
     return out
 
@@ -166,7 +242,7 @@ def _section_key(r: Run) -> tuple:
     """Datasets in the package's order; partitions from iid to the most skewed."""
     kind = _order(PARTITIONS, r.flat["partition"])
     skew = -r.flat["alpha"] if r.flat["partition"] == "dirichlet" else r.flat["shards"]
-    return (_order(DATASETS, r.flat["dataset"]), kind, skew)
+    return (_order(DATASETS, r.flat["dataset"]), kind, skew, r.flat["model"])
 
 
 def _sort_key(g: Group) -> tuple:
@@ -203,7 +279,8 @@ def _match_key(r: Run) -> tuple:
     return (f["dataset"], r.partition, f["model"], f["nodes"], f["rounds"], f["seed"])
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample std of the values that exist (no std from fewer than two)."""
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -216,8 +293,8 @@ def table(runs: Sequence[Run]) -> list[dict]:
     rows = []
     for g in group_runs(runs):
         r, rs = g.first, g.runs
-        final, final_std = _mean_std([x.summary["final_accuracy"] for x in rs])
-        best, best_std = _mean_std([x.summary["best_accuracy"] for x in rs])
+        final, final_std = _mean_std(g.per_seed("final_accuracy"))
+        best, best_std = _mean_std(g.per_seed("best_accuracy"))
         ratios = [(x.bytes_up + x.bytes_down) / fedavg[_match_key(x)] for x in rs if _match_key(x) in fedavg]
         ratio, ratio_std = _mean_std(ratios)
         mask = float(np.mean([x.summary["mask_rounds"] for x in rs]))
@@ -229,8 +306,9 @@ def table(runs: Sequence[Run]) -> list[dict]:
                                                 "flops_per_sample", "flops_per_sample_dense")}
         rows.append({
             **device, "train_time_vs_dense": float(np.mean(times)) if times else None,
-            "method": r.method, "variant": format_variant(g.variant), "dataset": r.flat["dataset"],
-            "partition": r.partition, "sparsity": r.summary["sparsity"], "n": len(rs),
+            "method": r.method, "model": r.flat["model"], "variant": format_variant(g.variant),
+            "dataset": r.flat["dataset"], "partition": r.partition, "sparsity": r.summary["sparsity"],
+            "n": len(g.seeds), "n_runs": len(rs),
             "final_accuracy": final, "final_accuracy_std": final_std, "best_accuracy": best, "best_accuracy_std": best_std,
             "warmup_rounds": warmup, "mask_rounds": mask, "train_rounds": train,
             "bytes_up": float(np.mean([x.bytes_up for x in rs])), "bytes_down": float(np.mean([x.bytes_down for x in rs])),
@@ -275,6 +353,8 @@ def _cell(row: dict, key: str) -> str:
         return f"{shown} ({100 * value / dense:.1f}%)"
     if key == "train_time_vs_dense":
         return "–" if row[key] is None else f"{row[key]:.2f}x"
+    if key == "n":
+        return str(row["n"]) + (f" ({row['n_runs']} runs)" if row["n_runs"] != row["n"] else "")
     return str(row[key]) if row[key] != "" else "–"
 
 
@@ -282,7 +362,8 @@ def to_markdown(rows: Sequence[dict], columns: dict[str, str] = COLUMNS) -> str:
     """A markdown table of `table` rows (the variant column only when some row has one)."""
     keys = [k for k in columns if k != "variant" or any(r["variant"] for r in rows)]
     lines = ["| " + " | ".join(columns[k] for k in keys) + " |",
-             "|" + "|".join("---" if k in ("method", "variant", "dataset", "partition") else "---:" for k in keys) + "|"]
+             "|" + "|".join("---" if k in ("method", "model", "variant", "dataset", "partition") else "---:"
+                            for k in keys) + "|"]
     lines += ["| " + " | ".join(_cell(r, k) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -326,8 +407,8 @@ def _curve_groups(groups: Sequence[Group]) -> tuple[list[Group], float | None]:
     return [g for g in chosen if len(g.variant) == fewest[g.first.method]], main
 
 
-def _title_suffix(dataset: str, partition: str, sparsity: float | None) -> str:
-    return f"{dataset}, {partition}" + (f", sparsity {sparsity:g}" if sparsity is not None else "")
+def _title_suffix(where: str, sparsity: float | None) -> str:
+    return where + (f", sparsity {sparsity:g}" if sparsity is not None else "")
 
 
 def plot_accuracy_vs_round(groups: Sequence[Group], path: Path, title: str) -> Path:
@@ -365,7 +446,7 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
     ticks = set()
     for method in sorted({g.first.method for g in groups}, key=lambda m: METHODS.index(m) if m in METHODS else 99):
         mine = sorted((g for g in groups if g.first.method == method), key=lambda g: g.first.summary["sparsity"])
-        stats = [_mean_std([r.summary["final_accuracy"] for r in g.runs]) for g in mine]
+        stats = [_mean_std(g.per_seed("final_accuracy")) for g in mine]
         mean = np.array([100 * m for m, _ in stats])
         std = np.array([100 * (s or 0.0) for _, s in stats])
         if method == "fedavg":
@@ -390,7 +471,7 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
     y = np.arange(len(groups))[::-1]
     labels = []
     for yi, g in zip(y, groups):
-        mean, std = _mean_std([r.summary["final_accuracy"] for r in g.runs])
+        mean, std = _mean_std(g.per_seed("final_accuracy"))
         color = _color(g.first.method)
         if not g.variant:
             ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
@@ -416,41 +497,60 @@ def _slug(*parts: str) -> str:
     return "-".join(p.replace("(", "").replace(")", "").replace(" ", "") for p in parts)
 
 
-def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None) -> list[Path]:
-    """Write report.md and its PNG plots into `out` (and the table as JSON if asked); return the files written."""
+def _has_accuracy(group: Group) -> bool:
+    """Whether any run of the group recorded a test accuracy (a `--rounds 0` run has none)."""
+    return any(v is not None for v in group.per_seed("final_accuracy"))
+
+
+def _section_plots(groups: Sequence[Group], out: Path, section: tuple[str, str, str]) -> list[tuple[str, Path]]:
+    """Draw one section's plots into `out`; return each plot's name and file."""
+    where = ", ".join(section)
+    groups = [g for g in groups if _has_accuracy(g)]
+    curve_groups, main = _curve_groups(groups) if groups else ([], None)
+    title = _title_suffix(where, main)
+    plots = [(plot_accuracy_vs_round, "accuracy_vs_round", curve_groups, title),
+             (plot_accuracy_vs_bytes, "accuracy_vs_bytes", curve_groups, title),
+             (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in groups if not g.variant],
+              _title_suffix(where, None))]
+    if ablation := _ablation_groups(groups):
+        pruned = {g.first.summary["sparsity"] for g in ablation if g.first.method != "fedavg"}
+        shared = pruned.pop() if len(pruned) == 1 else None
+        plots.append((plot_ablation, "ablation", ablation, _title_suffix(where, shared)))
+    return [(name, plot(chosen, out / f"{name}-{_slug(*section)}.png", plot_title))
+            for plot, name, chosen, plot_title in plots if chosen]
+
+
+def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None,
+                 skipped: dict[Path, str] | None = None) -> list[Path]:
+    """Write report.md and its PNG plots into `out` (and the table as JSON if asked); return the files
+    written. `skipped` run directories are listed with the reason they were left out."""
     if not runs:
-        raise ConfigError("no runs to report on")
+        why = "".join(f"; {path}: {reason}" for path, reason in (skipped or {}).items())
+        raise ConfigError(f"no finished runs to report on{why}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table(runs)
     groups = group_runs(runs)
     written: list[Path] = []
     md = ["# mpfl report", "",
-          f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n seeds "
-          "of a group. Rounds count mask-search and training rounds. Bytes vs FedAvg divides total bytes (up + down) "
-          "by those of the dense FedAvg run with the same dataset, partition, model, nodes, rounds and seed.", ""]
-    for dataset, partition in dict.fromkeys((g.first.flat["dataset"], g.first.partition) for g in groups):
-        mine = [g for g in groups if (g.first.flat["dataset"], g.first.partition) == (dataset, partition)]
-        here = [r for r in rows if (r["dataset"], r["partition"]) == (dataset, partition)]
-        md += [f"## {dataset}, {partition}", "", to_markdown(here), "",
-               "The pruned model on a device (the share of the dense model in brackets; training-round wall "
+          f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n "
+          "distinct seeds of a group. Rounds count mask-search and training rounds. Bytes vs FedAvg divides total "
+          "bytes (up + down) by those of the dense FedAvg run with the same dataset, partition, model, nodes, rounds "
+          "and seed.", ""]
+    for section in dict.fromkeys(g.first.section for g in groups):
+        mine = [g for g in groups if g.first.section == section]
+        here = [r for r in rows if (r["dataset"], r["partition"], r["model"]) == section]
+        md += [f"## {', '.join(section)}", "", to_markdown(here), ""]
+        if blind := [g.label for g in mine if not _has_accuracy(g)]:
+            md += [f"No test accuracy recorded (no training round was evaluated), so not plotted: {'; '.join(blind)}.", ""]
+        md += ["The pruned model on a device (the share of the dense model in brackets; training-round wall "
                "time relative to the matched FedAvg run):", "", to_markdown(here, DEVICE_COLUMNS)]
-        curve_groups, main = _curve_groups(mine)
-        title = _title_suffix(dataset, partition, main)
-        plots = [(plot_accuracy_vs_round, "accuracy_vs_round", curve_groups, title),
-                 (plot_accuracy_vs_bytes, "accuracy_vs_bytes", curve_groups, title),
-                 (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in mine if not g.variant],
-                  _title_suffix(dataset, partition, None))]
-        if ablation := _ablation_groups(mine):
-            pruned = {g.first.summary["sparsity"] for g in ablation if g.first.method != "fedavg"}
-            shared = pruned.pop() if len(pruned) == 1 else None
-            plots.append((plot_ablation, "ablation", ablation, _title_suffix(dataset, partition, shared)))
-        for plot, name, chosen, plot_title in plots:
-            if chosen:
-                png = plot(chosen, out / f"{name}-{_slug(dataset, partition)}.png", plot_title)
-                written.append(png)
-                md += [f"![{name.replace('_', ' ')}, {dataset}, {partition}]({png.name})", ""]
+        for name, png in _section_plots(mine, out, section):
+            written.append(png)
+            md += [f"![{name.replace('_', ' ')}, {', '.join(section)}]({png.name})", ""]
     md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
+    if skipped:
+        md += ["## Skipped", ""] + [f"- `{path}`: {reason}" for path, reason in skipped.items()] + [""]
     atomic_write(out / "report.md", "\n".join(md))
     written.insert(0, out / "report.md")
     if json_path is not None:

@@ -16,15 +16,16 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .attacks import MaliciousNode, malicious_ids
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, FaultConfig
 from .core.params import Mask, Weights
 from .errors import ConfigError, PayloadError
 from .experiment import Experiment
+from .interrupts import deferred_interrupts
 from .node import Node, NodeState, SharedDecodes, find_mask, make_trainer
 from .parallel import NodePool
 from .protocol import NodeFailure, Reply
-from .records import SUMMARY, RunDir, check_run_dir, read_rounds
+from .records import ROUNDS_JSONL, SUMMARY, RunDir, check_run_dir, read_rounds
 from .server import Server
 
 
@@ -120,9 +121,12 @@ class RunResult:
 
 
 def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[dict], None] | None = None,
-             experiment: Experiment | None = None, resume: bool = False) -> RunResult:
+             experiment: Experiment | None = None, resume: bool = False, keep_checkpoint: bool = False) -> RunResult:
     """Run `cfg` on the in-process simulator; write records (and a checkpoint per round) to `out`
-    when given; with `resume`, continue the run in `out` from its last checkpoint."""
+    when given; with `resume`, continue the run in `out` from its last checkpoint (or from the start
+    if it stopped before recording a round). The checkpoint is removed when the run ends, unless
+    `keep_checkpoint`. Each record's `elapsed` and the summary's `wall_time` add up the seconds of
+    every session of the run."""
     started = time.perf_counter()
     if out is not None and not resume:
         check_run_dir(Path(out))
@@ -131,8 +135,10 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     if resume:
         if out is None or (Path(out) / SUMMARY).exists():
             raise ConfigError(f"{str(out)!r} holds a finished run; there is nothing to resume")
-        server_state, node_states = load_checkpoint(Path(out), exp.spec)
-        records = [r for r in read_rounds(out) if r["step"] < server_state.next_step]
+        if (Path(out) / CHECKPOINT).exists() or (Path(out) / ROUNDS_JSONL).exists():
+            server_state, node_states = load_checkpoint(Path(out), exp.spec)
+            records = [r for r in read_rounds(out) if r["step"] < server_state.next_step]
+    earlier = records[-1].get("elapsed", 0.0) if records else 0.0
     run_dir = RunDir(out, cfg, resume=resume) if out is not None else None
     if run_dir is not None and resume:
         run_dir.rewrite(records)
@@ -142,10 +148,13 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     server: Server
 
     def record(r: dict) -> None:
+        r["elapsed"] = earlier + time.perf_counter() - started
         records.append(r)
         if run_dir is not None:
-            run_dir.log(r)
-            save_checkpoint(run_dir.path, server.state, pool.states() if pool is not None else {n.id: n.state for n in nodes})
+            with deferred_interrupts():
+                run_dir.log(r)
+                save_checkpoint(run_dir.path, server.state,
+                                pool.states() if pool is not None else {n.id: n.state for n in nodes})
         if on_round is not None:
             on_round(r)
 
@@ -157,6 +166,9 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     finally:
         if pool is not None:
             pool.close()
-    summary = exp.finish(run_dir, server.state.weights, server.state.mask, records, time.perf_counter() - started, {})
+    summary = exp.finish(run_dir, server.state.weights, server.state.mask, records,
+                         earlier + time.perf_counter() - started, {})
+    if run_dir is not None and not keep_checkpoint:
+        (run_dir.path / CHECKPOINT).unlink(missing_ok=True)
     st = server.state
     return RunResult(records, summary, st.weights, st.mask, run_dir.path if run_dir else None, dict(st.history))

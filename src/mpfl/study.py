@@ -45,8 +45,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import METHODS, Config
-from .data import load_dataset
-from .errors import ConfigError, MpflError
+from .data import available_datasets, data_search_path, dataset_available, load_dataset
+from .errors import ConfigError, DataError, MpflError
 from .protocol import ITERATIVE_MASK, plan
 from .records import SUMMARY, atomic_write, read_summary
 
@@ -103,26 +103,33 @@ class Cell:
         return Config().with_overrides({**self.overrides, **({"data_dir": data_dir} if data_dir else {})})
 
 
-def grid(base: dict[str, Any], seeds: int) -> list[Cell]:
-    """The study's cells for a sizing `base`: main comparison, sparsity sweep and ablations, without duplicates."""
+def grid(base: dict[str, Any], seeds: int, datasets: Sequence[str] = DATASETS) -> list[Cell]:
+    """The study's cells for a sizing `base`: main comparison on each of `datasets`, then, if mnist is
+    among them, the sparsity sweep and ablations; without duplicates."""
     cells = [Cell("main", {**base, "method": m, "dataset": d, **p, "sparsity": MAIN_SPARSITY, "seed": s})
-             for d in DATASETS for p in PARTITIONS for m in METHODS for s in range(seeds)]
-    cells += [Cell("sparsity", {**base, "method": m, "dataset": "mnist", "partition": "iid", "sparsity": sp, "seed": s})
-              for m in SWEEP_METHODS for sp in SPARSITIES for s in range(seeds)]
-    cells += [Cell(f"ablation:{axis}", {**base, "method": method, "dataset": "mnist", "partition": "iid",
-                                        "sparsity": MAIN_SPARSITY, "seed": 0, **variant})
-              for axis, variants in ABLATIONS.items() for method in ABLATION_METHODS[axis] for variant in variants]
+             for d in datasets for p in PARTITIONS for m in METHODS for s in range(seeds)]
+    if "mnist" in datasets:
+        cells += [Cell("sparsity", {**base, "method": m, "dataset": "mnist", "partition": "iid", "sparsity": sp,
+                                    "seed": s})
+                  for m in SWEEP_METHODS for sp in SPARSITIES for s in range(seeds)]
+        cells += [Cell(f"ablation:{axis}", {**base, "method": method, "dataset": "mnist", "partition": "iid",
+                                            "sparsity": MAIN_SPARSITY, "seed": 0, **variant})
+                  for axis, variants in ABLATIONS.items() for method in ABLATION_METHODS[axis] for variant in variants]
     return unique(cells)
 
 
-def preset_cells(name: str, seeds: int | None = None) -> list[Cell]:
-    """The cells of a named preset, optionally with another number of seeds."""
+def preset_cells(name: str, seeds: int | None = None, datasets: Sequence[str] | None = None) -> list[Cell]:
+    """The cells of a named preset, optionally with another number of seeds or other datasets."""
     if name not in PRESETS:
         raise ConfigError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be at least 1, got {seeds}")
-    return grid(preset.base, seeds or preset.seeds)
+    if datasets is not None:
+        unknown = [d for d in datasets if d not in available_datasets()]
+        if unknown or not datasets:
+            raise ConfigError(f"--datasets {','.join(unknown)}: choose from {', '.join(available_datasets())}")
+    return grid(preset.base, seeds or preset.seeds, tuple(dict.fromkeys(datasets)) if datasets else DATASETS)
 
 
 def unique(cells: Sequence[Cell]) -> list[Cell]:
@@ -215,10 +222,21 @@ def print_plan(cells: Sequence[Cell], out: str | Path, console: Console, data_di
     return todo
 
 
+def missing_datasets(cells: Sequence[Cell], data_dir: str | None = None) -> dict[str, str]:
+    """The cells' datasets that are not on this machine yet, each with where they were looked for."""
+    names = sorted({cell.config(data_dir).data.dataset for cell in cells})
+    return {name: ", ".join(map(str, data_search_path(data_dir))) for name in names
+            if not dataset_available(name, data_dir)}
+
+
 def _check_datasets(names: set[str], data_dir: str | None) -> None:
     """Fail before the first run if a dataset cannot be found (or downloaded), not halfway through."""
     for name in sorted(names):
-        load_dataset(name, data_dir)
+        try:
+            load_dataset(name, data_dir)
+        except DataError as exc:
+            others = ",".join(sorted(names - {name})) or "mnist"
+            raise DataError(f"{exc} To run the study without it: --datasets {others}") from None
 
 
 def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = None, console: Console | None = None,

@@ -1,0 +1,7 @@
+"""`python -m mpfl`: the `mpfl` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

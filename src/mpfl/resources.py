@@ -1,0 +1,107 @@
+"""How much memory a run will need, checked against what the machine has before the first round.
+
+The estimate is a simple model of measured peaks (``VmHWM`` of a fresh process, all of MNIST,
+1 mask + 1 training round, one torch thread):
+
+==========  =====  ==============
+model       nodes  peak (MiB)
+==========  =====  ==============
+mlp         1-100  645
+mlp         1,000  2,073
+mlp         3,000  5,323
+cnn         10     825
+cnn         100    1,893
+==========  =====  ==============
+
+A process with torch and mpfl imported holds about 225 MiB; loading a dataset briefly needs
+about twice its normalised size (the raw file and the float copy); each node then costs about
+two float32 copies of the model (its own weights between rounds and its decoded reply at the
+server), 1.4-1.6 MiB for ``mlp`` and 12 MiB for ``cnn``. Revise `per_node_bytes` when node
+state becomes more compact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+from .errors import ResourceError
+from .models import build_model
+
+# Built-in datasets: image shape, classes, and train + test images held as float32.
+DATASET_SIZES = {"mnist": ((1, 28, 28), 10, 70000), "fashion-mnist": ((1, 28, 28), 10, 70000),
+                 "cifar10": ((3, 32, 32), 10, 60000), "cifar100": ((3, 32, 32), 100, 60000)}
+PROCESS_BYTES = 256 * 2**20
+NODE_OVERHEAD_BYTES = 64 * 2**10
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Expected peak memory of a run in bytes, and its parts."""
+
+    fixed: int
+    per_node: int
+    nodes: int
+
+    @property
+    def total(self) -> int:
+        return self.fixed + self.per_node * self.nodes
+
+
+def per_node_bytes(cfg: Config, params: int) -> int:
+    """Memory each node adds: its own float32 weights, its decoded reply at the server, and for
+    `topk` its error-feedback residual."""
+    copies = 3 if cfg.method == "topk" else 2
+    return copies * 4 * params + NODE_OVERHEAD_BYTES
+
+
+def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate:
+    """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
+    normalised data (see the module docstring for the figures behind it)."""
+    fixed = PROCESS_BYTES * (1 + (cfg.workers if cfg.workers > 1 else 0)) + 2 * data_bytes
+    return MemoryEstimate(fixed, per_node_bytes(cfg, params), cfg.nodes)
+
+
+def estimate_run(cfg: Config) -> MemoryEstimate | None:
+    """The estimate for `cfg`, from its model's size and its dataset's, before anything is loaded;
+    None for a dataset registered by the user, whose size is unknown until it is loaded."""
+    if cfg.data.dataset not in DATASET_SIZES:
+        return None
+    shape, classes, samples = DATASET_SIZES[cfg.data.dataset]
+    params = sum(p.numel() for p in build_model(cfg.train.model, shape, classes).state_dict().values())
+    return estimate_memory(cfg, params, samples * 4 * math.prod(shape))
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit; None if unknown."""
+    found = []
+    try:
+        meminfo = MEMINFO.read_text()
+        found += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit, used = (CGROUP / "memory.max").read_text().strip(), (CGROUP / "memory.current").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(used))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
+    """Refuse a run whose estimated peak exceeds the memory available (no refusal if that is unknown)."""
+    if available is None or estimate.total <= available:
+        return
+    fits = max(0, (available - estimate.fixed) // estimate.per_node)
+    raise ResourceError(f"this run needs about {_gib(estimate.total)} of memory ({estimate.nodes:,} nodes x "
+                        f"{_gib(estimate.per_node)} + {_gib(estimate.fixed)}) but {_gib(available)} is available; "
+                        f"use at most --nodes {fits:,}, or --no-memory-check to run anyway")

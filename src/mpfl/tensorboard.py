@@ -1,0 +1,54 @@
+"""TensorBoard event files of a run (``mpfl run --tensorboard``): accuracy, loss, bytes and density
+per round, at the round's global step, so runs can be compared live with ``tensorboard --logdir``.
+
+Needs the ``tensorboard`` package (``pip install "mpfl[tensorboard]"``); torch's own
+``SummaryWriter`` writes the files. A resumed run writes on from its checkpoint: events at or
+after the first step it records again are purged, so every step appears once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+TENSORBOARD_DIR = "tensorboard"
+SCALARS = {  # record key -> TensorBoard tag
+    "accuracy": "test/accuracy", "loss": "test/loss", "density": "mask/density", "hamming": "mask/hamming",
+    "bytes_up": "bytes/up", "bytes_down": "bytes/down", "cum_bytes_up": "bytes/cumulative_up",
+    "cum_bytes_down": "bytes/cumulative_down", "time": "time/round_seconds",
+}
+
+
+def summary_writer_class() -> Any:
+    """torch's SummaryWriter, or a one-line error saying how to install what it needs."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package; install it with "
+                          "pip install \"mpfl[tensorboard]\" (or pip install tensorboard)") from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """Writes each round's figures as scalars to an event file in `log_dir`."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer_class = summary_writer_class()
+        self.writer: Any = None
+
+    def __call__(self, record: dict) -> None:
+        """Add one round's scalars (the first round of a session purges later events of an earlier one)."""
+        if self.writer is None:
+            self.writer = self.writer_class(str(self.log_dir), purge_step=record["step"])
+        for key, tag in SCALARS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, record[key], global_step=record["step"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self.writer is not None:
+            self.writer.close()
