@@ -1,11 +1,16 @@
 """The `mpfl` command end to end: a short run writes its records; bad input stops before any work."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+import mpfl
 from mpfl.cli import main
-from mpfl.config import ATTACKS, Config
+from mpfl.config import ATTACKS, FIELD_SECTIONS, Config, field_help
+from mpfl.export import load_final
 from mpfl.records import read_rounds, read_summary
 
 SMALL = ["--nodes", "3", "--rounds", "2", "--mask-rounds", "2", "--train-samples", "1200", "--test-samples", "300",
@@ -65,11 +70,193 @@ def test_partition_summary(capsys):
     assert "node" in out and len([line for line in out.splitlines() if line.strip()]) >= 5
 
 
-def test_run_help_lists_each_flag_with_its_default_and_choices(capsys, monkeypatch):
+def test_run_help_lists_each_flag_with_its_description_default_and_choices(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("--")}
-    assert "faults.attack (default none; one of " + ", ".join(ATTACKS) + ")" in lines["--attack"]
-    assert "train.lr (default 0.05)" in lines["--lr"] and "prune.sparsity (default 0.9)" in lines["--sparsity"]
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith("--")}
+    flat = " ".join(out.split())
+    for name, text in field_help().items():
+        assert f"--{name.replace('_', '-')} " in flat and " ".join(text.split()) in flat, name
+    assert "what the malicious nodes do (default none; one of " + ", ".join(ATTACKS) + ") [faults]" in lines["--attack"]
+    assert "(default 0.05) [train]" in lines["--lr"] and "(default 1)" in lines["--threads"]
     assert "one of" not in lines["--nodes"]
+
+
+def test_every_config_field_has_a_one_line_description():
+    texts = field_help()
+    assert set(texts) == set(FIELD_SECTIONS)
+    assert all(text and "\n" not in text and len(text) < 200 for text in texts.values())
+
+
+def test_partition_help_shows_only_its_own_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["partition", "--help"])
+    out = capsys.readouterr().out
+    assert "--alpha" in out and "--nodes" in out and "--seed" in out
+    assert "--lr" not in out and "--sparsity" not in out and "--attack" not in out
+
+
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"mpfl {mpfl.__version__}"
+    done = subprocess.run([sys.executable, "-m", "mpfl", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"mpfl {mpfl.__version__}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learning-rate", "0.1"], "unrecognized arguments: --learning-rate 0.1. Did you mean --lr?"),
+    (["--nodse", "3"], "Did you mean --nodes?"),
+])
+def test_unknown_flags_are_one_line_with_a_suggestion(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_flag_given_to_partition_says_where_it_belongs(capsys):
+    with pytest.raises(SystemExit):
+        main(["partition", "--lr", "0.1"])
+    assert "--lr is a flag of mpfl run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "fast"], "--lr must be of type float, got 'fast'"),
+    (["--min-nodes", "5", "--nodes", "3"], "--min-nodes = 5 is larger than --nodes = 3"),
+    (["--partition", "shards", "--shards", "700"], "shards = 700 per node for --nodes = 3"),
+    (["--exclude", "1.weight", "--exclude", "9.*"], "--exclude '9.*' matches no prunable layer"),
+])
+def test_errors_name_the_flag_that_was_given(tmp_path, capsys, args, message):
+    assert main(["run", *SMALL, *args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_exclude_takes_repeated_flags_and_commas(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--exclude", "1.weight", "--exclude", "3.*,1.*", "--out", str(out)]) == 0
+    assert Config.from_toml(out / "config.toml").prune.exclude == ("1.weight", "3.*", "1.*")
+    final = load_final(out)
+    assert list(final.mask) == ["5.weight"] and not final.mask["5.weight"].all()
+
+
+def test_path_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile" / "sub", tmp_path / "afile"):
+        assert main(["run", *SMALL, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "choose another --out" in err and len(err.strip().splitlines()) == 1
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_unwritable_places_are_one_line_errors(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):
+        pytest.skip("running as a user who can write anywhere (root)")
+    assert main(["run", *SMALL, "--out", str(locked / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and "choose another --out" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _run(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """`mpfl` in a fresh process with pipes for stdout and stderr (so no terminal is attached)."""
+    return subprocess.run([sys.executable, "-m", "mpfl", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_without_a_terminal_each_round_is_a_line_on_stderr_and_the_summary_goes_to_stdout(tmp_path):
+    loud = [a for a in SMALL if a != "--quiet"]
+    done = _run("run", *loud, "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("final accuracy ") and len(done.stdout.strip().splitlines()) == 1
+    rounds = [line for line in done.stderr.splitlines() if line.startswith("round")]
+    assert [line.split()[1] for line in rounds] == ["1/4", "2/4", "3/4", "4/4"]
+    assert all(" eta " in line for line in rounds) and rounds[-1].endswith("eta 0 s")
+    assert "acc " in rounds[-1] and "density 0.100" in rounds[-1]
+
+
+def test_json_log_format_for_machines(tmp_path):
+    loud = [a for a in SMALL if a != "--quiet"]
+    done = _run("run", *loud, "--log-format", "json", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events] == [1, 2, 3, 4] and all(e["total_steps"] == 4 for e in events)
+    assert events[-1]["eta_s"] == 0 and events[-1]["accuracy"] == read_rounds(tmp_path / "run")[-1]["accuracy"]
+    summary = json.loads(done.stdout)
+    assert summary["run_dir"] == str(tmp_path / "run") and summary == {"run_dir": summary["run_dir"],
+                                                                      **_without_config(read_summary(tmp_path / "run"))}
+
+
+def _without_config(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "config"}
+
+
+def test_the_checkpoint_is_removed_at_the_end_unless_kept(tmp_path):
+    assert main(["run", *SMALL, "--out", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / "checkpoint.npz").exists() and (tmp_path / "a" / "final.npz").exists()
+    assert main(["run", *SMALL, "--keep-checkpoint", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "checkpoint.npz").exists()
+
+
+def test_tensorboard_events_hold_every_round(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--tensorboard", "--out", str(out)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = read_rounds(out)
+    tags = events.Tags()["scalars"]
+    for tag in ("test/accuracy", "test/loss", "mask/density", "bytes/up", "bytes/down", "bytes/cumulative_up"):
+        assert tag in tags
+    assert [e.step for e in events.Scalars("bytes/up")] == [r["step"] for r in records]
+    assert [e.value for e in events.Scalars("bytes/up")] == [float(r["bytes_up"]) for r in records]
+    assert [e.value for e in events.Scalars("mask/density")] == pytest.approx([r["density"] for r in records])
+    evaluated = [r for r in records if r["accuracy"] is not None]
+    assert [e.step for e in events.Scalars("test/accuracy")] == [r["step"] for r in evaluated]
+    assert [e.value for e in events.Scalars("test/accuracy")] == pytest.approx([r["accuracy"] for r in evaluated])
+
+
+def test_tensorboard_directory_of_ones_choice(tmp_path):
+    pytest.importorskip("tensorboard")
+    assert main(["run", *SMALL, "--tensorboard", str(tmp_path / "tb"), "--out", str(tmp_path / "run")]) == 0
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_without_tensorboard_installed_the_flag_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main(["run", *SMALL, "--tensorboard", "--out", str(tmp_path / "run")]) == 2
+    assert 'pip install "mpfl[tensorboard]"' in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--nodes", "10000000", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "of memory" in err and "use at most --nodes" in err and "--no-memory-check" in err
+    assert not out.exists()
+
+
+def test_the_memory_check_compares_with_what_is_available(tmp_path, capsys, monkeypatch):
+    import mpfl.resources
+
+    estimate = mpfl.resources.estimate_run(Config().with_overrides({"nodes": 3}))
+    monkeypatch.setattr(mpfl.resources, "available_memory", lambda: estimate.total - 1)
+    assert main(["run", *SMALL, "--out", str(tmp_path / "refused")]) == 2
+    assert "use at most --nodes 2" in capsys.readouterr().err
+    assert main(["run", *SMALL, "--no-memory-check", "--out", str(tmp_path / "forced")]) == 0
+    monkeypatch.setattr(mpfl.resources, "available_memory", lambda: estimate.total)
+    assert main(["run", *SMALL, "--out", str(tmp_path / "fits")]) == 0

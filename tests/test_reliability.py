@@ -21,7 +21,7 @@ from mpfl.core.masks import jaccard
 from mpfl.experiment import Experiment
 from mpfl.export import load_final
 from mpfl.node import Node, make_trainer
-from mpfl.records import read_rounds
+from mpfl.records import read_rounds, read_summary
 from mpfl.server import Server
 from mpfl.sim import FaultyTransport, InProcessTransport, simulate
 
@@ -164,7 +164,7 @@ RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples",
 
 
 def _comparable(records):
-    return [{k: v for k, v in r.items() if k != "time"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
@@ -192,6 +192,46 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert all(np.array_equal(a.mask[k], b.mask[k]) for k in a.mask)
     csv_rows = (killed / "rounds.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 1 + len(read_rounds(reference))
+
+
+def _wait_for_rounds(out, count, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "rounds.jsonl").exists() and (out / "rounds.jsonl").read_text().count("\n") >= count:
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_run(tmp_path, capsys, workers):
+    reference = tmp_path / "reference"
+    assert main(["run", *RUN, "--out", str(reference)]) == 0
+    out = tmp_path / "interrupted"
+    loud = [a for a in RUN if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *loud, "--workers", str(workers), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_rounds(out, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stdout == ""
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted; continue with: mpfl run --resume {out}"
+    assert not (out / "summary.json").exists() and (out / "checkpoint.npz").exists()
+    before = read_rounds(out)
+
+    assert main(["run", *RUN, "--out", str(out)]) == 2
+    assert f"holds an unfinished run; continue it with mpfl run --resume {out}" in capsys.readouterr().err
+    resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out)], capture_output=True,
+                             text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = [line for line in resumed.stderr.splitlines() if line.startswith("round")]
+    assert lines[0].startswith(f"round {len(before) + 1:>3}/9") and lines[-1].startswith("round   9/9")
+    assert _comparable(read_rounds(out)) == _comparable(read_rounds(reference))
+    a, b = load_final(out), load_final(reference)
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+    elapsed = [r["elapsed"] for r in read_rounds(out)]
+    assert elapsed == sorted(elapsed) and read_summary(out)["wall_time"] > before[-1]["elapsed"] > 0
+    assert not (out / "checkpoint.npz").exists() and (out / "final.npz").exists()
 
 
 def test_resume_refuses_finished_or_foreign_directories(tmp_path, capsys):

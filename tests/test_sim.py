@@ -113,7 +113,7 @@ def test_same_seed_same_masks_and_another_seed_other_masks():
     c = simulate(tiny_config(rounds=1, mask_rounds=1, seed=1))
     assert all(np.array_equal(x, y) for x, y in zip(a.mask, b.mask))
     assert all(np.array_equal(x, y) for x, y in zip(a.weights, b.weights))
-    assert a.records == [dict(r, time=a.records[i]["time"]) for i, r in enumerate(b.records)]
+    assert a.records == [dict(r, time=a.records[i]["time"], elapsed=a.records[i]["elapsed"]) for i, r in enumerate(b.records)]
     assert not all(np.array_equal(x, y) for x, y in zip(a.mask, c.mask))
 
 

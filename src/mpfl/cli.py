@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NoReturn, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -35,21 +35,32 @@ def _flag(name: str) -> str:
 
 
 def _metavar(hint: object) -> str:
-    """A type hint as help text: `int`, `float | None`, `tuple[str, ...]`."""
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    """The metavar of a field's flag: INT, FLOAT, TEXT, BOOL, or PATTERN for a repeatable list."""
+    text = str(hint)
+    if "tuple" in text:
+        return "PATTERN"
+    for name, shown in (("bool", "BOOL"), ("int", "INT"), ("float", "FLOAT")):
+        if text.startswith(name) or text == f"<class '{name}'>":
+            return shown
+    return "TEXT"
+
+
+def _shown(value: object) -> str:
+    """A default as the help shows it: none for None or an empty list."""
+    return "none" if value is None or value == () else str(value)
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
     """A flag for each config field in `names` (default: all), with its description, default and choices."""
-    parser.add_argument("--config", type=Path, help="TOML file with the base configuration")
-    group = parser.add_argument_group("configuration (override the file and the defaults)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with the base configuration")
+    group = parser.add_argument_group("configuration", "Each flag overrides the --config file, where it is the key "
+                                      "of the same name (with _ for -), in the [section] shown.")
     defaults, choices, texts, types = Config(), field_choices(), field_help(), field_types()
     for name in names or types:
         section = FIELD_SECTIONS[name]
         default = getattr(getattr(defaults, section) if section else defaults, name)
-        shown = "all" if default is None and name.endswith("_samples") else default
-        text = f"{texts[name]} (default {shown}" + (f"; one of {', '.join(choices[name])})" if name in choices else ")")
-        text += f" [{section + '.' if section else ''}{name}]"
+        text = f"{texts[name]} (default {_shown(default)}"
+        text += (f"; one of {', '.join(choices[name])})" if name in choices else ")") + (f" [{section}]" if section else "")
         repeat = "tuple" in str(types[name])
         group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(types[name]),
                            action="append" if repeat else "store", help=text.replace("%", "%%"))
@@ -117,8 +128,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default_run_dir(cfg)
         check_run_dir(out)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
-    console.print(f"[bold]mpfl run[/] method={cfg.method} dataset={cfg.data.dataset} model={cfg.train.model} "
-                  f"nodes={cfg.nodes} seed={cfg.seed} threads={cfg.threads or 'all'} -> {out}", highlight=False)
+    if not args.quiet:
+        console.print(f"[bold]mpfl run[/] method={cfg.method} dataset={cfg.data.dataset} model={cfg.train.model} "
+                      f"nodes={cfg.nodes} seed={cfg.seed} threads={cfg.threads or 'all'} -> {out}", highlight=False)
     if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
         check_memory(estimate, available_memory())
     try:
@@ -215,7 +227,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out = run.add_argument_group("output")
     out.add_argument("--out", help="run directory (default: a new folder under runs/)")
     out.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
-    out.add_argument("--quiet", action="store_true", help="no progress display")
+    out.add_argument("--quiet", action="store_true", help="no progress on stderr, only the summary on stdout")
     out.add_argument("--log-format", choices=LOG_FORMATS, default="auto",
                      help="progress: auto = a live bar on a terminal, else one text line per round; text; "
                           "json = one JSON object per round on stderr and the summary as JSON on stdout")
@@ -231,7 +243,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mpfl", description="Masked Pruning over Federated Learning.")
+    parser = _Parser(prog="mpfl", description="Masked Pruning over Federated Learning.")
     parser.add_argument("--version", action="version", version=f"mpfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
@@ -260,17 +272,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _suggest(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
-    """' Did you mean --lr?' for an unknown flag that is another name of a field or close to a flag."""
+    """A hint for the first unknown flag: the flag it is another name for, a flag it is close to, or
+    that it belongs to `mpfl run` (whose config flags other subcommands only partly take)."""
     flags = [s for action in parser._actions for s in action.option_strings]
-    for arg in (a for a in unknown if a.startswith("--")):
-        bare = arg[2:].split("=")[0].replace("-", "_")
-        owner = next((name for name, names in field_aliases().items() if bare in names), None)
+    for arg in (a.split("=")[0] for a in unknown if a.startswith("--")):
+        bare = arg[2:].replace("-", "_")
+        owner = bare if bare in FIELD_SECTIONS else next((n for n, al in field_aliases().items() if bare in al), None)
         if owner is not None and _flag(owner) in flags:
             return f" Did you mean {_flag(owner)}?"
-        close = difflib.get_close_matches(arg.split("=")[0], flags, n=1)
-        if close:
+        if owner is not None:
+            return f" {_flag(owner)} is a flag of mpfl run."
+        if close := difflib.get_close_matches(arg, flags, n=1, cutoff=0.75):
             return f" Did you mean {close[0]}?"
     return ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points at --help, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -70,17 +70,17 @@ class DataConfig:
     """Which data, where it lives and how it is split across nodes."""
 
     dataset: str = _field("mnist", "dataset to train on: mnist, fashion-mnist, cifar10, cifar100 or a registered one")
-    data_dir: str | None = _field(None, "folder holding the datasets (else $MPFL_DATA, then the user cache; "
-                                        "missing files are downloaded)", aliases=("root",))
+    data_dir: str | None = _field(None, "folder holding the datasets; none = $MPFL_DATA, then the user cache "
+                                        "(missing files are downloaded)", aliases=("root",))
     partition: str = _field("iid", "how the training data is split over the nodes", aliases=("split",))
     alpha: float = _field(0.5, "Dirichlet concentration of --partition dirichlet; smaller means stronger label skew",
                           aliases=("dirichlet_alpha",))
     shards: int = _field(2, "label shards per node with --partition shards", aliases=("shards_per_node",))
     val_fraction: float = _field(0.1, "share of each node's samples held out for validation",
                                  aliases=("validation_fraction",))
-    train_samples: int | None = _field(None, "use only the first n training samples (default: all)",
+    train_samples: int | None = _field(None, "use only the first n training samples; none = all",
                                        aliases=("num_train", "n_train"))
-    test_samples: int | None = _field(None, "evaluate on the first n test samples (default: all)",
+    test_samples: int | None = _field(None, "evaluate on the first n test samples; none = all",
                                       aliases=("num_test", "n_test"))
 
     def validate(self) -> None:
@@ -100,7 +100,7 @@ class TrainConfig:
 
     model: str = _field("mlp", "model architecture: mlp, cnn, lenet5, vgg11, resnet18 or a registered one",
                         aliases=("arch", "architecture"))
-    init: str | None = _field(None, "state_dict file with the initial weights (default: seeded random weights)",
+    init: str | None = _field(None, "state_dict file with the initial weights; none = seeded random weights",
                               aliases=("init_weights", "pretrained"))
     optimizer: str = _field("sgd", "local optimizer of every node", aliases=("optim",))
     lr: float = _field(0.05, "learning rate of the local optimizer", aliases=("learning_rate", "step_size"))
@@ -135,8 +135,8 @@ class PruneConfig:
     scope: str = _field("layer", "magnitude pruning per layer, or with one threshold over all layers")
     consensus: str = _field("vote", "rule that turns the nodes' masks into the consensus mask", aliases=("rule",))
     tau: float = _field(0.5, "vote share a weight needs to be kept with --consensus threshold", aliases=("threshold",))
-    percentile: float | None = _field(None, "vote percentile kept with --consensus histogram "
-                                            "(default: the round's pruning share)")
+    percentile: float | None = _field(None, "vote percentile kept with --consensus histogram; "
+                                            "none = the round's pruning share")
     rewind: str = _field("none", "start of each mask round: init = the initial weights, "
                                  "none = the node's own last weights")
     train_init: str = _field("local", "start of training: rewind = the initial weights, "
