@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,15 +154,30 @@ def test_path_errors_are_one_line(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def _unwritable(folder: Path) -> bool:
+    try:
+        (folder / "probe").mkdir()
+    except OSError:
+        return True
+    (folder / "probe").rmdir()
+    return False
+
+
 def test_unwritable_places_are_one_line_errors(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    if os.access(locked, os.W_OK):
-        pytest.skip("running as a user who can write anywhere (root)")
-    assert main(["run", *SMALL, "--out", str(locked / "run")]) == 2
+    where = next((d for d in (locked, Path("/sys")) if _unwritable(d)), None)  # root may write anywhere but /sys
+    if where is None:
+        pytest.skip("no unwritable folder to try")
+    assert main(["run", *SMALL, "--out", str(where / "run")]) == 2
     err = capsys.readouterr().err
-    assert "Permission denied" in err and "choose another --out" in err and len(err.strip().splitlines()) == 1
+    assert "cannot create run directory" in err and "choose another --out" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "runs").mkdir()
+    assert main(["run", *SMALL, "--out", str(tmp_path / "runs" / "one")]) == 0
+    assert main(["report", str(tmp_path / "runs"), "--out", str(where / "report")]) == 2
+    err = capsys.readouterr().err
+    assert "choose another path" in err and len(err.strip().splitlines()) == 1
 
 
 # --------------------------------------------------------------------------- output
