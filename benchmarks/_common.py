@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import signal
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -40,3 +43,17 @@ def emit(title: str, rows: Sequence[dict], json_path: Path | None, columns: Sequ
     Console(width=200).print(table)
     if json_path is not None:
         json_path.write_text(json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=2) + "\n")
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (a `kill`, a timeout) into SystemExit, so that `finally` blocks and context managers
+    still end the processes and remove the folders a benchmark started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def require(module: str, extra: str, what: str, otherwise: str = "") -> None:
+    """Exit at once, saying what to install (or `otherwise` what to do), when `what` needs an optional
+    extra that is not installed."""
+    if importlib.util.find_spec(module) is None:
+        hint = f"; {otherwise}" if otherwise else ""
+        sys.exit(f"{what} needs the {extra!r} extra ({module} is not installed): pip install -e \".[{extra}]\"{hint}")

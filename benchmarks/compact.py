@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _common import emit, parser
+from _common import emit, parser, stop_on_sigterm
 
 from mpfl.compact import CompactTrainer, flops, latency_ms, parameter_count, state_bytes
 from mpfl.core.masks import filter_mask
@@ -101,6 +101,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads in every measurement")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "SPARSITY", "DATA_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    stop_on_sigterm()
     if args.worker:
         variant, sparsity, data_dir = args.worker
         print(json.dumps(measure(variant, float(sparsity), Path(data_dir), args.threads)))

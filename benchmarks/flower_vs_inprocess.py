@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import emit, parser
+from _common import emit, parser, stop_on_sigterm
 
 from mpfl.export import load_final
 from mpfl.flower.local import LocalFederation
@@ -60,6 +60,11 @@ def on_flower(runner: str, overrides: dict, nodes: int, sim: RunResult, work: Pa
 
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
+    stop_on_sigterm()
+    simulation = importlib.util.find_spec("ray") is not None
+    if not simulation:
+        print("Flower's simulation engine is not installed (pip install -e \".[simulation]\"): its row is left out",
+              flush=True)
     overrides = {**(QUICK if args.quick else FULL), **COMMON}
     cfg, _ = from_run_config(overrides)
     started = time.perf_counter()
@@ -70,7 +75,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mpfl-flower-bench-"))
     try:
         rows.append(on_flower("flower-deployment", overrides, cfg.nodes, sim, work, simulation=False))
-        if importlib.util.find_spec("ray") is not None:
+        if simulation:
             rows.append(on_flower("flower-simulation", overrides, cfg.nodes, sim, work, simulation=True))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -31,7 +31,7 @@ VARIANTS = {
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated rows to run")
-    p.add_argument("--threads", type=int, help="torch threads per run (default: torch's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's choice)")
     args = p.parse_args()
     base = {"model": "cnn", "nodes": 10, "sparsity": 0.9, "partition": "iid", "eval_every": 0, "threads": args.threads}
     if args.quick:

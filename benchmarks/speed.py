@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import emit
+from _common import emit, require, stop_on_sigterm
 from torch import nn
 
 from mpfl.config import Config
@@ -57,6 +57,7 @@ from mpfl.core.params import get_weights, set_weights
 from mpfl.core.training import generator
 from mpfl.experiment import Experiment
 from mpfl.export import load_final
+from mpfl.flower.local import FINISHED
 from mpfl.models import build_model
 from mpfl.records import read_summary
 from mpfl.sim import simulate
@@ -144,6 +145,22 @@ def in_process(run_config: dict, out: Path, workers: int = 1) -> float:
     return time.perf_counter() - started
 
 
+def wait_for_summary(fed, run_id: int, summary: Path, started: float, timeout: float = 3600.0) -> float:
+    """Seconds from `started` until the Flower run writes `summary`; asks Flower every 10 s whether the
+    run ended without it (it failed), so a failed run stops the benchmark at once."""
+    asked = started
+    while not summary.exists():
+        now = time.perf_counter()
+        if now - started > timeout:
+            raise TimeoutError(f"the Flower run did not finish within {timeout:g} s")
+        if now - asked > 10:
+            asked, run = now, fed.status(run_id)
+            if run["status"].startswith(FINISHED) and not summary.exists():
+                raise SystemExit(f"Flower run {run_id} ended {run['status']}: {run['status-details']}")
+        time.sleep(0.1)
+    return time.perf_counter() - started
+
+
 def on_flower_simulation(run_config: dict, nodes: int, work: Path) -> tuple[float, Path]:
     """Seconds from `flwr run` to the run's summary.json on Flower's simulation engine, and the run dir."""
     from mpfl.flower.local import LocalFederation
@@ -152,11 +169,7 @@ def on_flower_simulation(run_config: dict, nodes: int, work: Path) -> tuple[floa
     with LocalFederation(work, nodes, simulation=True) as fed:
         started = time.perf_counter()
         run_id = fed.run(REPO, {**run_config, "out-dir": str(out)})
-        while not (out / "summary.json").exists():
-            time.sleep(0.1)
-            if time.perf_counter() - started > 3600:
-                raise TimeoutError("the Flower run did not finish within an hour")
-        wall = time.perf_counter() - started
+        wall = wait_for_summary(fed, run_id, out / "summary.json", started)
         run = fed.wait(run_id, 600, done=out / "summary.json")
     if run["status"] != "finished:completed":
         raise SystemExit(f"Flower run {run_id} ended {run['status']}: {run['status-details']}")
@@ -224,9 +237,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads of the overhead runs (default 1)")
     p.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)")
     args = p.parse_args()
+    parts = args.only or PARTS
+    if "flower" in parts:
+        require("ray", "simulation", "the flower part (Flower's simulation engine)",
+                "or measure the rest alone: --only overhead --only memory")
+    stop_on_sigterm()
     figures: dict = {"machine_before": machine(), "quick": args.quick}
 
-    parts = args.only or PARTS
     if "overhead" in parts:
         rows = [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")]
         emit("Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, mlp <= 1.25)",

@@ -5,6 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mpfl.cli import main
+from mpfl.config import Config
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
@@ -19,3 +22,13 @@ def test_custom_extensions_example_runs_with_the_users_own_pieces():
     assert all(not (m & ~p).any() for p, m in zip(result.masks[0], result.mask))
     assert [w.shape for w in result.weights] == [(32, 16), (32,), (2, 32), (2,)]
     assert np.isfinite(np.concatenate([w.ravel() for w in result.weights])).all()
+
+
+def test_the_example_config_runs_and_flags_override_it(tmp_path):
+    cfg = Config.from_toml(EXAMPLES / "experiment.toml")
+    assert cfg.data.partition == "dirichlet" and cfg.prune.sparsity == 0.9
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(EXAMPLES / "experiment.toml"), "--seed", "1", "--train-samples", "1000",
+                 "--test-samples", "200", "--mask-rounds", "1", "--rounds", "1", "--quiet", "--out", str(out)]) == 0
+    saved = Config.from_toml(out / "config.toml")
+    assert saved.seed == 1 and saved.data.alpha == 0.5 and saved.train.model == "mlp"

@@ -112,3 +112,34 @@ def test_dry_run_lists_cells_with_estimates(tmp_path, capsys, monkeypatch):
     text = capsys.readouterr().out
     assert calls == [] and not (tmp_path / "s").exists()
     assert "ablation:nodes" in text and "still to run" in text and len(preset_cells("quick")) == text.count(" todo ")
+
+
+def test_datasets_option_keeps_the_grid_on_the_named_datasets(capsys):
+    mnist_only = preset_cells("quick", datasets=["mnist"])
+    assert {c.config().data.dataset for c in mnist_only} == {"mnist"}
+    assert len([c for c in mnist_only if c.group == "main"]) == 8 * 3
+    assert {c.group for c in mnist_only} == {c.group for c in preset_cells("quick")}
+    fashion_only = preset_cells("quick", datasets=["fashion-mnist"])
+    assert {c.group for c in fashion_only} == {"main"}
+    with pytest.raises(ConfigError, match="--datasets mnst: choose from mnist"):
+        preset_cells("quick", datasets=["mnst"])
+
+
+def test_dry_run_names_missing_data_and_how_to_do_without_it(tmp_path, capsys, data_env):
+    assert main(["study", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert f"missing data: fashion-mnist is not in {data_env}" in out and "--datasets mnist" in out
+    assert main(["study", "--dry-run", "--datasets", "mnist", "--out", str(tmp_path / "s")]) == 0
+    assert "missing data" not in capsys.readouterr().out
+
+
+def test_a_missing_dataset_stops_the_study_before_any_run_and_says_how_to_skip_it(tmp_path, capsys, data_env,
+                                                                                  monkeypatch):
+    import mpfl.data
+
+    monkeypatch.setattr(mpfl.data, "_download_dataset", lambda key, roots: (_ for _ in ()).throw(OSError("offline")))
+    calls = counting(monkeypatch)
+    assert main(["study", "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert calls == [] and "fashion-mnist" in err and "--datasets mnist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()

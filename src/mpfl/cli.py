@@ -201,7 +201,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
-    console.print(f"[bold]mpfl study[/] preset={args.preset} ({PRESETS[args.preset].about}) -> {out}")
+    if not args.quiet:
+        console.print(f"[bold]mpfl study[/] preset={args.preset} ({PRESETS[args.preset].about}) -> {out}")
     if args.dry_run:
         print_plan(cells, out, Console(), args.data_dir)
         missing = missing_datasets(cells, args.data_dir)

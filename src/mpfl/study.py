@@ -246,14 +246,14 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
 
     console = console or Console(stderr=True)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
+    _check_datasets({cfg.data.dataset for _, cfg, path in planned if cell_status(path) != "done"}, data_dir)
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "study.json", json.dumps(
         [{"name": path.name, "group": cell.group, "overrides": cell.overrides} for cell, _, path in planned], indent=2))
     result = StudyResult()
     todo = [(cfg, path) for _, cfg, path in planned if prepare_cell(path, cfg)]
     result.skipped = [path for _, _, path in planned if cell_status(path) == "done"]
-    _check_datasets({cfg.data.dataset for cfg, _ in todo}, data_dir)
     columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=quiet) as progress:
