@@ -44,6 +44,9 @@ def test_every_field_is_a_unique_flag():
         ({"train": {"init": "/no/such/file.pt"}}, "no such file"),
         ({"train": 3}, r"\[train\] must be a table"),
         ({"nodes": True}, "nodes must be of type int"),
+        ({"train": {"learning_rate": 0.1}}, "unknown config key 'train.learning_rate'. Did you mean 'train.lr'"),
+        ({"num_nodes": 3}, "unknown config key 'num_nodes'. Did you mean 'nodes'"),
+        ({"threads": -1}, "threads = -1 must be >= 0"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(data, message):
@@ -58,3 +61,8 @@ def test_bad_toml_files(tmp_path):
     bad.write_text("method = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         Config.from_toml(bad)
+
+
+def test_one_torch_thread_unless_asked():
+    assert Config().threads == 1
+    assert Config().with_overrides({"threads": 0}).threads == 0

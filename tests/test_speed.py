@@ -2,6 +2,12 @@
 bodies, chunked batches, gradient-only masking and the plain SGD step give bit-for-bit the same
 masks and weights; channels-last evaluation gives the same accuracy."""
 
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +21,8 @@ from mpfl.experiment import Experiment
 from mpfl.models import build_model
 from mpfl.server import Server
 from mpfl.sim import FaultyTransport, build_nodes, simulate
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def bits(tensors):
@@ -133,3 +141,13 @@ def test_channels_last_evaluation_matches_plain_evaluation_and_restores_the_layo
     assert accuracy == int((out.argmax(1) == y).sum()) / 300
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, y).item(), rel=1e-5)
     assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="the simulation extra is installed")
+def test_a_benchmark_that_needs_a_missing_extra_says_so_at_once(tmp_path):
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--quick"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode != 0 and time.perf_counter() - started < 60
+    assert "needs the 'simulation' extra" in done.stderr and "--only overhead --only memory" in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,96 @@
+"""What a run shows and leaves behind: round lines and ETA, Ctrl-C held back while a round is
+written, TensorBoard events across a resume, and the memory estimate against measured peaks."""
+
+import io
+import json
+import os
+import signal
+
+import pytest
+
+from conftest import tiny_config
+from mpfl.config import Config
+from mpfl.interrupts import deferred_interrupts
+from mpfl.progress import Eta, RoundLog, format_seconds, round_text
+from mpfl.protocol import plan
+from mpfl.records import read_rounds
+from mpfl.resources import estimate_run
+from mpfl.sim import simulate
+
+
+def _record(step: int, phase: str, time: float, **extra) -> dict:
+    return {"step": step, "phase": phase, "round": step, "time": time, "accuracy": None, "loss": None,
+            "density": 0.5, "cum_bytes_up": 1_000_000, "cum_bytes_down": 2_000_000, **extra}
+
+
+def test_eta_weighs_the_rounds_left_by_their_phase():
+    cfg = Config().with_overrides({"mask_rounds": 2, "rounds": 3})
+    eta = Eta(plan(cfg))
+    assert eta.add(_record(1, "mask", 3.0)) == pytest.approx(3.0 + 3 * 3.0)  # training not seen yet: overall mean
+    assert eta.add(_record(2, "mask", 5.0)) == pytest.approx(3 * 4.0)
+    assert eta.add(_record(3, "train", 1.0)) == pytest.approx(2 * 1.0)
+    assert eta.add(_record(5, "train", 1.0)) == 0
+
+
+def test_round_lines_and_json_events():
+    cfg = Config().with_overrides({"mask_rounds": 1, "rounds": 1})
+    text, events = io.StringIO(), io.StringIO()
+    for fmt, stream in (("text", text), ("json", events)):
+        with RoundLog(plan(cfg), log_format=fmt, stream=stream) as log:
+            log(_record(1, "mask", 2.0, dropped={"3": "dropped out"}))
+            log(_record(2, "train", 1.0, accuracy=0.9123, loss=0.25))
+    lines = text.getvalue().splitlines()
+    assert lines[0].startswith("round   1/2   mask") and "eta 2 s" in lines[0] and "node 3: dropped out" in lines[0]
+    assert "acc 91.23%  loss 0.2500" in lines[1] and lines[1].endswith("eta 0 s")
+    assert [json.loads(line)["eta_s"] for line in events.getvalue().splitlines()] == [2.0, 0]
+    assert round_text(_record(1, "mask", 0.5), 2, None).endswith("eta ?")
+    assert [format_seconds(s) for s in (4.4, 65, 7300)] == ["4 s", "1 min 05 s", "2 h 01 min"]
+
+
+def test_quiet_shows_nothing():
+    stream = io.StringIO()
+    with RoundLog(plan(Config()), quiet=True, stream=stream) as log:
+        log(_record(1, "mask", 1.0))
+    assert stream.getvalue() == ""
+
+
+def test_ctrl_c_inside_a_deferred_block_arrives_when_it_ends():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("still writing")
+    assert done == ["still writing"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_tensorboard_events_of_a_resumed_run_hold_every_step_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mpfl.tensorboard import TensorBoardLog
+
+    cfg, out, board = tiny_config(rounds=3, mask_rounds=2), tmp_path / "run", tmp_path / "tb"
+
+    def stop_after_step_3(record):
+        log(record)
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    log = TensorBoardLog(board)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(cfg, out, on_round=stop_after_step_3)
+    log.close()
+    log = TensorBoardLog(board)
+    simulate(cfg, out, on_round=log, resume=True)
+    log.close()
+    events = EventAccumulator(str(board))
+    events.Reload()
+    assert [e.step for e in events.Scalars("bytes/up")] == [r["step"] for r in read_rounds(out)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("model, nodes, measured_mib", [("mlp", 1000, 2073), ("mlp", 3000, 5323), ("cnn", 10, 825),
+                                                        ("cnn", 100, 1893)])
+def test_the_memory_estimate_is_close_to_measured_peaks(model, nodes, measured_mib):
+    estimate = estimate_run(Config().with_overrides({"model": model, "nodes": nodes}))
+    assert 0.9 * measured_mib <= estimate.total / 2**20 <= 1.2 * measured_mib
