@@ -42,7 +42,7 @@ def test_worker_processes_give_the_sequential_run_bit_for_bit(tmp_path):
     cfg = tiny_config(nodes=4, train_samples=800, test_samples=100, rewind="none", train_init="local", malicious=1,
                       attack="shuffle", dropout=0.2, min_nodes=2)
     sequential = simulate(cfg)
-    parallel = simulate(cfg.with_overrides({"workers": 2}), tmp_path / "run")
+    parallel = simulate(cfg.with_overrides({"workers": 2}), tmp_path / "run", keep_checkpoint=True)
     assert_same_run(sequential, parallel)
     assert (tmp_path / "run" / CHECKPOINT).is_file()
 
