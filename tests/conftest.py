@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """Undo every registration a test makes (datasets, models, rules, methods, ...), so tests stay independent."""
+    import mpfl.data  # noqa: F401  (these import every built-in registry)
+    import mpfl.models  # noqa: F401
+    import mpfl.node  # noqa: F401
+    from mpfl.registry import ALL
+
+    saved = [(reg, reg.snapshot()) for reg in ALL]
+    yield
+    for reg, snapshot in saved:
+        reg.restore(snapshot)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The reference MNIST / Fashion-MNIST copies in `shared/data`, beside the repository."""

@@ -13,7 +13,7 @@ import torch
 
 from conftest import tiny_config
 from mpfl import codec
-from mpfl.attacks import MaliciousNode, malicious_ids
+from mpfl.attacks import malicious_ids
 from mpfl.cli import main
 from mpfl.core.aggregate import robust_average
 from mpfl.core.consensus import agreement_weights, trimmed_tally
@@ -294,9 +294,12 @@ def test_malicious_nodes_are_chosen_by_seed_and_forge_what_they_send():
     current = [np.array([1, 1, 1, 0], bool)]
     honest = [np.array([1, 0, 0, 0], bool)]
     exp = Experiment.from_config(cfg)
-    node = MaliciousNode(bad[0], cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(bad[0]))
+    node = Node(bad[0], cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(bad[0]))
     assert node.forge_mask(honest, current, exp.w0, 1)[0].tolist() == [False, True, True, False]
-    flip = MaliciousNode(0, tiny_config(malicious=1, attack="sign-flip"), node.trainer, exp.node_data(0))
+    honest_node = Node(next(i for i in range(cfg.nodes) if i not in bad), cfg, node.trainer, exp.node_data(0))
+    assert honest_node.forge_mask(honest, current, exp.w0, 1)[0].tolist() == [True, False, False, False]
+    flip_cfg = tiny_config(malicious=1, attack="sign-flip")
+    flip = Node(malicious_ids(flip_cfg)[0], flip_cfg, node.trainer, exp.node_data(0))
     start, trained = [np.ones(2, np.float32)], [np.array([1.5, 0.5], np.float32)]
     assert flip.forge_values(trained, start, 1)[0].tolist() == [0.5, 1.5]
 

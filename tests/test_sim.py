@@ -10,7 +10,8 @@ from mpfl.core.aggregate import weighted_average
 from mpfl.errors import RoundError
 from mpfl.experiment import Experiment
 from mpfl.node import Node, make_trainer
-from mpfl.protocol import NodeFailure, plan
+from mpfl.methods import plan
+from mpfl.protocol import NodeFailure
 from mpfl.server import Server
 from mpfl.sim import InProcessTransport, simulate
 

@@ -14,7 +14,8 @@ from mpfl.core.training import LocalData, LocalTrainer, batches, evaluate, gener
 from mpfl.experiment import Experiment
 from mpfl.models import build_model
 from mpfl.server import Server
-from mpfl.sim import FaultyTransport, build_nodes, simulate
+from mpfl.node import build_nodes
+from mpfl.sim import FaultyTransport, simulate
 
 
 def bits(tensors):

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .config import FIELD_SECTIONS, Config, field_choices, field_types
 from .errors import ConfigError, MpflError
 from .export import add_export_parser
-from .protocol import plan
+from .methods import plan
 from .records import default_run_dir
 
 console = Console(stderr=True, soft_wrap=True)

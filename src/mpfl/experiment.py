@@ -21,7 +21,7 @@ from .data import Dataset, load_dataset
 from .errors import ConfigError
 from .export import save_final
 from .models import build_model, load_init
-from .node import is_structured
+from .methods import method_of
 from .partition import Partition, make_partition
 from .records import RunDir, summarize
 
@@ -57,8 +57,9 @@ class Experiment:
         model = build_model(cfg.train.model, dataset.input_shape, dataset.num_classes)
         if cfg.train.init is not None:
             load_init(model, cfg.train.init)
-        spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
-        if not spec.prunable and cfg.method != "fedavg":
+        method = method_of(cfg)
+        spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
+        if not spec.prunable and method.prunes:
             raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "
                               f"{list(cfg.prune.exclude)}; exclude fewer layers")
         return cls(cfg, dataset, partition, model, spec, get_weights(model, spec))
@@ -78,7 +79,7 @@ class Experiment:
                extra: dict) -> dict:
         """The run's summary (with the pruned model's size and cost); written with the final
         weights to `run_dir` when there is one."""
-        stats = model_stats(self.model, self.spec, weights, mask, self.dataset.input_shape, is_structured(self.cfg))
+        stats = model_stats(self.model, self.spec, weights, mask, self.dataset.input_shape, method_of(self.cfg).structured)
         summary = summarize(self.cfg, records, wall_time, {"malicious_nodes": malicious_ids(self.cfg), **extra, **stats})
         if run_dir is not None:
             save_final(run_dir.path, self.spec, weights, mask, self.dataset.input_shape, self.dataset.num_classes)

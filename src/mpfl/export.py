@@ -36,7 +36,7 @@ from .config import Config
 from .core.params import ParamSpec, param_spec, set_weights
 from .errors import MpflError
 from .models import build_model
-from .node import is_structured
+from .methods import method_of
 from .records import CONFIG, atomic_write
 
 FINAL, EXPORT_JSON, MASK_FILE = "final.npz", "export.json", "mask.bin"
@@ -167,7 +167,8 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     cfg = Config.from_toml(run / CONFIG)
     final = load_final(run)
     model = build_model(cfg.train.model, final.input_shape, final.num_classes)
-    spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
+    method = method_of(cfg)
+    spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
     if set(spec.names) != set(final.weights) or set(spec.prunable_names) != set(final.mask):
         raise ExportError(f"{run / FINAL} does not hold the tensors of model {cfg.train.model!r} as configured")
     bad = [n for n, s in zip(spec.names, spec.shapes) if final.weights[n].shape != s]
@@ -184,7 +185,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     """Write a run's final model in compact form plus `export.json`, and return what export.json holds."""
     run = Path(run_dir)
     cfg, final, model, spec, mask = _model_from_run(run)
-    structured = is_structured(cfg)
+    structured = method_of(cfg).structured
     compact = structured and compactable(model)
     formats = list(dict.fromkeys(formats or (["state_dict", "torchscript"] if compact else ["sparse"])))
     unknown = [f for f in formats if f not in FILES]

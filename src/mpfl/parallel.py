@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 
 from .config import Config
 from .data import Dataset
-from .node import NodeState
+from .experiment import Experiment
+from .node import NodeState, build_nodes, deliver
 from .protocol import Reply
-
 
 PRELOAD = ["mpfl.sim"]
 
@@ -41,9 +41,6 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
            states: dict[int, NodeState]) -> None:
     """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
     until it receives None."""
-    from .experiment import Experiment
-    from .sim import build_nodes, deliver
-
     torch.set_num_threads(threads)
     nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
     while (message := conn.recv()) is not None:

@@ -24,9 +24,10 @@ from typing import Any, Iterable
 import tomli_w
 import torch
 
-from . import __version__
+from ._version import __version__
 from .config import Config
 from .errors import ConfigError
+from .methods import method_of
 
 CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "rounds.csv", "summary.json"
 CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
@@ -115,7 +116,7 @@ def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dic
     last = records[-1] if records else {}
     return {
         "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "partition": cfg.data.partition,
-        "nodes": cfg.nodes, "seed": cfg.seed, "sparsity": 0.0 if cfg.method == "fedavg" else cfg.prune.sparsity,
+        "nodes": cfg.nodes, "seed": cfg.seed, "sparsity": cfg.prune.sparsity if method_of(cfg).prunes else 0.0,
         "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
         "final_loss": last.get("loss"), "final_density": last.get("density"),
         "rounds": len(records), "train_rounds": sum(r["phase"] == "train" for r in records),

@@ -23,8 +23,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .config import METHODS, PARTITIONS
 from .data import DATASETS
+from .methods import METHODS
+from .partition import PARTITIONS
 from .errors import ConfigError
 from .records import ROUNDS_JSONL, SUMMARY, atomic_write, read_rounds, read_summary
 
@@ -61,6 +62,11 @@ class Run:
     @property
     def method(self) -> str:
         return self.flat["method"]
+
+    @property
+    def reference(self) -> bool:
+        """Whether the run is of the dense baseline that the others' bytes and times are compared with."""
+        return self.method in METHODS and METHODS.get(self.method).reference
 
     @property
     def bytes_up(self) -> int:
@@ -166,20 +172,20 @@ def _section_key(r: Run) -> tuple:
     """Datasets in the package's order; partitions from iid to the most skewed."""
     kind = _order(PARTITIONS, r.flat["partition"])
     skew = -r.flat["alpha"] if r.flat["partition"] == "dirichlet" else r.flat["shards"]
-    return (_order(DATASETS, r.flat["dataset"]), kind, skew)
+    return (_order(DATASETS.names(), r.flat["dataset"]), kind, skew)
 
 
 def _sort_key(g: Group) -> tuple:
     r = g.first
     variant = tuple((k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in g.variant.items())
-    return (_section_key(r), r.summary["sparsity"], _order(METHODS, r.method), len(g.variant), variant)
+    return (_section_key(r), r.summary["sparsity"], _order(METHODS.names(), r.method), len(g.variant), variant)
 
 
 def _fedavg_bytes(runs: Sequence[Run]) -> dict[tuple, float]:
     """Mean total bytes of the dense FedAvg runs, by the key runs are matched on."""
     totals: dict[tuple, list[int]] = defaultdict(list)
     for r in runs:
-        if r.method == "fedavg" and r.flat.get("value_dtype", "float32") == "float32":
+        if r.reference and r.flat.get("value_dtype", "float32") == "float32":
             totals[_match_key(r)].append(r.bytes_up + r.bytes_down)
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
@@ -188,7 +194,7 @@ def _fedavg_round_time(runs: Sequence[Run]) -> dict[tuple, float]:
     """Mean training-round wall time of the dense FedAvg runs, by the key runs are matched on."""
     times: dict[tuple, list[float]] = defaultdict(list)
     for r in runs:
-        if r.method == "fedavg" and r.summary.get("train_round_time"):
+        if r.reference and r.summary.get("train_round_time"):
             times[_match_key(r)].append(r.summary["train_round_time"])
     return {k: float(np.mean(v)) for k, v in times.items()}
 
@@ -288,7 +294,8 @@ def to_markdown(rows: Sequence[dict], columns: dict[str, str] = COLUMNS) -> str:
 
 
 def _color(method: str) -> str:
-    return f"C{METHODS.index(method) % 10}" if method in METHODS else "C9"
+    names = METHODS.names()
+    return f"C{names.index(method) % 10}" if method in names else "C9"
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
@@ -316,12 +323,12 @@ def _mean_curve(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 def _curve_groups(groups: Sequence[Group]) -> tuple[list[Group], float | None]:
     """Per method the groups with the fewest variant fields, at the sparsity most methods share (plus FedAvg)."""
-    pruned = [g for g in groups if g.first.method != "fedavg"]
+    pruned = [g for g in groups if not g.first.reference]
     per_sparsity = Counter()
     for s in {g.first.summary["sparsity"] for g in pruned}:
         per_sparsity[s] = len({g.first.method for g in pruned if g.first.summary["sparsity"] == s})
     main = max(per_sparsity, key=lambda s: (per_sparsity[s], s)) if per_sparsity else None
-    chosen = [g for g in groups if g.first.method == "fedavg" or g.first.summary["sparsity"] == main]
+    chosen = [g for g in groups if g.first.reference or g.first.summary["sparsity"] == main]
     fewest = {m: min(len(g.variant) for g in chosen if g.first.method == m) for m in {g.first.method for g in chosen}}
     return [g for g in chosen if len(g.variant) == fewest[g.first.method]], main
 
@@ -363,12 +370,12 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
     """Final accuracy against sparsity per method (mean ± std over seeds); dense FedAvg as a reference line."""
     fig, ax = _figure(f"Final accuracy vs sparsity: {title}", "sparsity (logit scale)", "final test accuracy (%)")
     ticks = set()
-    for method in sorted({g.first.method for g in groups}, key=lambda m: METHODS.index(m) if m in METHODS else 99):
+    for method in sorted({g.first.method for g in groups}, key=lambda m: _order(METHODS.names(), m)):
         mine = sorted((g for g in groups if g.first.method == method), key=lambda g: g.first.summary["sparsity"])
         stats = [_mean_std([r.summary["final_accuracy"] for r in g.runs]) for g in mine]
         mean = np.array([100 * m for m, _ in stats])
         std = np.array([100 * (s or 0.0) for _, s in stats])
-        if method == "fedavg":
+        if mine[0].first.reference:
             ax.axhline(mean.mean(), color=_color(method), linestyle="--", label="fedavg (dense)")
             continue
         x = [g.first.summary["sparsity"] for g in mine]
@@ -386,7 +393,7 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
 def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
     """Final accuracy of each variant against its method's baseline (dashed), mean ± std over seeds."""
     fig, ax = _figure(f"Variants: {title}", "final test accuracy (%)", "")
-    several = len({g.first.summary["sparsity"] for g in groups if g.first.method != "fedavg"}) > 1
+    several = len({g.first.summary["sparsity"] for g in groups if not g.first.reference}) > 1
     y = np.arange(len(groups))[::-1]
     labels = []
     for yi, g in zip(y, groups):
@@ -396,7 +403,7 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
             ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
         ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,
                     markerfacecolor="white" if not g.variant else color)
-        where = f" @ {g.first.summary['sparsity']:g}" if several and g.first.method != "fedavg" else ""
+        where = f" @ {g.first.summary['sparsity']:g}" if several and not g.first.reference else ""
         labels.append(f"{g.first.method}{where}: {format_variant(g.variant) or 'baseline'}")
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(-0.7, len(groups) - 0.3)
@@ -442,7 +449,7 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
                  (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in mine if not g.variant],
                   _title_suffix(dataset, partition, None))]
         if ablation := _ablation_groups(mine):
-            pruned = {g.first.summary["sparsity"] for g in ablation if g.first.method != "fedavg"}
+            pruned = {g.first.summary["sparsity"] for g in ablation if not g.first.reference}
             shared = pruned.pop() if len(pruned) == 1 else None
             plots.append((plot_ablation, "ablation", ablation, _title_suffix(dataset, partition, shared)))
         for plot, name, chosen, plot_title in plots:

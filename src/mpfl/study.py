@@ -44,16 +44,17 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import METHODS, Config
+from .config import Config
 from .data import load_dataset
 from .errors import ConfigError, MpflError
-from .protocol import ITERATIVE_MASK, plan
+from .methods import method_of, plan
 from .records import SUMMARY, atomic_write, read_summary
 
 DATASETS = ("mnist", "fashion-mnist")
 PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1})
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 MAIN_SPARSITY = 0.9
+MAIN_METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
 SWEEP_METHODS = ("mpfl", "fedavg-prune", "random")
 ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "consensus": [{"consensus": rule} for rule in ("vote", "threshold", "dynamic", "histogram")],
@@ -106,7 +107,7 @@ class Cell:
 def grid(base: dict[str, Any], seeds: int) -> list[Cell]:
     """The study's cells for a sizing `base`: main comparison, sparsity sweep and ablations, without duplicates."""
     cells = [Cell("main", {**base, "method": m, "dataset": d, **p, "sparsity": MAIN_SPARSITY, "seed": s})
-             for d in DATASETS for p in PARTITIONS for m in METHODS for s in range(seeds)]
+             for d in DATASETS for p in PARTITIONS for m in MAIN_METHODS for s in range(seeds)]
     cells += [Cell("sparsity", {**base, "method": m, "dataset": "mnist", "partition": "iid", "sparsity": sp, "seed": s})
               for m in SWEEP_METHODS for sp in SPARSITIES for s in range(seeds)]
     cells += [Cell(f"ablation:{axis}", {**base, "method": method, "dataset": "mnist", "partition": "iid",
@@ -154,10 +155,11 @@ def estimate_seconds(cfg: Config) -> float:
     samples = (cfg.data.train_samples or 60000) * (1 - cfg.data.val_fraction) * cfg.train.epochs
     per_round = samples * SAMPLE_ROUND_SECONDS * (1 + PER_NODE_FACTOR * cfg.nodes)
     total = SETUP_SECONDS
-    for step in plan(cfg):
+    method = method_of(cfg)
+    for step in method.plan():
         if step.phase == "train":
             total += per_round * cfg.train.fraction
-        elif step.phase == "mask" and cfg.method in ITERATIVE_MASK:
+        elif step.phase == "mask" and method.trains_in_mask_rounds:
             total += per_round * MASK_ROUND_FACTOR
         elif step.phase == "warmup":
             total += per_round

@@ -7,11 +7,16 @@ the current one: the criteria only ever choose among entries that are still kept
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..registry import Registry, registry
+
 Mask = list[np.ndarray]
+SCHEDULES = ("geometric", "linear")
+SCOPES = ("layer", "global")
 
 
 def target_density(t: int, rounds: int, sparsity: float, schedule: str) -> float:
@@ -116,25 +121,29 @@ def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], d
     return select(scores, current, density, scope, floor)
 
 
-Criterion = Callable[..., Mask]
-CRITERIA: dict[str, Criterion] = {"magnitude": magnitude_mask, "filter": filter_mask, "saliency": saliency_mask}
-STRUCTURED = {"filter"}
-NEEDS_SCORES = {"saliency"}
+@dataclass(frozen=True)
+class Criterion:
+    """A local mask rule `choose(weights_or_scores, current, density, *, scope, floor) -> mask`.
 
-
-def register_criterion(name: str, fn: Criterion, *, structured: bool = False, needs_scores: bool = False) -> None:
-    """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`.
-
-    With ``needs_scores`` the node passes SNIP saliency scores instead of trained weights and
-    skips local training; with ``structured`` masks keep or drop whole output filters.
+    With `needs_scores` the node passes SNIP saliency scores instead of trained weights and
+    skips local training; with `structured` masks keep or drop whole output filters.
     """
-    if name in CRITERIA:
-        raise ValueError(f"a mask criterion named {name!r} already exists")
-    CRITERIA[name] = fn
-    if structured:
-        STRUCTURED.add(name)
-    if needs_scores:
-        NEEDS_SCORES.add(name)
+
+    choose: Callable[..., Mask]
+    structured: bool = False
+    needs_scores: bool = False
+
+
+CRITERIA: Registry[Criterion] = registry("mask criterion")
+CRITERIA.register("magnitude", Criterion(magnitude_mask))
+CRITERIA.register("filter", Criterion(filter_mask, structured=True))
+CRITERIA.register("saliency", Criterion(saliency_mask, needs_scores=True))
+
+
+def register_criterion(name: str, fn: Callable[..., Mask], *, structured: bool = False, needs_scores: bool = False) -> None:
+    """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`
+    (a subset of `current`); see `Criterion` for the two flags."""
+    CRITERIA.register(name, Criterion(fn, structured=structured, needs_scores=needs_scores))
 
 
 # --------------------------------------------------------------------------- statistics

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -59,11 +59,13 @@ class ParamSpec:
         return [weights[i] for i in self.prunable]
 
 
-def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool = False) -> ParamSpec:
+def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool = False,
+               keep: Callable[[list[str]], list[str]] | None = None) -> ParamSpec:
     """Describe a model's exchanged state; prunable = Linear/Conv weights not matched by `exclude`.
 
     `exclude` holds fnmatch patterns on tensor names (e.g. ``"0.*"``). A structured (filter)
-    mask never prunes the last prunable layer, whose output rows are the classes.
+    mask never prunes the last prunable layer, whose output rows are the classes. `keep`, when
+    given, narrows the candidates further (a method's `prunable_layers`).
     """
     state = model.state_dict()
     names = tuple(k for k, v in state.items() if v.is_floating_point())
@@ -74,6 +76,8 @@ def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool =
     ]
     if structured and candidates:
         candidates = candidates[:-1]
+    if keep is not None:
+        candidates = keep(candidates)
     chosen = {c for c in candidates if not any(fnmatch(c, pattern) for pattern in exclude)}
     prunable = tuple(i for i, n in enumerate(names) if n in chosen)
     return ParamSpec(names, tuple(tuple(state[n].shape) for n in names), prunable)
