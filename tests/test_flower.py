@@ -315,6 +315,21 @@ def test_deployment_matches_the_simulator(federation, tmp_path, sim):
 
 
 @deployment
+def test_a_plugin_method_runs_on_a_deployment_as_in_the_simulator(federation, tmp_path):
+    """Every SuperNode imports the run config's plug-in before handling a message, so a method
+    defined outside the package runs on Flower and gives the simulator's results."""
+    out = tmp_path / "run"
+    extra = {"plugins": str(REPO / "examples" / "custom_method.py"), "method": "mpfl-dense-head", "rounds": 1,
+             "federated-eval": False}
+    run_id = federation.run(REPO, {**SMALL, **extra, "out-dir": str(out)})
+    run = federation.wait(run_id, 300, done=out / "summary.json")
+    assert run["status"] == "finished:completed", run["status-details"]
+    cfg, _ = from_run_config(run_config(**extra))
+    assert_same_run(out, simulate(cfg))
+    assert "5.weight" not in load_final(out).mask
+
+
+@deployment
 def test_a_supernode_stopped_mid_run_is_left_out_and_the_run_finishes(federation, tmp_path):
     out = tmp_path / "run"
     run_id = federation.run(REPO, {**SMALL, "out-dir": str(out), "rounds": 1, "federated-eval": False})

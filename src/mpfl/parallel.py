@@ -25,8 +25,10 @@ import torch.multiprocessing as mp
 
 from .config import Config
 from .data import Dataset
+from .errors import MpflError
 from .experiment import Experiment
 from .node import NodeState, build_nodes, deliver
+from .plugins import load_plugins
 from .protocol import Reply
 
 PRELOAD = ["mpfl.sim"]
@@ -42,7 +44,12 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
     """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
     until it receives None."""
     torch.set_num_threads(threads)
-    nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
+    try:
+        load_plugins(cfg.plugins)
+        nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
+    except MpflError as exc:
+        conn.send(("setup", exc))
+        return
     while (message := conn.recv()) is not None:
         try:
             if message[0] == "exchange":
@@ -91,8 +98,12 @@ class NodePool:
                 status, result = self.conns[w].recv()
             except (EOFError, ConnectionError):
                 self.procs[w].join(timeout=5)
-                raise RuntimeError(f"worker process {w} exited (exit code {self.procs[w].exitcode}); a script that "
-                                   "sets workers > 1 must start the run under `if __name__ == \"__main__\":`") from None
+                raise RuntimeError(f"worker process {w} exited (exit code {self.procs[w].exitcode}); if a script "
+                                   "started this run, it must do so under `if __name__ == \"__main__\":`") from None
+            if status == "setup":
+                raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
+                                   "import only the plug-ins the config names: register your own datasets, "
+                                   "models and methods in a module passed with --plugins") from None
             if status != "ok":
                 raise RuntimeError(f"worker process {w} failed:\n{result}")
             answers[w] = result

@@ -74,10 +74,11 @@ def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool =
         for mod_name, module in model.named_modules()
         if isinstance(module, _PRUNABLE_MODULES)
     ]
-    if structured and candidates:
-        candidates = candidates[:-1]
+    classes = candidates[-1] if candidates else None
     if keep is not None:
         candidates = keep(candidates)
+    if structured:
+        candidates = [c for c in candidates if c != classes]
     chosen = {c for c in candidates if not any(fnmatch(c, pattern) for pattern in exclude)}
     prunable = tuple(i for i, n in enumerate(names) if n in chosen)
     return ParamSpec(names, tuple(tuple(state[n].shape) for n in names), prunable)
