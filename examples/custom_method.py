@@ -12,7 +12,7 @@ Flower apps. A method is a `mpfl.methods.Method` subclass that overrides the hoo
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from mpfl.methods import register_method
 from mpfl.methods.mpfl import Mpfl

@@ -11,8 +11,8 @@ import pytest
 def restore_registries():
     """Undo every registration a test makes (datasets, models, rules, methods, ...) and forget the
     plug-ins it imported, so tests stay independent."""
-    import mpfl.data  # noqa: F401  (these import every built-in registry)
-    import mpfl.models  # noqa: F401
+    import mpfl.data
+    import mpfl.models
     import mpfl.node  # noqa: F401
     from mpfl import plugins
     from mpfl.registry import ALL

@@ -8,8 +8,8 @@ import struct
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -794,8 +794,10 @@ def _forgeable() -> dict[str, tuple[bytes, int, Callable[[bytes], codec.Body]]]:
     decode_mask = lambda b: codec.decode_mask(b, [support])  # noqa: E731
     decode_sparse = lambda b: codec.decode_sparse(b, [(10,)])  # noqa: E731
     return {
-        "dense-count": (codec.encode_dense(Kind.WEIGHTS, [x], round=1), 0, lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(10,)])),
-        "values-count": (codec.encode_values([x], [support], round=1, dtype="int8"), 0, lambda b: codec.decode_values(b, [support])),
+        "dense-count": (codec.encode_dense(Kind.WEIGHTS, [x], round=1), 0,
+                        lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(10,)])),
+        "values-count": (codec.encode_values([x], [support], round=1, dtype="int8"), 0,
+                         lambda b: codec.decode_values(b, [support])),
         "mask-positions": (mask, 0, decode_mask),
         "mask-ones": (mask, 4, decode_mask),
         "mask-length": (mask, 8, decode_mask),

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from mpfl import data
-from mpfl.data import (Dataset, available_datasets, data_search_path, load_dataset, read_cifar, read_idx,
-                       register_dataset)
+from mpfl.data import Dataset, available_datasets, data_search_path, load_dataset, read_cifar, read_idx, register_dataset
 from mpfl.errors import ConfigError, DataError
 from mpfl.registry import UnknownNameError
 

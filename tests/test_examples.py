@@ -19,3 +19,11 @@ def test_custom_extensions_example_runs_with_the_users_own_pieces():
     assert all(not (m & ~p).any() for p, m in zip(result.masks[0], result.mask))
     assert [w.shape for w in result.weights] == [(32, 16), (32,), (2, 32), (2,)]
     assert np.isfinite(np.concatenate([w.ravel() for w in result.weights])).all()
+
+
+def test_custom_extensions_example_runs_twice_in_one_process():
+    """A notebook reruns cells: registering the same names again must not stop the example."""
+    module = runpy.run_path(str(EXAMPLES / "custom_extensions.py"))
+    module["main"]()
+    again = runpy.run_path(str(EXAMPLES / "custom_extensions.py"))
+    assert again["main"]().summary["config"]["data"]["dataset"] == "blobs"

@@ -17,10 +17,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.config import flatten_dict
 from flwr.supercore.task_identity import TaskIdentity
 
+from mpfl.checkpoint import load_final
 from mpfl.config import SECTIONS, Config
 from mpfl.errors import ConfigError, PayloadError, RoundError
 from mpfl.experiment import Experiment
-from mpfl.export import load_final
 from mpfl.flower import client_app, server_app
 from mpfl.flower.local import LocalFederation
 from mpfl.flower.payload import load_state, pack, save_state, step_of, unpack

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mpfl.errors import ConfigError, ModelError
-from mpfl.registry import UnknownNameError
 from mpfl.models import available_models, build_model, count_parameters, load_init, register_model
+from mpfl.registry import UnknownNameError
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 SHAPES = {"mlp": [MNIST, CIFAR], "cnn": [MNIST, CIFAR], "lenet5": [MNIST, CIFAR], "vgg11": [CIFAR], "resnet18": [CIFAR]}

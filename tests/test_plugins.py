@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.errors import ConfigError
-from mpfl.export import load_final
 from mpfl.methods import METHODS
 from mpfl.registry import Registry, UnknownNameError
 from mpfl.sim import simulate

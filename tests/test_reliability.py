@@ -14,12 +14,12 @@ import torch
 from conftest import tiny_config
 from mpfl import codec
 from mpfl.attacks import malicious_ids
+from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.core.aggregate import robust_average
 from mpfl.core.consensus import agreement_weights, trimmed_tally
 from mpfl.core.masks import jaccard
 from mpfl.experiment import Experiment
-from mpfl.export import load_final
 from mpfl.node import Node, make_trainer
 from mpfl.records import read_rounds
 from mpfl.server import Server

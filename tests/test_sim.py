@@ -9,8 +9,8 @@ from mpfl.core import masks as M
 from mpfl.core.aggregate import weighted_average
 from mpfl.errors import RoundError
 from mpfl.experiment import Experiment
-from mpfl.node import Node, make_trainer
 from mpfl.methods import plan
+from mpfl.node import Node, make_trainer
 from mpfl.protocol import NodeFailure
 from mpfl.server import Server
 from mpfl.sim import InProcessTransport, simulate
@@ -66,7 +66,7 @@ def test_pruned_weights_are_zero_in_the_global_model_and_every_reply(mpfl_run):
     mask = server.state.mask
     for w, m in zip(exp.spec.pick(server.state.weights), mask):
         assert (w[~m] == 0).all()
-    for task, step, requests, replies in transport.log:
+    for task, _step, _requests, replies in transport.log:
         if task != "train":
             continue
         for bodies in replies.values():
@@ -77,7 +77,7 @@ def test_pruned_weights_are_zero_in_the_global_model_and_every_reply(mpfl_run):
 
 def test_bytes_counted_equal_the_encoded_message_lengths(mpfl_run):
     _, _, _, transport, records = mpfl_run
-    for (task, step, requests, replies), r in zip(transport.log, records):
+    for (_task, step, requests, replies), r in zip(transport.log, records):
         assert r["step"] == step
         assert r["bytes_down"] == sum(len(b) for bodies in requests.values() for b in bodies)
         assert r["bytes_up"] == sum(len(b) for bodies in replies.values() for b in bodies)
@@ -218,7 +218,8 @@ def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
     assert {codec.peek(b).kind for bodies in requests.values() for b in bodies} == {codec.Kind.MASK}
     mask = server.state.mask
     for node in transport.nodes.values():
-        trained, _ = node.trainer.train(exp.spec.apply(node.state.local, mask), mask, node.data, 1, generator(cfg.seed, step, node.id))
+        start = exp.spec.apply(node.state.local, mask)
+        trained, _ = node.trainer.train(start, mask, node.data, 1, generator(cfg.seed, step, node.id))
         expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
                                        num_samples=node.data.num_samples)
         assert replies[node.id][0] == expected

@@ -13,8 +13,8 @@ from mpfl.core.params import get_weights, param_spec
 from mpfl.core.training import LocalData, LocalTrainer, batches, evaluate, generator
 from mpfl.experiment import Experiment
 from mpfl.models import build_model
-from mpfl.server import Server
 from mpfl.node import build_nodes
+from mpfl.server import Server
 from mpfl.sim import FaultyTransport, simulate
 
 

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Sequence
 
 import constriction
 import numpy as np
@@ -355,7 +355,7 @@ def _check_coder(coder: str) -> None:
         raise PayloadError(f"unknown mask coder {coder!r}; choose one of {sorted(MASK_CODERS)}")
 
 
-def _byte_model(ones: int, n: int) -> "constriction.stream.model.Categorical":
+def _byte_model(ones: int, n: int) -> constriction.stream.model.Categorical:
     """Categorical model over packed bytes whose 8 bits are i.i.d. Bernoulli(ones / n).
 
     The probability is rounded to a multiple of 2**-32, and the nine distinct byte

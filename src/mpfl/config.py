@@ -53,7 +53,8 @@ def _choice(name: str, value: str) -> None:
         raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
 
-def _range(name: str, value: float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
+def _range(name: str, value: float, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False) -> None:
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(f"{name} = {value} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and (value > hi or (hi_open and value == hi)):
@@ -261,12 +262,12 @@ class Config:
         return _drop_none(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
+    def from_dict(cls, data: dict[str, Any]) -> Config:
         """Build a config from nested dicts, rejecting unknown keys and wrong types."""
         return _build(cls, data, "")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "Config":
+    def from_toml(cls, path: str | Path) -> Config:
         """Read a TOML config file."""
         path = Path(path)
         try:
@@ -277,7 +278,7 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
         return cls.from_dict(data)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""
         data = self.to_dict()
         for name, value in overrides.items():
@@ -302,7 +303,8 @@ def _drop_none(value: Any) -> Any:
 
 def _unknown(name: str, known: Any) -> str:
     hint = difflib.get_close_matches(name, list(known), n=1)
-    return f"unknown config key {name!r}." + (f" Did you mean {hint[0]!r}?" if hint else f" Known keys: {', '.join(sorted(known))}")
+    suggestion = f" Did you mean {hint[0]!r}?" if hint else f" Known keys: {', '.join(sorted(known))}"
+    return f"unknown config key {name!r}." + suggestion
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:

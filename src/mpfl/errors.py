@@ -23,3 +23,7 @@ class PayloadError(MpflError, ValueError):
 
 class RoundError(MpflError):
     """A round could not complete: fewer than `min_nodes` nodes gave a valid reply."""
+
+
+class ExportError(MpflError):
+    """A run directory cannot be exported, or an export directory cannot be loaded."""

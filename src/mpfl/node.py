@@ -9,19 +9,20 @@ new kind of node work registers a handler with `register_task`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import codec
 from .attacks import attack_of
 from .codec import Kind
-from .compact import CompactTrainer, compactable
+from .compact import compactable
 from .config import Config
 from .core.masks import CRITERIA, keep_count, top_k
 from .core.params import Mask, ParamSpec, Weights
-from .core.training import LocalData, LocalTrainer, generator
+from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
 from .errors import PayloadError
 from .methods import method_of
 from .protocol import TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply
@@ -123,23 +124,29 @@ class Node:
         """Apply the bodies of a request in order; return the weights it carried, if any."""
         weights = None
         for body in bodies:
-            head = codec.peek(body)
-            if head.kind == Kind.WEIGHTS:
-                self.state.w0 = self._decode((Kind.WEIGHTS, body, step), lambda: codec.decode_dense(
-                    body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
-                weights = self.state.w0
-            elif head.kind == Kind.MASK:
-                version = 0 if head.base == 0 else self.state.version
-                decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
-                    body, self.spec.full_mask() if version == 0 else self.mask, base_version=version,
-                    structured=self.structured))
-                self.state.mask, self.state.version = decoded.tensors, decoded.round
-            elif head.kind == Kind.VALUES:
-                weights = self._decode((Kind.VALUES, body, step, self.state.version), lambda: codec.decode_values(
-                    body, self.spec.supports(self.mask), round=step, base=self.state.version)).tensors
-            else:
-                raise PayloadError(f"a node does not accept {head.kind.name} bodies")
+            received = self._apply(step, body)
+            if received is not None:
+                weights = received
         return weights
+
+    def _apply(self, step: int, body: bytes) -> Weights | None:
+        """Take in one body: the initial weights, a mask update or kept values (returned)."""
+        head = codec.peek(body)
+        if head.kind == Kind.WEIGHTS:
+            self.state.w0 = self._decode((Kind.WEIGHTS, body, step), lambda: codec.decode_dense(
+                body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
+            return self.state.w0
+        if head.kind == Kind.MASK:
+            version = 0 if head.base == 0 else self.state.version
+            decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
+                body, self.spec.full_mask() if version == 0 else self.mask, base_version=version,
+                structured=self.structured))
+            self.state.mask, self.state.version = decoded.tensors, decoded.round
+            return None
+        if head.kind == Kind.VALUES:
+            return self._decode((Kind.VALUES, body, step, self.state.version), lambda: codec.decode_values(
+                body, self.spec.supports(self.mask), round=step, base=self.state.version)).tensors
+        raise PayloadError(f"a node does not accept {head.kind.name} bodies")
 
     # ------------------------------------------------------------------ tasks
 

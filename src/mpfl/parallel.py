@@ -17,8 +17,8 @@ multiprocessing code, a script that sets `workers` > 1 must start the run under
 from __future__ import annotations
 
 import traceback
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
-from typing import Mapping, Sequence
 
 import torch
 import torch.multiprocessing as mp

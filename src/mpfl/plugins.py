@@ -14,9 +14,9 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Sequence
 
 from .errors import ConfigError
 

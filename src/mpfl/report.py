@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from .data import DATASETS
+from .errors import ConfigError
+from .files import atomic_write
 from .methods import METHODS
 from .partition import PARTITIONS
-from .errors import ConfigError
-from .records import ROUNDS_JSONL, SUMMARY, atomic_write, read_rounds, read_summary
+from .records import ROUNDS_JSONL, SUMMARY, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 # Fields shown in their own columns (or meaningless across runs), never listed as a variant.

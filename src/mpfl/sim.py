@@ -9,9 +9,9 @@ worker processes (`mpfl.parallel`), with the same results.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, FaultConfig
@@ -22,7 +22,7 @@ from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool
 from .protocol import NodeFailure, Reply
-from .records import SUMMARY, RunDir, check_run_dir, read_rounds
+from .records import SUMMARY, RunDir, check_run_dir, finish_run, read_rounds
 from .seeds import POOLED, Stream, rng
 from .server import Server
 
@@ -133,6 +133,6 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     finally:
         if pool is not None:
             pool.close()
-    summary = exp.finish(run_dir, server.state.weights, server.state.mask, records, time.perf_counter() - started, {})
+    summary = finish_run(exp, run_dir, server.state.weights, server.state.mask, records, time.perf_counter() - started, {})
     st = server.state
     return RunResult(records, summary, st.weights, st.mask, run_dir.path if run_dir else None, dict(st.history))

@@ -37,9 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -47,8 +48,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from .config import Config
 from .data import load_dataset
 from .errors import ConfigError, MpflError
+from .files import atomic_write
 from .methods import method_of, plan
-from .records import SUMMARY, atomic_write, read_summary
+from .records import SUMMARY, read_summary
 
 DATASETS = ("mnist", "fashion-mnist")
 PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1})

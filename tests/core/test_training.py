@@ -24,7 +24,8 @@ def _random_mask(spec, density, seed=0):
     return [rng.random(s) < density for s in spec.prunable_shapes]
 
 
-@pytest.mark.parametrize("opt", [dict(optimizer="sgd", momentum=0.9, weight_decay=1e-3), dict(optimizer="adam", weight_decay=1e-4)])
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd", momentum=0.9, weight_decay=1e-3),
+                                 dict(optimizer="adam", weight_decay=1e-4)])
 def test_pruned_weights_stay_exactly_zero(setup, opt):
     data, model, spec, local, w0 = setup
     mask = _random_mask(spec, 0.2)

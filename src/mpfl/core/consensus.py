@@ -6,8 +6,8 @@ previous consensus (`support`), so the new consensus is always a subset of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -7,8 +7,8 @@ the current one: the criteria only ever choose among entries that are still kept
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -100,7 +100,8 @@ def expand_rows(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(flags.reshape((-1,) + (1,) * (len(shape) - 1)), shape))
 
 
-def magnitude_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *, scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
+def magnitude_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *,
+                   scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
     """Unstructured magnitude pruning: keep the largest |w| of the current mask."""
     return select([np.abs(w) for w in weights], current, density, scope, floor)
 
@@ -116,7 +117,8 @@ def filter_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], de
     return out
 
 
-def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *, scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
+def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *,
+                  scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
     """SNIP-style pruning: keep the entries with the largest |w * dL/dw| (scores computed by the node)."""
     return select(scores, current, density, scope, floor)
 

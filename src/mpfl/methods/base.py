@@ -16,7 +16,8 @@ rest of the package needs to know about it, so no module ever compares a method'
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 from .. import codec
 from ..core.masks import CRITERIA, Mask, target_density
