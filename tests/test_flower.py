@@ -292,8 +292,13 @@ def test_discovery_leaves_out_misconfigured_supernodes_and_refuses_duplicates(in
 
 # --------------------------------------------------------------------------- deployment on loopback
 
-deployment = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
-                                reason="Flower's command line tools are not installed")
+_flower_cli = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
+                                 reason="Flower's command line tools are not installed")
+
+
+def deployment(test):
+    """A test on a real local deployment: slow (a SuperLink and SuperNodes), and skipped without Flower's tools."""
+    return pytest.mark.slow(_flower_cli(test))
 
 
 @pytest.fixture(scope="module")

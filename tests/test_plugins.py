@@ -41,6 +41,7 @@ def test_the_example_method_runs_from_the_cli_and_keeps_the_classifier_dense(tmp
     assert len(mpfl.mask) == 3 and len(mask) == 2
 
 
+@pytest.mark.slow
 def test_the_example_method_runs_in_worker_processes_with_the_same_results(tmp_path):
     one, two = run_example(tmp_path, "one"), run_example(tmp_path, "two", "--workers", "2")
     rows = [[json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines()] for d in (one, two)]

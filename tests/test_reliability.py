@@ -167,6 +167,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     reference = tmp_path / "reference"
     assert main(["run", *RUN, "--out", str(reference)]) == 0
@@ -304,6 +305,7 @@ def test_malicious_nodes_are_chosen_by_seed_and_forge_what_they_send():
     assert flip.forge_values(trained, start, 1)[0].tolist() == [0.5, 1.5]
 
 
+@pytest.mark.slow
 def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
     base = dict(nodes=6, mask_rounds=2, rounds=1, train_samples=1800, sparsity=0.8)
     clean = simulate(tiny_config(**base))
