@@ -88,7 +88,7 @@ def test_thousands_of_mutated_replies_never_reach_the_model():
                       aggregator="median")
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    transport = MutatingTransport([Node(i, cfg, trainer, exp.node_data(i)) for i in range(2)], fakes=50, seed=0)
+    transport = MutatingTransport([Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(2)], fakes=50, seed=0)
     records = []
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
     server.run()
@@ -115,7 +115,7 @@ def _fedavg_of(cfg, exp, survivors) -> list[np.ndarray]:
     request = [codec.encode_values(exp.w0, full, round=1)]
     tensors, sizes = [], []
     for n in survivors:
-        node = Node(n, cfg, trainer, exp.node_data(n))
+        node = Node(n, cfg, trainer, exp.node_data(n), w0=exp.w0)
         tensors.append(codec.decode_values(node.handle("train", 1, request)[0], full).tensors)
         sizes.append(len(exp.partition.train[n]))
     return [sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes) for per_node in zip(*tensors)]
@@ -125,7 +125,7 @@ def test_dropout_aggregates_exactly_the_survivors():
     cfg = tiny_config(method="fedavg", nodes=6, rounds=1, dropout=0.4, seed=4)
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
+    nodes = [Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(cfg.nodes)]
     records = []
     server = Server(cfg, exp.spec, exp.w0, FaultyTransport(nodes, cfg.faults, cfg.seed), evaluate=exp.evaluate,
                     on_round=records.append)

@@ -98,8 +98,10 @@ class Node:
     """One federated node: its data, its state, the shared trainer and, if the run makes it
     malicious, its attack."""
 
-    def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None) -> None:
+    def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None,
+                 *, w0: Weights | None = None) -> None:
         self.attack = attack_of(cfg, node_id)
+        self.built_w0 = w0
         if self.attack is not None and self.attack.poison is not None:
             data = self.attack.poison(data, (cfg.seed, node_id, Stream.POISON))
         self.id, self.cfg, self.trainer, self.data = node_id, cfg, trainer, data
@@ -136,6 +138,9 @@ class Node:
             self.state.w0 = self._decode((Kind.WEIGHTS, body, step), lambda: codec.decode_dense(
                 body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
             return self.state.w0
+        if head.kind == Kind.INIT:
+            self.state.w0 = self._rebuilt_w0(codec.decode_init(body, round=step))
+            return self.state.w0
         if head.kind == Kind.MASK:
             version = 0 if head.base == 0 else self.state.version
             decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
@@ -161,6 +166,18 @@ class Node:
             raise PayloadError(f"unknown task {task!r}")
         weights = self._receive(step, bodies)
         return NODE_TASKS.get(task)(self, step, weights)
+
+    def _rebuilt_w0(self, ref: codec.InitRef) -> Weights:
+        """The initial weights this node built itself, once their digest matches the server's."""
+        if self.built_w0 is None:
+            raise PayloadError("the server sent a reference to the initial weights, but this node did not build them")
+        if codec.weights_digest(self.built_w0) != ref.digest:
+            import torch
+
+            raise PayloadError(f"the initial weights this node built (model {self.cfg.train.model!r}, seed {ref.seed}) "
+                               f"differ from the server's: the model definition or the torch version (here "
+                               f"{torch.__version__}) must be the same on the server and every node")
+        return self.built_w0
 
     def forge_mask(self, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
         """The local mask this node reports: the one it computed, unless its attack forges masks."""
@@ -248,7 +265,7 @@ def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mappin
                 share: bool = True) -> list[Node]:
     """The nodes `ids` of a run on one shared trainer; with `share`, identical bodies are decoded once for all."""
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    nodes = [Node(i, cfg, trainer, exp.node_data(i), states.get(i)) for i in ids]
+    nodes = [Node(i, cfg, trainer, exp.node_data(i), states.get(i), w0=exp.w0) for i in ids]
     shared = SharedDecodes() if share else None
     for node in nodes:
         node.shared = shared

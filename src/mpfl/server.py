@@ -192,11 +192,15 @@ class Server:
         return [cache[held]]
 
     def w0_body(self, node: int, step: Step, cache: dict[str, bytes]) -> list[bytes]:
-        """The initial weights, sent once per node."""
+        """The initial weights, once per node: from the seeded initialiser, only a reference (the seed
+        and a digest) that the node checks against the weights it rebuilds; from an `init` file, the weights."""
         if node in self.state.w0_sent:
             return []
         if "w0" not in cache:
-            cache["w0"] = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
+            if self.cfg.train.init is None:
+                cache["w0"] = codec.encode_init(self.state.w0, source="seed", seed=self.cfg.seed, round=step.step)
+            else:
+                cache["w0"] = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
         return [cache["w0"]]
 
     def acknowledge(self, exchanged: Round, *, w0: bool = False) -> None:

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from torch import nn
 
 from mpfl.core.params import get_weights, param_spec, set_weights

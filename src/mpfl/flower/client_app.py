@@ -52,7 +52,7 @@ def _task_handler(task: str) -> Callable[[Message, Context], Message]:
         cfg, where = _setup(context)
         exp = Experiment.from_config(cfg)
         node = Node(where.partition_id, cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(where.partition_id),
-                    load_state(context.state))
+                    load_state(context.state), w0=exp.w0)
         try:
             reply = node.handle(task, step_of(message.content), unpack(message.content))
         except PayloadError as exc:
