@@ -58,7 +58,8 @@ def test_nodes_sharing_decoded_bodies_hold_one_copy_and_get_the_same_results(met
         assert bits(shared.history[v]) == bits(own.history[v])
     if method == "mpfl":
         # seeded initial weights are never decoded: every node holds the one copy its process built
-        assert all(n.state.w0[0] is shared_nodes[0].state.w0[0] for n in shared_nodes + own_nodes)
+        for nodes in (shared_nodes, own_nodes):
+            assert all(n.state.w0[0] is nodes[0].state.w0[0] for n in nodes)
         assert all(n.state.mask[0] is shared_nodes[0].state.mask[0] for n in shared_nodes)
         assert own_nodes[0].state.mask[0] is not own_nodes[1].state.mask[0]
 
