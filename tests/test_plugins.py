@@ -92,3 +92,21 @@ def test_registrations_are_undone_between_tests_part_two():
     from mpfl.core.consensus import RULES
 
     assert "only-in-this-test" not in RULES
+
+
+def test_installed_packages_announce_plugins_by_entry_point(tmp_path, monkeypatch):
+    from mpfl import plugins
+    from mpfl.core.consensus import RULES
+
+    (tmp_path / "mpfl_fake_plugin.py").write_text(
+        "from mpfl.core.consensus import register_rule\n\n"
+        "register_rule('keep-support-test', lambda votes, support, ctx: [s.copy() for s in support])\n")
+    info = tmp_path / "mpfl_fake_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mpfl-fake-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mpfl.plugins]\nfake = mpfl_fake_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins._loaded.discard(plugins.ENTRY_POINT_GROUP)
+    assert "keep-support-test" not in RULES
+    cfg = Config().with_overrides({"consensus": "keep-support-test"})
+    assert cfg.prune.consensus == "keep-support-test"
