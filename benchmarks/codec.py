@@ -17,8 +17,8 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -81,8 +81,8 @@ def mask_rows(reps: int) -> list[dict]:
         assert np.array_equal(codec.decode_mask(body, base, round=1).tensors[0], mask[0])
         coded = coded_length(body)
         entropy = entropy_bits(MASK_SIZE, ones)
-        encode_ms = median_ms(lambda: codec.encode_mask(mask, base, round=1), reps)
-        decode_ms = median_ms(lambda: codec.decode_mask(body, base, round=1), reps)
+        encode_ms = median_ms(lambda mask=mask: codec.encode_mask(mask, base, round=1), reps)
+        decode_ms = median_ms(lambda body=body: codec.decode_mask(body, base, round=1), reps)
         rows.append({
             "density": density,
             "coded_bits": 8 * coded,
@@ -181,8 +181,8 @@ def value_rows(reps: int) -> list[dict]:
             "max_abs_error": max(e["max_abs_error"] for e in per_tensor),
             "rms_error": math.sqrt(sq),
             "relative_rms_error": math.sqrt(sq) / rms,
-            "encode_ms": median_ms(lambda: codec.encode_dense(Kind.WEIGHTS, tensors, round=1, dtype=dtype), reps),
-            "decode_ms": median_ms(lambda: codec.decode_dense(body, Kind.WEIGHTS, shapes, round=1), reps),
+            "encode_ms": median_ms(lambda dtype=dtype: codec.encode_dense(Kind.WEIGHTS, tensors, round=1, dtype=dtype), reps),
+            "decode_ms": median_ms(lambda body=body: codec.decode_dense(body, Kind.WEIGHTS, shapes, round=1), reps),
         })
     return rows
 

@@ -32,14 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import emit, parser, stop_on_sigterm
 from torch import nn
 
-from _common import emit, parser, stop_on_sigterm
-
-from mpfl.compact import CompactTrainer, flops, latency_ms, parameter_count, state_bytes
 from mpfl.core.masks import filter_mask
 from mpfl.core.params import get_weights, param_spec, set_weights
-from mpfl.core.training import LocalData, LocalTrainer, generator
+from mpfl.core.training import CompactTrainer, LocalData, LocalTrainer, generator
+from mpfl.costs import flops, latency_ms, parameter_count, state_bytes
 from mpfl.data import load_dataset
 from mpfl.models import build_model
 

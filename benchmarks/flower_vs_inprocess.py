@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from _common import emit, parser, stop_on_sigterm
 
-from mpfl.export import load_final
+from mpfl.checkpoint import load_final
 from mpfl.flower.local import LocalFederation
 from mpfl.flower.server_app import MASKS
 from mpfl.flower.settings import from_run_config

@@ -49,7 +49,8 @@ def breakdown(stats: dict) -> tuple[float, dict[str, float]]:
             total = ct
         if _in(callee, "training.py") and callee[2] == "evaluate":
             parts["evaluation"] += ct
-        if (_in(callee, "records.py") and callee[2] == "log") or (_in(callee, "checkpoint.py") and callee[2] == "save_checkpoint"):
+        logging = _in(callee, "records.py") and callee[2] == "log"
+        if logging or (_in(callee, "checkpoint.py") and callee[2] == "save_checkpoint"):
             parts["records"] += ct
         for caller, edge in callers.items():
             edge_ct = edge[3]

@@ -52,11 +52,11 @@ import torch
 from _common import emit, require, stop_on_sigterm
 from torch import nn
 
+from mpfl.checkpoint import load_final
 from mpfl.config import Config
-from mpfl.core.params import get_weights, set_weights
+from mpfl.core.params import set_weights
 from mpfl.core.training import generator
 from mpfl.experiment import Experiment
-from mpfl.export import load_final
 from mpfl.flower.local import FINISHED
 from mpfl.models import build_model
 from mpfl.records import read_summary

@@ -7,6 +7,25 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """Undo every registration a test makes (datasets, models, rules, methods, ...) and forget the
+    plug-ins it imported, so tests stay independent."""
+    import mpfl.data
+    import mpfl.models
+    import mpfl.node  # noqa: F401
+    from mpfl import plugins
+    from mpfl.registry import ALL
+
+    saved = [(reg, reg.snapshot()) for reg in ALL]
+    loaded = set(plugins._loaded)
+    yield
+    for reg, snapshot in saved:
+        reg.restore(snapshot)
+    plugins._loaded.clear()
+    plugins._loaded.update(loaded)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The reference MNIST / Fashion-MNIST copies in `shared/data`, beside the repository."""

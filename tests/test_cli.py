@@ -1,7 +1,6 @@
 """The `mpfl` command end to end: a short run writes its records; bad input stops before any work."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

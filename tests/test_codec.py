@@ -8,8 +8,8 @@ import struct
 import time
 import tracemalloc
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -460,6 +460,22 @@ def _sparse_case(coder: str, dtype: str) -> Case:
     return Case(f"sparse-{coder}-{dtype}", body, decode, decode(body).tensors, valid)
 
 
+def _init_case(source: str) -> Case:
+    """An initial-weights reference, its digest and seed seen as two small tensors."""
+    rng = np.random.default_rng(7)
+    body = codec.encode_init([rng.normal(size=(4, 3)).astype(np.float32)], source=source, seed=2**32 - 1, round=1)
+
+    def decode(b: bytes) -> codec.Body:
+        ref = codec.decode_init(b, round=1)
+        fields = np.array([ref.seed, codec.INIT_SOURCES[ref.source]], dtype=np.int64)
+        return codec.Body(Kind.INIT, ref.round, 0, 0, [np.frombuffer(ref.digest, dtype=np.uint8), fields])
+
+    def valid(ts):
+        return ts[0].shape == (32,) and ts[1][0] < 2**32 and ts[1][1] in codec.INIT_SOURCES.values()
+
+    return Case(f"init-{source}", body, decode, decode(body).tensors, valid)
+
+
 def _cases() -> list[Case]:
     rng = np.random.default_rng(6)
     w = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32), np.zeros((0,), np.float32)]
@@ -477,6 +493,8 @@ def _cases() -> list[Case]:
         _sparse_case("range", "float32"),
         _sparse_case("packbits", "int8"),
         _sparse_case("range", "float16"),
+        _init_case("seed"),
+        _init_case("file"),
     ]
 
 
@@ -794,8 +812,10 @@ def _forgeable() -> dict[str, tuple[bytes, int, Callable[[bytes], codec.Body]]]:
     decode_mask = lambda b: codec.decode_mask(b, [support])  # noqa: E731
     decode_sparse = lambda b: codec.decode_sparse(b, [(10,)])  # noqa: E731
     return {
-        "dense-count": (codec.encode_dense(Kind.WEIGHTS, [x], round=1), 0, lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(10,)])),
-        "values-count": (codec.encode_values([x], [support], round=1, dtype="int8"), 0, lambda b: codec.decode_values(b, [support])),
+        "dense-count": (codec.encode_dense(Kind.WEIGHTS, [x], round=1), 0,
+                        lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(10,)])),
+        "values-count": (codec.encode_values([x], [support], round=1, dtype="int8"), 0,
+                         lambda b: codec.decode_values(b, [support])),
         "mask-positions": (mask, 0, decode_mask),
         "mask-ones": (mask, 4, decode_mask),
         "mask-length": (mask, 8, decode_mask),
@@ -857,3 +877,18 @@ def test_peek_reads_the_header_only():
                          (reframe(body, version=1), "format version"), (reframe(body, kind=0), "unknown body kind 0")]:
         with pytest.raises(PayloadError, match=message):
             codec.peek(bad)
+
+
+def test_init_reference_round_trip_and_digest():
+    rng = np.random.default_rng(8)
+    w = [rng.normal(size=(3, 2)).astype(np.float32), rng.normal(size=(2,)).astype(np.float32)]
+    ref = codec.decode_init(codec.encode_init(w, source="file", seed=5, round=3), round=3)
+    assert (ref.source, ref.seed, ref.round) == ("file", 5, 3)
+    assert ref.digest == codec.weights_digest([x.copy() for x in w])
+    changed = [w[0], w[1] + np.float32(1e-7) * np.float32(np.abs(w[1]).max())]
+    assert codec.weights_digest(changed) != ref.digest
+    assert codec.weights_digest([w[0].reshape(2, 3), w[1]]) != ref.digest  # same bytes, another shape
+    with pytest.raises(PayloadError, match="unknown initial-weights source"):
+        codec.encode_init(w, source="cloud", seed=5, round=3)
+    with pytest.raises(PayloadError, match="expected a INIT body, got WEIGHTS"):
+        codec.decode_init(codec.encode_dense(Kind.WEIGHTS, w, round=3))

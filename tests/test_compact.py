@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from conftest import tiny_config
-from mpfl.compact import CompactTrainer, compactable, flops, parameter_count, shrink
+from mpfl.compact import compactable, shrink
 from mpfl.core.masks import expand_rows
 from mpfl.core.params import get_weights, param_spec, set_weights
-from mpfl.core.training import LocalData, LocalTrainer, generator
+from mpfl.core.training import CompactTrainer, LocalData, LocalTrainer, generator
+from mpfl.costs import flops, parameter_count
 from mpfl.errors import ModelError
 from mpfl.models import build_model
 from mpfl.node import make_trainer

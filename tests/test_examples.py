@@ -24,6 +24,14 @@ def test_custom_extensions_example_runs_with_the_users_own_pieces():
     assert np.isfinite(np.concatenate([w.ravel() for w in result.weights])).all()
 
 
+def test_custom_extensions_example_runs_twice_in_one_process():
+    """A notebook reruns cells: registering the same names again must not stop the example."""
+    module = runpy.run_path(str(EXAMPLES / "custom_extensions.py"))
+    module["main"]()
+    again = runpy.run_path(str(EXAMPLES / "custom_extensions.py"))
+    assert again["main"]().summary["config"]["data"]["dataset"] == "blobs"
+
+
 def test_the_example_config_runs_and_flags_override_it(tmp_path):
     cfg = Config.from_toml(EXAMPLES / "experiment.toml")
     assert cfg.data.partition == "dirichlet" and cfg.prune.sparsity == 0.9

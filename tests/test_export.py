@@ -9,10 +9,12 @@ import torch
 
 from conftest import tiny_config
 from mpfl import codec
+from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.core.params import param_spec, set_weights
 from mpfl.data import load_dataset
-from mpfl.export import ExportError, export_run, load_export, load_final
+from mpfl.errors import ExportError
+from mpfl.export import export_run, load_export
 from mpfl.models import build_model
 from mpfl.sim import simulate
 

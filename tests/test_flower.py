@@ -17,10 +17,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.config import flatten_dict
 from flwr.supercore.task_identity import TaskIdentity
 
+from mpfl.checkpoint import load_final
 from mpfl.config import SECTIONS, Config
 from mpfl.errors import ConfigError, PayloadError, RoundError
 from mpfl.experiment import Experiment
-from mpfl.export import load_final
 from mpfl.flower import client_app, server_app
 from mpfl.flower.local import LocalFederation
 from mpfl.flower.payload import load_state, pack, save_state, step_of, unpack
@@ -292,8 +292,13 @@ def test_discovery_leaves_out_misconfigured_supernodes_and_refuses_duplicates(in
 
 # --------------------------------------------------------------------------- deployment on loopback
 
-deployment = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
-                                reason="Flower's command line tools are not installed")
+_flower_cli = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
+                                 reason="Flower's command line tools are not installed")
+
+
+def deployment(test):
+    """A test on a real local deployment: slow (a SuperLink and SuperNodes), and skipped without Flower's tools."""
+    return pytest.mark.slow(_flower_cli(test))
 
 
 @pytest.fixture(scope="module")
@@ -312,6 +317,21 @@ def test_deployment_matches_the_simulator(federation, tmp_path, sim):
     assert_same_run(out, sim)
     summary = read_summary(out)
     assert run["network-traffic"]["total-bytes"] > summary["bytes_up"] + summary["bytes_down"]
+
+
+@deployment
+def test_a_plugin_method_runs_on_a_deployment_as_in_the_simulator(federation, tmp_path):
+    """Every SuperNode imports the run config's plug-in before handling a message, so a method
+    defined outside the package runs on Flower and gives the simulator's results."""
+    out = tmp_path / "run"
+    extra = {"plugins": str(REPO / "examples" / "custom_method.py"), "method": "mpfl-dense-head", "rounds": 1,
+             "federated-eval": False}
+    run_id = federation.run(REPO, {**SMALL, **extra, "out-dir": str(out)})
+    run = federation.wait(run_id, 300, done=out / "summary.json")
+    assert run["status"] == "finished:completed", run["status-details"]
+    cfg, _ = from_run_config(run_config(**extra))
+    assert_same_run(out, simulate(cfg))
+    assert "5.weight" not in load_final(out).mask
 
 
 @deployment

@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from mpfl.errors import ModelError
+from mpfl.errors import ConfigError, ModelError
 from mpfl.models import available_models, build_model, count_parameters, load_init, register_model
+from mpfl.registry import UnknownNameError
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)
 SHAPES = {"mlp": [MNIST, CIFAR], "cnn": [MNIST, CIFAR], "lenet5": [MNIST, CIFAR], "vgg11": [CIFAR], "resnet18": [CIFAR]}
@@ -108,7 +109,7 @@ def test_names_are_case_insensitive_and_listed():
 
 
 def test_unknown_name_lists_available_models():
-    with pytest.raises(ModelError, match="unknown model 'alexnet'") as err:
+    with pytest.raises(UnknownNameError, match="unknown model 'alexnet'") as err:
         build_model("alexnet", CIFAR, 10)
     for name in ["mlp", "cnn", "lenet5", "vgg11", "resnet18"]:
         assert name in str(err.value)
@@ -134,9 +135,9 @@ def test_register_model_adds_a_usable_model():
     model = build_model("tiny_test_model", MNIST, 3)
     assert count_parameters(model) == 784 * 3 + 3
     assert model(torch.zeros(2, *MNIST)).shape == (2, 3)
-    with pytest.raises(ModelError, match="already registered"):
+    with pytest.raises(ConfigError, match="already registered"):
         register_model("TINY_test_model", tiny)
-    with pytest.raises(ModelError, match="already registered"):
+    with pytest.raises(ConfigError, match="already registered"):
         register_model("mlp", tiny)
 
 

@@ -11,8 +11,8 @@ import pytest
 from conftest import tiny_config
 from mpfl.config import Config
 from mpfl.interrupts import deferred_interrupts
+from mpfl.methods import plan
 from mpfl.progress import Eta, RoundLog, format_seconds, round_text
-from mpfl.protocol import plan
 from mpfl.records import read_rounds
 from mpfl.resources import estimate_run
 from mpfl.sim import simulate

@@ -13,13 +13,13 @@ import torch
 
 from conftest import tiny_config
 from mpfl import codec
-from mpfl.attacks import MaliciousNode, malicious_ids
+from mpfl.attacks import malicious_ids
+from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.core.aggregate import robust_average
 from mpfl.core.consensus import agreement_weights, trimmed_tally
 from mpfl.core.masks import jaccard
 from mpfl.experiment import Experiment
-from mpfl.export import load_final
 from mpfl.node import Node, make_trainer
 from mpfl.records import read_rounds, read_summary
 from mpfl.server import Server
@@ -88,7 +88,7 @@ def test_thousands_of_mutated_replies_never_reach_the_model():
                       aggregator="median")
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    transport = MutatingTransport([Node(i, cfg, trainer, exp.node_data(i)) for i in range(2)], fakes=50, seed=0)
+    transport = MutatingTransport([Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(2)], fakes=50, seed=0)
     records = []
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
     server.run()
@@ -115,7 +115,7 @@ def _fedavg_of(cfg, exp, survivors) -> list[np.ndarray]:
     request = [codec.encode_values(exp.w0, full, round=1)]
     tensors, sizes = [], []
     for n in survivors:
-        node = Node(n, cfg, trainer, exp.node_data(n))
+        node = Node(n, cfg, trainer, exp.node_data(n), w0=exp.w0)
         tensors.append(codec.decode_values(node.handle("train", 1, request)[0], full).tensors)
         sizes.append(len(exp.partition.train[n]))
     return [sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes) for per_node in zip(*tensors)]
@@ -125,7 +125,7 @@ def test_dropout_aggregates_exactly_the_survivors():
     cfg = tiny_config(method="fedavg", nodes=6, rounds=1, dropout=0.4, seed=4)
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
+    nodes = [Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(cfg.nodes)]
     records = []
     server = Server(cfg, exp.spec, exp.w0, FaultyTransport(nodes, cfg.faults, cfg.seed), evaluate=exp.evaluate,
                     on_round=records.append)
@@ -167,6 +167,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     reference = tmp_path / "reference"
     assert main(["run", *RUN, "--out", str(reference)]) == 0
@@ -334,13 +335,17 @@ def test_malicious_nodes_are_chosen_by_seed_and_forge_what_they_send():
     current = [np.array([1, 1, 1, 0], bool)]
     honest = [np.array([1, 0, 0, 0], bool)]
     exp = Experiment.from_config(cfg)
-    node = MaliciousNode(bad[0], cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(bad[0]))
+    node = Node(bad[0], cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(bad[0]))
     assert node.forge_mask(honest, current, exp.w0, 1)[0].tolist() == [False, True, True, False]
-    flip = MaliciousNode(0, tiny_config(malicious=1, attack="sign-flip"), node.trainer, exp.node_data(0))
+    honest_node = Node(next(i for i in range(cfg.nodes) if i not in bad), cfg, node.trainer, exp.node_data(0))
+    assert honest_node.forge_mask(honest, current, exp.w0, 1)[0].tolist() == [True, False, False, False]
+    flip_cfg = tiny_config(malicious=1, attack="sign-flip")
+    flip = Node(malicious_ids(flip_cfg)[0], flip_cfg, node.trainer, exp.node_data(0))
     start, trained = [np.ones(2, np.float32)], [np.array([1.5, 0.5], np.float32)]
     assert flip.forge_values(trained, start, 1)[0].tolist() == [0.5, 1.5]
 
 
+@pytest.mark.slow
 def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
     base = dict(nodes=6, mask_rounds=2, rounds=1, train_samples=1800, sparsity=0.8)
     clean = simulate(tiny_config(**base))

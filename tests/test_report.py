@@ -96,7 +96,7 @@ def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
 
 def test_device_costs_follow_the_final_mask(runs, report):
     out, rows = report
-    from mpfl.export import load_final
+    from mpfl.checkpoint import load_final
 
     final = load_final(runs / "mpfl-0")
     pruned = sum(int((~m).sum()) for m in final.mask.values())

@@ -2,15 +2,17 @@
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_config
 from mpfl import codec
 from mpfl.core import masks as M
 from mpfl.core.aggregate import weighted_average
-from mpfl.errors import RoundError
+from mpfl.errors import PayloadError, RoundError
 from mpfl.experiment import Experiment
+from mpfl.methods import plan
 from mpfl.node import Node, make_trainer
-from mpfl.protocol import NodeFailure, plan
+from mpfl.protocol import NodeFailure
 from mpfl.server import Server
 from mpfl.sim import InProcessTransport, simulate
 
@@ -32,7 +34,7 @@ class Recording(InProcessTransport):
 def build(cfg, fail=()):
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
-    nodes = [Node(i, cfg, trainer, exp.node_data(i)) for i in range(cfg.nodes)]
+    nodes = [Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(cfg.nodes)]
     transport = Recording(nodes, fail)
     records = []
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
@@ -65,7 +67,7 @@ def test_pruned_weights_are_zero_in_the_global_model_and_every_reply(mpfl_run):
     mask = server.state.mask
     for w, m in zip(exp.spec.pick(server.state.weights), mask):
         assert (w[~m] == 0).all()
-    for task, step, requests, replies in transport.log:
+    for task, _step, _requests, replies in transport.log:
         if task != "train":
             continue
         for bodies in replies.values():
@@ -76,7 +78,7 @@ def test_pruned_weights_are_zero_in_the_global_model_and_every_reply(mpfl_run):
 
 def test_bytes_counted_equal_the_encoded_message_lengths(mpfl_run):
     _, _, _, transport, records = mpfl_run
-    for (task, step, requests, replies), r in zip(transport.log, records):
+    for (_task, step, requests, replies), r in zip(transport.log, records):
         assert r["step"] == step
         assert r["bytes_down"] == sum(len(b) for bodies in requests.values() for b in bodies)
         assert r["bytes_up"] == sum(len(b) for bodies in replies.values() for b in bodies)
@@ -102,8 +104,8 @@ def test_only_masks_travel_in_the_mask_phase_after_the_initial_weights(mpfl_run)
         if task != "mask":
             continue
         kinds = [codec.peek(b).kind for bodies in requests.values() for b in bodies]
-        assert set(kinds) <= {codec.Kind.WEIGHTS, codec.Kind.MASK}
-        assert (codec.Kind.WEIGHTS in kinds) == (step == 1)
+        assert set(kinds) <= {codec.Kind.INIT, codec.Kind.MASK}
+        assert (codec.Kind.INIT in kinds) == (step == 1)
         assert {codec.peek(b).kind for bodies in replies.values() for b in bodies} == {codec.Kind.MASK}
 
 
@@ -154,7 +156,7 @@ def test_fedavg_matches_a_hand_computed_round():
     trainer = make_trainer(cfg, exp.model, exp.spec)
     locals_, sizes = [], []
     for n in range(cfg.nodes):
-        node = Node(n, cfg, trainer, exp.node_data(n))
+        node = Node(n, cfg, trainer, exp.node_data(n), w0=exp.w0)
         body = codec.decode_values(node.handle("train", 1, transport.log[0][2][n])[0], exp.spec.supports(exp.spec.full_mask()))
         locals_.append(body.tensors)
         sizes.append(len(exp.partition.train[n]))
@@ -217,7 +219,8 @@ def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
     assert {codec.peek(b).kind for bodies in requests.values() for b in bodies} == {codec.Kind.MASK}
     mask = server.state.mask
     for node in transport.nodes.values():
-        trained, _ = node.trainer.train(exp.spec.apply(node.state.local, mask), mask, node.data, 1, generator(cfg.seed, step, node.id))
+        start = exp.spec.apply(node.state.local, mask)
+        trained, _ = node.trainer.train(start, mask, node.data, 1, generator(cfg.seed, step, node.id))
         expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
                                        num_samples=node.data.num_samples)
         assert replies[node.id][0] == expected
@@ -228,3 +231,32 @@ def test_saliency_masks_need_no_training_and_start_training_from_w0():
     assert result.records[0]["phase"] == "mask"
     assert result.summary["final_density"] == pytest.approx(0.5, abs=0.01)
     assert result.summary["final_accuracy"] > 0.3
+
+
+def test_nodes_rebuild_the_seeded_initial_weights_bit_for_bit_and_refuse_a_wrong_digest():
+    cfg = tiny_config(rounds=1, mask_rounds=1)
+    exp = Experiment.from_config(cfg)
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    other = Experiment.from_config(tiny_config(rounds=1, mask_rounds=1, seed=1))
+    body = codec.encode_init(exp.w0, source="seed", seed=cfg.seed, round=1)
+    assert len(body) == codec.HEADER_SIZE + 36
+    node = Node(0, cfg, trainer, exp.node_data(0), w0=[w.copy() for w in exp.w0])
+    node.handle("mask", 1, [body])
+    assert all(np.array_equal(a, b) for a, b in zip(node.state.w0, exp.w0))
+    stranger = Node(0, cfg, trainer, exp.node_data(0), w0=other.w0)
+    with pytest.raises(PayloadError, match="differ from the server's.*torch version"):
+        stranger.handle("mask", 1, [body])
+    with pytest.raises(PayloadError, match="did not build them"):
+        Node(0, cfg, trainer, exp.node_data(0)).handle("mask", 1, [body])
+
+
+def test_an_init_file_travels_as_weights_and_a_seeded_start_as_a_reference(tmp_path):
+    cfg = tiny_config(rounds=1, mask_rounds=1)
+    exp = Experiment.from_config(cfg)
+    torch.save(exp.model.state_dict(), tmp_path / "init.pt")
+    seeded = simulate(cfg)
+    from_file = simulate(tiny_config(rounds=1, mask_rounds=1, init=str(tmp_path / "init.pt")))
+    dense = codec.HEADER_SIZE + sum(4 + 4 * w.size for w in exp.w0)
+    first = seeded.records[0]["bytes_down"], from_file.records[0]["bytes_down"]
+    assert first[1] - first[0] == cfg.nodes * (dense - codec.HEADER_SIZE - 36)
+    assert all(np.array_equal(a, b) for a, b in zip(seeded.weights, from_file.weights))

@@ -9,7 +9,7 @@ from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.errors import ConfigError, RoundError
 from mpfl.records import read_summary
-from mpfl.study import (PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique)
+from mpfl.study import PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique
 
 TINY = {"nodes": 3, "rounds": 1, "mask_rounds": 1, "train_samples": 1200, "test_samples": 300, "threads": 1}
 CELLS = [Cell("t", {**TINY, "method": "fedavg"}), Cell("t", {**TINY, "method": "mpfl"})]

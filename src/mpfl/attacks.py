@@ -1,83 +1,125 @@
-"""Untrusted nodes for the simulator: poisoned data, forged masks and forged values.
+"""Untrusted nodes for attack studies: poisoned data, forged masks, forged values, silence.
 
 The data attacks are the two the reference implementation studies (a node trained on noise
 inputs, a node with shuffled labels); the others forge what a node reports while following
 the protocol to the letter, so only the server's robust rules can stop them. A silent node
 never replies, which is what the honest nodes alone would agree on: the reference for how
 much of an attack the robust rules remove.
+
+An attack is a registered `Attack`; a node that the config makes malicious (`attack_of`)
+applies its hooks, on the simulator and on Flower alike.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .config import Config
-from .core.masks import select, top_k
-from .core.params import Mask, Weights
-from .core.training import LocalData, LocalTrainer, generator
-from .node import Node, NodeState
-from .protocol import NodeFailure, Reply
+from .core.masks import Mask, select, top_k
+from .registry import Registry, registry
 
-DATA_ATTACKS = ("noise", "shuffle")
-MASK_ATTACKS = ("random-mask", "inverted-mask", "important-mask")
-VALUE_ATTACKS = ("scale", "sign-flip")
+if TYPE_CHECKING:
+    from .core.params import Weights
+    from .core.training import LocalData
+    from .node import Node
 
 
-def malicious_ids(cfg: Config) -> list[int]:
+@dataclass(frozen=True)
+class Attack:
+    """What a malicious node does differently from an honest one. `kind` groups attacks in
+    reports: "none", "data", "mask", "values" or "silent"."""
+
+    kind: str
+    poison: Callable[[LocalData, tuple[int, ...]], LocalData] | None = None
+    forge_mask: Callable[[Node, Mask, Mask, Weights, int], Mask] | None = None
+    forge_values: Callable[[Node, Weights, Weights, int], Weights] | None = None
+
+    @property
+    def silent(self) -> bool:
+        """A silent node withholds every reply."""
+        return self.kind == "silent"
+
+
+ATTACKS: Registry[Attack] = registry("attack")
+
+
+def register_attack(name: str, attack: Attack) -> None:
+    """Add an attack that `faults.attack` can name."""
+    ATTACKS.register(name, attack)
+
+
+def malicious_ids(cfg) -> list[int]:
     """Which nodes are malicious: a seeded choice of `faults.malicious` of them."""
     rng = np.random.default_rng([cfg.seed, 3])
     return sorted(rng.choice(cfg.nodes, size=cfg.faults.malicious, replace=False).tolist())
 
 
-def poison(data: LocalData, attack: str, key: tuple[int, ...]) -> LocalData:
-    """A node's data with Gaussian-noise inputs or with its labels shuffled among its samples."""
-    gen = generator(*key)
+def attack_of(cfg, node_id: int) -> Attack | None:
+    """The attack node `node_id` runs, or None for an honest node."""
+    if not cfg.faults.malicious or node_id not in malicious_ids(cfg):
+        return None
+    return ATTACKS.get(cfg.faults.attack)
+
+
+def _noise(data: LocalData, key: tuple[int, ...]) -> LocalData:
+    """Gaussian-noise inputs in place of the node's images (labels kept)."""
+    import torch
+
+    from .core.training import LocalData, generator
+
     idx = data.train
-    if attack == "noise":
-        x = torch.randn((len(idx),) + tuple(data.x.shape[1:]), generator=gen)
-        return LocalData(x, data.y[idx].clone(), torch.arange(len(idx)), torch.arange(0))
+    x = torch.randn((len(idx),) + tuple(data.x.shape[1:]), generator=generator(*key))
+    return LocalData(x, data.y[idx].clone(), torch.arange(len(idx)), torch.arange(0))
+
+
+def _shuffle(data: LocalData, key: tuple[int, ...]) -> LocalData:
+    """The node's labels shuffled among its own samples."""
+    import torch
+
+    from .core.training import LocalData, generator
+
+    idx = data.train
     y = data.y.clone()
-    y[idx] = data.y[idx[torch.randperm(len(idx), generator=gen)]]
+    y[idx] = data.y[idx[torch.randperm(len(idx), generator=generator(*key))]]
     return LocalData(data.x, y, idx, data.val)
 
 
-class MaliciousNode(Node):
-    """A node that runs `cfg.faults.attack` while speaking the protocol correctly."""
+def _random_mask(node: Node, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
+    """As many entries as the honest mask, chosen uniformly."""
+    rng = np.random.default_rng([node.cfg.seed, step, node.id, 6])
+    return [top_k(rng.random(c.shape), c, int(m.sum())).reshape(c.shape) for m, c in zip(mask, current)]
 
-    def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None) -> None:
-        attack = cfg.faults.attack
-        if attack in DATA_ATTACKS:
-            data = poison(data, attack, (cfg.seed, node_id, 5))
-        super().__init__(node_id, cfg, trainer, data, state)
-        self.attack = attack
 
-    def handle(self, task: str, step: int, bodies: Sequence[bytes]) -> Reply:
-        """A silent node withholds every reply; the others answer, forging what the attack forges."""
-        if self.attack == "silent":
-            return NodeFailure("withheld its reply (silent attack)")
-        return super().handle(task, step, bodies)
+def _inverted_mask(node: Node, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
+    """Exactly the entries the honest mask prunes."""
+    return [c & ~m for m, c in zip(mask, current)]
 
-    def forge_mask(self, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
-        """Random: as many entries as the honest mask, uniformly; inverted: the entries the honest
-        mask prunes; important: the smallest weights, so the largest ones get pruned."""
-        if self.attack == "random-mask":
-            rng = np.random.default_rng([self.cfg.seed, step, self.id, 6])
-            return [top_k(rng.random(c.shape), c, int(m.sum())).reshape(c.shape) for m, c in zip(mask, current)]
-        if self.attack == "inverted-mask":
-            return [c & ~m for m, c in zip(mask, current)]
-        if self.attack == "important-mask":
-            density = self.steps[step].density
-            return select([-np.abs(w) for w in self.spec.pick(start)], current, density, self.cfg.prune.scope,
-                          self.cfg.prune.layer_floor)
-        return mask
 
-    def forge_values(self, trained: Weights, start: Weights, step: int) -> Weights:
-        """Scale: the update multiplied by `attack_scale`; sign-flip: the update reversed."""
-        factor = {"scale": self.cfg.faults.attack_scale, "sign-flip": -1.0}.get(self.attack)
-        if factor is None:
-            return trained
-        return [(s + np.float32(factor) * (t - s)).astype(np.float32) for t, s in zip(trained, start)]
+def _important_mask(node: Node, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
+    """The smallest weights, so that the largest ones get pruned."""
+    return select([-np.abs(w) for w in node.spec.pick(start)], current, node.steps[step].density,
+                  node.cfg.prune.scope, node.cfg.prune.layer_floor)
 
+
+def _scaled(factor: Callable[[Node], float]) -> Callable[[Node, Weights, Weights, int], Weights]:
+    """A forger that reports start + factor x (trained - start)."""
+
+    def forge(node: Node, trained: Weights, start: Weights, step: int) -> Weights:
+        f = np.float32(factor(node))
+        return [(s + f * (t - s)).astype(np.float32) for t, s in zip(trained, start)]
+
+    return forge
+
+
+ATTACKS.register("none", Attack("none"))
+ATTACKS.register("noise", Attack("data", poison=_noise))
+ATTACKS.register("shuffle", Attack("data", poison=_shuffle))
+ATTACKS.register("random-mask", Attack("mask", forge_mask=_random_mask))
+ATTACKS.register("inverted-mask", Attack("mask", forge_mask=_inverted_mask))
+ATTACKS.register("important-mask", Attack("mask", forge_mask=_important_mask))
+ATTACKS.register("scale", Attack("values", forge_values=_scaled(lambda node: node.cfg.faults.attack_scale)))
+ATTACKS.register("sign-flip", Attack("values", forge_values=_scaled(lambda node: -1.0)))
+ATTACKS.register("silent", Attack("silent"))

@@ -12,8 +12,9 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn, Sequence
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,18 +28,18 @@ from .records import CONFIG, default_run_dir
 
 console = Console(stderr=True, soft_wrap=True)
 INTERRUPTED = 130
-PARTITION_FIELDS = ("seed", "nodes", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
+PARTITION_FIELDS = ("seed", "nodes", "plugins", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _metavar(hint: object) -> str:
-    """The metavar of a field's flag: INT, FLOAT, TEXT, BOOL, or PATTERN for a repeatable list."""
+def _metavar(name: str, hint: object) -> str:
+    """The metavar of a field's flag: INT, FLOAT, TEXT, BOOL, or for a repeatable list what one item is."""
     text = str(hint)
     if "tuple" in text:
-        return "PATTERN"
+        return {"exclude": "PATTERN", "plugins": "MODULE"}.get(name, "TEXT")
     for name, shown in (("bool", "BOOL"), ("int", "INT"), ("float", "FLOAT")):
         if text.startswith(name) or text == f"<class '{name}'>":
             return shown
@@ -62,7 +63,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
         text = f"{texts[name]} (default {_shown(default)}"
         text += (f"; one of {', '.join(choices[name])})" if name in choices else ")") + (f" [{section}]" if section else "")
         repeat = "tuple" in str(types[name])
-        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(types[name]),
+        group.add_argument(_flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(name, types[name]),
                            action="append" if repeat else "store", help=text.replace("%", "%%"))
 
 
@@ -114,8 +115,8 @@ def _steps_done(out: Path) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .methods import plan
     from .progress import RoundLog
-    from .protocol import plan
     from .records import check_run_dir
     from .resources import available_memory, check_memory, estimate_run
     from .sim import simulate

@@ -22,6 +22,10 @@ Payload records, one per tensor, by kind (``k`` = number of values in the record
 - ``SPARSE``: tensor size (u32), non-zeros (u32), coded length (u32), the coded position
   bitmap (which costs no more than optimally coded index gaps), then a values record of the
   non-zeros. A coded position never carries a zero value, so each tensor has one encoding.
+- ``INIT`` (no tensors; the encoding byte names the source of the initial weights: 0 = the
+  seeded initialiser, 1 = an ``--init`` file): the seed (u32) and the SHA-256 of the initial
+  weights (32 bytes, see :func:`weights_digest`), 36 bytes. A node that can rebuild the
+  weights itself checks the digest instead of receiving them.
 
 Values: float32 is exact. float16 rounds to nearest (relative error at most 2**-11, absolute
 at most 2**-25 in float16's subnormal range); values beyond float16's range are refused.
@@ -36,11 +40,12 @@ payload's size is allocated. Any violation raises :class:`PayloadError`.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Sequence
 
 import constriction
 import numpy as np
@@ -55,6 +60,8 @@ HEADER_SIZE = _HEADER.size + _CRC.size
 _U32 = struct.Struct("<I")
 _MASK_META = struct.Struct("<III")
 _F32 = struct.Struct("<f")
+_INIT = struct.Struct("<I32s")
+INIT_SOURCES = {"seed": 0, "file": 1}
 _STRUCTURED = 1
 _RANGE_SLACK = 64
 _MODEL_BITS = 32
@@ -69,6 +76,7 @@ class Kind(IntEnum):
     VALUES = 3
     SCORES = 4
     SPARSE = 5
+    INIT = 6
 
 
 VALUE_DTYPES = {"float32": (0, np.dtype("<f4")), "float16": (1, np.dtype("<f2")), "int8": (2, np.dtype("i1"))}
@@ -355,7 +363,7 @@ def _check_coder(coder: str) -> None:
         raise PayloadError(f"unknown mask coder {coder!r}; choose one of {sorted(MASK_CODERS)}")
 
 
-def _byte_model(ones: int, n: int) -> "constriction.stream.model.Categorical":
+def _byte_model(ones: int, n: int) -> constriction.stream.model.Categorical:
     """Categorical model over packed bytes whose 8 bits are i.i.d. Bernoulli(ones / n).
 
     The probability is rounded to a multiple of 2**-32, and the nine distinct byte
@@ -559,6 +567,50 @@ def decode_sparse(
         tensors.append(flat.reshape(shape))
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
+
+
+# --------------------------------------------------------------------------- initial weights
+
+
+@dataclass(frozen=True)
+class InitRef:
+    """What an ``INIT`` body says of the initial weights: where they come from and their digest."""
+
+    round: int
+    source: str
+    seed: int
+    digest: bytes
+
+
+def weights_digest(tensors: Sequence[np.ndarray]) -> bytes:
+    """SHA-256 over every tensor's shape and float32 little-endian bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = np.ascontiguousarray(t, dtype="<f4")
+        h.update(_U32.pack(t.ndim) + b"".join(_U32.pack(d) for d in t.shape))
+        h.update(t.tobytes())
+    return h.digest()
+
+
+def encode_init(tensors: Sequence[np.ndarray], *, source: str, seed: int, round: int) -> bytes:
+    """A reference to the initial weights (their source, seed and digest) instead of the weights."""
+    if source not in INIT_SOURCES:
+        raise PayloadError(f"unknown initial-weights source {source!r}; choose one of {sorted(INIT_SOURCES)}")
+    if not 0 <= seed < 2**32:
+        raise PayloadError(f"seed {seed} does not fit in 32 bits")
+    return _pack(Kind.INIT, INIT_SOURCES[source], 0, round, 0, 0, 0, _INIT.pack(seed, weights_digest(tensors)))
+
+
+def decode_init(buf: bytes, *, round: int | None = None) -> InitRef:
+    """Decode an ``INIT`` body (exactly 36 payload bytes)."""
+    header, payload = _unpack(buf, Kind.INIT, round, 0, 0)
+    sources = {code: name for name, code in INIT_SOURCES.items()}
+    if header.encoding not in sources:
+        raise PayloadError(f"unknown initial-weights source code {header.encoding}")
+    reader = _Reader(payload)
+    seed, digest = reader.unpack(_INIT, "the initial-weights reference")
+    reader.finish()
+    return InitRef(header.round, sources[header.encoding], seed, bytes(digest))
 
 
 def peek(buf: bytes) -> Body:

@@ -1,4 +1,4 @@
-"""Structured shrinking of flat sequential models, analytic FLOPs, and training on the shrunk model.
+"""Structured shrinking of flat sequential models: the physically smaller model a filter mask leaves.
 
 A filter mask keeps or drops whole output filters / neurons. Shrinking removes a dropped filter
 for good: its weight row, its bias, its BatchNorm entries and the input channels (or flattened
@@ -7,35 +7,29 @@ what the full-size model computes with all of those entries set to zero (`Compac
 The masked full-size model zeroes only the weight row and keeps the bias, so both agree once the
 biases of dropped filters are zero; `CompactTrainer` returns weights in that cleared form.
 
-Training the shrunk model gives the weights `LocalTrainer` gives from the cleared full-size
-weights: there every entry a dropped filter owns is zero, its activation is zero and so is
-every gradient reaching it, and SGD (with momentum and weight decay) and Adam update each entry
-on its own, so those entries stay zero and the others follow the same updates.
-
-FLOPs count one multiply-accumulate of a Linear or Conv layer as 2 FLOPs; biases, activations,
-pooling and normalisation are not counted.
+Training the shrunk model (`mpfl.core.training.CompactTrainer`) gives the weights
+`LocalTrainer` gives from the cleared full-size weights: there every entry a dropped filter
+owns is zero, its activation is zero and so is every gradient reaching it, and SGD (with
+momentum and weight decay) and Adam update each entry on its own, so those entries stay zero
+and the others follow the same updates.
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .core.masks import rows
-from .core.params import ParamSpec, Weights, set_weights
-from .core.training import LocalData, LocalTrainer
+from .core.params import ParamSpec, Weights
 from .errors import ModelError
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_DENSE = (nn.Linear, *_CONV)
+DENSE = (nn.Linear, *_CONV)
 # Modules that act on each channel separately and map zero to zero, so a zeroed channel stays zero.
 _CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Identity,
                 nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
@@ -55,7 +49,7 @@ def unsupported(model: nn.Module) -> str | None:
             return f"layer {i} is a BatchNorm with a cumulative average (momentum=None)"
         if isinstance(m, nn.Flatten) and m.start_dim != 1:
             return f"layer {i} flattens from dimension {m.start_dim}, not 1"
-        if not isinstance(m, (*_DENSE, *_NORM, nn.Flatten, *_CHANNELWISE)):
+        if not isinstance(m, (*DENSE, *_NORM, nn.Flatten, *_CHANNELWISE)):
             return f"layer {i} ({type(m).__name__}) is not a Linear, Conv, BatchNorm, Flatten, activation or pooling layer"
     return None
 
@@ -126,7 +120,7 @@ class CompactModel:
         kept: np.ndarray | None = None
         width = 0
         for i, m in enumerate(model):
-            if isinstance(m, _DENSE):
+            if isinstance(m, DENSE):
                 n_in, n_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (m.in_channels, m.out_channels)
                 cols = _spread(kept, width, n_in)
                 f = flags.get(f"{i}.weight")
@@ -185,125 +179,3 @@ class CompactModel:
 def shrink(model: nn.Module, spec: ParamSpec, mask: Sequence[np.ndarray]) -> CompactModel:
     """The physically smaller model that a filter mask on `model` leaves, holding the model's current weights."""
     return CompactModel(model, spec, mask)
-
-
-class CompactTrainer(LocalTrainer):
-    """A LocalTrainer that trains the shrunk model whenever the mask drops whole filters, for fewer FLOPs and less memory."""
-
-    def __init__(self, model: nn.Module, spec: ParamSpec, **options) -> None:
-        super().__init__(model, spec, **options)
-        self._cached: tuple[bytes, CompactModel, LocalTrainer] | None = None
-
-    def compact(self, mask: Sequence[np.ndarray]) -> tuple[CompactModel, LocalTrainer]:
-        """The shrunk model for `mask` and a trainer on it, reused while the mask stays the same."""
-        key = b"".join(np.packbits(np.asarray(m, dtype=bool)).tobytes() for m in mask)
-        if self._cached is None or self._cached[0] != key:
-            small = shrink(self.model, self.spec, mask)
-            inner = LocalTrainer(small.model, small.spec, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
-                                 weight_decay=self.weight_decay, batch_size=self.batch_size)
-            self._cached = (key, small, inner)
-        return self._cached[1], self._cached[2]
-
-    def train(self, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray] | None, data: LocalData,
-              epochs: int, gen: torch.Generator) -> tuple[Weights, float]:
-        """Train the shrunk model from `weights`; return cleared full-size weights and the mean loss."""
-        if mask is None or all(m.all() for m in mask):
-            return super().train(weights, mask, data, epochs, gen)
-        small, inner = self.compact(mask)
-        trained, loss = inner.train(small.to_compact(weights), None, data, epochs, gen)
-        return small.to_full(trained), loss
-
-
-# --------------------------------------------------------------------------- costs
-
-
-@dataclass(frozen=True)
-class LayerFlops:
-    """FLOPs per inference of one Linear/Conv layer: all entries, and only the non-zero weights."""
-
-    layer: str
-    kind: str
-    flops: int
-    nonzero_flops: int
-
-
-def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> list[LayerFlops]:
-    """FLOPs of each Linear/Conv layer for one sample (2 per multiply-accumulate), sizes from one probe pass."""
-    outputs: dict[str, tuple[int, ...]] = {}
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, _DENSE)}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: outputs.__setitem__(name, tuple(out.shape)))
-             for name, m in layers.items()]
-    training = model.training
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(torch.zeros(1, *input_shape))
-    finally:
-        model.train(training)
-        for h in hooks:
-            h.remove()
-    result = []
-    for name, m in layers.items():
-        if name not in outputs:
-            continue
-        channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        positions = int(np.prod(outputs[name])) // channels
-        weight = m.weight.detach()
-        result.append(LayerFlops(name, type(m).__name__, 2 * positions * weight.numel(),
-                                 2 * positions * int(torch.count_nonzero(weight))))
-    return result
-
-
-def flops(model: nn.Module, input_shape: Sequence[int], *, nonzero: bool = False) -> int:
-    """Total FLOPs per inference of one sample; with `nonzero`, only the multiplications by non-zero weights."""
-    return sum(f.nonzero_flops if nonzero else f.flops for f in layer_flops(model, input_shape))
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Number of parameter entries (weights and biases, not buffers)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def state_bytes(model: nn.Module) -> int:
-    """In-memory size of a model's state (parameters and buffers)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def latency_ms(model: nn.Module, input_shape: Sequence[int], *, batch: int = 1, repeats: int = 50,
-               warmup: int = 5, threads: int | None = 1) -> float:
-    """Median wall time in ms of one forward pass on `threads` torch threads (one: stable on a shared machine)."""
-    x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
-    training, before = model.training, torch.get_num_threads()
-    model.eval()
-    torch.set_num_threads(threads or before)
-    times = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                start = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-    finally:
-        model.train(training)
-        torch.set_num_threads(before)
-    return 1000.0 * statistics.median(times)
-
-
-def model_stats(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray],
-                input_shape: Sequence[int], structured: bool) -> dict:
-    """What the final pruned model costs on a device, next to the dense model: parameters kept,
-    bytes (a shrunk dense model for filter masks; kept float32 values plus a 1-bit-per-weight
-    mask otherwise, no mask when nothing is pruned) and FLOPs per sample (of the shrunk model, or of the non-zero weights)."""
-    set_weights(model, spec, spec.apply(weights, mask))
-    dense_params, dense_flops = parameter_count(model), flops(model, input_shape)
-    if structured and compactable(model):
-        small = shrink(model, spec, mask).model
-        params, size, cost = parameter_count(small), state_bytes(small), flops(small, input_shape)
-    else:
-        pruned = sum(int(m.size - m.sum()) for m in mask)
-        params = dense_params - pruned
-        size = state_bytes(model) - 4 * pruned + (sum(m.size for m in mask) + 7) // 8 * bool(pruned)
-        cost = flops(model, input_shape, nonzero=True)
-    return {"params_kept": params, "params_dense": dense_params, "model_bytes": size,
-            "model_bytes_dense": state_bytes(model), "flops_per_sample": cost, "flops_per_sample_dense": dense_flops}

@@ -8,40 +8,41 @@ A TOML file has top-level run keys and the sections ``[data]``, ``[train]``, ``[
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from .attacks import ATTACKS
+from .codec import MASK_CODERS, VALUE_DTYPES
+from .core.aggregate import AGGREGATORS
 from .core.consensus import RULES
-from .core.masks import CRITERIA
+from .core.masks import CRITERIA, SCHEDULES, SCOPES
 from .errors import ConfigError
+from .methods import METHODS
+from .partition import PARTITIONS
+from .plugins import load_plugins
+from .registry import UnknownNameError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
-SCHEDULES = ("geometric", "linear")
-SCOPES = ("layer", "global")
 REWINDS = ("init", "none")
 TRAIN_INITS = ("rewind", "local")
 OPTIMIZERS = ("sgd", "adam")
-PARTITIONS = ("iid", "dirichlet", "shards")
-MASK_CODERS = ("range", "packbits")
 VOTE_WEIGHTINGS = ("samples", "agreement", "trimmed")
-AGGREGATORS = ("mean", "trimmed-mean", "median", "krum")
-ATTACKS = ("none", "noise", "shuffle", "random-mask", "inverted-mask", "important-mask", "scale", "sign-flip", "silent")
-VALUE_DTYPES = ("float32", "float16", "int8")
 
 
 def field_choices() -> dict[str, tuple[str, ...]]:
-    """The allowed values of every field that names one of a set (registered rules and criteria included)."""
-    return {"method": METHODS, "partition": PARTITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-            "criterion": tuple(CRITERIA), "scope": SCOPES, "consensus": tuple(RULES), "rewind": REWINDS,
-            "train_init": TRAIN_INITS, "mask_coder": MASK_CODERS, "value_dtype": VALUE_DTYPES,
-            "vote_weighting": VOTE_WEIGHTINGS, "aggregator": AGGREGATORS, "attack": ATTACKS}
+    """The allowed values of every field that names one of a set: the registries' names (so
+    registered plug-ins count) and the fixed options of the core."""
+    return {"method": METHODS.names(), "partition": PARTITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+            "criterion": CRITERIA.names(), "scope": SCOPES, "consensus": RULES.names(), "rewind": REWINDS,
+            "train_init": TRAIN_INITS, "mask_coder": tuple(MASK_CODERS), "value_dtype": tuple(VALUE_DTYPES),
+            "vote_weighting": VOTE_WEIGHTINGS, "aggregator": AGGREGATORS.names(), "attack": ATTACKS.names()}
 
 
 def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
@@ -55,14 +56,24 @@ def _choice(name: str, value: str) -> None:
     if value not in options:
         hint = difflib.get_close_matches(str(value), options, n=1)
         extra = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
+        raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
 
-def _range(name: str, value: float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> None:
+def _range(name: str, value: float, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False) -> None:
     if lo is not None and (value < lo or (lo_open and value == lo)):
         raise ConfigError(f"{name} = {value} must be {'>' if lo_open else '>='} {lo}")
     if hi is not None and (value > hi or (hi_open and value == hi)):
         raise ConfigError(f"{name} = {value} must be {'<' if hi_open else '<='} {hi}")
+
+
+def _finite(cfg: Any) -> None:
+    """Refuse NaN and infinity in every float field: they would pass every range check."""
+    for section in [cfg] + [getattr(cfg, name) for name in SECTIONS]:
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} = {value} must be a finite number")
 
 
 @dataclass(frozen=True)
@@ -219,7 +230,8 @@ class FaultConfig:
         _range("malicious", self.malicious, 0)
         _choice("attack", self.attack)
         if self.malicious and self.attack == "none":
-            raise ConfigError(f"malicious = {self.malicious} needs an attack; choose one of {', '.join(ATTACKS[1:])}")
+            raise ConfigError(f"malicious = {self.malicious} needs an attack; choose one of "
+                              f"{', '.join(a for a in ATTACKS.names() if ATTACKS.get(a).kind != 'none')}")
 
 
 @dataclass(frozen=True)
@@ -238,6 +250,8 @@ class Config:
                              "machine", aliases=("num_threads",))
     workers: int = _field(1, "processes that train the nodes side by side (same results as 1)",
                           aliases=("processes", "num_workers"))
+    plugins: tuple[str, ...] = _field((), "modules or .py files to import first, which register datasets, models, "
+                                           "methods and other pieces by name; repeat the flag for several")
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -246,10 +260,13 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
+        """Import the plug-ins the config names first, so the names they register are valid choices."""
+        load_plugins(self.plugins)
         self.validate()
 
     def validate(self) -> None:
         """Check every value; raise ConfigError naming the field and the allowed values."""
+        _finite(self)
         _choice("method", self.method)
         _range("seed", self.seed, 0, 2**32 - 1)
         _range("nodes", self.nodes, 1)
@@ -270,12 +287,12 @@ class Config:
         return _drop_none(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
+    def from_dict(cls, data: dict[str, Any]) -> Config:
         """Build a config from nested dicts, rejecting unknown keys and wrong types."""
         return _build(cls, data, "")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "Config":
+    def from_toml(cls, path: str | Path) -> Config:
         """Read a TOML config file."""
         path = Path(path)
         try:
@@ -286,7 +303,7 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
         return cls.from_dict(data)
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""
         data = self.to_dict()
         for name, value in overrides.items():
@@ -314,7 +331,8 @@ def _unknown(name: str, known: Any) -> str:
     owner = next((f for f, names in field_aliases().items() if bare in names), None)
     hint = [f"{FIELD_SECTIONS[owner]}.{owner}" if prefix and FIELD_SECTIONS[owner] else owner] if owner else []
     hint = hint or difflib.get_close_matches(name, list(known), n=1)
-    return f"unknown config key {name!r}." + (f" Did you mean {hint[0]!r}?" if hint else f" Known keys: {', '.join(sorted(known))}")
+    suggestion = f" Did you mean {hint[0]!r}?" if hint else f" Known keys: {', '.join(sorted(known))}"
+    return f"unknown config key {name!r}." + suggestion
 
 
 def _coerce(name: str, hint: Any, value: Any) -> Any:

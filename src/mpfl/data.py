@@ -10,22 +10,22 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import platformdirs
 import torch
 
-from mpfl.errors import ConfigError, DataError
+from .errors import ConfigError, DataError
+from .registry import Registry, registry
 
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct
-
-DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 
 MIRRORS: dict[str, str] = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -80,9 +80,9 @@ _SPECS: dict[str, _Spec] = {
     "cifar100": _Spec("cifar-100-python", _CIFAR_TRAIN["cifar100"] + _CIFAR_TEST["cifar100"], 100,
                       (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-_ALIASES = {"mnist": "mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
-            "cifar10": "cifar10", "cifar100": "cifar100"}
-_REGISTRY: dict[str, Callable[[Path | None], "Dataset"]] = {}
+Loader = Callable[[Path | None], "Dataset"]
+DATASETS: Registry[Loader] = registry("dataset")
+"""Every loadable dataset: a loader `loader(data_dir) -> Dataset` per name (built-in ones first)."""
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -133,19 +133,14 @@ class Dataset:
 
 def available_datasets() -> list[str]:
     """Names load_dataset accepts: the built-in ones, then any registered ones."""
-    return list(DATASETS) + sorted(_REGISTRY)
+    return list(DATASETS.names())
 
 
-def register_dataset(name: str, loader: Callable[[Path | None], Dataset]) -> None:
+def register_dataset(name: str, loader: Loader) -> None:
     """Make `loader(data_dir)` loadable as `name`, so a user's own dataset works with the CLI and API."""
-    key = name.strip().lower()
-    if not key:
-        raise ConfigError("register_dataset needs a non-empty name")
-    if key in DATASETS or key.replace("-", "").replace("_", "") in _ALIASES:
-        raise ConfigError(f"{name!r} is a built-in dataset name; register yours under another name")
     if not callable(loader):
         raise ConfigError(f"register_dataset({name!r}) needs a callable loader, got {type(loader).__name__}")
-    _REGISTRY[key] = loader
+    DATASETS.register(name, loader)
 
 
 def data_search_path(data_dir: str | Path | None = None) -> list[Path]:
@@ -159,8 +154,8 @@ def data_search_path(data_dir: str | Path | None = None) -> list[Path]:
 
 def dataset_available(name: str, data_dir: str | Path | None = None) -> bool:
     """Whether a dataset loads without a download: its files are in a data root (or it is registered)."""
-    key = _canonical(name)
-    if key in _REGISTRY:
+    key = DATASETS.canonical(name)
+    if key not in _SPECS:
         return True
     roots = data_search_path(data_dir) + ([_SHIPPED] if key == "mnist" else [])
     return any(_has_files(root, key) for root in roots)
@@ -168,12 +163,18 @@ def dataset_available(name: str, data_dir: str | Path | None = None) -> bool:
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
     """Load a dataset by name from the first data root holding its files, downloading them if allowed."""
-    key = _canonical(name)
-    if key in _REGISTRY:
-        dataset = _REGISTRY[key](Path(data_dir) if data_dir is not None else None)
-        if not isinstance(dataset, Dataset):
-            raise DataError(f"the loader registered for {key!r} returned {type(dataset).__name__}, not a Dataset")
-        return dataset
+    loader = DATASETS.get(name)
+    if isinstance(loader, partial) and loader.func is _load_builtin:
+        return loader(data_dir, download=download)
+    dataset = loader(Path(data_dir) if data_dir is not None else None)
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"the loader registered for {DATASETS.canonical(name)!r} returned {type(dataset).__name__}, "
+                        "not a Dataset")
+    return dataset
+
+
+def _load_builtin(key: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
+    """A built-in dataset from its original files (found, or downloaded and verified)."""
     root = _locate(key, data_dir, download)
     spec = _SPECS[key]
     if key in _CIFAR_TRAIN:
@@ -183,6 +184,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
         x_test, y_test = _read_idx_pair(root / spec.folder, "t10k", spec.num_classes)
     return Dataset(key, _normalise(x_train, spec), torch.from_numpy(y_train),
                    _normalise(x_test, spec), torch.from_numpy(y_test), spec.num_classes)
+
+
+for _key, _aliases in (("mnist", ()), ("fashion-mnist", ("fashionmnist", "fmnist", "fashion_mnist")),
+                       ("cifar10", ("cifar-10",)), ("cifar100", ("cifar-100",))):
+    DATASETS.register(_key, partial(_load_builtin, _key), aliases=_aliases)
 
 
 def read_idx(path: str | Path, *, expected_magic: int | None = None) -> np.ndarray:
@@ -239,17 +245,6 @@ def read_cifar(root: Path, variant: str) -> tuple[np.ndarray, np.ndarray, np.nda
 def _cache_dir() -> Path:
     """The per-user cache directory, the last place searched and downloaded into."""
     return Path(platformdirs.user_cache_dir("mpfl"))
-
-
-def _canonical(name: str) -> str:
-    """Map a dataset name or alias, in any case, to its registered name."""
-    key = name.strip().lower()
-    if key in _REGISTRY:
-        return key
-    alias = _ALIASES.get(key.replace("-", "").replace("_", ""))
-    if alias is None:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
-    return alias
 
 
 def _idx_path(folder: Path, stem: str) -> Path | None:

@@ -25,5 +25,9 @@ class RoundError(MpflError):
     """A round could not complete: fewer than `min_nodes` nodes gave a valid reply."""
 
 
+class ExportError(MpflError):
+    """A run directory cannot be exported, or an export directory cannot be loaded."""
+
+
 class ResourceError(MpflError):
     """A run would need more memory (or other resources) than the machine has."""

@@ -13,18 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import malicious_ids
-from .compact import model_stats
 from .config import Config
-from .core.params import Mask, ParamSpec, Weights, get_weights, param_spec
+from .core.params import ParamSpec, Weights, get_weights, param_spec
 from .core.training import LocalData, evaluate
 from .data import Dataset, load_dataset
 from .errors import ConfigError
-from .export import save_final
+from .methods import method_of
 from .models import build_model, load_init
-from .node import is_structured
 from .partition import Partition, make_partition
-from .records import RunDir, summarize
 
 
 def set_threads(cfg: Config) -> None:
@@ -56,7 +52,7 @@ class Experiment:
     w0: Weights
 
     @classmethod
-    def from_config(cls, cfg: Config, dataset: Dataset | None = None) -> "Experiment":
+    def from_config(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
         """Load data (unless `dataset` is the run's data already loaded, as worker processes get it),
         split it, build the model with the run's seed and read `--init` weights."""
         set_threads(cfg)
@@ -70,8 +66,9 @@ class Experiment:
         if cfg.train.init is not None:
             load_init(model, cfg.train.init)
         _check_exclude(model, cfg.prune.exclude)
-        spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
-        if not spec.prunable and cfg.method != "fedavg":
+        method = method_of(cfg)
+        spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
+        if not spec.prunable and method.prunes:
             raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "
                               f"{list(cfg.prune.exclude)}; exclude fewer layers")
         return cls(cfg, dataset, partition, model, spec, get_weights(model, spec))
@@ -86,17 +83,6 @@ class Experiment:
         train = np.sort(np.concatenate(self.partition.train))
         return LocalData(self.dataset.x_train, self.dataset.y_train, torch.from_numpy(train),
                          torch.from_numpy(np.concatenate(self.partition.val)))
-
-    def finish(self, run_dir: RunDir | None, weights: Weights, mask: Mask, records: list[dict], wall_time: float,
-               extra: dict) -> dict:
-        """The run's summary (with the pruned model's size and cost); written with the final
-        weights to `run_dir` when there is one."""
-        stats = model_stats(self.model, self.spec, weights, mask, self.dataset.input_shape, is_structured(self.cfg))
-        summary = summarize(self.cfg, records, wall_time, {"malicious_nodes": malicious_ids(self.cfg), **extra, **stats})
-        if run_dir is not None:
-            save_final(run_dir.path, self.spec, weights, mask, self.dataset.input_shape, self.dataset.num_classes)
-            run_dir.finish(summary)
-        return summary
 
     def evaluate(self, weights: Weights) -> tuple[float, float]:
         """Accuracy and loss of `weights` on the test set."""

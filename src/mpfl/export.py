@@ -22,70 +22,30 @@ import importlib.util
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import codec
-from .compact import compactable, flops, latency_ms, layer_flops, parameter_count, shrink, unsupported
+from .checkpoint import FINAL, Final, load_final
+from .compact import compactable, shrink, unsupported
 from .config import Config
 from .core.params import ParamSpec, param_spec, set_weights
-from .errors import MpflError
+from .costs import flops, latency_ms, layer_flops, parameter_count
+from .errors import ExportError
+from .files import atomic_write
+from .methods import method_of
 from .models import build_model
-from .node import is_structured
-from .records import CONFIG, atomic_write
+from .records import CONFIG
 
-FINAL, EXPORT_JSON, MASK_FILE = "final.npz", "export.json", "mask.bin"
+EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
 FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
 FORMATS = tuple(FILES)
 FLOPS_CONVENTION = "2 FLOPs per multiply-accumulate of Linear/Conv layers; biases, activations, pooling and norms not counted"
-
-
-class ExportError(MpflError):
-    """A run directory cannot be exported, or an export directory cannot be loaded."""
-
-
-# --------------------------------------------------------------------------- final weights
-
-
-@dataclass(frozen=True)
-class Final:
-    """A run's final weights and mask by tensor name, and the input the model was built for."""
-
-    weights: dict[str, np.ndarray]
-    mask: dict[str, np.ndarray]
-    input_shape: tuple[int, ...]
-    num_classes: int
-
-
-def save_final(run_dir: str | Path, spec: ParamSpec, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray],
-               input_shape: Sequence[int], num_classes: int) -> Path:
-    """Write the final weights and mask of a run as `final.npz` (atomically), so the model can be exported."""
-    arrays = {f"w/{n}": np.asarray(w, dtype=np.float32) for n, w in zip(spec.names, weights)}
-    arrays.update({f"m/{n}": np.asarray(m, dtype=bool) for n, m in zip(spec.prunable_names, mask)})
-    arrays["input_shape"] = np.asarray(input_shape, dtype=np.int64)
-    arrays["num_classes"] = np.asarray(num_classes, dtype=np.int64)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    path = Path(run_dir) / FINAL
-    atomic_write(path, buf.getvalue())
-    return path
-
-
-def load_final(run_dir: str | Path) -> Final:
-    """Read `final.npz` from a run directory (no pickles)."""
-    path = Path(run_dir) / FINAL
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist: the run did not finish, or was made by a version of mpfl that "
-                          "did not save final weights; rerun it")
-    with np.load(path, allow_pickle=False) as z:
-        weights = {k[2:]: z[k] for k in z.files if k.startswith("w/")}
-        mask = {k[2:]: z[k].astype(bool) for k in z.files if k.startswith("m/")}
-        return Final(weights, mask, tuple(int(d) for d in z["input_shape"]), int(z["num_classes"]))
 
 
 # --------------------------------------------------------------------------- files
@@ -167,7 +127,8 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     cfg = Config.from_toml(run / CONFIG)
     final = load_final(run)
     model = build_model(cfg.train.model, final.input_shape, final.num_classes)
-    spec = param_spec(model, cfg.prune.exclude, structured=is_structured(cfg))
+    method = method_of(cfg)
+    spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
     if set(spec.names) != set(final.weights) or set(spec.prunable_names) != set(final.mask):
         raise ExportError(f"{run / FINAL} does not hold the tensors of model {cfg.train.model!r} as configured")
     bad = [n for n, s in zip(spec.names, spec.shapes) if final.weights[n].shape != s]
@@ -184,7 +145,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     """Write a run's final model in compact form plus `export.json`, and return what export.json holds."""
     run = Path(run_dir)
     cfg, final, model, spec, mask = _model_from_run(run)
-    structured = is_structured(cfg)
+    structured = method_of(cfg).structured
     compact = structured and compactable(model)
     formats = list(dict.fromkeys(formats or (["state_dict", "torchscript"] if compact else ["sparse"])))
     unknown = [f for f in formats if f not in FILES]

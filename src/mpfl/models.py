@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mpfl.errors import ModelError
+from .errors import ModelError
+from .registry import Registry, registry
 
 Factory = Callable[[tuple[int, int, int], int], nn.Module]
 
@@ -108,34 +109,27 @@ def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, num_classes))
 
 
-_REGISTRY: dict[str, Factory] = {
-    "mlp": _mlp, "cnn": _cnn, "lenet5": _lenet5, "vgg11": _vgg11, "resnet18": _resnet18,
-}
+MODELS: Registry[Factory] = registry("model")
+"""Every buildable model: a factory `factory(input_shape, num_classes) -> nn.Module` per name."""
+for _name, _factory in (("mlp", _mlp), ("cnn", _cnn), ("lenet5", _lenet5), ("vgg11", _vgg11), ("resnet18", _resnet18)):
+    MODELS.register(_name, _factory)
 
 
 def available_models() -> list[str]:
     """Names accepted by build_model, sorted, for help texts and error messages."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
 def register_model(name: str, factory: Factory) -> None:
     """Make `factory(input_shape, num_classes)` buildable as `name`, so users can add their own models."""
-    if not isinstance(name, str) or not name.strip():
-        raise ModelError(f"model name must be a non-empty string, got {name!r}")
     if not callable(factory):
         raise ModelError(f"factory for model {name!r} must be callable as factory(input_shape, num_classes)")
-    key = name.strip().lower()
-    if key in _REGISTRY:
-        taken = ", ".join(available_models())
-        raise ModelError(f"model {key!r} is already registered; choose another name (taken: {taken})")
-    _REGISTRY[key] = factory
+    MODELS.register(name, factory)
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     """Build the named model for (C, H, W) inputs and `num_classes` outputs; weights come from torch's global RNG."""
-    key = name.strip().lower() if isinstance(name, str) else ""
-    if key not in _REGISTRY:
-        raise ModelError(f"unknown model {name!r}; available models: {', '.join(available_models())}")
+    key = MODELS.canonical(name)
     try:
         shape = tuple(operator.index(d) for d in input_shape)
     except TypeError:
@@ -144,7 +138,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
         raise ModelError(f"input_shape must be three positive integers (channels, height, width), got {input_shape!r}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = _REGISTRY[key](shape, num_classes)
+    model = MODELS.get(key)(shape, num_classes)
     if not isinstance(model, nn.Module):
         got = type(model).__name__
         raise ModelError(f"factory for model {key!r} returned {got}, not a torch.nn.Module; make it return the network")

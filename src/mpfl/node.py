@@ -1,26 +1,36 @@
 """The node side of every method, free of transport: decode a request, run the core, encode the reply.
 
 The simulator calls `Node.handle` directly; the Flower ClientApp calls the same method with
-the bodies it received, so both runners run exactly the same node code.
+the bodies it received, so both runners run exactly the same node code. What a node does
+for a request is the handler registered for its task (`NODE_TASKS`): a method that needs a
+new kind of node work registers a handler with `register_task`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import codec
+from .attacks import attack_of
 from .codec import Kind
-from .compact import CompactTrainer, compactable
+from .compact import compactable
 from .config import Config
-from .core.masks import CRITERIA, NEEDS_SCORES, STRUCTURED, keep_count, top_k
+from .core.masks import CRITERIA, keep_count, top_k
 from .core.params import Mask, ParamSpec, Weights
-from .core.training import LocalData, LocalTrainer, generator
+from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
 from .errors import PayloadError
-from .protocol import TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, plan
+from .methods import method_of
+from .protocol import TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply
+from .registry import Registry, registry
+from .seeds import Stream
+
+if TYPE_CHECKING:
+    from .experiment import Experiment
 
 
 @dataclass
@@ -56,14 +66,9 @@ class SharedDecodes:
 def make_trainer(cfg: Config, model, spec: ParamSpec) -> LocalTrainer:
     """A LocalTrainer with the run's optimiser settings; filter masks on a flat sequential model train it shrunk."""
     t = cfg.train
-    trainer = CompactTrainer if is_structured(cfg) and compactable(model) else LocalTrainer
+    trainer = CompactTrainer if method_of(cfg).structured and compactable(model) else LocalTrainer
     return trainer(model, spec, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
                    weight_decay=t.weight_decay, batch_size=t.batch_size)
-
-
-def is_structured(cfg: Config) -> bool:
-    """Whether masks keep or drop whole filters (1 bit per filter on the wire)."""
-    return cfg.prune.criterion in STRUCTURED and cfg.method != "ssfl"
 
 
 def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weights, current: Mask,
@@ -71,29 +76,47 @@ def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weight
     """One local mask round: train with `current` fixed (or score, for saliency criteria) and
     choose a subset of `current` at `density`. Returns the mask and the trained weights."""
     spec, p = trainer.spec, cfg.prune
-    criterion = CRITERIA[p.criterion]
-    if p.criterion in NEEDS_SCORES:
+    criterion = CRITERIA.get(p.criterion)
+    if criterion.needs_scores:
         scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
-        return criterion(scores, current, density, scope=p.scope, floor=p.layer_floor), None
+        return criterion.choose(scores, current, density, scope=p.scope, floor=p.layer_floor), None
     trained, _ = trainer.train(start, current, data, cfg.train.epochs, generator(*gen_key))
-    return criterion(spec.pick(trained), current, density, scope=p.scope, floor=p.layer_floor), trained
+    return criterion.choose(spec.pick(trained), current, density, scope=p.scope, floor=p.layer_floor), trained
+
+
+TaskHandler = Callable[["Node", int, "Weights | None"], list[bytes]]
+NODE_TASKS: Registry[TaskHandler] = registry("node task")
+"""What a node does for each task: `handler(node, step, weights) -> reply bodies`."""
+
+
+def register_task(name: str, handler: TaskHandler) -> None:
+    """Add a node task, e.g. for a method whose rounds ask nodes for something new."""
+    NODE_TASKS.register(name, handler)
 
 
 class Node:
-    """One federated node: its data, its state and the shared trainer."""
+    """One federated node: its data, its state, the shared trainer and, if the run makes it
+    malicious, its attack."""
 
-    def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None) -> None:
+    def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None,
+                 *, w0: Weights | None = None) -> None:
+        self.attack = attack_of(cfg, node_id)
+        self.built_w0 = w0
+        if self.attack is not None and self.attack.poison is not None:
+            data = self.attack.poison(data, (cfg.seed, node_id, Stream.POISON))
         self.id, self.cfg, self.trainer, self.data = node_id, cfg, trainer, data
         self.spec = trainer.spec
         self.state = state or NodeState()
-        self.steps = {s.step: s for s in plan(cfg)}
-        self.structured = is_structured(cfg)
+        method = method_of(cfg)
+        self.steps = {s.step: s for s in method.plan()}
+        self.structured = method.structured
         self.shared: SharedDecodes | None = None
 
     # ------------------------------------------------------------------ receiving
 
     @property
     def mask(self) -> Mask:
+        """The consensus mask this node holds (all ones before the first)."""
         return self.state.mask if self.state.mask is not None else self.spec.full_mask()
 
     def _decode(self, key: tuple, decode: Callable[[], codec.Body]) -> codec.Body:
@@ -103,91 +126,158 @@ class Node:
         """Apply the bodies of a request in order; return the weights it carried, if any."""
         weights = None
         for body in bodies:
-            head = codec.peek(body)
-            if head.kind == Kind.WEIGHTS:
-                self.state.w0 = self._decode((Kind.WEIGHTS, body, step), lambda: codec.decode_dense(
-                    body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
-                weights = self.state.w0
-            elif head.kind == Kind.MASK:
-                version = 0 if head.base == 0 else self.state.version
-                decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
-                    body, self.spec.full_mask() if version == 0 else self.mask, base_version=version,
-                    structured=self.structured))
-                self.state.mask, self.state.version = decoded.tensors, decoded.round
-            elif head.kind == Kind.VALUES:
-                weights = self._decode((Kind.VALUES, body, step, self.state.version), lambda: codec.decode_values(
-                    body, self.spec.supports(self.mask), round=step, base=self.state.version)).tensors
-            else:
-                raise PayloadError(f"a node does not accept {head.kind.name} bodies")
+            received = self._apply(step, body)
+            if received is not None:
+                weights = received
         return weights
+
+    def _apply(self, step: int, body: bytes) -> Weights | None:
+        """Take in one body: the initial weights, a mask update or kept values (returned)."""
+        head = codec.peek(body)
+        if head.kind == Kind.WEIGHTS:
+            self.state.w0 = self._decode((Kind.WEIGHTS, body, step), lambda: codec.decode_dense(
+                body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
+            return self.state.w0
+        if head.kind == Kind.INIT:
+            self.state.w0 = self._rebuilt_w0(codec.decode_init(body, round=step))
+            return self.state.w0
+        if head.kind == Kind.MASK:
+            version = 0 if head.base == 0 else self.state.version
+            decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
+                body, self.spec.full_mask() if version == 0 else self.mask, base_version=version,
+                structured=self.structured))
+            self.state.mask, self.state.version = decoded.tensors, decoded.round
+            return None
+        if head.kind == Kind.VALUES:
+            return self._decode((Kind.VALUES, body, step, self.state.version), lambda: codec.decode_values(
+                body, self.spec.supports(self.mask), round=step, base=self.state.version)).tensors
+        raise PayloadError(f"a node does not accept {head.kind.name} bodies")
 
     # ------------------------------------------------------------------ tasks
 
-    def handle(self, task: str, step: int, bodies: Sequence[bytes]) -> list[bytes]:
-        """Run one task of round `step` and return the encoded reply bodies."""
+    def handle(self, task: str, step: int, bodies: Sequence[bytes]) -> Reply:
+        """Run one task of round `step` and return the encoded reply bodies (a silent attacker
+        returns a NodeFailure instead)."""
+        if self.attack is not None and self.attack.silent:
+            return NodeFailure("withheld its reply (silent attack)")
         if step not in self.steps:
             raise PayloadError(f"step {step} is not part of this run's plan")
-        weights = self._receive(step, bodies)
-        handler = {TASK_MASK: self._mask, TASK_TRAIN: self._train, TASK_SCORES: self._scores, TASK_TOPK: self._topk}.get(task)
-        if handler is None:
+        if task not in NODE_TASKS:
             raise PayloadError(f"unknown task {task!r}")
-        return handler(step, weights)
+        weights = self._receive(step, bodies)
+        return NODE_TASKS.get(task)(self, step, weights)
+
+    def _rebuilt_w0(self, ref: codec.InitRef) -> Weights:
+        """The initial weights this node built itself, once their digest matches the server's."""
+        if self.built_w0 is None:
+            raise PayloadError("the server sent a reference to the initial weights, but this node did not build them")
+        if codec.weights_digest(self.built_w0) != ref.digest:
+            import torch
+
+            raise PayloadError(f"the initial weights this node built (model {self.cfg.train.model!r}, seed {ref.seed}) "
+                               f"differ from the server's: the model definition or the torch version (here "
+                               f"{torch.__version__}) must be the same on the server and every node")
+        return self.built_w0
 
     def forge_mask(self, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
-        """The local mask this node reports; an honest node reports the one it computed."""
-        return mask
+        """The local mask this node reports: the one it computed, unless its attack forges masks."""
+        if self.attack is None or self.attack.forge_mask is None:
+            return mask
+        return self.attack.forge_mask(self, mask, current, start, step)
 
     def forge_values(self, trained: Weights, start: Weights, step: int) -> Weights:
-        """The weights this node reports after training; an honest node reports its own."""
-        return trained
+        """The weights this node reports after training: its own, unless its attack forges values."""
+        if self.attack is None or self.attack.forge_values is None:
+            return trained
+        return self.attack.forge_values(self, trained, start, step)
 
-    def _key(self, step: int) -> tuple[int, ...]:
+    def key(self, step: int) -> tuple[int, ...]:
+        """The seed key of this node's draws in round `step`."""
         return (self.cfg.seed, step, self.id)
 
-    def _mask(self, step: int, weights: Weights | None) -> list[bytes]:
-        if self.state.w0 is None:
-            raise PayloadError("a mask round needs the initial weights, which this node has not received")
-        current = self.mask
-        own = self.cfg.prune.rewind == "none" and self.state.local is not None
-        start = self.spec.apply(self.state.local if own else self.state.w0, current)
-        new, trained = find_mask(self.cfg, self.trainer, self.data, start, current, self.steps[step].density, self._key(step))
-        if self.cfg.prune.rewind == "none":
-            self.state.local = trained if trained is not None else start
-        new = self.forge_mask(new, current, start, step)
-        return [codec.encode_mask(new, current, round=step, base_version=self.state.version, coder=self.cfg.codec.mask_coder,
-                                  structured=self.structured, num_samples=self.data.num_samples)]
 
-    def _train(self, step: int, weights: Weights | None) -> list[bytes]:
-        if weights is None:
-            if self.state.local is None:
-                raise PayloadError("a training round without weights needs local weights, which this node does not have")
-            weights = self.state.local
-        mask = self.mask
-        start = self.spec.apply(weights, mask)
-        trained, _ = self.trainer.train(start, mask, self.data, self.cfg.train.epochs, generator(*self._key(step)))
-        trained = self.forge_values(trained, start, step)
-        return [codec.encode_values(trained, self.spec.supports(mask), round=step, base=self.state.version,
-                                    num_samples=self.data.num_samples, dtype=self.cfg.codec.value_dtype)]
+def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
+    """Train (or score) from w0 or the node's own weights under the current mask and send a local
+    mask at the round's density, coded over the current support."""
+    if node.state.w0 is None:
+        raise PayloadError("a mask round needs the initial weights, which this node has not received")
+    current = node.mask
+    own = node.cfg.prune.rewind == "none" and node.state.local is not None
+    start = node.spec.apply(node.state.local if own else node.state.w0, current)
+    new, trained = find_mask(node.cfg, node.trainer, node.data, start, current, node.steps[step].density, node.key(step))
+    if node.cfg.prune.rewind == "none":
+        node.state.local = trained if trained is not None else start
+    new = node.forge_mask(new, current, start, step)
+    return [codec.encode_mask(new, current, round=step, base_version=node.state.version, coder=node.cfg.codec.mask_coder,
+                              structured=node.structured, num_samples=node.data.num_samples)]
 
-    def _scores(self, step: int, weights: Weights | None) -> list[bytes]:
-        if self.state.w0 is None:
-            raise PayloadError("a scoring round needs the initial weights, which this node has not received")
-        scores = self.trainer.saliency(self.state.w0, None, self.data, self.cfg.prune.saliency_batches, generator(*self._key(step)))
-        return [codec.encode_dense(Kind.SCORES, scores, round=step, num_samples=self.data.num_samples)]
 
-    def _topk(self, step: int, weights: Weights | None) -> list[bytes]:
-        if weights is None:
-            raise PayloadError("a top-k round needs the global weights")
-        trained, _ = self.trainer.train(weights, None, self.data, self.cfg.train.epochs, generator(*self._key(step)))
-        update = [t - w for t, w in zip(trained, weights)]
-        residual = self.state.residual or [np.zeros(s, dtype=np.float32) for s in self.spec.prunable_shapes]
-        density = self.steps[step].density
-        full = {i: update[i] + residual[j] for j, i in enumerate(self.spec.prunable)}
-        for i, f in full.items():
-            keep = top_k(np.abs(f), np.ones(f.shape, dtype=bool), keep_count(f.size, density)).reshape(f.shape)
-            update[i] = np.where(keep, f, np.float32(0))
-        body = codec.encode_sparse(update, round=step, num_samples=self.data.num_samples,
-                                   dtype=self.cfg.codec.value_dtype, coder=self.cfg.codec.mask_coder)
-        sent = codec.decode_sparse(body, self.spec.shapes).tensors
-        self.state.residual = [full[i] - sent[i] for i in self.spec.prunable]
-        return [body]
+def train_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
+    """Train the received weights (or the node's own) under the mask and send the kept values."""
+    if weights is None:
+        if node.state.local is None:
+            raise PayloadError("a training round without weights needs local weights, which this node does not have")
+        weights = node.state.local
+    mask = node.mask
+    start = node.spec.apply(weights, mask)
+    trained, _ = node.trainer.train(start, mask, node.data, node.cfg.train.epochs, generator(*node.key(step)))
+    trained = node.forge_values(trained, start, step)
+    return [codec.encode_values(trained, node.spec.supports(mask), round=step, base=node.state.version,
+                                num_samples=node.data.num_samples, dtype=node.cfg.codec.value_dtype)]
+
+
+def scores_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
+    """Dense SNIP saliency scores of w0 on a few local batches (SSFL)."""
+    if node.state.w0 is None:
+        raise PayloadError("a scoring round needs the initial weights, which this node has not received")
+    scores = node.trainer.saliency(node.state.w0, None, node.data, node.cfg.prune.saliency_batches,
+                                   generator(*node.key(step)))
+    return [codec.encode_dense(Kind.SCORES, scores, round=step, num_samples=node.data.num_samples)]
+
+
+def topk_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
+    """Train the dense weights and send the top-k entries of update + residual; keep the rest as
+    the residual (error feedback)."""
+    if weights is None:
+        raise PayloadError("a top-k round needs the global weights")
+    spec = node.spec
+    trained, _ = node.trainer.train(weights, None, node.data, node.cfg.train.epochs, generator(*node.key(step)))
+    update = [t - w for t, w in zip(trained, weights)]
+    residual = node.state.residual or [np.zeros(s, dtype=np.float32) for s in spec.prunable_shapes]
+    density = node.steps[step].density
+    full = {i: update[i] + residual[j] for j, i in enumerate(spec.prunable)}
+    for i, f in full.items():
+        keep = top_k(np.abs(f), np.ones(f.shape, dtype=bool), keep_count(f.size, density)).reshape(f.shape)
+        update[i] = np.where(keep, f, np.float32(0))
+    body = codec.encode_sparse(update, round=step, num_samples=node.data.num_samples,
+                               dtype=node.cfg.codec.value_dtype, coder=node.cfg.codec.mask_coder)
+    sent = codec.decode_sparse(body, spec.shapes).tensors
+    node.state.residual = [full[i] - sent[i] for i in spec.prunable]
+    return [body]
+
+
+for _task, _handler in ((TASK_MASK, mask_task), (TASK_TRAIN, train_task), (TASK_SCORES, scores_task),
+                        (TASK_TOPK, topk_task)):
+    register_task(_task, _handler)
+
+
+def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mapping[int, NodeState], *,
+                share: bool = True) -> list[Node]:
+    """The nodes `ids` of a run on one shared trainer; with `share`, identical bodies are decoded once for all."""
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    nodes = [Node(i, cfg, trainer, exp.node_data(i), states.get(i), w0=exp.w0) for i in ids]
+    shared = SharedDecodes() if share else None
+    for node in nodes:
+        node.shared = shared
+    return nodes
+
+
+def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
+    """Run each addressed node's handler in turn; a node's PayloadError becomes a failed reply."""
+    replies: dict[int, Reply] = {}
+    for node_id, bodies in requests.items():
+        try:
+            replies[node_id] = nodes[node_id].handle(task, step, bodies)
+        except PayloadError as exc:
+            replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
+    return replies

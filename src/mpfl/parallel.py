@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import signal
 import traceback
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
-from typing import Mapping, Sequence
 
 import torch
 import torch.multiprocessing as mp
 
 from .config import Config
 from .data import Dataset
-from .node import NodeState
+from .errors import MpflError
+from .experiment import Experiment
+from .node import NodeState, build_nodes, deliver
+from .plugins import load_plugins
 from .protocol import Reply
-
 
 PRELOAD = ["mpfl.sim"]
 
@@ -42,12 +44,14 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
            states: dict[int, NodeState]) -> None:
     """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
     until it receives None. Ctrl-C is left to the main process, which stops the workers itself."""
-    from .experiment import Experiment
-    from .sim import build_nodes, deliver
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
+    try:
+        load_plugins(cfg.plugins)
+        nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
+    except MpflError as exc:
+        conn.send(("setup", exc))
+        return
     while (message := conn.recv()) is not None:
         try:
             if message[0] == "exchange":
@@ -96,8 +100,12 @@ class NodePool:
                 status, result = self.conns[w].recv()
             except (EOFError, ConnectionError):
                 self.procs[w].join(timeout=5)
-                raise RuntimeError(f"worker process {w} exited (exit code {self.procs[w].exitcode}); a script that "
-                                   "sets workers > 1 must start the run under `if __name__ == \"__main__\":`") from None
+                raise RuntimeError(f"worker process {w} exited (exit code {self.procs[w].exitcode}); if a script "
+                                   "started this run, it must do so under `if __name__ == \"__main__\":`") from None
+            if status == "setup":
+                raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
+                                   "import only the plug-ins the config names: register your own datasets, "
+                                   "models and methods in a module passed with --plugins") from None
             if status != "ok":
                 raise RuntimeError(f"worker process {w} failed:\n{result}")
             answers[w] = result

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from statistics import fmean
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -85,7 +86,7 @@ class RoundLog:
             self.progress = Progress(*columns, console=self.console, transient=True)
             self.task = self.progress.add_task("rounds", total=self.total, completed=done, eta="?")
 
-    def __enter__(self) -> "RoundLog":
+    def __enter__(self) -> RoundLog:
         if self.progress is not None:
             self.progress.start()
         return self

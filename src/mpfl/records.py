@@ -16,33 +16,32 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import platform
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 import torch
 
-from . import __version__
+from ._version import __version__
+from .attacks import malicious_ids
+from .checkpoint import save_final
 from .config import Config
+from .core.params import Mask, Weights
+from .costs import model_stats
 from .errors import ConfigError
+from .files import atomic_write
+from .methods import method_of
+
+if TYPE_CHECKING:
+    from .experiment import Experiment
 
 CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "rounds.csv", "summary.json"
 CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
                "agreement", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "time", "elapsed", "nodes",
                "dropped")
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file so that readers see either the old or the new content, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
@@ -124,7 +123,7 @@ def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dic
     last = records[-1] if records else {}
     return {
         "method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "partition": cfg.data.partition,
-        "nodes": cfg.nodes, "seed": cfg.seed, "sparsity": 0.0 if cfg.method == "fedavg" else cfg.prune.sparsity,
+        "nodes": cfg.nodes, "seed": cfg.seed, "sparsity": cfg.prune.sparsity if method_of(cfg).prunes else 0.0,
         "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
         "final_loss": last.get("loss"), "final_density": last.get("density"),
         "rounds": len(records), "train_rounds": sum(r["phase"] == "train" for r in records),
@@ -147,3 +146,14 @@ def read_summary(path: str | Path) -> dict:
     """The summary of a finished run directory."""
     return json.loads((Path(path) / SUMMARY).read_text())
 
+
+def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: Mask, records: list[dict],
+               wall_time: float, extra: dict) -> dict:
+    """The run's summary (with the pruned model's size and cost); written with the final weights
+    to `run_dir` when there is one."""
+    stats = model_stats(exp.model, exp.spec, weights, mask, exp.dataset.input_shape, method_of(exp.cfg).structured)
+    summary = summarize(exp.cfg, records, wall_time, {"malicious_nodes": malicious_ids(exp.cfg), **extra, **stats})
+    if run_dir is not None:
+        save_final(run_dir.path, exp.spec, weights, mask, exp.dataset.input_shape, exp.dataset.num_classes)
+        run_dir.finish(summary)
+    return summary

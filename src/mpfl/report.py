@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .config import METHODS, PARTITIONS, Config
+from .config import Config
 from .data import DATASETS
 from .errors import ConfigError
-from .records import CONFIG, ROUNDS_JSONL, SUMMARY, atomic_write, read_rounds, read_summary
+from .files import atomic_write
+from .methods import METHODS
+from .partition import PARTITIONS
+from .records import CONFIG, ROUNDS_JSONL, SUMMARY, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 # Fields shown in their own columns (or meaningless across runs), never listed as a variant.
@@ -41,18 +46,31 @@ SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "model
          "workers"}
 NOT_GROUPED = {"seed", "data_dir", "threads", "workers"}
 METHOD_OPTIONS = {"prune", "codec", "robust"}  # config sections whose fields are compared within a method
-_DEFAULTS = {k: v for key, value in Config().to_dict().items() for k, v in (value.items() if isinstance(value, dict)
-                                                                           else [(key, value)])}
 _PLAIN = FuncFormatter(lambda x, _: f"{x:g}")
 COLUMNS = {  # JSON key -> markdown header
     "method": "Method", "model": "Model", "variant": "Variant", "dataset": "Dataset", "partition": "Partition",
-    "sparsity": "Sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)", "rounds": "Rounds (mask+train)",
-    "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg", "wall_time": "Wall time (s)",
+    "sparsity": "Sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)",
+    "rounds": "Rounds (mask+train)", "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg",
+    "wall_time": "Wall time (s)",
 }
 DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
     "method": "Method", "variant": "Variant", "sparsity": "Sparsity", "params_kept": "Params kept",
     "model_bytes": "Model (kB)", "flops_per_sample": "MFLOPs / sample", "train_time_vs_dense": "Train round vs FedAvg",
 }
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with its sections' fields at the top level (field names are unique)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+@cache
+def _defaults() -> dict[str, Any]:
+    """The package's default config, flattened."""
+    return _flatten(Config().to_dict())
 
 
 @dataclass
@@ -66,14 +84,19 @@ class Run:
     sections: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.flat, self.sections = {}, {}
+        self.flat = _flatten(self.summary["config"])
+        self.sections = {}
         for key, value in self.summary["config"].items():
-            self.flat.update(value if isinstance(value, dict) else {key: value})
             self.sections.update(dict.fromkeys(value, key) if isinstance(value, dict) else {key: ""})
 
     @property
     def method(self) -> str:
         return self.flat["method"]
+
+    @property
+    def reference(self) -> bool:
+        """Whether the run is of the dense baseline that the others' bytes and times are compared with."""
+        return self.method in METHODS and METHODS.get(self.method).reference
 
     @property
     def bytes_up(self) -> int:
@@ -203,7 +226,7 @@ def _modal(runs: Sequence[Run], key: str) -> str:
     counts = Counter(json.dumps(r.flat.get(key)) for r in runs)
     top = max(counts.values())
     tied = sorted(v for v, n in counts.items() if n == top)
-    default = json.dumps(_DEFAULTS.get(key))
+    default = json.dumps(_defaults().get(key))
     return default if default in tied else tied[0]
 
 
@@ -242,20 +265,20 @@ def _section_key(r: Run) -> tuple:
     """Datasets in the package's order; partitions from iid to the most skewed."""
     kind = _order(PARTITIONS, r.flat["partition"])
     skew = -r.flat["alpha"] if r.flat["partition"] == "dirichlet" else r.flat["shards"]
-    return (_order(DATASETS, r.flat["dataset"]), kind, skew, r.flat["model"])
+    return (_order(DATASETS.names(), r.flat["dataset"]), kind, skew, r.flat["model"])
 
 
 def _sort_key(g: Group) -> tuple:
     r = g.first
     variant = tuple((k, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))) for k, v in g.variant.items())
-    return (_section_key(r), r.summary["sparsity"], _order(METHODS, r.method), len(g.variant), variant)
+    return (_section_key(r), r.summary["sparsity"], _order(METHODS.names(), r.method), len(g.variant), variant)
 
 
 def _fedavg_bytes(runs: Sequence[Run]) -> dict[tuple, float]:
     """Mean total bytes of the dense FedAvg runs, by the key runs are matched on."""
     totals: dict[tuple, list[int]] = defaultdict(list)
     for r in runs:
-        if r.method == "fedavg" and r.flat.get("value_dtype", "float32") == "float32":
+        if r.reference and r.flat.get("value_dtype", "float32") == "float32":
             totals[_match_key(r)].append(r.bytes_up + r.bytes_down)
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
@@ -264,7 +287,7 @@ def _fedavg_round_time(runs: Sequence[Run]) -> dict[tuple, float]:
     """Mean training-round wall time of the dense FedAvg runs, by the key runs are matched on."""
     times: dict[tuple, list[float]] = defaultdict(list)
     for r in runs:
-        if r.method == "fedavg" and r.summary.get("train_round_time"):
+        if r.reference and r.summary.get("train_round_time"):
             times[_match_key(r)].append(r.summary["train_round_time"])
     return {k: float(np.mean(v)) for k, v in times.items()}
 
@@ -369,7 +392,8 @@ def to_markdown(rows: Sequence[dict], columns: dict[str, str] = COLUMNS) -> str:
 
 
 def _color(method: str) -> str:
-    return f"C{METHODS.index(method) % 10}" if method in METHODS else "C9"
+    names = METHODS.names()
+    return f"C{names.index(method) % 10}" if method in names else "C9"
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
@@ -397,12 +421,12 @@ def _mean_curve(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 def _curve_groups(groups: Sequence[Group]) -> tuple[list[Group], float | None]:
     """Per method the groups with the fewest variant fields, at the sparsity most methods share (plus FedAvg)."""
-    pruned = [g for g in groups if g.first.method != "fedavg"]
+    pruned = [g for g in groups if not g.first.reference]
     per_sparsity = Counter()
     for s in {g.first.summary["sparsity"] for g in pruned}:
         per_sparsity[s] = len({g.first.method for g in pruned if g.first.summary["sparsity"] == s})
     main = max(per_sparsity, key=lambda s: (per_sparsity[s], s)) if per_sparsity else None
-    chosen = [g for g in groups if g.first.method == "fedavg" or g.first.summary["sparsity"] == main]
+    chosen = [g for g in groups if g.first.reference or g.first.summary["sparsity"] == main]
     fewest = {m: min(len(g.variant) for g in chosen if g.first.method == m) for m in {g.first.method for g in chosen}}
     return [g for g in chosen if len(g.variant) == fewest[g.first.method]], main
 
@@ -444,12 +468,12 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
     """Final accuracy against sparsity per method (mean ± std over seeds); dense FedAvg as a reference line."""
     fig, ax = _figure(f"Final accuracy vs sparsity: {title}", "sparsity (logit scale)", "final test accuracy (%)")
     ticks = set()
-    for method in sorted({g.first.method for g in groups}, key=lambda m: METHODS.index(m) if m in METHODS else 99):
+    for method in sorted({g.first.method for g in groups}, key=lambda m: _order(METHODS.names(), m)):
         mine = sorted((g for g in groups if g.first.method == method), key=lambda g: g.first.summary["sparsity"])
         stats = [_mean_std(g.per_seed("final_accuracy")) for g in mine]
         mean = np.array([100 * m for m, _ in stats])
         std = np.array([100 * (s or 0.0) for _, s in stats])
-        if method == "fedavg":
+        if mine[0].first.reference:
             ax.axhline(mean.mean(), color=_color(method), linestyle="--", label="fedavg (dense)")
             continue
         x = [g.first.summary["sparsity"] for g in mine]
@@ -467,7 +491,7 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
 def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
     """Final accuracy of each variant against its method's baseline (dashed), mean ± std over seeds."""
     fig, ax = _figure(f"Variants: {title}", "final test accuracy (%)", "")
-    several = len({g.first.summary["sparsity"] for g in groups if g.first.method != "fedavg"}) > 1
+    several = len({g.first.summary["sparsity"] for g in groups if not g.first.reference}) > 1
     y = np.arange(len(groups))[::-1]
     labels = []
     for yi, g in zip(y, groups):
@@ -477,7 +501,7 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
             ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
         ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,
                     markerfacecolor="white" if not g.variant else color)
-        where = f" @ {g.first.summary['sparsity']:g}" if several and g.first.method != "fedavg" else ""
+        where = f" @ {g.first.summary['sparsity']:g}" if several and not g.first.reference else ""
         labels.append(f"{g.first.method}{where}: {format_variant(g.variant) or 'baseline'}")
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(-0.7, len(groups) - 0.3)
@@ -513,7 +537,7 @@ def _section_plots(groups: Sequence[Group], out: Path, section: tuple[str, str, 
              (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in groups if not g.variant],
               _title_suffix(where, None))]
     if ablation := _ablation_groups(groups):
-        pruned = {g.first.summary["sparsity"] for g in ablation if g.first.method != "fedavg"}
+        pruned = {g.first.summary["sparsity"] for g in ablation if not g.first.reference}
         shared = pruned.pop() if len(pruned) == 1 else None
         plots.append((plot_ablation, "ablation", ablation, _title_suffix(where, shared)))
     return [(name, plot(chosen, out / f"{name}-{_slug(*section)}.png", plot_title))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config
+from .data import DATASETS
 from .errors import ResourceError
 from .models import build_model
 
@@ -52,26 +53,27 @@ class MemoryEstimate:
         return self.fixed + self.per_node * self.nodes
 
 
-def per_node_bytes(cfg: Config, params: int) -> int:
-    """Memory each node adds: its own float32 weights, its decoded reply at the server, and for
-    `topk` its error-feedback residual."""
-    copies = 3 if cfg.method == "topk" else 2
-    return copies * 4 * params + NODE_OVERHEAD_BYTES
+def per_node_bytes(params: int) -> int:
+    """Memory each node adds: its own float32 weights and its decoded reply at the server (`topk`
+    nodes also keep an error-feedback residual, a third copy that this leaves out: the check is
+    meant to stop runs that cannot fit at all, not to size them exactly)."""
+    return 2 * 4 * params + NODE_OVERHEAD_BYTES
 
 
 def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate:
     """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
     normalised data (see the module docstring for the figures behind it)."""
     fixed = PROCESS_BYTES * (1 + (cfg.workers if cfg.workers > 1 else 0)) + 2 * data_bytes
-    return MemoryEstimate(fixed, per_node_bytes(cfg, params), cfg.nodes)
+    return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes)
 
 
 def estimate_run(cfg: Config) -> MemoryEstimate | None:
     """The estimate for `cfg`, from its model's size and its dataset's, before anything is loaded;
     None for a dataset registered by the user, whose size is unknown until it is loaded."""
-    if cfg.data.dataset not in DATASET_SIZES:
+    key = DATASETS.canonical(cfg.data.dataset) if cfg.data.dataset in DATASETS else None
+    if key not in DATASET_SIZES:
         return None
-    shape, classes, samples = DATASET_SIZES[cfg.data.dataset]
+    shape, classes, samples = DATASET_SIZES[key]
     params = sum(p.numel() for p in build_model(cfg.train.model, shape, classes).state_dict().values())
     return estimate_memory(cfg, params, samples * 4 * math.prod(shape))
 
@@ -93,8 +95,11 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+def _size(n: int) -> str:
+    """Bytes as GiB or MiB, with one decimal where that matters."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"
 
 
 def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
@@ -102,6 +107,6 @@ def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
     if available is None or estimate.total <= available:
         return
     fits = max(0, (available - estimate.fixed) // estimate.per_node)
-    raise ResourceError(f"this run needs about {_gib(estimate.total)} of memory ({estimate.nodes:,} nodes x "
-                        f"{_gib(estimate.per_node)} + {_gib(estimate.fixed)}) but {_gib(available)} is available; "
+    raise ResourceError(f"this run needs about {_size(estimate.total)} of memory ({estimate.nodes:,} nodes x "
+                        f"{_size(estimate.per_node)} + {_size(estimate.fixed)}) but {_size(available)} is available; "
                         f"use at most --nodes {fits:,}, or --no-memory-check to run anyway")

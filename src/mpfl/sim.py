@@ -9,47 +9,23 @@ worker processes (`mpfl.parallel`), with the same results.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
-import numpy as np
-
-from .attacks import MaliciousNode, malicious_ids
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, FaultConfig
 from .core.params import Mask, Weights
-from .errors import ConfigError, PayloadError
+from .errors import ConfigError
 from .experiment import Experiment
 from .interrupts import deferred_interrupts
-from .node import Node, NodeState, SharedDecodes, find_mask, make_trainer
+from .methods import method_of
+from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool
 from .protocol import NodeFailure, Reply
-from .records import ROUNDS_JSONL, SUMMARY, RunDir, check_run_dir, read_rounds
+from .records import ROUNDS_JSONL, SUMMARY, RunDir, check_run_dir, finish_run, read_rounds
+from .seeds import POOLED, Stream, rng
 from .server import Server
-
-
-def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mapping[int, NodeState], *,
-                share: bool = True) -> list[Node]:
-    """The nodes `ids` of a run on one shared trainer; with `share`, identical bodies are decoded once for all."""
-    trainer = make_trainer(cfg, exp.model, exp.spec)
-    bad = set(malicious_ids(cfg))
-    nodes = [(MaliciousNode if i in bad else Node)(i, cfg, trainer, exp.node_data(i), states.get(i)) for i in ids]
-    shared = SharedDecodes() if share else None
-    for node in nodes:
-        node.shared = shared
-    return nodes
-
-
-def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-    """Run each addressed node's handler in turn; a node's PayloadError becomes a failed reply."""
-    replies: dict[int, Reply] = {}
-    for node_id, bodies in requests.items():
-        try:
-            replies[node_id] = nodes[node_id].handle(task, step, bodies)
-        except PayloadError as exc:
-            replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
-    return replies
 
 
 class InProcessTransport:
@@ -78,7 +54,7 @@ class FaultyTransport(InProcessTransport):
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         f = self.faults
-        draws = {n: np.random.default_rng([self.seed, step, n, 4]).random(5) for n in requests}
+        draws = {n: rng(self.seed, step, n, Stream.FAULTS).random(5) for n in requests}
         present = {n: b for n, b in requests.items() if draws[n][0] >= f.dropout}
         replies = super().exchange(task, step, present)
         for n in requests:
@@ -105,7 +81,7 @@ class PooledOracle:
         self.exp, self.trainer, self.data = exp, trainer, exp.pooled_data()
 
     def find_mask(self, start: Weights, current: Mask, density: float, step: int) -> tuple[Mask, Weights | None]:
-        return find_mask(self.exp.cfg, self.trainer, self.data, start, current, density, (self.exp.cfg.seed, step, 2**31 - 1))
+        return find_mask(self.exp.cfg, self.trainer, self.data, start, current, density, (self.exp.cfg.seed, step, POOLED))
 
 
 @dataclass
@@ -158,7 +134,7 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
         if on_round is not None:
             on_round(r)
 
-    oracle = PooledOracle(exp, make_trainer(cfg, exp.model, exp.spec)) if cfg.method == "centralized" else None
+    oracle = PooledOracle(exp, make_trainer(cfg, exp.model, exp.spec)) if method_of(cfg).needs_pooled_data else None
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
                     state=server_state)
     try:
@@ -166,7 +142,7 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     finally:
         if pool is not None:
             pool.close()
-    summary = exp.finish(run_dir, server.state.weights, server.state.mask, records,
+    summary = finish_run(exp, run_dir, server.state.weights, server.state.mask, records,
                          earlier + time.perf_counter() - started, {})
     if run_dir is not None and not keep_checkpoint:
         (run_dir.path / CHECKPOINT).unlink(missing_ok=True)

@@ -37,23 +37,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import METHODS, Config
+from .config import Config
 from .data import available_datasets, data_search_path, dataset_available, load_dataset
 from .errors import ConfigError, DataError, MpflError
-from .protocol import ITERATIVE_MASK, plan
-from .records import SUMMARY, atomic_write, read_summary
+from .files import atomic_write
+from .methods import method_of, plan
+from .records import SUMMARY, read_summary
 
 DATASETS = ("mnist", "fashion-mnist")
 PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1})
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 MAIN_SPARSITY = 0.9
+MAIN_METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
 SWEEP_METHODS = ("mpfl", "fedavg-prune", "random")
 ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "consensus": [{"consensus": rule} for rule in ("vote", "threshold", "dynamic", "histogram")],
@@ -107,7 +110,7 @@ def grid(base: dict[str, Any], seeds: int, datasets: Sequence[str] = DATASETS) -
     """The study's cells for a sizing `base`: main comparison on each of `datasets`, then, if mnist is
     among them, the sparsity sweep and ablations; without duplicates."""
     cells = [Cell("main", {**base, "method": m, "dataset": d, **p, "sparsity": MAIN_SPARSITY, "seed": s})
-             for d in datasets for p in PARTITIONS for m in METHODS for s in range(seeds)]
+             for d in datasets for p in PARTITIONS for m in MAIN_METHODS for s in range(seeds)]
     if "mnist" in datasets:
         cells += [Cell("sparsity", {**base, "method": m, "dataset": "mnist", "partition": "iid", "sparsity": sp,
                                     "seed": s})
@@ -161,10 +164,11 @@ def estimate_seconds(cfg: Config) -> float:
     samples = (cfg.data.train_samples or 60000) * (1 - cfg.data.val_fraction) * cfg.train.epochs
     per_round = samples * SAMPLE_ROUND_SECONDS * (1 + PER_NODE_FACTOR * cfg.nodes)
     total = SETUP_SECONDS
-    for step in plan(cfg):
+    method = method_of(cfg)
+    for step in method.plan():
         if step.phase == "train":
             total += per_round * cfg.train.fraction
-        elif step.phase == "mask" and cfg.method in ITERATIVE_MASK:
+        elif step.phase == "mask" and method.trains_in_mask_rounds:
             total += per_round * MASK_ROUND_FACTOR
         elif step.phase == "warmup":
             total += per_round

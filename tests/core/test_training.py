@@ -3,17 +3,23 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from mpfl.core.params import get_weights, param_spec, set_weights
 from mpfl.core.training import LocalData, LocalTrainer, evaluate, generator
-from mpfl.models import build_model
+
+
+def tiny_cnn() -> nn.Sequential:
+    """The cnn's layer layout (conv, pool, conv, pool, two Linear layers) at a fraction of its width."""
+    return nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 8, 5), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 10))
 
 
 @pytest.fixture(scope="module")
 def setup(mnist):
     data = mnist.take(600, 200)
     torch.manual_seed(0)
-    model = build_model("cnn", data.input_shape, data.num_classes)
+    model = tiny_cnn()
     spec = param_spec(model)
     local = LocalData(data.x_train, data.y_train, torch.arange(300), torch.arange(0))
     return data, model, spec, local, get_weights(model, spec)
@@ -24,7 +30,8 @@ def _random_mask(spec, density, seed=0):
     return [rng.random(s) < density for s in spec.prunable_shapes]
 
 
-@pytest.mark.parametrize("opt", [dict(optimizer="sgd", momentum=0.9, weight_decay=1e-3), dict(optimizer="adam", weight_decay=1e-4)])
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd", momentum=0.9, weight_decay=1e-3),
+                                 dict(optimizer="adam", weight_decay=1e-4)])
 def test_pruned_weights_stay_exactly_zero(setup, opt):
     data, model, spec, local, w0 = setup
     mask = _random_mask(spec, 0.2)
@@ -53,7 +60,7 @@ def test_saliency_equals_w_times_gradient(setup):
     trainer = LocalTrainer(model, spec, batch_size=50)
     scores = trainer.saliency(w0, None, local, 2, generator(1))
     order = local.train[torch.randperm(300, generator=generator(1))]
-    ref = build_model("cnn", data.input_shape, data.num_classes)
+    ref = tiny_cnn()
     set_weights(ref, spec, w0)
     for b in range(2):
         idx = order[b * 50 : (b + 1) * 50]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
+
+from ..registry import Registry, registry
 
 
 def normalise(weights: Sequence[float]) -> np.ndarray:
@@ -29,21 +31,42 @@ def weighted_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[
     return out
 
 
+Aggregator = Callable[..., list[np.ndarray]]
+AGGREGATORS: Registry[Aggregator] = registry("aggregator")
+"""Rules `rule(tensors, weights, *, trim, byzantine) -> tensors` that combine the nodes' values."""
+
+
+def _flower_rule(name: str) -> Aggregator:
+    """One of Flower's robust rules, which ignore sample counts (as robust rules do)."""
+
+    def rule(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float], *, trim: float = 0.2,
+             byzantine: int = 1) -> list[np.ndarray]:
+        from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+        results = [([np.asarray(t, dtype=np.float32) for t in node], int(w)) for node, w in zip(tensors, weights)]
+        if name == "trimmed-mean":
+            out = aggregate_trimmed_avg(results, trim)
+        elif name == "median":
+            out = aggregate_median(results)
+        else:
+            out = aggregate_krum(results, byzantine, 0)
+        return [np.asarray(o, dtype=np.float32) for o in out]
+
+    return rule
+
+
+AGGREGATORS.register("mean", lambda tensors, weights, **_: weighted_average(tensors, weights))
+for _name in ("trimmed-mean", "median", "krum"):
+    AGGREGATORS.register(_name, _flower_rule(_name))
+
+
+def register_aggregator(name: str, rule: Aggregator) -> None:
+    """Add an aggregation rule `rule(tensors, weights, *, trim, byzantine) -> tensors`."""
+    AGGREGATORS.register(name, rule)
+
+
 def robust_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float], rule: str = "mean", *,
                    trim: float = 0.2, byzantine: int = 1) -> list[np.ndarray]:
-    """Aggregate with `rule`: the sample-weighted mean, or Flower's coordinate-wise trimmed mean,
-    coordinate-wise median or Krum (which ignore sample counts, as robust rules do)."""
-    if rule == "mean":
-        return weighted_average(tensors, weights)
-    from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
-
-    results = [([np.asarray(t, dtype=np.float32) for t in node], int(w)) for node, w in zip(tensors, weights)]
-    if rule == "trimmed-mean":
-        out = aggregate_trimmed_avg(results, trim)
-    elif rule == "median":
-        out = aggregate_median(results)
-    elif rule == "krum":
-        out = aggregate_krum(results, byzantine, 0)
-    else:
-        raise ValueError(f"unknown aggregation rule {rule!r}")
-    return [np.asarray(o, dtype=np.float32) for o in out]
+    """Aggregate with the named rule: the sample-weighted mean, or Flower's coordinate-wise trimmed
+    mean, coordinate-wise median or Krum."""
+    return AGGREGATORS.get(rule)(tensors, weights, trim=trim, byzantine=byzantine)

@@ -6,11 +6,12 @@ previous consensus (`support`), so the new consensus is always a subset of it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
+from ..registry import Registry, registry
 from .masks import Mask, expand_rows, rows, select
 
 _EPS = 1e-9
@@ -128,17 +129,17 @@ def histogram(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: V
 
 
 Rule = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], VoteContext], Mask]
-RULES: dict[str, Rule] = {"vote": vote, "threshold": threshold, "dynamic": dynamic, "histogram": histogram}
+RULES: Registry[Rule] = registry("consensus rule")
+for _name, _rule in (("vote", vote), ("threshold", threshold), ("dynamic", dynamic), ("histogram", histogram)):
+    RULES.register(_name, _rule)
 
 
 def register_rule(name: str, rule: Rule) -> None:
     """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`)."""
-    if name in RULES:
-        raise ValueError(f"a consensus rule named {name!r} already exists")
-    RULES[name] = rule
+    RULES.register(name, rule)
 
 
 def consensus(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], rule: str, ctx: VoteContext) -> Mask:
     """Apply the named rule and guarantee the result is a subset of `support`."""
-    mask = RULES[rule](votes, support, ctx)
+    mask = RULES.get(rule)(votes, support, ctx)
     return [np.asarray(m, dtype=bool) & s for m, s in zip(mask, support)]

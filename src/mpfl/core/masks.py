@@ -7,11 +7,16 @@ the current one: the criteria only ever choose among entries that are still kept
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..registry import Registry, registry
+
 Mask = list[np.ndarray]
+SCHEDULES = ("geometric", "linear")
+SCOPES = ("layer", "global")
 
 
 def target_density(t: int, rounds: int, sparsity: float, schedule: str) -> float:
@@ -95,7 +100,8 @@ def expand_rows(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(flags.reshape((-1,) + (1,) * (len(shape) - 1)), shape))
 
 
-def magnitude_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *, scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
+def magnitude_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *,
+                   scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
     """Unstructured magnitude pruning: keep the largest |w| of the current mask."""
     return select([np.abs(w) for w in weights], current, density, scope, floor)
 
@@ -111,30 +117,35 @@ def filter_mask(weights: Sequence[np.ndarray], current: Sequence[np.ndarray], de
     return out
 
 
-def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *, scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
+def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], density: float, *,
+                  scope: str = "layer", floor: float = 0.01, **_: object) -> Mask:
     """SNIP-style pruning: keep the entries with the largest |w * dL/dw| (scores computed by the node)."""
     return select(scores, current, density, scope, floor)
 
 
-Criterion = Callable[..., Mask]
-CRITERIA: dict[str, Criterion] = {"magnitude": magnitude_mask, "filter": filter_mask, "saliency": saliency_mask}
-STRUCTURED = {"filter"}
-NEEDS_SCORES = {"saliency"}
+@dataclass(frozen=True)
+class Criterion:
+    """A local mask rule `choose(weights_or_scores, current, density, *, scope, floor) -> mask`.
 
-
-def register_criterion(name: str, fn: Criterion, *, structured: bool = False, needs_scores: bool = False) -> None:
-    """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`.
-
-    With ``needs_scores`` the node passes SNIP saliency scores instead of trained weights and
-    skips local training; with ``structured`` masks keep or drop whole output filters.
+    With `needs_scores` the node passes SNIP saliency scores instead of trained weights and
+    skips local training; with `structured` masks keep or drop whole output filters.
     """
-    if name in CRITERIA:
-        raise ValueError(f"a mask criterion named {name!r} already exists")
-    CRITERIA[name] = fn
-    if structured:
-        STRUCTURED.add(name)
-    if needs_scores:
-        NEEDS_SCORES.add(name)
+
+    choose: Callable[..., Mask]
+    structured: bool = False
+    needs_scores: bool = False
+
+
+CRITERIA: Registry[Criterion] = registry("mask criterion")
+CRITERIA.register("magnitude", Criterion(magnitude_mask))
+CRITERIA.register("filter", Criterion(filter_mask, structured=True))
+CRITERIA.register("saliency", Criterion(saliency_mask, needs_scores=True))
+
+
+def register_criterion(name: str, fn: Callable[..., Mask], *, structured: bool = False, needs_scores: bool = False) -> None:
+    """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`
+    (a subset of `current`); see `Criterion` for the two flags."""
+    CRITERIA.register(name, Criterion(fn, structured=structured, needs_scores=needs_scores))
 
 
 # --------------------------------------------------------------------------- statistics

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,11 +59,13 @@ class ParamSpec:
         return [weights[i] for i in self.prunable]
 
 
-def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool = False) -> ParamSpec:
+def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool = False,
+               keep: Callable[[list[str]], list[str]] | None = None) -> ParamSpec:
     """Describe a model's exchanged state; prunable = Linear/Conv weights not matched by `exclude`.
 
     `exclude` holds fnmatch patterns on tensor names (e.g. ``"0.*"``). A structured (filter)
-    mask never prunes the last prunable layer, whose output rows are the classes.
+    mask never prunes the last prunable layer, whose output rows are the classes. `keep`, when
+    given, narrows the candidates further (a method's `prunable_layers`).
     """
     state = model.state_dict()
     names = tuple(k for k, v in state.items() if v.is_floating_point())
@@ -72,8 +74,11 @@ def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool =
         for mod_name, module in model.named_modules()
         if isinstance(module, _PRUNABLE_MODULES)
     ]
-    if structured and candidates:
-        candidates = candidates[:-1]
+    classes = candidates[-1] if candidates else None
+    if keep is not None:
+        candidates = keep(candidates)
+    if structured:
+        candidates = [c for c in candidates if c != classes]
     chosen = {c for c in candidates if not any(fnmatch(c, pattern) for pattern in exclude)}
     prunable = tuple(i for i, n in enumerate(names) if n in chosen)
     return ParamSpec(names, tuple(tuple(state[n].shape) for n in names), prunable)

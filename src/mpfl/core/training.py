@@ -9,13 +9,14 @@ zero) SGD with momentum and weight decay, and Adam, never move them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..compact import CompactModel
 from .params import ParamSpec, Weights, get_weights, set_weights
 
 
@@ -158,3 +159,30 @@ def evaluate(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], x
         model.to(memory_format=torch.contiguous_format)
     n = max(len(y), 1)
     return correct / n, loss / n
+
+
+class CompactTrainer(LocalTrainer):
+    """A LocalTrainer that trains the shrunk model whenever the mask drops whole filters, for fewer FLOPs and less memory."""
+
+    def __init__(self, model: nn.Module, spec: ParamSpec, **options) -> None:
+        super().__init__(model, spec, **options)
+        self._cached: tuple[bytes, CompactModel, LocalTrainer] | None = None
+
+    def compact(self, mask: Sequence[np.ndarray]) -> tuple[CompactModel, LocalTrainer]:
+        """The shrunk model for `mask` and a trainer on it, reused while the mask stays the same."""
+        key = b"".join(np.packbits(np.asarray(m, dtype=bool)).tobytes() for m in mask)
+        if self._cached is None or self._cached[0] != key:
+            small = CompactModel(self.model, self.spec, mask)
+            inner = LocalTrainer(small.model, small.spec, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
+                                 weight_decay=self.weight_decay, batch_size=self.batch_size)
+            self._cached = (key, small, inner)
+        return self._cached[1], self._cached[2]
+
+    def train(self, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray] | None, data: LocalData,
+              epochs: int, gen: torch.Generator) -> tuple[Weights, float]:
+        """Train the shrunk model from `weights`; return cleared full-size weights and the mean loss."""
+        if mask is None or all(m.all() for m in mask):
+            return super().train(weights, mask, data, epochs, gen)
+        small, inner = self.compact(mask)
+        trained, loss = inner.train(small.to_compact(weights), None, data, epochs, gen)
+        return small.to_full(trained), loss

@@ -4,27 +4,27 @@ Flower starts the ClientApp afresh for each message, so each handler rebuilds th
 `Experiment` from the run config (the same data split, model and plan as the ServerApp)
 and restores the node's state from ``context.state``. The SuperNode's node config says
 which partition it holds: ``partition-id``, ``num-partitions`` and optionally ``data-dir``.
-The partitions the run config makes malicious (``faults.malicious``) run the simulator's
-`MaliciousNode`, so attack studies give the same results on both runners.
+The partitions the run config makes malicious (``faults.malicious``) run their attack as
+on the simulator, so attack studies give the same results on both runners. Each node task
+(`mpfl.node.NODE_TASKS`, plug-ins' tasks included) is a ``train.<task>`` message handler.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from .. import codec
-from ..attacks import MaliciousNode, malicious_ids
 from ..codec import Kind
 from ..config import Config
 from ..core.training import evaluate as evaluate_weights
 from ..errors import PayloadError
 from ..experiment import Experiment
-from ..node import Node, make_trainer
-from ..protocol import TASKS, NodeFailure
+from ..node import NODE_TASKS, Node, make_trainer
+from ..protocol import NodeFailure
 from .payload import METRICS, load_state, pack, partition_reply, save_state, step_of, unpack
 from .settings import NodeSettings, from_run_config, node_config, node_settings
 
@@ -51,9 +51,8 @@ def _task_handler(task: str) -> Callable[[Message, Context], Message]:
     def handle(message: Message, context: Context) -> Message:
         cfg, where = _setup(context)
         exp = Experiment.from_config(cfg)
-        kind = MaliciousNode if where.partition_id in malicious_ids(cfg) else Node
-        node = kind(where.partition_id, cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(where.partition_id),
-                    load_state(context.state))
+        node = Node(where.partition_id, cfg, make_trainer(cfg, exp.model, exp.spec), exp.node_data(where.partition_id),
+                    load_state(context.state), w0=exp.w0)
         try:
             reply = node.handle(task, step_of(message.content), unpack(message.content))
         except PayloadError as exc:
@@ -67,8 +66,26 @@ def _task_handler(task: str) -> Callable[[Message, Context], Message]:
     return handle
 
 
-for _task in TASKS:
-    app.train(_task)(_task_handler(_task))
+_handled: set[str] = set()
+
+
+def _register_tasks() -> None:
+    """A ``train.<task>`` handler for every node task not yet handled."""
+    for task in NODE_TASKS:
+        if task not in _handled:
+            app.train(task)(_task_handler(task))
+            _handled.add(task)
+
+
+@app.lifespan()
+def lifespan(context: Context) -> Iterator[None]:
+    """Before each message: import the run's plug-ins (building its config does) and handle their tasks."""
+    from_run_config(context.run_config)
+    _register_tasks()
+    yield
+
+
+_register_tasks()
 
 
 @app.evaluate()

@@ -18,8 +18,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import tomli_w
 
@@ -51,7 +51,7 @@ class LocalFederation:
         self.link: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> LocalFederation:
         try:
             self.start()
         except BaseException:

@@ -8,8 +8,8 @@ the simulator. A node's `NodeState` survives between messages in ``context.state
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
-from typing import Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict

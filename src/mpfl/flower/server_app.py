@@ -8,12 +8,10 @@ config), plus ``masks.npz`` with the consensus mask of every step.
 
 from __future__ import annotations
 
-import io
 import time
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
-import numpy as np
 from flwr.app import Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -23,8 +21,9 @@ from ..codec import Kind
 from ..core.params import Mask, ParamSpec
 from ..errors import RoundError
 from ..experiment import Experiment
+from ..files import write_groups
 from ..protocol import NodeFailure
-from ..records import RunDir, atomic_write, check_run_dir, default_run_dir
+from ..records import RunDir, check_run_dir, default_run_dir, finish_run
 from ..server import Server
 from .settings import from_run_config
 from .transport import FlowerTransport
@@ -66,7 +65,7 @@ def main(grid: Grid, context: Context) -> None:
         extra["federated_eval"] = _evaluate_on_nodes(transport, server)
     st = server.state
     _save_masks(run_dir.path, exp.spec, st.history)
-    exp.finish(run_dir, st.weights, st.mask, records, time.perf_counter() - started, extra)
+    finish_run(exp, run_dir, st.weights, st.mask, records, time.perf_counter() - started, extra)
 
 
 def _log_round(record: dict) -> None:
@@ -96,7 +95,4 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> dict:
 
 def _save_masks(path: Path, spec: ParamSpec, history: dict[int, Mask]) -> None:
     """The consensus mask of every step (0 = nothing pruned) as ``<step>/<tensor name>`` arrays."""
-    arrays = {f"{step}/{name}": m for step, mask in history.items() for name, m in zip(spec.prunable_names, mask)}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write(path / MASKS, buffer.getvalue())
+    write_groups(path / MASKS, {str(step): dict(zip(spec.prunable_names, mask)) for step, mask in history.items()})

@@ -9,8 +9,8 @@ from the same run config, so every SuperNode builds the same partition, model an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
 from ..config import Config
 from ..errors import ConfigError

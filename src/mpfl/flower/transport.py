@@ -10,8 +10,9 @@ the reason, which the Server records in the round's ``dropped``.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
-from typing import Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 from flwr.app import Message, RecordDict
 from flwr.common import log

@@ -1,0 +1,44 @@
+"""Federated methods as registered classes; `method_of(cfg)` is the one a config names.
+
+Add your own with `register_method(MyMethod)` (see `mpfl.methods.base.Method` for the hooks
+and examples/custom_method.py for a complete plug-in).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..registry import Registry, registry
+from .base import MaskedMethod, Method, OneShotMethod
+from .baselines import Centralized, FedAvg, FedAvgPrune, Random, Ssfl, TopK
+from .mpfl import Local, Mpfl
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..protocol import Step
+
+METHODS: Registry[type[Method]] = registry("method")
+
+
+def register_method(cls: type[Method], *, replace: bool = False) -> type[Method]:
+    """Make a `Method` subclass runnable as `cls.name` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
+        raise TypeError(f"register_method needs a Method subclass with a name, got {cls!r}")
+    return METHODS.register(cls.name, cls, replace=replace)
+
+
+for _cls in (Mpfl, FedAvg, FedAvgPrune, TopK, Centralized, Random, Local, Ssfl):
+    register_method(_cls)
+
+
+def method_of(cfg: Config) -> Method:
+    """The method `cfg.method` names, set up for `cfg`."""
+    return METHODS.get(cfg.method)(cfg)
+
+
+def plan(cfg: Config) -> list[Step]:
+    """The rounds of a run (the same on the server and on every node)."""
+    return method_of(cfg).plan()
+
+
+__all__ = ["METHODS", "MaskedMethod", "Method", "OneShotMethod", "method_of", "plan", "register_method"]

@@ -1,0 +1,139 @@
+"""The `Method` hooks: what a federated method plans and decides, free of transport.
+
+Shaped like Flower's `Strategy`: the `Server` is the protocol engine (it exchanges messages,
+validates replies, keeps mask versions and state, samples and aggregates) and calls a
+method's hooks at fixed points of a run:
+
+    plan()                      the rounds: (phase, index, target density) per step
+    mask_round(server, step)    a mask-phase round: exchange what it needs, return the new mask
+    after_mask(server, mask)    the global weights once a new mask is agreed
+    start_training(server)      the global weights the training phase starts from
+    train_round(server, step)   a warm-up or training round: exchange, then set the global weights
+
+A method is a small registered class (`register_method`); its class attributes say what the
+rest of the package needs to know about it, so no module ever compares a method's name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from .. import codec
+from ..core.masks import CRITERIA, Mask, target_density
+from ..protocol import TASK_TRAIN, Round, Step
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..server import Server
+
+
+class Method:
+    """A federated method that trains dense weights by FedAvg: override hooks to change it."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    prunes: ClassVar[bool] = True
+    """Whether the final model is pruned to `prune.sparsity` (False: a dense model, sparsity 0)."""
+    reference: ClassVar[bool] = False
+    """Whether this is the dense baseline that reports compare accuracy and bytes with."""
+    needs_pooled_data: ClassVar[bool] = False
+    """Whether the server needs every node's data (only the simulator has it)."""
+    trains_in_mask_rounds: ClassVar[bool] = False
+    """Whether its mask rounds train locally (what a mask round costs, for run-time estimates)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ what the method is
+
+    @property
+    def structured(self) -> bool:
+        """Whether masks keep or drop whole filters (1 bit per filter on the wire)."""
+        return CRITERIA.get(self.cfg.prune.criterion).structured
+
+    def prunable_layers(self, names: Sequence[str]) -> list[str]:
+        """The prunable tensors (Linear / Conv weights not excluded by config) this method may prune."""
+        return list(names)
+
+    def final_density(self) -> float:
+        """The density of the model that the training phase trains."""
+        return 1.0 - self.cfg.prune.sparsity if self.prunes else 1.0
+
+    def phases(self) -> list[tuple[str, list[float]]]:
+        """The run's phases in order, each a name and the target density of each of its rounds."""
+        return [("train", [self.final_density()] * self.cfg.rounds)]
+
+    def plan(self) -> list[Step]:
+        """Every round of the run, numbered from 1 across phases."""
+        steps: list[Step] = []
+        for phase, densities in self.phases():
+            for index, density in enumerate(densities, start=1):
+                steps.append(Step(len(steps) + 1, phase, index, density))
+        return steps
+
+    def has_global_model(self, step: Step) -> bool:
+        """Whether the server holds a model worth evaluating after `step` (not during a mask search)."""
+        return step.phase != "mask"
+
+    # ------------------------------------------------------------------ rounds
+
+    def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, Mask, dict]:
+        """One mask-phase round: the exchange, the new mask (a subset of the current one) and metrics."""
+        raise NotImplementedError(f"method {self.name!r} plans mask rounds but has no mask_round")
+
+    def after_mask(self, server: Server, mask: Mask) -> None:
+        """The global weights once `mask` is agreed: w0 masked by it."""
+        server.state.weights = server.spec.apply(server.state.w0, mask)
+
+    def start_training(self, server: Server) -> None:
+        """The training phase starts from w0 masked by the final mask."""
+        server.state.weights = server.spec.apply(server.state.w0, server.state.mask)
+
+    def sends_weights(self, server: Server, step: Step, nodes: Sequence[int]) -> bool:
+        """Whether a training round sends the global weights (else nodes start from their own)."""
+        return True
+
+    def train_round(self, server: Server, step: Step) -> Round:
+        """Masked FedAvg: sampled nodes get the mask updates they miss and the kept values, train,
+        and send their kept values back; the global weights become their aggregate."""
+        st = server.state
+        supports = server.spec.supports(st.mask)
+        nodes = server.sample(step)
+        values = [codec.encode_values(st.weights, supports, round=step.step, base=st.version,
+                                      dtype=self.cfg.codec.value_dtype)] if self.sends_weights(server, step, nodes) else []
+        masks: dict[int, bytes] = {}
+        requests = {n: server.mask_update(n, masks) + values for n in nodes}
+
+        def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
+            return codec.decode_values(reply[0], supports, round=step.step, base=st.version)
+
+        rnd = server.exchange(TASK_TRAIN, step, requests, decode)
+        server.acknowledge(rnd)
+        st.weights = server.aggregate(rnd)
+        return rnd
+
+
+class MaskedMethod(Method):
+    """A method that agrees on a mask before training on it: dense warm-up rounds, mask rounds
+    pruning on the schedule down to the target density, then masked FedAvg."""
+
+    trains_in_mask_rounds = True
+
+    def mask_densities(self) -> list[float]:
+        """The target density of each mask round: the schedule from 1 down to 1 - sparsity."""
+        p = self.cfg.prune
+        return [target_density(t, p.mask_rounds, p.sparsity, p.schedule) for t in range(1, p.mask_rounds + 1)]
+
+    def phases(self) -> list[tuple[str, list[float]]]:
+        warmup = ("warmup", [1.0] * self.cfg.prune.warmup_rounds)
+        return [warmup, ("mask", self.mask_densities())] + super().phases()
+
+
+class OneShotMethod(MaskedMethod):
+    """A masked method that picks its mask in a single round at the target density."""
+
+    trains_in_mask_rounds = False
+
+    def mask_densities(self) -> list[float]:
+        return [self.final_density()]

@@ -1,0 +1,138 @@
+"""The baselines MPFL is measured against, each a small `Method`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import codec
+from ..codec import Kind
+from ..core import masks
+from ..core.aggregate import weighted_average
+from ..protocol import TASK_SCORES, TASK_TOPK, Round, Step
+from ..seeds import Stream, rng
+from .base import MaskedMethod, Method, OneShotMethod
+
+if TYPE_CHECKING:
+    from ..server import Server
+
+
+class FedAvg(Method):
+    """Dense FedAvg: the reference every other method's accuracy and bytes are compared with."""
+
+    name = "fedavg"
+    description = "dense weights both ways, no mask"
+    prunes = False
+    reference = True
+
+
+class TopK(Method):
+    """Dense weights down; each node uploads its top-k update (with coded positions) and keeps
+    the rest as error feedback. The density matches the masked methods' final density."""
+
+    name = "topk"
+    description = "dense weights down, top-k updates with coded positions up (error feedback)"
+
+    def train_round(self, server: Server, step: Step) -> Round:
+        st, spec = server.state, server.spec
+        body = codec.encode_values(st.weights, spec.supports(spec.full_mask()), round=step.step,
+                                   dtype=self.cfg.codec.value_dtype)
+        limits = [int(np.prod(s)) for s in spec.shapes]
+        for i, size in zip(spec.prunable, spec.prunable_sizes):
+            limits[i] = masks.keep_count(int(size), step.density)
+
+        def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
+            return codec.decode_sparse(reply[0], spec.shapes, max_ones=limits, round=step.step)
+
+        rnd = server.exchange(TASK_TOPK, step, {n: [body] for n in server.sample(step)}, decode)
+        st.weights = [w + u for w, u in zip(st.weights, server.aggregate(rnd))]
+        return rnd
+
+
+class FedAvgPrune(MaskedMethod):
+    """Dense-then-masked FedAvg whose server prunes the aggregate by magnitude on the schedule
+    (the reference implementation's baseline)."""
+
+    name = "fedavg-prune"
+    description = "the server prunes the FedAvg aggregate by magnitude on the schedule"
+
+    def has_global_model(self, step: Step) -> bool:
+        return True
+
+    def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
+        """A FedAvg round on the current mask, then magnitude pruning of the aggregate."""
+        rnd = self.train_round(server, step)
+        st, p = server.state, self.cfg.prune
+        choose = masks.filter_mask if self.structured else masks.magnitude_mask
+        new = choose(server.spec.pick(st.weights), st.mask, step.density, scope=p.scope, floor=p.layer_floor)
+        st.weights = server.spec.apply(st.weights, new)
+        return rnd, new, {}
+
+    def after_mask(self, server: Server, mask: masks.Mask) -> None:
+        """The pruned aggregate stays the global model."""
+
+    def start_training(self, server: Server) -> None:
+        """Without rewinding, training continues from the pruned aggregate."""
+        if self.cfg.prune.rewind == "none":
+            server.state.weights = server.spec.apply(server.state.weights, server.state.mask)
+        else:
+            super().start_training(server)
+
+
+class Centralized(MaskedMethod):
+    """The mask-quality upper bound: iterative pruning on all nodes' data pooled at the server."""
+
+    name = "centralized"
+    description = "iterative magnitude pruning on the pooled data (upper bound on mask quality)"
+    needs_pooled_data = True
+
+    def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
+        start = server.spec.apply(server.state.w0, server.state.mask)
+        new, _ = server.oracle.find_mask(start, server.state.mask, step.density, step.step)
+        return Round(), new, {}
+
+
+class Random(OneShotMethod):
+    """A seeded random mask with the target density in every layer (no messages)."""
+
+    name = "random"
+    description = "random, same per-layer density"
+
+    def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
+        draw = rng(self.cfg.seed, step.step, Stream.RANDOM_MASK)
+        new = []
+        for shape in server.spec.prunable_shapes:
+            shape_rows = (shape[0],) if self.structured else shape
+            flags = masks.top_k(draw.random(shape_rows), np.ones(shape_rows, dtype=bool),
+                                masks.keep_count(int(np.prod(shape_rows)), step.density))
+            new.append(masks.expand_rows(flags, shape) if self.structured else flags.reshape(shape))
+        return Round(), new, {}
+
+
+class Ssfl(OneShotMethod):
+    """SSFL (Ohib et al.): nodes send dense SNIP saliency scores once; the server sums them and
+    keeps the top entries."""
+
+    name = "ssfl"
+    description = "top-k of the nodes' summed SNIP scores, sent dense once"
+
+    @property
+    def structured(self) -> bool:
+        """Scores are per weight, so SSFL's masks are unstructured whatever the criterion."""
+        return False
+
+    def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
+        w0: dict[str, bytes] = {}
+        requests = {n: server.w0_body(n, step, w0) for n in server.node_ids()}
+        shapes = server.spec.prunable_shapes
+
+        def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
+            return codec.decode_dense(reply[0], Kind.SCORES, shapes, round=step.step)
+
+        rnd = server.exchange(TASK_SCORES, step, requests, decode)
+        server.acknowledge(rnd, w0=True)
+        total = weighted_average([b.tensors for b in rnd.replies.values()], rnd.weights())
+        p = self.cfg.prune
+        return rnd, masks.select(total, server.state.mask, step.density, p.scope, p.layer_floor), {}

@@ -1,0 +1,72 @@
+"""Plug-ins: modules that register datasets, models, criteria, rules, methods, aggregators,
+attacks or node tasks when imported.
+
+A config names its plug-ins (`plugins`: module names or paths of `.py` files), and every
+process that builds the config imports them first: the CLI, the simulator's worker
+processes and both Flower apps. Installed packages can also announce plug-ins under the
+entry-point group ``mpfl.plugins`` (a module, imported, or a function, called); those are
+loaded in every process too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from .errors import ConfigError
+
+ENTRY_POINT_GROUP = "mpfl.plugins"
+_loaded: set[str] = set()
+
+
+def load_plugins(names: Sequence[str] = ()) -> None:
+    """Import the installed entry-point plug-ins (once per process), then each named plug-in (once)."""
+    if ENTRY_POINT_GROUP not in _loaded:
+        _loaded.add(ENTRY_POINT_GROUP)
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                loaded = entry.load()
+            except Exception as exc:
+                raise ConfigError(f"the installed mpfl plug-in {entry.name!r} ({entry.value}) failed to load: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+            if callable(loaded):
+                loaded()
+    for name in names:
+        key = str(Path(name).resolve()) if _is_path(name) else name
+        if key not in _loaded:
+            _import(name)
+            _loaded.add(key)
+
+
+def _is_path(name: str) -> bool:
+    return name.endswith(".py") or "/" in name or "\\" in name
+
+
+def _import(name: str) -> None:
+    """Import a module by name, or a `.py` file by path, turning any failure into a ConfigError."""
+    try:
+        if not _is_path(name):
+            importlib.import_module(name)
+            return
+        path = Path(name).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file {str(path)!r}")
+        module_name = f"mpfl_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
+                          "name on the Python path or the path of a .py file") from exc

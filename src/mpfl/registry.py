@@ -1,0 +1,99 @@
+"""One registry type for everything a user can plug in by name: datasets, models, mask
+criteria, consensus rules, methods, aggregators and attacks.
+
+Every registry normalises names the same way (case and surrounding blanks do not matter),
+raises the same `UnknownNameError` with a suggestion for a name it does not know, and keeps
+an entry's properties on the registered object itself, so a config's allowed values are
+simply a registry's names.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+class UnknownNameError(ConfigError):
+    """A name that no entry of a registry has; the message lists the names and suggests the closest."""
+
+
+def normalise(name: str) -> str:
+    """The key a name is registered and looked up under: stripped and lower-case."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"a registered name must be a non-empty string, got {name!r}")
+    return name.strip().lower()
+
+
+class Registry(Generic[T]):
+    """Named entries of one kind, in registration order (built-in entries first)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._aliases: dict[str, str] = {}
+
+    def register(self, name: str, entry: T, *, aliases: tuple[str, ...] = (), replace: bool = False) -> T:
+        """Add `entry` under `name` (and `aliases`); an existing name is refused unless `replace`."""
+        key = normalise(name)
+        if not replace and (key in self._entries or key in self._aliases):
+            raise ConfigError(f"a {self.kind} named {key!r} is already registered; choose another name "
+                              f"(or pass replace=True to swap it for yours)")
+        self._entries[key] = entry
+        for alias in aliases:
+            self._aliases[normalise(alias)] = key
+        return entry
+
+    def canonical(self, name: str) -> str:
+        """The registered name `name` stands for; UnknownNameError if none."""
+        key = normalise(name) if isinstance(name, str) and name.strip() else ""
+        if key in self._entries:
+            return key
+        if key in self._aliases:
+            return self._aliases[key]
+        hint = difflib.get_close_matches(key, list(self._entries) + list(self._aliases), n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise UnknownNameError(f"unknown {self.kind} {name!r}; available: {', '.join(self._entries)}.{extra}")
+
+    def get(self, name: str) -> T:
+        """The entry registered under `name` or one of its aliases."""
+        return self._entries[self.canonical(name)]
+
+    def names(self) -> tuple[str, ...]:
+        """Every registered name, in registration order."""
+        return tuple(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(name.strip()) and (
+            normalise(name) in self._entries or normalise(name) in self._aliases)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def snapshot(self) -> tuple[dict[str, T], dict[str, str]]:
+        """The current entries, to `restore` later (tests undo their registrations with it)."""
+        return dict(self._entries), dict(self._aliases)
+
+    def restore(self, snapshot: tuple[dict[str, T], dict[str, str]]) -> None:
+        """Return to the entries of an earlier `snapshot`."""
+        self._entries, self._aliases = dict(snapshot[0]), dict(snapshot[1])
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+ALL: list[Registry] = []
+
+
+def registry(kind: str) -> Registry:
+    """A new registry, listed in `ALL` so tests can snapshot and restore every registry at once."""
+    reg: Registry = Registry(kind)
+    ALL.append(reg)
+    return reg

@@ -1,0 +1,112 @@
+"""Plug-ins: a method defined outside the package runs from the CLI and in worker processes;
+registries give one error type; names are restored after each test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from mpfl.checkpoint import load_final
+from mpfl.cli import main
+from mpfl.config import Config
+from mpfl.errors import ConfigError
+from mpfl.methods import METHODS
+from mpfl.registry import Registry, UnknownNameError
+from mpfl.sim import simulate
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_method.py"
+SMALL = ["--nodes", "3", "--rounds", "1", "--mask-rounds", "2", "--train-samples", "1500", "--test-samples", "300",
+         "--threads", "1", "--quiet"]
+
+
+def run_example(tmp_path: Path, name: str, *extra: str) -> Path:
+    out = tmp_path / name
+    args = ["run", "--plugins", str(EXAMPLE), "--method", "mpfl-dense-head", *SMALL, *extra, "--out", str(out)]
+    assert main(args) == 0
+    return out
+
+
+def test_the_example_method_runs_from_the_cli_and_keeps_the_classifier_dense(tmp_path):
+    out = run_example(tmp_path, "one")
+    mask = load_final(out).mask
+    assert "5.weight" not in mask and {"1.weight", "3.weight"} <= set(mask)
+    assert all(np.isclose(m.mean(), 0.1, atol=1e-3) for m in mask.values())
+    config = (out / "config.toml").read_text()
+    assert "mpfl-dense-head" in config and str(EXAMPLE) in config
+    mpfl = simulate(tiny_config(nodes=3, rounds=1, mask_rounds=2, train_samples=1500, test_samples=300))
+    assert len(mpfl.mask) == 3 and len(mask) == 2
+
+
+@pytest.mark.slow
+def test_the_example_method_runs_in_worker_processes_with_the_same_results(tmp_path):
+    one, two = run_example(tmp_path, "one"), run_example(tmp_path, "two", "--workers", "2")
+    rows = [[json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines()] for d in (one, two)]
+    keys = ("step", "accuracy", "loss", "bytes_up", "bytes_down", "density")
+    assert [{k: r[k] for k in keys} for r in rows[0]] == [{k: r[k] for k in keys} for r in rows[1]]
+    a, b = load_final(one), load_final(two)
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
+def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "--plugins", str(tmp_path / "missing.py"), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.py" in err and "could not be imported" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_names_its_plugins_so_the_method_is_known_when_it_is_built(tmp_path):
+    (tmp_path / "my_plugin.py").write_text(
+        "from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Local\n\n"
+        "@register_method\nclass Solo(Local):\n    name = 'solo-test'\n")
+    with pytest.raises(UnknownNameError, match="method = 'solo-test'"):
+        Config().with_overrides({"method": "solo-test"})
+    cfg = Config().with_overrides({"method": "solo-test", "plugins": str(tmp_path / "my_plugin.py")})
+    assert cfg.method == "solo-test" and "solo-test" in METHODS
+
+
+def test_registries_share_one_name_rule_and_one_error():
+    reg: Registry[int] = Registry("widget")
+    reg.register(" Big-One ", 1, aliases=("big",))
+    assert reg.get("BIG-ONE") == 1 and reg.get("Big") == 1 and "big-one" in reg and reg.names() == ("big-one",)
+    with pytest.raises(UnknownNameError, match="unknown widget 'big-on'.*Did you mean 'big-one'") as err:
+        reg.get("big-on")
+    assert isinstance(err.value, ValueError)
+    with pytest.raises(ConfigError, match="already registered"):
+        reg.register("BIG", 2)
+    reg.register("big-one", 3, replace=True)
+    assert reg.get("big-one") == 3
+
+
+def test_registrations_are_undone_between_tests_part_one():
+    from mpfl.core.consensus import RULES, register_rule
+
+    register_rule("only-in-this-test", lambda votes, support, ctx: support)
+    assert "only-in-this-test" in RULES
+
+
+def test_registrations_are_undone_between_tests_part_two():
+    from mpfl.core.consensus import RULES
+
+    assert "only-in-this-test" not in RULES
+
+
+def test_installed_packages_announce_plugins_by_entry_point(tmp_path, monkeypatch):
+    from mpfl import plugins
+    from mpfl.core.consensus import RULES
+
+    (tmp_path / "mpfl_fake_plugin.py").write_text(
+        "from mpfl.core.consensus import register_rule\n\n"
+        "register_rule('keep-support-test', lambda votes, support, ctx: [s.copy() for s in support])\n")
+    info = tmp_path / "mpfl_fake_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mpfl-fake-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mpfl.plugins]\nfake = mpfl_fake_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    plugins._loaded.discard(plugins.ENTRY_POINT_GROUP)
+    assert "keep-support-test" not in RULES
+    cfg = Config().with_overrides({"consensus": "keep-support-test"})
+    assert cfg.prune.consensus == "keep-support-test"
