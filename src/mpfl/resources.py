@@ -7,16 +7,16 @@ The estimate is a simple model of measured peaks (``VmHWM`` of a fresh process, 
 model       nodes  peak (MiB)
 ==========  =====  ==============
 mlp         1-100  645
-mlp         1,000  2,073
+mlp         1,000  2,071
 mlp         3,000  5,323
-cnn         10     825
-cnn         100    1,893
+cnn         10     694
+cnn         100    1,879
 ==========  =====  ==============
 
 A process with torch and mpfl imported holds about 225 MiB; loading a dataset briefly needs
 about twice its normalised size (the raw file and the float copy); each node then costs about
 two float32 copies of the model (its own weights between rounds and its decoded reply at the
-server), 1.4-1.6 MiB for ``mlp`` and 12 MiB for ``cnn``. Revise `per_node_bytes` when node
+server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. Revise `per_node_bytes` when node
 state becomes more compact.
 """
 
