@@ -203,6 +203,7 @@ def _wait_for_rounds(out, count, proc, timeout=240):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_run(tmp_path, capsys, workers):
     reference = tmp_path / "reference"
