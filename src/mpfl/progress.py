@@ -35,7 +35,7 @@ def format_seconds(seconds: float | None) -> str:
 
 
 class Eta:
-    """Seconds left in a run, from the mean duration of this session's rounds of each phase (mask
+    """Seconds left in a run, from the mean duration of this process's rounds of each phase (mask
     rounds cost more than training rounds); a phase not yet seen counts at the overall mean."""
 
     def __init__(self, plan: Sequence[Step]) -> None:

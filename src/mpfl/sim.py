@@ -102,7 +102,7 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     when given; with `resume`, continue the run in `out` from its last checkpoint (or from the start
     if it stopped before recording a round). The checkpoint is removed when the run ends, unless
     `keep_checkpoint`. Each record's `elapsed` and the summary's `wall_time` add up the seconds of
-    every session of the run."""
+    every invocation of the run."""
     started = time.perf_counter()
     if out is not None and not resume:
         check_run_dir(Path(out))

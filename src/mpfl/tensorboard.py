@@ -40,7 +40,7 @@ class TensorBoardLog:
         self.writer: Any = None
 
     def __call__(self, record: dict) -> None:
-        """Add one round's scalars (the first round of a session purges later events of an earlier one)."""
+        """Add one round's scalars (the first one this process writes purges later events of an earlier run)."""
         if self.writer is None:
             self.writer = self.writer_class(str(self.log_dir), purge_step=record["step"])
         for key, tag in SCALARS.items():
