@@ -260,3 +260,13 @@ def test_an_init_file_travels_as_weights_and_a_seeded_start_as_a_reference(tmp_p
     first = seeded.records[0]["bytes_down"], from_file.records[0]["bytes_down"]
     assert first[1] - first[0] == cfg.nodes * (dense - codec.HEADER_SIZE - 36)
     assert all(np.array_equal(a, b) for a, b in zip(seeded.weights, from_file.weights))
+
+
+@pytest.mark.parametrize("dtype, bits", [("float32", 32), ("float16", 16), ("int8", 8)])
+def test_traffic_in_bits_per_parameter_per_node_and_round(dtype, bits):
+    s = simulate(tiny_config(method="fedavg", rounds=2, value_dtype=dtype)).summary
+    node_rounds = 2 * 3
+    assert s["bits_per_param_up"] == pytest.approx(8 * s["bytes_up"] / (s["params_dense"] * node_rounds))
+    # a dense round is one value per parameter plus a header and a count (and a scale for int8) per tensor
+    assert bits < s["bits_per_param_up"] < bits * 1.01 and bits < s["bits_per_param_down"] < bits * 1.01
+    assert s["megabytes_total"] == pytest.approx((s["bytes_up"] + s["bytes_down"]) / 1e6)
