@@ -278,7 +278,7 @@ def _fedavg_bytes(runs: Sequence[Run]) -> dict[tuple, float]:
     """Mean total bytes of the dense FedAvg runs, by the key runs are matched on."""
     totals: dict[tuple, list[int]] = defaultdict(list)
     for r in runs:
-        if r.reference and r.flat.get("value_dtype", "float32") == "float32":
+        if r.reference and r.flat.get("value_dtype", "float32") in ("float32", "auto"):
             totals[_match_key(r)].append(r.bytes_up + r.bytes_down)
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
