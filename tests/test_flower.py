@@ -8,6 +8,7 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,9 +24,10 @@ from mpfl.errors import ConfigError, PayloadError, RoundError
 from mpfl.experiment import Experiment
 from mpfl.flower import client_app, server_app
 from mpfl.flower.local import LocalFederation
-from mpfl.flower.payload import load_state, pack, save_state, step_of, unpack
+from mpfl.flower.node_runtime import load_state, save_state
+from mpfl.flower.payload import pack, step_of, unpack
 from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings
-from mpfl.flower.transport import FlowerTransport
+from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
 from mpfl.node import NodeState
 from mpfl.records import read_rounds, read_summary
 from mpfl.server import Server
@@ -67,7 +69,7 @@ def assert_same_run(out: Path, sim) -> None:
     for got, want in zip(final.weights.values(), sim.weights, strict=True):
         assert np.array_equal(got, want)
     summary = read_summary(out)
-    assert summary["runner"] == "flower"
+    assert summary["runner"] == "flower-deployment"
     assert (summary["bytes_up"], summary["bytes_down"]) == (sim.summary["bytes_up"], sim.summary["bytes_down"])
 
 
@@ -160,30 +162,41 @@ class LoopbackGrid:
         self.failing: set[int] = set()
         self.garble: set[int] = set()
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+        self.after_push: Callable[[list[Message]], None] = lambda messages: None
 
     def get_node_ids(self) -> list[int]:
         return [n for n in self.contexts if n not in self.down]
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Deliver each message at once and keep its reply for `pull_messages`; the message ids."""
+        messages, ids = list(messages), []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
-            node, train = msg.metadata.dst_node_id, msg.metadata.message_type.startswith("train.")
-            if train and node in self.silent:
-                continue
-            if node in self.down or (train and node in self.failing):
-                replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
-                continue
-            try:
-                reply = client_app.app(msg, self.contexts[node])
-            except Exception as exc:  # the SuperNode turns a ClientApp exception into an error reply
-                reply = Message(Error(code=2, reason=str(exc)), reply_to=msg)
-            if train and node in self.garble and reply.has_content():
-                bodies = [b[:-1] + bytes([b[-1] ^ 1]) for b in unpack(reply.content)]
-                reply = Message(pack(bodies), reply_to=msg)
-            replies.append(reply)
-        return replies
+            ids.append(msg.metadata.message_id)
+            if (reply := self._reply(msg)) is not None:
+                self.replies[msg.metadata.message_id] = reply
+        self.after_push(messages)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def _reply(self, msg: Message) -> Message | None:
+        node, train = msg.metadata.dst_node_id, msg.metadata.message_type.startswith("train.")
+        if train and node in self.silent:
+            return None
+        if node in self.down or (train and node in self.failing):
+            return Message(Error(code=5, reason="node unavailable"), reply_to=msg)
+        try:
+            reply = client_app.app(msg, self.contexts[node])
+        except Exception as exc:  # the SuperNode turns a ClientApp exception into an error reply
+            reply = Message(Error(code=2, reason=str(exc)), reply_to=msg)
+        if train and node in self.garble and reply.has_content():
+            bodies = [b[:-1] + bytes([b[-1] ^ 1]) for b in unpack(reply.content)]
+            reply = Message(pack(bodies), reply_to=msg)
+        return reply
 
 
 @pytest.fixture
@@ -278,16 +291,56 @@ def test_centralized_is_refused_before_any_node_is_contacted(tmp_path, in_proces
     assert grid.sent == [] and not (tmp_path / "run").exists()
 
 
-def test_discovery_leaves_out_misconfigured_supernodes_and_refuses_duplicates(in_process):
+def test_misconfigured_supernodes_are_left_out_and_the_run_goes_on(in_process):
     rc = run_config()
     grid = LoopbackGrid(rc, [0, 1], num_partitions=3)
     with pytest.raises(RoundError, match="only 0 of 2 partitions joined.*num-partitions = 3 but the run has nodes = 2"):
         FlowerTransport(grid, 1.0).connect(2, 1, timeout=0.1)
-    twice = LoopbackGrid(rc, [1, 1])
-    with pytest.raises(ConfigError, match="both hold partition-id 1"):
-        FlowerTransport(twice, 1.0).connect(2, 1, timeout=0.1)
+    stray = FlowerTransport(LoopbackGrid(rc, [1, 1, 0], num_partitions=2), 1.0)
+    assert stray.connect(2, 1, timeout=0.1) == [1] and stray.node_ids() == [0]
+    assert [(e["node"], e["supernode"], e["step"], e["phase"]) for e in stray.left_out] == [(1, 100, 0, "connect"),
+                                                                                          (1, 101, 0, "connect")]
+    assert stray.left_out[0]["reason"].startswith("partition-id 1 is also claimed by SuperNode 101")
+    with pytest.raises(RoundError, match="SuperNode 100: partition-id 1 is also claimed by SuperNode 101"):
+        FlowerTransport(LoopbackGrid(rc, [1, 1, 0], num_partitions=2), 1.0).connect(2, 2, timeout=0.1)
     one = FlowerTransport(LoopbackGrid(rc, [1], num_partitions=2), 1.0)
     assert one.connect(2, 1, timeout=0.1) == [0] and one.node_ids() == [1]
+
+
+def request_bytes(messages: list[Message]) -> dict[int, int]:
+    """The codec bytes of `messages` by step (their group id)."""
+    out: dict[int, int] = {}
+    for m in messages:
+        out[int(m.metadata.group_id)] = out.get(int(m.metadata.group_id), 0) + sum(map(len, unpack(m.content)))
+    return out
+
+
+def test_bytes_count_the_messages_sent_and_lost_nodes_are_summarised(tmp_path, in_process):
+    """A node gone after the first round: no request is sent to it any more, and the counted bytes
+    are those of the messages the grid carried, round by round; the summary names the lost node."""
+    rc = run_config(nodes=3, out_dir=str(tmp_path / "run"))
+    grid = LoopbackGrid(rc, [0, 1, 2])
+    pushes = []
+
+    def stop_node_1_after_round_1(messages: list[Message]) -> None:
+        pushes.append(messages)
+        if len(pushes) == 2:  # the partition queries, then round 1: node 1 is gone from round 2 on
+            grid.down = {101}
+
+    grid.after_push = stop_node_1_after_round_1
+    serve(grid, rc)
+    rounds, summary = read_rounds(tmp_path / "run"), read_summary(tmp_path / "run")
+    carried = request_bytes([m for m in grid.sent if m.metadata.message_type.startswith("train.")])
+    assert [r["bytes_down"] for r in rounds] == [carried[r["step"]] for r in rounds]
+    assert summary["bytes_down"] == sum(carried.values())
+    assert [r["nodes"] for r in rounds] == [[0, 1, 2]] + [[0, 2]] * (len(rounds) - 1)
+    assert all(r["dropped"] == {"1": "SuperNode 101 is no longer connected"} for r in rounds[1:])
+    assert summary["lost_nodes"] == [{"node": 1, "step": 2, "phase": "mask", "reason": "SuperNode 101 is no longer connected"}]
+    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert [m.metadata.dst_node_id for m in evaluations] == [100, 102]
+    assert summary["bytes_eval_down"] == sum(request_bytes(evaluations).values()) > 0
+    assert summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
+    assert summary["runner"] == "flower-deployment"
 
 
 # --------------------------------------------------------------------------- deployment on loopback
