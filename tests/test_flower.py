@@ -4,7 +4,9 @@ process, failure handling, and a real deployment (SuperLink + SuperNodes on 127.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -14,17 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.config import flatten_dict
 from flwr.supercore.task_identity import TaskIdentity
 
 from mpfl.checkpoint import load_final
 from mpfl.config import SECTIONS, Config
+from mpfl.data import load_dataset
+from mpfl.datacache import load_cached
 from mpfl.errors import ConfigError, PayloadError, RoundError
 from mpfl.experiment import Experiment
-from mpfl.flower import client_app, server_app
+from mpfl.flower import client_app, server_app, warm
 from mpfl.flower.local import LocalFederation
-from mpfl.flower.node_runtime import load_state, save_state
+from mpfl.flower.node_runtime import handle, load_state, save_state
 from mpfl.flower.payload import pack, step_of, unpack
 from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings
 from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
@@ -341,6 +346,78 @@ def test_bytes_count_the_messages_sent_and_lost_nodes_are_summarised(tmp_path, i
     assert summary["bytes_eval_down"] == sum(request_bytes(evaluations).values()) > 0
     assert summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
     assert summary["runner"] == "flower-deployment"
+
+
+# --------------------------------------------------------------------------- the node side
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_cache(tmp_path_factory):
+    """A user cache of this module's own (cached datasets, warm node processes), for the apps run here
+    and the SuperNodes the deployment tests start (they inherit the environment)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+    yield
+    patch.undo()
+
+
+def first_request(rc: dict) -> RecordDict:
+    """The content of the first mask round's request to node 0: the reference to the initial weights."""
+    cfg, _ = from_run_config(rc)
+    exp = Experiment.from_config(cfg)
+    server = Server(cfg, exp.spec, exp.w0, FlowerTransport(LoopbackGrid(rc, [0]), 1.0))
+    return pack(server.w0_body(0, server.plan[0], {}), step=server.plan[0].step)
+
+
+def node_context(rc: dict, node_id: int = 7, **node_config) -> Context:
+    return Context(run_id=1, node_id=node_id, state=RecordDict(), run_config=rc,
+                   node_config={"partition-id": 0, "num-partitions": 2, **node_config})
+
+
+def same_state(a: NodeState, b: NodeState) -> bool:
+    """Whether two node states hold the same counters and the same arrays."""
+    def same(x, y):
+        return x is None and y is None or (x is not None and y is not None and len(x) == len(y)
+                                           and all(np.array_equal(u, v) for u, v in zip(x, y)))
+    return a.version == b.version and all(same(getattr(a, f), getattr(b, f)) for f in ("w0", "mask", "local", "residual"))
+
+
+def test_the_clientapp_module_stays_light_and_routes_every_builtin_task():
+    """A deployment starts a process per message: its ClientApp imports neither torch nor the node
+    code, yet handles every task `mpfl.node` registers."""
+    code = ("import sys, mpfl.flower.client_app as app; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from mpfl.protocol import BUILTIN_TASKS; import mpfl.node as node; "
+            "assert set(BUILTIN_TASKS) == set(node.NODE_TASKS.names()), node.NODE_TASKS.names()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_warm_node_process_replies_as_the_clientapp_itself_and_leaves_when_idle(tmp_path, in_process):
+    rc, request = run_config(), first_request(run_config())
+    here = node_context(rc)
+    want, _ = handle(rc, here.node_config, here.state, "mask", request)
+    there = node_context(rc)
+    got, timing = warm.forward(there, "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    assert unpack(got) == unpack(want) and set(timing) == {"setup", "node"}
+    assert same_state(load_state(there.state), load_state(here.state))
+    paths = warm.paths_for(there.node_id, tmp_path)
+    pid = int(paths.pid.read_text())
+    again, timing = warm.forward(node_context(rc), "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    assert unpack(again) == unpack(want) and int(paths.pid.read_text()) == pid and timing["setup"] < 0.05
+    with pytest.raises(ConfigError, match="num-partitions = 3 but the run has nodes = 2"):
+        warm.forward(node_context(rc, **{"num-partitions": 3}), "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    deadline = time.monotonic() + 30
+    while warm._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not warm._alive(pid) and not paths.socket.exists() and not paths.key.exists()
+
+
+def test_cached_dataset_is_the_loaded_one(tmp_path):
+    cached, loaded = load_cached("mnist", root=tmp_path), load_dataset("mnist")
+    for split in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(cached, split), getattr(loaded, split))
+    assert (cached.name, cached.num_classes) == (loaded.name, loaded.num_classes)
+    assert isinstance(load_cached("mnist", root=tmp_path).x_train.numpy().base, np.memmap)
 
 
 # --------------------------------------------------------------------------- deployment on loopback

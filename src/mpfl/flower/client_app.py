@@ -44,8 +44,12 @@ def _settings(context: Context) -> NodeSettings:
 
 @app.query("partition")
 def partition(message: Message, context: Context) -> Message:
-    """Tell the ServerApp which partition this SuperNode holds, once its node config fits the run."""
-    return partition_reply(message, _settings(context).partition_id)
+    """Tell the ServerApp which partition this SuperNode holds, once its node config fits the run (and
+    have the warm node process load torch in the meantime)."""
+    settings = _settings(context)
+    if warm.enabled(settings.keep_warm):
+        warm.prestart(context, settings.keep_warm)
+    return partition_reply(message, settings.partition_id)
 
 
 def run_node(context: Context, task: str, content: RecordDict) -> tuple[RecordDict | NodeFailure, dict[str, float]]:

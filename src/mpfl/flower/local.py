@@ -29,6 +29,8 @@ HOST = "127.0.0.1"
 CONNECTION = "local"
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+               # The SuperNode's executor looks for new ClientApp tasks every 0.1 s instead of every 1 s.
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
                # Ray (the simulation engine) binds to 127.0.0.1 only as a single-machine cluster.
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 FINISHED = "finished"

@@ -23,12 +23,14 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
@@ -53,12 +55,13 @@ Result = tuple[RecordDict | NodeFailure, dict[str, float]]
 
 @dataclass(frozen=True)
 class Paths:
-    """The files of one SuperNode's warm process: its socket, key and log."""
+    """The files of one SuperNode's warm process: its socket, key, log, lock and process id."""
 
     socket: Path
     key: Path
     log: Path
     lock: Path
+    pid: Path
 
 
 def warm_dir() -> Path:
@@ -69,15 +72,29 @@ def warm_dir() -> Path:
 def paths_for(node_id: int, root: Path | None = None) -> Paths:
     """The files of the warm process of SuperNode `node_id` for this Python and this mpfl install."""
     identity = f"{node_id}|{sys.executable}|{Path(__file__).resolve().parents[1]}|{__version__}"
-    name = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    base = (root or warm_dir()) / name
-    return Paths(base.with_suffix(".sock"), base.with_suffix(".key"), base.with_suffix(".log"), base.with_suffix(".lock"))
+    return paths_at((root or warm_dir()) / hashlib.sha256(identity.encode()).hexdigest()[:16])
+
+
+def paths_at(base: Path) -> Paths:
+    """The files of the warm process whose files are named `base` plus a suffix."""
+    return Paths(*(base.with_suffix(suffix) for suffix in (".sock", ".key", ".log", ".lock", ".pid")))
 
 
 def enabled(keep_warm: float) -> bool:
     """Whether this process forwards messages to a warm process: it is a ClientApp process that
     Flower started for one message, Unix sockets exist, and the node config did not turn it off."""
     return keep_warm > 0 and Path(sys.argv[0]).name == CLIENTAPP_COMMAND and hasattr(socket, "AF_UNIX")
+
+
+def prestart(context: Context, keep_warm: float, *, root: Path | None = None, parent: int | None = None) -> None:
+    """Start the SuperNode's warm process unless one runs, without waiting: it loads torch and the node
+    code while the ServerApp is still connecting, so that it is ready for the first round."""
+    paths = usable_paths(context.node_id, root)
+    if paths is None:
+        return
+    with _locked(paths):
+        if _running(paths) is None:
+            _spawn(paths, parent or os.getppid(), keep_warm)
 
 
 def forward(context: Context, task: str, content: RecordDict, keep_warm: float, *, root: Path | None = None,
@@ -87,15 +104,21 @@ def forward(context: Context, task: str, content: RecordDict, keep_warm: float, 
     process could do it, and the caller should. Errors the node raised are raised here. A warm
     process started here lives as long as process `parent` (by default the SuperNode's executor,
     which started this ClientApp)."""
-    paths = paths_for(context.node_id, root)
-    if len(str(paths.socket)) > MAX_SOCKET_PATH or not _private(paths.socket.parent):
+    paths = usable_paths(context.node_id, root)
+    if paths is None:
         return None
     request = _request(context, task, content)
-    for start in (False, True):
-        answer = _call(paths, request, parent or os.getppid(), keep_warm, start=start)
+    for fresh in (False, True):
+        answer = _call(paths, request, parent or os.getppid(), keep_warm, fresh=fresh)
         if answer is not None:
             return _result(answer, context.state)
     return None
+
+
+def usable_paths(node_id: int, root: Path | None = None) -> Paths | None:
+    """The warm process's files for SuperNode `node_id`, if they can live in a private directory."""
+    paths = paths_for(node_id, root)
+    return paths if len(str(paths.socket)) <= MAX_SOCKET_PATH and _private(paths.socket.parent) else None
 
 
 def _private(folder: Path) -> bool:
@@ -114,15 +137,28 @@ def _request(context: Context, task: str, content: RecordDict) -> list[bytes]:
     return [json.dumps(header).encode(), to_bytes(content), to_bytes(context.state)]
 
 
-def _call(paths: Paths, request: list[bytes], parent: int, keep_warm: float, *, start: bool) -> list[bytes] | None:
-    """Send `request` to the warm process (after starting a new one, with `start`); its answer, or None."""
+@contextmanager
+def _locked(paths: Paths) -> Iterator[None]:
+    """Hold the SuperNode's lock on its warm process (starting one is not left to two processes at once)."""
     import fcntl  # Unix only, as the sockets are (`enabled`)
 
+    with open(paths.lock, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _call(paths: Paths, request: list[bytes], parent: int, keep_warm: float, *, fresh: bool) -> list[bytes] | None:
+    """Send `request` to the warm process, starting one if none runs (with `fresh`, replacing the one
+    that just failed); its answer, or None."""
     try:
-        with open(paths.lock, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if start:
-                _start(paths, parent, keep_warm)
+        with _locked(paths):
+            pid = _running(paths)
+            if fresh and pid is not None:
+                os.kill(pid, signal.SIGTERM)
+                pid = None
+            if pid is None:
+                pid = _spawn(paths, parent, keep_warm)
+            _wait(paths, pid)
             conn = _connect(paths)
         with conn:
             for frame in request:
@@ -135,27 +171,42 @@ def _call(paths: Paths, request: list[bytes], parent: int, keep_warm: float, *, 
 def _connect(paths: Paths) -> Connection:
     """A connection to the warm process, authenticated with its key (OSError if there is none)."""
     try:
-        key = paths.key.read_bytes()
-    except FileNotFoundError:
-        raise ConnectionRefusedError(f"no key at {paths.key}") from None
-    try:
-        return Client(str(paths.socket), "AF_UNIX", authkey=key)
+        return Client(str(paths.socket), "AF_UNIX", authkey=paths.key.read_bytes())
     except AuthenticationError as exc:
         raise ConnectionRefusedError(str(exc)) from None
 
 
-def _start(paths: Paths, parent: int, keep_warm: float) -> None:
-    """Start a new warm process with a new key and wait until it accepts connections."""
+_children: dict[int, subprocess.Popen] = {}
+
+
+def _running(paths: Paths) -> int | None:
+    """The process id of the SuperNode's warm process, if it is alive."""
+    try:
+        pid = int(paths.pid.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _spawn(paths: Paths, parent: int, keep_warm: float) -> int:
+    """Start a new warm process with a new key; its process id."""
     paths.socket.unlink(missing_ok=True)
     fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(os.urandom(32))
     with open(paths.log, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", __name__, str(paths.socket), str(paths.key), str(parent),
+        proc = subprocess.Popen([sys.executable, "-m", __name__, str(paths.socket.with_suffix("")), str(parent),
                                  str(keep_warm)], stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+    _children[proc.pid] = proc
+    paths.pid.write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait(paths: Paths, pid: int) -> None:
+    """Wait until warm process `pid` listens (TimeoutError if it ends or takes over `START_TIMEOUT_S`)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while not paths.socket.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if not _alive(pid) or time.monotonic() > deadline:
             raise TimeoutError(f"the warm node process did not start; see {paths.log}")
         time.sleep(0.05)
 
@@ -205,27 +256,36 @@ def answer(frames: list[bytes], handle: Handler) -> list[bytes]:
 
 
 class Watch:
-    """Ends the warm process once its parent is gone, or after `idle` seconds without a request."""
+    """Ends the warm process once its parent is gone, after `idle` seconds without a request, or on SIGTERM."""
 
-    def __init__(self, socket_path: Path, parent: int, idle: float) -> None:
-        self.socket_path, self.parent, self.idle = socket_path, parent, idle
-        self.inode = socket_path.stat().st_ino
+    def __init__(self, paths: Paths, parent: int, idle: float) -> None:
+        self.paths, self.parent, self.idle = paths, parent, idle
+        self.inode = paths.socket.stat().st_ino
         self.busy, self.last = False, time.monotonic()
 
     def run(self) -> None:
-        """Check every `WATCH_S` seconds; remove this process's socket (not a successor's) on the way out."""
+        """Check every `WATCH_S` seconds, then leave."""
         while _alive(self.parent) and (self.busy or time.monotonic() - self.last < self.idle):
             time.sleep(WATCH_S)
+        self.leave()
+
+    def leave(self, *_: object) -> None:
+        """Remove this process's files (unless a successor replaced them; an empty log too) and exit."""
         try:
-            if self.socket_path.stat().st_ino == self.inode:
-                self.socket_path.unlink()
+            if self.paths.socket.stat().st_ino == self.inode:
+                for path in (self.paths.socket, self.paths.key, self.paths.pid, self.paths.lock):
+                    path.unlink(missing_ok=True)
+                if self.paths.log.stat().st_size == 0:
+                    self.paths.log.unlink()
         except OSError:
             pass
         os._exit(0)
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` still exists."""
+    """Whether process `pid` still runs (a child of this process that ended does not, though not yet reaped)."""
+    if pid in _children:
+        return _children[pid].poll() is None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -235,10 +295,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def serve(socket_path: Path, key_path: Path, parent: int, idle: float) -> None:
+def serve(paths: Paths, parent: int, idle: float) -> None:
     """Answer requests one at a time until the `Watch` ends the process."""
-    listener = Listener(str(socket_path), "AF_UNIX", authkey=key_path.read_bytes())
-    watch = Watch(socket_path, parent, idle)
+    listener = Listener(str(paths.socket), "AF_UNIX", authkey=paths.key.read_bytes())
+    watch = Watch(paths, parent, idle)
+    signal.signal(signal.SIGTERM, watch.leave)
     threading.Thread(target=watch.run, daemon=True).start()
     from .node_runtime import handle  # torch and the node code, loaded once for every later message
 
@@ -260,14 +321,13 @@ def serve(socket_path: Path, key_path: Path, parent: int, idle: float) -> None:
 
 
 def main() -> None:
-    """``python -m mpfl.flower.warm SOCKET KEY PARENT IDLE``, as `forward` starts it."""
+    """``python -m mpfl.flower.warm BASE PARENT IDLE``, as `forward` starts it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("socket", type=Path)
-    parser.add_argument("key", type=Path)
-    parser.add_argument("parent", type=int)
-    parser.add_argument("idle", type=float)
+    parser.add_argument("base", type=Path, help="the warm process's files, without their suffix")
+    parser.add_argument("parent", type=int, help="end when this process has ended")
+    parser.add_argument("idle", type=float, help="end after this many seconds without a request")
     args = parser.parse_args()
-    serve(args.socket, args.key, args.parent, args.idle)
+    serve(paths_at(args.base), args.parent, args.idle)
 
 
 if __name__ == "__main__":
