@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, parse_config_args
 from flwr.supercore.task_identity import TaskIdentity
 
 from mpfl.checkpoint import load_final
@@ -28,7 +29,17 @@ from mpfl.datacache import load_cached
 from mpfl.errors import ConfigError, PayloadError, RoundError
 from mpfl.experiment import Experiment
 from mpfl.flower import client_app, server_app, warm
-from mpfl.flower.local import LocalFederation
+from mpfl.flower.local import (
+    CONNECTION,
+    HOST,
+    LOOPBACK_NAMES,
+    LocalFederation,
+    certificate_commands,
+    register_command,
+    superlink_command,
+    supernode_command,
+    supernode_key_command,
+)
 from mpfl.flower.node_runtime import handle, load_state, save_state
 from mpfl.flower.payload import pack, step_of, unpack
 from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings
@@ -420,6 +431,30 @@ def test_cached_dataset_is_the_loaded_one(tmp_path):
     assert isinstance(load_cached("mnist", root=tmp_path).x_train.numpy().base, np.memmap)
 
 
+def doc_text() -> str:
+    """docs/deployment.md with continued lines joined and runs of white space made one space."""
+    return " ".join((REPO / "docs" / "deployment.md").read_text().replace("\\\n", " ").split())
+
+
+def test_the_deployment_guide_shows_the_commands_the_tests_run():
+    """The guide's TLS recipe, SuperLink, SuperNode and registration commands are those LocalFederation
+    runs (rendered with the guide's host names), and its node config parses as Flower parses it."""
+    doc = doc_text()
+    remote = "coordinator.example.org:8000"
+    commands = [*certificate_commands("DNS:coordinator.example.org,IP:127.0.0.1"), supernode_key_command("supernode-0")]
+    commands += [shlex.join(args) for args in (
+        superlink_command("0.0.0.0", 8000, secure=False), superlink_command("0.0.0.0", 8000, secure=True),
+        register_command("supernode-0.pub"), supernode_command(remote, 0, 4, data_dir="/data/mpfl"),
+        supernode_command(remote, 0, 4, key="supernode-0"), superlink_command(HOST, 8000, secure=False),
+        *(supernode_command(f"{HOST}:8000", i, 2, port=9094 + i) for i in range(2)))]
+    for command in commands:
+        assert " ".join(command.split()) in doc, command
+    assert "IP:127.0.0.1" in LOOPBACK_NAMES and f'default = "{CONNECTION}"' in doc
+    node_config = supernode_command(remote, 0, 4, data_dir="/data/mpfl")[-1]
+    settings = node_settings(parse_config_args([node_config]), Config(nodes=4))
+    assert (settings.partition_id, settings.num_partitions, settings.data_dir) == (0, 4, "/data/mpfl")
+
+
 # --------------------------------------------------------------------------- deployment on loopback
 
 _flower_cli = pytest.mark.skipif(shutil.which("flower-superlink") is None or shutil.which("flwr") is None,
@@ -481,4 +516,27 @@ def test_a_supernode_stopped_mid_run_is_left_out_and_the_run_finishes(federation
     assert missing and missing == list(range(missing[0], 3))
     for r in rounds[missing[0]:]:
         assert r["nodes"] == [0] and r["dropped"]["1"]
-    assert read_summary(out)["final_accuracy"] is not None
+    summary, first = read_summary(out), rounds[missing[0]]
+    assert summary["final_accuracy"] is not None
+    assert summary["lost_nodes"] == [{"node": 1, "step": first["step"], "phase": first["phase"],
+                                      "reason": first["dropped"]["1"]}]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
+                    reason="openssl and ssh-keygen make the certificates and keys")
+@deployment
+def test_a_deployment_with_tls_and_node_authentication_matches_the_simulator(tmp_path, sim):
+    """The TLS recipe of docs/deployment.md (a private CA, the SuperLink's certificate for localhost
+    and 127.0.0.1) and node authentication (EC keys registered with flwr supernode register); a
+    SuperNode whose key is not registered is refused and exits with code 1."""
+    out = tmp_path / "run"
+    with LocalFederation(tmp_path / "flower", nodes=2, secure=True) as fed:
+        run_id = fed.run(REPO, {**SMALL, "out-dir": str(out)})
+        run = fed.wait(run_id, 300, done=out / "summary.json")
+        assert run["status"] == "finished:completed", run["status-details"]
+        stray = fed.start_supernode(0, key="stray", register=False)
+        assert stray.wait(120) == 1
+    assert_same_run(out, sim)
+    summary = read_summary(out)
+    assert summary["lost_nodes"] == [] and summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
+    assert "Exit Code: 305" in (tmp_path / "flower" / "supernode-2.log").read_text()
