@@ -1,7 +1,7 @@
 """The work behind the Flower ClientApp: build what a SuperNode needs and run `mpfl.node.Node` on it.
 
 A process keeps what it can between messages (`prepare`): the run's `Experiment` (data split,
-model, initial weights) and trainer, by run config and partition, for the most recent runs;
+model, initial weights) and trainer, by run config, for the most recent runs;
 the dataset itself comes memory-mapped from the cache (`mpfl.datacache`). The node's own state
 travels in Flower's ``context.state`` (`save_state`, `load_state`), so nothing a run needs
 depends on what a process kept: a fresh process gives the same replies, byte for byte.
@@ -37,15 +37,16 @@ from .settings import ConfigValue, NodeSettings, from_run_config, node_config, n
 
 STATE = "mpfl.node"
 KEPT_RUNS = 2
-"""How many runs' experiments a process keeps (a SuperNode handles one run at a time, mostly)."""
+"""How many runs' experiments a process keeps (a SuperNode mostly serves one run at a time)."""
 
 
 @dataclass
 class Prepared:
-    """What a node needs for every message of a run: its config, partition, experiment and trainer."""
+    """What the nodes of a run need for every message: the run's config (with the SuperNode's data
+    dir), the experiment and a trainer, shared by the partitions one process serves (as in the
+    simulator, where one trainer serves every node)."""
 
     cfg: Config
-    where: NodeSettings
     exp: Experiment
     trainer: LocalTrainer
 
@@ -53,23 +54,23 @@ class Prepared:
 _kept: OrderedDict[str, Prepared] = OrderedDict()
 
 
-def prepare(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigValue]) -> Prepared:
-    """The node's view of the run, built once per process and run: the run's config with this
-    SuperNode's data dir, its partition, the experiment (on the cached dataset) and a trainer."""
+def prepare(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigValue]) -> tuple[Prepared, NodeSettings]:
+    """The node's view of the run, built once per process and run (Flower's simulation engine serves
+    many partitions from one process), and the SuperNode's partition and settings."""
     cfg, _ = from_run_config(run_config)
     where = node_settings(node_cfg, cfg)
     cfg = node_config(cfg, where)
-    key = json.dumps([cfg.to_dict(), where.partition_id], sort_keys=True, default=str)
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     if key in _kept:
         _kept.move_to_end(key)
-        return _kept[key]
+        return _kept[key], where
     data = cfg.data
     exp = Experiment.from_config(cfg, load_cached(data.dataset, data.data_dir).take(data.train_samples,
                                                                                    data.test_samples))
-    _kept[key] = Prepared(cfg, where, exp, make_trainer(cfg, exp.model, exp.spec))
+    _kept[key] = Prepared(cfg, exp, make_trainer(cfg, exp.model, exp.spec))
     while len(_kept) > KEPT_RUNS:
         _kept.popitem(last=False)
-    return _kept[key]
+    return _kept[key], where
 
 
 def handle(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigValue], state: RecordDict,
@@ -78,15 +79,16 @@ def handle(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigV
     request's content, updating the node's `state`; return the reply's content (or the node's
     failure) and the seconds spent preparing (``setup``) and handling it (``node``)."""
     started = time.perf_counter()
-    prepared = prepare(run_config, node_cfg)
+    prepared, where = prepare(run_config, node_cfg)
     ready = time.perf_counter()
-    reply = _evaluate(prepared, content) if task == EVALUATE else _task(prepared, task, content, state)
+    pid = where.partition_id
+    reply = _evaluate(prepared, pid, content) if task == EVALUATE else _task(prepared, pid, task, content, state)
     return reply, {"setup": ready - started, "node": time.perf_counter() - ready}
 
 
-def _task(prepared: Prepared, task: str, content: RecordDict, state: RecordDict) -> RecordDict | NodeFailure:
-    """`Node.handle` on the request's bodies, with the node's state loaded from and saved to `state`."""
-    exp, pid = prepared.exp, prepared.where.partition_id
+def _task(prepared: Prepared, pid: int, task: str, content: RecordDict, state: RecordDict) -> RecordDict | NodeFailure:
+    """`Node.handle` of partition `pid` on the request's bodies, with the node's state loaded from and saved to `state`."""
+    exp = prepared.exp
     node = Node(pid, prepared.cfg, prepared.trainer, exp.node_data(pid), load_state(state), w0=exp.w0)
     try:
         reply = node.handle(task, step_of(content), unpack(content))
@@ -97,14 +99,14 @@ def _task(prepared: Prepared, task: str, content: RecordDict, state: RecordDict)
     return reply if isinstance(reply, NodeFailure) else pack(reply)
 
 
-def _evaluate(prepared: Prepared, content: RecordDict) -> RecordDict:
-    """Accuracy and loss of the weights in the request on this node's validation split."""
+def _evaluate(prepared: Prepared, pid: int, content: RecordDict) -> RecordDict:
+    """Accuracy and loss of the weights in the request on partition `pid`'s validation split."""
     exp = prepared.exp
     bodies = unpack(content)
     if len(bodies) != 1:
         raise PayloadError(f"an evaluation request carries 1 body, got {len(bodies)}")
     weights = codec.decode_dense(bodies[0], Kind.WEIGHTS, exp.spec.shapes, round=step_of(content)).tensors
-    data = exp.node_data(prepared.where.partition_id)
+    data = exp.node_data(pid)
     accuracy, loss = evaluate_weights(exp.model, exp.spec, weights, data.x[data.val], data.y[data.val])
     return RecordDict({METRICS: MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": int(data.val.numel())})})
 

@@ -45,8 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     records: list[dict] = []
 
     def on_round(record: dict) -> None:
-        record["flower"] = {"exchange_time": transport.exchange_time,
-                            "nodes": {str(pid): t for pid, t in sorted(transport.timing.items())}}
+        record["flower"] = transport.take_timing()
         records.append(record)
         run_dir.log(record)
         _log_round(record)

@@ -131,19 +131,25 @@ class FlowerTransport:
         log(WARNING, "left out of the run: SuperNode %d: %s", nid, reason)
         self.left_out.append({"node": pid, "supernode": nid, "step": 0, "phase": "connect", "reason": reason})
 
+    def take_timing(self) -> dict:
+        """The round's timing for its record (the exchanges' wall time, each node's own account), reset
+        for the next round."""
+        timing = {"exchange_time": self.exchange_time, "nodes": {str(pid): t for pid, t in sorted(self.timing.items())}}
+        self.exchange_time, self.timing = 0.0, {}
+        return timing
+
     def node_ids(self) -> list[int]:
         """The partition ids that joined the run (a disconnected one fails in `exchange`)."""
         return sorted(self.flower_ids)
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         """Send each partition its bodies as a ``train.<task>`` message; collect bodies or failures.
-        The wall time of the exchange is kept in `exchange_time`, and the nodes' own account of
-        where their time went in `timing`."""
+        The exchange's wall time and the nodes' own account of where their time went are kept for
+        the round's record (`take_timing`)."""
         started = time.perf_counter()
         replies, messages = self._messages(message_type(task), step, requests)
-        self.timing = {}
         sent = send(self.grid, messages, self.timeout)
-        self.exchange_time = time.perf_counter() - started
+        self.exchange_time += time.perf_counter() - started
         for pid, reply in sent.items():
             if isinstance(reply, NodeFailure):
                 replies[pid] = reply
