@@ -22,6 +22,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.config import flatten_dict, parse_config_args
 from flwr.supercore.task_identity import TaskIdentity
 
+from mpfl import datacache
 from mpfl.checkpoint import load_final
 from mpfl.config import SECTIONS, Config
 from mpfl.data import load_dataset
@@ -323,6 +324,13 @@ def test_misconfigured_supernodes_are_left_out_and_the_run_goes_on(in_process):
     assert one.connect(2, 1, timeout=0.1) == [0] and one.node_ids() == [1]
 
 
+def test_the_summary_names_the_flower_runner():
+    from flwr.superlink.grid import InMemoryGrid
+
+    assert server_app.runner_of(InMemoryGrid.__new__(InMemoryGrid)) == "flower-simulation"
+    assert server_app.runner_of(LoopbackGrid(run_config(), [0])) == "flower-deployment"
+
+
 def request_bytes(messages: list[Message]) -> dict[int, int]:
     """The codec bytes of `messages` by step (their group id)."""
     out: dict[int, int] = {}
@@ -423,12 +431,16 @@ def test_warm_node_process_replies_as_the_clientapp_itself_and_leaves_when_idle(
     assert not warm._alive(pid) and not paths.socket.exists() and not paths.key.exists()
 
 
-def test_cached_dataset_is_the_loaded_one(tmp_path):
-    cached, loaded = load_cached("mnist", root=tmp_path), load_dataset("mnist")
-    for split in ("x_train", "y_train", "x_test", "y_test"):
-        assert torch.equal(getattr(cached, split), getattr(loaded, split))
-    assert (cached.name, cached.num_classes) == (loaded.name, loaded.num_classes)
-    assert isinstance(load_cached("mnist", root=tmp_path).x_train.numpy().base, np.memmap)
+def test_cached_dataset_is_the_loaded_one_and_read_from_the_cache_later(tmp_path, monkeypatch):
+    first, loaded = load_cached("mnist", root=tmp_path), load_dataset("mnist")
+    (entry,) = tmp_path.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "x_test.npy", "x_train.npy", "y_test.npy",
+                                                       "y_train.npy"]
+    monkeypatch.setattr(datacache, "load_dataset", lambda *args: pytest.fail("read the dataset files again"))
+    for cached in (first, load_cached("mnist", root=tmp_path)):
+        for split in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(cached, split), getattr(loaded, split))
+        assert (cached.name, cached.num_classes) == (loaded.name, loaded.num_classes)
 
 
 def doc_text() -> str:
