@@ -29,7 +29,7 @@ from ..core.training import LocalTrainer
 from ..core.training import evaluate as evaluate_weights
 from ..datacache import load_cached
 from ..errors import PayloadError
-from ..experiment import Experiment
+from ..experiment import Experiment, set_threads
 from ..node import Node, NodeState, make_trainer
 from ..protocol import NodeFailure
 from .payload import EVALUATE, METRICS, pack, step_of, unpack
@@ -63,6 +63,7 @@ def prepare(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, Config
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     if key in _kept:
         _kept.move_to_end(key)
+        set_threads(cfg)
         return _kept[key], where
     data = cfg.data
     exp = Experiment.from_config(cfg, load_cached(data.dataset, data.data_dir).take(data.train_samples,
