@@ -117,8 +117,9 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
         up += METRIC_BYTES * len(result)
         total += int(result["num-examples"])
         correct += result["accuracy"] * result["num-examples"]
-    result = {"accuracy": correct / total if total else None, "nodes": per_node}
-    return {"federated_eval": result, "bytes_eval_down": down, "bytes_eval_up": up}, failed
+    accuracy = correct / total if total else None
+    return {"federated_eval": {"accuracy": accuracy, "nodes": per_node}, "bytes_eval_down": down,
+            "bytes_eval_up": up}, failed
 
 
 def _save_masks(path: Path, spec: ParamSpec, history: dict[int, Mask]) -> None:
