@@ -242,6 +242,21 @@ def test_apps_in_one_process_match_the_simulator(tmp_path, sim, in_process):
     assert types == ["query.partition"] * 2 + ["train.mask"] * 4 + ["train.train"] * 4 + ["evaluate"] * 2
 
 
+def test_mask_adaptation_in_training_runs_on_the_apps_as_in_the_simulator(tmp_path, in_process):
+    """Averaged mask rounds, cores and regrow votes with swaps travel through the Flower apps."""
+    extra = {"rounds": 4, "prune.mask-average-from": 1, "adapt.adapt-until": 1.0, "federated-eval": False,
+             "out-dir": str(tmp_path / "run")}
+    rc = run_config(**extra)
+    cfg, _ = from_run_config(rc)
+    grid = LoopbackGrid(rc, [0, 1])
+    serve(grid, rc)
+    sim = simulate(cfg)
+    assert any(r.get("swapped") for r in sim.records)
+    assert_same_run(tmp_path / "run", sim)
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types.count("train.adapt") == 2 and types.count("train.mask") == 2 * 2  # swaps after training round 2
+
+
 def test_malicious_nodes_and_robust_rules_run_as_in_the_simulator(tmp_path, in_process):
     extra = {"nodes": 3, "faults.malicious": 1, "faults.attack": "inverted-mask", "robust.vote-weighting": "agreement",
              "robust.aggregator": "median", "federated-eval": False, "out-dir": str(tmp_path / "run")}

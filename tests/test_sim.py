@@ -57,9 +57,8 @@ def test_consensus_masks_shrink_as_nested_subsets_at_the_scheduled_density(mpfl_
     for prev, new in zip(history, history[1:]):
         assert all(not (n & ~p).any() for p, n in zip(prev, new))
     mask_records = [r for r in records if r["phase"] == "mask"]
-    for r, new in zip(mask_records, history[1:]):
-        for m in new:
-            assert m.sum() == M.keep_count(m.size, r["target_density"])
+    for r, new in zip(mask_records, history[1:]):  # one budget over all layers (scope = global)
+        assert sum(int(m.sum()) for m in new) == M.keep_count(sum(m.size for m in new), r["target_density"])
     assert records[-1]["density"] == pytest.approx(0.2, abs=1e-3)
 
 
@@ -99,8 +98,10 @@ def test_aggregate_is_the_sample_weighted_average_of_the_replies(mpfl_run):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_only_masks_travel_in_the_mask_phase_after_the_initial_weights(mpfl_run):
-    _, exp, _, transport, _ = mpfl_run
+def test_only_masks_travel_in_the_mask_phase_after_the_initial_weights():
+    """MPFL with mask-only messages: no averaged values and no cores (the rest of the defaults)."""
+    _, server, transport, _ = build(tiny_config(mask_rounds=3, sparsity=0.8, mask_average_from=0, core_share=0))
+    server.run()
     for task, step, requests, replies in transport.log:
         if task != "mask":
             continue
@@ -121,8 +122,8 @@ def test_same_seed_same_masks_and_another_seed_other_masks():
 
 
 def test_filter_criterion_removes_whole_filters():
-    result = simulate(tiny_config(model="cnn", criterion="filter", mask_rounds=1, rounds=1, sparsity=0.5,
-                                  train_samples=600))
+    result = simulate(tiny_config(model="cnn", criterion="filter", scope="layer", mask_rounds=1, rounds=1,
+                                  sparsity=0.5, train_samples=600))
     for m in result.mask:
         rows = m.reshape(m.shape[0], -1)
         assert (rows.all(1) | ~rows.any(1)).all()
@@ -210,7 +211,7 @@ def test_a_corrupted_reply_is_rejected_and_the_round_completes():
         replies = original(task, step, requests)
         body = bytearray(replies[0][0])
         body[-1] ^= 0xFF
-        replies[0] = [bytes(body)]
+        replies[0] = [bytes(body), *replies[0][1:]]
         return replies
 
     transport.exchange = corrupt
@@ -302,3 +303,75 @@ def test_values_travel_as_int8_by_default_and_dense_fedavg_as_float32():
     assert runs["topk"].summary["bits_per_param_down"] < 8.1
     pinned = simulate(tiny_config(rounds=1, mask_rounds=1, value_dtype="float32")).summary
     assert pinned["train_bits_per_param_up"] > 3 * runs["mpfl"].summary["train_bits_per_param_up"]
+
+
+# --------------------------------------------------------------------------- mask adaptation in training
+
+
+@pytest.fixture(scope="module")
+def adapted_run():
+    """Sampled training rounds with a swap every round, so nodes miss swaps and must catch up."""
+    cfg = tiny_config(nodes=4, mask_rounds=2, rounds=6, fraction=0.5, adapt_every=1, adapt_until=1.0, sparsity=0.8)
+    exp, server, transport, records = build(cfg)
+    server.run()
+    return cfg, exp, server, transport, records
+
+
+def test_swaps_keep_the_density_and_the_weights_off_the_mask_exactly_zero(adapted_run):
+    cfg, exp, server, transport, records = adapted_run
+    train = [r for r in records if r["phase"] == "train"]
+    assert [r["swapped"] > 0 for r in train[:-1]] == [True] * (len(train) - 1)
+    masks = [server.state.history[r["step"]] for r in train[:-1]]
+    assert len({sum(int(m.sum()) for m in mask) for mask in masks}) == 1  # constant density through every swap
+    assert all(not (w[~m]).any() for w, m in zip(exp.spec.pick(server.state.weights), server.state.mask))
+    for task, step, _requests, replies in transport.log:
+        if task != "adapt":
+            continue
+        mask = server.state.history[max(v for v in server.state.history if v < step)]
+        for bodies in replies.values():
+            values = codec.decode_values(bodies[0], exp.spec.supports(mask)).tensors
+            assert all(not w[~m].any() for w, m in zip(exp.spec.pick(values), mask))
+            regrow = codec.decode_mask(bodies[1], [~m for m in mask]).tensors
+            assert all(not (g & m).any() for g, m in zip(regrow, mask))
+
+
+def test_a_node_that_missed_swaps_catches_up_to_exactly_the_current_mask(adapted_run):
+    cfg, exp, server, transport, records = adapted_run
+    grown = [(step, n) for task, step, requests, _ in transport.log for n, bodies in requests.items()
+             if any(codec.peek(b).kind == codec.Kind.MASK and codec.peek(b).grow for b in bodies)]
+    assert grown, "no node ever needed regrown positions"
+    for node in transport.nodes.values():
+        held = server.state.history[node.state.version]
+        assert all(np.array_equal(a, b) for a, b in zip(node.mask, held))
+    latest = [n for n in transport.nodes.values() if n.state.version == server.state.version]
+    assert latest and all(all(np.array_equal(a, b) for a, b in zip(n.mask, server.state.mask)) for n in latest)
+
+
+def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(mask_rounds=2, rounds=4, adapt_every=2, adapt_until=1.0)
+    reference = simulate(cfg)
+    swap_step = next(r["step"] for r in reference.records if r.get("swapped"))
+
+    def stop(record):
+        if record["step"] == swap_step:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(cfg, tmp_path / "run", on_round=stop)
+    resumed = simulate(cfg, tmp_path / "run", resume=True)
+    keys = ("step", "accuracy", "loss", "bytes_up", "bytes_down", "density", "swapped")
+    assert [{k: r.get(k) for k in keys} for r in resumed.records] == [{k: r.get(k) for k in keys} for r in reference.records]
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.weights, reference.weights))
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
+
+
+def test_averaged_mask_rounds_carry_values_and_start_the_next_round_from_their_mean():
+    cfg = tiny_config(mask_rounds=3, rounds=1, sparsity=0.8, mask_average_from=2)
+    exp, server, transport, records = build(cfg)
+    server.run()
+    mask_log = [entry for entry in transport.log if entry[0] == "mask"]
+    for _task, step, requests, replies in mask_log:
+        sent = {codec.peek(b).kind for bodies in requests.values() for b in bodies}
+        got = [[codec.peek(b).kind for b in bodies] for bodies in replies.values()]
+        assert (codec.Kind.VALUES in sent) == (step == 3)  # the shared start, after the first averaging round
+        assert all(kinds == [codec.Kind.MASK, codec.Kind.MASK] + [codec.Kind.VALUES] * (step >= 2) for kinds in got)

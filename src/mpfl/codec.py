@@ -3,7 +3,8 @@
 A body is a 32-byte header followed by a payload of per-tensor records.
 
 Header (little-endian): magic ``b"MPFL"``, format version (u8), kind (u8), encoding (u8: the
-value dtype or the mask coder), flags (u8: bit 0 = structured mask), round (u32), base
+value dtype or the mask coder), flags (u8: bit 0 = structured mask, bit 1 = a mask's grown
+positions, coded over the complement of the receiver's mask), round (u32), base
 (u32: the version of the support the body is coded over, so sender and receiver can check
 they agree on it), num_samples (u32), tensor count (u32), payload length (u32), CRC-32 of
 everything else (u32).
@@ -63,6 +64,7 @@ _F32 = struct.Struct("<f")
 _INIT = struct.Struct("<I32s")
 INIT_SOURCES = {"seed": 0, "file": 1}
 _STRUCTURED = 1
+_GROW = 2
 _RANGE_SLACK = 64
 _MODEL_BITS = 32
 _MIN_SCALE = np.float32(np.finfo(np.float32).smallest_subnormal)
@@ -95,6 +97,12 @@ class Body:
     base: int
     num_samples: int
     tensors: list[np.ndarray]
+    flags: int = 0
+
+    @property
+    def grow(self) -> bool:
+        """Whether a MASK body holds grown positions (coded over the complement of the receiver's mask)."""
+        return bool(self.flags & _GROW)
 
 
 # --------------------------------------------------------------------------- header
@@ -453,8 +461,11 @@ def encode_mask(
     coder: str = "range",
     structured: bool = False,
     num_samples: int = 0,
+    grow: bool = False,
 ) -> bytes:
-    """Encode masks as bits over the previous support ``base`` (each mask must be a subset of it)."""
+    """Encode masks as bits over the previous support ``base`` (each mask must be a subset of it).
+    With `grow` the body is marked as positions to add: ``base`` is then the complement of the
+    receiver's mask, and the receiver adds what it decodes."""
     _check_coder(coder)
     if len(masks) != len(base):
         raise PayloadError(f"{len(masks)} masks but {len(base)} base supports")
@@ -470,7 +481,7 @@ def encode_mask(
         bits = mask.reshape(-1)[prev.reshape(-1)]
         data = _code_bits(bits, coder)
         parts.append(_MASK_META.pack(bits.size, int(np.count_nonzero(bits)), len(data)) + data)
-    flags = _STRUCTURED if structured else 0
+    flags = (_STRUCTURED if structured else 0) | (_GROW if grow else 0)
     return _pack(Kind.MASK, MASK_CODERS[coder], flags, round, base_version, num_samples, len(masks), b"".join(parts))
 
 
@@ -481,9 +492,12 @@ def decode_mask(
     round: int | None = None,
     base_version: int | None = None,
     structured: bool = False,
+    grow: bool = False,
 ) -> Body:
-    """Decode masks coded over ``base``; the result is a full-shape subset of each base."""
-    header, payload = _unpack(buf, Kind.MASK, round, base_version, len(base), _STRUCTURED if structured else 0)
+    """Decode masks coded over ``base``; the result is a full-shape subset of each base. `grow`
+    must match the body's mark (see `encode_mask`)."""
+    flags = (_STRUCTURED if structured else 0) | (_GROW if grow else 0)
+    header, payload = _unpack(buf, Kind.MASK, round, base_version, len(base), flags)
     coder = _coder_name(header.encoding)
     reader = _Reader(payload)
     masks = []
@@ -500,7 +514,7 @@ def decode_mask(
             flat = np.broadcast_to(flat[:, None], _filters(prev).shape)
         masks.append(np.ascontiguousarray(flat).reshape(prev.shape))
     reader.finish()
-    return Body(header.kind, header.round, header.base, header.num_samples, masks)
+    return Body(header.kind, header.round, header.base, header.num_samples, masks, flags)
 
 
 # --------------------------------------------------------------------------- sparse updates
@@ -618,9 +632,9 @@ def peek(buf: bytes) -> Body:
     view = memoryview(buf).cast("B")
     if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC:
         raise PayloadError("not an mpfl message: too short or bad magic")
-    _, version, kind, _, _, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
+    _, version, kind, _, flags, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
     if version != VERSION:
         raise PayloadError(f"format version {version} is not supported (expected {VERSION}); upgrade mpfl on both sides")
     if kind not in Kind._value2member_map_:
         raise PayloadError(f"unknown body kind {kind}")
-    return Body(Kind(kind), round, base, num_samples, [])
+    return Body(Kind(kind), round, base, num_samples, [], flags)

@@ -1,7 +1,7 @@
 """One typed configuration for every run, settable from a TOML file and from CLI flags.
 
 A TOML file has top-level run keys and the sections ``[data]``, ``[train]``, ``[prune]``,
-``[codec]``, ``[robust]`` and ``[faults]``; every field is also a CLI flag of the same name (``--lr``,
+``[adapt]``, ``[codec]``, ``[robust]`` and ``[faults]``; every field is also a CLI flag of the same name (``--lr``,
 ``--batch-size``, ...), since field names are unique across sections.
 """
 
@@ -34,6 +34,7 @@ REWINDS = ("init", "none")
 TRAIN_INITS = ("rewind", "local")
 OPTIMIZERS = ("sgd", "adam")
 VOTE_WEIGHTINGS = ("samples", "agreement", "trimmed")
+ADAPT_DROPS = ("server", "votes")
 
 
 def field_choices() -> dict[str, tuple[str, ...]]:
@@ -42,7 +43,8 @@ def field_choices() -> dict[str, tuple[str, ...]]:
     return {"method": METHODS.names(), "partition": PARTITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
             "criterion": CRITERIA.names(), "scope": SCOPES, "consensus": RULES.names(), "rewind": REWINDS,
             "train_init": TRAIN_INITS, "mask_coder": tuple(MASK_CODERS), "value_dtype": ("auto", *VALUE_DTYPES),
-            "vote_weighting": VOTE_WEIGHTINGS, "aggregator": AGGREGATORS.names(), "attack": ATTACKS.names()}
+            "vote_weighting": VOTE_WEIGHTINGS, "adapt_drop": ADAPT_DROPS, "aggregator": AGGREGATORS.names(),
+            "attack": ATTACKS.names()}
 
 
 def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
@@ -143,7 +145,8 @@ class PruneConfig:
     mask_rounds: int = _field(5, "rounds of mask search before training", aliases=("prune_rounds", "pruning_rounds"))
     schedule: str = _field("geometric", "how the target sparsity rises over the mask rounds")
     criterion: str = _field("magnitude", "how each node picks its local mask")
-    scope: str = _field("layer", "magnitude pruning per layer, or with one threshold over all layers")
+    scope: str = _field("global", "pruning budget: one threshold over all layers (global; each keeps at least "
+                                  "--layer-floor) or the same density in every layer (layer)")
     consensus: str = _field("vote", "rule that turns the nodes' masks into the consensus mask", aliases=("rule",))
     tau: float = _field(0.5, "vote share a weight needs to be kept with --consensus threshold", aliases=("threshold",))
     percentile: float | None = _field(None, "vote percentile kept with --consensus histogram; "
@@ -158,6 +161,14 @@ class PruneConfig:
     layer_floor: float = _field(0.01, "least density any layer keeps with --scope global")
     saliency_batches: int = _field(4, "batches each node scores with --criterion saliency")
     early_stop: bool = _field(True, "end the mask search early once the consensus mask stops changing")
+    mask_epochs: int = _field(2, "local epochs of each MPFL node in a mask round (the pooled-data search of "
+                                 "centralized keeps --epochs)")
+    extrapolate: float = _field(100.0, "MPFL's local score |w0 + extrapolate * (w - w0)|: 1 ranks weights by "
+                                       "magnitude, larger values by how far the node's training moved them")
+    mask_average_from: int = _field(2, "from this mask round on, MPFL nodes also send their kept values and the "
+                                       "next round starts from their average (0: never)")
+    core_share: float = _field(0.1, "share of its own mask each MPFL node marks as its core; any node's core "
+                                     "outranks plain votes, so what few nodes' classes need survives (0: off)")
 
     def validate(self) -> None:
         _range("sparsity", self.sparsity, 0, 1, hi_open=True)
@@ -177,6 +188,31 @@ class PruneConfig:
         _range("warmup_rounds", self.warmup_rounds, 0)
         _range("layer_floor", self.layer_floor, 0, 1)
         _range("saliency_batches", self.saliency_batches, 1)
+        _range("mask_epochs", self.mask_epochs, 1)
+        _range("extrapolate", self.extrapolate, 0, lo_open=True)
+        _range("mask_average_from", self.mask_average_from, 0)
+        _range("core_share", self.core_share, 0, 1)
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """How MPFL repairs its mask during training: regrow votes from the nodes, swaps at constant density."""
+
+    adapt_every: int = _field(2, "every k-th training round, nodes also vote for pruned weights to regrow and the "
+                                 "server swaps them in (0: the mask stays fixed)")
+    adapt_fraction: float = _field(0.3, "share of each layer's kept weights swapped at the first adaptation; "
+                                        "it decays with a cosine")
+    adapt_until: float = _field(0.75, "share of the training rounds after which the mask stays fixed")
+    adapt_batches: int = _field(16, "local batches a node's regrow gradient is measured on")
+    adapt_drop: str = _field("server", "which kept weights make room: server = smallest global |w| (no message), "
+                                       "votes = the nodes' smallest local |w|")
+
+    def validate(self) -> None:
+        _range("adapt_every", self.adapt_every, 0)
+        _range("adapt_fraction", self.adapt_fraction, 0, 1)
+        _range("adapt_until", self.adapt_until, 0, 1)
+        _range("adapt_batches", self.adapt_batches, 1)
+        _choice("adapt_drop", self.adapt_drop)
 
 
 @dataclass(frozen=True)
@@ -255,6 +291,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
@@ -279,7 +316,7 @@ class Config:
         _range("workers", self.workers, 1)
         if self.faults.malicious > self.nodes:
             raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
-        for section in (self.data, self.train, self.prune, self.codec, self.robust, self.faults):
+        for section in (self.data, self.train, self.prune, self.adapt, self.codec, self.robust, self.faults):
             section.validate()
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,8 +351,8 @@ class Config:
         return Config.from_dict(data)
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "codec": CodecConfig,
-                             "robust": RobustConfig, "faults": FaultConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "adapt": AdaptConfig,
+                             "codec": CodecConfig, "robust": RobustConfig, "faults": FaultConfig}
 
 
 def _drop_none(value: Any) -> Any:

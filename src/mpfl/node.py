@@ -20,12 +20,13 @@ from .attacks import attack_of
 from .codec import Kind
 from .compact import compactable
 from .config import Config
+from .core.adapt import drop_votes, regrow_votes, swap_counts
 from .core.masks import CRITERIA, keep_count, top_k
 from .core.params import Mask, ParamSpec, Weights
 from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
 from .errors import PayloadError
 from .methods import method_of
-from .protocol import TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply
+from .protocol import TASK_ADAPT, TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply
 from .registry import Registry, registry
 from .seeds import Stream
 
@@ -72,16 +73,28 @@ def make_trainer(cfg: Config, model, spec: ParamSpec) -> LocalTrainer:
 
 
 def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weights, current: Mask,
-              density: float, gen_key: tuple[int, ...]) -> tuple[Mask, Weights | None]:
-    """One local mask round: train with `current` fixed (or score, for saliency criteria) and
-    choose a subset of `current` at `density`. Returns the mask and the trained weights."""
+              density: float, gen_key: tuple[int, ...], *, epochs: int | None = None,
+              w0: Weights | None = None) -> tuple[Mask, Weights | None]:
+    """One local mask round: train `epochs` (default `train.epochs`) with `current` fixed (or
+    score, for saliency criteria) and choose a subset of `current` at `density`. Given `w0`, the
+    criterion sees `movement_scores`. Returns the mask and the trained weights."""
     spec, p = trainer.spec, cfg.prune
     criterion = CRITERIA.get(p.criterion)
     if criterion.needs_scores:
         scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
         return criterion.choose(scores, current, density, scope=p.scope, floor=p.layer_floor), None
-    trained, _ = trainer.train(start, current, data, cfg.train.epochs, generator(*gen_key))
-    return criterion.choose(spec.pick(trained), current, density, scope=p.scope, floor=p.layer_floor), trained
+    trained, _ = trainer.train(start, current, data, epochs or cfg.train.epochs, generator(*gen_key))
+    ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), p.extrapolate)
+    return criterion.choose(ranked, current, density, scope=p.scope, floor=p.layer_floor), trained
+
+
+def movement_scores(w0: Sequence[np.ndarray], trained: Sequence[np.ndarray], extrapolate: float) -> Weights:
+    """w0 + extrapolate * (w - w0): what magnitude criteria rank when the update since w0 should
+    count `extrapolate` times. A node's update on few classes is small next to |w0|, which every
+    node shares, so plain magnitude votes agree on w0's large entries rather than on what training found."""
+    if extrapolate == 1.0:
+        return list(trained)
+    return [(w + np.float32(extrapolate) * (t - w)).astype(np.float32) for w, t in zip(w0, trained)]
 
 
 TaskHandler = Callable[["Node", int, "Weights | None"], list[bytes]]
@@ -108,6 +121,7 @@ class Node:
         self.spec = trainer.spec
         self.state = state or NodeState()
         method = method_of(cfg)
+        self.method = method
         self.steps = {s.step: s for s in method.plan()}
         self.structured = method.structured
         self.value_dtype = method.value_dtype
@@ -142,6 +156,11 @@ class Node:
         if head.kind == Kind.INIT:
             self.state.w0 = self._rebuilt_w0(codec.decode_init(body, round=step))
             return self.state.w0
+        if head.kind == Kind.MASK and head.grow:
+            grown = self._decode((Kind.MASK, body, self.state.version), lambda: codec.decode_mask(
+                body, [~m for m in self.mask], round=self.state.version, structured=self.structured, grow=True))
+            self.state.mask = [m | g for m, g in zip(self.mask, grown.tensors)]
+            return None
         if head.kind == Kind.MASK:
             version = 0 if head.base == 0 else self.state.version
             decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
@@ -198,33 +217,78 @@ class Node:
 
 
 def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
-    """Train (or score) from w0 or the node's own weights under the current mask and send a local
-    mask at the round's density, coded over the current support."""
+    """Train (or score) under the current mask from the start the server shared, else the node's
+    own weights or w0, and send a local mask at the round's density, coded over the current
+    support; then, as the method asks, the node's core (coded over its mask) and its kept values."""
     if node.state.w0 is None:
         raise PayloadError("a mask round needs the initial weights, which this node has not received")
+    p, plan_step = node.cfg.prune, node.steps[step]
     current = node.mask
-    own = node.cfg.prune.rewind == "none" and node.state.local is not None
-    start = node.spec.apply(node.state.local if own else node.state.w0, current)
-    new, trained = find_mask(node.cfg, node.trainer, node.data, start, current, node.steps[step].density, node.key(step))
-    if node.cfg.prune.rewind == "none":
+    shared = weights is not None and weights is not node.state.w0
+    own = p.rewind == "none" and node.state.local is not None
+    start = node.spec.apply(weights if shared else node.state.local if own else node.state.w0, current)
+    new, trained = find_mask(node.cfg, node.trainer, node.data, start, current, plan_step.density, node.key(step),
+                             epochs=p.mask_epochs, w0=node.state.w0)
+    if p.rewind == "none":
         node.state.local = trained if trained is not None else start
     new = node.forge_mask(new, current, start, step)
-    return [codec.encode_mask(new, current, round=step, base_version=node.state.version, coder=node.cfg.codec.mask_coder,
-                              structured=node.structured, num_samples=node.data.num_samples)]
+    coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
+    out = [codec.encode_mask(new, current, structured=node.structured, num_samples=node.data.num_samples, **coding)]
+    kept = trained if trained is not None else start
+    if node.method.sends_cores(plan_step):
+        scores = movement_scores(node.spec.pick(node.state.w0), node.spec.pick(kept), p.extrapolate)
+        out.append(codec.encode_mask(core_of(scores, new, p.core_share), new, **coding))
+    if node.method.averages(plan_step):
+        out.append(codec.encode_values(kept, node.spec.supports(new), round=step, base=node.state.version,
+                                       num_samples=node.data.num_samples, dtype=node.value_dtype))
+    return out
+
+
+def core_of(scores: Sequence[np.ndarray], mask: Sequence[np.ndarray], share: float) -> Mask:
+    """A node's core: the `share` of its own mask with the highest |score| in each layer."""
+    return [top_k(np.abs(s), m, keep_count(int(m.sum()), share, minimum=0)).reshape(m.shape) for s, m in zip(scores, mask)]
 
 
 def train_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     """Train the received weights (or the node's own) under the mask and send the kept values."""
+    return [encode_trained(node, step, local_training(node, step, weights))]
+
+
+def local_training(node: Node, step: int, weights: Weights | None) -> Weights:
+    """The weights a node reports after a training round: the received weights (or its own)
+    trained under its mask (and forged, if its attack forges values)."""
     if weights is None:
         if node.state.local is None:
             raise PayloadError("a training round without weights needs local weights, which this node does not have")
         weights = node.state.local
-    mask = node.mask
+    start = node.spec.apply(weights, node.mask)
+    trained, _ = node.trainer.train(start, node.mask, node.data, node.cfg.train.epochs, generator(*node.key(step)))
+    return node.forge_values(trained, start, step)
+
+
+def encode_trained(node: Node, step: int, trained: Weights) -> bytes:
+    """A node's kept values as a VALUES body over its mask."""
+    return codec.encode_values(trained, node.spec.supports(node.mask), round=step, base=node.state.version,
+                               num_samples=node.data.num_samples, dtype=node.value_dtype)
+
+
+def adapt_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
+    """A training round that also votes on the mask: the kept values after training, then the
+    pruned positions whose |gradient| at the received weights is largest (coded over the pruned
+    positions), and with node drop votes the kept positions with the smallest trained |w|."""
+    if weights is None:
+        raise PayloadError("an adaptation round needs the global weights")
+    mask, a = node.mask, node.cfg.adapt
+    counts = swap_counts(mask, node.method.swap_fraction(node.steps[step]))
     start = node.spec.apply(weights, mask)
-    trained, _ = node.trainer.train(start, mask, node.data, node.cfg.train.epochs, generator(*node.key(step)))
-    trained = node.forge_values(trained, start, step)
-    return [codec.encode_values(trained, node.spec.supports(mask), round=step, base=node.state.version,
-                                num_samples=node.data.num_samples, dtype=node.value_dtype)]
+    grads = node.trainer.gradients(start, node.data, a.adapt_batches, generator(*node.key(step), Stream.REGROW))
+    trained = local_training(node, step, weights)
+    coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
+    out = [encode_trained(node, step, trained),
+           codec.encode_mask(regrow_votes(grads, mask, counts), [~m for m in mask], **coding)]
+    if a.adapt_drop == "votes":
+        out.append(codec.encode_mask(drop_votes(node.spec.pick(trained), mask, counts), mask, **coding))
+    return out
 
 
 def scores_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
@@ -257,8 +321,8 @@ def topk_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     return [body]
 
 
-for _task, _handler in ((TASK_MASK, mask_task), (TASK_TRAIN, train_task), (TASK_SCORES, scores_task),
-                        (TASK_TOPK, topk_task)):
+for _task, _handler in ((TASK_MASK, mask_task), (TASK_TRAIN, train_task), (TASK_ADAPT, adapt_task),
+                        (TASK_SCORES, scores_task), (TASK_TOPK, topk_task)):
     register_task(_task, _handler)
 
 

@@ -14,8 +14,8 @@ from typing import NamedTuple, Protocol
 
 from . import codec
 
-TASK_MASK, TASK_TRAIN, TASK_SCORES, TASK_TOPK = "mask", "train", "scores", "topk"
-BUILTIN_TASKS = (TASK_MASK, TASK_TRAIN, TASK_SCORES, TASK_TOPK)
+TASK_MASK, TASK_TRAIN, TASK_ADAPT, TASK_SCORES, TASK_TOPK = "mask", "train", "adapt", "scores", "topk"
+BUILTIN_TASKS = (TASK_MASK, TASK_TRAIN, TASK_ADAPT, TASK_SCORES, TASK_TOPK)
 """The node tasks `mpfl.node` registers itself (plug-ins may register more)."""
 
 
@@ -43,12 +43,14 @@ Reply = Sequence[bytes] | NodeFailure
 
 @dataclass
 class Round:
-    """What one exchange produced: valid decoded replies, dropped nodes with the reason, bytes."""
+    """What one exchange produced: valid decoded replies, dropped nodes with the reason, bytes, and
+    what the method wants recorded about the round."""
 
     replies: dict[int, codec.Body] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    metrics: dict = field(default_factory=dict)
 
     def weights(self) -> list[float]:
         """The replies' sample counts, in reply order (FedAvg's and the vote's weights)."""

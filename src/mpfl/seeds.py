@@ -22,6 +22,7 @@ class Stream(IntEnum):
     FAULTS = 4          # injected dropouts, stragglers, corruption (simulator)
     POISON = 5          # a data attack's noise or label shuffle (node)
     FORGED_MASK = 6     # a random-mask attack's forged mask (node)
+    REGROW = 7          # the batches a node measures its regrow gradient on (node)
 
 
 POOLED = 2**31 - 1

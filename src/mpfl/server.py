@@ -93,7 +93,8 @@ class Server:
         if step.phase == "mask":
             exchanged, metrics = self._mask_round(step)
         else:
-            exchanged, metrics = self.method.train_round(self, step), {}
+            exchanged = self.method.train_round(self, step)
+            metrics = dict(exchanged.metrics)
         state = self.state
         state.bytes_up += exchanged.bytes_up
         state.bytes_down += exchanged.bytes_down
@@ -120,9 +121,8 @@ class Server:
         previous = state.mask
         exchanged, new, extra = self.method.mask_round(self, step, masks.density(previous))
         changed = masks.hamming(previous, new)
-        state.mask, state.version = new, step.step
-        state.history[step.step] = new
-        self.method.after_mask(self, new)
+        self.adopt_mask(step, new)
+        self.method.after_mask(self, step, new)
         if self.cfg.prune.early_stop and changed == 0:
             state.mask_done = True
         return exchanged, {"hamming": changed, "layer_density": [round(d, 6) for d in masks.layer_density(new)], **extra}
@@ -144,10 +144,11 @@ class Server:
                                                                            replace=False).tolist())
 
     def exchange(self, task: str, step: Step, requests: Mapping[int, Sequence[bytes]],
-                 decode: Callable[[int, Sequence[bytes]], codec.Body]) -> Round:
+                 decode: Callable[[int, Sequence[bytes]], codec.Body], *, bodies: int = 1) -> Round:
         """Send, collect and validate; invalid or missing replies are dropped with a reason, and a
-        round with fewer than `min_nodes` valid replies is a RoundError. Bytes down count only the
-        requests the transport sent."""
+        round with fewer than `min_nodes` valid replies is a RoundError. Each reply must hold
+        `bodies` bodies; `decode` returns the first decoded (its sample count weighs the node) and
+        may keep what the others carry. Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
         for node in requests:
@@ -157,12 +158,12 @@ class Server:
                 continue
             exchanged.bytes_up += sum(len(b) for b in reply)
             try:
-                if len(reply) != 1:
-                    raise PayloadError(f"expected 1 reply body, got {len(reply)}")
+                if len(reply) != bodies:
+                    raise PayloadError(f"expected {bodies} reply bod{'y' if bodies == 1 else 'ies'}, got {len(reply)}")
                 body = decode(node, reply)
                 if body.num_samples <= 0:
                     raise PayloadError("reply claims no training samples")
-                self._check_values(body)
+                self.check_values(body)
                 exchanged.replies[node] = body
             except PayloadError as exc:
                 exchanged.dropped[node] = f"rejected: {exc}"
@@ -172,7 +173,7 @@ class Server:
                              f"than min_nodes = {self.cfg.min_nodes}. {detail}")
         return exchanged
 
-    def _check_values(self, body: codec.Body) -> None:
+    def check_values(self, body: codec.Body) -> None:
         """Refuse checksum-valid values no honest node sends: beyond ±robust.value_limit."""
         if body.kind == Kind.MASK:
             return
@@ -180,17 +181,30 @@ class Server:
         if any(t.size and float(np.abs(t).max()) > limit for t in body.tensors):
             raise PayloadError(f"values beyond ±{limit:g} (robust.value_limit)")
 
-    def mask_update(self, node: int, cache: dict[int, bytes]) -> list[bytes]:
-        """The current mask coded over the version the node holds (nothing if it is up to date);
-        `cache` shares one encoding among the nodes of a round that hold the same version."""
+    def adopt_mask(self, step: Step, mask: Mask) -> None:
+        """Make `mask` the current mask, as version `step.step` (the step that produced it)."""
+        self.state.mask, self.state.version = mask, step.step
+        self.state.history[step.step] = mask
+
+    def mask_update(self, node: int, cache: dict[int, list[bytes]]) -> list[bytes]:
+        """The current mask coded over the version the node holds (nothing if it is up to date): the
+        kept part of the held mask, and, once masks have regrown positions, a second body with the
+        positions the held mask lacks, coded over what is outside the first. `cache` shares one
+        encoding among the nodes of a round that hold the same version."""
         state = self.state
         held = state.node_version.get(node, 0)
         if held == state.version:
             return []
         if held not in cache:
-            cache[held] = codec.encode_mask(state.mask, state.history[held], round=state.version, base_version=held,
-                                            coder=self.cfg.codec.mask_coder, structured=self.structured)
-        return [cache[held]]
+            base = state.history[held]
+            kept = [m & b for m, b in zip(state.mask, base)]
+            options = {"round": state.version, "base_version": held, "coder": self.cfg.codec.mask_coder,
+                       "structured": self.structured}
+            cache[held] = [codec.encode_mask(kept, base, **options)]
+            grown = [m & ~b for m, b in zip(state.mask, base)]
+            if any(g.any() for g in grown):
+                cache[held].append(codec.encode_mask(grown, [~k for k in kept], grow=True, **options))
+        return list(cache[held])
 
     def w0_body(self, node: int, step: Step, cache: dict[str, bytes]) -> list[bytes]:
         """The initial weights, once per node: from the seeded initialiser, only a reference (the seed

@@ -61,6 +61,15 @@ def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[f
     return w if w.sum() > 0 else np.asarray(weights, dtype=np.float64)
 
 
+def with_cores(votes: Sequence[np.ndarray], cores: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Class-aware votes: an entry in any node's core (the best share of its own mask) scores
+    1 + its vote, so it outranks every entry that is in no core. Under label skew an entry that
+    matters to the classes of one or two nodes gets few votes; its node's core keeps it."""
+    if not cores:
+        return [np.asarray(v, dtype=np.float64) for v in votes]
+    return [np.asarray(v, dtype=np.float64) + np.logical_or.reduce([c[i] for c in cores]) for i, v in enumerate(votes)]
+
+
 @dataclass(frozen=True)
 class VoteContext:
     """What a rule may use besides the votes: the round's target, the nodes, the tie-breaker."""

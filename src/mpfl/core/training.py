@@ -137,6 +137,16 @@ class LocalTrainer:
             self._loss(self.model(x), y).backward()
         return [(p.detach() * p.grad).abs().numpy().astype(np.float32) for p in self._prunable]
 
+    def gradients(self, weights: Sequence[np.ndarray], data: LocalData, num_batches: int, gen: torch.Generator) -> Weights:
+        """|dL/dw| of every prunable weight (pruned ones included) at `weights`, for the loss summed
+        over `num_batches` local batches: where the model would grow if it could (the regrow score)."""
+        set_weights(self.model, self.spec, weights)
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        for x, y in batches(data, self.batch_size, gen, limit=num_batches):
+            self._loss(self.model(x), y).backward()
+        return [p.grad.detach().abs().numpy().astype(np.float32) for p in self._prunable]
+
 
 def evaluate(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 128) -> tuple[float, float]:

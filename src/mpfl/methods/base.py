@@ -6,7 +6,7 @@ method's hooks at fixed points of a run:
 
     plan()                      the rounds: (phase, index, target density) per step
     mask_round(server, step)    a mask-phase round: exchange what it needs, return the new mask
-    after_mask(server, mask)    the global weights once a new mask is agreed
+    after_mask(server, step, mask)  the global weights once a new mask is agreed
     start_training(server)      the global weights the training phase starts from
     train_round(server, step)   a warm-up or training round: exchange, then set the global weights
 
@@ -84,13 +84,31 @@ class Method:
         """Whether the server holds a model worth evaluating after `step` (not during a mask search)."""
         return step.phase != "mask"
 
+    # ------------------------------------------------------------------ message shapes (both sides)
+
+    def sends_cores(self, step: Step) -> bool:
+        """Whether mask replies of `step` carry the node's core (class-aware consensus)."""
+        return False
+
+    def averages(self, step: Step) -> bool:
+        """Whether mask replies of `step` carry the node's kept values, for the server to average."""
+        return False
+
+    def shares_start(self, step: Step) -> bool:
+        """Whether mask requests of `step` carry the weights every node starts from."""
+        return False
+
+    def swap_fraction(self, step: Step) -> float:
+        """Share of each layer's kept weights swapped after training round `step` (0: no adaptation)."""
+        return 0.0
+
     # ------------------------------------------------------------------ rounds
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, Mask, dict]:
         """One mask-phase round: the exchange, the new mask (a subset of the current one) and metrics."""
         raise NotImplementedError(f"method {self.name!r} plans mask rounds but has no mask_round")
 
-    def after_mask(self, server: Server, mask: Mask) -> None:
+    def after_mask(self, server: Server, step: Step, mask: Mask) -> None:
         """The global weights once `mask` is agreed: w0 masked by it."""
         server.state.weights = server.spec.apply(server.state.w0, mask)
 
@@ -110,8 +128,8 @@ class Method:
         nodes = server.sample(step)
         values = [codec.encode_values(st.weights, supports, round=step.step, base=st.version,
                                       dtype=self.value_dtype)] if self.sends_weights(server, step, nodes) else []
-        masks: dict[int, bytes] = {}
-        requests = {n: server.mask_update(n, masks) + values for n in nodes}
+        mask_bodies: dict[int, list[bytes]] = {}
+        requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             return codec.decode_values(reply[0], supports, round=step.step, base=st.version)

@@ -71,7 +71,7 @@ class FedAvgPrune(MaskedMethod):
         st.weights = server.spec.apply(st.weights, new)
         return rnd, new, {}
 
-    def after_mask(self, server: Server, mask: masks.Mask) -> None:
+    def after_mask(self, server: Server, step: Step, mask: masks.Mask) -> None:
         """The pruned aggregate stays the global model."""
 
     def start_training(self, server: Server) -> None:

@@ -1,4 +1,17 @@
-"""MPFL: nodes train locally and vote with their masks; the server agrees a consensus mask.
+"""MPFL: nodes train locally and vote with their masks; the server agrees a consensus mask, then
+trains on it and lets the nodes repair it by vote.
+
+The mask search and its defaults are built for label-skewed data, where each node holds a few
+classes (docs/results.md, "Label skew"):
+
+* nodes rank weights by how far their training moved them (`extrapolate`), not by magnitude,
+  which every node would share through w0;
+* each node also marks its core (`core_share` of its own mask), and any node's core outranks
+  plain votes, so what the classes of one or two nodes need survives the vote;
+* from mask round `mask_average_from` on, nodes also send their kept values and every later
+  round starts from their average, so the nodes' masks are taken on a shared model;
+* in training, every `adapt_every` rounds the nodes vote for pruned weights to regrow and the
+  server swaps them for its smallest kept weights, at constant density.
 
 `local` is the consensus ablation: MPFL with a single voter.
 """
@@ -11,9 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import codec
-from ..core import masks
-from ..core.consensus import VoteContext, agreement_weights, consensus, tally, trimmed_tally
-from ..protocol import TASK_MASK, Round, Step
+from ..core import adapt, masks
+from ..core.aggregate import holder_average
+from ..core.consensus import VoteContext, agreement_weights, consensus, tally, trimmed_tally, with_cores
+from ..protocol import TASK_ADAPT, TASK_MASK, Round, Step
 from .base import MaskedMethod
 
 if TYPE_CHECKING:
@@ -21,32 +35,73 @@ if TYPE_CHECKING:
 
 
 class Mpfl(MaskedMethod):
-    """Masked pruning over FL: w0 once, local masks up and consensus masks down, then kept values."""
+    """Masked pruning over FL: local masks up and consensus masks down, then kept values."""
 
     name = "mpfl"
-    description = "vote of the nodes' local masks, pruned further each round"
+    description = "vote of the nodes' local masks, pruned further each round; repaired by vote in training"
 
     def voters(self, nodes: Sequence[int]) -> list[int]:
         """The nodes asked for a local mask in each mask round."""
         return list(nodes)
 
+    # ------------------------------------------------------------------ message shapes
+
+    def sends_cores(self, step: Step) -> bool:
+        p = self.cfg.prune
+        return (step.phase == "mask" and p.core_share > 0 and not self.structured
+                and self.cfg.robust.vote_weighting != "trimmed")
+
+    def averages(self, step: Step) -> bool:
+        start = self.cfg.prune.mask_average_from
+        return step.phase == "mask" and 0 < start <= step.index
+
+    def shares_start(self, step: Step) -> bool:
+        start = self.cfg.prune.mask_average_from
+        after_warmup = step.index == 1 and self.cfg.prune.warmup_rounds > 0
+        return step.phase == "mask" and ((0 < start < step.index) or after_warmup)
+
+    def swap_fraction(self, step: Step) -> float:
+        a = self.cfg.adapt
+        if step.phase != "train" or self.structured:
+            return 0.0
+        return adapt.swap_fraction(step.index, self.cfg.rounds, a.adapt_every, a.adapt_fraction, a.adapt_until)
+
+    # ------------------------------------------------------------------ mask search
+
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
-        """Voters train and send local masks over the current support; the server tallies the
-        (robustly weighted) votes and applies the consensus rule."""
+        """Voters train and send local masks over the current support (with their cores and kept
+        values when asked); the server tallies the (robustly weighted) votes, lets the cores
+        outrank plain votes, applies the consensus rule and averages the kept values."""
         st, p, robust = server.state, self.cfg.prune, self.cfg.robust
-        mask_bodies: dict[int, bytes] = {}
-        w0: dict[str, bytes] = {}
-        requests = {n: server.w0_body(n, step, w0) + server.mask_update(n, mask_bodies)
-                    for n in self.voters(server.node_ids())}
+        cores, averaging = self.sends_cores(step), self.averages(step)
         support = st.mask
+        start = [codec.encode_values(st.weights, server.spec.supports(support), round=step.step, base=st.version,
+                                     dtype=self.value_dtype)] if self.shares_start(step) else []
+        mask_bodies: dict[int, list[bytes]] = {}
+        w0: dict[str, bytes] = {}
+        requests = {n: server.w0_body(n, step, w0) + server.mask_update(n, mask_bodies) + start
+                    for n in self.voters(server.node_ids())}
+        extras: dict[int, dict] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
-            return codec.decode_mask(reply[0], support, round=step.step, base_version=st.version,
+            body = codec.decode_mask(reply[0], support, round=step.step, base_version=st.version,
                                      structured=self.structured)
+            rest, extra = list(reply[1:]), {}
+            if cores:
+                extra["core"] = codec.decode_mask(rest.pop(0), body.tensors, round=step.step,
+                                                  base_version=st.version).tensors
+            if averaging:
+                values = codec.decode_values(rest.pop(0), server.spec.supports(body.tensors), round=step.step,
+                                             base=st.version)
+                server.check_values(values)
+                extra["values"] = values.tensors
+            extras[node] = extra
+            return body
 
-        rnd = server.exchange(TASK_MASK, step, requests, decode)
+        rnd = server.exchange(TASK_MASK, step, requests, decode, bodies=1 + cores + averaging)
         server.acknowledge(rnd, w0=True)
-        local = [b.tensors for b in rnd.replies.values()]
+        voted = list(rnd.replies)
+        local = [rnd.replies[n].tensors for n in voted]
         ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=p.scope,
                           floor=p.layer_floor, tau=p.tau, percentile=p.percentile, structured=self.structured,
                           tiebreak=[np.abs(w) for w in server.spec.pick(st.w0)])
@@ -54,17 +109,79 @@ class Mpfl(MaskedMethod):
         if robust.vote_weighting == "agreement":
             weights = list(agreement_weights(local, weights, support))
         votes = trimmed_tally(local, robust.trim) if robust.vote_weighting == "trimmed" else tally(local, weights)
+        if cores:
+            votes = with_cores(votes, [extras[n]["core"] for n, w in zip(voted, weights) if w > 0])
         new = consensus(votes, support, p.consensus, ctx)
+        if averaging:
+            counted = [(n, w) for n, w in zip(voted, weights) if w > 0]
+            st.weights = holder_average([extras[n]["values"] for n, _ in counted],
+                                        [server.spec.supports(rnd.replies[n].tensors) for n, _ in counted],
+                                        [w for _, w in counted], server.spec.supports(new), st.weights)
         agreement = float(np.mean([masks.agreement(m, new, support) for m in local]))
         shares = np.asarray(weights) / np.sum(weights)
         return rnd, new, {"agreement": agreement,
-                          "vote_weights": {str(n): round(float(w), 6) for n, w in zip(rnd.replies, shares)}}
+                          "vote_weights": {str(n): round(float(w), 6) for n, w in zip(voted, shares)}}
+
+    def after_mask(self, server: Server, step: Step, mask: masks.Mask) -> None:
+        """After an averaging round the global weights are the nodes' average (already masked)."""
+        if not self.averages(step):
+            super().after_mask(server, step, mask)
+
+    def _averaged(self, server: Server) -> bool:
+        """Whether some mask round of this run averaged the nodes' values (the training start is then theirs)."""
+        return any(self.averages(s) and s.step in server.state.history for s in self.plan() if s.phase == "mask")
+
+    def start_training(self, server: Server) -> None:
+        """Training continues from the last average of the mask phase, if there was one; else w0 masked."""
+        if self._averaged(server):
+            server.state.weights = server.spec.apply(server.state.weights, server.state.mask)
+        else:
+            super().start_training(server)
+
+    # ------------------------------------------------------------------ training
 
     def sends_weights(self, server: Server, step: Step, nodes: Sequence[int]) -> bool:
-        """With train_init = local, the first training round sends no weights when every sampled
-        node took part in the mask phase: each starts from its own trained weights under the mask."""
+        """With train_init = local and no averaged start, the first training round sends no weights
+        when every sampled node took part in the mask phase: each starts from its own trained weights."""
         own = self.cfg.prune.train_init == "local" and step.phase == "train" and step.index == 1
-        return not (own and all(n in server.state.w0_sent for n in nodes))
+        return not (own and not self._averaged(server) and all(n in server.state.w0_sent for n in nodes))
+
+    def train_round(self, server: Server, step: Step) -> Round:
+        """Masked FedAvg; in an adaptation round the nodes also vote on pruned weights to regrow and
+        the server swaps them in at constant density (regrown weights start at 0)."""
+        fraction = self.swap_fraction(step)
+        if fraction == 0:
+            return super().train_round(server, step)
+        st = server.state
+        supports = server.spec.supports(st.mask)
+        pruned = [~m for m in st.mask]
+        nodes = server.sample(step)
+        values = [codec.encode_values(st.weights, supports, round=step.step, base=st.version, dtype=self.value_dtype)]
+        mask_bodies: dict[int, list[bytes]] = {}
+        requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
+        node_votes = self.cfg.adapt.adapt_drop == "votes"
+        regrow: dict[int, list[np.ndarray]] = {}
+        drop: dict[int, list[np.ndarray]] = {}
+
+        def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
+            body = codec.decode_values(reply[0], supports, round=step.step, base=st.version)
+            regrow[node] = codec.decode_mask(reply[1], pruned, round=step.step, base_version=st.version).tensors
+            if node_votes:
+                drop[node] = codec.decode_mask(reply[2], st.mask, round=step.step, base_version=st.version).tensors
+            return body
+
+        rnd = server.exchange(TASK_ADAPT, step, requests, decode, bodies=2 + node_votes)
+        server.acknowledge(rnd)
+        st.weights = server.aggregate(rnd)
+        voted, weights = list(rnd.replies), rnd.weights()
+        kept = server.spec.pick(st.weights)
+        drop_scores = tally([drop[n] for n in voted], weights) if node_votes else adapt.server_drop(kept, st.mask)
+        counts = adapt.swap_counts(st.mask, fraction)
+        new, grown, _ = adapt.swap(st.mask, tally([regrow[n] for n in voted], weights), drop_scores, counts, kept)
+        server.adopt_mask(step, new)
+        st.weights = server.spec.apply(st.weights, new)
+        rnd.metrics.update({"swap_fraction": round(fraction, 6), "swapped": int(sum(int(g.sum()) for g in grown))})
+        return rnd
 
 
 class Local(Mpfl):

@@ -1,0 +1,97 @@
+"""Mask adaptation during training, class-aware votes and averaging over holders: hand-worked cases and invariants."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpfl.core.adapt import drop_votes, regrow_votes, server_drop, swap, swap_counts, swap_fraction
+from mpfl.core.aggregate import holder_average
+from mpfl.core.consensus import VoteContext, consensus, tally, with_cores
+from mpfl.node import core_of, movement_scores
+
+
+def test_a_regrow_and_drop_vote_on_a_small_matrix():
+    mask = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool)
+    weights = np.array([[0.9, -0.1, 0, 0], [0.05, 0, -0.7, 0]], dtype=np.float32)
+    grads = [np.array([[9, 9, 0.5, 0.2], [9, 0.3, 9, 0.8]]), np.array([[9, 9, 0.1, 0.6], [9, 0.7, 9, 0.2]])]
+    counts = swap_counts([mask], 0.5)
+    assert counts == [2]  # half of the 4 kept entries, and there are 4 pruned ones to take them
+    votes = [regrow_votes([g], [mask], counts)[0] for g in grads]
+    assert votes[0].tolist() == [[False, False, True, False], [False, False, False, True]]  # 0.5 and 0.8
+    assert votes[1].tolist() == [[False, False, False, True], [False, True, False, False]]  # 0.6 and 0.7
+    regrow = tally([[v] for v in votes], [3, 1])[0]  # node 0 holds three times the samples of node 1
+    new, grown, dropped = swap([mask], [regrow], server_drop([weights], [mask]), counts, [weights])
+    # regrow the two positions node 0 voted for (0.75 each) over node 1's (0.25 each)
+    assert grown[0].tolist() == [[False, False, True, False], [False, False, False, True]]
+    # drop the two kept entries with the smallest global |w|: 0.05 and -0.1
+    assert dropped[0].tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert new[0].tolist() == [[True, False, True, False], [False, False, True, True]]
+    assert drop_votes([weights], [mask], [1])[0].tolist() == [[False, False, False, False], [True, False, False, False]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), fraction=st.floats(0.0, 1.0), density=st.floats(0.05, 0.95))
+def test_swaps_keep_each_layers_density_and_regrow_only_voted_pruned_positions(seed, fraction, density):
+    rng = np.random.default_rng(seed)
+    mask = [rng.random((6, 7)) < density, rng.random(11) < density]
+    weights = [np.where(m, rng.normal(size=m.shape), 0).astype(np.float32) for m in mask]
+    counts = swap_counts(mask, fraction)
+    nodes = [regrow_votes([rng.normal(size=m.shape) for m in mask], mask, counts) for _ in range(3)]
+    regrow = tally(nodes, [1, 2, 3])
+    new, grown, dropped = swap(mask, regrow, server_drop(weights, mask), counts, weights)
+    for m, n, g, d, r in zip(mask, new, grown, dropped, regrow):
+        assert n.sum() == m.sum() and g.sum() == d.sum()
+        assert not (g & m).any() and not (d & ~m).any() and (r[g] > 0).all()
+        assert np.array_equal(n, (m & ~d) | g)
+
+
+def test_the_swap_fraction_decays_with_a_cosine_and_stops():
+    assert swap_fraction(2, 20, 2, 0.3, 0.75) == pytest.approx(0.3 * 0.5 * (1 + np.cos(np.pi * 1 / 15)))
+    assert swap_fraction(3, 20, 2, 0.3, 0.75) == 0  # not a multiple of every
+    assert swap_fraction(16, 20, 2, 0.3, 0.75) == 0  # past 75 % of the rounds
+    assert swap_fraction(2, 20, 0, 0.3, 0.75) == 0  # adaptation off
+    fractions = [swap_fraction(i, 20, 2, 0.3, 0.75) for i in range(2, 15, 2)]
+    assert all(a > b > 0 for a, b in zip(fractions, fractions[1:]))
+
+
+def test_a_class_aware_tally_keeps_what_one_nodes_core_needs():
+    """Three nodes vote on six entries; entry 5 matters to node 2's classes only."""
+    support = [np.ones(6, dtype=bool)]
+    masks = [[np.array([1, 1, 1, 0, 0, 0], bool)], [np.array([1, 1, 0, 1, 0, 0], bool)],
+             [np.array([1, 0, 0, 0, 1, 1], bool)]]
+    votes = tally(masks, [1, 1, 1])
+    ctx = VoteContext(density=0.5, prev_density=1.0, num_nodes=3, scope="layer",
+                      tiebreak=[np.array([0.1, 0.2, 0.6, 0.5, 0.4, 0.3])])
+    plain = consensus(votes, support, "vote", ctx)[0]
+    assert plain.tolist() == [True, True, True, False, False, False]  # votes 3, 2, then |w0| among the ones
+    cores = [[np.array([1, 0, 0, 0, 0, 0], bool)], [np.array([1, 0, 0, 0, 0, 0], bool)],
+             [np.array([0, 0, 0, 0, 0, 1], bool)]]
+    boosted = with_cores(votes, cores)
+    np.testing.assert_allclose(boosted[0], [2, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 4 / 3])
+    assert consensus(boosted, support, "vote", ctx)[0].tolist() == [True, True, False, False, False, True]
+    assert [c.tolist() for c in core_of([np.array([3.0, -5, 1, 0, 0, 0])], [masks[0][0]], 0.34)] == \
+        [[False, True, False, False, False, False]]
+
+
+def test_averaging_over_the_nodes_that_hold_an_entry():
+    values = [[np.array([1.0, 2.0, 0.0, 0.0], np.float32), np.array([1.0], np.float32)],
+              [np.array([3.0, 0.0, 0.0, 0.0], np.float32), np.array([3.0], np.float32)]]
+    holds = [[np.array([1, 1, 0, 0], bool), np.ones(1, bool)], [np.array([1, 0, 0, 0], bool), np.ones(1, bool)]]
+    keep = [np.array([1, 1, 1, 0], bool), np.ones(1, bool)]
+    fallback = [np.array([9.0, 9.0, 7.0, 9.0], np.float32), np.zeros(1, np.float32)]
+    got = holder_average(values, holds, [1, 3], keep, fallback)
+    # entry 0: both hold it, 1/4 * 1 + 3/4 * 3; entry 1: only node 0; entry 2: nobody (previous value); entry 3: pruned
+    np.testing.assert_allclose(got[0], [2.5, 2.0, 7.0, 0.0])
+    np.testing.assert_allclose(got[1], [2.5])
+
+
+def test_movement_scores_rank_by_what_training_moved():
+    w0 = [np.array([1.0, -0.9, 0.05, 0.0], np.float32)]
+    trained = [np.array([1.0, -0.89, 0.15, -0.08], np.float32)]
+    assert np.array_equal(movement_scores(w0, trained, 1.0)[0], trained[0])
+    scored = np.abs(movement_scores(w0, trained, 100.0)[0])
+    # |w0 + 100 (w - w0)|: 10.05 and 8 for the entries that moved, 1 for the large unmoved one, and 0.1
+    # for the large one that moved 0.01 towards zero
+    np.testing.assert_allclose(scored, [1.0, 0.1, 10.05, 8.0], rtol=1e-4)
+    assert np.argsort(-scored).tolist() == [2, 3, 0, 1]
