@@ -53,6 +53,8 @@ class Mpfl(MaskedMethod):
         weights = rnd.weights()
         if robust.vote_weighting == "agreement":
             weights = list(agreement_weights(local, weights, support))
+        elif robust.vote_weighting == "trimmed":
+            weights = [1.0] * len(local)  # trimmed votes count every node alike, whatever it claims
         votes = trimmed_tally(local, robust.trim) if robust.vote_weighting == "trimmed" else tally(local, weights)
         new = consensus(votes, support, p.consensus, ctx)
         agreement = float(np.mean([masks.agreement(m, new, support) for m in local]))
