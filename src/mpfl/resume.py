@@ -28,8 +28,9 @@ from .records import CONFIG, ROUNDS_JSONL, read_rounds
 from .server import ServerState
 
 RUN_JSON = "run.json"
-RUNTIME_FIELDS = frozenset({"threads", "workers"})
-"""Fields that change how fast a run goes, never what it computes: a resumed run may change them."""
+RUNTIME_FIELDS = frozenset({"workers"})
+"""Fields that change how fast a run goes, never what it computes (worker processes give bit-identical
+results; torch threads may not): a resumed run may change them."""
 _IDENTITY_KEYS = ("run_id", "config_sha256")
 
 
