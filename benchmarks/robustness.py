@@ -46,7 +46,8 @@ def _cells(attacks: list[str], counts: list[int], claims: float) -> list[tuple[s
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--attacks", default=",".join(a for a in ATTACKS.names() if a not in ("none", "silent")))
+    p.add_argument("--attacks", default=",".join(a for a in ATTACKS.names() if a not in ("none", "silent", "large-values")),
+                   help="attacks of the first group (large-values has its own group, against every aggregator)")
     p.add_argument("--counts", default="1,2,3")
     p.add_argument("--claims", type=float, default=1000.0, help="the factor forging nodes multiply their sample count by")
     args = p.parse_args()

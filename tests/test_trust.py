@@ -205,6 +205,15 @@ def test_nan_in_a_toml_file_is_refused_naming_the_key(tmp_path):
         Config.from_toml(path)
 
 
+@pytest.mark.parametrize("key", ["round-timeout", "connect-timeout"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_the_flower_runners_timeouts_refuse_nan_and_infinity(key, value):
+    from mpfl.flower.settings import from_run_config
+
+    with pytest.raises(ConfigError, match=f"run config {key} must be a finite number > 0 of seconds"):
+        from_run_config({key: value})
+
+
 # --------------------------------------------------------------------------- resume
 
 SMALL = dict(nodes=3, mask_rounds=2, rounds=3, train_samples=900, test_samples=200, rewind="none")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 from .errors import PathError
 
 Groups = dict[str, dict[str, np.ndarray]]
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -72,7 +74,7 @@ def sync_folder(folder: Path) -> None:
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove the temporary files `atomic_write` left in `folder` when its process was killed mid-write;
     only call this while no other process can be writing there (e.g. holding the run's lock)."""
-    stale = [p for p in Path(folder).glob(".*.tmp") if p.is_file() and not p.is_symlink()]
+    stale = [p for p in Path(folder).glob(".*.tmp") if _TEMP_NAME.fullmatch(p.name) and not p.is_symlink()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
