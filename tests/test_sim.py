@@ -222,7 +222,7 @@ def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
         start = exp.spec.apply(node.state.local, mask)
         trained, _ = node.trainer.train(start, mask, node.data, 1, generator(cfg.seed, step, node.id))
         expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
-                                       num_samples=node.data.num_samples)
+                                       num_samples=node.data.num_samples, dtype=node.value_dtype)
         assert replies[node.id][0] == expected
 
 
@@ -260,3 +260,23 @@ def test_an_init_file_travels_as_weights_and_a_seeded_start_as_a_reference(tmp_p
     first = seeded.records[0]["bytes_down"], from_file.records[0]["bytes_down"]
     assert first[1] - first[0] == cfg.nodes * (dense - codec.HEADER_SIZE - 36)
     assert all(np.array_equal(a, b) for a, b in zip(seeded.weights, from_file.weights))
+
+
+@pytest.mark.parametrize("dtype, bits", [("float32", 32), ("float16", 16), ("int8", 8)])
+def test_traffic_in_bits_per_parameter_per_node_and_round(dtype, bits):
+    s = simulate(tiny_config(method="fedavg", rounds=2, value_dtype=dtype)).summary
+    node_rounds = 2 * 3
+    assert s["bits_per_param_up"] == pytest.approx(8 * s["bytes_up"] / (s["params_dense"] * node_rounds))
+    # a dense round is one value per parameter plus a header and a count (and a scale for int8) per tensor
+    assert bits < s["bits_per_param_up"] < bits * 1.01 and bits < s["bits_per_param_down"] < bits * 1.01
+    assert s["megabytes_total"] == pytest.approx((s["bytes_up"] + s["bytes_down"]) / 1e6)
+
+
+def test_values_travel_as_int8_by_default_and_dense_fedavg_as_float32():
+    runs = {m: simulate(tiny_config(method=m, rounds=1, mask_rounds=1)) for m in ("mpfl", "fedavg", "topk")}
+    assert runs["mpfl"].summary["config"]["codec"]["value_dtype"] == "auto"
+    assert 8 * 0.1 < runs["mpfl"].summary["train_bits_per_param_up"] < 8 * 0.1 * 1.05  # 10 % of the weights, int8
+    assert 32 < runs["fedavg"].summary["bits_per_param_up"] < 32.2
+    assert runs["topk"].summary["bits_per_param_down"] < 8.1
+    pinned = simulate(tiny_config(rounds=1, mask_rounds=1, value_dtype="float32")).summary
+    assert pinned["train_bits_per_param_up"] > 3 * runs["mpfl"].summary["train_bits_per_param_up"]

@@ -41,7 +41,7 @@ def field_choices() -> dict[str, tuple[str, ...]]:
     registered plug-ins count) and the fixed options of the core."""
     return {"method": METHODS.names(), "partition": PARTITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
             "criterion": CRITERIA.names(), "scope": SCOPES, "consensus": RULES.names(), "rewind": REWINDS,
-            "train_init": TRAIN_INITS, "mask_coder": tuple(MASK_CODERS), "value_dtype": tuple(VALUE_DTYPES),
+            "train_init": TRAIN_INITS, "mask_coder": tuple(MASK_CODERS), "value_dtype": ("auto", *VALUE_DTYPES),
             "vote_weighting": VOTE_WEIGHTINGS, "aggregator": AGGREGATORS.names(), "attack": ATTACKS.names()}
 
 
@@ -184,8 +184,8 @@ class CodecConfig:
     """How messages are coded on the wire."""
 
     mask_coder: str = _field("range", "how masks are coded on the wire: range (entropy coded) or packbits")
-    value_dtype: str = _field("float32", "how kept values are sent: float32, float16, or int8 with a scale",
-                              aliases=("dtype",))
+    value_dtype: str = _field("auto", "how values are sent: float32, float16, int8 with a scale per tensor, or auto "
+                              "(int8, and float32 for dense FedAvg, the reference)", aliases=("dtype",))
 
     def validate(self) -> None:
         _choice("mask_coder", self.mask_coder)

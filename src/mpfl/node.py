@@ -110,6 +110,7 @@ class Node:
         method = method_of(cfg)
         self.steps = {s.step: s for s in method.plan()}
         self.structured = method.structured
+        self.value_dtype = method.value_dtype
         self.shared: SharedDecodes | None = None
 
     # ------------------------------------------------------------------ receiving
@@ -232,7 +233,7 @@ def train_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     trained, _ = node.trainer.train(start, mask, node.data, node.cfg.train.epochs, generator(*node.key(step)))
     trained = node.forge_values(trained, start, step)
     return [codec.encode_values(trained, node.spec.supports(mask), round=step, base=node.state.version,
-                                num_samples=node.claimed_samples, dtype=node.cfg.codec.value_dtype)]
+                                num_samples=node.claimed_samples, dtype=node.value_dtype)]
 
 
 def scores_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
@@ -259,7 +260,7 @@ def topk_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         keep = top_k(np.abs(f), np.ones(f.shape, dtype=bool), keep_count(f.size, density)).reshape(f.shape)
         update[i] = np.where(keep, f, np.float32(0))
     body = codec.encode_sparse(update, round=step, num_samples=node.claimed_samples,
-                               dtype=node.cfg.codec.value_dtype, coder=node.cfg.codec.mask_coder)
+                               dtype=node.value_dtype, coder=node.cfg.codec.mask_coder)
     sent = codec.decode_sparse(body, spec.shapes).tensors
     node.state.residual = [full[i] - sent[i] for i in spec.prunable]
     return [body]

@@ -19,7 +19,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,11 +188,25 @@ def read_summary(path: str | Path) -> dict:
     return json.loads((Path(path) / SUMMARY).read_text())
 
 
+def traffic_units(records: Sequence[dict], params: int) -> dict:
+    """The field's units of traffic: megabytes both ways, and bits per model parameter per node
+    and round (a dense float32 FedAvg round is 32 each way), over the whole run and over the
+    training phase alone. Rounds count once per node that took part (replied)."""
+    out: dict = {"megabytes_total": sum(r["bytes_up"] + r["bytes_down"] for r in records) / 1e6}
+    for prefix, chosen in (("", records), ("train_", [r for r in records if r["phase"] == "train"])):
+        node_rounds = sum(len(r["nodes"]) for r in chosen)
+        for way in ("up", "down"):
+            total = sum(r[f"bytes_{way}"] for r in chosen)
+            out[f"{prefix}bits_per_param_{way}"] = 8 * total / (params * node_rounds) if node_rounds and params else None
+    return out
+
+
 def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: Mask, records: list[dict],
                wall_time: float, extra: dict) -> dict:
-    """The run's summary (with the pruned model's size and cost); written with the final weights
-    to `run_dir` when there is one."""
+    """The run's summary (with the pruned model's size and cost, and its traffic in the field's
+    units); written with the final weights to `run_dir` when there is one."""
     stats = model_stats(exp.model, exp.spec, weights, mask, exp.dataset.input_shape, method_of(exp.cfg).structured)
+    stats.update(traffic_units(records, stats["params_dense"]))
     summary = summarize(exp.cfg, records, wall_time, {"malicious_nodes": malicious_ids(exp.cfg), **extra, **stats})
     if run_dir is not None:
         save_final(run_dir.path, exp.spec, weights, mask, exp.dataset.input_shape, exp.dataset.num_classes)

@@ -51,7 +51,7 @@ COLUMNS = {  # JSON key -> markdown header
     "method": "Method", "model": "Model", "variant": "Variant", "dataset": "Dataset", "partition": "Partition",
     "sparsity": "Sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)",
     "rounds": "Rounds (mask+train)", "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg",
-    "wall_time": "Wall time (s)",
+    "bits_per_param": "Bits/param/round (up / down)", "wall_time": "Wall time (s)",
 }
 DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
     "method": "Method", "variant": "Variant", "sparsity": "Sparsity", "params_kept": "Params kept",
@@ -278,7 +278,7 @@ def _fedavg_bytes(runs: Sequence[Run]) -> dict[tuple, float]:
     """Mean total bytes of the dense FedAvg runs, by the key runs are matched on."""
     totals: dict[tuple, list[int]] = defaultdict(list)
     for r in runs:
-        if r.reference and r.flat.get("value_dtype", "float32") == "float32":
+        if r.reference and r.flat.get("value_dtype", "float32") in ("float32", "auto"):
             totals[_match_key(r)].append(r.bytes_up + r.bytes_down)
     return {k: float(np.mean(v)) for k, v in totals.items()}
 
@@ -336,6 +336,7 @@ def table(runs: Sequence[Run]) -> list[dict]:
             "warmup_rounds": warmup, "mask_rounds": mask, "train_rounds": train,
             "bytes_up": float(np.mean([x.bytes_up for x in rs])), "bytes_down": float(np.mean([x.bytes_down for x in rs])),
             "bytes_vs_fedavg": ratio, "bytes_vs_fedavg_std": ratio_std,
+            **{k: _mean_of(rs, k) for k in ("bits_per_param_up", "bits_per_param_down", "megabytes_total")},
             "wall_time": float(np.mean([x.summary["wall_time"] for x in rs])),
             "seeds": [x.flat["seed"] for x in rs], "runs": [str(x.path) for x in rs],
         })
@@ -363,6 +364,9 @@ def _cell(row: dict, key: str) -> str:
         return f"{prefix}{_num(row['mask_rounds'])}+{_num(row['train_rounds'])}"
     if key in ("bytes_up", "bytes_down"):
         return f"{row[key] / 1e6:.2f}"
+    if key == "bits_per_param":
+        up, down = row["bits_per_param_up"], row["bits_per_param_down"]
+        return "–" if up is None or down is None else f"{up:.3g} / {down:.3g}"
     if key == "wall_time":
         return f"{row[key]:.1f}"
     if key == "sparsity":

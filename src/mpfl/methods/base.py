@@ -41,11 +41,19 @@ class Method:
     """Whether the server needs every node's data (only the simulator has it)."""
     trains_in_mask_rounds: ClassVar[bool] = False
     """Whether its mask rounds train locally (what a mask round costs, for run-time estimates)."""
+    default_value_dtype: ClassVar[str] = "int8"
+    """How values travel when `codec.value_dtype` is "auto" (measured: int8 costs MPFL under 0.1 point)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
 
     # ------------------------------------------------------------------ what the method is
+
+    @property
+    def value_dtype(self) -> str:
+        """The wire dtype of every value this method's messages carry, both ways."""
+        chosen = self.cfg.codec.value_dtype
+        return self.default_value_dtype if chosen == "auto" else chosen
 
     @property
     def structured(self) -> bool:
@@ -101,7 +109,7 @@ class Method:
         supports = server.spec.supports(st.mask)
         nodes = server.sample(step)
         values = [codec.encode_values(st.weights, supports, round=step.step, base=st.version,
-                                      dtype=self.cfg.codec.value_dtype)] if self.sends_weights(server, step, nodes) else []
+                                      dtype=self.value_dtype)] if self.sends_weights(server, step, nodes) else []
         masks: dict[int, bytes] = {}
         requests = {n: server.mask_update(n, masks) + values for n in nodes}
 

@@ -26,6 +26,7 @@ class FedAvg(Method):
     description = "dense weights both ways, no mask"
     prunes = False
     reference = True
+    default_value_dtype = "float32"
 
 
 class TopK(Method):
@@ -38,7 +39,7 @@ class TopK(Method):
     def train_round(self, server: Server, step: Step) -> Round:
         st, spec = server.state, server.spec
         body = codec.encode_values(st.weights, spec.supports(spec.full_mask()), round=step.step,
-                                   dtype=self.cfg.codec.value_dtype)
+                                   dtype=self.value_dtype)
         limits = [int(np.prod(s)) for s in spec.shapes]
         for i, size in zip(spec.prunable, spec.prunable_sizes):
             limits[i] = masks.keep_count(int(size), step.density)
