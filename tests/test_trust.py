@@ -358,6 +358,16 @@ def test_resume_refuses_the_checkpoint_of_another_run(tmp_path, capsys, seed):
     assert _snapshot(ours) == before
 
 
+def test_a_lost_run_json_is_rebuilt_from_the_checkpoint(tmp_path, reference):
+    out = tmp_path / "run"
+    _interrupted(out, 2)
+    identity = json.loads((out / "run.json").read_text())
+    (out / "run.json").unlink()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text()) == identity
+    _same_as(out, reference)
+
+
 def _rewrite_meta(path: Path, change) -> None:
     """Rewrite the checkpoint with its metadata changed by `change(meta)` (what a crafted file holds)."""
     with np.load(path) as f:

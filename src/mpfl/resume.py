@@ -116,9 +116,7 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
     meta = read_meta(folder)
     run = _run_info(folder, meta)
     identity = read_identity(folder)
-    if identity is None:
-        write_identity(folder, {k: run[k] for k in _IDENTITY_KEYS})
-    elif run["run_id"] != identity["run_id"]:
+    if identity is not None and run["run_id"] != identity["run_id"]:
         raise RunDirError(f"{folder / CHECKPOINT} belongs to another run (run id {run['run_id'][:12]}, but "
                           f"{folder / RUN_JSON} names {identity['run_id'][:12]}); put this run's checkpoint back, "
                           "or start a new run with --out NEW_DIR")
@@ -126,6 +124,8 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
         raise RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
                           f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}, or "
                           "start a new run with --out NEW_DIR")
+    if identity is None:  # lost: the checkpoint, written with this very config, names the run
+        write_identity(folder, {k: run[k] for k in _IDENTITY_KEYS})
     return meta
 
 
