@@ -4,28 +4,47 @@ process, failure handling, and a real deployment (SuperLink + SuperNodes on 127.
 from __future__ import annotations
 
 import functools
+import os
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.config import flatten_dict
+from flwr.common.config import flatten_dict, parse_config_args
 from flwr.supercore.task_identity import TaskIdentity
 
+from mpfl import datacache
 from mpfl.checkpoint import load_final
 from mpfl.config import SECTIONS, Config
+from mpfl.data import load_dataset
+from mpfl.datacache import load_cached
 from mpfl.errors import ConfigError, PayloadError, RoundError
 from mpfl.experiment import Experiment
-from mpfl.flower import client_app, server_app
-from mpfl.flower.local import LocalFederation
-from mpfl.flower.payload import load_state, pack, save_state, step_of, unpack
+from mpfl.flower import client_app, server_app, warm
+from mpfl.flower.local import (
+    CONNECTION,
+    HOST,
+    LOOPBACK_NAMES,
+    LocalFederation,
+    certificate_commands,
+    register_command,
+    superlink_command,
+    supernode_command,
+    supernode_key_command,
+)
+from mpfl.flower.node_runtime import handle, load_state, save_state
+from mpfl.flower.payload import pack, step_of, unpack
 from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings
-from mpfl.flower.transport import FlowerTransport
+from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
 from mpfl.node import NodeState
 from mpfl.records import read_rounds, read_summary
 from mpfl.server import Server
@@ -67,7 +86,7 @@ def assert_same_run(out: Path, sim) -> None:
     for got, want in zip(final.weights.values(), sim.weights, strict=True):
         assert np.array_equal(got, want)
     summary = read_summary(out)
-    assert summary["runner"] == "flower"
+    assert summary["runner"] == "flower-deployment"
     assert (summary["bytes_up"], summary["bytes_down"]) == (sim.summary["bytes_up"], sim.summary["bytes_down"])
 
 
@@ -160,30 +179,41 @@ class LoopbackGrid:
         self.failing: set[int] = set()
         self.garble: set[int] = set()
         self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+        self.after_push: Callable[[list[Message]], None] = lambda messages: None
 
     def get_node_ids(self) -> list[int]:
         return [n for n in self.contexts if n not in self.down]
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Deliver each message at once and keep its reply for `pull_messages`; the message ids."""
+        messages, ids = list(messages), []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
-            node, train = msg.metadata.dst_node_id, msg.metadata.message_type.startswith("train.")
-            if train and node in self.silent:
-                continue
-            if node in self.down or (train and node in self.failing):
-                replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=msg))
-                continue
-            try:
-                reply = client_app.app(msg, self.contexts[node])
-            except Exception as exc:  # the SuperNode turns a ClientApp exception into an error reply
-                reply = Message(Error(code=2, reason=str(exc)), reply_to=msg)
-            if train and node in self.garble and reply.has_content():
-                bodies = [b[:-1] + bytes([b[-1] ^ 1]) for b in unpack(reply.content)]
-                reply = Message(pack(bodies), reply_to=msg)
-            replies.append(reply)
-        return replies
+            ids.append(msg.metadata.message_id)
+            if (reply := self._reply(msg)) is not None:
+                self.replies[msg.metadata.message_id] = reply
+        self.after_push(messages)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def _reply(self, msg: Message) -> Message | None:
+        node, train = msg.metadata.dst_node_id, msg.metadata.message_type.startswith("train.")
+        if train and node in self.silent:
+            return None
+        if node in self.down or (train and node in self.failing):
+            return Message(Error(code=5, reason="node unavailable"), reply_to=msg)
+        try:
+            reply = client_app.app(msg, self.contexts[node])
+        except Exception as exc:  # the SuperNode turns a ClientApp exception into an error reply
+            reply = Message(Error(code=2, reason=str(exc)), reply_to=msg)
+        if train and node in self.garble and reply.has_content():
+            bodies = [b[:-1] + bytes([b[-1] ^ 1]) for b in unpack(reply.content)]
+            reply = Message(pack(bodies), reply_to=msg)
+        return reply
 
 
 @pytest.fixture
@@ -278,16 +308,163 @@ def test_centralized_is_refused_before_any_node_is_contacted(tmp_path, in_proces
     assert grid.sent == [] and not (tmp_path / "run").exists()
 
 
-def test_discovery_leaves_out_misconfigured_supernodes_and_refuses_duplicates(in_process):
+def test_misconfigured_supernodes_are_left_out_and_the_run_goes_on(in_process):
     rc = run_config()
     grid = LoopbackGrid(rc, [0, 1], num_partitions=3)
     with pytest.raises(RoundError, match="only 0 of 2 partitions joined.*num-partitions = 3 but the run has nodes = 2"):
         FlowerTransport(grid, 1.0).connect(2, 1, timeout=0.1)
-    twice = LoopbackGrid(rc, [1, 1])
-    with pytest.raises(ConfigError, match="both hold partition-id 1"):
-        FlowerTransport(twice, 1.0).connect(2, 1, timeout=0.1)
+    stray = FlowerTransport(LoopbackGrid(rc, [1, 1, 0], num_partitions=2), 1.0)
+    assert stray.connect(2, 1, timeout=0.1) == [1] and stray.node_ids() == [0]
+    assert [(e["node"], e["supernode"], e["step"], e["phase"]) for e in stray.left_out] == [(1, 100, 0, "connect"),
+                                                                                          (1, 101, 0, "connect")]
+    assert stray.left_out[0]["reason"].startswith("partition-id 1 is also claimed by SuperNode 101")
+    with pytest.raises(RoundError, match="SuperNode 100: partition-id 1 is also claimed by SuperNode 101"):
+        FlowerTransport(LoopbackGrid(rc, [1, 1, 0], num_partitions=2), 1.0).connect(2, 2, timeout=0.1)
     one = FlowerTransport(LoopbackGrid(rc, [1], num_partitions=2), 1.0)
     assert one.connect(2, 1, timeout=0.1) == [0] and one.node_ids() == [1]
+
+
+def test_the_summary_names_the_flower_runner():
+    from flwr.superlink.grid import InMemoryGrid
+
+    assert server_app.runner_of(InMemoryGrid.__new__(InMemoryGrid)) == "flower-simulation"
+    assert server_app.runner_of(LoopbackGrid(run_config(), [0])) == "flower-deployment"
+
+
+def request_bytes(messages: list[Message]) -> dict[int, int]:
+    """The codec bytes of `messages` by step (their group id)."""
+    out: dict[int, int] = {}
+    for m in messages:
+        out[int(m.metadata.group_id)] = out.get(int(m.metadata.group_id), 0) + sum(map(len, unpack(m.content)))
+    return out
+
+
+def test_bytes_count_the_messages_sent_and_lost_nodes_are_summarised(tmp_path, in_process):
+    """A node gone after the first round: no request is sent to it any more, and the counted bytes
+    are those of the messages the grid carried, round by round; the summary names the lost node."""
+    rc = run_config(nodes=3, out_dir=str(tmp_path / "run"))
+    grid = LoopbackGrid(rc, [0, 1, 2])
+    pushes = []
+
+    def stop_node_1_after_round_1(messages: list[Message]) -> None:
+        pushes.append(messages)
+        if len(pushes) == 2:  # the partition queries, then round 1: node 1 is gone from round 2 on
+            grid.down = {101}
+
+    grid.after_push = stop_node_1_after_round_1
+    serve(grid, rc)
+    rounds, summary = read_rounds(tmp_path / "run"), read_summary(tmp_path / "run")
+    carried = request_bytes([m for m in grid.sent if m.metadata.message_type.startswith("train.")])
+    assert [r["bytes_down"] for r in rounds] == [carried[r["step"]] for r in rounds]
+    assert summary["bytes_down"] == sum(carried.values())
+    assert [r["nodes"] for r in rounds] == [[0, 1, 2]] + [[0, 2]] * (len(rounds) - 1)
+    assert all(r["dropped"] == {"1": "SuperNode 101 is no longer connected"} for r in rounds[1:])
+    assert summary["lost_nodes"] == [{"node": 1, "step": 2, "phase": "mask", "reason": "SuperNode 101 is no longer connected"}]
+    evaluations = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert [m.metadata.dst_node_id for m in evaluations] == [100, 102]
+    assert summary["bytes_eval_down"] == sum(request_bytes(evaluations).values()) > 0
+    assert summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
+    assert summary["runner"] == "flower-deployment"
+
+
+# --------------------------------------------------------------------------- the node side
+
+
+@pytest.fixture(scope="module", autouse=True)
+def user_cache(tmp_path_factory):
+    """A user cache of this module's own (cached datasets, warm node processes), for the apps run here
+    and the SuperNodes the deployment tests start (they inherit the environment)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("user-cache")))
+    yield
+    patch.undo()
+
+
+def first_request(rc: dict) -> RecordDict:
+    """The content of the first mask round's request to node 0: the reference to the initial weights."""
+    cfg, _ = from_run_config(rc)
+    exp = Experiment.from_config(cfg)
+    server = Server(cfg, exp.spec, exp.w0, FlowerTransport(LoopbackGrid(rc, [0]), 1.0))
+    return pack(server.w0_body(0, server.plan[0], {}), step=server.plan[0].step)
+
+
+def node_context(rc: dict, node_id: int = 7, **node_config) -> Context:
+    return Context(run_id=1, node_id=node_id, state=RecordDict(), run_config=rc,
+                   node_config={"partition-id": 0, "num-partitions": 2, **node_config})
+
+
+def same_state(a: NodeState, b: NodeState) -> bool:
+    """Whether two node states hold the same counters and the same arrays."""
+    def same(x, y):
+        return x is None and y is None or (x is not None and y is not None and len(x) == len(y)
+                                           and all(np.array_equal(u, v) for u, v in zip(x, y)))
+    return a.version == b.version and all(same(getattr(a, f), getattr(b, f)) for f in ("w0", "mask", "local", "residual"))
+
+
+def test_the_clientapp_module_stays_light_and_routes_every_builtin_task():
+    """A deployment starts a process per message: its ClientApp imports neither torch nor the node
+    code, yet handles every task `mpfl.node` registers."""
+    code = ("import sys, mpfl.flower.client_app as app; assert 'torch' not in sys.modules, 'torch imported'; "
+            "from mpfl.protocol import BUILTIN_TASKS; import mpfl.node as node; "
+            "assert set(BUILTIN_TASKS) == set(node.NODE_TASKS.names()), node.NODE_TASKS.names()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_warm_node_process_replies_as_the_clientapp_itself_and_leaves_when_idle(tmp_path, in_process):
+    rc, request = run_config(), first_request(run_config())
+    here = node_context(rc)
+    want, _ = handle(rc, here.node_config, here.state, "mask", request)
+    there = node_context(rc)
+    got, timing = warm.forward(there, "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    assert unpack(got) == unpack(want) and set(timing) == {"setup", "node"}
+    assert same_state(load_state(there.state), load_state(here.state))
+    paths = warm.paths_for(there.node_id, tmp_path)
+    pid = int(paths.pid.read_text())
+    again, timing = warm.forward(node_context(rc), "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    assert unpack(again) == unpack(want) and int(paths.pid.read_text()) == pid and timing["setup"] < 0.05
+    with pytest.raises(ConfigError, match="num-partitions = 3 but the run has nodes = 2"):
+        warm.forward(node_context(rc, **{"num-partitions": 3}), "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    deadline = time.monotonic() + 30
+    while warm._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not warm._alive(pid) and not paths.socket.exists() and not paths.key.exists()
+
+
+def test_cached_dataset_is_the_loaded_one_and_read_from_the_cache_later(tmp_path, monkeypatch):
+    first, loaded = load_cached("mnist", root=tmp_path), load_dataset("mnist")
+    (entry,) = tmp_path.iterdir()
+    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "x_test.npy", "x_train.npy", "y_test.npy",
+                                                       "y_train.npy"]
+    monkeypatch.setattr(datacache, "load_dataset", lambda *args: pytest.fail("read the dataset files again"))
+    for cached in (first, load_cached("mnist", root=tmp_path)):
+        for split in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(cached, split), getattr(loaded, split))
+        assert (cached.name, cached.num_classes) == (loaded.name, loaded.num_classes)
+
+
+def doc_text() -> str:
+    """docs/deployment.md with continued lines joined and runs of white space made one space."""
+    return " ".join((REPO / "docs" / "deployment.md").read_text().replace("\\\n", " ").split())
+
+
+def test_the_deployment_guide_shows_the_commands_the_tests_run():
+    """The guide's TLS recipe, SuperLink, SuperNode and registration commands are those LocalFederation
+    runs (rendered with the guide's host names), and its node config parses as Flower parses it."""
+    doc = doc_text()
+    remote = "coordinator.example.org:8000"
+    commands = [*certificate_commands("DNS:coordinator.example.org,IP:127.0.0.1"), supernode_key_command("supernode-0")]
+    commands += [shlex.join(args) for args in (
+        superlink_command("0.0.0.0", 8000, secure=False), superlink_command("0.0.0.0", 8000, secure=True),
+        register_command("supernode-0.pub"), supernode_command(remote, 0, 4, data_dir="/data/mpfl"),
+        supernode_command(remote, 0, 4, key="supernode-0"), superlink_command(HOST, 8000, secure=False),
+        *(supernode_command(f"{HOST}:8000", i, 2, port=9094 + i) for i in range(2)))]
+    for command in commands:
+        assert " ".join(command.split()) in doc, command
+    assert "IP:127.0.0.1" in LOOPBACK_NAMES and f'default = "{CONNECTION}"' in doc
+    node_config = supernode_command(remote, 0, 4, data_dir="/data/mpfl")[-1]
+    settings = node_settings(parse_config_args([node_config]), Config(nodes=4))
+    assert (settings.partition_id, settings.num_partitions, settings.data_dir) == (0, 4, "/data/mpfl")
 
 
 # --------------------------------------------------------------------------- deployment on loopback
@@ -351,4 +528,27 @@ def test_a_supernode_stopped_mid_run_is_left_out_and_the_run_finishes(federation
     assert missing and missing == list(range(missing[0], 3))
     for r in rounds[missing[0]:]:
         assert r["nodes"] == [0] and r["dropped"]["1"]
-    assert read_summary(out)["final_accuracy"] is not None
+    summary, first = read_summary(out), rounds[missing[0]]
+    assert summary["final_accuracy"] is not None
+    assert summary["lost_nodes"] == [{"node": 1, "step": first["step"], "phase": first["phase"],
+                                      "reason": first["dropped"]["1"]}]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
+                    reason="openssl and ssh-keygen make the certificates and keys")
+@deployment
+def test_a_deployment_with_tls_and_node_authentication_matches_the_simulator(tmp_path, sim):
+    """The TLS recipe of docs/deployment.md (a private CA, the SuperLink's certificate for localhost
+    and 127.0.0.1) and node authentication (EC keys registered with flwr supernode register); a
+    SuperNode whose key is not registered is refused and exits with code 1."""
+    out = tmp_path / "run"
+    with LocalFederation(tmp_path / "flower", nodes=2, secure=True) as fed:
+        run_id = fed.run(REPO, {**SMALL, "out-dir": str(out)})
+        run = fed.wait(run_id, 300, done=out / "summary.json")
+        assert run["status"] == "finished:completed", run["status-details"]
+        stray = fed.start_supernode(0, key="stray", register=False)
+        assert stray.wait(120) == 1
+    assert_same_run(out, sim)
+    summary = read_summary(out)
+    assert summary["lost_nodes"] == [] and summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
+    assert "Exit Code: 305" in (tmp_path / "flower" / "supernode-2.log").read_text()

@@ -1,6 +1,7 @@
 """`mpfl report` on short runs: the table's numbers against the run records, and each plot a valid PNG."""
 
 import json
+import shutil
 import struct
 
 import matplotlib.image
@@ -167,3 +168,30 @@ def test_only_unfinished_runs_is_a_one_line_error(mixed, capsys):
     assert main(["report", str(mixed / "unfinished")]) == 2
     err = capsys.readouterr().err
     assert "no finished runs to report on" in err and "mpfl run --resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):
+    """Flower runs of the simulator's configs form their own rows, named by their runner, with their
+    federated evaluation's traffic and the nodes they lost."""
+    lost = {"node": 1, "step": 3, "phase": "train", "reason": "SuperNode 42 is no longer connected"}
+    for seed in SEEDS:
+        flower = tmp_path / f"flower-{seed}"
+        shutil.copytree(runs / f"mpfl-{seed}", flower)
+        summary = read_summary(flower)
+        summary.update(runner="flower-deployment", lost_nodes=[lost] if seed else [], bytes_eval_down=1_593_792,
+                       bytes_eval_up=48, final_accuracy=summary["final_accuracy"] - 0.1)
+        (flower / "summary.json").write_text(json.dumps(summary))
+    out = tmp_path / "report"
+    paths = [str(runs / f"mpfl-{s}") for s in SEEDS] + [str(tmp_path / f"flower-{s}") for s in SEEDS]
+    assert main(["report", *paths, "--out", str(out), "--json", str(tmp_path / "rows.json")]) == 0
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"", "runner=flower-deployment"}
+    sim, flower = rows[""], rows["runner=flower-deployment"]
+    assert sim["n"] == flower["n"] == 2 and sim["bytes_eval_down"] == 0
+    want = np.mean([read_summary(runs / f"mpfl-{s}")["final_accuracy"] for s in SEEDS])
+    assert sim["final_accuracy"] == pytest.approx(want) and flower["final_accuracy"] == pytest.approx(want - 0.1)
+    assert (flower["bytes_eval_down"], flower["bytes_eval_up"]) == (1_593_792, 48)
+    text = (out / "report.md").read_text()
+    assert "| Eval down (MB) | Eval up (B) |" in text and "| 1.59 | 48 |" in text
+    assert (f"- `{tmp_path / 'flower-1'}` (flower-deployment): node 1 from step 3 (train): "
+            "SuperNode 42 is no longer connected") in text

@@ -13,6 +13,7 @@ from mpfl.experiment import Experiment
 from mpfl.methods import plan
 from mpfl.node import Node, make_trainer
 from mpfl.protocol import NodeFailure
+from mpfl.records import lost_nodes
 from mpfl.server import Server
 from mpfl.sim import InProcessTransport, simulate
 
@@ -170,6 +171,27 @@ def test_a_failed_node_is_dropped_and_recorded():
     server.run()
     assert all(r["dropped"] == {"1": "switched off"} for r in records)
     assert all(r["nodes"] == [0, 2] for r in records)
+
+
+def test_bytes_down_count_only_the_requests_the_transport_sent():
+    """A node the transport knows to be gone is sent nothing and its bodies are not counted; a node that
+    was sent its request and never answered is counted. The summary lists both as lost."""
+    cfg = tiny_config(rounds=1, mask_rounds=2)
+    _, server, transport, records = build(cfg, fail={2})
+    delivered = []
+    exchange = transport.exchange
+
+    def gone_after_round_1(task, step, requests):
+        sent = {n: b for n, b in requests.items() if n != 1 or step == 1}
+        replies = exchange(task, step, sent)
+        delivered.append(sum(len(body) for bodies in sent.values() for body in bodies))
+        return {**replies, **({1: NodeFailure("gone", sent=False)} if len(sent) < len(requests) else {})}
+
+    transport.exchange = gone_after_round_1
+    server.run()
+    assert [r["bytes_down"] for r in records] == delivered and records[0]["nodes"] == [0, 1]
+    assert lost_nodes(records) == [{"node": 2, "step": 1, "phase": "mask", "reason": "switched off"},
+                                   {"node": 1, "step": 2, "phase": "mask", "reason": "gone"}]
 
 
 def test_too_few_replies_stop_the_run_with_a_clear_message():

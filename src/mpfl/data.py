@@ -173,6 +173,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     return dataset
 
 
+def dataset_files(name: str, data_dir: str | Path | None = None) -> list[Path] | None:
+    """The files a built-in dataset is read from (found, or downloaded if missing), in a fixed order;
+    None for a registered dataset, whose loader reads what it likes."""
+    loader = DATASETS.get(name)
+    if not (isinstance(loader, partial) and loader.func is _load_builtin):
+        return None
+    key = loader.args[0]
+    folder = _locate(key, data_dir, True) / _SPECS[key].folder
+    if key in _CIFAR_TRAIN:
+        return [folder / file for file in _SPECS[key].files]
+    return [_idx_path(folder, stem) for stem in _IDX_FILES]
+
+
 def _load_builtin(key: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
     """A built-in dataset from its original files (found, or downloaded and verified)."""
     root = _locate(key, data_dir, download)

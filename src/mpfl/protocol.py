@@ -15,6 +15,8 @@ from typing import NamedTuple, Protocol
 from . import codec
 
 TASK_MASK, TASK_TRAIN, TASK_SCORES, TASK_TOPK = "mask", "train", "scores", "topk"
+BUILTIN_TASKS = (TASK_MASK, TASK_TRAIN, TASK_SCORES, TASK_TOPK)
+"""The node tasks `mpfl.node` registers itself (plug-ins may register more)."""
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,12 @@ class Step:
 
 
 class NodeFailure(NamedTuple):
-    """A node that gave no usable reply, and why."""
+    """A node that gave no usable reply, and why. `sent` is False when the request never left
+    (the node was known to be unreachable, or the transport refused the message), so that its
+    bytes are not counted as sent."""
 
     reason: str
+    sent: bool = True
 
 
 Reply = Sequence[bytes] | NodeFailure
@@ -53,6 +58,12 @@ class Round:
         return [self.counts[node] for node in self.replies]
 
 
+def bytes_sent(requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> int:
+    """The bytes of the requests that actually left: all but those the transport reports as never sent."""
+    return sum(len(body) for node, bodies in requests.items()
+               if not (isinstance(reply := replies.get(node), NodeFailure) and not reply.sent) for body in bodies)
+
+
 class Transport(Protocol):
     """Delivers one round's requests and collects the replies that arrive."""
 
@@ -61,5 +72,6 @@ class Transport(Protocol):
         ...
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-        """Send each node its bodies; return each node's reply bodies or the reason it failed."""
+        """Send each node its bodies; return each node's reply bodies or the reason it failed
+        (a `NodeFailure` with ``sent=False`` for a request that was never sent)."""
         ...

@@ -125,8 +125,24 @@ class RunDir:
         atomic_write(self.path / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
+RUNNER = "simulator"
+
+
+def lost_nodes(records: Iterable[dict]) -> list[dict]:
+    """Nodes whose last request in the run failed: the step from which they stayed out, its phase and
+    the reason (a node that replied again later was only absent for a while, and is not listed)."""
+    lost: dict[str, dict] = {}
+    for r in records:
+        for node in r["nodes"]:
+            lost.pop(str(node), None)
+        for node, reason in r["dropped"].items():
+            lost.setdefault(node, {"node": int(node), "step": r["step"], "phase": r["phase"], "reason": reason})
+    return sorted(lost.values(), key=lambda entry: (entry["step"], entry["node"]))
+
+
 def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dict | None = None) -> dict:
-    """Final figures of a run from its round records."""
+    """Final figures of a run from its round records; `extra` (the runner's own figures) overrides
+    the defaults of a simulator run (`runner`, `lost_nodes`, no federated evaluation traffic)."""
     records = list(records)
     accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
     train_times = [r["time"] for r in records if r["phase"] == "train" and r.get("time") is not None]
@@ -140,6 +156,7 @@ def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dic
         "mask_rounds": sum(r["phase"] == "mask" for r in records),
         "bytes_up": last.get("cum_bytes_up", 0), "bytes_down": last.get("cum_bytes_down", 0),
         "wall_time": wall_time, "train_round_time": sum(train_times) / len(train_times) if train_times else None,
+        "runner": RUNNER, "lost_nodes": lost_nodes(records), "bytes_eval_down": 0, "bytes_eval_up": 0,
         **(extra or {}),
         "config": cfg.to_dict(),
         "versions": {"mpfl": __version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -4,6 +4,8 @@ Simulator, study and Flower runs share one directory format (`mpfl.records`), so
 freely. Runs are reported in sections of one dataset, partition and model. Runs whose configs
 differ only in the seed (and in how they were executed: threads, workers, data directory) form
 one group, reported as mean ± sample standard deviation (ddof=1) over its n distinct seeds;
+runs of different runners (the summary's ``runner``: simulator, flower-deployment,
+flower-simulation) never share a group, and the runner shows as a variant where it differs;
 runs that repeat a seed are averaged first, so a repeat never counts as another seed. Config
 fields that differ from the most common value in the section are listed as the group's
 *variant* (an ablation such as ``consensus=threshold`` or ``nodes=50``); method options
@@ -15,7 +17,9 @@ skipped, with the reason, and the report covers the rest; a run that recorded no
 
 Bytes are summed from ``rounds.jsonl``. "Bytes vs FedAvg" divides a run's bytes (up + down)
 by those of the dense FedAvg run (float32 values) with the same dataset, partition, model,
-nodes, training rounds and seed, and averages that ratio over the group's seeds.
+nodes, training rounds and seed, and averages that ratio over the group's seeds. The traffic of a
+final federated evaluation (Flower runs) is reported apart, and the nodes a run lost
+(``lost_nodes``) are listed with the step and the reason.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from .errors import ConfigError
 from .files import atomic_write
 from .methods import METHODS
 from .partition import PARTITIONS
-from .records import CONFIG, ROUNDS_JSONL, SUMMARY, read_rounds, read_summary
+from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 # Fields shown in their own columns (or meaningless across runs), never listed as a variant.
@@ -52,7 +56,9 @@ COLUMNS = {  # JSON key -> markdown header
     "sparsity": "Sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)",
     "rounds": "Rounds (mask+train)", "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg",
     "bits_per_param": "Bits/param/round (up / down)", "wall_time": "Wall time (s)",
+    "bytes_eval_down": "Eval down (MB)", "bytes_eval_up": "Eval up (B)",
 }
+OPTIONAL = {"variant", "bytes_eval_down", "bytes_eval_up"}  # columns shown only when some row has a value
 DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
     "method": "Method", "variant": "Variant", "sparsity": "Sparsity", "params_kept": "Params kept",
     "model_bytes": "Model (kB)", "flops_per_sample": "MFLOPs / sample", "train_time_vs_dense": "Train round vs FedAvg",
@@ -69,8 +75,8 @@ def _flatten(config: dict[str, Any]) -> dict[str, Any]:
 
 @cache
 def _defaults() -> dict[str, Any]:
-    """The package's default config, flattened."""
-    return _flatten(Config().to_dict())
+    """The package's default config, flattened, and the default runner."""
+    return {**_flatten(Config().to_dict()), "runner": RUNNER}
 
 
 @dataclass
@@ -84,7 +90,7 @@ class Run:
     sections: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.flat = _flatten(self.summary["config"])
+        self.flat = {**_flatten(self.summary["config"]), "runner": self.summary.get("runner", RUNNER)}
         self.sections = {}
         for key, value in self.summary["config"].items():
             self.sections.update(dict.fromkeys(value, key) if isinstance(value, dict) else {key: ""})
@@ -338,6 +344,8 @@ def table(runs: Sequence[Run]) -> list[dict]:
             "bytes_vs_fedavg": ratio, "bytes_vs_fedavg_std": ratio_std,
             **{k: _mean_of(rs, k) for k in ("bits_per_param_up", "bits_per_param_down", "megabytes_total")},
             "wall_time": float(np.mean([x.summary["wall_time"] for x in rs])),
+            "bytes_eval_down": float(np.mean([x.summary.get("bytes_eval_down", 0) for x in rs])),
+            "bytes_eval_up": float(np.mean([x.summary.get("bytes_eval_up", 0) for x in rs])),
             "seeds": [x.flat["seed"] for x in rs], "runs": [str(x.path) for x in rs],
         })
     return rows
@@ -362,11 +370,13 @@ def _cell(row: dict, key: str) -> str:
     if key == "rounds":
         prefix = f"{_num(row['warmup_rounds'])}w+" if row["warmup_rounds"] else ""
         return f"{prefix}{_num(row['mask_rounds'])}+{_num(row['train_rounds'])}"
-    if key in ("bytes_up", "bytes_down"):
+    if key in ("bytes_up", "bytes_down", "bytes_eval_down"):
         return f"{row[key] / 1e6:.2f}"
     if key == "bits_per_param":
         up, down = row["bits_per_param_up"], row["bits_per_param_down"]
         return "–" if up is None or down is None else f"{up:.3g} / {down:.3g}"
+    if key == "bytes_eval_up":
+        return f"{row[key]:,.0f}"
     if key == "wall_time":
         return f"{row[key]:.1f}"
     if key == "sparsity":
@@ -386,8 +396,8 @@ def _cell(row: dict, key: str) -> str:
 
 
 def to_markdown(rows: Sequence[dict], columns: dict[str, str] = COLUMNS) -> str:
-    """A markdown table of `table` rows (the variant column only when some row has one)."""
-    keys = [k for k in columns if k != "variant" or any(r["variant"] for r in rows)]
+    """A markdown table of `table` rows (optional columns, such as the variant, only when some row has a value)."""
+    keys = [k for k in columns if k not in OPTIONAL or any(r[k] for r in rows)]
     lines = ["| " + " | ".join(columns[k] for k in keys) + " |",
              "|" + "|".join("---" if k in ("method", "model", "variant", "dataset", "partition") else "---:"
                             for k in keys) + "|"]
@@ -548,6 +558,19 @@ def _section_plots(groups: Sequence[Group], out: Path, section: tuple[str, str, 
             for plot, name, chosen, plot_title in plots if chosen]
 
 
+def _lost_nodes(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines listing the nodes each run lost or left out, with the step and the reason (none if no run lost any)."""
+    lines = [f"- `{r.path}` ({r.flat['runner']}): {_node_name(e)} from step {e['step']} ({e['phase']}): {e['reason']}"
+             for r in runs for e in r.summary.get("lost_nodes", [])]
+    return ["## Lost nodes", "", *lines, ""] if lines else []
+
+
+def _node_name(entry: dict) -> str:
+    """A lost node as the report names it: its partition, and its Flower SuperNode where known."""
+    node = "a SuperNode without a partition" if entry["node"] is None else f"node {entry['node']}"
+    return node + (f" (SuperNode {entry['supernode']})" if entry.get("supernode") is not None else "")
+
+
 def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None,
                  skipped: dict[Path, str] | None = None) -> list[Path]:
     """Write report.md and its PNG plots into `out` (and the table as JSON if asked); return the files
@@ -562,9 +585,10 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
     written: list[Path] = []
     md = ["# mpfl report", "",
           f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n "
-          "distinct seeds of a group. Rounds count mask-search and training rounds. Bytes vs FedAvg divides total "
-          "bytes (up + down) by those of the dense FedAvg run with the same dataset, partition, model, nodes, rounds "
-          "and seed.", ""]
+          "distinct seeds of a group; runs of different runners are never averaged together. Rounds count mask-search "
+          "and training rounds. Bytes vs FedAvg divides total bytes (up + down) by those of the dense FedAvg run with "
+          "the same dataset, partition, model, nodes, rounds and seed; a final federated evaluation's traffic is not "
+          "part of them.", ""]
     for section in dict.fromkeys(g.first.section for g in groups):
         mine = [g for g in groups if g.first.section == section]
         here = [r for r in rows if (r["dataset"], r["partition"], r["model"]) == section]
@@ -576,6 +600,7 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
         for name, png in _section_plots(mine, out, section):
             written.append(png)
             md += [f"![{name.replace('_', ' ')}, {', '.join(section)}]({png.name})", ""]
+    md += _lost_nodes(runs)
     md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
     if skipped:
         md += ["## Skipped", ""] + [f"- `{path}`: {reason}" for path, reason in skipped.items()] + [""]

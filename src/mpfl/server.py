@@ -24,7 +24,7 @@ from .core.aggregate import robust_average
 from .core.params import Mask, ParamSpec, Weights
 from .errors import PayloadError, RoundError
 from .methods import method_of
-from .protocol import NodeFailure, Round, Step, Transport
+from .protocol import NodeFailure, Round, Step, Transport, bytes_sent
 from .seeds import Stream, rng
 
 Evaluator = Callable[[Weights], tuple[float, float]]
@@ -157,9 +157,10 @@ class Server:
     def exchange(self, task: str, step: Step, requests: Mapping[int, Sequence[bytes]],
                  decode: Callable[[int, Sequence[bytes]], codec.Body]) -> Round:
         """Send, collect and validate; invalid or missing replies are dropped with a reason, and a
-        round with fewer than `min_nodes` valid replies is a RoundError."""
-        exchanged = Round(bytes_down=sum(len(b) for bodies in requests.values() for b in bodies))
+        round with fewer than `min_nodes` valid replies is a RoundError. Bytes down count only the
+        requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
+        exchanged = Round(bytes_down=bytes_sent(requests, replies))
         for node in requests:
             reply = replies.get(node, NodeFailure("no reply before the deadline"))
             if isinstance(reply, NodeFailure):

@@ -1,11 +1,17 @@
 """A Flower deployment on 127.0.0.1 for tests, benchmarks and trying the apps on one machine.
 
-`LocalFederation` starts ``flower-superlink --insecure`` and one ``flower-supernode`` per
-partition, each in its own process group and with its own ``FLWR_HOME`` (as if on its own
-machine), submits runs with ``flwr run`` and follows them with ``flwr ls``. With
-``simulation=True`` the SuperLink runs Flower's simulation engine instead of SuperNodes.
+`LocalFederation` starts a SuperLink and one SuperNode per partition, each in its own process
+group and with its own ``FLWR_HOME`` (as if on its own machine), submits runs with ``flwr run``
+and follows them with ``flwr ls``. With ``secure=True`` it first makes a private CA, the
+SuperLink's certificate and an EC key per SuperNode, and runs with TLS and node
+authentication, registering every SuperNode's public key with ``flwr supernode register``.
+With ``simulation=True`` the SuperLink runs Flower's simulation engine instead of SuperNodes.
 Everything binds to loopback, nothing is downloaded or installed, and `close` ends every
 process group.
+
+The commands it runs come from the functions below (`certificate_commands`, `superlink_command`,
+...), which also render the commands of docs/deployment.md: a test checks that the page shows
+exactly these.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -26,13 +33,17 @@ import tomli_w
 from .settings import ConfigValue
 
 HOST = "127.0.0.1"
-CONNECTION = "local"
+LOOPBACK_NAMES = "DNS:localhost,IP:127.0.0.1"
+CONNECTION = "mpfl-coordinator"
+"""The name of the `flwr` connection, its default: commands name no connection, so none is taken for an app folder."""
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                # Ray (the simulation engine) binds to 127.0.0.1 only as a single-machine cluster.
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+FAST_TASKS_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+"""A SuperNode's executor looks for new ClientApp tasks every 0.1 s instead of every 1 s."""
 FINISHED = "finished"
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+CA_CERT, SERVER_CERT, SERVER_KEY = "ca.crt", "server.pem", "server.key"
 
 
 def free_port() -> int:
@@ -42,11 +53,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def certificate_commands(names: str) -> list[str]:
+    """Shell commands that make a private CA (``ca.crt``) and the SuperLink's certificate and key
+    (``server.pem``, ``server.key``) for the subject alternative names `names`, such as
+    ``DNS:coordinator.example.org,IP:127.0.0.1``. The SuperLink's own ServerApp process connects to
+    127.0.0.1, so the names must include ``IP:127.0.0.1``."""
+    return [
+        'openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -days 365 -subj "/CN=mpfl-ca" '
+        f"-keyout ca.key -out {CA_CERT}",
+        'openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -subj "/CN=superlink" '
+        f"-keyout {SERVER_KEY} -out server.csr",
+        f'printf "subjectAltName={names}\\n" > san.ext',
+        f"openssl x509 -req -in server.csr -CA {CA_CERT} -CAkey ca.key -CAcreateserial -days 365 -extfile san.ext "
+        f"-out {SERVER_CERT}",
+    ]
+
+
+def supernode_key_command(name: str) -> str:
+    """The shell command that makes a SuperNode's EC key pair (`name`, `name`.pub) in OpenSSH format."""
+    return f'ssh-keygen -t ecdsa -b 384 -N "" -f {name}'
+
+
+def superlink_command(host: str, port: int, *, secure: bool, simulation: bool = False) -> list[str]:
+    """``flower-superlink`` listening on `host`:`port`; with `secure`, TLS with the certificate of
+    `certificate_commands` (in the working directory) and only registered SuperNodes."""
+    tls = (["--ssl-certfile", SERVER_CERT, "--ssl-keyfile", SERVER_KEY, "--ssl-ca-certfile", CA_CERT,
+            "--enable-supernode-auth"] if secure else ["--insecure"])
+    return (["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation",
+             *tls] + (["--simulation"] if simulation else []))
+
+
+def supernode_command(superlink: str, partition: int, partitions: int, *, key: str | None = None,
+                      port: int | None = None, data_dir: str | None = None) -> list[str]:
+    """``flower-supernode`` holding partition `partition` of `partitions`; with a `key` (the private key
+    of `supernode_key_command`), over TLS and authenticated, else insecure. `port` is the SuperNode's
+    own Runtime API port (9094 by default: each SuperNode on one machine needs its own)."""
+    node_config = f"partition-id={partition} num-partitions={partitions}"
+    if data_dir is not None:
+        node_config += f' data-dir="{data_dir}"'
+    tls = ["--root-certificates", CA_CERT, "--auth-supernode-private-key", key] if key else ["--insecure"]
+    return (["flower-supernode", "--superlink", superlink, *tls] + (["--port", str(port)] if port else [])
+            + ["--node-config", node_config])
+
+
+def register_command(public_key: str) -> list[str]:
+    """``flwr supernode register``: allow the SuperNode with this public key to connect (default connection)."""
+    return ["flwr", "supernode", "register", public_key]
+
+
 class LocalFederation:
     """A SuperLink and `nodes` SuperNodes (partition i of `nodes` each) on loopback, under `workdir`."""
 
-    def __init__(self, workdir: str | Path, nodes: int, *, simulation: bool = False) -> None:
-        self.workdir, self.nodes, self.simulation = Path(workdir), nodes, simulation
+    def __init__(self, workdir: str | Path, nodes: int, *, simulation: bool = False, secure: bool = False) -> None:
+        self.workdir, self.nodes, self.simulation, self.secure = Path(workdir), nodes, simulation, secure
         self.port = free_port()
         self.link: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
@@ -71,7 +130,7 @@ class LocalFederation:
     def env(self, name: str) -> dict[str, str]:
         """The environment of a Flower process: offline, no proxy for loopback, its own FLWR_HOME."""
         no_proxy = ",".join(filter(None, [os.environ.get("NO_PROXY", ""), HOST, "localhost"]))
-        return {**os.environ, **OFFLINE_ENV, "NO_PROXY": no_proxy, "no_proxy": no_proxy,
+        return {**os.environ, **OFFLINE_ENV, **FAST_TASKS_ENV, "NO_PROXY": no_proxy, "no_proxy": no_proxy,
                 "FLWR_HOME": str(self.home(name))}
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -82,30 +141,55 @@ class LocalFederation:
         finally:
             log.close()
 
+    def _shell(self, command: str) -> None:
+        """Run one shell command of the TLS recipe in the working directory."""
+        done = subprocess.run(command, shell=True, cwd=self.workdir, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr or done.stdout}")
+
     def start(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink, wait until it is healthy, then start the SuperNodes."""
+        """Make the certificates and keys (`secure`), start the SuperLink, wait until it is healthy,
+        register the SuperNodes' keys (`secure`), then start the SuperNodes."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        link = ["flower-superlink", "--insecure", "--host", HOST, "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]
-        self.link = self._spawn("superlink", link + (["--simulation"] if self.simulation else []))
+        if self.secure:
+            for command in certificate_commands(LOOPBACK_NAMES):
+                self._shell(command)
+        self.link = self._spawn("superlink", superlink_command(HOST, self.port, secure=self.secure,
+                                                               simulation=self.simulation))
         self._wait_healthy(timeout)
-        connection = {"address": f"{HOST}:{self.port}", "insecure": True}
+        tls = {"root-certificates": str((self.workdir / CA_CERT).resolve())} if self.secure else {"insecure": True}
+        connection = {"address": f"{HOST}:{self.port}", **tls}
         (self.home("cli") / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION,
                                                                                    CONNECTION: connection}}))
         if not self.simulation:
             for i in range(self.nodes):
-                self.supernodes.append(self._spawn(f"supernode-{i}", [
-                    "flower-supernode", "--insecure", "--superlink", f"{HOST}:{self.port}", "--port", str(free_port()),
-                    "--node-config", f"partition-id={i} num-partitions={self.nodes}"]))
+                self.start_supernode(i)
+
+    def start_supernode(self, partition: int, *, key: str | None = None, register: bool = True) -> subprocess.Popen:
+        """Start a SuperNode holding `partition` (with `secure`: under its own key, registered unless told
+        not to); it is ended with the federation."""
+        key = key or f"supernode-{partition}"
+        if self.secure:
+            self._shell(supernode_key_command(key))
+            if register:
+                self._command(register_command(f"{key}.pub"))
+        args = supernode_command(f"{HOST}:{self.port}", partition, self.nodes, key=key if self.secure else None,
+                                 port=free_port())
+        proc = self._spawn(f"supernode-{len(self.supernodes)}", args)
+        self.supernodes.append(proc)
+        return proc
 
     def _wait_healthy(self, timeout: float) -> None:
+        scheme = "https" if self.secure else "http"
+        context = ssl.create_default_context(cafile=str(self.workdir / CA_CERT)) if self.secure else None
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.link.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {self.link.returncode}; "
                                    f"see {self.workdir / 'superlink.log'}")
             try:
-                with DIRECT.open(f"http://{HOST}:{self.port}/health", timeout=1) as reply:
+                with opener.open(f"{scheme}://{HOST}:{self.port}/health", timeout=1) as reply:
                     if reply.status == 200:
                         return
             except (urllib.error.URLError, OSError):
@@ -113,12 +197,16 @@ class LocalFederation:
             time.sleep(0.2)
         raise TimeoutError(f"flower-superlink did not become healthy within {timeout:g} s")
 
-    def _flwr(self, *args: str, timeout: float = 120.0) -> str:
-        """Run a `flwr` command against this federation; return its standard output."""
-        done = subprocess.run(["flwr", *args], cwd=self.workdir, env=self.env("cli"), capture_output=True,
-                              text=True, timeout=timeout)
+    def _flwr(self, *args: str) -> str:
+        """Run ``flwr`` with `args` against this federation (its default connection); its standard output."""
+        return self._command(["flwr", *args])
+
+    def _command(self, command: list[str], timeout: float = 120.0) -> str:
+        """Run a `flwr` command line in the working directory; its standard output."""
+        done = subprocess.run(command, cwd=self.workdir, env=self.env("cli"), capture_output=True, text=True,
+                              timeout=timeout)
         if done.returncode != 0:
-            raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}): {done.stderr or done.stdout}")
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr or done.stdout}")
         return done.stdout
 
     def run(self, app: str | Path, run_config: Mapping[str, ConfigValue]) -> int:
@@ -127,13 +215,13 @@ class LocalFederation:
         overrides = self.workdir / f"run-config-{time.monotonic_ns()}.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)))
         federation = ["--federation-config", f"num-supernodes={self.nodes} client-resources-num-cpus=1"]
-        out = self._flwr("run", str(Path(app).resolve()), CONNECTION, "--run-config", str(overrides),
+        out = self._flwr("run", str(Path(app).resolve()), "--run-config", str(overrides),
                          *(federation if self.simulation else []), "--format", "json")
         return int(json.loads(out[out.index("{"):])["run-id"])
 
     def status(self, run_id: int) -> dict:
         """The run as ``flwr ls --format json`` describes it (``status``, ``status-details``, ...)."""
-        out = json.loads(self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json"))
+        out = json.loads(self._flwr("ls", "--run-id", str(run_id), "--format", "json"))
         return out["runs"][0]
 
     def wait(self, run_id: int, timeout: float, *, done: Path | None = None, poll: float = 10.0) -> dict:

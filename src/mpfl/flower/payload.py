@@ -1,24 +1,23 @@
-"""How mpfl's codec bodies and node state travel in Flower records.
+"""How mpfl's codec bodies travel in Flower records.
 
 A request or reply holds an ArrayRecord ``bodies`` whose arrays carry the codec's bytes
 unchanged (``stype = "bytes"``, one array per body, in order) and a ConfigRecord ``meta``
-with the step number. Nothing but the codec's bytes is counted as payload, exactly as in
-the simulator. A node's `NodeState` survives between messages in ``context.state``.
+with the step number; a reply also carries a MetricRecord ``timing``, the node's account of
+where its time went. Nothing but the codec's bytes is counted as payload, exactly as in the
+simulator. This module imports neither torch nor the node code, so that a ClientApp that only
+forwards messages stays light.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import fields
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from ..errors import PayloadError
-from ..node import NodeState
 from ..protocol import NodeFailure
 
-BODIES, META, STATE = "bodies", "meta", "mpfl.node"
+BODIES, META, TIMING = "bodies", "meta", "timing"
 STYPE = "bytes"
 STEP = "step"
 QUERY_PARTITION = "query.partition"
@@ -79,30 +78,3 @@ def partition_of(reply: Message | NodeFailure) -> int:
     if not isinstance(pid, int) or isinstance(pid, bool):
         raise PayloadError(f"partition query reply has no integer {PARTITION_ID} (got {pid!r})")
     return pid
-
-
-def save_state(state: RecordDict, node: NodeState) -> None:
-    """Store a node's state in ``context.state``: tensors as ArrayRecords, counters in a ConfigRecord."""
-    counters = ConfigRecord()
-    for f in fields(NodeState):
-        value, key = getattr(node, f.name), f"{STATE}.{f.name}"
-        if isinstance(value, int):
-            counters[f.name] = value
-        elif value is None:
-            state.pop(key, None)
-        else:
-            state[key] = ArrayRecord(numpy_ndarrays=[np.asarray(v) for v in value])
-    state[STATE] = counters
-
-
-def load_state(state: RecordDict) -> NodeState:
-    """The node state saved by `save_state` (a fresh state on the first message of a run)."""
-    node = NodeState()
-    counters = state.config_records.get(STATE)
-    for f in fields(NodeState):
-        key = f"{STATE}.{f.name}"
-        if counters is not None and f.name in counters:
-            setattr(node, f.name, counters[f.name])
-        elif key in state.array_records:
-            setattr(node, f.name, state.array_records[key].to_numpy_ndarrays())
-    return node

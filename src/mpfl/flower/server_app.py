@@ -23,10 +23,10 @@ from ..errors import RoundError
 from ..experiment import Experiment
 from ..files import write_groups
 from ..protocol import NodeFailure
-from ..records import RunDir, check_run_dir, default_run_dir, finish_run
+from ..records import RunDir, check_run_dir, default_run_dir, finish_run, lost_nodes
 from ..server import Server
 from .settings import from_run_config
-from .transport import FlowerTransport
+from .transport import METRIC_BYTES, FlowerTransport
 
 MASKS = "masks.npz"
 
@@ -45,6 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     records: list[dict] = []
 
     def on_round(record: dict) -> None:
+        record["flower"] = transport.take_timing()
         records.append(record)
         run_dir.log(record)
         _log_round(record)
@@ -60,9 +61,9 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "the run stopped: %s (rounds so far are in %s)", exc, run_dir.path.resolve())
         raise
     partitions = {str(p): n for p, n in sorted(transport.flower_ids.items())}
-    extra: dict = {"runner": "flower", "partitions": partitions, "missing_partitions": missing}
-    if opts.federated_eval:
-        extra["federated_eval"] = _evaluate_on_nodes(transport, server)
+    evaluation, failed = _evaluate_on_nodes(transport, server) if opts.federated_eval else ({}, [])
+    extra = {"runner": runner_of(grid), "partitions": partitions, "missing_partitions": missing, **evaluation,
+             "lost_nodes": _lost(transport, missing, records, failed)}
     st = server.state
     _save_masks(run_dir.path, exp.spec, st.history)
     finish_run(exp, run_dir, st.weights, st.mask, records, time.perf_counter() - started, extra)
@@ -78,19 +79,47 @@ def _log_round(record: dict) -> None:
         log(WARNING, "step %d: node %s left out: %s", record["step"], node, reason)
 
 
-def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> dict:
-    """The final weights evaluated on every node's validation split (federated evaluation)."""
+def _lost(transport: FlowerTransport, missing: list[int], records: list[dict], failed: list[dict]) -> list[dict]:
+    """Every node that did not take part to the end: SuperNodes left out at the start, partitions no
+    SuperNode joined with, nodes lost during the run, and nodes that failed the federated evaluation."""
+    lost = list(transport.left_out)
+    claimed = {entry["node"] for entry in lost}
+    lost += [{"node": pid, "step": 0, "phase": "connect", "reason": "no SuperNode with this partition-id joined"}
+             for pid in missing if pid not in claimed]
+    lost += lost_nodes(records)
+    gone = {entry["node"] for entry in lost}
+    return lost + [entry for entry in failed if entry["node"] not in gone]
+
+
+def runner_of(grid: Grid) -> str:
+    """Which Flower runner drives the ServerApp: the simulation engine (its in-memory grid) or a deployment."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return "flower-simulation" if isinstance(grid, InMemoryGrid) else "flower-deployment"
+
+
+def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict, list[dict]]:
+    """The final weights evaluated on every node's validation split (federated evaluation): the
+    summary's ``federated_eval`` with its traffic (``bytes_eval_down``: the weights, to each node
+    they were sent to; ``bytes_eval_up``: the numbers each node returned), and the nodes that gave
+    no result."""
     step = server.plan[-1].step
     body = codec.encode_dense(Kind.WEIGHTS, server.state.weights, round=step)
-    per_node, total, correct = {}, 0, 0.0
+    per_node, total, correct, down, up, failed = {}, 0, 0.0, 0, 0, []
     for pid, result in sorted(transport.evaluate(body, step).items()):
         if isinstance(result, NodeFailure):
             log(WARNING, "federated evaluation: node %d left out: %s", pid, result.reason)
+            down += len(body) if result.sent else 0
+            failed.append({"node": pid, "step": step, "phase": "evaluate", "reason": result.reason})
             continue
         per_node[str(pid)] = result
+        down += len(body)
+        up += METRIC_BYTES * len(result)
         total += int(result["num-examples"])
         correct += result["accuracy"] * result["num-examples"]
-    return {"accuracy": correct / total if total else None, "nodes": per_node}
+    accuracy = correct / total if total else None
+    return {"federated_eval": {"accuracy": accuracy, "nodes": per_node}, "bytes_eval_down": down,
+            "bytes_eval_up": up}, failed
 
 
 def _save_masks(path: Path, spec: ParamSpec, history: dict[int, Mask]) -> None:

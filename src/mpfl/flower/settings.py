@@ -32,11 +32,13 @@ class RunnerOptions:
 
 @dataclass(frozen=True)
 class NodeSettings:
-    """Which partition a SuperNode holds and where it finds its data."""
+    """Which partition a SuperNode holds, where it finds its data, and how many idle seconds its
+    warm node process waits for the next message (`mpfl.flower.warm`; 0: no warm process)."""
 
     partition_id: int
     num_partitions: int
     data_dir: str | None = None
+    keep_warm: float = 600.0
 
 
 RUNNER_FIELDS = frozenset(f.name for f in fields(RunnerOptions))
@@ -98,8 +100,11 @@ def node_settings(node_config: Mapping[str, ConfigValue], cfg: Config) -> NodeSe
         raise ConfigError(f"partition-id = {pid} is outside 0..{num - 1}")
     data_dir = node_config.get("data-dir") or None
     if data_dir is not None and not isinstance(data_dir, str):
-        raise ConfigError(f"data-dir must be a path, got {data_dir!r}")
-    return NodeSettings(pid, num, data_dir)
+        raise ConfigError(f"data-dir must be a quoted path, as in --node-config 'data-dir=\"/data/mpfl\"'; got {data_dir!r}")
+    keep_warm = node_config.get("keep-warm", NodeSettings.keep_warm)
+    if isinstance(keep_warm, bool) or not isinstance(keep_warm, (int, float)) or keep_warm < 0:
+        raise ConfigError(f"keep-warm must be a number of seconds >= 0 (0: no warm node process), got {keep_warm!r}")
+    return NodeSettings(pid, num, data_dir, float(keep_warm))
 
 
 def node_config(cfg: Config, node: NodeSettings) -> Config:

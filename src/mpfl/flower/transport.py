@@ -4,7 +4,13 @@ Flower addresses SuperNodes by node ids it assigns when they connect; mpfl addre
 by partition id. `FlowerTransport.connect` asks every connected SuperNode for its partition
 id once, then `exchange` maps between the two. A node that is no longer connected, replies
 with an error, or does not reply before the round's timeout becomes a `NodeFailure` with
-the reason, which the Server records in the round's ``dropped``.
+the reason, which the Server records in the round's ``dropped``; a request that never left
+(its node was already gone, or the SuperLink refused it) is marked as not sent, so its bytes
+are not counted.
+
+Misconfigured SuperNodes never stop a run: a SuperNode whose node config does not fit the run,
+and every SuperNode of a partition claimed twice, are left out (`left_out`), and the run starts
+with the others if at least ``min_nodes`` remain.
 """
 
 from __future__ import annotations
@@ -18,24 +24,53 @@ from flwr.app import Message, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from ..errors import ConfigError, PayloadError, RoundError
+from ..errors import PayloadError, RoundError
 from ..protocol import NodeFailure, Reply
-from .payload import EVALUATE, METRICS, QUERY_PARTITION, message_type, pack, partition_of, unpack
+from .payload import EVALUATE, METRICS, QUERY_PARTITION, TIMING, message_type, pack, partition_of, unpack
 
 K = TypeVar("K")
+POLL_S = 0.2
+"""Seconds between two pulls for replies (Flower's own `send_and_receive` waits 3 s between pulls)."""
+METRIC_BYTES = 8
+"""Bytes of one number in an evaluation reply's MetricRecord (an int64 or a float64)."""
+
+
+def _push(grid: Grid, messages: list[Message]) -> list[str | None]:
+    """Push `messages`; the message id of each, or None for one the SuperLink did not accept."""
+    ids = list(grid.push_messages(messages))
+    if len(ids) == len(messages):
+        return ids
+    accepted = set(ids)
+    return [m.metadata.message_id if m.metadata.message_id in accepted else None for m in messages]
+
+
+def _pull(grid: Grid, ids: set[str], timeout: float) -> dict[str, Message]:
+    """Replies to the messages `ids`, by the id they reply to, pulled every `POLL_S` s for at most `timeout` s."""
+    deadline, replies = time.monotonic() + timeout, {}
+    waiting = set(ids)
+    while waiting:
+        for reply in grid.pull_messages(waiting):
+            replies[reply.metadata.reply_to_message_id] = reply
+            waiting.discard(reply.metadata.reply_to_message_id)
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    return replies
 
 
 def send(grid: Grid, messages: Mapping[K, Message], timeout: float) -> dict[K, Message | NodeFailure]:
     """Send `messages` and wait up to `timeout` seconds; map each key to its reply or the failure."""
-    sent = list(messages.items())
+    keys, sent = list(messages), list(messages.values())
     if not sent:
         return {}
-    replies = grid.send_and_receive([m for _, m in sent], timeout=timeout)
-    by_id = {r.metadata.reply_to_message_id: r for r in replies}
+    ids = _push(grid, sent)
+    replies = _pull(grid, {i for i in ids if i is not None}, timeout)
     out: dict[K, Message | NodeFailure] = {}
-    for key, msg in sent:
-        reply = by_id.get(msg.metadata.message_id)
-        if reply is None:
+    for key, message_id in zip(keys, ids):
+        reply = replies.get(message_id) if message_id is not None else None
+        if message_id is None:
+            out[key] = NodeFailure("the SuperLink did not accept the message", sent=False)
+        elif reply is None:
             out[key] = NodeFailure(f"no reply within {timeout:g} s")
         elif reply.has_error():
             out[key] = NodeFailure(f"error reply (Flower code {reply.error.code}): {reply.error.reason}")
@@ -45,53 +80,77 @@ def send(grid: Grid, messages: Mapping[K, Message], timeout: float) -> dict[K, M
 
 
 class FlowerTransport:
-    """Delivers the Server's bodies to SuperNodes with `grid.send_and_receive`."""
+    """Delivers the Server's bodies to SuperNodes by pushing Messages and pulling their replies."""
 
     def __init__(self, grid: Grid, round_timeout: float) -> None:
         self.grid, self.timeout = grid, round_timeout
         self.flower_ids: dict[int, int] = {}
+        self.left_out: list[dict] = []
+        self.timing: dict[int, dict[str, float]] = {}
+        self.exchange_time = 0.0
 
     def connect(self, nodes: int, min_nodes: int, timeout: float) -> list[int]:
         """Wait (at most `timeout` s) for `nodes` SuperNodes and learn their partition ids; return the
-        partitions that did not join. Raise RoundError if fewer than `min_nodes` joined."""
+        partitions that did not join. SuperNodes that do not fit the run are left out (`left_out`);
+        RoundError if fewer than `min_nodes` partitions joined."""
         deadline = time.monotonic() + timeout
         while len(ids := sorted(self.grid.get_node_ids())) < nodes and time.monotonic() < deadline:
             time.sleep(1.0)
         log(INFO, "%d SuperNode(s) connected; asking for their partition ids", len(ids))
         queries = {nid: Message(RecordDict(), dst_node_id=nid, message_type=QUERY_PARTITION, ttl=self.timeout)
                    for nid in ids}
-        refused: list[str] = []
+        claims: dict[int, list[int]] = {}
         for nid, reply in send(self.grid, queries, self.timeout).items():
             try:
                 pid = partition_of(reply)
                 if not 0 <= pid < nodes:
                     raise PayloadError(f"partition-id {pid} is outside 0..{nodes - 1}")
             except PayloadError as exc:
-                refused.append(f"SuperNode {nid}: {exc}")
+                self._leave_out(None, nid, str(exc))
                 continue
-            if pid in self.flower_ids:
-                raise ConfigError(f"SuperNodes {self.flower_ids[pid]} and {nid} both hold partition-id {pid}; "
-                                  "give every SuperNode its own partition-id")
-            self.flower_ids[pid] = nid
-        for reason in refused:
-            log(WARNING, "left out of the run: %s", reason)
+            claims.setdefault(pid, []).append(nid)
+        for pid, nids in sorted(claims.items()):
+            if len(nids) == 1:
+                self.flower_ids[pid] = nids[0]
+                continue
+            for nid in nids:
+                others = ", ".join(str(n) for n in nids if n != nid)
+                self._leave_out(pid, nid, f"partition-id {pid} is also claimed by SuperNode {others}; "
+                                          "give every SuperNode its own partition-id")
         missing = [p for p in range(nodes) if p not in self.flower_ids]
         if len(self.flower_ids) < min_nodes:
-            detail = "; ".join(refused) or f"{len(ids)} SuperNode(s) connected"
+            detail = "; ".join(f"SuperNode {e['supernode']}: {e['reason']}" for e in self.left_out)
             raise RoundError(f"only {len(self.flower_ids)} of {nodes} partitions joined within {timeout:g} s, "
-                             f"fewer than min_nodes = {min_nodes} ({detail})")
+                             f"fewer than min_nodes = {min_nodes} ({detail or f'{len(ids)} SuperNode(s) connected'})")
         if missing:
             log(WARNING, "running without partition(s) %s", missing)
         return missing
+
+    def _leave_out(self, pid: int | None, nid: int, reason: str) -> None:
+        """Record and log a SuperNode that does not take part in the run."""
+        log(WARNING, "left out of the run: SuperNode %d: %s", nid, reason)
+        self.left_out.append({"node": pid, "supernode": nid, "step": 0, "phase": "connect", "reason": reason})
+
+    def take_timing(self) -> dict:
+        """The round's timing for its record (the exchanges' wall time, each node's own account), reset
+        for the next round."""
+        timing = {"exchange_time": self.exchange_time, "nodes": {str(pid): t for pid, t in sorted(self.timing.items())}}
+        self.exchange_time, self.timing = 0.0, {}
+        return timing
 
     def node_ids(self) -> list[int]:
         """The partition ids that joined the run (a disconnected one fails in `exchange`)."""
         return sorted(self.flower_ids)
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-        """Send each partition its bodies as a ``train.<task>`` message; collect bodies or failures."""
+        """Send each partition its bodies as a ``train.<task>`` message; collect bodies or failures.
+        The exchange's wall time and the nodes' own account of where their time went are kept for
+        the round's record (`take_timing`)."""
+        started = time.perf_counter()
         replies, messages = self._messages(message_type(task), step, requests)
-        for pid, reply in send(self.grid, messages, self.timeout).items():
+        sent = send(self.grid, messages, self.timeout)
+        self.exchange_time += time.perf_counter() - started
+        for pid, reply in sent.items():
             if isinstance(reply, NodeFailure):
                 replies[pid] = reply
                 continue
@@ -99,6 +158,8 @@ class FlowerTransport:
                 replies[pid] = unpack(reply.content)
             except PayloadError as exc:
                 replies[pid] = NodeFailure(f"malformed reply: {exc}")
+            if (timing := reply.content.metric_records.get(TIMING)) is not None:
+                self.timing[pid] = dict(timing)
         return replies
 
     def evaluate(self, body: bytes, step: int) -> dict[int, dict[str, float] | NodeFailure]:
@@ -116,7 +177,7 @@ class FlowerTransport:
 
     def _messages(self, mtype: str, step: int, requests: Mapping[int, Sequence[bytes]]
                   ) -> tuple[dict[int, NodeFailure], dict[int, Message]]:
-        """One message per connected partition; a failure for each partition no longer connected."""
+        """One message per connected partition; a failure, never sent, for each partition no longer connected."""
         connected = set(self.grid.get_node_ids())
         failures: dict[int, NodeFailure] = {}
         messages: dict[int, Message] = {}
@@ -126,5 +187,5 @@ class FlowerTransport:
                 messages[pid] = Message(pack(bodies, step), dst_node_id=nid, message_type=mtype,
                                         group_id=str(step), ttl=self.timeout)
             else:
-                failures[pid] = NodeFailure(f"SuperNode {nid} is no longer connected")
+                failures[pid] = NodeFailure(f"SuperNode {nid} is no longer connected", sent=False)
         return failures, messages
