@@ -353,9 +353,11 @@ def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
     attacked = simulate(tiny_config(**base, malicious=2, attack="inverted-mask"))
     robust = simulate(tiny_config(**base, malicious=2, attack="inverted-mask", vote_weighting="agreement"))
     assert jaccard(robust.mask, clean.mask) > jaccard(attacked.mask, clean.mask)
-    assert jaccard(robust.mask, clean.mask) > 0.8
     honest_only = simulate(tiny_config(**base, malicious=2, attack="silent"))
+    # the robust rules recover exactly what the four honest nodes alone agree on (which, with two voters
+    # fewer, differs from the clean six-node mask by what those two honest votes would have changed)
     assert all(np.array_equal(a, b) for a, b in zip(robust.mask, honest_only.mask))
+    assert jaccard(robust.mask, clean.mask) == jaccard(honest_only.mask, clean.mask) > 0.6
     weights = robust.records[0]["vote_weights"]
     bad = {str(n) for n in malicious_ids(tiny_config(**base, malicious=2, attack="inverted-mask"))}
     assert max(weights[n] for n in bad) < min(w for n, w in weights.items() if n not in bad) / 5

@@ -51,6 +51,11 @@ def register_attack(name: str, attack: Attack) -> None:
     ATTACKS.register(name, attack)
 
 
+def attacks_of_kind(kind: str) -> list[str]:
+    """The registered attacks of one kind ("data", "mask", "values", ...), in registration order."""
+    return [name for name in ATTACKS.names() if ATTACKS.get(name).kind == kind]
+
+
 def malicious_ids(cfg) -> list[int]:
     """Which nodes are malicious: a seeded choice of `faults.malicious` of them."""
     rng = np.random.default_rng([cfg.seed, 3])
@@ -114,6 +119,13 @@ def _scaled(factor: Callable[[Node], float]) -> Callable[[Node, Weights, Weights
     return forge
 
 
+def _within_limit(node: Node, trained: Weights, start: Weights, step: int) -> Weights:
+    """Every reported value at half of `robust.value_limit`, with the sign of the node's own update:
+    a forgery that passes the server's value check."""
+    big = np.float32(node.cfg.robust.value_limit / 2)
+    return [np.where(t >= s, big, -big).astype(np.float32) for t, s in zip(trained, start)]
+
+
 ATTACKS.register("none", Attack("none"))
 ATTACKS.register("noise", Attack("data", poison=_noise))
 ATTACKS.register("shuffle", Attack("data", poison=_shuffle))
@@ -122,4 +134,5 @@ ATTACKS.register("inverted-mask", Attack("mask", forge_mask=_inverted_mask))
 ATTACKS.register("important-mask", Attack("mask", forge_mask=_important_mask))
 ATTACKS.register("scale", Attack("values", forge_values=_scaled(lambda node: node.cfg.faults.attack_scale)))
 ATTACKS.register("sign-flip", Attack("values", forge_values=_scaled(lambda node: -1.0)))
+ATTACKS.register("large-values", Attack("values", forge_values=_within_limit))
 ATTACKS.register("silent", Attack("silent"))

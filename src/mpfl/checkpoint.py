@@ -10,23 +10,28 @@ to a temporary name and renamed, so a kill leaves either the old or the new file
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .core.params import ParamSpec
-from .errors import ConfigError, ExportError
+from .errors import ConfigError, ExportError, RunDirError
 from .files import in_order, numbered, read_groups, write_groups
 from .node import NodeState
 from .server import ServerState
 
 CHECKPOINT, FINAL = "checkpoint.npz", "final.npz"
+DAMAGE = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile)
+"""What reading a damaged (truncated, overwritten, hand-edited) `.npz` file or its JSON can raise."""
 
 
-def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeState]) -> None:
-    """Write the server's and the nodes' state atomically to `run_dir/checkpoint.npz`."""
+def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeState], run: dict | None = None) -> None:
+    """Write the server's and the nodes' state atomically to `run_dir/checkpoint.npz`; `run` (the run's
+    identity and its last record, see `mpfl.resume`) is stored beside them."""
     groups = {"weights": numbered(server.weights), "w0": numbered(server.w0)}
     groups.update({f"history/{version}": numbered(mask) for version, mask in server.history.items()})
     node_meta = {}
@@ -40,38 +45,114 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
         "version": server.version, "history": sorted(server.history), "next_step": server.next_step,
         "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,
         "node_version": {str(k): v for k, v in server.node_version.items()}, "w0_sent": sorted(server.w0_sent),
-        "nodes": node_meta,
+        "counts": {str(k): v for k, v in server.counts.items()}, "nodes": node_meta, "run": run,
     }
     groups[""] = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     write_groups(run_dir / CHECKPOINT, groups)
 
 
-def load_checkpoint(run_dir: Path, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:
-    """Read a checkpoint written by `save_checkpoint` for a model described by `spec`."""
+def damaged(path: Path, cause: object) -> RunDirError:
+    """The one-line error for a damaged run file: which file, and what is wrong with it."""
+    text = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+    return RunDirError(f"{path} is damaged ({text}); it cannot be resumed from: restore the file or start the run "
+                       f"again with mpfl run --config {path.parent / 'config.toml'} --out NEW_DIR")
+
+
+def read_meta(run_dir: Path) -> dict:
+    """The checkpoint's metadata alone (cheap: the arrays are not read)."""
+    path = run_dir / CHECKPOINT
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(f["meta"].tobytes())
+    except DAMAGE as exc:
+        raise damaged(path, exc) from None
+    if not isinstance(meta, dict):
+        raise damaged(path, "its metadata is not a JSON object")
+    return meta
+
+
+def _int(value: Any, lo: int, hi: float = float("inf")) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def check_meta(meta: dict, steps: int, nodes: int) -> None:
+    """Refuse metadata no run of `steps` rounds on `nodes` nodes writes: every value in its range, every
+    mask version one the history holds (a crafted next_step = 0 would otherwise drop the records)."""
+    history = meta.get("history")
+    problems = []
+    if not _int(meta.get("next_step"), 1, steps + 1):
+        problems.append(f"next_step = {meta.get('next_step')!r} is not a step from 1 to {steps + 1}")
+    if not (isinstance(history, list) and history and all(_int(v, 0, steps) for v in history) and 0 in history):
+        problems.append(f"the mask history {history!r} is not a list of steps from 0 to {steps} holding 0")
+        history = [0]
+    versions = set(history)
+    if meta.get("version") not in versions:
+        problems.append(f"mask version {meta.get('version')!r} is not in the history")
+    if not isinstance(meta.get("mask_done"), bool):
+        problems.append(f"mask_done = {meta.get('mask_done')!r} is not true or false")
+    for key in ("bytes_up", "bytes_down"):
+        if not _int(meta.get(key), 0):
+            problems.append(f"{key} = {meta.get(key)!r} is not a non-negative integer")
+    node_ids = {str(n) for n in range(nodes)}
+    maps = {key: meta.get(key) for key in ("node_version", "counts", "nodes")}
+    for key, value in maps.items():
+        if not isinstance(value, dict) or not set(value) <= node_ids:
+            problems.append(f"{key} does not map node ids 0 to {nodes - 1}")
+    if not all(v in versions for v in (maps["node_version"] or {}).values()):
+        problems.append("node_version names a mask version the history does not hold")
+    if not all(_int(v, 1, 2**32 - 1) for v in (maps["counts"] or {}).values()):
+        problems.append("counts holds a sample count that is not a positive 32-bit integer")
+    if not (isinstance(meta.get("w0_sent"), list) and all(_int(n, 0, nodes - 1) for n in meta["w0_sent"])):
+        problems.append("w0_sent is not a list of node ids")
+    for n, m in (maps["nodes"] or {}).items():
+        flags = ("has_mask", "has_w0", "local", "residual")
+        if not isinstance(m, dict) or m.get("version") not in versions or not all(isinstance(m.get(f), bool) for f in flags):
+            problems.append(f"the state of node {n} is malformed")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _arrays(groups: dict, name: str, count: int, shapes: Sequence[tuple[int, ...]], dtype: Any) -> list[np.ndarray]:
+    """The numbered arrays of one group, checked against the shapes and dtype the model needs."""
+    arrays = in_order(groups[name], count)
+    if [a.shape for a in arrays] != [tuple(s) for s in shapes] or any(a.dtype != dtype for a in arrays):
+        raise ValueError(f"the arrays of {name!r} do not have the shapes or type of the run's model")
+    return arrays
+
+
+def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int) -> tuple[ServerState, dict[int, NodeState]]:
+    """Read a checkpoint written by `save_checkpoint` for a run of `steps` rounds on `nodes` nodes with the
+    model `spec` describes; a file that does not hold such a state is reported as damaged (RunDirError)."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
         raise ConfigError(f"{str(run_dir)!r} has no {CHECKPOINT}; it cannot be resumed (was it written by mpfl run?)")
     try:
         groups = read_groups(path)
         meta = json.loads(groups[""]["meta"].tobytes())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"{str(path)!r} is not a readable checkpoint: {exc}") from None
+        check_meta(meta, steps, nodes)
+        return _states(groups, meta, spec)
+    except DAMAGE as exc:
+        raise damaged(path, exc) from None
+
+
+def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:
+    """The server and node states held by a checkpoint's arrays and checked metadata."""
     n_all, n_prunable = len(spec.names), len(spec.prunable)
-    history = {v: [a.astype(bool) for a in in_order(groups[f"history/{v}"], n_prunable)] for v in meta["history"]}
-    weights, w0 = in_order(groups["weights"], n_all), in_order(groups["w0"], n_all)
-    if [w.shape for w in weights] != [tuple(s) for s in spec.shapes]:
-        raise ConfigError(f"{str(path)!r} does not match the run's model; was config.toml changed?")
+    shapes, prunable_shapes = spec.shapes, spec.prunable_shapes
+    history = {v: _arrays(groups, f"history/{v}", n_prunable, prunable_shapes, np.dtype(bool)) for v in meta["history"]}
+    float32 = np.dtype(np.float32)
+    weights, w0 = _arrays(groups, "weights", n_all, shapes, float32), _arrays(groups, "w0", n_all, shapes, float32)
     server = ServerState(weights=weights, w0=w0, mask=history[meta["version"]], version=meta["version"], history=history,
                          node_version={int(k): v for k, v in meta["node_version"].items()}, w0_sent=set(meta["w0_sent"]),
                          next_step=meta["next_step"], mask_done=meta["mask_done"], bytes_up=meta["bytes_up"],
-                         bytes_down=meta["bytes_down"])
+                         bytes_down=meta["bytes_down"], counts={int(k): v for k, v in meta["counts"].items()})
     nodes = {}
     for key, m in meta["nodes"].items():
         n = int(key)
         nodes[n] = NodeState(
             w0=w0 if m["has_w0"] else None, mask=history[m["version"]] if m["has_mask"] else None, version=m["version"],
-            local=in_order(groups[f"node/{n}/local"], n_all) if m["local"] else None,
-            residual=in_order(groups[f"node/{n}/residual"], n_prunable) if m["residual"] else None,
+            local=_arrays(groups, f"node/{n}/local", n_all, shapes, float32) if m["local"] else None,
+            residual=_arrays(groups, f"node/{n}/residual", n_prunable, prunable_shapes, float32) if m["residual"] else None,
         )
     return server, nodes
 
@@ -104,6 +185,9 @@ def load_final(run_dir: str | Path) -> Final:
     if not path.is_file():
         raise ExportError(f"{path} does not exist: the run did not finish, or was made by a version of mpfl that "
                           "did not save final weights; rerun it")
-    groups = read_groups(path)
-    return Final(groups.get("w", {}), {k: v.astype(bool) for k, v in groups.get("m", {}).items()},
-                 tuple(int(d) for d in groups[""]["input_shape"]), int(groups[""]["num_classes"]))
+    try:
+        groups = read_groups(path)
+        return Final(groups.get("w", {}), {k: v.astype(bool) for k, v in groups.get("m", {}).items()},
+                     tuple(int(d) for d in groups[""]["input_shape"]), int(groups[""]["num_classes"]))
+    except DAMAGE as exc:
+        raise ExportError(f"{path} is damaged ({type(exc).__name__}: {exc}); rerun the run to write it again") from None

@@ -22,7 +22,6 @@ from rich.markup import escape
 from . import __version__
 from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types
 from .errors import ConfigError, MpflError
-from .export import add_export_parser
 from .progress import LOG_FORMATS
 from .records import CONFIG, default_run_dir
 
@@ -98,9 +97,12 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     """The saved config and directory of the run `--resume` names."""
     if args.config or args.out or _given(args):
         raise ConfigError("--resume continues a run with its own saved config; give no other config flags or --out")
+    from .records import check_run_dir
+
     out = Path(args.resume)
     if not (out / CONFIG).is_file():
         raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
+    check_run_dir(out, resume=True)
     return Config.from_toml(out / CONFIG), out
 
 
@@ -217,6 +219,25 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """`mpfl export`: write the compact model and print its savings."""
+    from .export import EXPORT_JSON, export_run
+
+    info = export_run(args.run_dir, args.out, formats=args.format, layout=args.layout, batch=args.latency_batch,
+                      repeats=args.repeats, threads=args.threads, force=args.force)
+    d, p = info["dense"], info["pruned"]
+    print(f"{'':<12}{'dense':>14}{'pruned':>14}{'ratio':>8}")
+    for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
+                            ("latency_ms", "latency ms", ".3f")):
+        print(f"{label:<12}{d[key]:>14{fmt}}{p[key]:>14{fmt}}{p[key] / d[key]:>8.3f}")
+    if info["max_abs_diff"] > 1e-4:
+        print(f"note: the exported model differs from the masked model by up to {info['max_abs_diff']:.3g} in its outputs: "
+              "the biases of dropped filters were not zero, and the compact model drops them")
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    print(f"wrote {', '.join(info['files'].values())} and {EXPORT_JSON} to {out}")
+    return 0
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -244,6 +265,24 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return run
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the `export` subcommand."""
+    from .export import FORMATS
+
+    p = sub.add_parser("export", help="write a run's final model in compact form, with its size, FLOPs and latency")
+    p.add_argument("run_dir", type=Path, help="a finished run directory")
+    p.add_argument("--format", nargs="+", choices=FORMATS, default=None,
+                   help="files to write (default: state_dict torchscript for filter masks, sparse otherwise; "
+                        "state_dict or sparse is always among them)")
+    p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/export)")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier export in the output directory")
+    p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
+    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mpfl", description="Masked Pruning over Federated Learning.")
     parser.add_argument("--version", action="version", version=f"mpfl {__version__}")
@@ -252,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     part = sub.add_parser("partition", help="show how the data is split over the nodes")
     _add_config_flags(part, PARTITION_FIELDS)
     part.set_defaults(func=cmd_partition)
-    add_export_parser(sub)
+    _add_export_parser(sub)
     report = sub.add_parser("report", help="compare run directories: a markdown table and PNG plots")
     report.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     report.add_argument("--out", help="where to write report.md and the plots (default: the one RUN_DIR, else report/)")

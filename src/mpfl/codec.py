@@ -127,6 +127,13 @@ class _Header:
     num_samples: int
 
 
+def _bytes_view(buf: object) -> memoryview:
+    """The body as unsigned bytes; anything but bytes (a str, a number, None, a list) is a PayloadError."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"a body must be bytes, got {type(buf).__name__}")
+    return memoryview(buf).cast("B")
+
+
 def _unpack(
     buf: bytes, kind: Kind, round: int | None, base: int | None, count: int, flags: int = 0
 ) -> tuple[_Header, memoryview]:
@@ -135,7 +142,7 @@ def _unpack(
     Framing and the checksum are checked before the header's meaning, so a corrupted body is
     reported as corrupted rather than as, say, a message for another round.
     """
-    view = memoryview(buf).cast("B")
+    view = _bytes_view(buf)
     if len(view) < HEADER_SIZE:
         raise PayloadError(f"body of {len(view)} bytes is shorter than the {HEADER_SIZE}-byte header")
     fields = _HEADER.unpack_from(view)
@@ -629,7 +636,7 @@ def decode_init(buf: bytes, *, round: int | None = None) -> InitRef:
 
 def peek(buf: bytes) -> Body:
     """A body's header fields (kind, round, base, num_samples) without decoding its payload, for dispatch."""
-    view = memoryview(buf).cast("B")
+    view = _bytes_view(buf)
     if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC:
         raise PayloadError("not an mpfl message: too short or bad magic")
     _, version, kind, _, flags, round, base, num_samples, _, _ = _HEADER.unpack_from(view)

@@ -238,6 +238,7 @@ class RobustConfig:
                              aliases=("aggregation",))
     byzantine: int = _field(1, "number of malicious nodes --aggregator krum allows for")
     value_limit: float = _field(1e4, "replies holding a value beyond +-this are rejected")
+    count_limit: float = _field(2.5, "a node's sample count weighs at most this multiple of the median node's")
 
     def validate(self) -> None:
         _choice("vote_weighting", self.vote_weighting)
@@ -245,6 +246,7 @@ class RobustConfig:
         _choice("aggregator", self.aggregator)
         _range("byzantine", self.byzantine, 0)
         _range("value_limit", self.value_limit, 0, lo_open=True)
+        _range("count_limit", self.count_limit, 1)
 
 
 @dataclass(frozen=True)
@@ -259,11 +261,13 @@ class FaultConfig:
     malicious: int = _field(0, "number of malicious nodes", aliases=("attackers",))
     attack: str = _field("none", "what the malicious nodes do")
     attack_scale: float = _field(10.0, "factor by which --attack scale multiplies an update")
+    attack_samples: float = _field(1.0, "malicious nodes claim this many times their training samples")
 
     def validate(self) -> None:
         for name in ("dropout", "straggler", "corrupt", "duplicate"):
             _range(name, getattr(self, name), 0, 1)
         _range("malicious", self.malicious, 0)
+        _range("attack_samples", self.attack_samples, 0, lo_open=True)
         _choice("attack", self.attack)
         if self.malicious and self.attack == "none":
             raise ConfigError(f"malicious = {self.malicious} needs an attack; choose one of "

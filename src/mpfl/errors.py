@@ -31,3 +31,12 @@ class ExportError(MpflError):
 
 class ResourceError(MpflError):
     """A run would need more memory (or other resources) than the machine has."""
+
+
+class PathError(MpflError):
+    """A path cannot be used safely: a symbolic link where a file is written, a file where a folder is needed."""
+
+
+class RunDirError(MpflError, ValueError):
+    """A run directory cannot be continued: a file is damaged, belongs to another run, does not match the
+    run's config, or another process is using the directory."""

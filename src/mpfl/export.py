@@ -17,10 +17,10 @@ loads with ``torch.load(path, weights_only=True)``.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import io
 import json
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -140,9 +140,41 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     return cfg, final, model, spec, mask
 
 
+def export_folder(out: Path, *, force: bool = False) -> Path:
+    """The folder an export writes to, created if missing: one that already holds files (an earlier
+    export) is refused unless `force`, and a path that cannot be a folder is a one-line error."""
+    if out.is_symlink() and not out.exists():
+        raise ExportError(f"{out} is a symbolic link to a missing folder; create that folder or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} already holds files (an earlier export?); pass --force to replace them, "
+                          "or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the export folder {out}: {exc.strerror}; choose another --out") from None
+    return out
+
+
+def _model_bytes(fmt: str, model: nn.Module, example: torch.Tensor) -> bytes:
+    """A model file's content in memory (TorchScript or ONNX), so it can be written like every other file."""
+    if fmt == "torchscript":
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.save(_traced(model, example), buf)
+        return buf.getvalue()
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / FILES["onnx"]
+        _write_onnx(model, example, path)
+        return path.read_bytes()
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: Sequence[str] | None = None,
-               layout: str = "csr", batch: int = 1, repeats: int = 50, threads: int = 1) -> dict:
-    """Write a run's final model in compact form plus `export.json`, and return what export.json holds."""
+               layout: str = "csr", batch: int = 1, repeats: int = 50, threads: int = 1, force: bool = False) -> dict:
+    """Write a run's final model in compact form plus `export.json`, and return what export.json holds.
+    An `out` folder that already holds files is refused unless `force`; no file is written through a link."""
     run = Path(run_dir)
     cfg, final, model, spec, mask = _model_from_run(run)
     structured = method_of(cfg).structured
@@ -156,8 +188,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     if not {"state_dict", "sparse"} & set(formats):
         formats.insert(0, "state_dict" if compact else "sparse")
     primary = next(f for f in formats if f in ("state_dict", "sparse"))
-    out = Path(out) if out is not None else run / "export"
-    out.mkdir(parents=True, exist_ok=True)
+    out = export_folder(Path(out) if out is not None else run / "export", force=force)
     small = shrink(model, spec, mask) if compact else None
     pruned = small.model if small is not None else model
     example = torch.zeros(1, *final.input_shape)
@@ -169,14 +200,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     sizes = {}
     for fmt in formats:
         path = out / FILES[fmt]
-        if fmt in payload:
-            atomic_write(path, payload[fmt]())
-        elif fmt == "torchscript":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                torch.jit.save(_traced(pruned, example), str(path))
-        else:
-            _write_onnx(pruned, example, path)
+        atomic_write(path, payload[fmt]() if fmt in payload else _model_bytes(fmt, pruned, example))
         files[fmt] = FILES[fmt]
         sizes[fmt] = path.stat().st_size
 
@@ -237,38 +261,3 @@ def load_export(out: str | Path, fmt: str | None = None, info: dict | None = Non
         model = shrink(model, spec, mask).model
     model.load_state_dict(dense_state(state, model))
     return model.eval()
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    """`mpfl export`: write the compact model and print its savings."""
-    info = export_run(args.run_dir, args.out, formats=args.format, layout=args.layout, batch=args.latency_batch,
-                      repeats=args.repeats, threads=args.threads)
-    d, p = info["dense"], info["pruned"]
-    print(f"{'':<12}{'dense':>14}{'pruned':>14}{'ratio':>8}")
-    for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
-                            ("latency_ms", "latency ms", ".3f")):
-        print(f"{label:<12}{d[key]:>14{fmt}}{p[key]:>14{fmt}}{p[key] / d[key]:>8.3f}")
-    if info["max_abs_diff"] > 1e-4:
-        print(f"note: the exported model differs from the masked model by up to {info['max_abs_diff']:.3g} in its outputs: "
-              "the biases of dropped filters were not zero, and the compact model drops them")
-    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
-    print(f"wrote {', '.join(info['files'].values())} and {EXPORT_JSON} to {out}")
-    return 0
-
-
-def add_export_parser(sub: argparse._SubParsersAction) -> None:
-    """Register the `export` subcommand."""
-    p = sub.add_parser("export", help="write a run's final model in compact form, with its size, FLOPs and latency")
-    p.add_argument("run_dir", type=Path, help="a finished run directory")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=None,
-                   help="files to write (default: state_dict torchscript for filter masks, sparse otherwise; "
-                        "state_dict or sparse is always among them)")
-    p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/export)")
-    p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
-    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
-    p.set_defaults(func=cmd_export)

@@ -1,26 +1,83 @@
-"""Writing files safely: a reader sees either the old or the new content, never half of it,
-and named groups of arrays share one `.npz` layout (``<group>/<key>`` entries, no pickles)."""
+"""Writing files safely: a reader sees either the old or the new content, never half of it; no
+write goes through a symbolic link; and named groups of arrays share one `.npz` layout
+(``<group>/<key>`` entries, no pickles)."""
 
 from __future__ import annotations
 
 import io
 import os
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .errors import PathError
+
 Groups = dict[str, dict[str, np.ndarray]]
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def refuse_link(path: Path) -> None:
+    """Refuse to write at `path` when it is a symbolic link: whatever it points to is not ours to replace."""
+    if Path(path).is_symlink():
+        raise PathError(f"{path} is a symbolic link; mpfl does not write through links: remove it or choose "
+                        "another folder")
+
+
+def _temp_file(path: Path) -> tuple[int, Path]:
+    """A new, exclusively created temporary sibling of `path` (a fresh random name, opened with O_EXCL and
+    O_NOFOLLOW), so that a file or link already there, or another writer, is never written through."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise PathError(f"cannot create a temporary file beside {path}: every name tried exists")
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write a file through a temporary sibling that is synced, then renamed over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a file through a new temporary sibling that is synced, then renamed over `path` (the folder is
+    synced too, so the rename survives a power loss). A symbolic link at `path` is refused."""
+    path = Path(path)
+    refuse_link(path)
+    fd, tmp = _temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the files created or renamed in it are on disk (where the platform allows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files `atomic_write` left in `folder` when its process was killed mid-write;
+    only call this while no other process can be writing there (e.g. holding the run's lock)."""
+    stale = [p for p in Path(folder).glob(".*.tmp") if _TEMP_NAME.fullmatch(p.name) and not p.is_symlink()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def numbered(tensors: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

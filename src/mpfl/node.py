@@ -211,6 +211,15 @@ class Node:
             return trained
         return self.attack.forge_values(self, trained, start, step)
 
+    @property
+    def claimed_samples(self) -> int:
+        """The training-sample count this node reports: its own, or `faults.attack_samples` times it
+        for a malicious node (at most what the header's 32-bit field holds)."""
+        own = self.data.num_samples
+        if self.attack is None:
+            return own
+        return int(min(2**32 - 1, round(own * self.cfg.faults.attack_samples)))
+
     def key(self, step: int) -> tuple[int, ...]:
         """The seed key of this node's draws in round `step`."""
         return (self.cfg.seed, step, self.id)
@@ -233,14 +242,14 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         node.state.local = trained if trained is not None else start
     new = node.forge_mask(new, current, start, step)
     coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
-    out = [codec.encode_mask(new, current, structured=node.structured, num_samples=node.data.num_samples, **coding)]
+    out = [codec.encode_mask(new, current, structured=node.structured, num_samples=node.claimed_samples, **coding)]
     kept = trained if trained is not None else start
     if node.method.sends_cores(plan_step):
         scores = movement_scores(node.spec.pick(node.state.w0), node.spec.pick(kept), p.extrapolate)
         out.append(codec.encode_mask(core_of(scores, new, p.core_share), new, **coding))
     if node.method.averages(plan_step):
         out.append(codec.encode_values(kept, node.spec.supports(new), round=step, base=node.state.version,
-                                       num_samples=node.data.num_samples, dtype=node.value_dtype))
+                                       num_samples=node.claimed_samples, dtype=node.value_dtype))
     return out
 
 
@@ -269,7 +278,7 @@ def local_training(node: Node, step: int, weights: Weights | None) -> Weights:
 def encode_trained(node: Node, step: int, trained: Weights) -> bytes:
     """A node's kept values as a VALUES body over its mask."""
     return codec.encode_values(trained, node.spec.supports(node.mask), round=step, base=node.state.version,
-                               num_samples=node.data.num_samples, dtype=node.value_dtype)
+                               num_samples=node.claimed_samples, dtype=node.value_dtype)
 
 
 def adapt_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
@@ -297,7 +306,7 @@ def scores_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         raise PayloadError("a scoring round needs the initial weights, which this node has not received")
     scores = node.trainer.saliency(node.state.w0, None, node.data, node.cfg.prune.saliency_batches,
                                    generator(*node.key(step)))
-    return [codec.encode_dense(Kind.SCORES, scores, round=step, num_samples=node.data.num_samples)]
+    return [codec.encode_dense(Kind.SCORES, scores, round=step, num_samples=node.claimed_samples)]
 
 
 def topk_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
@@ -314,7 +323,7 @@ def topk_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     for i, f in full.items():
         keep = top_k(np.abs(f), np.ones(f.shape, dtype=bool), keep_count(f.size, density)).reshape(f.shape)
         update[i] = np.where(keep, f, np.float32(0))
-    body = codec.encode_sparse(update, round=step, num_samples=node.data.num_samples,
+    body = codec.encode_sparse(update, round=step, num_samples=node.claimed_samples,
                                dtype=node.value_dtype, coder=node.cfg.codec.mask_coder)
     sent = codec.decode_sparse(body, spec.shapes).tensors
     node.state.residual = [full[i] - sent[i] for i in spec.prunable]

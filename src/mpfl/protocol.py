@@ -43,18 +43,21 @@ Reply = Sequence[bytes] | NodeFailure
 
 @dataclass
 class Round:
-    """What one exchange produced: valid decoded replies, dropped nodes with the reason, bytes, and
-    what the method wants recorded about the round."""
+    """What one exchange produced: valid decoded replies, dropped nodes with the reason, bytes, the
+    weight the server gives each reply (`Server.exchange` fills `counts`), and what the method wants
+    recorded about the round."""
 
     replies: dict[int, codec.Body] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
     metrics: dict = field(default_factory=dict)
+    counts: dict[int, float] = field(default_factory=dict)
 
     def weights(self) -> list[float]:
-        """The replies' sample counts, in reply order (FedAvg's and the vote's weights)."""
-        return [float(b.num_samples) for b in self.replies.values()]
+        """Each reply's sample count as the server weighs it, in reply order (FedAvg's and the vote's
+        weights): the node's fixed count, bounded (`Server.bounded_count`), never a raw claim."""
+        return [self.counts[node] for node in self.replies]
 
 
 def bytes_sent(requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> int:

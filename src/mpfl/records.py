@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import time
 from collections.abc import Iterable, Sequence
@@ -31,8 +32,9 @@ from .checkpoint import save_final
 from .config import Config
 from .core.params import Mask, Weights
 from .costs import model_stats
-from .errors import ConfigError
-from .files import atomic_write
+from .errors import ConfigError, RunDirError
+from .files import atomic_write, refuse_link
+from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 
 if TYPE_CHECKING:
@@ -62,10 +64,15 @@ def _csv_value(value: Any) -> Any:
 
 
 def check_run_dir(path: Path, *, resume: bool = False) -> None:
-    """Refuse a run directory that is a file or already holds results (unless resuming it)."""
+    """Refuse a run directory that is a file, a dangling link, in use by another process or already holds
+    results (unless resuming it)."""
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"run directory {str(path)!r} is a symbolic link to a missing folder "
+                          f"({str(path.readlink())!r}); create that folder or choose another --out")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run directory {str(path)!r} exists and is not a directory; choose another --out")
-    if not resume and path.is_dir() and any(path.iterdir()):
+    refuse_if_locked(path)
+    if not resume and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         if (path / CONFIG).is_file() and not (path / SUMMARY).is_file():
             raise ConfigError(f"run directory {str(path)!r} holds an unfinished run; continue it with "
                               f"mpfl run --resume {path}, or choose another --out")
@@ -82,28 +89,31 @@ def _csv_text(records: Iterable[dict], *, header: bool) -> str:
     return out.getvalue()
 
 
+def make_run_dir(path: Path) -> None:
+    """Create a run directory (and its parents) if missing, with a one-line error if it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create run directory {str(path)!r}: {exc.strerror}; choose another --out") from None
+
+
 class RunDir:
     """Writes one run's records; refuses to overwrite a directory that already holds results."""
 
     def __init__(self, path: str | Path, cfg: Config, *, resume: bool = False) -> None:
         self.path = Path(path)
         check_run_dir(self.path, resume=resume)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create run directory {str(self.path)!r}: {exc.strerror}; "
-                              "choose another --out") from None
+        make_run_dir(self.path)
         self.cfg = cfg
         if not resume:
             atomic_write(self.path / CONFIG, tomli_w.dumps(cfg.to_dict()))
 
     def log(self, record: dict) -> None:
-        """Append one round to the JSON-lines and CSV logs."""
-        with open(self.path / ROUNDS_JSONL, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Append one round to the JSON-lines and CSV logs, synced to disk (so that a checkpoint written
+        after it never gets ahead of the records)."""
         csv_path = self.path / ROUNDS_CSV
-        with open(csv_path, "a", newline="") as f:
-            f.write(_csv_text([record], header=not csv_path.exists() or csv_path.stat().st_size == 0))
+        _append(self.path / ROUNDS_JSONL, json.dumps(record) + "\n")
+        _append(csv_path, _csv_text([record], header=not _has_content(csv_path)))
 
     def rewrite(self, records: list[dict]) -> None:
         """Atomically replace the round logs with `records` (on resume: drop rounds after the checkpoint)."""
@@ -153,10 +163,41 @@ def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dic
     }
 
 
+def _has_content(path: Path) -> bool:
+    return path.exists() and path.stat().st_size > 0
+
+
+def _append(path: Path, text: str) -> None:
+    """Append to a log file and sync it to disk; never through a symbolic link."""
+    refuse_link(path)
+    with open(path, "a", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def read_rounds(path: str | Path) -> list[dict]:
-    """The round records of a run directory."""
-    with open(Path(path) / ROUNDS_JSONL) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The round records of a run directory. A last line that a crash cut short (no newline, not valid
+    JSON) is left out; any other line that is not a round record is a RunDirError naming the file and line."""
+    file = Path(path) / ROUNDS_JSONL
+    try:
+        lines = file.read_text().split("\n")
+    except UnicodeDecodeError as exc:
+        raise RunDirError(f"{file} is damaged (not text: {exc.reason}); restore it from a copy") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):
+                break  # a line cut short by a crash: the round it held is redone or restored on resume
+            raise RunDirError(f"{file} line {number} is damaged ({exc}); restore the file from a copy") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+            raise RunDirError(f"{file} line {number} is not a round record (no integer step); restore the file from a copy")
+        records.append(record)
+    return records
 
 
 def read_summary(path: str | Path) -> dict:

@@ -30,6 +30,15 @@ from .seeds import Stream, rng
 Evaluator = Callable[[Weights], tuple[float, float]]
 
 
+def malformed(reply: object) -> str | None:
+    """Why a transport's reply is not a sequence of byte strings (None if it is): whatever a node or
+    a transport hands back, the server drops it with a reason instead of failing on its type."""
+    if isinstance(reply, (bytes, bytearray, str)) or not isinstance(reply, Sequence):
+        return f"a reply must be a list of bodies, got {type(reply).__name__}"
+    kinds = {type(b).__name__ for b in reply if not isinstance(b, (bytes, bytearray))}
+    return f"reply bodies must be bytes, got {', '.join(sorted(kinds))}" if kinds else None
+
+
 class Oracle(Protocol):
     """Server-side access to pooled data, which only the simulator has (the `centralized` bound)."""
 
@@ -51,6 +60,8 @@ class ServerState:
     mask_done: bool = False
     bytes_up: int = 0
     bytes_down: int = 0
+    counts: dict[int, int] = field(default_factory=dict)
+    """Each node's training-sample count, fixed at its first valid claim (or registered by the deployment)."""
 
 
 class Server:
@@ -156,6 +167,9 @@ class Server:
             if isinstance(reply, NodeFailure):
                 exchanged.dropped[node] = reply.reason
                 continue
+            if (problem := malformed(reply)) is not None:
+                exchanged.dropped[node] = f"rejected: {problem}"
+                continue
             exchanged.bytes_up += sum(len(b) for b in reply)
             try:
                 if len(reply) != bodies:
@@ -164,9 +178,11 @@ class Server:
                 if body.num_samples <= 0:
                     raise PayloadError("reply claims no training samples")
                 self.check_values(body)
+                self._fix_count(node, body.num_samples)
                 exchanged.replies[node] = body
             except PayloadError as exc:
                 exchanged.dropped[node] = f"rejected: {exc}"
+        exchanged.counts = {node: self.bounded_count(node) for node in exchanged.replies}
         if len(exchanged.replies) < self.cfg.min_nodes:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
@@ -185,6 +201,29 @@ class Server:
         """Make `mask` the current mask, as version `step.step` (the step that produced it)."""
         self.state.mask, self.state.version = mask, step.step
         self.state.history[step.step] = mask
+
+    def _fix_count(self, node: int, claimed: int) -> None:
+        """Hold a node to the sample count it first claimed (or was registered with): a node that
+        could change its claim from round to round could pick its weight round by round."""
+        fixed = self.state.counts.setdefault(node, claimed)
+        if claimed != fixed:
+            raise PayloadError(f"reply claims {claimed} training samples, but this node's count is fixed at {fixed}")
+
+    def register_counts(self, counts: Mapping[int, int]) -> None:
+        """Fix nodes' sample counts before any reply, for a deployment that knows them (every later
+        claim must then match); otherwise a node's first valid claim fixes its count."""
+        for node, count in counts.items():
+            if count <= 0:
+                raise RoundError(f"node {node}: a registered sample count must be positive, got {count}")
+            self.state.counts[node] = int(count)
+
+    def bounded_count(self, node: int) -> float:
+        """The weight a node's count may give it: its fixed count, clipped to `robust.count_limit`
+        times the median of all fixed counts, so that a few nodes claiming huge datasets stay a few
+        nodes (honest counts within the limit are used exactly)."""
+        counts = self.state.counts
+        cap = self.cfg.robust.count_limit * float(np.median(list(counts.values())))
+        return float(min(counts[node], cap))
 
     def mask_update(self, node: int, cache: dict[int, list[bytes]]) -> list[bytes]:
         """The current mask coded over the version the node holds (nothing if it is up to date): the

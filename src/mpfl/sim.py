@@ -13,17 +13,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import Config, FaultConfig
 from .core.params import Mask, Weights
 from .errors import ConfigError
 from .experiment import Experiment
+from .files import remove_stale_temps
 from .interrupts import deferred_interrupts
+from .locks import RunLock
 from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool
 from .protocol import NodeFailure, Reply
-from .records import ROUNDS_JSONL, SUMMARY, RunDir, check_run_dir, finish_run, read_rounds
+from .records import CONFIG, SUMMARY, RunDir, check_run_dir, finish_run, make_run_dir
+from .resume import check_resumable, checkpoint_run, load_resumed, restart
 from .seeds import POOLED, Stream, rng
 from .server import Server
 
@@ -100,24 +103,49 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
              experiment: Experiment | None = None, resume: bool = False, keep_checkpoint: bool = False) -> RunResult:
     """Run `cfg` on the in-process simulator; write records (and a checkpoint per round) to `out`
     when given; with `resume`, continue the run in `out` from its last checkpoint (or from the start
-    if it stopped before recording a round). The checkpoint is removed when the run ends, unless
+    if it stopped before its first checkpoint), once the checkpoint is known to be this run's and
+    written with this config (`mpfl.resume`). The run holds `out`'s lock throughout, so a second
+    process is refused at once. The checkpoint is removed when the run ends, unless
     `keep_checkpoint`. Each record's `elapsed` and the summary's `wall_time` add up the seconds of
     every invocation of the run."""
-    started = time.perf_counter()
-    if out is not None and not resume:
-        check_run_dir(Path(out))
-    exp = experiment or Experiment.from_config(cfg)
-    server_state, node_states, records = None, {}, []
+    if out is None:
+        if resume:
+            raise ConfigError("resuming a run needs its run directory")
+        return _simulate(cfg, None, on_round, experiment, resume, keep_checkpoint)
+    out = Path(out)
     if resume:
-        if out is None or (Path(out) / SUMMARY).exists():
+        if not (out / CONFIG).is_file():
+            raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
+        if (out / SUMMARY).exists():
             raise ConfigError(f"{str(out)!r} holds a finished run; there is nothing to resume")
-        if (Path(out) / CHECKPOINT).exists() or (Path(out) / ROUNDS_JSONL).exists():
-            server_state, node_states = load_checkpoint(Path(out), exp.spec)
-            records = [r for r in read_rounds(out) if r["step"] < server_state.next_step]
-    earlier = records[-1].get("elapsed", 0.0) if records else 0.0
+        check_run_dir(out, resume=True)
+    else:
+        check_run_dir(out)
+        experiment = experiment or Experiment.from_config(cfg)  # bad input stops before any folder is made
+        make_run_dir(out)
+    with RunLock(out):
+        if resume:
+            remove_stale_temps(out)
+        return _simulate(cfg, out, on_round, experiment, resume, keep_checkpoint)
+
+
+def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | None, experiment: Experiment | None,
+              resume: bool, keep_checkpoint: bool) -> RunResult:
+    """`simulate` once the run directory (if any) is locked."""
+    started = time.perf_counter()
+    meta = check_resumable(out, cfg) if resume else None
+    exp = experiment or Experiment.from_config(cfg)
+    steps = len(method_of(cfg).plan())
+    server_state, node_states, records, identity = None, {}, [], {}
     run_dir = RunDir(out, cfg, resume=resume) if out is not None else None
-    if run_dir is not None and resume:
+    if meta is not None:
+        server_state, node_states, records, identity = load_resumed(out, cfg, exp.spec, meta, steps)
         run_dir.rewrite(records)
+    elif run_dir is not None:
+        identity = restart(out, cfg)
+        if resume:
+            run_dir.rewrite([])
+    earlier = records[-1].get("elapsed", 0.0) if records else 0.0
     pool = NodePool(cfg, exp.dataset, node_states, cfg.workers) if cfg.workers > 1 and cfg.nodes > 1 else None
     nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
     transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
@@ -130,7 +158,8 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
             with deferred_interrupts():
                 run_dir.log(r)
                 save_checkpoint(run_dir.path, server.state,
-                                pool.states() if pool is not None else {n.id: n.state for n in nodes})
+                                pool.states() if pool is not None else {n.id: n.state for n in nodes},
+                                checkpoint_run(identity, cfg, records))
         if on_round is not None:
             on_round(r)
 

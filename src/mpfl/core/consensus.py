@@ -43,13 +43,14 @@ def trimmed_tally(masks: Sequence[Sequence[np.ndarray]], trim: float) -> list[np
 def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[float], support: Sequence[np.ndarray],
                       cutoff: float = 3.0, tolerance: float = 0.5, floor: float = 1e-3) -> np.ndarray:
     """Sample weights with outliers down-weighted: d_n is the Hamming distance of node n's mask to
-    the majority mask over the support. A node within max(`cutoff` robust standard deviations
+    the majority mask over the support, a majority of nodes (unweighted, so that no claimed sample
+    count can make a node the reference it is measured against). A node within max(`cutoff` robust standard deviations
     (1.4826 MAD), `tolerance` x the median distance) above the median keeps its weight exactly,
     so honest votes are not perturbed (the relative tolerance guards against a small, noisy MAD
     when there are few nodes); a node beyond that cut is scaled by exp(-(d_n - cut) / sigma), and
     left out entirely once that factor falls below `floor`, so that it cannot even break ties
     between equal honest votes. Random, inverted or adversarial masks sit far beyond the cut."""
-    majority = [s & (v >= 0.5) for v, s in zip(tally(masks, weights), support)]
+    majority = [s & (v >= 0.5) for v, s in zip(tally(masks, [1.0] * len(masks)), support)]
     dist = np.array([sum(int(np.count_nonzero((a != b) & s)) for a, b, s in zip(m, majority, support)) for m in masks],
                     dtype=np.float64)
     median = np.median(dist)

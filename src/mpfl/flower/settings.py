@@ -9,6 +9,7 @@ from the same run config, so every SuperNode builds the same partition, model an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -78,8 +79,8 @@ def _runner_options(values: dict) -> RunnerOptions:
         out[name] = value
     options = RunnerOptions(**out)
     for name in ("round_timeout", "connect_timeout"):
-        if getattr(options, name) <= 0:
-            raise ConfigError(f"run config {name.replace('_', '-')} must be > 0 seconds")
+        if not math.isfinite(getattr(options, name)) or getattr(options, name) <= 0:
+            raise ConfigError(f"run config {name.replace('_', '-')} must be a finite number > 0 of seconds")
     return options
 
 

@@ -108,6 +108,8 @@ class Mpfl(MaskedMethod):
         weights = rnd.weights()
         if robust.vote_weighting == "agreement":
             weights = list(agreement_weights(local, weights, support))
+        elif robust.vote_weighting == "trimmed":
+            weights = [1.0] * len(local)  # trimmed votes count every node alike, whatever it claims
         votes = trimmed_tally(local, robust.trim) if robust.vote_weighting == "trimmed" else tally(local, weights)
         if cores:
             votes = with_cores(votes, [extras[n]["core"] for n, w in zip(voted, weights) if w > 0])

@@ -1,0 +1,162 @@
+"""Continuing a run safely: the run's identity, the checks before a checkpoint is trusted, and the
+round log recovered after a crash.
+
+A run directory holds `run.json` (a random run id and the hash of the run's config) from its start,
+and every checkpoint carries the same identity, the config itself, how many rounds were recorded
+and the last of them. Before `mpfl run --resume` trusts a checkpoint it refuses one of another run,
+or a config edited since (naming what differs), and reports a damaged file by name and cause; a last
+line of `rounds.jsonl` that a crash cut short is put back from the checkpoint's copy. Records are
+synced to disk before each checkpoint, so a checkpoint never gets ahead of the records it follows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from pathlib import Path
+
+import tomli_w
+
+from .checkpoint import CHECKPOINT, damaged, load_checkpoint, read_meta
+from .config import SECTIONS, Config
+from .core.params import ParamSpec
+from .errors import RunDirError
+from .files import atomic_write
+from .node import NodeState
+from .records import CONFIG, ROUNDS_JSONL, read_rounds
+from .server import ServerState
+
+RUN_JSON = "run.json"
+RUNTIME_FIELDS = frozenset({"workers"})
+"""Fields that change how fast a run goes, never what it computes (worker processes give bit-identical
+results; torch threads may not): a resumed run may change them."""
+_IDENTITY_KEYS = ("run_id", "config_sha256")
+
+
+def result_config(cfg: Config) -> dict:
+    """The config as a plain dict without the runtime fields: what decides a run's results."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def config_sha256(cfg: Config) -> str:
+    """A hash of everything in the config that decides the run's results."""
+    return hashlib.sha256(json.dumps(result_config(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def new_identity(cfg: Config) -> dict:
+    """A fresh run identity: a random run id and the config's hash."""
+    return {"run_id": uuid.uuid4().hex, "config_sha256": config_sha256(cfg)}
+
+
+def write_identity(folder: Path, identity: dict) -> None:
+    """Write `run.json` (atomically)."""
+    atomic_write(folder / RUN_JSON, json.dumps(identity, indent=2) + "\n")
+
+
+def read_identity(folder: Path) -> dict | None:
+    """The identity in `run.json`, None if there is none; a damaged file is a RunDirError."""
+    path = folder / RUN_JSON
+    if not path.exists():
+        return None
+    try:
+        identity = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise damaged(path, exc) from None
+    if not isinstance(identity, dict) or not all(isinstance(identity.get(k), str) for k in _IDENTITY_KEYS):
+        raise damaged(path, f"it does not hold {' and '.join(_IDENTITY_KEYS)}")
+    return identity
+
+
+def checkpoint_run(identity: dict, cfg: Config, records: list[dict]) -> dict:
+    """What a checkpoint carries about its run: the identity, the config, and the records so far (their
+    number and the last one, which a crash may cut from the log)."""
+    return {**identity, "config": result_config(cfg), "records": len(records), "last_record": records[-1]}
+
+
+def _flat(config: dict) -> dict:
+    """A config dict with its sections' fields as ``section.field`` keys."""
+    flat = {}
+    for key, value in config.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def changes(saved: dict, current: dict) -> str:
+    """The fields on which two config dicts differ, as ``field = now (checkpoint: before)``."""
+    old, new = _flat(saved), _flat(current)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    shown = [f"{k} = {new.get(k, 'unset')!r} (checkpoint: {old.get(k, 'unset')!r})" for k in keys[:5]]
+    return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") if keys else "no field"
+
+
+def _run_info(folder: Path, meta: dict) -> dict:
+    """The run identity a checkpoint carries; one without it is refused."""
+    run = meta.get("run")
+    keys = (*_IDENTITY_KEYS, "config", "records", "last_record")
+    if not isinstance(run, dict) or not all(k in run for k in keys):
+        raise damaged(folder / CHECKPOINT, "it carries no run identity; it was written by an older mpfl or edited")
+    if not (isinstance(run["records"], int) and run["records"] >= 1 and isinstance(run["last_record"], dict)):
+        raise damaged(folder / CHECKPOINT, f"its record count {run['records']!r} or last record is malformed")
+    return run
+
+
+def check_resumable(folder: Path, cfg: Config) -> dict | None:
+    """The checkpoint's metadata once it is known to be this run's and written with this config; None
+    when there is no checkpoint yet (the run starts again from step 1). Cheap: no arrays are read."""
+    if not (folder / CHECKPOINT).exists():
+        recorded = read_rounds(folder) if (folder / ROUNDS_JSONL).exists() else []
+        if len(recorded) > 1:
+            raise RunDirError(f"{folder / ROUNDS_JSONL} holds {len(recorded)} rounds but {folder} has no {CHECKPOINT} "
+                              "(removed?), so the run cannot continue from them; start a new run with --out NEW_DIR")
+        return None
+    meta = read_meta(folder)
+    run = _run_info(folder, meta)
+    identity = read_identity(folder)
+    if identity is not None and run["run_id"] != identity["run_id"]:
+        raise RunDirError(f"{folder / CHECKPOINT} belongs to another run (run id {run['run_id'][:12]}, but "
+                          f"{folder / RUN_JSON} names {identity['run_id'][:12]}); put this run's checkpoint back, "
+                          "or start a new run with --out NEW_DIR")
+    if run["config_sha256"] != config_sha256(cfg):
+        raise RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
+                          f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}, or "
+                          "start a new run with --out NEW_DIR")
+    if identity is None:  # lost: the checkpoint, written with this very config, names the run
+        write_identity(folder, {k: run[k] for k in _IDENTITY_KEYS})
+    return meta
+
+
+def restart(folder: Path, cfg: Config) -> dict:
+    """A run that starts from step 1 (a new one, or one resumed before its first checkpoint): its config
+    and a fresh identity are written."""
+    identity = new_identity(cfg)
+    atomic_write(folder / CONFIG, tomli_w.dumps(cfg.to_dict()))
+    write_identity(folder, identity)
+    return identity
+
+
+def recover_records(folder: Path, run: dict, next_step: int) -> list[dict]:
+    """The records up to the checkpoint: those in `rounds.jsonl`, with the checkpointed round's line put
+    back from the checkpoint when a crash cut it; any other gap or extra round is a RunDirError."""
+    path = folder / ROUNDS_JSONL
+    records = [r for r in read_rounds(folder) if r["step"] < next_step] if path.exists() else []
+    last = run["last_record"]
+    if len(records) == run["records"] - 1 and all(r["step"] < last.get("step", 0) for r in records):
+        records.append(last)
+    if len(records) != run["records"] or json.dumps(records[-1]) != json.dumps(last):
+        raise RunDirError(f"{path} holds {len(records)} rounds before step {next_step}, but {CHECKPOINT} was written "
+                          f"after {run['records']} (the last one at step {last.get('step')}): the log was cut or "
+                          "edited; restore it, or start a new run with --out NEW_DIR")
+    return records
+
+
+def load_resumed(folder: Path, cfg: Config, spec: ParamSpec, meta: dict, steps: int
+                 ) -> tuple[ServerState, dict[int, NodeState], list[dict], dict]:
+    """The server and node states, the records so far and the identity of a run `check_resumable` accepted."""
+    server, nodes = load_checkpoint(folder, spec, steps=steps, nodes=cfg.nodes)
+    run = _run_info(folder, meta)
+    records = recover_records(folder, run, server.next_step)
+    return server, nodes, records, {k: run[k] for k in _IDENTITY_KEYS}
