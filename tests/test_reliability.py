@@ -350,7 +350,7 @@ def test_malicious_nodes_are_chosen_by_seed_and_forge_what_they_send():
 def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
     base = dict(nodes=6, mask_rounds=2, rounds=1, train_samples=1800, sparsity=0.8)
     clean = simulate(tiny_config(**base))
-    attacked = simulate(tiny_config(**base, malicious=2, attack="inverted-mask"))
+    attacked = simulate(tiny_config(**base, malicious=2, attack="inverted-mask", vote_weighting="samples"))
     robust = simulate(tiny_config(**base, malicious=2, attack="inverted-mask", vote_weighting="agreement"))
     assert jaccard(robust.mask, clean.mask) > jaccard(attacked.mask, clean.mask)
     honest_only = simulate(tiny_config(**base, malicious=2, attack="silent"))

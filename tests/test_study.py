@@ -83,14 +83,24 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
 
 
 def test_presets_cover_the_grid_and_fit_their_time_budgets():
-    for name, budget in (("quick", 10 * 60), ("full", 90 * 60)):
+    for name, budget in (("quick", 15 * 60), ("full", 150 * 60)):
         cells = preset_cells(name)
         configs = [c.config() for c in cells]
         assert len({cell_name(c) for c in configs}) == len(cells)
         seeds = PRESETS[name].seeds
         main_cells = [c for c in cells if c.group == "main"]
-        assert len(main_cells) == 8 * 2 * 3 * seeds
+        assert len(main_cells) == 8 * 2 * 4 * seeds
+        assert {c.config().data.partition for c in main_cells} == {"iid", "dirichlet", "shards"}
         assert {c.prune.sparsity for c in configs if c.method == "random"} == {0.5, 0.8, 0.9, 0.95, 0.98}
+        precision = {(c.method, c.codec.value_dtype) for c in configs if c.data.partition == "iid"}
+        assert {(m, d) for m in ("mpfl", "topk", "fedavg-prune") for d in ("float32", "float16", "int8")} <= precision
+        skew = [c for c in configs if c.method == "mpfl" and c.seed == 0 and c.data.dataset == "mnist"
+                and (c.data.partition == "shards" or c.data.alpha == 0.1 and c.data.partition == "dirichlet")]
+        for partition in ("dirichlet", "shards"):
+            here = [c for c in skew if c.data.partition == partition]
+            assert {c.prune.extrapolate for c in here} == {1.0, 100.0} and {c.adapt.adapt_every for c in here} == {0, 2}
+            assert {c.prune.core_share for c in here} == {0.0, 0.1} and {c.prune.scope for c in here} == {"global", "layer"}
+            assert {c.prune.mask_epochs for c in here} == {1, 2} and {c.prune.mask_average_from for c in here} == {0, 2}
         ablation = [c for c in configs if c.method == "mpfl" and c.data.dataset == "mnist" and c.data.partition == "iid"
                     and c.prune.sparsity == 0.9 and c.seed == 0]
         assert {c.prune.consensus for c in ablation} == {"vote", "threshold", "dynamic", "histogram"}
@@ -117,7 +127,7 @@ def test_dry_run_lists_cells_with_estimates(tmp_path, capsys, monkeypatch):
 def test_datasets_option_keeps_the_grid_on_the_named_datasets(capsys):
     mnist_only = preset_cells("quick", datasets=["mnist"])
     assert {c.config().data.dataset for c in mnist_only} == {"mnist"}
-    assert len([c for c in mnist_only if c.group == "main"]) == 8 * 3
+    assert len([c for c in mnist_only if c.group == "main"]) == 8 * 4
     assert {c.group for c in mnist_only} == {c.group for c in preset_cells("quick")}
     fashion_only = preset_cells("quick", datasets=["fashion-mnist"])
     assert {c.group for c in fashion_only} == {"main"}

@@ -232,7 +232,9 @@ class CodecConfig:
 class RobustConfig:
     """How the parameter server defends against bad nodes: vote weighting and value aggregation."""
 
-    vote_weighting: str = _field("samples", "weight of each node's mask vote: its share of the data, or a robust rule")
+    vote_weighting: str = _field("agreement", "weight of each node's mask vote: samples = its (bounded) share of the "
+                                              "data; agreement = the same, but nodes far from the majority mask are "
+                                              "left out; trimmed = equal votes, extremes trimmed")
     trim: float = _field(0.2, "share trimmed at each end by trimmed votes and --aggregator trimmed-mean")
     aggregator: str = _field("mean", "how the server combines the nodes' values: mean (FedAvg) or a robust rule",
                              aliases=("aggregation",))

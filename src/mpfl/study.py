@@ -10,12 +10,16 @@ cell runs again from scratch. The study's report covers the cells of the current
 
 The grid (every preset):
 
-* main comparison: all 8 methods x {mnist, fashion-mnist} x {iid, dirichlet 0.5, dirichlet 0.1}
-  at sparsity 0.9, over the preset's seeds;
+* main comparison: all 8 methods x {mnist, fashion-mnist} x {iid, dirichlet 0.5, dirichlet 0.1,
+  shards (2 classes per node)} at sparsity 0.9, over the preset's seeds;
 * sparsity sweep: mpfl, fedavg-prune and random at 0.5 ... 0.98 on mnist iid, same seeds;
+* precision: mpfl, topk and fedavg-prune with float32, float16 and int8 values on mnist iid at
+  0.9, same seeds;
 * ablations on mnist iid at 0.9, seed 0, of mpfl: consensus rule, mask criterion (magnitude
   per layer / global, filter, saliency), rewind (init, or none with local training init); and
-  of mpfl and fedavg: the number of nodes (5, 10, 20, 50 sharing the same training samples).
+  of mpfl and fedavg: the number of nodes (5, 10, 20, 50 sharing the same training samples);
+* label-skew ablation on mnist dirichlet 0.1 and shards at 0.9, seed 0, of mpfl: each of the
+  options that make the mask hold under label skew switched off alone, and all of them together.
 
 Cells that coincide (the default consensus rule is also the main mpfl cell) run once.
 
@@ -53,22 +57,33 @@ from .methods import method_of, plan
 from .records import SUMMARY, read_summary
 
 DATASETS = ("mnist", "fashion-mnist")
-PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1})
+PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1},
+              {"partition": "shards", "shards": 2})
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 MAIN_SPARSITY = 0.9
 MAIN_METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
 SWEEP_METHODS = ("mpfl", "fedavg-prune", "random")
+PRECISIONS = ("float32", "float16", "int8")
+PRECISION_METHODS = ("mpfl", "topk", "fedavg-prune")
+# Each option that makes MPFL's mask hold under label skew, set to the value that switches it off.
+SKEW_OPTIONS_OFF = {"extrapolate": 1.0, "core_share": 0.0, "mask_average_from": 0, "adapt_every": 0,
+                    "mask_epochs": 1, "scope": "layer"}
+SKEW_PARTITIONS = ({"partition": "dirichlet", "alpha": 0.1}, {"partition": "shards", "shards": 2})
 ABLATIONS: dict[str, list[dict[str, Any]]] = {
     "consensus": [{"consensus": rule} for rule in ("vote", "threshold", "dynamic", "histogram")],
     "criterion": [{"criterion": "magnitude", "scope": "layer"}, {"criterion": "magnitude", "scope": "global"},
                   {"criterion": "filter"}, {"criterion": "saliency"}],
     "rewind": [{"rewind": "init", "train_init": "rewind"}, {"rewind": "none", "train_init": "local"}],
     "nodes": [{"nodes": n} for n in (5, 10, 20, 50)],
+    "label-skew": [{}, *({name: off} for name, off in SKEW_OPTIONS_OFF.items()), SKEW_OPTIONS_OFF],
 }
 # FedAvg gets the node counts too, so each has a dense reference for accuracy and bytes.
-ABLATION_METHODS = {"consensus": ("mpfl",), "criterion": ("mpfl",), "rewind": ("mpfl",), "nodes": ("mpfl", "fedavg")}
+ABLATION_METHODS = {"consensus": ("mpfl",), "criterion": ("mpfl",), "rewind": ("mpfl",), "nodes": ("mpfl", "fedavg"),
+                    "label-skew": ("mpfl",)}
+# The data each ablation axis runs on (every other axis: mnist iid).
+ABLATION_PARTITIONS = {"label-skew": SKEW_PARTITIONS}
 # Prune settings named in a cell's directory when they differ from these (fixed, so a name depends on the config only).
-UNTAGGED = {"consensus": "vote", "criterion": "magnitude", "scope": "layer", "rewind": "none", "train_init": "local"}
+UNTAGGED = {"consensus": "vote", "criterion": "magnitude", "scope": "global", "rewind": "none", "train_init": "local"}
 
 # The cost model of `estimate_seconds`, measured as described in the module docstring.
 SETUP_SECONDS = 1.5
@@ -115,9 +130,13 @@ def grid(base: dict[str, Any], seeds: int, datasets: Sequence[str] = DATASETS) -
         cells += [Cell("sparsity", {**base, "method": m, "dataset": "mnist", "partition": "iid", "sparsity": sp,
                                     "seed": s})
                   for m in SWEEP_METHODS for sp in SPARSITIES for s in range(seeds)]
-        cells += [Cell(f"ablation:{axis}", {**base, "method": method, "dataset": "mnist", "partition": "iid",
+        cells += [Cell("precision", {**base, "method": m, "dataset": "mnist", "partition": "iid",
+                                     "sparsity": MAIN_SPARSITY, "value_dtype": dtype, "seed": s})
+                  for m in PRECISION_METHODS for dtype in PRECISIONS for s in range(seeds)]
+        cells += [Cell(f"ablation:{axis}", {**base, "method": method, "dataset": "mnist", **partition,
                                             "sparsity": MAIN_SPARSITY, "seed": 0, **variant})
-                  for axis, variants in ABLATIONS.items() for method in ABLATION_METHODS[axis] for variant in variants]
+                  for axis, variants in ABLATIONS.items() for partition in ABLATION_PARTITIONS.get(axis, PARTITIONS[:1])
+                  for method in ABLATION_METHODS[axis] for variant in variants]
     return unique(cells)
 
 
@@ -169,7 +188,7 @@ def estimate_seconds(cfg: Config) -> float:
         if step.phase == "train":
             total += per_round * cfg.train.fraction
         elif step.phase == "mask" and method.trains_in_mask_rounds:
-            total += per_round * MASK_ROUND_FACTOR
+            total += per_round * MASK_ROUND_FACTOR * cfg.prune.mask_epochs / cfg.train.epochs
         elif step.phase == "warmup":
             total += per_round
     return total
