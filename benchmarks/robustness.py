@@ -4,11 +4,12 @@
 
 MNIST, 10 IID nodes, mlp, sparsity 0.9, the package's default MPFL settings. Three groups of rows:
 
-* every attack, with 1, 2 and 3 malicious nodes of 10, under the plain rules (sample-weighted votes,
-  FedAvg mean) and the robust ones (votes weighted by agreement with the majority mask,
+* every attack, with 1, 2 and 3 malicious nodes of 10, under the default rules (votes weighted by
+  agreement with the majority mask, FedAvg mean) and the robust ones (the same votes and a
   coordinate-wise trimmed mean of the kept values, trimming 20 % at each end);
 * forged sample counts: malicious nodes send inverted masks and claim `--claims` times their
-  samples (`--attack-samples`), under the plain rules, agreement weighting alone, and the robust rules;
+  samples (`--attack-samples`), under sample-weighted votes (`samples`, the earlier default), the
+  default rules and the robust rules;
 * a value attack inside `value_limit` (`large-values`: every value at half the limit) against each
   aggregator: mean, trimmed-mean, median and Krum (told how many nodes are malicious).
 
@@ -28,7 +29,7 @@ from mpfl.config import Config
 from mpfl.core.masks import jaccard
 from mpfl.sim import simulate
 
-RULES = {"plain": {}, "agreement": {"vote_weighting": "agreement"},
+RULES = {"samples": {"vote_weighting": "samples"}, "default": {},
          "robust": {"vote_weighting": "agreement", "aggregator": "trimmed-mean", "trim": 0.2}}
 AGGREGATORS = ("mean", "trimmed-mean", "median", "krum")
 COLUMNS = ["attack", "malicious", "claims", "rules", "final_accuracy", "accuracy_drop", "mask_jaccard",
@@ -38,8 +39,8 @@ COLUMNS = ["attack", "malicious", "claims", "rules", "final_accuracy", "accuracy
 def _cells(attacks: list[str], counts: list[int], claims: float) -> list[tuple[str, int, float, str, dict]]:
     """Every run after the clean one: (attack, malicious, claims, rules label, config overrides)."""
     cells = [("none", 0, 1.0, "robust", RULES["robust"])]
-    cells += [(a, n, 1.0, r, RULES[r]) for a in attacks for n in counts for r in ("plain", "robust")]
-    cells += [("inverted-mask", n, claims, r, RULES[r]) for n in counts for r in ("plain", "agreement", "robust")]
+    cells += [(a, n, 1.0, r, RULES[r]) for a in attacks for n in counts for r in ("default", "robust")]
+    cells += [("inverted-mask", n, claims, r, RULES[r]) for n in counts for r in ("samples", "default", "robust")]
     cells += [("large-values", n, 1.0, agg, {"aggregator": agg, "byzantine": n}) for n in counts for agg in AGGREGATORS]
     return cells
 
@@ -60,18 +61,19 @@ def main() -> None:
     def run(**overrides):
         return simulate(Config().with_overrides({**base, **overrides}))
 
+    default_weighting = Config().robust.vote_weighting
     clean = run()
     clean_acc, clean_mask = clean.summary["final_accuracy"], clean.mask
     honest = {(n, vw): run(malicious=n, attack="silent", vote_weighting=vw).mask
-              for n in counts for vw in ("samples", "agreement")}
+              for n in counts for vw in {"samples", default_weighting}}
     values = set(attacks_of_kind("values"))
-    rows = [{"attack": "none", "malicious": 0, "claims": 1.0, "rules": "plain", "final_accuracy": clean_acc,
+    rows = [{"attack": "none", "malicious": 0, "claims": 1.0, "rules": "default", "final_accuracy": clean_acc,
              "accuracy_drop": 0.0, "mask_jaccard": 1.0, "mask_jaccard_honest": 1.0}]
     for attack, n, claims, rules, overrides in _cells(args.attacks.split(","), counts, args.claims):
         faults = {"malicious": n, "attack": attack, "attack_samples": claims} if n else {}
         result = run(**overrides, **faults)
         acc = result.summary["final_accuracy"]
-        reference = honest[n, overrides.get("vote_weighting", "samples")] if n else clean_mask
+        reference = honest[n, overrides.get("vote_weighting", default_weighting)] if n else clean_mask
         rows.append({"attack": attack, "malicious": n, "claims": claims, "rules": rules, "final_accuracy": acc,
                      "accuracy_drop": clean_acc - acc, "mask_jaccard": jaccard(result.mask, clean_mask),
                      "mask_jaccard_honest": None if attack in values else jaccard(result.mask, reference)})

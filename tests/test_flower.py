@@ -43,7 +43,7 @@ from mpfl.flower.local import (
 )
 from mpfl.flower.node_runtime import handle, load_state, save_state
 from mpfl.flower.payload import pack, step_of, unpack
-from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings
+from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings, with_local_init
 from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
 from mpfl.node import NodeState
 from mpfl.records import read_rounds, read_summary
@@ -129,6 +129,19 @@ def test_node_config_must_name_a_partition_of_this_run():
         node_settings({"num-partitions": 2}, cfg)
     with pytest.raises(ConfigError, match="outside"):
         node_settings({"partition-id": 2, "num-partitions": 2}, cfg)
+
+
+def test_a_supernode_uses_its_own_copy_of_the_init_file_or_none(tmp_path):
+    copy = tmp_path / "w0.pt"
+    copy.write_bytes(b"weights")
+    elsewhere = str(tmp_path / "on-the-server" / "w0.pt")
+    assert with_local_init({"train.init": str(copy)}, {})["train.init"] == str(copy)
+    assert with_local_init({"train.init": elsewhere}, {})["train.init"] == ""  # not here: the node asks
+    assert with_local_init({"train.init": elsewhere}, {"init": str(copy)})["train.init"] == str(copy)
+    assert with_local_init({"train.init": "", "method": "mpfl"}, {}) == {"train.init": "", "method": "mpfl"}
+    assert from_run_config(with_local_init({"train.init": elsewhere}, {}))[0].train.init is None
+    with pytest.raises(ConfigError, match="init must be a quoted path"):
+        with_local_init({"train.init": elsewhere}, {"init": 3})
 
 
 # --------------------------------------------------------------------------- records

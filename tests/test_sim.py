@@ -271,18 +271,41 @@ def test_nodes_rebuild_the_seeded_initial_weights_bit_for_bit_and_refuse_a_wrong
         stranger.handle("mask", 1, [body])
     with pytest.raises(PayloadError, match="did not build them"):
         Node(0, cfg, trainer, exp.node_data(0)).handle("mask", 1, [body])
+    file_ref = codec.encode_init(exp.w0, source="file", seed=cfg.seed, round=1)
+    for holder in (stranger, Node(0, cfg, trainer, exp.node_data(0))):  # another file, or none: ask
+        reply = holder.handle("mask", 1, [file_ref])
+        assert len(reply) == 1 and codec.decode_init(reply[0]) == codec.InitRef(1, "request", cfg.seed,
+                                                                                codec.weights_digest(exp.w0))
+    with pytest.raises(PayloadError, match="does not accept requests"):
+        node.handle("mask", 1, reply)
 
 
-def test_an_init_file_travels_as_weights_and_a_seeded_start_as_a_reference(tmp_path):
+def test_an_init_file_travels_as_a_reference_and_as_weights_only_to_nodes_without_a_copy(tmp_path):
     cfg = tiny_config(rounds=1, mask_rounds=1)
     exp = Experiment.from_config(cfg)
     torch.save(exp.model.state_dict(), tmp_path / "init.pt")
+    file_cfg = tiny_config(rounds=1, mask_rounds=1, init=str(tmp_path / "init.pt"))
     seeded = simulate(cfg)
-    from_file = simulate(tiny_config(rounds=1, mask_rounds=1, init=str(tmp_path / "init.pt")))
-    dense = codec.HEADER_SIZE + sum(4 + 4 * w.size for w in exp.w0)
-    first = seeded.records[0]["bytes_down"], from_file.records[0]["bytes_down"]
-    assert first[1] - first[0] == cfg.nodes * (dense - codec.HEADER_SIZE - 36)
+    from_file = simulate(file_cfg)
+    assert from_file.records[0]["bytes_down"] == seeded.records[0]["bytes_down"]
     assert all(np.array_equal(a, b) for a, b in zip(seeded.weights, from_file.weights))
+
+    # node 1 holds no copy of the file: it replies with a request, and only it gets the weights
+    _, server, transport, records = build(file_cfg)
+    transport.nodes[1].built_w0 = None
+    server.run()
+    first = transport.log[0]
+    asked = first[3][1]
+    assert len(asked) == 1 and codec.decode_init(asked[0]).source == "request"
+    again = transport.log[1]
+    assert list(again[2]) == [1] and codec.peek(again[2][1][0]).kind == codec.Kind.WEIGHTS
+    weights_body = codec.HEADER_SIZE + sum(4 + 4 * w.size for w in exp.w0)
+    assert len(again[2][1][0]) == weights_body
+    sent = sum(len(b) for bodies in first[2].values() for b in bodies)
+    assert records[0]["bytes_down"] == sent + sum(len(b) for b in again[2][1])
+    assert records[0]["bytes_up"] == from_file.records[0]["bytes_up"] + len(asked[0])
+    assert all(np.array_equal(a, b) for a, b in zip(server.state.weights, from_file.weights))
+    assert all(np.array_equal(a, b) for a, b in zip(transport.nodes[1].state.w0, exp.w0))
 
 
 @pytest.mark.parametrize("dtype, bits", [("float32", 32), ("float16", 16), ("int8", 8)])

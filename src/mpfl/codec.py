@@ -24,9 +24,11 @@ Payload records, one per tensor, by kind (``k`` = number of values in the record
   bitmap (which costs no more than optimally coded index gaps), then a values record of the
   non-zeros. A coded position never carries a zero value, so each tensor has one encoding.
 - ``INIT`` (no tensors; the encoding byte names the source of the initial weights: 0 = the
-  seeded initialiser, 1 = an ``--init`` file): the seed (u32) and the SHA-256 of the initial
-  weights (32 bytes, see :func:`weights_digest`), 36 bytes. A node that can rebuild the
-  weights itself checks the digest instead of receiving them.
+  seeded initialiser, 1 = an ``--init`` file, 2 = a node's request for them): the seed (u32)
+  and the SHA-256 of the initial weights (32 bytes, see :func:`weights_digest`), 36 bytes. A
+  node that can rebuild the weights, or holds a copy of the file, checks the digest instead of
+  receiving them; one without a matching copy replies with a single ``INIT`` body of source 2
+  echoing the digest, and the server then sends it the weights in a ``WEIGHTS`` body.
 
 Values: float32 is exact. float16 rounds to nearest (relative error at most 2**-11, absolute
 at most 2**-25 in float16's subnormal range); values beyond float16's range are refused.
@@ -62,7 +64,7 @@ _U32 = struct.Struct("<I")
 _MASK_META = struct.Struct("<III")
 _F32 = struct.Struct("<f")
 _INIT = struct.Struct("<I32s")
-INIT_SOURCES = {"seed": 0, "file": 1}
+INIT_SOURCES = {"seed": 0, "file": 1, "request": 2}
 _STRUCTURED = 1
 _GROW = 2
 _RANGE_SLACK = 64
@@ -620,6 +622,11 @@ def encode_init(tensors: Sequence[np.ndarray], *, source: str, seed: int, round:
     if not 0 <= seed < 2**32:
         raise PayloadError(f"seed {seed} does not fit in 32 bits")
     return _pack(Kind.INIT, INIT_SOURCES[source], 0, round, 0, 0, 0, _INIT.pack(seed, weights_digest(tensors)))
+
+
+def encode_init_request(ref: InitRef) -> bytes:
+    """A node's reply asking for the initial weights `ref` names, which it cannot find or rebuild."""
+    return _pack(Kind.INIT, INIT_SOURCES["request"], 0, ref.round, 0, 0, 0, _INIT.pack(ref.seed, ref.digest))
 
 
 def decode_init(buf: bytes, *, round: int | None = None) -> InitRef:

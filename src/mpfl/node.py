@@ -107,6 +107,14 @@ def register_task(name: str, handler: TaskHandler) -> None:
     NODE_TASKS.register(name, handler)
 
 
+class MissingInit(Exception):
+    """The server named an ``--init`` file this node holds no matching copy of: it asks for the weights."""
+
+    def __init__(self, ref: codec.InitRef) -> None:
+        super().__init__(f"no local copy of the initial weights {ref.digest.hex()[:12]}")
+        self.ref = ref
+
+
 class Node:
     """One federated node: its data, its state, the shared trainer and, if the run makes it
     malicious, its attack."""
@@ -154,7 +162,7 @@ class Node:
                 body, Kind.WEIGHTS, self.spec.shapes, round=step)).tensors
             return self.state.w0
         if head.kind == Kind.INIT:
-            self.state.w0 = self._rebuilt_w0(codec.decode_init(body, round=step))
+            self.state.w0 = self._own_w0(codec.decode_init(body, round=step))
             return self.state.w0
         if head.kind == Kind.MASK and head.grow:
             grown = self._decode((Kind.MASK, body, self.state.version), lambda: codec.decode_mask(
@@ -184,14 +192,24 @@ class Node:
             raise PayloadError(f"step {step} is not part of this run's plan")
         if task not in NODE_TASKS:
             raise PayloadError(f"unknown task {task!r}")
-        weights = self._receive(step, bodies)
+        try:
+            weights = self._receive(step, bodies)
+        except MissingInit as missing:
+            return [codec.encode_init_request(missing.ref)]
         return NODE_TASKS.get(task)(self, step, weights)
 
-    def _rebuilt_w0(self, ref: codec.InitRef) -> Weights:
-        """The initial weights this node built itself, once their digest matches the server's."""
+    def _own_w0(self, ref: codec.InitRef) -> Weights:
+        """The initial weights this node built itself (from the seed, or from its copy of the
+        ``--init`` file), once their digest matches the server's. Without a matching copy of the
+        file the node asks for the weights (`MissingInit`); a seeded build that differs is an error."""
+        if ref.source == "request":
+            raise PayloadError("a node does not accept requests for the initial weights")
+        matches = self.built_w0 is not None and codec.weights_digest(self.built_w0) == ref.digest
+        if ref.source == "file" and not matches:
+            raise MissingInit(ref)
         if self.built_w0 is None:
             raise PayloadError("the server sent a reference to the initial weights, but this node did not build them")
-        if codec.weights_digest(self.built_w0) != ref.digest:
+        if not matches:
             import torch
 
             raise PayloadError(f"the initial weights this node built (model {self.cfg.train.model!r}, seed {ref.seed}) "

@@ -24,7 +24,7 @@ from .core.aggregate import robust_average
 from .core.params import Mask, ParamSpec, Weights
 from .errors import PayloadError, RoundError
 from .methods import method_of
-from .protocol import NodeFailure, Round, Step, Transport, bytes_sent
+from .protocol import NodeFailure, Reply, Round, Step, Transport, bytes_sent
 from .seeds import Stream, rng
 
 Evaluator = Callable[[Weights], tuple[float, float]]
@@ -162,6 +162,15 @@ class Server:
         may keep what the others carry. Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
+        asking = [node for node in requests if self._asks_for_w0(replies.get(node))]
+        if asking:
+            exchanged.bytes_up += sum(len(replies[node][0]) for node in asking)
+            again = {node: [self._w0_weights(step) if codec.peek(b).kind == Kind.INIT else b for b in requests[node]]
+                     for node in asking}
+            answered = self.transport.exchange(task, step.step, again)
+            exchanged.bytes_down += bytes_sent(again, answered)
+            replies = {**replies, **{node: answered.get(node, NodeFailure("no reply before the deadline"))
+                                     for node in asking}}
         for node in requests:
             reply = replies.get(node, NodeFailure("no reply before the deadline"))
             if isinstance(reply, NodeFailure):
@@ -246,16 +255,29 @@ class Server:
         return list(cache[held])
 
     def w0_body(self, node: int, step: Step, cache: dict[str, bytes]) -> list[bytes]:
-        """The initial weights, once per node: from the seeded initialiser, only a reference (the seed
-        and a digest) that the node checks against the weights it rebuilds; from an `init` file, the weights."""
+        """The initial weights, once per node, as a reference (the seed and a digest) that the node
+        checks against the weights it rebuilds from the seed or reads from its copy of the `init`
+        file; a node without a matching copy asks, and `exchange` sends it the weights."""
         if node in self.state.w0_sent:
             return []
         if "w0" not in cache:
-            if self.cfg.train.init is None:
-                cache["w0"] = codec.encode_init(self.state.w0, source="seed", seed=self.cfg.seed, round=step.step)
-            else:
-                cache["w0"] = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
+            source = "seed" if self.cfg.train.init is None else "file"
+            cache["w0"] = codec.encode_init(self.state.w0, source=source, seed=self.cfg.seed, round=step.step)
         return [cache["w0"]]
+
+    def _w0_weights(self, step: Step) -> bytes:
+        """The initial weights themselves, for a node that asked for them."""
+        return codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
+
+    def _asks_for_w0(self, reply: Reply | None) -> bool:
+        """Whether `reply` is a node's request for the `init` file's weights, which it has no copy of."""
+        if self.cfg.train.init is None or not isinstance(reply, list) or len(reply) != 1:
+            return False
+        try:
+            ref = codec.decode_init(reply[0])
+        except (PayloadError, TypeError):
+            return False
+        return ref.source == "request" and ref.digest == codec.weights_digest(self.state.w0)
 
     def acknowledge(self, exchanged: Round, *, w0: bool = False) -> None:
         """Nodes that replied validly now hold the current mask (and, with `w0`, the initial

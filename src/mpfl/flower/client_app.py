@@ -29,7 +29,7 @@ from flwr.common.constant import ErrorCode
 from ..protocol import BUILTIN_TASKS, NodeFailure
 from . import warm
 from .payload import EVALUATE, TIMING, partition_reply
-from .settings import NodeSettings, from_run_config, node_settings
+from .settings import NodeSettings, from_run_config, node_settings, with_local_init
 
 _IMPORTED = time.time()
 app = ClientApp()
@@ -38,7 +38,7 @@ _first_message = True
 
 def _settings(context: Context) -> NodeSettings:
     """This SuperNode's partition and options, once its node config fits the run."""
-    cfg, _ = from_run_config(context.run_config)
+    cfg, _ = from_run_config(with_local_init(context.run_config, context.node_config))
     return node_settings(context.node_config, cfg)
 
 
@@ -120,7 +120,7 @@ def _register_tasks() -> None:
 @app.lifespan()
 def lifespan(context: Context) -> Iterator[None]:
     """Before each message: import the run's plug-ins (building its config does) and handle their tasks."""
-    from_run_config(context.run_config)
+    from_run_config(with_local_init(context.run_config, context.node_config))
     _register_tasks()
     yield
 

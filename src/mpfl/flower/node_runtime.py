@@ -33,7 +33,7 @@ from ..experiment import Experiment, set_threads
 from ..node import Node, NodeState, make_trainer
 from ..protocol import NodeFailure
 from .payload import EVALUATE, METRICS, pack, step_of, unpack
-from .settings import ConfigValue, NodeSettings, from_run_config, node_config, node_settings
+from .settings import ConfigValue, NodeSettings, from_run_config, node_config, node_settings, with_local_init
 
 STATE = "mpfl.node"
 KEPT_RUNS = 2
@@ -57,7 +57,7 @@ _kept: OrderedDict[str, Prepared] = OrderedDict()
 def prepare(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigValue]) -> tuple[Prepared, NodeSettings]:
     """The node's view of the run, built once per process and run (Flower's simulation engine serves
     many partitions from one process), and the SuperNode's partition and settings."""
-    cfg, _ = from_run_config(run_config)
+    cfg, _ = from_run_config(with_local_init(run_config, node_cfg))
     where = node_settings(node_cfg, cfg)
     cfg = node_config(cfg, where)
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)

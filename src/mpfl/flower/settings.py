@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ..config import Config
 from ..errors import ConfigError
@@ -105,6 +106,21 @@ def node_settings(node_config: Mapping[str, ConfigValue], cfg: Config) -> NodeSe
     if isinstance(keep_warm, bool) or not isinstance(keep_warm, (int, float)) or keep_warm < 0:
         raise ConfigError(f"keep-warm must be a number of seconds >= 0 (0: no warm node process), got {keep_warm!r}")
     return NodeSettings(pid, num, data_dir, float(keep_warm))
+
+
+def with_local_init(run_config: Mapping[str, ConfigValue], node_config: Mapping[str, ConfigValue]) -> dict:
+    """The run config as a SuperNode sees it: ``train.init`` names the node's own copy of the
+    ``--init`` file (node config ``init``, else the run's path where that exists on this machine),
+    or nothing; a node without a copy asks the server for the initial weights."""
+    own = node_config.get("init") or ""
+    if not isinstance(own, str):
+        raise ConfigError(f"init must be a quoted path, as in --node-config 'init=\"/data/w0.pt\"'; got {own!r}")
+    keys = [k for k in run_config if k.replace("-", "_") in ("train.init", "init")]
+    if not own and not any(run_config[k] for k in keys):
+        return dict(run_config)
+    path = own or next(str(run_config[k]) for k in keys if run_config[k])
+    local = path if Path(path).is_file() else ""
+    return {**{k: v for k, v in run_config.items() if k not in keys}, "train.init": local}
 
 
 def node_config(cfg: Config, node: NodeSettings) -> Config:
