@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_config
 from mpfl.cli import main
 from mpfl.records import read_rounds, read_summary
-from mpfl.report import DPI, FIGSIZE, load_runs
+from mpfl.report import DPI, FIGSIZE, format_variant, group_runs, load_runs, precision_groups
 from mpfl.sim import simulate
 
 SEEDS = (0, 1)
@@ -168,6 +168,20 @@ def test_only_unfinished_runs_is_a_one_line_error(mixed, capsys):
     assert main(["report", str(mixed / "unfinished")]) == 2
     err = capsys.readouterr().err
     assert "no finished runs to report on" in err and "mpfl run --resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_each_value_precision_is_a_line_of_the_accuracy_vs_bytes_plot(runs, tmp_path):
+    for dtype in ("float32", "float16"):
+        simulate(tiny_config(method="mpfl", seed=0, mask_rounds=1, value_dtype=dtype), tmp_path / f"mpfl-{dtype}")
+    groups = group_runs(load_runs([runs, tmp_path]))
+    shown = {format_variant(g.variant) for g in precision_groups(groups, 0.9)}
+    assert shown == {"value_dtype=float32", "value_dtype=float16"}
+    assert main(["report", str(runs), str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "accuracy_vs_bytes-mnist-iid-mlp.png").is_file()
+    full = next(g for g in groups if g.variant == {"value_dtype": "float32"})
+    int8 = next(g for g in groups if not g.variant and g.first.method == "mpfl")
+    # float32 kept values cost 4 bytes each where int8 costs 1: the float32 run sends more
+    assert full.first.summary["bytes_up"] > int8.first.summary["bytes_up"]
 
 
 def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):

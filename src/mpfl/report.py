@@ -58,6 +58,7 @@ COLUMNS = {  # JSON key -> markdown header
     "bits_per_param": "Bits/param/round (up / down)", "wall_time": "Wall time (s)",
     "bytes_eval_down": "Eval down (MB)", "bytes_eval_up": "Eval up (B)",
 }
+PRECISION_STYLES = {"float32": "--", "float16": ":", "int8": "-."}  # accuracy-vs-bytes lines of value precisions
 OPTIONAL = {"variant", "bytes_eval_down", "bytes_eval_up"}  # columns shown only when some row has a value
 DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
     "method": "Method", "variant": "Variant", "sparsity": "Sparsity", "params_kept": "Params kept",
@@ -462,12 +463,19 @@ def plot_accuracy_vs_round(groups: Sequence[Group], path: Path, title: str) -> P
     return path
 
 
+def precision_groups(groups: Sequence[Group], sparsity: float | None) -> list[Group]:
+    """The groups at `sparsity` that differ from their method's defaults only in how values travel."""
+    return [g for g in groups if set(g.variant) == {"value_dtype"} and g.first.summary["sparsity"] == sparsity]
+
+
 def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> Path:
-    """Test accuracy against cumulative traffic (up + down, log scale): what each method pays for accuracy."""
+    """Test accuracy against cumulative traffic (up + down, log scale): what each method pays for
+    accuracy; a method shown at several value precisions gets one line style per precision."""
     fig, ax = _figure(f"Accuracy vs traffic: {title}", "cumulative bytes up + down (MB, log scale)", "test accuracy (%)")
     for g in groups:
         _, cum, acc, _ = _mean_curve(g)
-        ax.plot(cum / 1e6, 100 * acc, marker=".", color=_color(g.first.method), label=g.label)
+        style = PRECISION_STYLES.get(g.variant.get("value_dtype"), "-")
+        ax.plot(cum / 1e6, 100 * acc, marker=".", linestyle=style, color=_color(g.first.method), label=g.label)
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
@@ -547,7 +555,7 @@ def _section_plots(groups: Sequence[Group], out: Path, section: tuple[str, str, 
     curve_groups, main = _curve_groups(groups) if groups else ([], None)
     title = _title_suffix(where, main)
     plots = [(plot_accuracy_vs_round, "accuracy_vs_round", curve_groups, title),
-             (plot_accuracy_vs_bytes, "accuracy_vs_bytes", curve_groups, title),
+             (plot_accuracy_vs_bytes, "accuracy_vs_bytes", curve_groups + precision_groups(groups, main), title),
              (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in groups if not g.variant],
               _title_suffix(where, None))]
     if ablation := _ablation_groups(groups):
