@@ -6,7 +6,7 @@ import torch
 
 from conftest import tiny_config
 from mpfl import codec
-from mpfl.core import masks as M
+from mpfl.core import masks
 from mpfl.core.aggregate import weighted_average
 from mpfl.errors import PayloadError, RoundError
 from mpfl.experiment import Experiment
@@ -58,7 +58,7 @@ def test_consensus_masks_shrink_as_nested_subsets_at_the_scheduled_density(mpfl_
         assert all(not (n & ~p).any() for p, n in zip(prev, new))
     mask_records = [r for r in records if r["phase"] == "mask"]
     for r, new in zip(mask_records, history[1:]):  # one budget over all layers (scope = global)
-        assert sum(int(m.sum()) for m in new) == M.keep_count(sum(m.size for m in new), r["target_density"])
+        assert sum(int(m.sum()) for m in new) == masks.keep_count(sum(m.size for m in new), r["target_density"])
     assert records[-1]["density"] == pytest.approx(0.2, abs=1e-3)
 
 
@@ -148,7 +148,7 @@ def test_topk_uploads_are_density_matched_sparse_updates():
     for bodies in replies.values():
         body = codec.decode_sparse(bodies[0], exp.spec.shapes)
         for i, size in zip(exp.spec.prunable, exp.spec.prunable_sizes):
-            assert np.count_nonzero(body.tensors[i]) <= M.keep_count(int(size), 0.1)
+            assert np.count_nonzero(body.tensors[i]) <= masks.keep_count(int(size), 0.1)
 
 
 def test_fedavg_matches_a_hand_computed_round():
@@ -344,8 +344,8 @@ def test_swaps_keep_the_density_and_the_weights_off_the_mask_exactly_zero(adapte
     cfg, exp, server, transport, records = adapted_run
     train = [r for r in records if r["phase"] == "train"]
     assert [r["swapped"] > 0 for r in train[:-1]] == [True] * (len(train) - 1)
-    masks = [server.state.history[r["step"]] for r in train[:-1]]
-    assert len({sum(int(m.sum()) for m in mask) for mask in masks}) == 1  # constant density through every swap
+    history = [server.state.history[r["step"]] for r in train[:-1]]
+    assert len({sum(int(m.sum()) for m in mask) for mask in history}) == 1  # constant density through every swap
     assert all(not (w[~m]).any() for w, m in zip(exp.spec.pick(server.state.weights), server.state.mask))
     for task, step, _requests, replies in transport.log:
         if task != "adapt":

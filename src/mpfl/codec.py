@@ -187,8 +187,8 @@ class _Reader:
         self.pos += n
         return out
 
-    def unpack(self, st: struct.Struct, what: str) -> tuple:
-        return st.unpack(self.take(st.size, what))
+    def unpack(self, layout: struct.Struct, what: str) -> tuple:
+        return layout.unpack(self.take(layout.size, what))
 
     def finish(self) -> None:
         if self.pos != len(self.view):

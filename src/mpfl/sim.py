@@ -175,5 +175,5 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | 
                          earlier + time.perf_counter() - started, {})
     if run_dir is not None and not keep_checkpoint:
         (run_dir.path / CHECKPOINT).unlink(missing_ok=True)
-    st = server.state
-    return RunResult(records, summary, st.weights, st.mask, run_dir.path if run_dir else None, dict(st.history))
+    state = server.state
+    return RunResult(records, summary, state.weights, state.mask, run_dir.path if run_dir else None, dict(state.history))

@@ -6,40 +6,40 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mpfl.core import masks as M
+from mpfl.core import masks
 
 
 def test_geometric_schedule_keeps_the_same_fraction_each_round():
-    d = [M.target_density(t, 5, 0.9, "geometric") for t in range(1, 6)]
+    d = [masks.target_density(t, 5, 0.9, "geometric") for t in range(1, 6)]
     assert d[-1] == pytest.approx(0.1)
     ratios = [d[0]] + [b / a for a, b in zip(d, d[1:])]
     assert ratios == pytest.approx([0.1 ** 0.2] * 5)
 
 
 def test_linear_schedule_removes_the_same_share_each_round():
-    assert [M.target_density(t, 4, 0.8, "linear") for t in range(1, 5)] == pytest.approx([0.8, 0.6, 0.4, 0.2])
+    assert [masks.target_density(t, 4, 0.8, "linear") for t in range(1, 5)] == pytest.approx([0.8, 0.6, 0.4, 0.2])
 
 
 def test_keep_count_rounds_and_keeps_one():
-    assert M.keep_count(10, 0.25) == 3  # 2.5 rounds half up
-    assert M.keep_count(10, 0.0) == 1
-    assert M.keep_count(10, 1.0) == 10
-    assert M.keep_count(0, 0.5) == 0
+    assert masks.keep_count(10, 0.25) == 3  # 2.5 rounds half up
+    assert masks.keep_count(10, 0.0) == 1
+    assert masks.keep_count(10, 1.0) == 10
+    assert masks.keep_count(0, 0.5) == 0
 
 
 def test_top_k_breaks_ties_by_tiebreak_then_index():
     scores = np.array([5, 3, 3, 3, 1.0])
     eligible = np.array([True, True, True, True, True])
-    assert M.top_k(scores, eligible, 2).tolist() == [True, True, False, False, False]
+    assert masks.top_k(scores, eligible, 2).tolist() == [True, True, False, False, False]
     tiebreak = np.array([0, 0.1, 0.9, 0.5, 0])
-    assert M.top_k(scores, eligible, 3, tiebreak).tolist() == [True, False, True, True, False]
+    assert masks.top_k(scores, eligible, 3, tiebreak).tolist() == [True, False, True, True, False]
 
 
 def test_top_k_only_chooses_eligible_entries():
     scores = np.array([9, 8, 7, 6.0])
     eligible = np.array([False, True, False, True])
-    assert M.top_k(scores, eligible, 1).tolist() == [False, True, False, False]
-    assert M.top_k(scores, eligible, 5).tolist() == eligible.tolist()
+    assert masks.top_k(scores, eligible, 1).tolist() == [False, True, False, False]
+    assert masks.top_k(scores, eligible, 5).tolist() == eligible.tolist()
 
 
 def _reference_layer_magnitude(w, current, density):
@@ -55,10 +55,10 @@ def test_magnitude_layer_scope_matches_numpy_reference():
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((20, 30)).astype(np.float32), rng.standard_normal((7, 20)).astype(np.float32)]
     current = [rng.random(w.shape) < 0.7 for w in weights]
-    new = M.magnitude_mask(weights, current, 0.3)
+    new = masks.magnitude_mask(weights, current, 0.3)
     for w, c, n in zip(weights, current, new):
         assert np.array_equal(n, _reference_layer_magnitude(w, c, 0.3))
-        assert n.sum() == M.keep_count(w.size, 0.3)
+        assert n.sum() == masks.keep_count(w.size, 0.3)
 
 
 def test_magnitude_global_scope_keeps_exact_total_and_the_floor():
@@ -66,9 +66,9 @@ def test_magnitude_global_scope_keeps_exact_total_and_the_floor():
     big = rng.standard_normal((100, 100)).astype(np.float32) * 10
     small = rng.standard_normal((10, 10)).astype(np.float32) * 0.01  # would vanish under one global threshold
     current = [np.ones_like(big, bool), np.ones_like(small, bool)]
-    new = M.magnitude_mask([big, small], current, 0.1, scope="global", floor=0.05)
-    assert sum(int(m.sum()) for m in new) == M.keep_count(big.size + small.size, 0.1)
-    assert new[1].sum() == M.keep_count(small.size, 0.05)
+    new = masks.magnitude_mask([big, small], current, 0.1, scope="global", floor=0.05)
+    assert sum(int(m.sum()) for m in new) == masks.keep_count(big.size + small.size, 0.1)
+    assert new[1].sum() == masks.keep_count(small.size, 0.05)
     assert new[1].sum() == 5
     # without the floor layer, the global threshold keeps the globally largest magnitudes
     rest = np.abs(big)[new[0]].min()
@@ -77,10 +77,10 @@ def test_magnitude_global_scope_keeps_exact_total_and_the_floor():
 
 def test_filter_mask_removes_whole_rows_by_l2_norm():
     w = np.array([[3, 0, 0], [1, 1, 1], [0, 0, 0.5], [2, 2, 0]], dtype=np.float32)  # norms 3, 1.73, 0.5, 2.83
-    new = M.filter_mask([w], [np.ones_like(w, bool)], 0.5)[0]
+    new = masks.filter_mask([w], [np.ones_like(w, bool)], 0.5)[0]
     assert new.tolist() == [[True] * 3, [False] * 3, [False] * 3, [True] * 3]
     conv = np.random.default_rng(2).standard_normal((8, 3, 5, 5)).astype(np.float32)
-    m = M.filter_mask([conv], [np.ones_like(conv, bool)], 0.25)[0]
+    m = masks.filter_mask([conv], [np.ones_like(conv, bool)], 0.25)[0]
     flags = m.reshape(8, -1)
     assert (flags.all(1) | ~flags.any(1)).all() and flags.all(1).sum() == 2
 
@@ -88,7 +88,7 @@ def test_filter_mask_removes_whole_rows_by_l2_norm():
 def test_filter_mask_only_keeps_rows_still_in_the_mask():
     w = np.arange(12, dtype=np.float32).reshape(4, 3)
     current = np.array([[1] * 3, [1] * 3, [1] * 3, [0] * 3], dtype=bool)  # the largest row is already pruned
-    new = M.filter_mask([w], [current], 0.5)[0]
+    new = masks.filter_mask([w], [current], 0.5)[0]
     assert new[:, 0].tolist() == [False, True, True, False]
 
 
@@ -101,7 +101,7 @@ def test_filter_mask_only_keeps_rows_still_in_the_mask():
 )
 def test_new_masks_are_subsets_of_the_current_mask(w, density, scope, seed):
     current = np.random.default_rng(seed).random(w.shape) < 0.6
-    new = M.magnitude_mask([w], [current], density, scope=scope)[0]
+    new = masks.magnitude_mask([w], [current], density, scope=scope)[0]
     assert not (new & ~current).any()
     assert new.sum() <= current.sum()
 
@@ -109,9 +109,9 @@ def test_new_masks_are_subsets_of_the_current_mask(w, density, scope, seed):
 def test_mask_statistics_by_hand():
     a = [np.array([1, 1, 0, 0], bool), np.array([1, 0], bool)]
     b = [np.array([1, 0, 1, 0], bool), np.array([1, 0], bool)]
-    assert M.density(a) == pytest.approx(3 / 6)
-    assert M.layer_density(a) == pytest.approx([0.5, 0.5])
-    assert M.hamming(a, b) == 2
-    assert M.jaccard(a, b) == pytest.approx(2 / 4)
+    assert masks.density(a) == pytest.approx(3 / 6)
+    assert masks.layer_density(a) == pytest.approx([0.5, 0.5])
+    assert masks.hamming(a, b) == 2
+    assert masks.jaccard(a, b) == pytest.approx(2 / 4)
     support = [np.array([1, 1, 1, 0], bool), np.array([1, 1], bool)]
-    assert M.agreement(a, b, support) == pytest.approx(3 / 5)
+    assert masks.agreement(a, b, support) == pytest.approx(3 / 5)

@@ -64,9 +64,9 @@ def main(grid: Grid, context: Context) -> None:
     evaluation, failed = _evaluate_on_nodes(transport, server) if opts.federated_eval else ({}, [])
     extra = {"runner": runner_of(grid), "partitions": partitions, "missing_partitions": missing, **evaluation,
              "lost_nodes": _lost(transport, missing, records, failed)}
-    st = server.state
-    _save_masks(run_dir.path, exp.spec, st.history)
-    finish_run(exp, run_dir, st.weights, st.mask, records, time.perf_counter() - started, extra)
+    state = server.state
+    _save_masks(run_dir.path, exp.spec, state.history)
+    finish_run(exp, run_dir, state.weights, state.mask, records, time.perf_counter() - started, extra)
 
 
 def _log_round(record: dict) -> None:
