@@ -125,8 +125,8 @@ FORGE = dict(malicious=2, attack="inverted-mask", attack_samples=1000)
 def test_two_of_ten_forging_1000x_counts_with_inverted_masks():
     """The issue's attack on a small config: under sample-weighted votes, unbounded counts hand the
     attackers the mask; bounded (each forged count at 2.5x the median), the forged counts weigh as
-    2.5 honest nodes, which hurts more than true counts but keeps most of the honest mask. The default agreement votes (with the trimmed mean) recover the honest-only mask even with
-    unbounded counts, without losing accuracy."""
+    2.5 honest nodes, which hurts more than true counts but keeps most of the honest mask. The default
+    agreement votes (with the trimmed mean) recover the honest-only mask even with unbounded counts, without losing accuracy."""
     samples = dict(vote_weighting="samples")
     honest = simulate(tiny_config(**ATTACK, **samples, malicious=2, attack="silent"))
     forged = simulate(tiny_config(**ATTACK, **samples, **FORGE))

@@ -9,7 +9,7 @@ new kind of node work registers a handler with `register_task`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,12 @@ class NodeState:
     local: Weights | None = None
     residual: Weights | None = None
 
+    @property
+    def fresh(self) -> bool:
+        """Whether the node has received nothing yet (its state is the default one)."""
+        return (self.w0 is None and self.mask is None and self.version == 0 and self.local is None
+                and self.residual is None)
+
 
 class SharedDecodes:
     """Decoded bodies shared by the nodes of one process and run: nodes that receive the same bytes
@@ -53,6 +59,19 @@ class SharedDecodes:
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._entries: OrderedDict[tuple, codec.Body] = OrderedDict()
+        self._masks: OrderedDict[int, Mask] = OrderedDict()
+
+    def mask(self, version: int, mask: Mask) -> Mask:
+        """One shared copy of the consensus mask of `version`: every node holding that version keeps
+        the same arrays (a node that decoded different bits, which no honest decode does, keeps its own)."""
+        known = self._masks.get(version)
+        if known is not None and all(np.array_equal(a, b) for a, b in zip(known, mask)):
+            return known
+        self._masks[version] = mask
+        self._masks.move_to_end(version)
+        if len(self._masks) > self.size:
+            self._masks.popitem(last=False)
+        return mask
 
     def get(self, key: tuple, decode: Callable[[], codec.Body]) -> codec.Body:
         """The body decoded under `key` (the bytes and every expectation the decoder checks), decoding it if new."""
@@ -144,6 +163,8 @@ class Node:
             received = self._apply(step, body)
             if received is not None:
                 weights = received
+        if self.shared is not None and self.state.mask is not None:
+            self.state.mask = self.shared.mask(self.state.version, self.state.mask)
         return weights
 
     def _apply(self, step: int, body: bytes) -> Weights | None:
@@ -354,4 +375,14 @@ def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[i
             replies[node_id] = nodes[node_id].handle(task, step, bodies)
         except PayloadError as exc:
             replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
+    release(nodes.values(), step)
     return replies
+
+
+def release(nodes: Iterable[Node], step: int) -> None:
+    """After round `step`, drop the own weights of every node holding some, once no later round can
+    start from them (asked once per round, not once per node)."""
+    holders = [n for n in nodes if n.state.local is not None]
+    if holders and step in holders[0].steps and not holders[0].method.keeps_own_weights(holders[0].steps[step]):
+        for node in holders:
+            node.state.local = None

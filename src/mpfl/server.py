@@ -145,14 +145,19 @@ class Server:
         return sorted(self.transport.node_ids())
 
     def sample(self, step: Step) -> list[int]:
-        """Nodes taking part in a training round: a seeded fraction q of the reachable nodes."""
+        """Nodes taking part in a round: a seeded fraction of the reachable nodes, at least `min_nodes`.
+        Mask rounds ask `prune.mask_fraction` of them (by default `train.fraction`) from their own
+        random stream, so a run that samples only mask rounds draws its training rounds as before."""
+        mask = step.phase == "mask"
+        fraction = self.cfg.train.fraction
+        if mask and self.cfg.prune.mask_fraction is not None:
+            fraction = self.cfg.prune.mask_fraction
         nodes = self.node_ids()
-        q = self.cfg.train.fraction
-        if q >= 1.0 or not nodes:
+        if fraction >= 1.0 or not nodes:
             return nodes
-        k = max(self.cfg.min_nodes, int(round(q * len(nodes))))
-        return sorted(rng(self.cfg.seed, step.step, Stream.SAMPLE).choice(nodes, size=min(k, len(nodes)),
-                                                                           replace=False).tolist())
+        k = max(self.cfg.min_nodes, int(round(fraction * len(nodes))))
+        key = (self.cfg.seed, step.step, Stream.MASK_SAMPLE) if mask else (self.cfg.seed, step.step, Stream.SAMPLE)
+        return sorted(rng(*key).choice(nodes, size=min(k, len(nodes)), replace=False).tolist())
 
     def exchange(self, task: str, step: Step, requests: Mapping[int, Sequence[bytes]],
                  decode: Callable[[int, Sequence[bytes]], codec.Body], *, bodies: int = 1) -> Round:

@@ -159,7 +159,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | 
                 run_dir.log(r)
                 save_checkpoint(run_dir.path, server.state,
                                 pool.states() if pool is not None else {n.id: n.state for n in nodes},
-                                checkpoint_run(identity, cfg, records))
+                                checkpoint_run(identity, cfg, records), spec=exp.spec)
         if on_round is not None:
             on_round(r)
 
