@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import Config, FaultConfig
 from .core.params import Mask, Weights
@@ -146,7 +148,9 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | 
         if resume:
             run_dir.rewrite([])
     earlier = records[-1].get("elapsed", 0.0) if records else 0.0
-    pool = NodePool(cfg, exp.dataset, node_states, cfg.workers) if cfg.workers > 1 and cfg.nodes > 1 else None
+    pool = None
+    if cfg.workers > 1 and cfg.nodes > 1:  # workers get the data on the host (shared memory) and move it themselves
+        pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, cfg.workers)
     nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
     transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
     server: Server
