@@ -1,0 +1,174 @@
+"""Cross-device scale: sampled mask rounds, node state that grows with the sample, and the device setting."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from mpfl import codec
+from mpfl.checkpoint import CHECKPOINT, read_meta
+from mpfl.config import Config
+from mpfl.errors import ConfigError
+from mpfl.experiment import Experiment
+from mpfl.node import build_nodes
+from mpfl.server import Server
+from mpfl.sim import InProcessTransport, simulate
+
+THOUSAND = {"nodes": 1000, "train_samples": 4000, "test_samples": 200, "fraction": 0.01, "mask_rounds": 3,
+            "rounds": 2, "sparsity": 0.8}
+"""1,000 nodes with 3-4 training samples each, 10 asked per round."""
+
+
+class Recording(InProcessTransport):
+    """An in-process transport that keeps every request and reply it carried."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.log = []
+
+    def exchange(self, task, step, requests):
+        replies = super().exchange(task, step, requests)
+        self.log.append((task, step, dict(requests), dict(replies)))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def thousand():
+    """A 1,000-node run on the in-process transport, every message recorded."""
+    cfg = tiny_config(**THOUSAND)
+    exp = Experiment.from_config(cfg)
+    nodes = build_nodes(cfg, exp, range(cfg.nodes), {})
+    transport = Recording(nodes)
+    records = []
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
+    server.run()
+    return cfg, exp, server, transport, records
+
+
+def test_every_round_mask_rounds_included_asks_the_seeded_sample(thousand):
+    cfg, _, _, transport, records = thousand
+    assert [r["phase"] for r in records] == ["mask"] * 3 + ["train"] * 2
+    asked = [sorted(requests) for _, _, requests, _ in transport.log]
+    assert all(len(a) == 10 for a in asked)
+    assert len({tuple(a) for a in asked}) == len(asked)  # another sample every round
+    assert asked == [r["nodes"] for r in records]
+    again = tiny_config(**THOUSAND)
+    server = Server(again, thousand[1].spec, thousand[1].w0, transport)
+    assert [server.sample(s) for s in server.plan] == asked  # the sample is a function of (seed, step)
+
+
+def test_bytes_counted_equal_the_lengths_of_the_sampled_nodes_messages(thousand):
+    _, _, _, transport, records = thousand
+    for (_, _, requests, replies), record in zip(transport.log, records):
+        assert record["bytes_down"] == sum(len(b) for bodies in requests.values() for b in bodies)
+        assert record["bytes_up"] == sum(len(b) for bodies in replies.values() for b in bodies)
+
+
+def test_a_node_that_skipped_rounds_catches_up_to_exactly_the_current_mask(thousand):
+    """A mask update is coded over the version the node holds, however old; decoded over that version
+    (independently of the node) it is the server's current mask, and every node holds its version's mask."""
+    _, exp, server, transport, _ = thousand
+    history = server.state.history
+    held: dict[int, int] = {}
+    caught_up = 0
+    for _, step, requests, _ in transport.log:
+        current = max(v for v in history if v < step)
+        for node, bodies in requests.items():
+            updates = [b for b in bodies if codec.peek(b).kind == codec.Kind.MASK]
+            if held.get(node, 0) == current:
+                assert not updates
+                continue
+            (update,) = updates
+            assert codec.peek(update).base == held.get(node, 0)
+            decoded = codec.decode_mask(update, history[held.get(node, 0)]).tensors
+            assert all(np.array_equal(d, m) for d, m in zip(decoded, history[current]))
+            caught_up += 0 < held.get(node, 0) < max(v for v in history if v < current)
+            held[node] = current
+    assert caught_up, "no node skipped a mask version between two rounds it was asked in"
+    for node in transport.nodes.values():
+        assert all(np.array_equal(a, b) for a, b in zip(node.mask, history[node.state.version]))
+
+
+def test_node_state_is_held_only_by_the_nodes_asked_and_shared_by_version(thousand):
+    _, _, server, transport, _ = thousand
+    asked = {n for _, _, requests, _ in transport.log for n in requests}
+    touched = {n.id for n in transport.nodes.values() if not n.state.fresh}
+    assert touched == asked and len(asked) <= 50
+    assert all(n.state.local is None for n in transport.nodes.values())  # no round after the last reads them
+    copies = {id(n.state.mask[0]) for n in transport.nodes.values() if n.state.mask is not None}
+    assert len(copies) <= len(server.state.history)  # one mask per version, not one per node
+
+
+def test_nodes_keep_their_own_weights_only_while_a_later_round_may_start_from_them():
+    cfg = tiny_config(mask_rounds=3, mask_average_from=2)
+    method = Server(cfg, *_spec_w0(cfg), InProcessTransport([])).method
+    steps = {s.step: s for s in method.plan()}
+    # round 2 starts from each node's own weights, round 3 from the shared average, training from that average
+    assert [method.keeps_own_weights(steps[i]) for i in (1, 2, 3, 4)] == [True, False, False, False]
+    plain = Server(tiny_config(mask_rounds=2, mask_average_from=0), *_spec_w0(cfg), InProcessTransport([])).method
+    assert [plain.keeps_own_weights(s) for s in plain.plan()] == [True, True, False, False]  # train_init local
+    rewind = Server(tiny_config(rewind="init", train_init="rewind"), *_spec_w0(cfg), InProcessTransport([])).method
+    assert not any(rewind.keeps_own_weights(s) for s in rewind.plan())
+
+
+def _spec_w0(cfg: Config):
+    exp = Experiment.from_config(cfg)
+    return exp.spec, exp.w0
+
+
+def test_resume_at_1000_nodes_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_path):
+    cfg = tiny_config(**{**THOUSAND, "mask_rounds": 2, "rounds": 1})
+    reference = simulate(cfg)
+
+    def stop(record):
+        if record["step"] == 1:
+            meta = read_meta(tmp_path / "run")
+            assert len(meta["nodes"]) == 10 and all(m["local"] for m in meta["nodes"].values())
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(cfg, tmp_path / "run", on_round=stop)
+    model_bytes = 4 * 199_210
+    # the 10 nodes' weights, the server's weights and w0, two masks: not the 1,000 nodes' 800 MB
+    assert (tmp_path / "run" / CHECKPOINT).stat().st_size < 13 * model_bytes
+    resumed = simulate(cfg, tmp_path / "run", resume=True)
+    keys = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "density", "hamming")
+    assert [{k: r.get(k) for k in keys} for r in resumed.records] == [{k: r.get(k) for k in keys} for r in reference.records]
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.weights, reference.weights))
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
+
+
+def test_mask_fraction_defaults_to_fraction_and_can_differ():
+    assert Config().prune.mask_fraction is None
+    every = simulate(tiny_config(nodes=4, rounds=1, mask_rounds=1, fraction=0.5, mask_fraction=1.0))
+    assert [len(r["nodes"]) for r in every.records] == [4, 2]
+    default = simulate(tiny_config(nodes=4, rounds=1, mask_rounds=1))
+    assert [len(r["nodes"]) for r in default.records] == [4, 4]
+    with pytest.raises(ConfigError, match="mask_fraction"):
+        tiny_config(mask_fraction=0.0)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_device_cpu_gives_exactly_the_run_without_the_setting():
+    plain = simulate(tiny_config(rounds=1, mask_rounds=2))
+    cpu = simulate(tiny_config(rounds=1, mask_rounds=2, device="cpu"))
+    keys = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "hamming")
+    assert [{k: r.get(k) for k in keys} for r in cpu.records] == [{k: r.get(k) for k in keys} for r in plain.records]
+    assert all(np.array_equal(a, b) for a, b in zip(cpu.weights, plain.weights))
+    assert all(np.array_equal(a, b) for s in plain.masks for a, b in zip(cpu.masks[s], plain.masks[s]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_device_cuda_without_a_gpu_fails_before_the_run_starts(tmp_path):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="no CUDA GPU.*--device cpu"):
+            simulate(tiny_config(device=device), tmp_path / device)
+        assert not (tmp_path / device).exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "tpu"])
+def test_device_names_are_checked_with_the_config(device):
+    with pytest.raises(ConfigError, match="device"):
+        tiny_config(device=device)
