@@ -116,21 +116,36 @@ def _spec_w0(cfg: Config):
     return exp.spec, exp.w0
 
 
-def test_resume_at_1000_nodes_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_path):
-    cfg = tiny_config(**{**THOUSAND, "mask_rounds": 2, "rounds": 1})
+@pytest.mark.parametrize("overrides, stop_at", [
+    ({**THOUSAND, "mask_rounds": 2, "rounds": 1}, 1),  # own weights trained from w0: stored as the round's number
+    ({"nodes": 6, "fraction": 0.5, "mask_rounds": 2, "rounds": 1}, 1),  # ... and rebuilt for round 2 to start from
+    ({"nodes": 6, "fraction": 0.5, "mask_rounds": 3, "rounds": 1, "mask_average_from": 0}, 2),  # as kept values
+])
+def test_resume_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_path, overrides, stop_at):
+    cfg = tiny_config(**overrides)
     reference = simulate(cfg)
+    model_bytes = 4 * 199_210
+    seen = {}
 
     def stop(record):
-        if record["step"] == 1:
-            meta = read_meta(tmp_path / "run")
-            assert len(meta["nodes"]) == 10 and all(m["local"] for m in meta["nodes"].values())
+        if record["step"] == stop_at:
+            seen["meta"] = read_meta(tmp_path / "run")
+            seen["size"] = (tmp_path / "run" / CHECKPOINT).stat().st_size
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         simulate(cfg, tmp_path / "run", on_round=stop)
-    model_bytes = 4 * 199_210
-    # the 10 nodes' weights, the server's weights and w0, two masks: not the 1,000 nodes' 800 MB
-    assert (tmp_path / "run" / CHECKPOINT).stat().st_size < 13 * model_bytes
+    nodes = seen["meta"]["nodes"]
+    asked = {n for r in reference.records[:stop_at] for n in r["nodes"]}
+    assert set(nodes) == {str(n) for n in asked}
+    stored = [n for n, m in nodes.items() if m["local"]]
+    rebuilt = [n for n, m in nodes.items() if m["from_w0"]]
+    if stop_at == 1:  # every node asked trained from w0: no weights stored, the server's weights and w0 only
+        assert len(rebuilt) == len(nodes) and not stored and seen["size"] < 3 * model_bytes
+        if cfg.nodes < 1000:  # some node of round 1 is asked again and starts round 2 from its rebuilt weights
+            assert asked & set(reference.records[1]["nodes"])
+    else:
+        assert stored and len(stored) + len(rebuilt) == len(nodes)
     resumed = simulate(cfg, tmp_path / "run", resume=True)
     keys = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "density", "hamming")
     assert [{k: r.get(k) for k in keys} for r in resumed.records] == [{k: r.get(k) for k in keys} for r in reference.records]

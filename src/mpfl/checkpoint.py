@@ -5,9 +5,10 @@ All randomness is derived from (seed, step, node), so the server state and the n
 states are everything a run needs to continue. Masks are stored once (the server's mask
 history); a node's mask is the history entry of the version it holds. Only nodes that have
 taken part are stored, and a node's own weights only as their values on the mask it trained
-under (they are zero elsewhere), so a checkpoint grows with the nodes sampled and the kept
-weights, not with nodes x model size. Both files are written to a temporary name and renamed,
-so a kill leaves either the old or the new file.
+under (they are zero elsewhere), or, when a mask round trained them from w0, as that round's
+number alone (the node trains again on resume to rebuild them, bit for bit), so a checkpoint
+grows with the nodes sampled and the kept weights, not with nodes x model size. Both files are
+written to a temporary name and renamed, so a kill leaves either the old or the new file.
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     for n, st in nodes.items():
         if st.fresh:
             continue
-        if st.local is not None:
+        if st.local is not None and not st.local_from_w0:
             groups[f"node/{n}/local"] = numbered(kept_values(spec, st.local, server.history[st.version]))
         if st.residual is not None:
             groups[f"node/{n}/residual"] = numbered(st.residual)
         node_meta[str(n)] = {"version": st.version, "has_mask": st.mask is not None, "has_w0": st.w0 is not None,
-                             "local": st.local is not None, "residual": st.residual is not None, "kept": True}
+                             "local": st.local is not None and not st.local_from_w0, "residual": st.residual is not None,
+                             "kept": True, "from_w0": st.local_from_w0 if st.local is not None else 0}
     meta = {
         "version": server.version, "history": sorted(server.history), "next_step": server.next_step,
         "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,
@@ -133,7 +135,8 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
     for n, m in (maps["nodes"] or {}).items():
         flags = ("has_mask", "has_w0", "local", "residual")
         if (not isinstance(m, dict) or m.get("version") not in versions or not all(isinstance(m.get(f), bool) for f in flags)
-                or not isinstance(m.get("kept", False), bool)):
+                or not isinstance(m.get("kept", False), bool) or not _int(m.get("from_w0", 0), 0, steps)
+                or (m.get("from_w0", 0) and not m.get("has_w0"))):
             problems.append(f"the state of node {n} is malformed")
     if problems:
         raise ValueError("; ".join(problems))
@@ -180,6 +183,7 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
             w0=w0 if m["has_w0"] else None, mask=history[m["version"]] if m["has_mask"] else None, version=m["version"],
             local=_local(groups, n, m, spec, history[m["version"]]) if m["local"] else None,
             residual=_arrays(groups, f"node/{n}/residual", n_prunable, prunable_shapes, float32) if m["residual"] else None,
+            local_from_w0=m.get("from_w0", 0),
         )
     return server, nodes
 

@@ -43,12 +43,19 @@ class NodeState:
     version: int = 0
     local: Weights | None = None
     residual: Weights | None = None
+    local_from_w0: int = 0
+    """The mask round whose training from w0 gave `local` (0: another start), so that a checkpoint
+    can store the step instead of the weights and `Node` rebuild them by training again."""
 
     @property
     def fresh(self) -> bool:
         """Whether the node has received nothing yet (its state is the default one)."""
         return (self.w0 is None and self.mask is None and self.version == 0 and self.local is None
-                and self.residual is None)
+                and self.residual is None and self.local_from_w0 == 0)
+
+    def drop_local(self) -> None:
+        """Forget the node's own trained weights (and how to rebuild them)."""
+        self.local, self.local_from_w0 = None, 0
 
 
 class SharedDecodes:
@@ -145,6 +152,19 @@ class Node:
         self.structured = method.structured
         self.value_dtype = method.value_dtype
         self.shared: SharedDecodes | None = None
+        if self.state.local is None and self.state.local_from_w0:
+            self.state.local = self.train_from_w0(self.state.local_from_w0)
+
+    def train_from_w0(self, step: int) -> Weights:
+        """The weights mask round `step` trains from w0 masked by the mask the node holds (bit for bit
+        the weights it trained then: every draw depends on (seed, step, node) only)."""
+        if self.state.w0 is None:
+            raise PayloadError("rebuilding the weights of a mask round needs the initial weights")
+        p, current = self.cfg.prune, self.mask
+        start = self.spec.apply(self.state.w0, current)
+        _, trained = find_mask(self.cfg, self.trainer, self.data, start, current, self.steps[step].density,
+                               self.key(step), epochs=p.mask_epochs, w0=self.state.w0)
+        return trained if trained is not None else start
 
     # ------------------------------------------------------------------ receiving
 
@@ -158,13 +178,15 @@ class Node:
 
     def _receive(self, step: int, bodies: Sequence[bytes]) -> Weights | None:
         """Apply the bodies of a request in order; return the weights it carried, if any."""
-        weights = None
+        weights, held = None, self.state.version
         for body in bodies:
             received = self._apply(step, body)
             if received is not None:
                 weights = received
         if self.shared is not None and self.state.mask is not None:
             self.state.mask = self.shared.mask(self.state.version, self.state.mask)
+        if self.state.version != held:
+            self.state.local_from_w0 = 0  # rebuilt under the new mask they would differ: keep them as weights
         return weights
 
     def _apply(self, step: int, body: bytes) -> Weights | None:
@@ -261,6 +283,7 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
                              epochs=p.mask_epochs, w0=node.state.w0)
     if p.rewind == "none":
         node.state.local = trained if trained is not None else start
+        node.state.local_from_w0 = 0 if shared or own else step
     new = node.forge_mask(new, current, start, step)
     coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
     out = [codec.encode_mask(new, current, structured=node.structured, num_samples=node.claimed_samples, **coding)]
@@ -385,4 +408,4 @@ def release(nodes: Iterable[Node], step: int) -> None:
     holders = [n for n in nodes if n.state.local is not None]
     if holders and step in holders[0].steps and not holders[0].method.keeps_own_weights(holders[0].steps[step]):
         for node in holders:
-            node.state.local = None
+            node.state.drop_local()
