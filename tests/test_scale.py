@@ -153,6 +153,30 @@ def test_resume_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_p
     assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
 
 
+def test_own_weights_rebuilt_on_demand_give_the_run_that_keeps_them():
+    """With sampled mask rounds a node does not hold the weights it trained from w0; a node asked
+    again trains again to rebuild them: the run is the one in which every node keeps them."""
+    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=1, mask_average_from=0)
+    runs = {}
+    for keep in (False, True):
+        exp = Experiment.from_config(cfg)
+        nodes = build_nodes(cfg, exp, range(cfg.nodes), {})
+        for node in nodes:
+            node.keeps_from_w0 = keep
+        transport = Recording(nodes)
+        held = []
+        server = Server(cfg, exp.spec, exp.w0, transport,
+                        on_round=lambda r, nodes=nodes, held=held: held.append(sum(n.state.local is not None
+                                                                                    for n in nodes)))
+        server.run()
+        runs[keep] = (transport.log, server.state, held)
+    assert runs[False][0] == runs[True][0]  # every request and reply, byte for byte
+    assert all(np.array_equal(a, b) for a, b in zip(runs[False][1].weights, runs[True][1].weights))
+    assert runs[False][2][0] == 0 and runs[True][2][0] == 3  # after mask round 1: nothing held, or the 3 asked
+    rebuilt = {n for _, step, requests, _ in runs[False][0] if step == 2 for n in requests}
+    assert rebuilt & {n for _, step, requests, _ in runs[False][0] if step == 1 for n in requests}
+
+
 def test_mask_fraction_defaults_to_fraction_and_can_differ():
     assert Config().prune.mask_fraction is None
     every = simulate(tiny_config(nodes=4, rounds=1, mask_rounds=1, fraction=0.5, mask_fraction=1.0))

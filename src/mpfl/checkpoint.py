@@ -50,7 +50,7 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
             groups[f"node/{n}/residual"] = numbered(st.residual)
         node_meta[str(n)] = {"version": st.version, "has_mask": st.mask is not None, "has_w0": st.w0 is not None,
                              "local": st.local is not None and not st.local_from_w0, "residual": st.residual is not None,
-                             "kept": True, "from_w0": st.local_from_w0 if st.local is not None else 0}
+                             "kept": True, "from_w0": st.local_from_w0}
     meta = {
         "version": server.version, "history": sorted(server.history), "next_step": server.next_step,
         "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,

@@ -187,7 +187,8 @@ class Server:
                 exchanged.replies[node] = body
             except PayloadError as exc:
                 exchanged.dropped[node] = f"rejected: {exc}"
-        exchanged.counts = {node: self.bounded_count(node) for node in exchanged.replies}
+        cap = self.count_cap()
+        exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         if len(exchanged.replies) < self.cfg.min_nodes:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
@@ -226,9 +227,11 @@ class Server:
         """The weight a node's count may give it: its fixed count, clipped to `robust.count_limit`
         times the median of all fixed counts, so that a few nodes claiming huge datasets stay a few
         nodes (honest counts within the limit are used exactly)."""
-        counts = self.state.counts
-        cap = self.cfg.robust.count_limit * float(np.median(list(counts.values())))
-        return float(min(counts[node], cap))
+        return float(min(self.state.counts[node], self.count_cap()))
+
+    def count_cap(self) -> float:
+        """The largest count a node may weigh with: `robust.count_limit` times the median fixed count."""
+        return self.cfg.robust.count_limit * float(np.median(list(self.state.counts.values())))
 
     def mask_update(self, node: int, cache: dict[int, list[bytes]]) -> list[bytes]:
         """The current mask coded over the version the node holds (nothing if it is up to date): the

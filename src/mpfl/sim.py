@@ -59,6 +59,8 @@ class FaultyTransport(InProcessTransport):
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         f = self.faults
+        if not (f.dropout or f.straggler or f.corrupt or f.duplicate):  # no faults: no draws (one per node asked)
+            return super().exchange(task, step, requests)
         draws = {n: rng(self.seed, step, n, Stream.FAULTS).random(5) for n in requests}
         present = {n: b for n, b in requests.items() if draws[n][0] >= f.dropout}
         replies = super().exchange(task, step, present)
