@@ -207,6 +207,15 @@ def test_device_cuda_without_a_gpu_fails_before_the_run_starts(tmp_path):
         assert not (tmp_path / device).exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_mpfl_run_with_device_cuda_without_a_gpu_says_so_and_makes_no_run_dir(tmp_path, capsys):
+    from mpfl.cli import main
+
+    assert main(["run", "--device", "cuda", "--nodes", "2", "--train-samples", "500", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "tpu"])
 def test_device_names_are_checked_with_the_config(device):
     with pytest.raises(ConfigError, match="device"):
