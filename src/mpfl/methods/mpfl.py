@@ -14,6 +14,11 @@ classes (docs/results.md, "Label skew"):
   server swaps them for its smallest kept weights, at constant density.
 
 `local` is the consensus ablation: MPFL with a single voter.
+
+Each mask round asks a seeded sample of the nodes (`prune.mask_fraction`, by default
+`train.fraction`): the consensus is taken over the sampled nodes' votes, and a node left out
+catches up with the current mask when it is next asked (docs/architecture.md, "Many nodes, few
+asked", says what this changes).
 """
 
 from __future__ import annotations
