@@ -423,8 +423,9 @@ def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[i
 
 
 def release(nodes: Iterable[Node], step: int) -> None:
-    """After round `step`, drop the own weights of every node holding some, once no later round can
-    start from them (asked once per round, not once per node)."""
+    """In round `step`, drop the own weights of those of `nodes` that hold some once no round after
+    `step` can start from them: after the round for the nodes asked, before it for the others, who
+    cannot start from them in it either (the method is asked once per call, not once per node)."""
     holders = [n for n in nodes if n.state.has_local]
     if holders and step in holders[0].steps and not holders[0].method.keeps_own_weights(holders[0].steps[step]):
         for node in holders:
