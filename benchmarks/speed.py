@@ -1,7 +1,8 @@
 """Simulator speed and memory: overhead over a bare torch loop, speed-up over Flower's simulation
 engine, and peak resident memory.
 
-    python benchmarks/speed.py [--quick] [--json PATH] [--threads N] [--only overhead|flower|memory]
+    python benchmarks/speed.py [--quick] [--json PATH] [--threads N] [--only overhead|flower|memory|device]
+                               [--device cpu|cuda|cuda:N|mps|auto ...]
 
 1. Overhead (``overhead_cnn``, ``overhead_mlp``): the wall time of an MPFL run on the in-process
    simulator divided by the time of the same local training steps in a bare torch loop. The run:
@@ -28,6 +29,12 @@ engine, and peak resident memory.
    the same final weights.
 3. Memory (``peak_rss_mib_10_nodes``, ``peak_rss_mib_100_nodes``): peak resident set size of a
    fresh process running an MPFL cnn run on all of MNIST (2 mask rounds, 1 training round).
+
+4. Devices (``devices``): for each ``--device`` (repeatable; default cpu), one MPFL run of the
+   overhead configuration (mlp and cnn; mlp alone with --quick) on that device: rounds per second and local training samples
+   per second (every sample each asked node trains on, per epoch, mask rounds included), from the
+   start of `simulate` with the data and model already on the device. A device this machine lacks
+   stops the benchmark with the run's own error.
 
 --quick: overhead runs on 12,000 training and 2,000 test samples with 1 + 2 rounds, the Flower
 comparison on 12,000 training samples, memory runs with 1 mask round. --threads sets torch
@@ -56,6 +63,7 @@ from mpfl.checkpoint import load_final
 from mpfl.config import Config
 from mpfl.core.params import set_weights
 from mpfl.core.training import generator
+from mpfl.errors import ConfigError
 from mpfl.experiment import Experiment
 from mpfl.flower.local import FINISHED
 from mpfl.models import build_model
@@ -63,7 +71,7 @@ from mpfl.records import read_summary
 from mpfl.sim import simulate
 
 REPO = Path(__file__).resolve().parents[1]
-PARTS = ("overhead", "flower", "memory")
+PARTS = ("overhead", "flower", "memory", "device")
 BASE = {"nodes": 10, "method": "mpfl", "sparsity": 0.9, "batch_size": 32, "lr": 0.05, "epochs": 1}
 
 
@@ -198,6 +206,34 @@ def flower(quick: bool) -> tuple[list[dict], dict]:
                   "speedup_vs_flower_simulation_1_worker": flower_total / sum(r["in_process_1_worker_s"] for r in rows)}
 
 
+# --------------------------------------------------------------------------- devices
+
+
+def trained_samples(exp: Experiment, records: list[dict]) -> int:
+    """Local training samples of a run: each asked node's samples times its epochs, every round."""
+    cfg = exp.cfg
+    sizes = exp.partition.sizes()
+    total = 0
+    for r in records:
+        epochs = cfg.prune.mask_epochs if r["phase"] == "mask" else cfg.train.epochs
+        total += epochs * int(sum(int(sizes[n]) for n in r["nodes"]))
+    return total
+
+
+def device_speed(model_name: str, device: str, quick: bool, threads: int) -> dict:
+    """Rounds and training samples per second of the overhead configuration on `device`."""
+    size = {"train_samples": 12000, "test_samples": 2000, "mask_rounds": 1, "rounds": 2} if quick else \
+        {"mask_rounds": 2, "rounds": 3}
+    cfg = Config().with_overrides({**BASE, **size, "model": model_name, "threads": threads, "device": device})
+    exp = Experiment.from_config(cfg)
+    started = time.perf_counter()
+    result = simulate(cfg, experiment=exp)
+    wall = time.perf_counter() - started
+    return {"device": str(exp.device), "model": model_name, "rounds": len(result.records), "wall_s": wall,
+            "rounds_per_s": len(result.records) / wall, "samples_per_s": trained_samples(exp, result.records) / wall,
+            "final_accuracy": result.summary["final_accuracy"]}
+
+
 # --------------------------------------------------------------------------- memory
 
 PEAK = """
@@ -236,6 +272,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as one JSON object")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the overhead runs (default 1)")
     p.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)")
+    p.add_argument("--device", action="append", metavar="DEVICE",
+                   help="a device the device part measures (repeatable; default cpu): cpu, cuda, cuda:N, mps, auto")
     args = p.parse_args()
     parts = args.only or PARTS
     if "flower" in parts:
@@ -259,6 +297,14 @@ def main() -> None:
         rows = memory(args.quick)
         emit("Peak resident memory, cnn on MNIST (fresh process per run)", rows, None)
         figures.update({f"peak_rss_mib_{r['nodes']}_nodes": r["peak_rss_mib"] for r in rows}, memory_runs=rows)
+    if "device" in parts:
+        models = ("mlp",) if args.quick else ("mlp", "cnn")
+        try:
+            rows = [device_speed(m, d, args.quick, args.threads) for d in args.device or ["cpu"] for m in models]
+        except ConfigError as exc:
+            sys.exit(f"speed.py --device: {exc}")
+        emit("Rounds and local training samples per second by device", rows, None)
+        figures.update(devices=rows)
     figures["machine_after"] = machine()
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

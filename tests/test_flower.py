@@ -580,3 +580,18 @@ def test_a_deployment_with_tls_and_node_authentication_matches_the_simulator(tmp
     summary = read_summary(out)
     assert summary["lost_nodes"] == [] and summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
     assert "Exit Code: 305" in (tmp_path / "flower" / "supernode-2.log").read_text()
+
+
+def test_sampled_mask_rounds_on_the_apps_ask_the_nodes_the_simulator_asks(tmp_path, in_process):
+    """With fewer nodes asked per mask round than there are, the ServerApp samples as the simulator
+    does, and nodes left out of a round catch up when next asked: the same run, byte for byte."""
+    rc = run_config(nodes=4, **{"train.fraction": 0.5, "prune.mask-rounds": 3, "federated-eval": False,
+                                "out-dir": str(tmp_path / "run")})
+    cfg, _ = from_run_config(rc)
+    grid = LoopbackGrid(rc, [0, 1, 2, 3])
+    serve(grid, rc)
+    sim = simulate(cfg)
+    assert_same_run(tmp_path / "run", sim)
+    assert all(len(r["nodes"]) == 2 for r in sim.records)
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types.count("train.mask") == 2 * 3

@@ -236,13 +236,21 @@ def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
 
     cfg = tiny_config(rewind="none", train_init="local", rounds=1, mask_rounds=1)
     exp, server, transport, records = build(cfg)
+    own = {}
+
+    def keep(record):
+        if record["phase"] == "mask":
+            own.update({n.id: n.state.local for n in transport.nodes.values()})
+
+    server.on_round = keep
     server.run()
     task, step, requests, replies = transport.log[-1]
     assert task == "train"
     assert {codec.peek(b).kind for bodies in requests.values() for b in bodies} == {codec.Kind.MASK}
+    assert all(node.state.local is None for node in transport.nodes.values())  # no later round starts from them
     mask = server.state.mask
     for node in transport.nodes.values():
-        start = exp.spec.apply(node.state.local, mask)
+        start = exp.spec.apply(own[node.id], mask)
         trained, _ = node.trainer.train(start, mask, node.data, 1, generator(cfg.seed, step, node.id))
         expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
                                        num_samples=node.data.num_samples, dtype=node.value_dtype)

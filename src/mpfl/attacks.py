@@ -76,7 +76,7 @@ def _noise(data: LocalData, key: tuple[int, ...]) -> LocalData:
     from .core.training import LocalData, generator
 
     idx = data.train
-    x = torch.randn((len(idx),) + tuple(data.x.shape[1:]), generator=generator(*key))
+    x = torch.randn((len(idx),) + tuple(data.x.shape[1:]), generator=generator(*key)).to(data.x.device)
     return LocalData(x, data.y[idx].clone(), torch.arange(len(idx)), torch.arange(0))
 
 

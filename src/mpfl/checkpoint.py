@@ -3,8 +3,12 @@ resumes and ends bit for bit where an uninterrupted run would, and the final wei
 
 All randomness is derived from (seed, step, node), so the server state and the nodes'
 states are everything a run needs to continue. Masks are stored once (the server's mask
-history); a node's mask is the history entry of the version it holds. Both files are written
-to a temporary name and renamed, so a kill leaves either the old or the new file.
+history); a node's mask is the history entry of the version it holds. Only nodes that have
+taken part are stored, and a node's own weights only as their values on the mask it trained
+under (they are zero elsewhere), or, when a mask round trained them from w0, as that round's
+number alone (the node trains again on resume to rebuild them, bit for bit), so a checkpoint
+grows with the nodes sampled and the kept weights, not with nodes x model size. Both files are
+written to a temporary name and renamed, so a kill leaves either the old or the new file.
 """
 
 from __future__ import annotations
@@ -29,18 +33,24 @@ DAMAGE = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfil
 """What reading a damaged (truncated, overwritten, hand-edited) `.npz` file or its JSON can raise."""
 
 
-def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeState], run: dict | None = None) -> None:
+def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeState], run: dict | None = None, *,
+                    spec: ParamSpec) -> None:
     """Write the server's and the nodes' state atomically to `run_dir/checkpoint.npz`; `run` (the run's
-    identity and its last record, see `mpfl.resume`) is stored beside them."""
+    identity and its last record, see `mpfl.resume`) is stored beside them. Nodes that have received
+    nothing are left out; own weights are stored as their values on the node's mask (`kept_values`)."""
     groups = {"weights": numbered(server.weights), "w0": numbered(server.w0)}
     groups.update({f"history/{version}": numbered(mask) for version, mask in server.history.items()})
     node_meta = {}
     for n, st in nodes.items():
-        for name in ("local", "residual"):
-            if getattr(st, name) is not None:
-                groups[f"node/{n}/{name}"] = numbered(getattr(st, name))
+        if st.fresh:
+            continue
+        if st.local is not None and not st.local_from_w0:
+            groups[f"node/{n}/local"] = numbered(kept_values(spec, st.local, server.history[st.version]))
+        if st.residual is not None:
+            groups[f"node/{n}/residual"] = numbered(st.residual)
         node_meta[str(n)] = {"version": st.version, "has_mask": st.mask is not None, "has_w0": st.w0 is not None,
-                             "local": st.local is not None, "residual": st.residual is not None}
+                             "local": st.local is not None and not st.local_from_w0, "residual": st.residual is not None,
+                             "kept": True, "from_w0": st.local_from_w0}
     meta = {
         "version": server.version, "history": sorted(server.history), "next_step": server.next_step,
         "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,
@@ -49,6 +59,24 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     }
     groups[""] = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
     write_groups(run_dir / CHECKPOINT, groups)
+
+
+def kept_values(spec: ParamSpec, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The entries of `weights` on `mask` (every entry of a tensor that is not prunable), flattened."""
+    return [np.ascontiguousarray(w[s]) for w, s in zip(weights, spec.supports(mask))]
+
+
+def from_kept(spec: ParamSpec, values: Sequence[np.ndarray], mask: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Full weights from `kept_values`, with zero off the mask; a value count that does not fit the
+    mask is a ValueError (a damaged file)."""
+    out = []
+    for v, s, shape in zip(values, spec.supports(mask), spec.shapes):
+        if v.dtype != np.float32 or v.ndim != 1 or v.size != int(s.sum()):
+            raise ValueError("a node's kept values do not fit the mask it holds")
+        full = np.zeros(shape, dtype=np.float32)
+        full[s] = v
+        out.append(full)
+    return out
 
 
 def damaged(path: Path, cause: object) -> RunDirError:
@@ -106,7 +134,9 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
         problems.append("w0_sent is not a list of node ids")
     for n, m in (maps["nodes"] or {}).items():
         flags = ("has_mask", "has_w0", "local", "residual")
-        if not isinstance(m, dict) or m.get("version") not in versions or not all(isinstance(m.get(f), bool) for f in flags):
+        if (not isinstance(m, dict) or m.get("version") not in versions or not all(isinstance(m.get(f), bool) for f in flags)
+                or not isinstance(m.get("kept", False), bool) or not _int(m.get("from_w0", 0), 0, steps)
+                or (m.get("from_w0", 0) and not m.get("has_w0"))):
             problems.append(f"the state of node {n} is malformed")
     if problems:
         raise ValueError("; ".join(problems))
@@ -151,10 +181,19 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
         n = int(key)
         nodes[n] = NodeState(
             w0=w0 if m["has_w0"] else None, mask=history[m["version"]] if m["has_mask"] else None, version=m["version"],
-            local=_arrays(groups, f"node/{n}/local", n_all, shapes, float32) if m["local"] else None,
+            local=_local(groups, n, m, spec, history[m["version"]]) if m["local"] else None,
             residual=_arrays(groups, f"node/{n}/residual", n_prunable, prunable_shapes, float32) if m["residual"] else None,
+            local_from_w0=m.get("from_w0", 0),
         )
     return server, nodes
+
+
+def _local(groups: dict, node: int, meta: dict, spec: ParamSpec, mask: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A node's own weights: kept values on its mask, or (checkpoints written before those) full tensors."""
+    name = f"node/{node}/local"
+    if meta.get("kept", False):
+        return from_kept(spec, in_order(groups[name], len(spec.names)), mask)
+    return _arrays(groups, name, len(spec.names), spec.shapes, np.dtype(np.float32))
 
 
 @dataclass(frozen=True)

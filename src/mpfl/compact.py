@@ -137,7 +137,8 @@ class CompactModel:
                 layers.append(_resized(m, 0, width if kept is None else kept.size))
             else:
                 layers.append(copy.deepcopy(m))
-        self.model = nn.Sequential(*layers).to_empty(device="cpu")
+        device = next(model.parameters()).device
+        self.model = nn.Sequential(*layers).to_empty(device=device)
         full_state = model.state_dict()
         self.model.load_state_dict({k: self._take_state(k, v) for k, v in full_state.items()})
         state = self.model.state_dict()
@@ -146,7 +147,8 @@ class CompactModel:
     def _take_state(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The kept part of one entry of the full model's state_dict, as a new tensor."""
         r, c = self.index.get(name, (None, None))
-        index = (None if r is None else torch.from_numpy(r), None if c is None else torch.from_numpy(c))
+        index = (None if r is None else torch.from_numpy(r).to(t.device),
+                 None if c is None else torch.from_numpy(c).to(t.device))
         return _take(t, index).clone()
 
     def to_compact(self, weights: Sequence[np.ndarray]) -> Weights:

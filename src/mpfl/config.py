@@ -47,6 +47,16 @@ def field_choices() -> dict[str, tuple[str, ...]]:
             "attack": ATTACKS.names()}
 
 
+DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device_name(device: str) -> None:
+    """Refuse a device that is not auto, cpu, cuda, cuda:N or mps (whether it exists is checked when a run starts)."""
+    kind, _, index = device.partition(":")
+    if kind not in DEVICE_KINDS or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"device = {device!r} is not one of auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps")
+
+
 def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
     """A config field with its one-line description (the flag's `--help` text, kept here so every field
     has exactly one) and names users commonly try for it (suggested when they do)."""
@@ -123,6 +133,9 @@ class TrainConfig:
     batch_size: int = _field(32, "local minibatch size", aliases=("bs", "batchsize"))
     fraction: float = _field(1.0, "share of the nodes sampled in each training round",
                              aliases=("fraction_fit", "client_fraction"))
+    device: str | None = _field(None, "where nodes train and the server evaluates: cpu, cuda, cuda:N, mps, or auto "
+                                      "(cuda if available, else mps, else cpu); none = cpu. Messages are the same "
+                                      "bytes on every device", aliases=("accelerator",))
 
     def validate(self) -> None:
         _choice("optimizer", self.optimizer)
@@ -132,6 +145,8 @@ class TrainConfig:
         _range("epochs", self.epochs, 1)
         _range("batch_size", self.batch_size, 1)
         _range("fraction", self.fraction, 0, 1, lo_open=True)
+        if self.device is not None:
+            check_device_name(self.device)
         if self.init is not None and not Path(self.init).is_file():
             raise ConfigError(f"init = {self.init!r}: no such file; pass the path of a saved state_dict")
 
@@ -167,6 +182,9 @@ class PruneConfig:
                                        "magnitude, larger values by how far the node's training moved them")
     mask_average_from: int = _field(2, "from this mask round on, MPFL nodes also send their kept values and the "
                                        "next round starts from their average (0: never)")
+    mask_fraction: float | None = _field(None, "share of the nodes asked in each mask round; none = --fraction. "
+                                               "A node left out catches up with the mask updates it missed when "
+                                               "next asked", aliases=("mask_sample",))
     core_share: float = _field(0.1, "share of its own mask each MPFL node marks as its core; any node's core "
                                      "outranks plain votes, so what few nodes' classes need survives (0: off)")
 
@@ -192,6 +210,8 @@ class PruneConfig:
         _range("extrapolate", self.extrapolate, 0, lo_open=True)
         _range("mask_average_from", self.mask_average_from, 0)
         _range("core_share", self.core_share, 0, 1)
+        if self.mask_fraction is not None:
+            _range("mask_fraction", self.mask_fraction, 0, 1, lo_open=True)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def layer_flops(model: nn.Module, input_shape: Sequence[int]) -> list[LayerFlops
     try:
         model.eval()
         with torch.inference_mode():
-            model(torch.zeros(1, *input_shape))
+            model(torch.zeros(1, *input_shape, device=next(model.parameters()).device))
     finally:
         model.train(training)
         for h in hooks:

@@ -125,6 +125,13 @@ class Dataset:
         return Dataset(self.name, self.x_train[:n_train], self.y_train[:n_train],
                        self.x_test[:n_test], self.y_test[:n_test], self.num_classes)
 
+    def to(self, device: torch.device) -> Dataset:
+        """The dataset with its tensors on `device` (itself if they are there already)."""
+        if self.x_train.device == device:
+            return self
+        return Dataset(self.name, self.x_train.to(device), self.y_train.to(device), self.x_test.to(device),
+                       self.y_test.to(device), self.num_classes)
+
     def __repr__(self) -> str:
         """A summary instead of the tensors' contents."""
         return (f"Dataset(name={self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "

@@ -17,6 +17,7 @@ from .config import Config
 from .core.params import ParamSpec, Weights, get_weights, param_spec
 from .core.training import LocalData, evaluate
 from .data import Dataset, load_dataset
+from .devices import use_device
 from .errors import ConfigError
 from .methods import method_of
 from .models import build_model, load_init
@@ -50,16 +51,19 @@ class Experiment:
     model: nn.Module
     spec: ParamSpec
     w0: Weights
+    device: torch.device = torch.device("cpu")
 
     @classmethod
     def from_config(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
         """Load data (unless `dataset` is the run's data already loaded, as worker processes get it),
-        split it, build the model with the run's seed and read `--init` weights."""
+        split it, build the model with the run's seed and read `--init` weights; the model and the data
+        then move to the run's device (`mpfl.devices`), once: nodes train and the server evaluates there."""
         set_threads(cfg)
+        device = use_device(cfg)
         d = cfg.data
         if dataset is None:
             dataset = load_dataset(d.dataset, d.data_dir).take(d.train_samples, d.test_samples)
-        partition = make_partition(dataset.y_train.numpy(), cfg.nodes, d.partition, alpha=d.alpha,
+        partition = make_partition(dataset.y_train.cpu().numpy(), cfg.nodes, d.partition, alpha=d.alpha,
                                    shards_per_node=d.shards, val_fraction=d.val_fraction, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.train.model, dataset.input_shape, dataset.num_classes)
@@ -71,7 +75,8 @@ class Experiment:
         if not spec.prunable and method.prunes:
             raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "
                               f"{list(cfg.prune.exclude)}; exclude fewer layers")
-        return cls(cfg, dataset, partition, model, spec, get_weights(model, spec))
+        w0 = get_weights(model, spec)
+        return cls(cfg, dataset.to(device), partition, model.to(device), spec, w0, device)
 
     def node_data(self, node: int) -> LocalData:
         """Node `node`'s view of the shared training tensors."""

@@ -9,7 +9,7 @@ new kind of node work registers a handler with `register_task`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,25 @@ class NodeState:
     version: int = 0
     local: Weights | None = None
     residual: Weights | None = None
+    local_from_w0: int = 0
+    """The mask round whose training from w0 gave the node's own weights (0: another start): a
+    checkpoint stores the step instead of the weights, and with sampled mask rounds the node does
+    not keep them either (`local` stays None): it trains again if it is asked before they expire."""
+
+    @property
+    def has_local(self) -> bool:
+        """Whether the node has own weights, kept or to be rebuilt."""
+        return self.local is not None or self.local_from_w0 > 0
+
+    @property
+    def fresh(self) -> bool:
+        """Whether the node has received nothing yet (its state is the default one)."""
+        return (self.w0 is None and self.mask is None and self.version == 0 and not self.has_local
+                and self.residual is None)
+
+    def drop_local(self) -> None:
+        """Forget the node's own trained weights (and how to rebuild them)."""
+        self.local, self.local_from_w0 = None, 0
 
 
 class SharedDecodes:
@@ -50,9 +69,22 @@ class SharedDecodes:
     with the same expectations get one decoded copy (one set of initial weights, not one per node).
     Nodes never modify decoded arrays in place, so sharing them changes no result."""
 
-    def __init__(self, size: int = 4) -> None:
+    def __init__(self, size: int = 16) -> None:
         self.size = size
         self._entries: OrderedDict[tuple, codec.Body] = OrderedDict()
+        self._masks: OrderedDict[int, Mask] = OrderedDict()
+
+    def mask(self, version: int, mask: Mask) -> Mask:
+        """One shared copy of the consensus mask of `version`: every node holding that version keeps
+        the same arrays (a node that decoded different bits, which no honest decode does, keeps its own)."""
+        known = self._masks.get(version)
+        if known is not None and all(a is b or np.array_equal(a, b) for a, b in zip(known, mask)):
+            return known
+        self._masks[version] = mask
+        self._masks.move_to_end(version)
+        if len(self._masks) > self.size:
+            self._masks.popitem(last=False)
+        return mask
 
     def get(self, key: tuple, decode: Callable[[], codec.Body]) -> codec.Body:
         """The body decoded under `key` (the bytes and every expectation the decoder checks), decoding it if new."""
@@ -134,6 +166,28 @@ class Node:
         self.structured = method.structured
         self.value_dtype = method.value_dtype
         self.shared: SharedDecodes | None = None
+        self.keeps_from_w0 = (cfg.prune.mask_fraction or cfg.train.fraction) >= 1.0
+        """Whether own weights trained from w0 stay in memory: when every mask round asks every node,
+        each will be asked again and use them; with sampled mask rounds few are, so they are rebuilt
+        by those few rather than held by all."""
+
+    def own_weights(self) -> Weights | None:
+        """The node's own trained weights, rebuilt (and then kept) if only their round is known."""
+        state = self.state
+        if state.local is None and state.local_from_w0:
+            state.local = self.train_from_w0(state.local_from_w0)
+        return state.local
+
+    def train_from_w0(self, step: int) -> Weights:
+        """The weights mask round `step` trains from w0 masked by the mask the node holds (bit for bit
+        the weights it trained then: every draw depends on (seed, step, node) only)."""
+        if self.state.w0 is None:
+            raise PayloadError("rebuilding the weights of a mask round needs the initial weights")
+        p, current = self.cfg.prune, self.mask
+        start = self.spec.apply(self.state.w0, current)
+        _, trained = find_mask(self.cfg, self.trainer, self.data, start, current, self.steps[step].density,
+                               self.key(step), epochs=p.mask_epochs, w0=self.state.w0)
+        return trained if trained is not None else start
 
     # ------------------------------------------------------------------ receiving
 
@@ -147,11 +201,17 @@ class Node:
 
     def _receive(self, step: int, bodies: Sequence[bytes]) -> Weights | None:
         """Apply the bodies of a request in order; return the weights it carried, if any."""
-        weights = None
+        weights, held = None, self.state.version
+        if self.state.local_from_w0 and any(codec.peek(b).kind == Kind.MASK for b in bodies):
+            self.own_weights()  # rebuilt under the mask they were trained under, before it changes
         for body in bodies:
             received = self._apply(step, body)
             if received is not None:
                 weights = received
+        if self.shared is not None and self.state.mask is not None:
+            self.state.mask = self.shared.mask(self.state.version, self.state.mask)
+        if self.state.version != held:
+            self.state.local_from_w0 = 0  # rebuilt under the new mask they would differ: keep them as weights
         return weights
 
     def _apply(self, step: int, body: bytes) -> Weights | None:
@@ -252,12 +312,15 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     p, plan_step = node.cfg.prune, node.steps[step]
     current = node.mask
     shared = weights is not None and weights is not node.state.w0
-    own = p.rewind == "none" and node.state.local is not None
-    start = node.spec.apply(weights if shared else node.state.local if own else node.state.w0, current)
+    own = p.rewind == "none" and node.state.has_local
+    start = node.spec.apply(weights if shared else node.own_weights() if own else node.state.w0, current)
     new, trained = find_mask(node.cfg, node.trainer, node.data, start, current, plan_step.density, node.key(step),
                              epochs=p.mask_epochs, w0=node.state.w0)
     if p.rewind == "none":
         node.state.local = trained if trained is not None else start
+        node.state.local_from_w0 = 0 if shared or own else step
+        if node.state.local_from_w0 and not node.keeps_from_w0:
+            node.state.local = None
     new = node.forge_mask(new, current, start, step)
     coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
     out = [codec.encode_mask(new, current, structured=node.structured, num_samples=node.claimed_samples, **coding)]
@@ -285,9 +348,9 @@ def local_training(node: Node, step: int, weights: Weights | None) -> Weights:
     """The weights a node reports after a training round: the received weights (or its own)
     trained under its mask (and forged, if its attack forges values)."""
     if weights is None:
-        if node.state.local is None:
+        if not node.state.has_local:
             raise PayloadError("a training round without weights needs local weights, which this node does not have")
-        weights = node.state.local
+        weights = node.own_weights()
     start = node.spec.apply(weights, node.mask)
     trained, _ = node.trainer.train(start, node.mask, node.data, node.cfg.train.epochs, generator(*node.key(step)))
     return node.forge_values(trained, start, step)
@@ -367,9 +430,21 @@ def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mappin
 def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
     """Run each addressed node's handler in turn; a node's PayloadError becomes a failed reply."""
     replies: dict[int, Reply] = {}
+    release([node for node_id, node in nodes.items() if node_id not in requests], step)  # not asked: not read now
     for node_id, bodies in requests.items():
         try:
             replies[node_id] = nodes[node_id].handle(task, step, bodies)
         except PayloadError as exc:
             replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
+    release(nodes.values(), step)
     return replies
+
+
+def release(nodes: Iterable[Node], step: int) -> None:
+    """In round `step`, drop the own weights of those of `nodes` that hold some once no round after
+    `step` can start from them: after the round for the nodes asked, before it for the others, who
+    cannot start from them in it either (the method is asked once per call, not once per node)."""
+    holders = [n for n in nodes if n.state.has_local]
+    if holders and step in holders[0].steps and not holders[0].method.keeps_own_weights(holders[0].steps[step]):
+        for node in holders:
+            node.state.drop_local()

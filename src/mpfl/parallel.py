@@ -57,7 +57,7 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
             if message[0] == "exchange":
                 result = deliver(nodes, *message[1:])
             else:
-                result = {i: n.state for i, n in nodes.items()}
+                result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
             conn.send(("ok", result))
         except Exception:
             conn.send(("error", traceback.format_exc()))
@@ -122,11 +122,11 @@ class NodePool:
         return {n: replies[n] for n in requests}
 
     def states(self) -> dict[int, NodeState]:
-        """Every node's state, fetched from the workers (for checkpoints)."""
+        """The state of every node that has received something, fetched from the workers (for checkpoints)."""
         out: dict[int, NodeState] = {}
         for answer in self._ask({w: ("states",) for w in range(self.workers)}).values():
             out.update(answer)
-        return {n: out[n] for n in self.ids}
+        return {n: out[n] for n in self.ids if n in out}
 
     def close(self) -> None:
         """Stop the workers."""

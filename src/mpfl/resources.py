@@ -16,8 +16,11 @@ cnn         100    1,879
 A process with torch and mpfl imported holds about 225 MiB; loading a dataset briefly needs
 about twice its normalised size (the raw file and the float copy); each node then costs about
 two float32 copies of the model (its own weights between rounds and its decoded reply at the
-server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. Revise `per_node_bytes` when node
-state becomes more compact.
+server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. When rounds ask a sample of the nodes
+(`--fraction`, `--mask-fraction`), only the nodes asked hold weights: the replies of one round,
+and own weights of at most the nodes asked over the mask rounds; every other node costs a few
+KiB (its data indices and node object). With 10 % sampling, 1,000 ``mlp`` nodes peaked at 682 MiB
+and 10,000 at 1,983 MiB (docs/performance.md, "Cross-device scale"; estimates: 916 and 3,087 MiB).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 from .config import Config
 from .data import DATASETS
 from .errors import ResourceError
+from .methods import method_of
 from .models import build_model
 
 # Built-in datasets: image shape, classes, and train + test images held as float32.
@@ -36,6 +40,8 @@ DATASET_SIZES = {"mnist": ((1, 28, 28), 10, 70000), "fashion-mnist": ((1, 28, 28
                  "cifar10": ((3, 32, 32), 10, 60000), "cifar100": ((3, 32, 32), 100, 60000)}
 PROCESS_BYTES = 256 * 2**20
 NODE_OVERHEAD_BYTES = 64 * 2**10
+IDLE_NODE_BYTES = 4 * 2**10
+"""What a node that holds no weights costs: its data indices and its node object."""
 MEMINFO = Path("/proc/meminfo")
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -47,6 +53,8 @@ class MemoryEstimate:
     fixed: int
     per_node: int
     nodes: int
+    """Nodes whose weights the run may hold at once: all of them, unless rounds ask a sample."""
+    sampled: bool = False
 
     @property
     def total(self) -> int:
@@ -64,7 +72,22 @@ def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate
     """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
     normalised data (see the module docstring for the figures behind it)."""
     fixed = PROCESS_BYTES * (1 + (cfg.workers if cfg.workers > 1 else 0)) + 2 * data_bytes
-    return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes)
+    held = holding_nodes(cfg)
+    if held >= cfg.nodes:
+        return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes)
+    return MemoryEstimate(fixed + IDLE_NODE_BYTES * cfg.nodes, per_node_bytes(params) // 2, held, sampled=True)
+
+
+def holding_nodes(cfg: Config) -> int:
+    """How many float32 copies of the model nodes may hold at once: the replies of the largest
+    round's sample, plus the own weights of the nodes asked in the round under way and in every
+    mask round whose weights a later round may start from (2N when every round asks every node)."""
+    fractions = [cfg.train.fraction, cfg.prune.mask_fraction or cfg.train.fraction]
+    asked = min(cfg.nodes, max(cfg.min_nodes, max(round(q * cfg.nodes) if q < 1 else cfg.nodes for q in fractions)))
+    method = method_of(cfg)
+    kept = sum(method.keeps_own_weights(s) for s in method.plan() if s.phase == "mask")
+    own = min(cfg.nodes, asked * (1 + kept)) if cfg.prune.rewind == "none" else 0
+    return asked + own if asked < cfg.nodes else 2 * cfg.nodes
 
 
 def estimate_run(cfg: Config) -> MemoryEstimate | None:
@@ -107,6 +130,11 @@ def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
     if available is None or estimate.total <= available:
         return
     fits = max(0, (available - estimate.fixed) // estimate.per_node)
+    if estimate.sampled:
+        raise ResourceError(f"this run needs about {_size(estimate.total)} of memory (up to {estimate.nodes:,} copies "
+                            f"of the model x {_size(estimate.per_node)} for the nodes asked + {_size(estimate.fixed)}) "
+                            f"but {_size(available)} is available; ask fewer nodes per round (--fraction, "
+                            f"--mask-fraction: at most {fits:,} copies fit), or --no-memory-check to run anyway")
     raise ResourceError(f"this run needs about {_size(estimate.total)} of memory ({estimate.nodes:,} nodes x "
                         f"{_size(estimate.per_node)} + {_size(estimate.fixed)}) but {_size(available)} is available; "
                         f"use at most --nodes {fits:,}, or --no-memory-check to run anyway")

@@ -23,6 +23,7 @@ class Stream(IntEnum):
     POISON = 5          # a data attack's noise or label shuffle (node)
     FORGED_MASK = 6     # a random-mask attack's forged mask (node)
     REGROW = 7          # the batches a node measures its regrow gradient on (node)
+    MASK_SAMPLE = 8     # which nodes a mask round asks (server)
 
 
 POOLED = 2**31 - 1

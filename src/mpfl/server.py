@@ -145,14 +145,19 @@ class Server:
         return sorted(self.transport.node_ids())
 
     def sample(self, step: Step) -> list[int]:
-        """Nodes taking part in a training round: a seeded fraction q of the reachable nodes."""
+        """Nodes taking part in a round: a seeded fraction of the reachable nodes, at least `min_nodes`.
+        Mask rounds ask `prune.mask_fraction` of them (by default `train.fraction`) from their own
+        random stream, so a run that samples only mask rounds draws its training rounds as before."""
+        mask = step.phase == "mask"
+        fraction = self.cfg.train.fraction
+        if mask and self.cfg.prune.mask_fraction is not None:
+            fraction = self.cfg.prune.mask_fraction
         nodes = self.node_ids()
-        q = self.cfg.train.fraction
-        if q >= 1.0 or not nodes:
+        if fraction >= 1.0 or not nodes:
             return nodes
-        k = max(self.cfg.min_nodes, int(round(q * len(nodes))))
-        return sorted(rng(self.cfg.seed, step.step, Stream.SAMPLE).choice(nodes, size=min(k, len(nodes)),
-                                                                           replace=False).tolist())
+        k = max(self.cfg.min_nodes, int(round(fraction * len(nodes))))
+        key = (self.cfg.seed, step.step, Stream.MASK_SAMPLE) if mask else (self.cfg.seed, step.step, Stream.SAMPLE)
+        return sorted(rng(*key).choice(nodes, size=min(k, len(nodes)), replace=False).tolist())
 
     def exchange(self, task: str, step: Step, requests: Mapping[int, Sequence[bytes]],
                  decode: Callable[[int, Sequence[bytes]], codec.Body], *, bodies: int = 1) -> Round:
@@ -191,7 +196,8 @@ class Server:
                 exchanged.replies[node] = body
             except PayloadError as exc:
                 exchanged.dropped[node] = f"rejected: {exc}"
-        exchanged.counts = {node: self.bounded_count(node) for node in exchanged.replies}
+        cap = self.count_cap()
+        exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         if len(exchanged.replies) < self.cfg.min_nodes:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
@@ -230,9 +236,11 @@ class Server:
         """The weight a node's count may give it: its fixed count, clipped to `robust.count_limit`
         times the median of all fixed counts, so that a few nodes claiming huge datasets stay a few
         nodes (honest counts within the limit are used exactly)."""
-        counts = self.state.counts
-        cap = self.cfg.robust.count_limit * float(np.median(list(counts.values())))
-        return float(min(counts[node], cap))
+        return float(min(self.state.counts[node], self.count_cap()))
+
+    def count_cap(self) -> float:
+        """The largest count a node may weigh with: `robust.count_limit` times the median fixed count."""
+        return self.cfg.robust.count_limit * float(np.median(list(self.state.counts.values())))
 
     def mask_update(self, node: int, cache: dict[int, list[bytes]]) -> list[bytes]:
         """The current mask coded over the version the node holds (nothing if it is up to date): the

@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import Config, FaultConfig
 from .core.params import Mask, Weights
@@ -57,6 +59,8 @@ class FaultyTransport(InProcessTransport):
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         f = self.faults
+        if not (f.dropout or f.straggler or f.corrupt or f.duplicate):  # no faults: no draws (one per node asked)
+            return super().exchange(task, step, requests)
         draws = {n: rng(self.seed, step, n, Stream.FAULTS).random(5) for n in requests}
         present = {n: b for n, b in requests.items() if draws[n][0] >= f.dropout}
         replies = super().exchange(task, step, present)
@@ -146,7 +150,9 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | 
         if resume:
             run_dir.rewrite([])
     earlier = records[-1].get("elapsed", 0.0) if records else 0.0
-    pool = NodePool(cfg, exp.dataset, node_states, cfg.workers) if cfg.workers > 1 and cfg.nodes > 1 else None
+    pool = None
+    if cfg.workers > 1 and cfg.nodes > 1:  # workers get the data on the host (shared memory) and move it themselves
+        pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, cfg.workers)
     nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
     transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
     server: Server
@@ -159,7 +165,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | 
                 run_dir.log(r)
                 save_checkpoint(run_dir.path, server.state,
                                 pool.states() if pool is not None else {n.id: n.state for n in nodes},
-                                checkpoint_run(identity, cfg, records))
+                                checkpoint_run(identity, cfg, records), spec=exp.spec)
         if on_round is not None:
             on_round(r)
 

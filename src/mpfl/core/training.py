@@ -46,7 +46,7 @@ def batches(data: LocalData, batch_size: int, gen: torch.Generator, limit: int |
         order = order[: limit * batch_size]
     chunk = max(batch_size, CHUNK_SAMPLES // batch_size * batch_size)
     for start in range(0, len(order), chunk):
-        idx = order[start : start + chunk]
+        idx = order[start : start + chunk].to(data.x.device)
         x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)
         for b in range(0, len(idx), batch_size):
             yield x[b : b + batch_size], y[b : b + batch_size]
@@ -100,7 +100,8 @@ class LocalTrainer:
         """The prunable parameters that `mask` prunes something of, with their masks as tensors."""
         if mask is None:
             return [], []
-        pairs = [(p, torch.from_numpy(np.ascontiguousarray(m)).to(p.dtype)) for m, p in zip(mask, self._prunable) if not m.all()]
+        pairs = [(p, torch.from_numpy(np.ascontiguousarray(m)).to(device=p.device, dtype=p.dtype))
+                 for m, p in zip(mask, self._prunable) if not m.all()]
         return [p for p, _ in pairs], [m for _, m in pairs]
 
     def train(self, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray] | None, data: LocalData,
@@ -114,7 +115,7 @@ class LocalTrainer:
                 torch._foreach_mul_(params, masks)
         opt = self._make_optimizer()
         self.model.train()
-        total, steps = 0.0, 0
+        losses = []
         for _ in range(epochs):
             for x, y in batches(data, self.batch_size, gen):
                 opt.zero_grad()
@@ -123,9 +124,9 @@ class LocalTrainer:
                 if params:
                     torch._foreach_mul_([p.grad for p in params], masks)
                 opt.step()
-                total += loss.item()
-                steps += 1
-        return get_weights(self.model, self.spec), total / max(steps, 1)
+                losses.append(loss.detach())  # summed once at the end: no host sync per step on a GPU
+        mean = float(torch.stack(losses).mean()) if losses else 0.0
+        return get_weights(self.model, self.spec), mean
 
     def saliency(self, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray] | None, data: LocalData,
                  num_batches: int, gen: torch.Generator) -> Weights:
@@ -135,7 +136,7 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         for x, y in batches(data, self.batch_size, gen, limit=num_batches):
             self._loss(self.model(x), y).backward()
-        return [(p.detach() * p.grad).abs().numpy().astype(np.float32) for p in self._prunable]
+        return [(p.detach() * p.grad).abs().cpu().numpy().astype(np.float32) for p in self._prunable]
 
     def gradients(self, weights: Sequence[np.ndarray], data: LocalData, num_batches: int, gen: torch.Generator) -> Weights:
         """|dL/dw| of every prunable weight (pruned ones included) at `weights`, for the loss summed
@@ -145,7 +146,7 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         for x, y in batches(data, self.batch_size, gen, limit=num_batches):
             self._loss(self.model(x), y).backward()
-        return [p.grad.detach().abs().numpy().astype(np.float32) for p in self._prunable]
+        return [p.grad.detach().abs().cpu().numpy().astype(np.float32) for p in self._prunable]
 
 
 def evaluate(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], x: torch.Tensor, y: torch.Tensor,

@@ -30,7 +30,7 @@ from ..core.training import evaluate as evaluate_weights
 from ..datacache import load_cached
 from ..errors import PayloadError
 from ..experiment import Experiment, set_threads
-from ..node import Node, NodeState, make_trainer
+from ..node import Node, NodeState, make_trainer, release
 from ..protocol import NodeFailure
 from .payload import EVALUATE, METRICS, pack, step_of, unpack
 from .settings import ConfigValue, NodeSettings, from_run_config, node_config, node_settings, with_local_init
@@ -92,7 +92,9 @@ def _task(prepared: Prepared, pid: int, task: str, content: RecordDict, state: R
     exp = prepared.exp
     node = Node(pid, prepared.cfg, prepared.trainer, exp.node_data(pid), load_state(state), w0=exp.w0)
     try:
-        reply = node.handle(task, step_of(content), unpack(content))
+        step = step_of(content)
+        reply = node.handle(task, step, unpack(content))
+        release([node], step)
     except PayloadError as exc:
         reply = NodeFailure(f"node rejected the request: {exc}")
     finally:

@@ -102,6 +102,20 @@ class Method:
         """Share of each layer's kept weights swapped after training round `step` (0: no adaptation)."""
         return 0.0
 
+    def keeps_own_weights(self, step: Step) -> bool:
+        """Whether a round after `step` (which ran) may start a node from its own trained weights, so
+        nodes must keep them: a later mask round without a shared start, or, with train_init = local
+        and no averaged mask round so far, the first training round. Otherwise nodes drop them, and
+        node state stops growing with the population."""
+        p = self.cfg.prune
+        if p.rewind != "none" or step.phase == "train":
+            return False
+        later = [s for s in self.plan() if s.step > step.step]
+        if any(s.phase == "mask" and not self.shares_start(s) for s in later):
+            return True
+        averaged = any(s.phase == "mask" and self.averages(s) for s in self.plan() if s.step <= step.step)
+        return p.train_init == "local" and not averaged and any(s.phase == "train" for s in later)
+
     # ------------------------------------------------------------------ rounds
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, Mask, dict]:

@@ -126,7 +126,7 @@ class Ssfl(OneShotMethod):
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
         w0: dict[str, bytes] = {}
-        requests = {n: server.w0_body(n, step, w0) for n in server.node_ids()}
+        requests = {n: server.w0_body(n, step, w0) for n in server.sample(step)}
         shapes = server.spec.prunable_shapes
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:

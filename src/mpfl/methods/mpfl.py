@@ -14,6 +14,11 @@ classes (docs/results.md, "Label skew"):
   server swaps them for its smallest kept weights, at constant density.
 
 `local` is the consensus ablation: MPFL with a single voter.
+
+Each mask round asks a seeded sample of the nodes (`prune.mask_fraction`, by default
+`train.fraction`): the consensus is taken over the sampled nodes' votes, and a node left out
+catches up with the current mask when it is next asked (docs/architecture.md, "Many nodes, few
+asked", says what this changes).
 """
 
 from __future__ import annotations
@@ -40,9 +45,9 @@ class Mpfl(MaskedMethod):
     name = "mpfl"
     description = "vote of the nodes' local masks, pruned further each round; repaired by vote in training"
 
-    def voters(self, nodes: Sequence[int]) -> list[int]:
-        """The nodes asked for a local mask in each mask round."""
-        return list(nodes)
+    def voters(self, server: Server, step: Step) -> list[int]:
+        """The nodes asked for a local mask in mask round `step`: the round's sample of the nodes."""
+        return server.sample(step)
 
     # ------------------------------------------------------------------ message shapes
 
@@ -80,7 +85,7 @@ class Mpfl(MaskedMethod):
         mask_bodies: dict[int, list[bytes]] = {}
         w0: dict[str, bytes] = {}
         requests = {n: server.w0_body(n, step, w0) + server.mask_update(n, mask_bodies) + start
-                    for n in self.voters(server.node_ids())}
+                    for n in self.voters(server, step)}
         extras: dict[int, dict] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
@@ -192,5 +197,6 @@ class Local(Mpfl):
     name = "local"
     description = "one node's mask, no consensus"
 
-    def voters(self, nodes: Sequence[int]) -> list[int]:
-        return list(nodes)[:1]
+    def voters(self, server: Server, step: Step) -> list[int]:
+        """Always the first reachable node, whatever the sampling: the ablation needs one node's masks."""
+        return server.node_ids()[:1]

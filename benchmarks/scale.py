@@ -1,0 +1,191 @@
+"""Cross-device scale: MPFL with 10 to 10,000 nodes, a tenth of them asked per round.
+
+    python benchmarks/scale.py [--quick] [--json PATH] [--plot PNG] [--nodes N ...]
+
+Each run: mlp on all of MNIST (60,000 training images; 6 per node at 10,000 nodes), IID, the
+default MPFL settings, ``--fraction 0.1`` (so mask rounds ask a tenth of the nodes too), 5 mask
+and 20 training rounds (2 + 3 with --quick), one torch thread, in a fresh process per run.
+Reported per run:
+
+* ``setup_s``: building the data split, the model and every node, up to the first round;
+* ``round_s``: mean wall time per round (mask and training rounds together), ``max_asked``: the
+  most nodes any round asked;
+* ``peak_rss_mib``: the process's peak resident memory (VmHWM);
+* ``checkpoint_mb``: the largest per-round checkpoint;
+* ``accuracy``: final test accuracy, and, at up to 1,000 nodes, ``accuracy_all_masks``: the same
+  run with every node asked in every mask round (``--mask-fraction 1``; training still samples a
+  tenth), so the difference is what sampling the mask rounds costs;
+* ``vs_bare``: the run's wall time (set-up and test-set evaluation left out) over the same local
+  training steps in a bare torch loop, run right after each round on the same nodes, batches and
+  epochs (a fresh ``torch.optim.SGD``, ``index_select``, forward, loss, backward, step; no masks,
+  messages, consensus or adaptation); ``eval_s`` is the evaluation time left out.
+
+--plot writes time per round and peak memory against N as a PNG (docs/scale.png by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _common import emit, parser, stop_on_sigterm
+from torch import nn
+
+from mpfl.config import Config
+from mpfl.core.params import set_weights
+from mpfl.core.training import generator
+from mpfl.experiment import Experiment
+from mpfl.models import build_model
+from mpfl.sim import simulate
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = (10, 100, 1000, 10000)
+COMPARE_UP_TO = 1000
+COLUMNS = ("nodes", "mask_rounds", "rounds", "max_asked", "setup_s", "round_s", "peak_rss_mib", "checkpoint_mb",
+           "accuracy", "accuracy_all_masks", "vs_bare", "eval_s", "wall_s")
+
+
+def config(nodes: int, quick: bool, **extra: object) -> Config:
+    """The run at `nodes` nodes (see the module docstring)."""
+    rounds = {"mask_rounds": 2, "rounds": 3} if quick else {"mask_rounds": 5, "rounds": 20}
+    return Config().with_overrides({"model": "mlp", "nodes": nodes, "fraction": 0.1, "threads": 1, **rounds, **extra})
+
+
+def bare_round(model: nn.Module, exp: Experiment, step: int, nodes: list[int], epochs: int) -> float:
+    """Seconds for the textbook loop over the simulator's batches of `nodes` at `step` (`epochs` epochs)."""
+    cfg, loss_fn = exp.cfg, nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    for node in nodes:
+        data = exp.node_data(node)
+        set_weights(model, exp.spec, exp.w0)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+        model.train()
+        gen = generator(cfg.seed, step, node)
+        for _ in range(epochs):
+            order = data.train[torch.randperm(data.num_samples, generator=gen)]
+            for start in range(0, len(order), cfg.train.batch_size):
+                idx = order[start : start + cfg.train.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(data.x.index_select(0, idx)), data.y.index_select(0, idx))
+                loss.backward()
+                opt.step()
+    return time.perf_counter() - started
+
+
+def peak_mib() -> float:
+    """This process's peak resident memory (VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def measure(overrides: dict, bare: bool) -> dict:
+    """One run in this process: set-up, per-round times, checkpoint sizes, peak memory, accuracy,
+    and (with `bare`) the bare-loop time of the same local training."""
+    work = Path(tempfile.mkdtemp(prefix="mpfl-scale-"))
+    try:
+        cfg = Config.from_dict(overrides)
+        started = time.perf_counter()
+        exp = Experiment.from_config(cfg)
+        built = time.perf_counter() - started
+        evaluate, spent = exp.evaluate, {"eval": 0.0, "bare": 0.0}
+
+        def timed_evaluate(weights):
+            t = time.perf_counter()
+            out = evaluate(weights)
+            spent["eval"] += time.perf_counter() - t
+            return out
+
+        exp.evaluate = timed_evaluate
+        model = build_model(cfg.train.model, exp.dataset.input_shape, exp.dataset.num_classes) if bare else None
+        if model is not None:
+            bare_round(model, exp, 0, [0], 1)  # one-off costs (torch's first optimizer imports torch._dynamo)
+        sizes: list[int] = []
+
+        def on_round(record: dict) -> None:
+            sizes.append((work / "run" / "checkpoint.npz").stat().st_size)
+            if model is not None:
+                epochs = cfg.prune.mask_epochs if record["phase"] == "mask" else cfg.train.epochs
+                spent["bare"] += bare_round(model, exp, record["step"], record["nodes"], epochs)
+
+        run_started = time.perf_counter()
+        result = simulate(cfg, work / "run", experiment=exp, on_round=on_round, keep_checkpoint=True)
+        wall = time.perf_counter() - run_started - spent["bare"]
+        first = result.records[0]
+        setup = built + first["elapsed"] - first["time"]
+        rounds_time = sum(r["time"] for r in result.records)
+        return {"nodes": cfg.nodes, "mask_rounds": cfg.prune.mask_rounds, "rounds": cfg.rounds,
+                "max_asked": max(len(r["nodes"]) for r in result.records), "setup_s": setup,
+                "round_s": rounds_time / len(result.records), "peak_rss_mib": peak_mib(),
+                "checkpoint_mb": max(sizes) / 1e6, "accuracy": result.summary["final_accuracy"],
+                "vs_bare": (rounds_time - spent["eval"]) / spent["bare"] if bare else None,
+                "eval_s": spent["eval"], "wall_s": wall}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def in_fresh_process(overrides: dict, bare: bool) -> dict:
+    """`measure` in a new Python process, so that its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--one", json.dumps({"overrides": overrides, "bare": bare})]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time per round and peak memory against the number of nodes (log scale), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = [r["nodes"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    left.plot(nodes, [r["round_s"] for r in rows], "o-", label="per round")
+    left.plot(nodes, [r["setup_s"] for r in rows], "s--", label="set-up")
+    left.set(xscale="log", yscale="log", xlabel="nodes (a tenth asked per round)", ylabel="seconds",
+             title="Time")
+    left.legend()
+    right.plot(nodes, [r["peak_rss_mib"] for r in rows], "o-", label="peak RSS")
+    right.plot(nodes, [r["checkpoint_mb"] for r in rows], "s--", label="largest checkpoint (MB)")
+    right.set(xscale="log", xlabel="nodes (a tenth asked per round)", ylabel="MiB", title="Memory", ylim=(0, None))
+    right.legend()
+    fig.suptitle(f"MPFL, mlp on MNIST, {rows[0]['mask_rounds']} mask + {rows[0]['rounds']} training rounds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--nodes", type=int, action="append", help="node counts to run (repeatable; default 10 to 10,000)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write the time and memory plot here")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        task = json.loads(args.one)
+        print(json.dumps(measure(task["overrides"], task["bare"])))
+        return
+    stop_on_sigterm()
+    rows = []
+    for nodes in args.nodes or NODES:
+        overrides = config(nodes, args.quick).to_dict()
+        row = in_fresh_process(overrides, bare=True)
+        if nodes <= COMPARE_UP_TO:
+            every = config(nodes, args.quick, mask_fraction=1.0).to_dict()
+            row["accuracy_all_masks"] = in_fresh_process(every, bare=False)["accuracy"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    emit("MPFL at scale: mlp on MNIST, 10 % of the nodes per round (mask rounds included)", rows, args.json, COLUMNS)
+    if args.plot is not None:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Cross-device scale: sampled mask rounds, node state that grows with the sample, and the device setting."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from mpfl import codec
+from mpfl.checkpoint import CHECKPOINT, read_meta
+from mpfl.config import Config
+from mpfl.errors import ConfigError
+from mpfl.experiment import Experiment
+from mpfl.node import build_nodes
+from mpfl.server import Server
+from mpfl.sim import InProcessTransport, simulate
+
+THOUSAND = {"nodes": 1000, "train_samples": 4000, "test_samples": 200, "fraction": 0.01, "mask_rounds": 3,
+            "rounds": 2, "sparsity": 0.8}
+"""1,000 nodes with 3-4 training samples each, 10 asked per round."""
+
+
+class Recording(InProcessTransport):
+    """An in-process transport that keeps every request and reply it carried."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.log = []
+
+    def exchange(self, task, step, requests):
+        replies = super().exchange(task, step, requests)
+        self.log.append((task, step, dict(requests), dict(replies)))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def thousand():
+    """A 1,000-node run on the in-process transport, every message recorded."""
+    cfg = tiny_config(**THOUSAND)
+    exp = Experiment.from_config(cfg)
+    nodes = build_nodes(cfg, exp, range(cfg.nodes), {})
+    transport = Recording(nodes)
+    records = []
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=records.append)
+    server.run()
+    return cfg, exp, server, transport, records
+
+
+def test_every_round_mask_rounds_included_asks_the_seeded_sample(thousand):
+    cfg, _, _, transport, records = thousand
+    assert [r["phase"] for r in records] == ["mask"] * 3 + ["train"] * 2
+    asked = [sorted(requests) for _, _, requests, _ in transport.log]
+    assert all(len(a) == 10 for a in asked)
+    assert len({tuple(a) for a in asked}) == len(asked)  # another sample every round
+    assert asked == [r["nodes"] for r in records]
+    again = tiny_config(**THOUSAND)
+    server = Server(again, thousand[1].spec, thousand[1].w0, transport)
+    assert [server.sample(s) for s in server.plan] == asked  # the sample is a function of (seed, step)
+
+
+def test_bytes_counted_equal_the_lengths_of_the_sampled_nodes_messages(thousand):
+    _, _, _, transport, records = thousand
+    for (_, _, requests, replies), record in zip(transport.log, records):
+        assert record["bytes_down"] == sum(len(b) for bodies in requests.values() for b in bodies)
+        assert record["bytes_up"] == sum(len(b) for bodies in replies.values() for b in bodies)
+
+
+def test_a_node_that_skipped_rounds_catches_up_to_exactly_the_current_mask(thousand):
+    """A mask update is coded over the version the node holds, however old; decoded over that version
+    (independently of the node) it is the server's current mask, and every node holds its version's mask."""
+    _, exp, server, transport, _ = thousand
+    history = server.state.history
+    held: dict[int, int] = {}
+    caught_up = 0
+    for _, step, requests, _ in transport.log:
+        current = max(v for v in history if v < step)
+        for node, bodies in requests.items():
+            updates = [b for b in bodies if codec.peek(b).kind == codec.Kind.MASK]
+            if held.get(node, 0) == current:
+                assert not updates
+                continue
+            (update,) = updates
+            assert codec.peek(update).base == held.get(node, 0)
+            decoded = codec.decode_mask(update, history[held.get(node, 0)]).tensors
+            assert all(np.array_equal(d, m) for d, m in zip(decoded, history[current]))
+            caught_up += 0 < held.get(node, 0) < max(v for v in history if v < current)
+            held[node] = current
+    assert caught_up, "no node skipped a mask version between two rounds it was asked in"
+    for node in transport.nodes.values():
+        assert all(np.array_equal(a, b) for a, b in zip(node.mask, history[node.state.version]))
+
+
+def test_node_state_is_held_only_by_the_nodes_asked_and_shared_by_version(thousand):
+    _, _, server, transport, _ = thousand
+    asked = {n for _, _, requests, _ in transport.log for n in requests}
+    touched = {n.id for n in transport.nodes.values() if not n.state.fresh}
+    assert touched == asked and len(asked) <= 50
+    assert all(n.state.local is None for n in transport.nodes.values())  # no round after the last reads them
+    copies = {id(n.state.mask[0]) for n in transport.nodes.values() if n.state.mask is not None}
+    assert len(copies) <= len(server.state.history)  # one mask per version, not one per node
+
+
+def test_nodes_keep_their_own_weights_only_while_a_later_round_may_start_from_them():
+    cfg = tiny_config(mask_rounds=3, mask_average_from=2)
+    method = Server(cfg, *_spec_w0(cfg), InProcessTransport([])).method
+    steps = {s.step: s for s in method.plan()}
+    # round 2 starts from each node's own weights, round 3 from the shared average, training from that average
+    assert [method.keeps_own_weights(steps[i]) for i in (1, 2, 3, 4)] == [True, False, False, False]
+    plain = Server(tiny_config(mask_rounds=2, mask_average_from=0), *_spec_w0(cfg), InProcessTransport([])).method
+    assert [plain.keeps_own_weights(s) for s in plain.plan()] == [True, True, False, False]  # train_init local
+    rewind = Server(tiny_config(rewind="init", train_init="rewind"), *_spec_w0(cfg), InProcessTransport([])).method
+    assert not any(rewind.keeps_own_weights(s) for s in rewind.plan())
+
+
+def _spec_w0(cfg: Config):
+    exp = Experiment.from_config(cfg)
+    return exp.spec, exp.w0
+
+
+@pytest.mark.parametrize("overrides, stop_at", [
+    ({**THOUSAND, "mask_rounds": 2, "rounds": 1}, 1),  # own weights trained from w0: stored as the round's number
+    ({"nodes": 6, "fraction": 0.5, "mask_rounds": 2, "rounds": 1}, 1),  # ... and rebuilt for round 2 to start from
+    ({"nodes": 6, "fraction": 0.5, "mask_rounds": 3, "rounds": 1, "mask_average_from": 0}, 2),  # as kept values
+])
+def test_resume_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_path, overrides, stop_at):
+    cfg = tiny_config(**overrides)
+    reference = simulate(cfg)
+    model_bytes = 4 * 199_210
+    seen = {}
+
+    def stop(record):
+        if record["step"] == stop_at:
+            seen["meta"] = read_meta(tmp_path / "run")
+            seen["size"] = (tmp_path / "run" / CHECKPOINT).stat().st_size
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(cfg, tmp_path / "run", on_round=stop)
+    nodes = seen["meta"]["nodes"]
+    asked = {n for r in reference.records[:stop_at] for n in r["nodes"]}
+    assert set(nodes) == {str(n) for n in asked}
+    stored = [n for n, m in nodes.items() if m["local"]]
+    rebuilt = [n for n, m in nodes.items() if m["from_w0"]]
+    if stop_at == 1:  # every node asked trained from w0: no weights stored, the server's weights and w0 only
+        assert len(rebuilt) == len(nodes) and not stored and seen["size"] < 3 * model_bytes
+        if cfg.nodes < 1000:  # some node of round 1 is asked again and starts round 2 from its rebuilt weights
+            assert asked & set(reference.records[1]["nodes"])
+    else:
+        assert stored and len(stored) + len(rebuilt) == len(nodes)
+    resumed = simulate(cfg, tmp_path / "run", resume=True)
+    keys = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "density", "hamming")
+    assert [{k: r.get(k) for k in keys} for r in resumed.records] == [{k: r.get(k) for k in keys} for r in reference.records]
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.weights, reference.weights))
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
+
+
+def test_own_weights_rebuilt_on_demand_give_the_run_that_keeps_them():
+    """With sampled mask rounds a node does not hold the weights it trained from w0; a node asked
+    again trains again to rebuild them: the run is the one in which every node keeps them."""
+    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=1, mask_average_from=0)
+    runs = {}
+    for keep in (False, True):
+        exp = Experiment.from_config(cfg)
+        nodes = build_nodes(cfg, exp, range(cfg.nodes), {})
+        for node in nodes:
+            node.keeps_from_w0 = keep
+        transport = Recording(nodes)
+        held = []
+        server = Server(cfg, exp.spec, exp.w0, transport,
+                        on_round=lambda r, nodes=nodes, held=held: held.append(sum(n.state.local is not None
+                                                                                    for n in nodes)))
+        server.run()
+        runs[keep] = (transport.log, server.state, held)
+    assert runs[False][0] == runs[True][0]  # every request and reply, byte for byte
+    assert all(np.array_equal(a, b) for a, b in zip(runs[False][1].weights, runs[True][1].weights))
+    assert runs[False][2][0] == 0 and runs[True][2][0] == 3  # after mask round 1: nothing held, or the 3 asked
+    rebuilt = {n for _, step, requests, _ in runs[False][0] if step == 2 for n in requests}
+    assert rebuilt & {n for _, step, requests, _ in runs[False][0] if step == 1 for n in requests}
+
+
+def test_mask_fraction_defaults_to_fraction_and_can_differ():
+    assert Config().prune.mask_fraction is None
+    every = simulate(tiny_config(nodes=4, rounds=1, mask_rounds=1, fraction=0.5, mask_fraction=1.0))
+    assert [len(r["nodes"]) for r in every.records] == [4, 2]
+    default = simulate(tiny_config(nodes=4, rounds=1, mask_rounds=1))
+    assert [len(r["nodes"]) for r in default.records] == [4, 4]
+    with pytest.raises(ConfigError, match="mask_fraction"):
+        tiny_config(mask_fraction=0.0)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def bits(tensors):
+    return [np.ascontiguousarray(t).view(np.uint8).tobytes() for t in tensors]
+
+
+def test_device_cpu_gives_exactly_the_run_without_the_setting():
+    plain = simulate(tiny_config(rounds=1, mask_rounds=2))
+    cpu = simulate(tiny_config(rounds=1, mask_rounds=2, device="cpu"))
+    keys = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "hamming")
+    assert [{k: r.get(k) for k in keys} for r in cpu.records] == [{k: r.get(k) for k in keys} for r in plain.records]
+    assert bits(cpu.weights) == bits(plain.weights)
+    assert sorted(cpu.masks) == sorted(plain.masks) and all(bits(cpu.masks[s]) == bits(plain.masks[s]) for s in plain.masks)
+
+
+def test_worker_processes_run_sampled_mask_rounds_as_one_process():
+    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=2, mask_average_from=0, train_samples=900)
+    sequential, parallel = simulate(cfg), simulate(cfg.with_overrides({"workers": 2}))
+    assert bits(parallel.weights) == bits(sequential.weights)
+    keys = ("step", "nodes", "accuracy", "bytes_up", "bytes_down", "hamming")
+    assert [{k: r.get(k) for k in keys} for r in parallel.records] == [{k: r.get(k) for k in keys}
+                                                                      for r in sequential.records]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_device_cuda_without_a_gpu_fails_before_the_run_starts(tmp_path):
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="no CUDA GPU.*--device cpu"):
+            simulate(tiny_config(device=device), tmp_path / device)
+        assert not (tmp_path / device).exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_mpfl_run_with_device_cuda_without_a_gpu_says_so_and_makes_no_run_dir(tmp_path, capsys):
+    from mpfl.cli import main
+
+    assert main(["run", "--device", "cuda", "--nodes", "2", "--train-samples", "500", "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "tpu"])
+def test_device_names_are_checked_with_the_config(device):
+    with pytest.raises(ConfigError, match="device"):
+        tiny_config(device=device)
+
+
+def test_the_memory_estimate_counts_the_nodes_asked_not_the_population():
+    from mpfl.resources import estimate_run
+
+    def mib(**overrides):
+        return estimate_run(Config().with_overrides({"model": "mlp", **overrides})).total / 2**20
+
+    assert mib(nodes=1000, fraction=0.1) < 0.5 * mib(nodes=1000)
+    assert mib(nodes=1000, fraction=0.1, mask_fraction=1.0) == mib(nodes=1000)  # every node in the mask rounds
+    measured = 722  # peak RSS, 1,000 nodes, 10 % per round, 5 + 20 rounds (benchmarks/scale.py)
+    assert 0.9 * measured <= mib(nodes=1000, fraction=0.1, mask_rounds=5, rounds=20) <= 1.4 * measured
