@@ -191,6 +191,17 @@ def test_sparse_float32_round_trip(data, coder):
     assert all(np.array_equal(x, y) for x, y in zip(tensors, out.tensors))
 
 
+@pytest.mark.parametrize("peak", [9.3e-43, 1.4e-45, 3e-41, 1e-38])
+def test_int8_keeps_its_error_bound_at_subnormal_peaks(peak):
+    """float32(peak / 127) can fall far below peak / 127 in the subnormal range; the peak must not be clipped."""
+    x = np.array([peak, -peak / 3, 0.0], dtype=np.float32)
+    body = codec.encode_dense(Kind.WEIGHTS, [x], round=1, dtype="int8")
+    y = codec.decode_dense(body, Kind.WEIGHTS, [x.shape]).tensors[0]
+    scale = np.frombuffer(body[HEADER_SIZE + 4 : HEADER_SIZE + 8], dtype="<f4")[0]
+    assert float(scale) * 127 >= float(x[0]) * (1 - 1e-6)
+    assert_int8_error(x, y, scale)
+
+
 @FAST
 @given(st.data())
 def test_sparse_lossy_values_round_trip(data):

@@ -231,6 +231,8 @@ def _to_int8(flat: np.ndarray) -> tuple[np.ndarray, np.float32]:
     """Symmetric per-tensor quantization; the scale is float32 and never underflows to 0."""
     peak = float(np.abs(flat).max()) if flat.size else 0.0
     scale = max(np.float32(peak / 127), _MIN_SCALE) if peak > 0 else np.float32(1)
+    while peak / float(scale) >= 127.5:  # a subnormal scale can round far below peak / 127; never clip the peak
+        scale = np.nextafter(scale, np.float32(np.inf))
     q = np.clip(np.rint(flat.astype(np.float64) / float(scale)), -127, 127).astype(VALUE_DTYPES["int8"][1])
     with np.errstate(over="ignore"):
         top = np.float32(np.abs(q).max(initial=0)) * scale
