@@ -298,10 +298,12 @@ def _alive(pid: int) -> bool:
 def serve(paths: Paths, parent: int, idle: float) -> None:
     """Answer requests one at a time until the `Watch` ends the process."""
     listener = Listener(str(paths.socket), "AF_UNIX", authkey=paths.key.read_bytes())
+    from .node_runtime import handle  # torch and the node code, loaded once for every later message
+
+    # the idle clock starts once the process can answer: a slow import must not count as idle time
     watch = Watch(paths, parent, idle)
     signal.signal(signal.SIGTERM, watch.leave)
     threading.Thread(target=watch.run, daemon=True).start()
-    from .node_runtime import handle  # torch and the node code, loaded once for every later message
 
     while True:
         try:
