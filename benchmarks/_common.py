@@ -57,3 +57,33 @@ def require(module: str, extra: str, what: str, otherwise: str = "") -> None:
     if importlib.util.find_spec(module) is None:
         hint = f"; {otherwise}" if otherwise else ""
         sys.exit(f"{what} needs the {extra!r} extra ({module} is not installed): pip install -e \".[{extra}]\"{hint}")
+
+
+def bare_round(model, exp, step: int, nodes: Sequence[int], weights: Sequence, epochs: int = 1) -> float:
+    """Seconds for the textbook torch loop over the simulator's batches of `nodes` at `step`, each
+    node starting from `weights`: the reference the simulator's overhead is measured against."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from mpfl.core.params import set_weights
+    from mpfl.core.training import generator
+
+    cfg, loss_fn = exp.cfg, nn.CrossEntropyLoss()
+    started = time.perf_counter()
+    for node in nodes:
+        data = exp.node_data(node)
+        set_weights(model, exp.spec, weights)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
+        model.train()
+        gen = generator(cfg.seed, step, node)
+        for _ in range(epochs):
+            order = data.train[torch.randperm(data.num_samples, generator=gen)]
+            for start in range(0, len(order), cfg.train.batch_size):
+                idx = order[start : start + cfg.train.batch_size]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(data.x.index_select(0, idx)), data.y.index_select(0, idx))
+                loss.backward()
+                opt.step()
+    return time.perf_counter() - started

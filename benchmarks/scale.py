@@ -34,13 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from _common import emit, parser, stop_on_sigterm
-from torch import nn
+from _common import bare_round, emit, parser, stop_on_sigterm
 
 from mpfl.config import Config
-from mpfl.core.params import set_weights
-from mpfl.core.training import generator
 from mpfl.experiment import Experiment
 from mpfl.models import build_model
 from mpfl.sim import simulate
@@ -56,27 +52,6 @@ def config(nodes: int, quick: bool, **extra: object) -> Config:
     """The run at `nodes` nodes (see the module docstring)."""
     rounds = {"mask_rounds": 2, "rounds": 3} if quick else {"mask_rounds": 5, "rounds": 20}
     return Config().with_overrides({"model": "mlp", "nodes": nodes, "fraction": 0.1, "threads": 1, **rounds, **extra})
-
-
-def bare_round(model: nn.Module, exp: Experiment, step: int, nodes: list[int], epochs: int) -> float:
-    """Seconds for the textbook loop over the simulator's batches of `nodes` at `step` (`epochs` epochs)."""
-    cfg, loss_fn = exp.cfg, nn.CrossEntropyLoss()
-    started = time.perf_counter()
-    for node in nodes:
-        data = exp.node_data(node)
-        set_weights(model, exp.spec, exp.w0)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-        model.train()
-        gen = generator(cfg.seed, step, node)
-        for _ in range(epochs):
-            order = data.train[torch.randperm(data.num_samples, generator=gen)]
-            for start in range(0, len(order), cfg.train.batch_size):
-                idx = order[start : start + cfg.train.batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(data.x.index_select(0, idx)), data.y.index_select(0, idx))
-                loss.backward()
-                opt.step()
-    return time.perf_counter() - started
 
 
 def peak_mib() -> float:
@@ -105,14 +80,14 @@ def measure(overrides: dict, bare: bool) -> dict:
         exp.evaluate = timed_evaluate
         model = build_model(cfg.train.model, exp.dataset.input_shape, exp.dataset.num_classes) if bare else None
         if model is not None:
-            bare_round(model, exp, 0, [0], 1)  # one-off costs (torch's first optimizer imports torch._dynamo)
+            bare_round(model, exp, 0, [0], exp.w0)  # one-off costs (torch's first optimizer imports torch._dynamo)
         sizes: list[int] = []
 
         def on_round(record: dict) -> None:
             sizes.append((work / "run" / "checkpoint.npz").stat().st_size)
             if model is not None:
                 epochs = cfg.prune.mask_epochs if record["phase"] == "mask" else cfg.train.epochs
-                spent["bare"] += bare_round(model, exp, record["step"], record["nodes"], epochs)
+                spent["bare"] += bare_round(model, exp, record["step"], record["nodes"], exp.w0, epochs)
 
         run_started = time.perf_counter()
         result = simulate(cfg, work / "run", experiment=exp, on_round=on_round, keep_checkpoint=True)

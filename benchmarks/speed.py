@@ -56,13 +56,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import emit, require, stop_on_sigterm
-from torch import nn
+from _common import bare_round, emit, require, stop_on_sigterm
 
 from mpfl.checkpoint import load_final
 from mpfl.config import Config
-from mpfl.core.params import set_weights
-from mpfl.core.training import generator
 from mpfl.errors import ConfigError
 from mpfl.experiment import Experiment
 from mpfl.flower.local import FINISHED
@@ -73,26 +70,6 @@ from mpfl.sim import simulate
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("overhead", "flower", "memory", "device")
 BASE = {"nodes": 10, "method": "mpfl", "sparsity": 0.9, "batch_size": 32, "lr": 0.05, "epochs": 1}
-
-
-def bare_round(model: nn.Module, exp: Experiment, step: int, nodes: list[int], weights: list[np.ndarray]) -> float:
-    """Seconds for one round of the textbook loop over the simulator's batches of `nodes` at `step`."""
-    cfg = exp.cfg
-    loss_fn = nn.CrossEntropyLoss()
-    started = time.perf_counter()
-    for node in nodes:
-        data = exp.node_data(node)
-        set_weights(model, exp.spec, weights)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr)
-        model.train()
-        order = data.train[torch.randperm(data.num_samples, generator=generator(cfg.seed, step, node))]
-        for start in range(0, len(order), cfg.train.batch_size):
-            idx = order[start : start + cfg.train.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(data.x.index_select(0, idx)), data.y.index_select(0, idx))
-            loss.backward()
-            opt.step()
-    return time.perf_counter() - started
 
 
 def overhead(model_name: str, quick: bool, threads: int) -> dict:
