@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,12 @@ def tiny_config(**overrides):
             "threads": 1}
     base.update(overrides)
     return Config().with_overrides(base)
+
+
+def wait_for_rounds(out: Path, count: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until the run writing into `out` has recorded `count` rounds (or its process ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "rounds.jsonl").exists() and (out / "rounds.jsonl").read_text().count("\n") >= count:
+            return
+        time.sleep(0.02)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
@@ -195,13 +195,6 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert len(csv_rows) == 1 + len(read_rounds(reference))
 
 
-def _wait_for_rounds(out, count, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "rounds.jsonl").exists() and (out / "rounds.jsonl").read_text().count("\n") >= count:
-            return
-        time.sleep(0.02)
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
@@ -212,7 +205,7 @@ def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_r
     loud = [a for a in RUN if a != "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *loud, "--workers", str(workers), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_rounds(out, 3, proc)
+    wait_for_rounds(out, 3, proc)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and stdout == ""

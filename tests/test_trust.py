@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
@@ -467,13 +466,6 @@ RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples",
        "--threads", "1", "--rewind", "none", "--method", "mpfl", "--quiet"]
 
 
-def _wait_for_rounds(out: Path, count: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "rounds.jsonl").exists() and (out / "rounds.jsonl").read_text().count("\n") >= count:
-            return
-        time.sleep(0.02)
-
 
 @pytest.mark.slow
 def test_a_concurrent_resume_is_refused_while_the_first_run_finishes_correctly(tmp_path):
@@ -483,7 +475,7 @@ def test_a_concurrent_resume_is_refused_while_the_first_run_finishes_correctly(t
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *long_run, "--out", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for_rounds(out, 2, first)
+    wait_for_rounds(out, 2, first)
     for argv in (["run", "--resume", str(out)], ["run", *long_run, "--out", str(out)]):
         second = subprocess.run([sys.executable, "-m", "mpfl", *argv], capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
@@ -499,7 +491,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_by_its_resume(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_for_rounds(out, 2, proc)
+    wait_for_rounds(out, 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (out / LOCK).read_text() == f"{proc.pid}\n"
