@@ -41,16 +41,16 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     groups = {"weights": numbered(server.weights), "w0": numbered(server.w0)}
     groups.update({f"history/{version}": numbered(mask) for version, mask in server.history.items()})
     node_meta = {}
-    for n, st in nodes.items():
-        if st.fresh:
+    for node_id, node in nodes.items():
+        if node.fresh:
             continue
-        if st.local is not None and not st.local_from_w0:
-            groups[f"node/{n}/local"] = numbered(kept_values(spec, st.local, server.history[st.version]))
-        if st.residual is not None:
-            groups[f"node/{n}/residual"] = numbered(st.residual)
-        node_meta[str(n)] = {"version": st.version, "has_mask": st.mask is not None, "has_w0": st.w0 is not None,
-                             "local": st.local is not None and not st.local_from_w0, "residual": st.residual is not None,
-                             "kept": True, "from_w0": st.local_from_w0}
+        if node.local is not None and not node.local_from_w0:
+            groups[f"node/{node_id}/local"] = numbered(kept_values(spec, node.local, server.history[node.version]))
+        if node.residual is not None:
+            groups[f"node/{node_id}/residual"] = numbered(node.residual)
+        node_meta[str(node_id)] = {"version": node.version, "has_mask": node.mask is not None, "has_w0": node.w0 is not None,
+                                   "local": node.local is not None and not node.local_from_w0,
+                                   "residual": node.residual is not None, "kept": True, "from_w0": node.local_from_w0}
     meta = {
         "version": server.version, "history": sorted(server.history), "next_step": server.next_step,
         "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,

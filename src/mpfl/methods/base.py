@@ -137,21 +137,21 @@ class Method:
     def train_round(self, server: Server, step: Step) -> Round:
         """Masked FedAvg: sampled nodes get the mask updates they miss and the kept values, train,
         and send their kept values back; the global weights become their aggregate."""
-        st = server.state
-        supports = server.spec.supports(st.mask)
+        state = server.state
+        supports = server.spec.supports(state.mask)
         nodes = server.sample(step)
-        values = [codec.encode_values(st.weights, supports, round=step.step, base=st.version,
+        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version,
                                       dtype=self.value_dtype)] if self.sends_weights(server, step, nodes) else []
         mask_bodies: dict[int, list[bytes]] = {}
         requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
-            return codec.decode_values(reply[0], supports, round=step.step, base=st.version)
+            return codec.decode_values(reply[0], supports, round=step.step, base=state.version)
 
-        rnd = server.exchange(TASK_TRAIN, step, requests, decode)
-        server.acknowledge(rnd)
-        st.weights = server.aggregate(rnd)
-        return rnd
+        exchanged = server.exchange(TASK_TRAIN, step, requests, decode)
+        server.acknowledge(exchanged)
+        state.weights = server.aggregate(exchanged)
+        return exchanged
 
 
 class MaskedMethod(Method):

@@ -37,8 +37,8 @@ class TopK(Method):
     description = "dense weights down, top-k updates with coded positions up (error feedback)"
 
     def train_round(self, server: Server, step: Step) -> Round:
-        st, spec = server.state, server.spec
-        body = codec.encode_values(st.weights, spec.supports(spec.full_mask()), round=step.step,
+        state, spec = server.state, server.spec
+        body = codec.encode_values(state.weights, spec.supports(spec.full_mask()), round=step.step,
                                    dtype=self.value_dtype)
         limits = [int(np.prod(s)) for s in spec.shapes]
         for i, size in zip(spec.prunable, spec.prunable_sizes):
@@ -47,9 +47,9 @@ class TopK(Method):
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             return codec.decode_sparse(reply[0], spec.shapes, max_ones=limits, round=step.step)
 
-        rnd = server.exchange(TASK_TOPK, step, {n: [body] for n in server.sample(step)}, decode)
-        st.weights = [w + u for w, u in zip(st.weights, server.aggregate(rnd))]
-        return rnd
+        exchanged = server.exchange(TASK_TOPK, step, {n: [body] for n in server.sample(step)}, decode)
+        state.weights = [w + u for w, u in zip(state.weights, server.aggregate(exchanged))]
+        return exchanged
 
 
 class FedAvgPrune(MaskedMethod):
@@ -64,12 +64,12 @@ class FedAvgPrune(MaskedMethod):
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
         """A FedAvg round on the current mask, then magnitude pruning of the aggregate."""
-        rnd = self.train_round(server, step)
-        st, p = server.state, self.cfg.prune
+        exchanged = self.train_round(server, step)
+        state, p = server.state, self.cfg.prune
         choose = masks.filter_mask if self.structured else masks.magnitude_mask
-        new = choose(server.spec.pick(st.weights), st.mask, step.density, scope=p.scope, floor=p.layer_floor)
-        st.weights = server.spec.apply(st.weights, new)
-        return rnd, new, {}
+        new = choose(server.spec.pick(state.weights), state.mask, step.density, scope=p.scope, floor=p.layer_floor)
+        state.weights = server.spec.apply(state.weights, new)
+        return exchanged, new, {}
 
     def after_mask(self, server: Server, step: Step, mask: masks.Mask) -> None:
         """The pruned aggregate stays the global model."""
@@ -132,8 +132,8 @@ class Ssfl(OneShotMethod):
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             return codec.decode_dense(reply[0], Kind.SCORES, shapes, round=step.step)
 
-        rnd = server.exchange(TASK_SCORES, step, requests, decode)
-        server.acknowledge(rnd, w0=True)
-        total = weighted_average([b.tensors for b in rnd.replies.values()], rnd.weights())
+        exchanged = server.exchange(TASK_SCORES, step, requests, decode)
+        server.acknowledge(exchanged, w0=True)
+        total = weighted_average([b.tensors for b in exchanged.replies.values()], exchanged.weights())
         p = self.cfg.prune
-        return rnd, masks.select(total, server.state.mask, step.density, p.scope, p.layer_floor), {}
+        return exchanged, masks.select(total, server.state.mask, step.density, p.scope, p.layer_floor), {}

@@ -77,10 +77,10 @@ class Mpfl(MaskedMethod):
         """Voters train and send local masks over the current support (with their cores and kept
         values when asked); the server tallies the (robustly weighted) votes, lets the cores
         outrank plain votes, applies the consensus rule and averages the kept values."""
-        st, p, robust = server.state, self.cfg.prune, self.cfg.robust
+        state, p, robust = server.state, self.cfg.prune, self.cfg.robust
         cores, averaging = self.sends_cores(step), self.averages(step)
-        support = st.mask
-        start = [codec.encode_values(st.weights, server.spec.supports(support), round=step.step, base=st.version,
+        support = state.mask
+        start = [codec.encode_values(state.weights, server.spec.supports(support), round=step.step, base=state.version,
                                      dtype=self.value_dtype)] if self.shares_start(step) else []
         mask_bodies: dict[int, list[bytes]] = {}
         w0: dict[str, bytes] = {}
@@ -89,28 +89,28 @@ class Mpfl(MaskedMethod):
         extras: dict[int, dict] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
-            body = codec.decode_mask(reply[0], support, round=step.step, base_version=st.version,
+            body = codec.decode_mask(reply[0], support, round=step.step, base_version=state.version,
                                      structured=self.structured)
             rest, extra = list(reply[1:]), {}
             if cores:
                 extra["core"] = codec.decode_mask(rest.pop(0), body.tensors, round=step.step,
-                                                  base_version=st.version).tensors
+                                                  base_version=state.version).tensors
             if averaging:
                 values = codec.decode_values(rest.pop(0), server.spec.supports(body.tensors), round=step.step,
-                                             base=st.version)
+                                             base=state.version)
                 server.check_values(values)
                 extra["values"] = values.tensors
             extras[node] = extra
             return body
 
-        rnd = server.exchange(TASK_MASK, step, requests, decode, bodies=1 + cores + averaging)
-        server.acknowledge(rnd, w0=True)
-        voted = list(rnd.replies)
-        local = [rnd.replies[n].tensors for n in voted]
+        exchanged = server.exchange(TASK_MASK, step, requests, decode, bodies=1 + cores + averaging)
+        server.acknowledge(exchanged, w0=True)
+        voted = list(exchanged.replies)
+        local = [exchanged.replies[n].tensors for n in voted]
         ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=p.scope,
                           floor=p.layer_floor, tau=p.tau, percentile=p.percentile, structured=self.structured,
-                          tiebreak=[np.abs(w) for w in server.spec.pick(st.w0)])
-        weights = rnd.weights()
+                          tiebreak=[np.abs(w) for w in server.spec.pick(state.w0)])
+        weights = exchanged.weights()
         if robust.vote_weighting == "agreement":
             weights = list(agreement_weights(local, weights, support))
         elif robust.vote_weighting == "trimmed":
@@ -121,12 +121,12 @@ class Mpfl(MaskedMethod):
         new = consensus(votes, support, p.consensus, ctx)
         if averaging:
             counted = [(n, w) for n, w in zip(voted, weights) if w > 0]
-            st.weights = holder_average([extras[n]["values"] for n, _ in counted],
-                                        [server.spec.supports(rnd.replies[n].tensors) for n, _ in counted],
-                                        [w for _, w in counted], server.spec.supports(new), st.weights)
+            state.weights = holder_average([extras[n]["values"] for n, _ in counted],
+                                        [server.spec.supports(exchanged.replies[n].tensors) for n, _ in counted],
+                                        [w for _, w in counted], server.spec.supports(new), state.weights)
         agreement = float(np.mean([masks.agreement(m, new, support) for m in local]))
         shares = np.asarray(weights) / np.sum(weights)
-        return rnd, new, {"agreement": agreement,
+        return exchanged, new, {"agreement": agreement,
                           "vote_weights": {str(n): round(float(w), 6) for n, w in zip(voted, shares)}}
 
     def after_mask(self, server: Server, step: Step, mask: masks.Mask) -> None:
@@ -159,11 +159,11 @@ class Mpfl(MaskedMethod):
         fraction = self.swap_fraction(step)
         if fraction == 0:
             return super().train_round(server, step)
-        st = server.state
-        supports = server.spec.supports(st.mask)
-        pruned = [~m for m in st.mask]
+        state = server.state
+        supports = server.spec.supports(state.mask)
+        pruned = [~m for m in state.mask]
         nodes = server.sample(step)
-        values = [codec.encode_values(st.weights, supports, round=step.step, base=st.version, dtype=self.value_dtype)]
+        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype)]
         mask_bodies: dict[int, list[bytes]] = {}
         requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
         node_votes = self.cfg.adapt.adapt_drop == "votes"
@@ -171,24 +171,24 @@ class Mpfl(MaskedMethod):
         drop: dict[int, list[np.ndarray]] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
-            body = codec.decode_values(reply[0], supports, round=step.step, base=st.version)
-            regrow[node] = codec.decode_mask(reply[1], pruned, round=step.step, base_version=st.version).tensors
+            body = codec.decode_values(reply[0], supports, round=step.step, base=state.version)
+            regrow[node] = codec.decode_mask(reply[1], pruned, round=step.step, base_version=state.version).tensors
             if node_votes:
-                drop[node] = codec.decode_mask(reply[2], st.mask, round=step.step, base_version=st.version).tensors
+                drop[node] = codec.decode_mask(reply[2], state.mask, round=step.step, base_version=state.version).tensors
             return body
 
-        rnd = server.exchange(TASK_ADAPT, step, requests, decode, bodies=2 + node_votes)
-        server.acknowledge(rnd)
-        st.weights = server.aggregate(rnd)
-        voted, weights = list(rnd.replies), rnd.weights()
-        kept = server.spec.pick(st.weights)
-        drop_scores = tally([drop[n] for n in voted], weights) if node_votes else adapt.server_drop(kept, st.mask)
-        counts = adapt.swap_counts(st.mask, fraction)
-        new, grown, _ = adapt.swap(st.mask, tally([regrow[n] for n in voted], weights), drop_scores, counts, kept)
+        exchanged = server.exchange(TASK_ADAPT, step, requests, decode, bodies=2 + node_votes)
+        server.acknowledge(exchanged)
+        state.weights = server.aggregate(exchanged)
+        voted, weights = list(exchanged.replies), exchanged.weights()
+        kept = server.spec.pick(state.weights)
+        drop_scores = tally([drop[n] for n in voted], weights) if node_votes else adapt.server_drop(kept, state.mask)
+        counts = adapt.swap_counts(state.mask, fraction)
+        new, grown, _ = adapt.swap(state.mask, tally([regrow[n] for n in voted], weights), drop_scores, counts, kept)
         server.adopt_mask(step, new)
-        st.weights = server.spec.apply(st.weights, new)
-        rnd.metrics.update({"swap_fraction": round(fraction, 6), "swapped": int(sum(int(g.sum()) for g in grown))})
-        return rnd
+        state.weights = server.spec.apply(state.weights, new)
+        exchanged.metrics.update({"swap_fraction": round(fraction, 6), "swapped": int(sum(int(g.sum()) for g in grown))})
+        return exchanged
 
 
 class Local(Mpfl):
