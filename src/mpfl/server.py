@@ -167,10 +167,11 @@ class Server:
         may keep what the others carry. Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
-        asking = [node for node in requests if self._asks_for_w0(replies.get(node))]
+        asking = self._asking_for_w0(requests, replies)
         if asking:
             exchanged.bytes_up += sum(len(replies[node][0]) for node in asking)
-            again = {node: [self._w0_weights(step) if codec.peek(b).kind == Kind.INIT else b for b in requests[node]]
+            weights = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
+            again = {node: [weights if codec.peek(b).kind == Kind.INIT else b for b in requests[node]]
                      for node in asking}
             answered = self.transport.exchange(task, step.step, again)
             exchanged.bytes_down += bytes_sent(again, answered)
@@ -273,19 +274,23 @@ class Server:
             cache["w0"] = codec.encode_init(self.state.w0, source=source, seed=self.cfg.seed, round=step.step)
         return [cache["w0"]]
 
-    def _w0_weights(self, step: Step) -> bytes:
-        """The initial weights themselves, for a node that asked for them."""
-        return codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
-
-    def _asks_for_w0(self, reply: Reply | None) -> bool:
-        """Whether `reply` is a node's request for the `init` file's weights, which it has no copy of."""
-        if self.cfg.train.init is None or not isinstance(reply, list) or len(reply) != 1:
-            return False
-        try:
-            ref = codec.decode_init(reply[0])
-        except (PayloadError, TypeError):
-            return False
-        return ref.source == "request" and ref.digest == codec.weights_digest(self.state.w0)
+    def _asking_for_w0(self, requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> list[int]:
+        """The nodes whose reply is a request for the `init` file's weights, which they hold no copy of."""
+        if self.cfg.train.init is None:
+            return []
+        digest, asking = None, []
+        for node in requests:
+            reply = replies.get(node)
+            if not isinstance(reply, list) or len(reply) != 1:
+                continue
+            try:
+                ref = codec.decode_init(reply[0])
+            except (PayloadError, TypeError):
+                continue
+            digest = digest or codec.weights_digest(self.state.w0)
+            if ref.source == "request" and ref.digest == digest:
+                asking.append(node)
+        return asking
 
     def acknowledge(self, exchanged: Round, *, w0: bool = False) -> None:
         """Nodes that replied validly now hold the current mask (and, with `w0`, the initial
