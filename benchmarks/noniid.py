@@ -37,6 +37,7 @@ ABLATIONS: dict[str, dict] = {
     "mpfl (defaults)": {},
     "extrapolate = 1 (magnitude, not movement)": {"extrapolate": 1.0},
     "core_share = 0 (no class-aware cores)": {"core_share": 0.0},
+    "mask_average_from = 2 (averaged from the second mask round)": {"mask_average_from": 2},
     "mask_average_from = 0 (no averaged start)": {"mask_average_from": 0},
     "adapt_every = 0 (mask fixed in training)": {"adapt_every": 0},
     "mask_epochs = 1": {"mask_epochs": 1},

@@ -234,7 +234,7 @@ def test_early_stop_when_the_mask_stops_changing():
 def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
     from mpfl.core.training import generator
 
-    cfg = tiny_config(rewind="none", train_init="local", rounds=1, mask_rounds=1)
+    cfg = tiny_config(rewind="none", train_init="local", rounds=1, mask_rounds=1, mask_average_from=0)
     exp, server, transport, records = build(cfg)
     own = {}
 
@@ -396,13 +396,23 @@ def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_
     assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
 
 
-def test_averaged_mask_rounds_carry_values_and_start_the_next_round_from_their_mean():
-    cfg = tiny_config(mask_rounds=3, rounds=1, sparsity=0.8, mask_average_from=2)
+@pytest.mark.parametrize(("start", "averaged"), [(2, {2, 3}), (-1, {3}), (-3, {1, 2, 3})])
+def test_averaged_mask_rounds_carry_values_and_start_the_next_round_from_their_mean(start, averaged):
+    cfg = tiny_config(mask_rounds=3, rounds=1, sparsity=0.8, mask_average_from=start)  # negative: from the end
     exp, server, transport, records = build(cfg)
     server.run()
     mask_log = [entry for entry in transport.log if entry[0] == "mask"]
+    assert [entry[1] for entry in mask_log] == [1, 2, 3]
     for _task, step, requests, replies in mask_log:
         sent = {codec.peek(b).kind for bodies in requests.values() for b in bodies}
         got = [[codec.peek(b).kind for b in bodies] for bodies in replies.values()]
-        assert (codec.Kind.VALUES in sent) == (step == 3)  # the shared start, after the first averaging round
-        assert all(kinds == [codec.Kind.MASK, codec.Kind.MASK] + [codec.Kind.VALUES] * (step >= 2) for kinds in got)
+        assert (codec.Kind.VALUES in sent) == (step > min(averaged))  # the shared start, after the first average
+        assert all(kinds == [codec.Kind.MASK, codec.Kind.MASK] + [codec.Kind.VALUES] * (step in averaged)
+                   for kinds in got)
+
+
+def test_counting_averaged_rounds_from_the_end_is_the_same_run_as_naming_the_round():
+    last = simulate(tiny_config(mask_rounds=3, rounds=1, mask_average_from=-1))
+    named = simulate(tiny_config(mask_rounds=3, rounds=1, mask_average_from=3))
+    assert [r["bytes_up"] for r in last.records] == [r["bytes_up"] for r in named.records]
+    assert all(np.array_equal(a, b) for a, b in zip(last.weights, named.weights))

@@ -83,7 +83,7 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
 
 
 def test_presets_cover_the_grid_and_fit_their_time_budgets():
-    for name, budget in (("quick", 15 * 60), ("full", 150 * 60)):
+    for name, budget in (("quick", 15 * 60), ("full", 180 * 60)):
         cells = preset_cells(name)
         configs = [c.config() for c in cells]
         assert len({cell_name(c) for c in configs}) == len(cells)
@@ -100,7 +100,9 @@ def test_presets_cover_the_grid_and_fit_their_time_budgets():
             here = [c for c in skew if c.data.partition == partition]
             assert {c.prune.extrapolate for c in here} == {1.0, 100.0} and {c.adapt.adapt_every for c in here} == {0, 2}
             assert {c.prune.core_share for c in here} == {0.0, 0.1} and {c.prune.scope for c in here} == {"global", "layer"}
-            assert {c.prune.mask_epochs for c in here} == {1, 2} and {c.prune.mask_average_from for c in here} == {0, 2}
+            assert {c.prune.mask_epochs for c in here} == {1, 2} and {c.prune.mask_average_from for c in here} == {-1, 0, 2}
+        averaging = [c for c in cells if c.group == "averaging"]
+        assert len(averaging) == 2 * 4 * seeds and {c.config().prune.mask_average_from for c in averaging} == {2}
         ablation = [c for c in configs if c.method == "mpfl" and c.data.dataset == "mnist" and c.data.partition == "iid"
                     and c.prune.sparsity == 0.9 and c.seed == 0]
         assert {c.prune.consensus for c in ablation} == {"vote", "threshold", "dynamic", "histogram"}
@@ -130,7 +132,7 @@ def test_datasets_option_keeps_the_grid_on_the_named_datasets(capsys):
     assert len([c for c in mnist_only if c.group == "main"]) == 8 * 4
     assert {c.group for c in mnist_only} == {c.group for c in preset_cells("quick")}
     fashion_only = preset_cells("quick", datasets=["fashion-mnist"])
-    assert {c.group for c in fashion_only} == {"main"}
+    assert {c.group for c in fashion_only} == {"main", "averaging"}
     with pytest.raises(ConfigError, match="--datasets mnst: choose from mnist"):
         preset_cells("quick", datasets=["mnst"])
 

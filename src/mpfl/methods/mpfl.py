@@ -8,8 +8,9 @@ classes (docs/results.md, "Label skew"):
   which every node would share through w0;
 * each node also marks its core (`core_share` of its own mask), and any node's core outranks
   plain votes, so what the classes of one or two nodes need survives the vote;
-* from mask round `mask_average_from` on, nodes also send their kept values and every later
-  round starts from their average, so the nodes' masks are taken on a shared model;
+* from mask round `mask_average_from` on (by default the last), nodes also send their kept values
+  and every later round starts from their average, so training (and, averaged earlier, the
+  nodes' masks) starts from a shared model;
 * in training, every `adapt_every` rounds the nodes vote for pruned weights to regrow and the
   server swaps them for its smallest kept weights, at constant density.
 
@@ -56,12 +57,18 @@ class Mpfl(MaskedMethod):
         return (step.phase == "mask" and p.core_share > 0 and not self.structured
                 and self.cfg.robust.vote_weighting != "trimmed")
 
+    def average_start(self) -> int:
+        """The first mask round whose kept values are averaged (`mask_average_from`, negative counted from
+        the end: -1 is the last mask round); 0: none."""
+        start, rounds = self.cfg.prune.mask_average_from, self.cfg.prune.mask_rounds
+        return rounds + 1 + start if start < 0 else start
+
     def averages(self, step: Step) -> bool:
-        start = self.cfg.prune.mask_average_from
+        start = self.average_start()
         return step.phase == "mask" and 0 < start <= step.index
 
     def shares_start(self, step: Step) -> bool:
-        start = self.cfg.prune.mask_average_from
+        start = self.average_start()
         after_warmup = step.index == 1 and self.cfg.prune.warmup_rounds > 0
         return step.phase == "mask" and ((0 < start < step.index) or after_warmup)
 
