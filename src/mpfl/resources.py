@@ -80,14 +80,20 @@ def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate
 
 def holding_nodes(cfg: Config) -> int:
     """How many float32 copies of the model nodes may hold at once: the replies of the largest
-    round's sample, plus the own weights of the nodes asked in the round under way and in every
-    mask round whose weights a later round may start from (2N when every round asks every node)."""
-    fractions = [cfg.train.fraction, cfg.prune.mask_fraction or cfg.train.fraction]
+    round's sample, plus the own weights of the nodes asked in the round under way and, for every
+    mask round whose weights a later round may start from, of its nodes that did not start from
+    w0 (those are rebuilt on demand): the share asked in an earlier round, 1 - (1 - q)^(t - 1)
+    in round t with mask sampling q (2N when every round asks every node)."""
+    mask_fraction = cfg.prune.mask_fraction or cfg.train.fraction
+    fractions = [cfg.train.fraction, mask_fraction]
     asked = min(cfg.nodes, max(cfg.min_nodes, max(round(q * cfg.nodes) if q < 1 else cfg.nodes for q in fractions)))
+    if asked >= cfg.nodes:
+        return 2 * cfg.nodes
     method = method_of(cfg)
-    kept = sum(method.keeps_own_weights(s) for s in method.plan() if s.phase == "mask")
-    own = min(cfg.nodes, asked * (1 + kept)) if cfg.prune.rewind == "none" else 0
-    return asked + own if asked < cfg.nodes else 2 * cfg.nodes
+    kept = sum(1 - (1 - mask_fraction) ** (s.index - 1) for s in method.plan()
+               if s.phase == "mask" and method.keeps_own_weights(s))
+    own = min(cfg.nodes, asked + math.ceil(asked * kept)) if cfg.prune.rewind == "none" else 0
+    return asked + own
 
 
 def estimate_run(cfg: Config) -> MemoryEstimate | None:
