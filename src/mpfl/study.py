@@ -33,12 +33,12 @@ plus about 1.5 s per run to load data and build the model; cnn rounds cost ~35x 
 both presets use mlp. `estimate_seconds` applies that model to each cell's round plan (so it
 follows the configured mask_rounds); ``mpfl study --dry-run`` prints it per cell.
 
-* quick: 5,000 training / 2,000 test samples, 5 training rounds, 1 seed: 112 runs, estimated
+* quick: 5,000 training / 2,000 test samples, 5 training rounds, 1 seed: 120 runs, estimated
   6 min.
-* full: 20,000 training / 10,000 test samples, 20 training rounds, 3 seeds: 282 runs,
-  estimated 62 min on an otherwise idle core; measured about 95 min of wall time as five
+* full: 20,000 training / 10,000 test samples, 20 training rounds, 3 seeds: 306 runs,
+  estimated 78 min on an otherwise idle core; measured about 45 min of wall time as two
   processes on the 2 cores beside other work. The model undercounts MPFL's cells (mask
-  adaptation's gradient batches, averaged values): they take 2-3x their estimate.
+  adaptation's gradient batches, averaged values): they take up to 2x their estimate.
 """
 
 from __future__ import annotations
