@@ -396,9 +396,15 @@ def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_
     assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
 
 
-@pytest.mark.parametrize(("start", "averaged"), [(2, {2, 3}), (-1, {3}), (-3, {1, 2, 3})])
-def test_averaged_mask_rounds_carry_values_and_start_the_next_round_from_their_mean(start, averaged):
-    cfg = tiny_config(mask_rounds=3, rounds=1, sparsity=0.8, mask_average_from=start)  # negative: from the end
+@pytest.mark.parametrize(("overrides", "averaged"), [
+    ({"mask_average_from": 2}, {2, 3}),
+    ({"mask_average_from": -1}, {3}),  # negative: counted from the end
+    ({"mask_average_from": -3}, {1, 2, 3}),
+    ({}, {3}),  # unset, every node asked: the last round
+    ({"nodes": 4, "mask_fraction": 0.5}, {2, 3}),  # unset, sampled mask rounds: from the second
+])
+def test_averaged_mask_rounds_carry_values_and_start_the_next_round_from_their_mean(overrides, averaged):
+    cfg = tiny_config(mask_rounds=3, rounds=1, sparsity=0.8, **overrides)
     exp, server, transport, records = build(cfg)
     server.run()
     mask_log = [entry for entry in transport.log if entry[0] == "mask"]
@@ -412,7 +418,7 @@ def test_averaged_mask_rounds_carry_values_and_start_the_next_round_from_their_m
 
 
 def test_counting_averaged_rounds_from_the_end_is_the_same_run_as_naming_the_round():
-    last = simulate(tiny_config(mask_rounds=3, rounds=1, mask_average_from=-1))
-    named = simulate(tiny_config(mask_rounds=3, rounds=1, mask_average_from=3))
-    assert [r["bytes_up"] for r in last.records] == [r["bytes_up"] for r in named.records]
-    assert all(np.array_equal(a, b) for a, b in zip(last.weights, named.weights))
+    runs = [simulate(tiny_config(mask_rounds=3, rounds=1, mask_average_from=start)) for start in (-1, 3, None)]
+    for other in runs[1:]:
+        assert [r["bytes_up"] for r in other.records] == [r["bytes_up"] for r in runs[0].records]
+        assert all(np.array_equal(a, b) for a, b in zip(other.weights, runs[0].weights))

@@ -100,7 +100,7 @@ def test_presets_cover_the_grid_and_fit_their_time_budgets():
             here = [c for c in skew if c.data.partition == partition]
             assert {c.prune.extrapolate for c in here} == {1.0, 100.0} and {c.adapt.adapt_every for c in here} == {0, 2}
             assert {c.prune.core_share for c in here} == {0.0, 0.1} and {c.prune.scope for c in here} == {"global", "layer"}
-            assert {c.prune.mask_epochs for c in here} == {1, 2} and {c.prune.mask_average_from for c in here} == {-1, 0, 2}
+            assert {c.prune.mask_epochs for c in here} == {1, 2} and {c.prune.mask_average_from for c in here} == {None, 0, 2}
         averaging = [c for c in cells if c.group == "averaging"]
         assert len(averaging) == 2 * 4 * seeds and {c.config().prune.mask_average_from for c in averaging} == {2}
         ablation = [c for c in configs if c.method == "mpfl" and c.data.dataset == "mnist" and c.data.partition == "iid"

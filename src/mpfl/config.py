@@ -180,9 +180,11 @@ class PruneConfig:
                                  "centralized keeps --epochs)")
     extrapolate: float = _field(100.0, "MPFL's local score |w0 + extrapolate * (w - w0)|: 1 ranks weights by "
                                        "magnitude, larger values by how far the node's training moved them")
-    mask_average_from: int = _field(-1, "from this mask round on, MPFL nodes also send their kept values and the "
-                                        "next round (or training) starts from their average; negative counts from "
-                                        "the end (-1: the last mask round only), 0: never")
+    mask_average_from: int | None = _field(None, "from this mask round on, MPFL nodes also send their kept values "
+                                                 "and the next round (or training) starts from their average; "
+                                                 "negative counts from the end (-1: the last mask round), 0: never; "
+                                                 "none = the last mask round, or the second when mask rounds ask a "
+                                                 "sample of the nodes (whose own weights would be stale)")
     mask_fraction: float | None = _field(None, "share of the nodes asked in each mask round; none = --fraction. "
                                                "A node left out catches up with the mask updates it missed when "
                                                "next asked", aliases=("mask_sample",))
@@ -209,7 +211,7 @@ class PruneConfig:
         _range("saliency_batches", self.saliency_batches, 1)
         _range("mask_epochs", self.mask_epochs, 1)
         _range("extrapolate", self.extrapolate, 0, lo_open=True)
-        if self.mask_average_from < -self.mask_rounds:
+        if self.mask_average_from is not None and self.mask_average_from < -self.mask_rounds:
             raise ConfigError(f"mask_average_from = {self.mask_average_from} counts back past the first of "
                               f"{self.mask_rounds} mask rounds; use -1 .. -{self.mask_rounds}, a round number or 0")
         _range("core_share", self.core_share, 0, 1)

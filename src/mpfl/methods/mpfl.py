@@ -8,9 +8,9 @@ classes (docs/results.md, "Label skew"):
   which every node would share through w0;
 * each node also marks its core (`core_share` of its own mask), and any node's core outranks
   plain votes, so what the classes of one or two nodes need survives the vote;
-* from mask round `mask_average_from` on (by default the last), nodes also send their kept values
-  and every later round starts from their average, so training (and, averaged earlier, the
-  nodes' masks) starts from a shared model;
+* from mask round `mask_average_from` on (by default the last, or the second when mask rounds
+  sample the nodes), nodes also send their kept values and every later round starts from their
+  average, so training (and, averaged earlier, the nodes' masks) starts from a shared model;
 * in training, every `adapt_every` rounds the nodes vote for pruned weights to regrow and the
   server swaps them for its smallest kept weights, at constant density.
 
@@ -59,8 +59,14 @@ class Mpfl(MaskedMethod):
 
     def average_start(self) -> int:
         """The first mask round whose kept values are averaged (`mask_average_from`, negative counted from
-        the end: -1 is the last mask round); 0: none."""
-        start, rounds = self.cfg.prune.mask_average_from, self.cfg.prune.mask_rounds
+        the end: -1 is the last mask round); 0: none. Unset, it is the last mask round, or the second
+        when mask rounds sample the nodes: a sampled node's own weights come from the last round it was
+        asked in, or from w0, so without a shared start every round's masks would come from stale weights."""
+        p = self.cfg.prune
+        start, rounds = p.mask_average_from, p.mask_rounds
+        if start is None:
+            sampled = (p.mask_fraction or self.cfg.train.fraction) < 1
+            return min(2, rounds) if sampled else rounds
         return rounds + 1 + start if start < 0 else start
 
     def averages(self, step: Step) -> bool:
