@@ -20,7 +20,7 @@ server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. When rounds ask a sampl
 (`--fraction`, `--mask-fraction`), only the nodes asked hold weights: the replies of one round,
 and own weights of at most the nodes asked over the mask rounds; every other node costs a few
 KiB (its data indices and node object). With 10 % sampling, 1,000 ``mlp`` nodes peaked at 682 MiB
-and 10,000 at 1,983 MiB (docs/performance.md, "Cross-device scale"; estimates: 916 and 3,087 MiB).
+and 10,000 at 1,983 MiB (docs/performance.md, "Cross-device scale"; estimates: 837 and 2,296 MiB).
 """
 
 from __future__ import annotations
