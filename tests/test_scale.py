@@ -243,5 +243,5 @@ def test_the_memory_estimate_counts_the_nodes_asked_not_the_population():
 
     assert mib(nodes=1000, fraction=0.1) < 0.5 * mib(nodes=1000)
     assert mib(nodes=1000, fraction=0.1, mask_fraction=1.0) == mib(nodes=1000)  # every node in the mask rounds
-    measured = 648  # peak RSS, 1,000 nodes, 10 % per round, 5 + 20 rounds (benchmarks/scale.py)
+    measured = 682  # peak RSS, 1,000 nodes, 10 % per round, 5 + 20 rounds (benchmarks/scale.py)
     assert 0.9 * measured <= mib(nodes=1000, fraction=0.1, mask_rounds=5, rounds=20) <= 1.4 * measured
