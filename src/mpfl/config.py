@@ -180,11 +180,9 @@ class PruneConfig:
                                  "centralized keeps --epochs)")
     extrapolate: float = _field(100.0, "MPFL's local score |w0 + extrapolate * (w - w0)|: 1 ranks weights by "
                                        "magnitude, larger values by how far the node's training moved them")
-    mask_average_from: int | None = _field(None, "from this mask round on, MPFL nodes also send their kept values "
-                                                 "and the next round (or training) starts from their average; "
-                                                 "negative counts from the end (-1: the last mask round), 0: never; "
-                                                 "none = the last mask round, or the second when mask rounds ask a "
-                                                 "sample of the nodes (whose own weights would be stale)")
+    mask_average_from: int | None = _field(None, "from this mask round on (negative: counted from the end), MPFL "
+                                                 "nodes also send kept values and later rounds start from their mean; "
+                                                 "0: never; none = the last, or 2 when mask rounds sample nodes")
     mask_fraction: float | None = _field(None, "share of the nodes asked in each mask round; none = --fraction. "
                                                "A node left out catches up with the mask updates it missed when "
                                                "next asked", aliases=("mask_sample",))
