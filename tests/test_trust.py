@@ -469,18 +469,22 @@ RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples",
 
 @pytest.mark.slow
 def test_a_concurrent_resume_is_refused_while_the_first_run_finishes_correctly(tmp_path):
-    long_run = [*RUN, "--rounds", "80"]  # long enough to outlast two more processes starting
+    run = [*RUN, "--rounds", "20"]  # rounds enough to be still running when paused after its second
     reference = tmp_path / "reference"
-    assert main(["run", *long_run, "--out", str(reference)]) == 0
+    assert main(["run", *run, "--out", str(reference)]) == 0
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *long_run, "--out", str(out)],
+    first = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *run, "--out", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_rounds(out, 2, first)
-    for argv in (["run", "--resume", str(out)], ["run", *long_run, "--out", str(out)]):
-        second = subprocess.run([sys.executable, "-m", "mpfl", *argv], capture_output=True, text=True, timeout=120)
-        assert second.returncode == 2, second.stderr
-        assert f"is in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
-    assert first.poll() is None, "the first run ended before the second was refused"
+    os.kill(first.pid, signal.SIGSTOP)  # paused mid-run, it still holds the folder, however slow the others start
+    try:
+        for argv in (["run", "--resume", str(out)], ["run", *run, "--out", str(out)]):
+            second = subprocess.run([sys.executable, "-m", "mpfl", *argv], capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr
+            assert f"is in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
+        assert first.poll() is None, "the first run ended before the second was refused"
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=240) == 0, first.stderr.read()
     assert _comparable(read_rounds(out)) == _comparable(read_rounds(reference))
     assert not (out / LOCK).exists() and not list(out.glob(".*.tmp"))
