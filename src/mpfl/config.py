@@ -325,6 +325,11 @@ class Config:
     robust: RobustConfig = field(default_factory=RobustConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
 
+    @property
+    def mask_round_fraction(self) -> float:
+        """Share of the nodes each mask round asks: `prune.mask_fraction`, or `train.fraction` when unset."""
+        return self.train.fraction if self.prune.mask_fraction is None else self.prune.mask_fraction
+
     def __post_init__(self) -> None:
         """Import the plug-ins the config names first, so the names they register are valid choices."""
         load_plugins(self.plugins)

@@ -166,7 +166,7 @@ class Node:
         self.structured = method.structured
         self.value_dtype = method.value_dtype
         self.shared: SharedDecodes | None = None
-        self.keeps_from_w0 = (cfg.prune.mask_fraction or cfg.train.fraction) >= 1.0
+        self.keeps_from_w0 = cfg.mask_round_fraction >= 1.0
         """Whether own weights trained from w0 stay in memory: when every mask round asks every node,
         each will be asked again and use them; with sampled mask rounds few are, so they are rebuilt
         by those few rather than held by all."""

@@ -84,7 +84,7 @@ def holding_nodes(cfg: Config) -> int:
     mask round whose weights a later round may start from, of its nodes that did not start from
     w0 (those are rebuilt on demand): the share asked in an earlier round, 1 - (1 - q)^(t - 1)
     in round t with mask sampling q (2N when every round asks every node)."""
-    mask_fraction = cfg.prune.mask_fraction or cfg.train.fraction
+    mask_fraction = cfg.mask_round_fraction
     fractions = [cfg.train.fraction, mask_fraction]
     asked = min(cfg.nodes, max(cfg.min_nodes, max(round(q * cfg.nodes) if q < 1 else cfg.nodes for q in fractions)))
     if asked >= cfg.nodes:

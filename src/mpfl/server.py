@@ -149,9 +149,7 @@ class Server:
         Mask rounds ask `prune.mask_fraction` of them (by default `train.fraction`) from their own
         random stream, so a run that samples only mask rounds draws its training rounds as before."""
         mask = step.phase == "mask"
-        fraction = self.cfg.train.fraction
-        if mask and self.cfg.prune.mask_fraction is not None:
-            fraction = self.cfg.prune.mask_fraction
+        fraction = self.cfg.mask_round_fraction if mask else self.cfg.train.fraction
         nodes = self.node_ids()
         if fraction >= 1.0 or not nodes:
             return nodes

@@ -65,8 +65,7 @@ class Mpfl(MaskedMethod):
         p = self.cfg.prune
         start, rounds = p.mask_average_from, p.mask_rounds
         if start is None:
-            sampled = (p.mask_fraction or self.cfg.train.fraction) < 1
-            return min(2, rounds) if sampled else rounds
+            return min(2, rounds) if self.cfg.mask_round_fraction < 1 else rounds
         return rounds + 1 + start if start < 0 else start
 
     def averages(self, step: Step) -> bool:
