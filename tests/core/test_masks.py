@@ -42,6 +42,36 @@ def test_top_k_only_chooses_eligible_entries():
     assert masks.top_k(scores, eligible, 5).tolist() == eligible.tolist()
 
 
+_LARGE = 4 * masks._SAMPLE + 1  # the smallest size kth_largest narrows through a sample
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["normal", "few values", "sorted", "reversed", "nan"]),
+       st.integers(_LARGE, 3 * _LARGE), st.floats(0.0, 1.0))
+def test_kth_largest_equals_a_full_partition(seed, kind, n, share):
+    rng = np.random.default_rng(seed)
+    values = {"normal": lambda: rng.standard_normal(n).astype(np.float32),
+              "few values": lambda: rng.integers(0, 4, n).astype(np.float64),
+              "sorted": lambda: np.arange(n, dtype=np.float32),
+              "reversed": lambda: -np.arange(n, dtype=np.float32),
+              "nan": lambda: np.where(rng.random(n) < 0.05, np.nan, rng.random(n))}[kind]()
+    k = 1 + int(share * (n - 1))
+    expected = np.partition(values, n - k)[n - k]
+    got = masks.kth_largest(values, k)
+    assert got == expected or (np.isnan(got) and np.isnan(expected))
+
+
+def test_top_k_on_a_large_array_matches_a_stable_sort():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 50, 3 * _LARGE).astype(np.float32)  # many ties at the threshold
+    eligible = rng.random(scores.size) < 0.8
+    k = 7000
+    order = sorted(np.flatnonzero(eligible), key=lambda i: (-scores[i], i))
+    expected = np.zeros(scores.size, dtype=bool)
+    expected[order[:k]] = True
+    np.testing.assert_array_equal(masks.top_k(scores, eligible, k), expected)
+
+
 def _reference_layer_magnitude(w, current, density):
     k = min(w.size, max(1, int(np.floor(density * w.size + 0.5))))
     flat, cur = np.abs(w).ravel(), current.ravel()
