@@ -136,7 +136,7 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         for x, y in batches(data, self.batch_size, gen, limit=num_batches):
             self._loss(self.model(x), y).backward()
-        return [(p.detach() * p.grad).abs().cpu().numpy().astype(np.float32) for p in self._prunable]
+        return [(p.detach() * p.grad).abs().cpu().numpy().astype(np.float32, copy=False) for p in self._prunable]
 
     def gradients(self, weights: Sequence[np.ndarray], data: LocalData, num_batches: int, gen: torch.Generator) -> Weights:
         """|dL/dw| of every prunable weight (pruned ones included) at `weights`, for the loss summed
@@ -146,7 +146,7 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         for x, y in batches(data, self.batch_size, gen, limit=num_batches):
             self._loss(self.model(x), y).backward()
-        return [p.grad.detach().abs().cpu().numpy().astype(np.float32) for p in self._prunable]
+        return [p.grad.detach().abs().cpu().numpy().astype(np.float32, copy=False) for p in self._prunable]
 
 
 def evaluate(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], x: torch.Tensor, y: torch.Tensor,
