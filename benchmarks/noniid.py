@@ -2,12 +2,14 @@
 
     python benchmarks/noniid.py [--quick] [--json PATH] [--jobs N] [--data-dir DIR] [--cache PATH]
                                 [--datasets ...] [--partitions ...] [--methods ...] [--seeds N] [--ablations]
+                                [--set KEY=VALUE ...]
 
 The study's sizing: mlp, 10 nodes, the first 20,000 training images, the full test set, 5 mask
 and 20 training rounds, sparsity 0.9, the package's default settings, one torch thread per run.
 MNIST and Fashion-MNIST x {iid, dirichlet 0.5, dirichlet 0.1, shards 2} x {mpfl, centralized,
 fedavg, fedavg-prune, ssfl, topk} x seeds 0, 1, 2. --quick runs MNIST and seed 0 only.
---ablations adds the label-skew ablation rows (each MPFL option on every partition).
+--ablations adds the label-skew ablation rows (each MPFL option on every partition). --set changes
+a setting for every run, baselines included (e.g. ``--set server_momentum=0.9``).
 
 Rows: dataset, partition, method, seed, final_accuracy, bytes_total_vs_fedavg (both ways,
 everything included, against dense FedAvg on the same data and seed). A second table gives
@@ -50,6 +52,7 @@ ABLATIONS: dict[str, dict] = {
     "consensus = threshold": {"consensus": "threshold"},
     "criterion = saliency": {"criterion": "saliency"},
     "rewind = init, train_init = rewind": {"rewind": "init", "train_init": "rewind"},
+    "server_momentum = 0.9 (FedAvgM in training)": {"server_momentum": 0.9},
 }
 GAP_TARGET = {"iid": 1.0, "dir0.5": 1.0, "dir0.1": 3.0, "shards2": 3.0}
 TRAFFIC_TARGET = 0.04
@@ -61,13 +64,15 @@ def run_cell(cell: dict) -> dict:
     from mpfl.sim import simulate
 
     summary = simulate(Config().with_overrides(cell["overrides"])).summary
-    return {**{k: cell[k] for k in ("dataset", "partition", "method", "seed")},
+    return {**{k: cell[k] for k in ("dataset", "partition", "method", "seed", "settings")},
             "final_accuracy": summary["final_accuracy"], "bytes_total": summary["bytes_up"] + summary["bytes_down"],
             "wall_time_s": summary["wall_time"]}
 
 
-def cells(datasets, partitions, methods, seeds: int, data_dir: str | None, ablations: bool) -> list[dict]:
-    """Every run of the grid, with the overrides that make it."""
+def cells(datasets, partitions, methods, seeds: int, data_dir: str | None, ablations: bool,
+          settings: dict | None = None) -> list[dict]:
+    """Every run of the grid, with the overrides that make it (`settings` on top, for every run)."""
+    settings = settings or {}
     variants = {m: {"method": m} for m in methods}
     if ablations:
         variants.update({name: {"method": "mpfl", **extra} for name, extra in ABLATIONS.items() if extra})
@@ -76,16 +81,27 @@ def cells(datasets, partitions, methods, seeds: int, data_dir: str | None, ablat
         for part in partitions:
             for label, variant in variants.items():
                 for seed in range(seeds):
-                    overrides = {**SIZING, **PARTITIONS[part], **variant, "dataset": dataset, "seed": seed}
+                    overrides = {**SIZING, **PARTITIONS[part], **variant, **settings, "dataset": dataset, "seed": seed}
                     if data_dir:
                         overrides["data_dir"] = data_dir
                     out.append({"dataset": dataset, "partition": part, "method": label, "seed": seed,
-                                "overrides": overrides})
+                                "settings": json.dumps(settings, sort_keys=True), "overrides": overrides})
     return out
 
 
 def key(row: dict) -> str:
-    return json.dumps([row[k] for k in ("dataset", "partition", "method", "seed")])
+    return json.dumps([row[k] for k in ("dataset", "partition", "method", "seed")] + [row.get("settings", "{}")])
+
+
+def setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from the command line; the value is read as JSON where it parses (numbers, lists)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--set {text!r}: expected KEY=VALUE, e.g. --set server_momentum=0.9")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -122,11 +138,13 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ablations", action="store_true", help="also run the label-skew ablation of MPFL's options")
+    p.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting for every run, baselines included (repeatable)")
     args = p.parse_args()
     datasets = ["mnist"] if args.quick else args.datasets.split(",")
     seeds = 1 if args.quick else args.seeds
     methods = list(dict.fromkeys(args.methods.split(",") + ["fedavg"]))
-    todo = cells(datasets, args.partitions.split(","), methods, seeds, args.data_dir, args.ablations)
+    todo = cells(datasets, args.partitions.split(","), methods, seeds, args.data_dir, args.ablations, dict(args.set))
     done = {}
     if args.cache and args.cache.is_file():
         done = {key(r): r for r in map(json.loads, args.cache.read_text().splitlines()) if r}

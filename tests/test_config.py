@@ -47,6 +47,7 @@ def test_every_field_is_a_unique_flag():
         ({"train": {"learning_rate": 0.1}}, "unknown config key 'train.learning_rate'. Did you mean 'train.lr'"),
         ({"num_nodes": 3}, "unknown config key 'num_nodes'. Did you mean 'nodes'"),
         ({"threads": -1}, "threads = -1 must be >= 0"),
+        ({"train": {"server_momentum": 1.0}}, "server_momentum = 1.0 must be < 1"),
         ({"prune": {"mask_average_from": -6}}, r"counts back past the first of 5 mask rounds; use -1 \.\. -5"),
     ],
 )

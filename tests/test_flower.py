@@ -256,9 +256,10 @@ def test_apps_in_one_process_match_the_simulator(tmp_path, sim, in_process):
 
 
 def test_mask_adaptation_in_training_runs_on_the_apps_as_in_the_simulator(tmp_path, in_process):
-    """Averaged mask rounds, cores and regrow votes with swaps travel through the Flower apps."""
-    extra = {"rounds": 4, "prune.mask-average-from": 1, "adapt.adapt-until": 1.0, "federated-eval": False,
-             "out-dir": str(tmp_path / "run")}
+    """Averaged mask rounds, cores and regrow votes with swaps travel through the Flower apps (and
+    the server's momentum steps the same)."""
+    extra = {"rounds": 4, "prune.mask-average-from": 1, "adapt.adapt-until": 1.0, "train.server-momentum": 0.9,
+             "federated-eval": False, "out-dir": str(tmp_path / "run")}
     rc = run_config(**extra)
     cfg, _ = from_run_config(rc)
     grid = LoopbackGrid(rc, [0, 1])

@@ -378,8 +378,10 @@ def test_a_node_that_missed_swaps_catches_up_to_exactly_the_current_mask(adapted
     assert latest and all(all(np.array_equal(a, b) for a, b in zip(n.mask, server.state.mask)) for n in latest)
 
 
-def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_path):
-    cfg = tiny_config(mask_rounds=2, rounds=4, adapt_every=2, adapt_until=1.0)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_path, momentum):
+    """With server momentum its velocity is part of the checkpoint, or the resumed rounds would differ."""
+    cfg = tiny_config(mask_rounds=2, rounds=4, adapt_every=2, adapt_until=1.0, server_momentum=momentum)
     reference = simulate(cfg)
     swap_step = next(r["step"] for r in reference.records if r.get("swapped"))
 
@@ -394,6 +396,31 @@ def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_
     assert [{k: r.get(k) for k in keys} for r in resumed.records] == [{k: r.get(k) for k in keys} for r in reference.records]
     assert all(np.array_equal(a, b) for a, b in zip(resumed.weights, reference.weights))
     assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
+
+
+def test_server_momentum_steps_by_the_velocity_on_the_mask_and_only_in_training():
+    """FedAvgM against a numpy reference over two rounds; the mask phase and momentum 0 take the aggregate as it is."""
+    cfg = tiny_config(mask_rounds=1, rounds=2, server_momentum=0.5)
+    exp, server, _, _ = build(cfg)
+    mask_step, first, second = plan(cfg)
+    spec, state = exp.spec, server.state
+    rng = np.random.default_rng(0)
+    state.mask = [rng.random(s) < 0.3 for s in spec.prunable_shapes]
+    state.weights = spec.apply(exp.w0, state.mask)
+    averages = [spec.apply([rng.standard_normal(s).astype(np.float32) for s in spec.shapes], state.mask)
+                for _ in range(2)]
+    assert server.advance(mask_step, averages[0]) is averages[0] and state.velocity is None
+    weights, velocity = state.weights, [np.zeros_like(w) for w in state.weights]
+    for step, average in zip((first, second), averages):
+        velocity = [np.float32(0.5) * v + (a - w) for v, a, w in zip(velocity, average, weights)]
+        weights = [w + v for w, v in zip(weights, velocity)]
+        state.weights = server.advance(step, average)
+        assert all(np.array_equal(got, want) for got, want in zip(state.weights, weights))
+    assert not np.array_equal(state.weights[0], averages[1][0])  # the second step is not the plain average
+    for i, m in zip(spec.prunable, state.mask):
+        assert not state.weights[i][~m].any() and not state.velocity[i][~m].any()
+    plain = build(tiny_config(mask_rounds=1, rounds=2))[1]
+    assert plain.advance(second, averages[1]) is averages[1]
 
 
 @pytest.mark.parametrize(("overrides", "averaged"), [

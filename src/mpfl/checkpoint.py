@@ -40,6 +40,8 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     nothing are left out; own weights are stored as their values on the node's mask (`kept_values`)."""
     groups = {"weights": numbered(server.weights), "w0": numbered(server.w0)}
     groups.update({f"history/{version}": numbered(mask) for version, mask in server.history.items()})
+    if server.velocity is not None:
+        groups["velocity"] = numbered(server.velocity)
     node_meta = {}
     for node_id, node in nodes.items():
         if node.fresh:
@@ -175,7 +177,8 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
     server = ServerState(weights=weights, w0=w0, mask=history[meta["version"]], version=meta["version"], history=history,
                          node_version={int(k): v for k, v in meta["node_version"].items()}, w0_sent=set(meta["w0_sent"]),
                          next_step=meta["next_step"], mask_done=meta["mask_done"], bytes_up=meta["bytes_up"],
-                         bytes_down=meta["bytes_down"], counts={int(k): v for k, v in meta["counts"].items()})
+                         bytes_down=meta["bytes_down"], counts={int(k): v for k, v in meta["counts"].items()},
+                         velocity=_arrays(groups, "velocity", n_all, shapes, float32) if "velocity" in groups else None)
     nodes = {}
     for key, m in meta["nodes"].items():
         n = int(key)

@@ -133,6 +133,9 @@ class TrainConfig:
     batch_size: int = _field(32, "local minibatch size", aliases=("bs", "batchsize"))
     fraction: float = _field(1.0, "share of the nodes sampled in each training round",
                              aliases=("fraction_fit", "client_fraction"))
+    server_momentum: float = _field(0.0, "momentum of the server's step in each training round (FedAvgM): the "
+                                         "global weights move by v = server_momentum * v + (average - weights); "
+                                         "0 = plain FedAvg", aliases=("fedavgm",))
     device: str | None = _field(None, "where nodes train and the server evaluates: cpu, cuda, cuda:N, mps, or auto "
                                       "(cuda if available, else mps, else cpu); none = cpu. Messages are the same "
                                       "bytes on every device", aliases=("accelerator",))
@@ -145,6 +148,7 @@ class TrainConfig:
         _range("epochs", self.epochs, 1)
         _range("batch_size", self.batch_size, 1)
         _range("fraction", self.fraction, 0, 1, lo_open=True)
+        _range("server_momentum", self.server_momentum, 0, 1, hi_open=True)
         if self.device is not None:
             check_device_name(self.device)
         if self.init is not None and not Path(self.init).is_file():

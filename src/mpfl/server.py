@@ -62,6 +62,8 @@ class ServerState:
     bytes_down: int = 0
     counts: dict[int, int] = field(default_factory=dict)
     """Each node's training-sample count, fixed at its first valid claim (or registered by the deployment)."""
+    velocity: Weights | None = None
+    """The server's momentum in the training phase (`train.server_momentum`), on the current mask; None before its first step."""
 
 
 class Server:
@@ -299,6 +301,22 @@ class Server:
                 self.state.w0_sent.add(node)
         for node in exchanged.dropped:
             self.state.node_version.pop(node, None)
+
+    def advance(self, step: Step, average: Weights) -> Weights:
+        """The global weights after round `step`, whose aggregate is `average`: `average` itself, or
+        in a round of the training phase with `train.server_momentum` beta, FedAvgM's ``weights + v`` where ``v = beta * v +
+        (average - weights)``. The step and v are kept on the current mask, so pruned entries stay
+        exactly zero and a swapped-out weight takes no momentum with it. Under label skew the
+        averaged update of each round is small and noisy (the nodes pull towards their own
+        classes); the momentum keeps the direction the rounds agree on."""
+        beta = self.cfg.train.server_momentum
+        if beta == 0 or step.phase != "train":
+            return average
+        state, spec = self.state, self.spec
+        previous = state.velocity or [np.zeros_like(w) for w in state.weights]
+        velocity = [np.float32(beta) * v + (a - w) for v, a, w in zip(previous, average, state.weights)]
+        state.velocity = spec.apply(velocity, state.mask)
+        return spec.apply([w + v for w, v in zip(state.weights, state.velocity)], state.mask)
 
     def aggregate(self, exchanged: Round) -> Weights:
         """The configured aggregate of the valid replies (sample-weighted mean by default)."""

@@ -150,7 +150,7 @@ class Method:
 
         exchanged = server.exchange(TASK_TRAIN, step, requests, decode)
         server.acknowledge(exchanged)
-        state.weights = server.aggregate(exchanged)
+        state.weights = server.advance(step, server.aggregate(exchanged))
         return exchanged
 
 

@@ -48,7 +48,7 @@ class TopK(Method):
             return codec.decode_sparse(reply[0], spec.shapes, max_ones=limits, round=step.step)
 
         exchanged = server.exchange(TASK_TOPK, step, {n: [body] for n in server.sample(step)}, decode)
-        state.weights = [w + u for w, u in zip(state.weights, server.aggregate(exchanged))]
+        state.weights = server.advance(step, [w + u for w, u in zip(state.weights, server.aggregate(exchanged))])
         return exchanged
 
 

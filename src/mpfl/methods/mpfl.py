@@ -191,7 +191,7 @@ class Mpfl(MaskedMethod):
 
         exchanged = server.exchange(TASK_ADAPT, step, requests, decode, bodies=2 + node_votes)
         server.acknowledge(exchanged)
-        state.weights = server.aggregate(exchanged)
+        state.weights = server.advance(step, server.aggregate(exchanged))
         voted, weights = list(exchanged.replies), exchanged.weights()
         kept = server.spec.pick(state.weights)
         drop_scores = tally([drop[n] for n in voted], weights) if node_votes else adapt.server_drop(kept, state.mask)
