@@ -44,7 +44,8 @@ def build(cfg, fail=()):
 
 @pytest.fixture(scope="module")
 def mpfl_run():
-    cfg = tiny_config(mask_rounds=3, sparsity=0.8)
+    """Plain FedAvg steps (no server momentum), so the server's weights are the last round's average."""
+    cfg = tiny_config(mask_rounds=3, sparsity=0.8, server_momentum=0.0)
     exp, server, transport, records = build(cfg)
     server.run()
     return cfg, exp, server, transport, records
@@ -152,7 +153,7 @@ def test_topk_uploads_are_density_matched_sparse_updates():
 
 
 def test_fedavg_matches_a_hand_computed_round():
-    cfg = tiny_config(method="fedavg", rounds=1)
+    cfg = tiny_config(method="fedavg", rounds=1, server_momentum=0.0)  # plain FedAvg: the step is the average
     exp, server, transport, _ = build(cfg)
     server.run()
     trainer = make_trainer(cfg, exp.model, exp.spec)
@@ -419,7 +420,7 @@ def test_server_momentum_steps_by_the_velocity_on_the_mask_and_only_in_training(
     assert not np.array_equal(state.weights[0], averages[1][0])  # the second step is not the plain average
     for i, m in zip(spec.prunable, state.mask):
         assert not state.weights[i][~m].any() and not state.velocity[i][~m].any()
-    plain = build(tiny_config(mask_rounds=1, rounds=2))[1]
+    plain = build(tiny_config(mask_rounds=1, rounds=2, server_momentum=0.0))[1]
     assert plain.advance(second, averages[1]) is averages[1]
 
 

@@ -133,7 +133,7 @@ class TrainConfig:
     batch_size: int = _field(32, "local minibatch size", aliases=("bs", "batchsize"))
     fraction: float = _field(1.0, "share of the nodes sampled in each training round",
                              aliases=("fraction_fit", "client_fraction"))
-    server_momentum: float = _field(0.0, "momentum of the server's step in each training round (FedAvgM): the "
+    server_momentum: float = _field(0.9, "momentum of the server's step in each training round (FedAvgM): the "
                                          "global weights move by v = server_momentum * v + (average - weights); "
                                          "0 = plain FedAvg", aliases=("fedavgm",))
     device: str | None = _field(None, "where nodes train and the server evaluates: cpu, cuda, cuda:N, mps, or auto "

@@ -33,10 +33,10 @@ plus about 1.5 s per run to load data and build the model; cnn rounds cost ~35x 
 both presets use mlp. `estimate_seconds` applies that model to each cell's round plan (so it
 follows the configured mask_rounds); ``mpfl study --dry-run`` prints it per cell.
 
-* quick: 5,000 training / 2,000 test samples, 5 training rounds, 1 seed: 120 runs, estimated
-  6 min.
-* full: 20,000 training / 10,000 test samples, 20 training rounds, 3 seeds: 306 runs,
-  estimated 78 min on an otherwise idle core; measured about 45 min of wall time as two
+* quick: 5,000 training / 2,000 test samples, 5 training rounds, 1 seed: 124 runs, estimated
+  7 min.
+* full: 20,000 training / 10,000 test samples, 20 training rounds, 3 seeds: 310 runs,
+  estimated 79 min on an otherwise idle core; measured about 45 min of wall time as two
   processes on the 2 cores beside other work. The model undercounts MPFL's cells (mask
   adaptation's gradient batches, averaged values): they take up to 2x their estimate.
 """
@@ -71,7 +71,7 @@ PRECISIONS = ("float32", "float16", "int8")
 PRECISION_METHODS = ("mpfl", "topk", "fedavg-prune")
 # Each option that makes MPFL's mask hold under label skew, set to the value that switches it off.
 SKEW_OPTIONS_OFF = {"extrapolate": 1.0, "core_share": 0.0, "mask_average_from": 0, "adapt_every": 0,
-                    "mask_epochs": 1, "scope": "layer"}
+                    "mask_epochs": 1, "scope": "layer", "server_momentum": 0.0}
 SKEW_PARTITIONS = ({"partition": "dirichlet", "alpha": 0.1}, {"partition": "shards", "shards": 2})
 # MPFL with its kept values averaged from the second mask round on: more accurate under label skew, more bytes.
 EARLY_AVERAGING = {"mask_average_from": 2}
@@ -81,11 +81,12 @@ ABLATIONS: dict[str, list[dict[str, Any]]] = {
                   {"criterion": "filter"}, {"criterion": "saliency"}],
     "rewind": [{"rewind": "init", "train_init": "rewind"}, {"rewind": "none", "train_init": "local"}],
     "nodes": [{"nodes": n} for n in (5, 10, 20, 50)],
+    "server": [{"server_momentum": 0.0}],
     "label-skew": [{}, EARLY_AVERAGING, *({name: off} for name, off in SKEW_OPTIONS_OFF.items()), SKEW_OPTIONS_OFF],
 }
 # FedAvg gets the node counts too, so each has a dense reference for accuracy and bytes.
 ABLATION_METHODS = {"consensus": ("mpfl",), "criterion": ("mpfl",), "rewind": ("mpfl",), "nodes": ("mpfl", "fedavg"),
-                    "label-skew": ("mpfl",)}
+                    "server": ("mpfl", "fedavg"), "label-skew": ("mpfl",)}
 # The data each ablation axis runs on (every other axis: mnist iid).
 ABLATION_PARTITIONS = {"label-skew": SKEW_PARTITIONS}
 # Prune settings named in a cell's directory when they differ from these (fixed, so a name depends on the config only).
