@@ -1,0 +1,43 @@
+"""The label-skew benchmark's grid: `--set` reaches every run and keeps its cached cells apart."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpfl.config import Config
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def noniid():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("noniid_benchmark", BENCHMARKS / "noniid.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_set_values_are_read_as_json_where_they_parse(noniid):
+    assert noniid.setting("server_momentum=0.9") == ("server_momentum", 0.9)
+    assert noniid.setting("exclude=[\"5.weight\"]") == ("exclude", ["5.weight"])
+    assert noniid.setting("scope=layer") == ("scope", "layer")
+    with pytest.raises(SystemExit, match="expected KEY=VALUE"):
+        noniid.setting("server_momentum")
+
+
+def test_a_setting_reaches_every_method_and_its_cells_are_cached_apart(noniid):
+    plain = noniid.cells(["mnist"], ["shards2"], ["mpfl", "fedavg"], 1, None, False)
+    changed = noniid.cells(["mnist"], ["shards2"], ["mpfl", "fedavg"], 1, None, False, {"server_momentum": 0.0})
+    assert [Config().with_overrides(c["overrides"]).train.server_momentum for c in changed] == [0.0, 0.0]
+    assert all("server_momentum" not in c["overrides"] for c in plain)
+    assert {noniid.key(c) for c in plain}.isdisjoint(noniid.key(c) for c in changed)
+    row = {k: changed[0][k] for k in ("dataset", "partition", "method", "seed", "settings")}  # as run_cell returns it
+    assert noniid.key(row) == noniid.key(changed[0])
+    older = {k: plain[0][k] for k in ("dataset", "partition", "method", "seed")}  # a cache line written before --set
+    assert noniid.key(older) == noniid.key(plain[0])
