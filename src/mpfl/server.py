@@ -303,12 +303,12 @@ class Server:
             self.state.node_version.pop(node, None)
 
     def advance(self, step: Step, average: Weights) -> Weights:
-        """The global weights after round `step`, whose aggregate is `average`: `average` itself, or
-        in a round of the training phase with `train.server_momentum` beta, FedAvgM's ``weights + v`` where ``v = beta * v +
-        (average - weights)``. The step and v are kept on the current mask, so pruned entries stay
-        exactly zero and a swapped-out weight takes no momentum with it. Under label skew the
-        averaged update of each round is small and noisy (the nodes pull towards their own
-        classes); the momentum keeps the direction the rounds agree on."""
+        """The global weights after round `step`, whose aggregate is `average`: `average` itself, or,
+        in a training-phase round with `train.server_momentum` beta, FedAvgM's ``weights + v`` with
+        ``v = beta * v + (average - weights)``. The step and v are kept on the current mask, so
+        pruned entries stay exactly zero and a swapped-out weight takes no momentum with it. Under
+        label skew each round's averaged update is small and noisy (the nodes pull towards their
+        own classes); the momentum keeps the direction the rounds agree on."""
         beta = self.cfg.train.server_momentum
         if beta == 0 or step.phase != "train":
             return average
