@@ -57,12 +57,10 @@ def kth_largest(values: np.ndarray, k: int) -> np.generic:
     centre = rank * m / n
     spread = _SAMPLE_MARGIN * math.sqrt(max(centre * (m - centre) / m, 1.0)) + 1
     lo, hi = int(centre - spread), int(math.ceil(centre + spread))
-    below = values < sample[lo] if lo > 0 else None
-    above = values > sample[hi] if hi < m else None
-    inside = ~below if above is None else ~above if below is None else ~(below | above)
-    count_below = 0 if below is None else int(np.count_nonzero(below))
-    candidates = values[inside]
-    count_above = 0 if above is None else int(np.count_nonzero(above))
+    below = values < (sample[lo] if lo > 0 else -np.inf)
+    above = values > (sample[hi] if hi < m else np.inf)
+    candidates = values[np.flatnonzero(~(below | above))]
+    count_below, count_above = int(np.count_nonzero(below)), int(np.count_nonzero(above))
     if count_below + candidates.size + count_above != n or not count_below <= rank < count_below + candidates.size:
         return np.partition(values, rank)[rank]
     return np.partition(candidates, rank - count_below)[rank - count_below]
