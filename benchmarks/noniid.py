@@ -52,7 +52,7 @@ ABLATIONS: dict[str, dict] = {
     "consensus = threshold": {"consensus": "threshold"},
     "criterion = saliency": {"criterion": "saliency"},
     "rewind = init, train_init = rewind": {"rewind": "init", "train_init": "rewind"},
-    "server_momentum = 0.9 (FedAvgM in training)": {"server_momentum": 0.9},
+    "server_momentum = 0 (plain FedAvg steps in training)": {"server_momentum": 0.0},
 }
 GAP_TARGET = {"iid": 1.0, "dir0.5": 1.0, "dir0.1": 3.0, "shards2": 3.0}
 TRAFFIC_TARGET = 0.04

@@ -36,7 +36,7 @@ follows the configured mask_rounds); ``mpfl study --dry-run`` prints it per cell
 * quick: 5,000 training / 2,000 test samples, 5 training rounds, 1 seed: 124 runs, estimated
   7 min.
 * full: 20,000 training / 10,000 test samples, 20 training rounds, 3 seeds: 310 runs,
-  estimated 79 min on an otherwise idle core; measured about 45 min of wall time as two
+  estimated 79 min on an otherwise idle core; measured about 60 min of wall time as two
   processes on the 2 cores beside other work. The model undercounts MPFL's cells (mask
   adaptation's gradient batches, averaged values): they take up to 2x their estimate.
 """
