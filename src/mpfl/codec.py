@@ -53,6 +53,7 @@ from enum import IntEnum
 import constriction
 import numpy as np
 
+from .core.memo import positions
 from .errors import PayloadError
 
 MAGIC = b"MPFL"
@@ -233,9 +234,11 @@ def _to_int8(flat: np.ndarray) -> tuple[np.ndarray, np.float32]:
     scale = max(np.float32(peak / 127), _MIN_SCALE) if peak > 0 else np.float32(1)
     while peak / float(scale) >= 127.5:  # a subnormal scale can round far below peak / 127; never clip the peak
         scale = np.nextafter(scale, np.float32(np.inf))
-    q = np.clip(np.rint(flat.astype(np.float64) / float(scale)), -127, 127).astype(VALUE_DTYPES["int8"][1])
+    scaled = flat.astype(np.float64)
+    scaled /= float(scale)
+    q = np.clip(np.rint(scaled, out=scaled), -127, 127, out=scaled).astype(VALUE_DTYPES["int8"][1])
     with np.errstate(over="ignore"):
-        top = np.float32(np.abs(q).max(initial=0)) * scale
+        top = np.float32(max(int(q.max(initial=0)), -int(q.min(initial=0)))) * scale
     if not np.isfinite(top):
         raise PayloadError(f"a value of magnitude {peak:g} is too close to the float32 limit for int8 with a float32 scale")
     return q, scale
@@ -346,7 +349,7 @@ def encode_values(
         if tensor.shape != support.shape:
             raise PayloadError(f"tensor {i} has shape {tensor.shape} but its support has shape {support.shape}")
         # positions as an index array: numpy's boolean indexing is ~4x slower on a scattered support
-        parts.append(_encode_values(tensor.reshape(-1)[np.flatnonzero(support)], dtype))
+        parts.append(_encode_values(tensor.reshape(-1)[positions(support)], dtype))
     return _pack(Kind.VALUES, code, 0, round, base, num_samples, len(tensors), b"".join(parts))
 
 
@@ -360,7 +363,7 @@ def decode_values(
     tensors = []
     for i, support in enumerate(supports):
         support = np.asarray(support, dtype=bool)
-        where = np.flatnonzero(support)
+        where = positions(support)
         full = np.zeros(support.size, dtype=np.float32)
         full[where] = _decode_values(reader, dtype, where.size, i)
         tensors.append(full.reshape(support.shape))
@@ -491,7 +494,7 @@ def encode_mask(
             raise PayloadError(f"mask {i} is not a subset of the previous support")
         if structured:
             mask, prev = _filter_flags(mask, i), _filter_flags(prev, i)
-        bits = mask.reshape(-1)[np.flatnonzero(prev)]
+        bits = mask.reshape(-1)[positions(prev)]
         data = _code_bits(bits, coder)
         parts.append(_MASK_META.pack(bits.size, int(np.count_nonzero(bits)), len(data)) + data)
     flags = (_STRUCTURED if structured else 0) | (_GROW if grow else 0)
@@ -516,12 +519,12 @@ def decode_mask(
     masks = []
     for i, prev in enumerate(base):
         prev = np.asarray(prev, dtype=bool)
-        support = _filter_flags(prev, i) if structured else prev.reshape(-1)
+        support = _filter_flags(prev, i) if structured else prev
         n, ones, length = reader.unpack(_MASK_META, f"the header of mask {i}")
-        where = np.flatnonzero(support)
+        where = positions(support)
         if n != where.size:
             raise PayloadError(f"mask {i} is coded over {n} positions but the previous support has {where.size}")
-        flat = np.zeros(support.shape, dtype=bool)
+        flat = np.zeros(support.size, dtype=bool)
         flat[where] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, i)
         if structured:
             flat = np.broadcast_to(flat[:, None], _filters(prev).shape)

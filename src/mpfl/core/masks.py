@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..registry import Registry, registry
+from .memo import positions
 
 Mask = list[np.ndarray]
 SCHEDULES = ("geometric", "linear")
@@ -68,9 +69,9 @@ def kth_largest(values: np.ndarray, k: int) -> np.generic:
 
 def top_k(scores: np.ndarray, eligible: np.ndarray, k: int, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """The k eligible entries with the highest scores; ties go to the higher `tiebreak`, then the lower index."""
-    scores, eligible = scores.reshape(-1), eligible.reshape(-1)
-    idx = np.flatnonzero(eligible)
-    out = np.zeros(eligible.shape, dtype=bool)
+    idx = positions(eligible)
+    scores = scores.reshape(-1)
+    out = np.zeros(eligible.size, dtype=bool)
     if k >= idx.size:
         out[idx] = True
         return out

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..compact import CompactModel
+from .memo import ArrayMemo
 from .params import ParamSpec, Weights, get_weights, set_weights
 
 
@@ -76,6 +77,11 @@ def generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _mask_tensor(mask: np.ndarray) -> torch.Tensor | None:
+    """A mask as a float32 tensor of ones and zeros to multiply by; None when it keeps everything."""
+    return None if mask.all() else torch.from_numpy(np.ascontiguousarray(mask)).to(dtype=torch.float32)
+
+
 class LocalTrainer:
     """Trains one shared model in place for whichever node is being simulated."""
 
@@ -87,6 +93,7 @@ class LocalTrainer:
         params = dict(model.named_parameters())
         self._prunable = [params[n] for n in spec.prunable_names]
         self._loss = nn.CrossEntropyLoss()
+        self._mask_tensors = ArrayMemo(_mask_tensor)
 
     def _make_optimizer(self) -> torch.optim.Optimizer | PlainSGD:
         params = list(self.model.parameters())
@@ -100,9 +107,9 @@ class LocalTrainer:
         """The prunable parameters that `mask` prunes something of, with their masks as tensors."""
         if mask is None:
             return [], []
-        pairs = [(p, torch.from_numpy(np.ascontiguousarray(m)).to(device=p.device, dtype=p.dtype))
-                 for m, p in zip(mask, self._prunable) if not m.all()]
-        return [p for p, _ in pairs], [m for _, m in pairs]
+        pairs = [(p, t.to(device=p.device, dtype=p.dtype)) for p, t in zip(self._prunable, map(self._mask_tensors, mask))
+                 if t is not None]
+        return [p for p, _ in pairs], [t for _, t in pairs]
 
     def train(self, weights: Sequence[np.ndarray], mask: Sequence[np.ndarray] | None, data: LocalData,
               epochs: int, gen: torch.Generator) -> tuple[Weights, float]:
