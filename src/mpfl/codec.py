@@ -43,6 +43,7 @@ payload's size is allocated. Any violation raises :class:`PayloadError`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 import zlib
@@ -387,8 +388,10 @@ def _check_coder(coder: str) -> None:
         raise PayloadError(f"unknown mask coder {coder!r}; choose one of {sorted(MASK_CODERS)}")
 
 
+@functools.lru_cache(maxsize=256)
 def _byte_model(ones: int, n: int) -> constriction.stream.model.Categorical:
-    """Categorical model over packed bytes whose 8 bits are i.i.d. Bernoulli(ones / n).
+    """Categorical model over packed bytes whose 8 bits are i.i.d. Bernoulli(ones / n), built once
+    per (ones, n): every node's vote in a round has the same counts.
 
     The probability is rounded to a multiple of 2**-32, and the nine distinct byte
     probabilities (one per number of set bits) are computed in exact integer arithmetic and
