@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from mpfl import codec
 from mpfl.checkpoint import CHECKPOINT
 from mpfl.core import training
 from mpfl.core.params import get_weights, param_spec
@@ -57,10 +58,16 @@ def run_server(cfg, share):
 
 
 @pytest.mark.parametrize("method", ["mpfl", "topk"])
-def test_nodes_sharing_decoded_bodies_hold_one_copy_and_get_the_same_results(method):
+def test_nodes_sharing_decoded_bodies_hold_one_copy_and_get_the_same_results(method, monkeypatch):
     cfg = tiny_config(method=method, rounds=1, train_samples=600, test_samples=100)
+    hashed = []
+    digest = codec.weights_digest
+    monkeypatch.setattr(codec, "weights_digest", lambda weights: hashed.append(weights) or digest(weights))
     shared, shared_nodes = run_server(cfg, share=True)
+    hashed_shared, hashed[:] = len(hashed), []
     own, own_nodes = run_server(cfg, share=False)
+    # the server hashes w0 once for its reference; nodes sharing one copy hash it once, the others each
+    assert (hashed_shared, len(hashed)) == ((2, 1 + cfg.nodes) if method == "mpfl" else (0, 0))
     assert bits(shared.weights) == bits(own.weights)
     for v in shared.history:
         assert bits(shared.history[v]) == bits(own.history[v])

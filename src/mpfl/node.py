@@ -73,6 +73,14 @@ class SharedDecodes:
         self.size = size
         self._entries: OrderedDict[tuple, codec.Body] = OrderedDict()
         self._masks: OrderedDict[int, Mask] = OrderedDict()
+        self._digest: tuple[Weights, bytes] | None = None
+
+    def digest(self, weights: Weights) -> bytes:
+        """`codec.weights_digest(weights)`, hashed once for the initial weights the nodes share (a
+        SHA-256 over the whole model per node would cost 10,000 nodes several seconds)."""
+        if self._digest is None or self._digest[0] is not weights:
+            self._digest = (weights, codec.weights_digest(weights))
+        return self._digest[1]
 
     def mask(self, version: int, mask: Mask) -> Mask:
         """One shared copy of the consensus mask of `version`: every node holding that version keeps
@@ -264,7 +272,9 @@ class Node:
         file the node asks for the weights (`MissingInit`); a seeded build that differs is an error."""
         if ref.source == "request":
             raise PayloadError("a node does not accept requests for the initial weights")
-        matches = self.built_w0 is not None and codec.weights_digest(self.built_w0) == ref.digest
+        built = self.built_w0
+        digest = None if built is None else self.shared.digest(built) if self.shared else codec.weights_digest(built)
+        matches = digest == ref.digest
         if ref.source == "file" and not matches:
             raise MissingInit(ref)
         if self.built_w0 is None:
