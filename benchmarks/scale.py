@@ -1,6 +1,6 @@
 """Cross-device scale: MPFL with 10 to 10,000 nodes, a tenth of them asked per round.
 
-    python benchmarks/scale.py [--quick] [--json PATH] [--plot PNG] [--nodes N ...]
+    python benchmarks/scale.py [--quick] [--json PATH] [--plot PNG] [--nodes N ...] [--workers W]
 
 Each run: mlp on all of MNIST (60,000 training images; 6 per node at 10,000 nodes), IID, the
 default MPFL settings, ``--fraction 0.1`` (so mask rounds ask a tenth of the nodes too), 5 mask
@@ -20,7 +20,9 @@ Reported per run:
   epochs (a fresh ``torch.optim.SGD``, ``index_select``, forward, loss, backward, step; no masks,
   messages, consensus or adaptation); ``eval_s`` is the evaluation time left out.
 
---plot writes time per round and peak memory against N as a PNG (docs/scale.png by default).
+--plot writes time per round and peak memory against N as a PNG (docs/scale.png in the docs).
+--workers runs the nodes in W worker processes (the bare loop stays one process, so ``vs_bare``
+then says how much the extra cores buy).
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--nodes", type=int, action="append", help="node counts to run (repeatable; default 10 to 10,000)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the time and memory plot here")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of each run (default 1)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -150,10 +153,10 @@ def main() -> None:
     stop_on_sigterm()
     rows = []
     for nodes in args.nodes or NODES:
-        overrides = config(nodes, args.quick).to_dict()
+        overrides = config(nodes, args.quick, workers=args.workers).to_dict()
         row = in_fresh_process(overrides, bare=True)
         if nodes <= COMPARE_UP_TO:
-            every = config(nodes, args.quick, mask_fraction=1.0).to_dict()
+            every = config(nodes, args.quick, workers=args.workers, mask_fraction=1.0).to_dict()
             row["accuracy_all_masks"] = in_fresh_process(every, bare=False)["accuracy"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
