@@ -1,12 +1,22 @@
-"""Shared data fixtures: the reference dataset copies and an isolated data lookup environment."""
+"""Shared fixtures (reference datasets, an isolated data lookup environment) and the number of test processes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+MAX_TEST_PROCESSES = 4
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (the default, pyproject.toml): one test process per core, at most four, since each
+    holds torch and a dataset (about 0.5 GB) and the deployment tests start Flower processes of their own."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_TEST_PROCESSES, cores))
 
 
 @pytest.fixture(autouse=True)
