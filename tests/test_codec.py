@@ -122,6 +122,18 @@ def test_values_round_trip_inside_supports(data):
     body = codec.encode_values(tensors, supports, round=3, base=2)
     out = codec.decode_values(body, supports, round=3, base=2)
     assert same(out.tensors, [np.where(s, t, np.float32(0)) for t, s in zip(tensors, supports)])
+    kept = codec.decode_kept_values(body, [int(s.sum()) for s in supports], round=3, base=2)
+    assert same(kept.tensors, [t[s] for t, s in zip(tensors, supports)])
+    assert (kept.kind, kept.round, kept.base) == (out.kind, out.round, out.base)
+
+
+def test_kept_values_must_have_the_counts_the_receiver_expects():
+    body = codec.encode_values([np.arange(4, dtype=np.float32)], [np.array([1, 0, 1, 1], bool)], round=1)
+    assert codec.decode_kept_values(body, [3]).tensors[0].tolist() == [0.0, 2.0, 3.0]
+    with pytest.raises(PayloadError, match="holds 3 values, expected 2"):
+        codec.decode_kept_values(body, [2])
+    with pytest.raises(PayloadError):
+        codec.decode_kept_values(body, [3, 1])
 
 
 @FAST

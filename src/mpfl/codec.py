@@ -358,16 +358,26 @@ def decode_values(
     buf: bytes, supports: Sequence[np.ndarray], *, round: int | None = None, base: int | None = None
 ) -> Body:
     """Decode kept values into full-shape tensors that are exactly zero outside each support."""
-    header, payload = _unpack(buf, Kind.VALUES, round, base, len(supports))
+    where = [positions(np.asarray(support, dtype=bool)) for support in supports]
+    kept = decode_kept_values(buf, [w.size for w in where], round=round, base=base)
+    tensors = []
+    for support, at, values in zip(supports, where, kept.tensors):
+        full = np.zeros(np.size(support), dtype=np.float32)
+        full[at] = values
+        tensors.append(full.reshape(np.shape(support)))
+    return Body(kept.kind, kept.round, kept.base, kept.num_samples, tensors)
+
+
+def decode_kept_values(
+    buf: bytes, counts: Sequence[int], *, round: int | None = None, base: int | None = None
+) -> Body:
+    """Decode kept values as they travel: per tensor a 1-D array of exactly `counts[i]` values, the
+    entries inside its support in row-major order. A fraction of the full tensors' memory, for a
+    receiver that holds many replies (the server of a mask round)."""
+    header, payload = _unpack(buf, Kind.VALUES, round, base, len(counts))
     dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
-    tensors = []
-    for i, support in enumerate(supports):
-        support = np.asarray(support, dtype=bool)
-        where = positions(support)
-        full = np.zeros(support.size, dtype=np.float32)
-        full[where] = _decode_values(reader, dtype, where.size, i)
-        tensors.append(full.reshape(support.shape))
+    tensors = [_decode_values(reader, dtype, int(count), i) for i, count in enumerate(counts)]
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
 

@@ -75,8 +75,8 @@ def test_a_class_aware_tally_keeps_what_one_nodes_core_needs():
 
 
 def test_averaging_over_the_nodes_that_hold_an_entry():
-    values = [[np.array([1.0, 2.0, 0.0, 0.0], np.float32), np.array([1.0], np.float32)],
-              [np.array([3.0, 0.0, 0.0, 0.0], np.float32), np.array([3.0], np.float32)]]
+    values = [[np.array([1.0, 2.0], np.float32), np.array([1.0], np.float32)],  # each node's values where it holds
+              [np.array([3.0], np.float32), np.array([3.0], np.float32)]]
     holds = [[np.array([1, 1, 0, 0], bool), np.ones(1, bool)], [np.array([1, 0, 0, 0], bool), np.ones(1, bool)]]
     keep = [np.array([1, 1, 1, 0], bool), np.ones(1, bool)]
     fallback = [np.array([9.0, 9.0, 7.0, 9.0], np.float32), np.zeros(1, np.float32)]
@@ -95,3 +95,26 @@ def test_movement_scores_rank_by_what_training_moved():
     # for the large one that moved 0.01 towards zero
     np.testing.assert_allclose(scored, [1.0, 0.1, 10.05, 8.0], rtol=1e-4)
     assert np.argsort(-scored).tolist() == [2, 3, 0, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 5))
+def test_holder_average_is_the_mean_over_holders_of_full_tensors(seed, nodes):
+    """Against the same mean written over full tensors (zeros where a node does not hold an entry),
+    bit for bit: the kept values alone carry everything the average needs."""
+    rng = np.random.default_rng(seed)
+    shapes = [(3, 4), (5,)]
+    holds = [[rng.random(s) < 0.6 for s in shapes] for _ in range(nodes)]
+    full = [[np.where(h, rng.standard_normal(h.shape), 0).astype(np.float32) for h in node] for node in holds]
+    weights = rng.integers(1, 50, nodes).tolist()
+    keep = [rng.random(s) < 0.7 for s in shapes]
+    fallback = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    alpha = np.asarray(weights, np.float64) / np.sum(weights)
+    for i, (k, previous) in enumerate(zip(keep, fallback)):
+        total = sum(a * np.where(h[i], f[i], 0.0) for a, h, f in zip(alpha, holds, full))
+        share = sum(a * h[i] for a, h in zip(alpha, holds))
+        mean = np.divide(total, share, out=np.zeros_like(total), where=share > 0)
+        want = np.where(k, np.where(share > 0, mean, previous), 0.0).astype(np.float32)
+        kept = [[f[j][h[j]] for j in range(len(shapes))] for f, h in zip(full, holds)]
+        got = holder_average(kept, holds, weights, keep, fallback)[i]
+        assert got.shape == want.shape and got.tobytes() == want.tobytes()

@@ -31,22 +31,25 @@ def weighted_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[
     return out
 
 
-def holder_average(tensors: Sequence[Sequence[np.ndarray]], holds: Sequence[Sequence[np.ndarray]], weights: Sequence[float],
+def holder_average(kept: Sequence[Sequence[np.ndarray]], holds: Sequence[Sequence[np.ndarray]], weights: Sequence[float],
                    keep: Sequence[np.ndarray], fallback: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Per entry, the weighted mean of the values of the nodes that hold it (`holds[n][i]`, e.g.
     each node's own mask); entries of `keep` that no node holds take `fallback`, entries outside
     `keep` are 0. Averaging over all nodes would pull every kept value towards 0 by the share of
-    nodes that pruned it."""
+    nodes that pruned it. `kept[n][i]` holds node n's values of the entries it holds, in row-major
+    order (as they travel), so a thousand replies take a fraction of full tensors' memory."""
     alpha = normalise(weights)
     out = []
     for i, (k, previous) in enumerate(zip(keep, fallback)):
-        total = np.zeros(np.shape(k), dtype=np.float64)
-        share = np.zeros(np.shape(k), dtype=np.float64)
-        for a, node, held in zip(alpha, tensors, holds):
-            total += a * np.where(held[i], node[i], 0.0)
-            share += a * held[i]
+        total = np.zeros(np.size(k), dtype=np.float64)
+        share = np.zeros(np.size(k), dtype=np.float64)
+        for a, node, held in zip(alpha, kept, holds):
+            where = np.flatnonzero(held[i])
+            total[where] += a * node[i]
+            share[where] += a
         mean = np.divide(total, share, out=np.zeros_like(total), where=share > 0)
-        out.append(np.where(k, np.where(share > 0, mean, previous), 0.0).astype(np.float32))
+        chosen = np.where(share > 0, mean, np.reshape(previous, -1))
+        out.append(np.where(np.reshape(k, -1), chosen, 0.0).astype(np.float32).reshape(np.shape(k)))
     return out
 
 

@@ -108,8 +108,8 @@ class Mpfl(MaskedMethod):
                 extra["core"] = codec.decode_mask(rest.pop(0), body.tensors, round=step.step,
                                                   base_version=state.version).tensors
             if averaging:
-                values = codec.decode_values(rest.pop(0), server.spec.supports(body.tensors), round=step.step,
-                                             base=state.version)
+                counts = [int(np.count_nonzero(s)) for s in server.spec.supports(body.tensors)]
+                values = codec.decode_kept_values(rest.pop(0), counts, round=step.step, base=state.version)
                 server.check_values(values)
                 extra["values"] = values.tensors
             extras[node] = extra
