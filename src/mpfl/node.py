@@ -272,9 +272,8 @@ class Node:
         file the node asks for the weights (`MissingInit`); a seeded build that differs is an error."""
         if ref.source == "request":
             raise PayloadError("a node does not accept requests for the initial weights")
-        built = self.built_w0
-        digest = None if built is None else self.shared.digest(built) if self.shared else codec.weights_digest(built)
-        matches = digest == ref.digest
+        hash_of = self.shared.digest if self.shared is not None else codec.weights_digest
+        matches = self.built_w0 is not None and hash_of(self.built_w0) == ref.digest
         if ref.source == "file" and not matches:
             raise MissingInit(ref)
         if self.built_w0 is None:

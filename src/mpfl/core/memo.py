@@ -36,11 +36,9 @@ class ArrayMemo(Generic[Result]):
         key = id(array)
         with self._lock:
             entry = self._entries.get(key)
-        if entry is not None and entry[0] is array and np.array_equal(entry[1], array):
-            with self._lock:
-                if key in self._entries:
-                    self._entries.move_to_end(key)
-            return entry[2]
+            if entry is not None and entry[0] is array and np.array_equal(entry[1], array):
+                self._entries.move_to_end(key)
+                return entry[2]
         result = self.compute(array)
         with self._lock:
             self._entries[key] = (array, array.copy(), result)  # holding `array` keeps its id from being reused

@@ -108,7 +108,8 @@ class Mpfl(MaskedMethod):
                 extra["core"] = codec.decode_mask(rest.pop(0), body.tensors, round=step.step,
                                                   base_version=state.version).tensors
             if averaging:
-                counts = [int(np.count_nonzero(s)) for s in server.spec.supports(body.tensors)]
+                extra["holds"] = server.spec.supports(body.tensors)
+                counts = [int(np.count_nonzero(s)) for s in extra["holds"]]
                 values = codec.decode_kept_values(rest.pop(0), counts, round=step.step, base=state.version)
                 server.check_values(values)
                 extra["values"] = values.tensors
@@ -134,7 +135,7 @@ class Mpfl(MaskedMethod):
         if averaging:
             counted = [(n, w) for n, w in zip(voted, weights) if w > 0]
             state.weights = holder_average([extras[n]["values"] for n, _ in counted],
-                                        [server.spec.supports(exchanged.replies[n].tensors) for n, _ in counted],
+                                        [extras[n]["holds"] for n, _ in counted],
                                         [w for _, w in counted], server.spec.supports(new), state.weights)
         agreement = float(np.mean([masks.agreement(m, new, support) for m in local]))
         shares = np.asarray(weights) / np.sum(weights)
