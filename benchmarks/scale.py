@@ -18,7 +18,9 @@ Reported per run:
 * ``vs_bare``: the run's wall time (set-up and test-set evaluation left out) over the same local
   training steps in a bare torch loop, run right after each round on the same nodes, batches and
   epochs (a fresh ``torch.optim.SGD``, ``index_select``, forward, loss, backward, step; no masks,
-  messages, consensus or adaptation); ``eval_s`` is the evaluation time left out.
+  messages, consensus or adaptation); ``eval_s`` is the evaluation time left out;
+* ``vs_bare_mask``, ``vs_bare_train``, ``vs_bare_adapt``: the same ratio over the mask rounds, the
+  plain training rounds and the adaptation rounds (training rounds that also vote on regrowth) alone.
 
 --plot writes time per round and peak memory against N as a PNG (docs/scale.png in the docs).
 --workers runs the nodes in W worker processes (the bare loop stays one process, so ``vs_bare``
@@ -47,7 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 NODES = (10, 100, 1000, 10000)
 COMPARE_UP_TO = 1000
 COLUMNS = ("nodes", "mask_rounds", "rounds", "max_asked", "setup_s", "round_s", "peak_rss_mib", "checkpoint_mb",
-           "accuracy", "accuracy_all_masks", "vs_bare", "eval_s", "wall_s")
+           "accuracy", "accuracy_all_masks", "vs_bare", "vs_bare_mask", "vs_bare_train", "vs_bare_adapt", "eval_s",
+           "wall_s")
+PHASES = ("mask", "train", "adapt")
 
 
 def config(nodes: int, quick: bool, **extra: object) -> Config:
@@ -62,6 +66,18 @@ def peak_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
+def phase_of(record: dict) -> str:
+    """`mask`, `train`, or `adapt` for a training round that also swapped part of the mask."""
+    if record["phase"] == "mask":
+        return "mask"
+    return "adapt" if "swap_fraction" in record else "train"
+
+
+def ratio(run: float, bare: float) -> float | None:
+    """Run time over bare-loop time (None when the phase did not occur)."""
+    return run / bare if bare > 0 else None
+
+
 def measure(overrides: dict, bare: bool) -> dict:
     """One run in this process: set-up, per-round times, checkpoint sizes, peak memory, accuracy,
     and (with `bare`) the bare-loop time of the same local training."""
@@ -71,7 +87,7 @@ def measure(overrides: dict, bare: bool) -> dict:
         started = time.perf_counter()
         exp = Experiment.from_config(cfg)
         built = time.perf_counter() - started
-        evaluate, spent = exp.evaluate, {"eval": 0.0, "bare": 0.0}
+        evaluate, spent = exp.evaluate, {"eval": 0.0, "eval_seen": 0.0, "bare": 0.0}
 
         def timed_evaluate(weights):
             t = time.perf_counter()
@@ -84,12 +100,18 @@ def measure(overrides: dict, bare: bool) -> dict:
         if model is not None:
             bare_round(model, exp, 0, [0], exp.w0)  # one-off costs (torch's first optimizer imports torch._dynamo)
         sizes: list[int] = []
+        by_phase = {phase: {"run": 0.0, "bare": 0.0} for phase in PHASES}
 
         def on_round(record: dict) -> None:
             sizes.append((work / "run" / "checkpoint.npz").stat().st_size)
             if model is not None:
                 epochs = cfg.prune.mask_epochs if record["phase"] == "mask" else cfg.train.epochs
-                spent["bare"] += bare_round(model, exp, record["step"], record["nodes"], exp.w0, epochs)
+                bare_s = bare_round(model, exp, record["step"], record["nodes"], exp.w0, epochs)
+                phase = by_phase[phase_of(record)]
+                phase["run"] += record["time"] - (spent["eval"] - spent["eval_seen"])
+                phase["bare"] += bare_s
+                spent["bare"] += bare_s
+            spent["eval_seen"] = spent["eval"]
 
         run_started = time.perf_counter()
         result = simulate(cfg, work / "run", experiment=exp, on_round=on_round, keep_checkpoint=True)
@@ -102,6 +124,7 @@ def measure(overrides: dict, bare: bool) -> dict:
                 "round_s": rounds_time / len(result.records), "peak_rss_mib": peak_mib(),
                 "checkpoint_mb": max(sizes) / 1e6, "accuracy": result.summary["final_accuracy"],
                 "vs_bare": (rounds_time - spent["eval"]) / spent["bare"] if bare else None,
+                **{f"vs_bare_{name}": ratio(t["run"], t["bare"]) for name, t in by_phase.items()},
                 "eval_s": spent["eval"], "wall_s": wall}
     finally:
         shutil.rmtree(work, ignore_errors=True)
