@@ -202,7 +202,9 @@ def test_json_log_format_for_machines(tmp_path):
     loud = [a for a in SMALL if a != "--quiet"]
     done = _run("run", *loud, "--log-format", "json", "--out", str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    start, *events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON object
+    assert start == {"event": "start", "method": "mpfl", "dataset": "mnist", "model": "mlp", "nodes": 3, "seed": 0,
+                     "threads": 1, "run_dir": str(tmp_path / "run")}
     assert [e["step"] for e in events] == [1, 2, 3, 4] and all(e["total_steps"] == 4 for e in events)
     assert events[-1]["eta_s"] == 0 and events[-1]["accuracy"] == read_rounds(tmp_path / "run")[-1]["accuracy"]
     summary = json.loads(done.stdout)

@@ -132,8 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_run_dir(out)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
     if not args.quiet:
-        console.print(f"[bold]mpfl run[/] method={cfg.method} dataset={cfg.data.dataset} model={cfg.train.model} "
-                      f"nodes={cfg.nodes} seed={cfg.seed} threads={cfg.threads or 'all'} -> {out}", highlight=False)
+        _print_start(cfg, out, args.log_format)
     if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
         check_memory(estimate, available_memory())
     try:
@@ -151,6 +150,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             board.close()
     _print_summary(result.summary, out, args.log_format)
     return 0
+
+
+def _print_start(cfg: Config, out: Path, log_format: str) -> None:
+    """The run's first line on stderr: what runs where, as text or (--log-format json) one JSON object,
+    so that every line a JSON log holds parses."""
+    shown = {"method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "nodes": cfg.nodes,
+             "seed": cfg.seed, "threads": cfg.threads or "all"}
+    if log_format == "json":
+        print(json.dumps({"event": "start", **shown, "run_dir": str(out)}), file=sys.stderr, flush=True)
+        return
+    text = " ".join(f"{k}={v}" for k, v in shown.items()) + f" -> {out}"
+    console.print("[bold]mpfl run[/] " + escape(text), highlight=False)
 
 
 def _both(first: Callable[[dict], None], second: Callable[[dict], None]) -> Callable[[dict], None]:
