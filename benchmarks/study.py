@@ -1,13 +1,48 @@
-"""The experimental study, the same as `mpfl study`: MPFL against FedAvg and the baselines.
+"""The experimental study: MPFL against FedAvg and the baselines, as `mpfl study` runs it.
 
-    python benchmarks/study.py --preset quick|full [--out DIR] [--seeds N] [--data-dir DIR] [--dry-run]
+    python benchmarks/study.py [--quick] [--json PATH] [--out DIR] [--seeds N] [--datasets NAMES] [--data-dir DIR]
 
-See `mpfl.study` for the grid, the presets and their measured sizing.
+Runs the `full` preset's grid (the `quick` one with --quick) into DIR (default studies/<preset>),
+skipping the cells already done, so a stopped study resumes; then prints one row per group of
+runs (means over seeds) and writes the study's report (report.md and plots) into DIR. --json
+writes the same rows, keyed like `mpfl report --json`. See `mpfl.study` for the grid, the presets
+and their measured sizing.
 """
 
-import sys
+from __future__ import annotations
 
-from mpfl.cli import main
+import sys
+from pathlib import Path
+
+from _common import emit, parser, stop_on_sigterm
+
+from mpfl.report import load_runs, table
+from mpfl.study import cell_name, cell_status, preset_cells, run_study
+
+COLUMNS = ("method", "model", "variant", "dataset", "partition", "sparsity", "n", "final_accuracy", "mask_rounds",
+           "train_rounds", "bytes_up", "bytes_down", "bytes_vs_fedavg", "wall_time")
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="study folder (default: studies/<preset>)")
+    p.add_argument("--seeds", type=int, help="seeds of the main comparison and sparsity sweep (default: the preset's)")
+    p.add_argument("--datasets", help="datasets of the main comparison, comma-separated (default: mnist,fashion-mnist)")
+    p.add_argument("--data-dir", help="where the datasets are (else $MPFL_DATA, the user cache, a download)")
+    args = p.parse_args()
+    stop_on_sigterm()
+    preset = "quick" if args.quick else "full"
+    datasets = args.datasets.split(",") if args.datasets else None
+    cells = preset_cells(preset, args.seeds, datasets=datasets)
+    out = args.out or Path("studies") / preset
+    result = run_study(cells, out, data_dir=args.data_dir)
+    done = [out / cell_name(cell.config(args.data_dir)) for cell in cells]
+    rows = table(load_runs([path for path in done if cell_status(path) == "done"]))
+    emit(f"The {preset} study: {len(result.ran)} cells run, {len(result.skipped)} already done, "
+         f"{len(result.failed)} failed", rows, args.json, COLUMNS)
+    if result.failed:
+        sys.exit(1)
+
 
 if __name__ == "__main__":
-    sys.exit(main(["study", *sys.argv[1:]]))
+    main()

@@ -1,6 +1,8 @@
-"""The label-skew benchmark's grid: `--set` reaches every run and keeps its cached cells apart."""
+"""The benchmark scripts: every one takes --quick and --json; the label-skew benchmark's grid:
+`--set` reaches every run and keeps its cached cells apart."""
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,3 +43,25 @@ def test_a_setting_reaches_every_method_and_its_cells_are_cached_apart(noniid):
     assert noniid.key(row) == noniid.key(changed[0])
     older = {k: plain[0][k] for k in ("dataset", "partition", "method", "seed")}  # a cache line written before --set
     assert noniid.key(older) == noniid.key(plain[0])
+
+
+HELP_OF_EACH = """
+import contextlib, io, runpy, sys
+sys.path.insert(0, sys.argv[1])
+for script in sys.argv[2:]:
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    print(script, "--quick" in out.getvalue(), "--json" in out.getvalue())
+"""
+
+
+def test_every_benchmark_takes_quick_and_json():
+    scripts = sorted(str(p) for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+    assert len(scripts) >= 10
+    done = subprocess.run([sys.executable, "-c", HELP_OF_EACH, str(BENCHMARKS), *scripts], capture_output=True,
+                          text=True, check=True, timeout=120)
+    answers = [line.split() for line in done.stdout.splitlines()]
+    assert [a[0] for a in answers] == scripts
+    assert [a for a in answers if a[1:] != ["True", "True"]] == []
