@@ -10,11 +10,12 @@ import pytest
 
 from conftest import tiny_config
 from mpfl.config import Config
+from mpfl.errors import ResourceError
 from mpfl.interrupts import deferred_interrupts
 from mpfl.methods import plan
 from mpfl.progress import Eta, RoundLog, format_seconds, round_text
 from mpfl.records import read_rounds
-from mpfl.resources import estimate_run
+from mpfl.resources import check_memory, estimate_run
 from mpfl.sim import simulate
 
 
@@ -94,3 +95,12 @@ def test_tensorboard_events_of_a_resumed_run_hold_every_step_once(tmp_path):
 def test_the_memory_estimate_is_close_to_measured_peaks(model, nodes, measured_mib):
     estimate = estimate_run(Config().with_overrides({"model": model, "nodes": nodes}))
     assert 0.9 * measured_mib <= estimate.total / 2**20 <= 1.2 * measured_mib
+
+
+def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_its_levers():
+    capped = estimate_run(Config().with_overrides({"nodes": 4, "workers": 100}))
+    assert capped == estimate_run(Config().with_overrides({"nodes": 4, "workers": 4}))
+    with pytest.raises(ResourceError, match="use fewer --workers"):
+        check_memory(capped, capped.fixed - 1)
+    with pytest.raises(ResourceError, match="use at most --nodes 2"):
+        check_memory(capped, capped.fixed + 2 * capped.per_node + 1)

@@ -137,6 +137,12 @@ def test_datasets_option_keeps_the_grid_on_the_named_datasets(capsys):
         preset_cells("quick", datasets=["mnst"])
 
 
+@pytest.mark.parametrize("seeds", [0, 101])
+def test_seeds_outside_what_a_study_can_run_are_refused_at_once(seeds):
+    with pytest.raises(ConfigError, match=f"--seeds must be between 1 and 100 .*, got {seeds}"):
+        preset_cells("full", seeds)
+
+
 def test_dry_run_names_missing_data_and_how_to_do_without_it(tmp_path, capsys, data_env):
     assert main(["study", "--dry-run", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out

@@ -88,6 +88,10 @@ def _finite(cfg: Any) -> None:
                 raise ConfigError(f"{f.name} = {value} must be a finite number")
 
 
+MAX_THREADS = 1024
+"""Most torch threads a run may ask for: far beyond any useful count, below where torch crashes."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, where it lives and how it is split across nodes."""
@@ -210,12 +214,17 @@ class PruneConfig:
                               "with rewind = 'none'; with rewind = 'init' also set train_init = 'rewind'")
         _range("warmup_rounds", self.warmup_rounds, 0)
         _range("layer_floor", self.layer_floor, 0, 1)
+        if self.scope == "global" and self.layer_floor > 1 - self.sparsity:
+            raise ConfigError(f"layer_floor = {self.layer_floor} keeps more of every layer than sparsity = "
+                              f"{self.sparsity} leaves of the model ({1 - self.sparsity:.4g}); lower --layer-floor "
+                              f"or --sparsity")
         _range("saliency_batches", self.saliency_batches, 1)
         _range("mask_epochs", self.mask_epochs, 1)
         _range("extrapolate", self.extrapolate, 0, lo_open=True)
-        if self.mask_average_from is not None and self.mask_average_from < -self.mask_rounds:
-            raise ConfigError(f"mask_average_from = {self.mask_average_from} counts back past the first of "
-                              f"{self.mask_rounds} mask rounds; use -1 .. -{self.mask_rounds}, a round number or 0")
+        if self.mask_average_from is not None and not -self.mask_rounds <= self.mask_average_from <= self.mask_rounds:
+            raise ConfigError(f"mask_average_from = {self.mask_average_from} lies outside the {self.mask_rounds} mask "
+                              f"rounds; use a round number 1 .. {self.mask_rounds}, -1 .. -{self.mask_rounds} counted "
+                              f"from the end, or 0 for never")
         _range("core_share", self.core_share, 0, 1)
         if self.mask_fraction is not None:
             _range("mask_fraction", self.mask_fraction, 0, 1, lo_open=True)
@@ -350,10 +359,13 @@ class Config:
         if self.min_nodes > self.nodes:
             raise ConfigError(f"min_nodes = {self.min_nodes} is larger than nodes = {self.nodes}")
         _range("eval_every", self.eval_every, 0)
-        _range("threads", self.threads, 0)
+        _range("threads", self.threads, 0, MAX_THREADS)
         _range("workers", self.workers, 1)
         if self.faults.malicious > self.nodes:
             raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
+        if self.robust.aggregator == "krum" and self.robust.byzantine >= self.nodes:
+            raise ConfigError(f"byzantine = {self.robust.byzantine} allows for at least as many malicious nodes as "
+                              f"the run has (nodes = {self.nodes}); use --byzantine below {self.nodes}")
         for section in (self.data, self.train, self.prune, self.adapt, self.codec, self.robust, self.faults):
             section.validate()
 
@@ -369,28 +381,43 @@ class Config:
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:
         """Read a TOML config file."""
+        return cls.from_dict(cls.read_toml(path))
+
+    @staticmethod
+    def read_toml(path: str | Path) -> dict[str, Any]:
+        """The nested dict of a TOML config file, not yet checked (see `from_dict`)."""
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text())
+            return tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(path)!r} is a folder; give the path of a .toml file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        return cls.from_dict(data)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""
-        data = self.to_dict()
-        for name, value in overrides.items():
-            section = FIELD_SECTIONS.get(name)
-            if section is None:
-                raise ConfigError(_unknown(name, FIELD_SECTIONS))
-            (data.setdefault(section, {}) if section else data)[name] = value
-        return Config.from_dict(data)
+        return Config.from_dict(overridden(self.to_dict(), overrides))
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "train": TrainConfig, "prune": PruneConfig, "adapt": AdaptConfig,
                              "codec": CodecConfig, "robust": RobustConfig, "faults": FaultConfig}
+
+
+def overridden(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested config `data` (as `to_dict` or a TOML file gives it) with flat `field = value`
+    overrides put into whichever section owns each field; `data` itself is left as it was."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for name, value in overrides.items():
+        section = FIELD_SECTIONS.get(name)
+        if section is None:
+            raise ConfigError(_unknown(name, FIELD_SECTIONS))
+        target = out.setdefault(section, {}) if section else out
+        if not isinstance(target, dict):
+            raise ConfigError(f"[{section}] must be a table of keys, got {target!r}")
+        target[name] = value
+    return out
 
 
 def _drop_none(value: Any) -> Any:
@@ -403,6 +430,9 @@ def _drop_none(value: Any) -> Any:
 
 def _unknown(name: str, known: Any) -> str:
     prefix, _, bare = name.rpartition(".")
+    if bare in FIELD_SECTIONS and FIELD_SECTIONS[bare] != prefix:
+        home = f"[{FIELD_SECTIONS[bare]}]" if FIELD_SECTIONS[bare] else "the top level, before any [section]"
+        return f"config key {name!r} is in the wrong place: {bare} belongs in {home}"
     owner = next((f for f, names in field_aliases().items() if bare in names), None)
     hint = [f"{FIELD_SECTIONS[owner]}.{owner}" if prefix and FIELD_SECTIONS[owner] else owner] if owner else []
     hint = hint or difflib.get_close_matches(name, list(known), n=1)
@@ -413,7 +443,7 @@ def _unknown(name: str, known: Any) -> str:
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     """Convert a TOML/CLI value to the field's type, or explain what type was expected."""
     text = str(hint)
-    if value is None:
+    if value is None or ("None" in text and isinstance(value, str) and value.lower() == "none"):
         if "None" in text:
             return None
         raise ConfigError(f"{name} must not be empty")

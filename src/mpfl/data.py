@@ -151,8 +151,12 @@ def register_dataset(name: str, loader: Loader) -> None:
 
 
 def data_search_path(data_dir: str | Path | None = None) -> list[Path]:
-    """Data roots in lookup order: data_dir, then $MPFL_DATA, then the per-user cache dir."""
+    """Data roots in lookup order: data_dir, then $MPFL_DATA, then the per-user cache dir. A data_dir
+    that does not exist yet is where a download goes; one that is a file is refused."""
     roots = [Path(data_dir).expanduser()] if data_dir is not None else []
+    if roots and roots[0].exists() and not roots[0].is_dir():
+        raise DataError(f"data_dir {str(data_dir)!r} is a file; give the folder that holds the datasets "
+                        f"(or will hold them once downloaded)")
     if os.environ.get("MPFL_DATA"):
         roots.append(Path(os.environ["MPFL_DATA"]).expanduser())
     roots.append(_cache_dir())

@@ -71,7 +71,8 @@ def per_node_bytes(params: int) -> int:
 def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate:
     """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
     normalised data (see the module docstring for the figures behind it)."""
-    fixed = PROCESS_BYTES * (1 + (cfg.workers if cfg.workers > 1 else 0)) + 2 * data_bytes
+    workers = min(cfg.workers, cfg.nodes)  # as many as the pool starts: never more than the nodes
+    fixed = PROCESS_BYTES * (1 + (workers if workers > 1 else 0)) + 2 * data_bytes
     held = holding_nodes(cfg)
     if held >= cfg.nodes:
         return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes)
@@ -136,6 +137,11 @@ def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
     if available is None or estimate.total <= available:
         return
     fits = max(0, (available - estimate.fixed) // estimate.per_node)
+    if fits == 0:
+        raise ResourceError(f"this run needs about {_size(estimate.total)} of memory, and its processes and data "
+                            f"alone take {_size(estimate.fixed)} of the {_size(available)} available; use fewer "
+                            f"--workers (each process holds about {_size(PROCESS_BYTES)}) or a smaller dataset "
+                            f"(--train-samples), or --no-memory-check to run anyway")
     if estimate.sampled:
         raise ResourceError(f"this run needs about {_size(estimate.total)} of memory (up to {estimate.nodes:,} copies "
                             f"of the model x {_size(estimate.per_node)} for the nodes asked + {_size(estimate.fixed)}) "

@@ -197,13 +197,22 @@ class Server:
                 exchanged.replies[node] = body
             except PayloadError as exc:
                 exchanged.dropped[node] = f"rejected: {exc}"
-        cap = self.count_cap()
-        exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         if len(exchanged.replies) < self.cfg.min_nodes:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
-                             f"than min_nodes = {self.cfg.min_nodes}. {detail}")
+                             f"than min_nodes = {self.cfg.min_nodes}. {detail}{self._fault_hint()}")
+        cap = self.count_cap()
+        exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         return exchanged
+
+    def _fault_hint(self) -> str:
+        """What to change when simulated faults left a round too few replies (nothing when none are set)."""
+        f = self.cfg.faults
+        rates = {"dropout": f.dropout, "straggler": f.straggler, "corrupt": f.corrupt}
+        set_rates = ", ".join(f"{name} = {rate:g}" for name, rate in rates.items() if rate > 0)
+        if not set_rates:
+            return ""
+        return f". The run simulates faults ({set_rates}): lower them or --min-nodes"
 
     def check_values(self, body: codec.Body) -> None:
         """Refuse checksum-valid values no honest node sends: beyond ±robust.value_limit."""

@@ -65,6 +65,7 @@ PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"
               {"partition": "shards", "shards": 2})
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
 MAIN_SPARSITY = 0.9
+MAX_SEEDS = 100
 MAIN_METHODS = ("mpfl", "fedavg", "fedavg-prune", "topk", "centralized", "random", "local", "ssfl")
 SWEEP_METHODS = ("mpfl", "fedavg-prune", "random")
 PRECISIONS = ("float32", "float16", "int8")
@@ -155,8 +156,8 @@ def preset_cells(name: str, seeds: int | None = None, datasets: Sequence[str] | 
     if name not in PRESETS:
         raise ConfigError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    if seeds is not None and seeds < 1:
-        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if seeds is not None and not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be between 1 and {MAX_SEEDS} (each seed repeats the grid's runs), got {seeds}")
     if datasets is not None:
         unknown = [d for d in datasets if d not in available_datasets()]
         if unknown or not datasets:
