@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,19 @@ def test_config_file_with_flag_overrides(tmp_path):
     assert main(["run", "--config", str(path), "--lr", "0.02", "--out", str(out), "--quiet"]) == 0
     cfg = Config.from_toml(out / "config.toml")
     assert cfg.method == "fedavg" and cfg.train.lr == 0.02 and cfg.data.train_samples == 600
+
+
+def test_flags_replace_bad_values_of_the_file_and_errors_about_the_file_name_it(tmp_path, capsys):
+    path = tmp_path / "exp.toml"
+    path.write_text('nodes = "four"\n[train]\nlr = -5.0\n')
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(path), *SMALL, "--lr", "0.02", "--out", str(out)]) == 0
+    cfg = Config.from_toml(out / "config.toml")
+    assert cfg.nodes == 3 and cfg.train.lr == 0.02
+    assert main(["run", "--config", str(path), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"lr = -5.0 must be > 0 (set in the config file {str(path)!r})" in err.replace("\n", " ")
+    assert not (tmp_path / "r").exists()
 
 
 def test_an_existing_run_directory_is_never_overwritten(tmp_path, capsys):
@@ -128,11 +142,24 @@ def test_a_run_flag_given_to_partition_says_where_it_belongs(capsys):
     (["--min-nodes", "5", "--nodes", "3"], "--min-nodes = 5 is larger than --nodes = 3"),
     (["--partition", "shards", "--shards", "700"], "shards = 700 per node for --nodes = 3"),
     (["--exclude", "1.weight", "--exclude", "9.*"], "--exclude '9.*' matches no prunable layer"),
+    (["--threads", "100000"], "--threads = 100000 must be <= 1024"),
+    (["--mask-average-from", "3"], "--mask-average-from = 3 lies outside the 2 mask rounds"),
+    (["--aggregator", "krum", "--byzantine", "3"], "--byzantine = 3 allows for at least as many malicious nodes"),
+    (["--data-dir", __file__], "is a file; give the folder that holds the datasets"),
 ])
 def test_errors_name_the_flag_that_was_given(tmp_path, capsys, args, message):
     assert main(["run", *SMALL, *args, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_round_left_without_replies_by_simulated_faults_says_which_and_warns_nothing(tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["run", *SMALL, "--dropout", "1", "--out", str(tmp_path / "r")]) == 2
+    assert [str(w.message) for w in caught] == []
+    err = capsys.readouterr().err
+    assert "only 0 valid replies" in err and "simulates faults (--dropout = 1): lower them or --min-nodes" in err
 
 
 def test_exclude_takes_repeated_flags_and_commas(tmp_path):

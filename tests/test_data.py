@@ -288,9 +288,16 @@ def test_download_falls_back_to_writable_cache(tmp_path: Path, data_env: Path, m
     monkeypatch.setitem(data._MD5SUMS["cifar100"], archive.name, file_hash(archive, "md5"))
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
-    loaded = load_dataset("cifar100", blocked)
+    loaded = load_dataset("cifar100", blocked / "data")  # a folder that cannot be made (as root too)
     assert (data_env / "cifar-100-python" / "train").is_file()
     assert loaded.y_test.tolist() == batches["test"][1]
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path: Path, data_env: Path) -> None:
+    not_a_folder = tmp_path / "data.gz"
+    not_a_folder.write_text("")
+    with pytest.raises(DataError, match="is a file; give the folder that holds the datasets"):
+        load_dataset("mnist", not_a_folder)
 
 
 def test_unsafe_archive_is_refused(tmp_path: Path, data_env: Path, monkeypatch) -> None:

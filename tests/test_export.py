@@ -1,7 +1,11 @@
 """`mpfl export`: compact and sparse files that load safely and predict exactly like the masked model."""
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +126,83 @@ def test_dropped_filter_biases_left_alive_show_up_as_an_output_difference(tmp_pa
     result = simulate(tiny_config(criterion="filter", **{**SMALL, "rounds": 0}), tmp_path / "run")
     info = export_run(result.run_dir, tmp_path / "exp", formats=["state_dict"], repeats=2)
     assert info["max_abs_diff"] > 1e-4
+
+
+def snapshot(folder):
+    """Every entry of a folder (hidden ones too) with the sha256 of its content."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+@pytest.fixture
+def earlier_export(structured_run, tmp_path):
+    """A folder holding an earlier export (state_dict, torchscript and sparse) beside a file of the user's."""
+    out = tmp_path / "exp"
+    export_run(structured_run.run_dir, out, formats=["state_dict", "torchscript", "sparse"], repeats=2)
+    (out / "notes.txt").write_text("mine\n")
+    return out
+
+
+@pytest.mark.parametrize("flag, value", [("--repeats", "0"), ("--repeats", "-3"), ("--latency-batch", "-1"),
+                                         ("--latency-batch", "0"), ("--latency-batch", "100000000"),
+                                         ("--threads", "-2")])
+def test_bad_latency_settings_are_refused_before_anything_is_written(structured_run, earlier_export, tmp_path, capsys,
+                                                                      flag, value):
+    before = snapshot(earlier_export)
+    for out, force in ((tmp_path / "new" / "exp", []), (earlier_export, ["--force"])):
+        assert main(["export", str(structured_run.run_dir), "--out", str(out), flag, value, *force]) == 2
+        assert f"{flag} {value}" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and snapshot(earlier_export) == before
+
+
+def test_an_export_failing_part_way_leaves_the_folder_as_it_was(structured_run, earlier_export, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("timing failed")
+
+    before = snapshot(earlier_export)
+    monkeypatch.setattr("mpfl.export.latency_ms", broken)
+    for out in (earlier_export, tmp_path / "new" / "exp"):
+        with pytest.raises(RuntimeError, match="timing failed"):
+            export_run(structured_run.run_dir, out, formats=["sparse"], repeats=2, force=True)
+    assert not (tmp_path / "new").exists() and snapshot(earlier_export) == before
+
+
+def test_a_failure_while_moving_the_files_into_place_puts_the_earlier_export_back(structured_run, earlier_export,
+                                                                                   monkeypatch):
+    replace, failed = os.replace, []
+
+    def flaky(src, dst):
+        if Path(dst) == earlier_export / "export.json" and not failed:
+            failed.append(dst)
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    before = snapshot(earlier_export)
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="No space"):
+        export_run(structured_run.run_dir, earlier_export, formats=["sparse"], layout="coo", repeats=2, force=True)
+    assert failed and snapshot(earlier_export) == before
+
+
+def test_force_replaces_the_whole_earlier_export_and_keeps_other_files(structured_run, earlier_export):
+    assert main(["export", str(structured_run.run_dir), "--out", str(earlier_export), "--format", "state_dict",
+                 "--repeats", "2", "--force"]) == 0
+    assert {p.name for p in earlier_export.iterdir()} == {"model.pt", "mask.bin", "export.json", "notes.txt"}
+    assert (earlier_export / "notes.txt").read_text() == "mine\n"
+    assert json.loads((earlier_export / "export.json").read_text())["formats"] == ["state_dict"]
+
+
+def test_a_run_still_going_is_refused_with_when_to_export_it(structured_run, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    run = tmp_path / "running"
+    run.mkdir()
+    shutil.copy(structured_run.run_dir / "config.toml", run / "config.toml")
+    fd = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"12345\n")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert main(["export", str(run), "--repeats", "2"]) == 2
+    finally:
+        os.close(fd)
+    message = " ".join(capsys.readouterr().err.split())
+    assert "still going" in message and "export it once it has finished" in message
+    assert not (run / "export").exists()

@@ -209,3 +209,62 @@ def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):
     assert "| Eval down (MB) | Eval up (B) |" in text and "| 1.59 | 48 |" in text
     assert (f"- `{tmp_path / 'flower-1'}` (flower-deployment): node 1 from step 3 (train): "
             "SuperNode 42 is no longer connected") in text
+
+
+@pytest.mark.parametrize("name", ["report.md", PLOTS[0], "rows.json"])
+def test_a_file_mpfl_did_not_write_is_refused_unless_forced(runs, tmp_path, capsys, name):
+    """The report refreshes its own files, but a user's file in the place of one stays intact until --force."""
+    command = ["report", str(runs / "mpfl-0"), "--out", str(tmp_path), "--json", str(tmp_path / "rows.json")]
+    assert main(command) == 0 and main(command) == 0  # a refresh of mpfl's own files needs no flag
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    (tmp_path / name).write_text("mine\n")
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / name} was not written by mpfl report" in err and "--force" in err
+    assert (tmp_path / name).read_text() == "mine\n"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != name} == {
+        k: v for k, v in written.items() if k != name}  # refused before anything was written
+    assert main([*command, "--force"]) == 0
+    assert (tmp_path / name).read_bytes() != b"mine\n"
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["runs"] == [str(runs / "mpfl-0")]
+
+
+def test_a_json_file_of_another_shape_is_refused(runs, tmp_path, capsys):
+    """Not even a run's own summary.json is taken for the report's JSON."""
+    run = shutil.copytree(runs / "mpfl-0", tmp_path / "run")
+    summary = (run / "summary.json").read_bytes()
+    assert main(["report", str(run), "--out", str(tmp_path / "out"), "--json", str(run / "summary.json")]) == 2
+    assert f"{run / 'summary.json'} was not written by mpfl report" in capsys.readouterr().err
+    assert (run / "summary.json").read_bytes() == summary and not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut 40 bytes", "last line removed"])
+def test_a_finished_run_with_a_damaged_log_is_skipped(runs, tmp_path, capsys, damage):
+    """A finished run's rounds.jsonl must parse to the end and hold every round of its summary; else the
+    run is skipped with the reason (its bytes would be wrong), and its files are left as they are."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs / "mpfl-0", damaged)
+    log = damaged / "rounds.jsonl"
+    data = log.read_bytes()
+    data = data[:-40] if damage == "cut 40 bytes" else data[:data.rstrip(b"\n").rindex(b"\n") + 1]
+    log.write_bytes(data)
+    out = tmp_path / "report"
+    assert main(["report", str(damaged), str(runs / "mpfl-1"), "--out", str(out), "--json", str(tmp_path / "rows.json")]) == 0
+    assert f"skipped {damaged}: cannot be read" in capsys.readouterr().err
+    [row] = json.loads((tmp_path / "rows.json").read_text())
+    assert row["runs"] == [str(runs / "mpfl-1")] and row["bytes_up"] == sum(r["bytes_up"] for r in read_rounds(runs / "mpfl-1"))
+    assert f"- `{damaged}`: cannot be read (RunDirError: {log}" in (out / "report.md").read_text()
+    assert log.read_bytes() == data
+    assert main(["report", str(damaged), "--out", str(out)]) == 2
+    assert "no finished runs to report on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["a folder", "in a missing folder"])
+def test_a_json_path_that_cannot_be_a_file_is_a_clear_error(runs, tmp_path, capsys, where):
+    json_path = tmp_path / "folder" if where == "a folder" else tmp_path / "missing" / "rows.json"
+    (tmp_path / "folder").mkdir()
+    assert main(["report", str(runs / "mpfl-0"), "--out", str(tmp_path / "out"), "--json", str(json_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {json_path}" in err and ".tmp" not in err and len(err.strip().splitlines()) == 1
+    assert ("give a file path" if where == "a folder" else "create it or choose another --json path") in err
+    assert not (tmp_path / "out" / "report.md").exists() and list((tmp_path / "folder").iterdir()) == []

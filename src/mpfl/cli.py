@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types
+from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
 from .errors import ConfigError, MpflError
 from .progress import LOG_FORMATS
 from .records import CONFIG, default_run_dir
@@ -72,16 +72,26 @@ def _given(args: argparse.Namespace) -> dict[str, object]:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The config a command line asks for: file (if any), then flags."""
-    base = Config.from_toml(args.config) if args.config else Config()
+    """The config a command line asks for: the file's values (if any) with the flags' on top, checked
+    together, so a flag can replace a bad value of the file; an error about a value the file set says so."""
+    data = Config.read_toml(args.config) if args.config else {}
     overrides = _given(args)
-    optional = {name for name, hint in field_types().items() if "None" in str(hint)}
     for name, value in overrides.items():
         if isinstance(value, list):
             overrides[name] = [part.strip() for item in value for part in item.split(",") if part.strip()]
-        elif name in optional and value.lower() == "none":
-            overrides[name] = None
-    return base.with_overrides(overrides)
+    try:
+        return Config.from_dict(overridden(data, overrides))
+    except ConfigError as exc:
+        if args.config and _names_file_value(str(exc), data, overrides):
+            raise type(exc)(f"{exc} (set in the config file {str(args.config)!r})") from None
+        raise
+
+
+def _names_file_value(message: str, data: dict, flags: Iterable[str]) -> bool:
+    """Whether an error `message` names a key the config file sets and no flag replaces."""
+    keys = {key for key, value in data.items() if not isinstance(value, dict)}
+    keys |= {key for value in data.values() if isinstance(value, dict) for key in value}
+    return any(re.search(rf"(?<![\w-]){re.escape(key)}\b", message) for key in keys - set(flags))
 
 
 def name_flags(message: str, names: Iterable[str]) -> str:
@@ -204,7 +214,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path, why in scan.skipped.items() if scan.runs else ():
         console.print(f"skipped {path}: {why}", highlight=False)
     out = Path(args.out) if args.out else Path(args.paths[0]) if len(args.paths) == 1 else Path("report")
-    written = write_report(scan.runs, out, json_path=args.json, skipped=scan.skipped)
+    written = write_report(scan.runs, out, json_path=args.json, skipped=scan.skipped, force=args.force)
     print(f"{len(scan.runs)} runs -> {written[0]} and {sum(p.suffix == '.png' for p in written)} plots in {out}"
           + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
     return 0
@@ -286,11 +296,13 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help="files to write (default: state_dict torchscript for filter masks, sparse otherwise; "
                         "state_dict or sparse is always among them)")
     p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/export)")
-    p.add_argument("--force", action="store_true", help="replace the files of an earlier export in the output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export in the output directory: its files (model.*, mask.bin, export.json) "
+                        "that this export does not write are removed, other files stay")
     p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement")
-    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement (1 to 4096)")
+    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (at least 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement (0: torch's default)")
     p.set_defaults(func=cmd_export)
 
 
@@ -307,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     report.add_argument("--out", help="where to write report.md and the plots (default: the one RUN_DIR, else report/)")
     report.add_argument("--json", metavar="PATH", help="also write the table rows as a JSON list")
+    report.add_argument("--force", action="store_true",
+                        help="replace a report.md, plot or JSON file that mpfl report did not write")
     report.set_defaults(func=cmd_report)
     study = sub.add_parser("study", help="run the study grid (resumable), then report on it")
     study.add_argument("--preset", choices=("quick", "full"), default="quick", help="grid size (default: quick)")

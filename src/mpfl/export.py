@@ -12,17 +12,21 @@ turns them into files a device can load:
 
 Filter masks on a flat sequential model give a shrunk dense model (default formats state_dict
 and torchscript); other masks give sparse tensors (default format sparse). Every torch file
-loads with ``torch.load(path, weights_only=True)``.
+loads with ``torch.load(path, weights_only=True)``. An export is all or nothing: its files are written
+to a scratch folder inside <out> and moved into place (export.json last) only once all of them are,
+replacing every file of an earlier export there; when anything fails, <out> is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
+import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +37,12 @@ from torch import nn
 from . import codec
 from .checkpoint import FINAL, Final, load_final
 from .compact import compactable, shrink, unsupported
-from .config import Config
+from .config import MAX_THREADS, Config
 from .core.params import ParamSpec, param_spec, set_weights
 from .costs import flops, latency_ms, layer_flops, parameter_count
-from .errors import ExportError
-from .files import atomic_write
+from .errors import ExportError, RunDirError
+from .files import atomic_write, refuse_link, sync_folder
+from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .models import build_model
 from .records import CONFIG
@@ -45,6 +50,11 @@ from .records import CONFIG
 EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
 FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
 FORMATS = tuple(FILES)
+OWNED = (EXPORT_JSON, MASK_FILE, *FILES.values())
+"""Every file an export writes, export.json first: what an export with `force` replaces or removes."""
+MAX_LATENCY_BATCH = 4096
+"""Most samples per timed forward pass: devices run small batches, and a big model (resnet18 on 32x32 images)
+would need tens of GB for a much larger one."""
 FLOPS_CONVENTION = "2 FLOPs per multiply-accumulate of Linear/Conv layers; biases, activations, pooling and norms not counted"
 
 
@@ -120,8 +130,30 @@ def _rebuild(info: dict) -> tuple[nn.Module, ParamSpec]:
     return model, ParamSpec(base.names, base.shapes, tuple(i for i, n in enumerate(base.names) if n in chosen))
 
 
+def _check_timing(batch: int, repeats: int, threads: int) -> None:
+    """Refuse latency settings that cannot give a measurement, before anything is read or written."""
+    if not 1 <= batch <= MAX_LATENCY_BATCH:
+        raise ExportError(f"--latency-batch {batch} is out of range: the latency is timed on 1 to {MAX_LATENCY_BATCH:,} "
+                          "samples at once (a larger batch needs more memory than a device has); choose one in that range")
+    if repeats < 1:
+        raise ExportError(f"--repeats {repeats} must be at least 1: the latency is the median of that many timed "
+                          "forward passes")
+    if not 0 <= threads <= MAX_THREADS:
+        raise ExportError(f"--threads {threads} must be from 0 to {MAX_THREADS} (0: as many as torch uses by default)")
+
+
+def _refuse_running(run: Path) -> None:
+    """Refuse a run that a process is still running: its final weights are not written yet, or about to change."""
+    try:
+        refuse_if_locked(run)
+    except RunDirError:
+        raise ExportError(f"{run} is a run that is still going (the process named in its {LOCK} is writing there); "
+                          "export it once it has finished") from None
+
+
 def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, list[np.ndarray]]:
     """The run's config, final arrays, full-size model holding the masked final weights, its spec and mask."""
+    _refuse_running(run)
     if not (run / CONFIG).is_file():
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
     cfg = Config.from_toml(run / CONFIG)
@@ -157,6 +189,62 @@ def export_folder(out: Path, *, force: bool = False) -> Path:
     return out
 
 
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, innermost first: the folders an export would create."""
+    return [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()]
+
+
+def _earlier_files(out: Path) -> list[str]:
+    """The files of an earlier export in `out`, export.json first; a link or folder by such a name is refused."""
+    found = []
+    for name in OWNED:
+        path = out / name
+        refuse_link(path)
+        if path.exists() and not path.is_file():
+            raise ExportError(f"{path} is not a file, so the export cannot replace it; remove it or choose another --out")
+        if path.exists():
+            found.append(name)
+    return found
+
+
+def _commit(stage: Path, out: Path, earlier: Sequence[str]) -> None:
+    """Move the files staged in `stage` (export.json last) into `out` in place of every file of the earlier export, so
+    that `out` holds this export alone; if a move fails, every file goes back where it was."""
+    new = sorted((p.name for p in stage.iterdir()), key=lambda name: name == EXPORT_JSON)
+    aside = stage / ".earlier"
+    aside.mkdir()
+    done: list[tuple[Path, Path]] = []
+    try:
+        for src, dst in [(out / n, aside / n) for n in earlier] + [(stage / n, out / n) for n in new]:
+            os.replace(src, dst)
+            done.append((src, dst))
+    except BaseException:
+        for src, dst in reversed(done):
+            os.replace(dst, src)
+        raise
+    sync_folder(out)
+
+
+@contextlib.contextmanager
+def _staged(out: Path, force: bool) -> Iterator[Path]:
+    """A scratch folder inside the export folder `out` to write the whole export into: when the block ends its files
+    replace the earlier export's at once, and when anything fails `out` is left as it was (not even created)."""
+    missing = _missing_folders(out)
+    try:
+        export_folder(out, force=force)
+        earlier = _earlier_files(out)
+        with tempfile.TemporaryDirectory(prefix=".export-", suffix=".tmp", dir=out) as scratch:
+            yield Path(scratch)
+            _commit(Path(scratch), out, earlier)
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def _model_bytes(fmt: str, model: nn.Module, example: torch.Tensor) -> bytes:
     """A model file's content in memory (TorchScript or ONNX), so it can be written like every other file."""
     if fmt == "torchscript":
@@ -174,7 +262,10 @@ def _model_bytes(fmt: str, model: nn.Module, example: torch.Tensor) -> bytes:
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: Sequence[str] | None = None,
                layout: str = "csr", batch: int = 1, repeats: int = 50, threads: int = 1, force: bool = False) -> dict:
     """Write a run's final model in compact form plus `export.json`, and return what export.json holds.
-    An `out` folder that already holds files is refused unless `force`; no file is written through a link."""
+    An `out` folder that already holds files is refused unless `force`, which replaces the earlier export's files
+    (and removes those this export does not write); no file is written through a link. The export is all or nothing:
+    if any step fails, `out` is left as it was."""
+    _check_timing(batch, repeats, threads)
     run = Path(run_dir)
     cfg, final, model, spec, mask = _model_from_run(run)
     structured = method_of(cfg).structured
@@ -188,51 +279,51 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     if not {"state_dict", "sparse"} & set(formats):
         formats.insert(0, "state_dict" if compact else "sparse")
     primary = next(f for f in formats if f in ("state_dict", "sparse"))
-    out = export_folder(Path(out) if out is not None else run / "export", force=force)
     small = shrink(model, spec, mask) if compact else None
     pruned = small.model if small is not None else model
     example = torch.zeros(1, *final.input_shape)
 
-    files = {"mask": MASK_FILE}
-    atomic_write(out / MASK_FILE, codec.encode_mask(mask, spec.full_mask(), round=0, structured=structured))
-    payload = {"state_dict": lambda: _serialize(pruned.state_dict()),
-               "sparse": lambda: _serialize(sparse_state(model, spec.prunable_names, layout))}
-    sizes = {}
-    for fmt in formats:
-        path = out / FILES[fmt]
-        atomic_write(path, payload[fmt]() if fmt in payload else _model_bytes(fmt, pruned, example))
-        files[fmt] = FILES[fmt]
-        sizes[fmt] = path.stat().st_size
+    with _staged(Path(out) if out is not None else run / "export", force) as stage:
+        files = {"mask": MASK_FILE}
+        atomic_write(stage / MASK_FILE, codec.encode_mask(mask, spec.full_mask(), round=0, structured=structured))
+        payload = {"state_dict": lambda: _serialize(pruned.state_dict()),
+                   "sparse": lambda: _serialize(sparse_state(model, spec.prunable_names, layout))}
+        sizes = {}
+        for fmt in formats:
+            path = stage / FILES[fmt]
+            atomic_write(path, payload[fmt]() if fmt in payload else _model_bytes(fmt, pruned, example))
+            files[fmt] = FILES[fmt]
+            sizes[fmt] = path.stat().st_size
 
-    dropped = sum(int(m.size - m.sum()) for m in mask)
-    dense_layers = {f.layer: f for f in layer_flops(model, final.input_shape)}
-    pruned_layers = {f.layer: f for f in layer_flops(pruned, final.input_shape)}
-    info = {
-        "run": str(run), "model": cfg.train.model, "input_shape": list(final.input_shape),
-        "num_classes": final.num_classes, "prunable": spec.prunable_names, "structured": structured,
-        "compact": compact, "not_compact_because": None if compact or not structured else unsupported(model),
-        "density": 1 - dropped / max(1, int(spec.prunable_sizes.sum())), "formats": formats, "primary": primary,
-        "files": files, "file_bytes": sizes, "flops_convention": FLOPS_CONVENTION,
-        "latency": {"batch": batch, "repeats": repeats, "statistic": "median", "threads": threads},
-        "dense": {
-            "parameters": parameter_count(model), "bytes": len(_serialize(model.state_dict())),
-            "flops": flops(model, final.input_shape),
-            "latency_ms": latency_ms(model, final.input_shape, batch=batch, repeats=repeats, threads=threads),
-        },
-        "pruned": {
-            "parameters": parameter_count(pruned) - (0 if compact else dropped), "bytes": sizes[primary],
-            "flops": flops(pruned, final.input_shape, nonzero=not compact),
-            "latency_ms": latency_ms(pruned, final.input_shape, batch=batch, repeats=repeats, threads=threads),
-            "latency_note": None if compact else "dense kernels: unstructured sparsity needs sparse kernels to run faster",
-        },
-        "layers": [{"layer": name, "type": f.kind, "dense_flops": f.flops,
-                    "pruned_flops": (pruned_layers[name].flops if compact else f.nonzero_flops)}
-                   for name, f in dense_layers.items()],
-    }
-    x = torch.randn(16, *final.input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        info["max_abs_diff"] = float((model.eval()(x) - load_export(out, primary, info)(x)).abs().max())
-    atomic_write(out / EXPORT_JSON, json.dumps(info, indent=2) + "\n")
+        dropped = sum(int(m.size - m.sum()) for m in mask)
+        dense_layers = {f.layer: f for f in layer_flops(model, final.input_shape)}
+        pruned_layers = {f.layer: f for f in layer_flops(pruned, final.input_shape)}
+        info = {
+            "run": str(run), "model": cfg.train.model, "input_shape": list(final.input_shape),
+            "num_classes": final.num_classes, "prunable": spec.prunable_names, "structured": structured,
+            "compact": compact, "not_compact_because": None if compact or not structured else unsupported(model),
+            "density": 1 - dropped / max(1, int(spec.prunable_sizes.sum())), "formats": formats, "primary": primary,
+            "files": files, "file_bytes": sizes, "flops_convention": FLOPS_CONVENTION,
+            "latency": {"batch": batch, "repeats": repeats, "statistic": "median", "threads": threads},
+            "dense": {
+                "parameters": parameter_count(model), "bytes": len(_serialize(model.state_dict())),
+                "flops": flops(model, final.input_shape),
+                "latency_ms": latency_ms(model, final.input_shape, batch=batch, repeats=repeats, threads=threads),
+            },
+            "pruned": {
+                "parameters": parameter_count(pruned) - (0 if compact else dropped), "bytes": sizes[primary],
+                "flops": flops(pruned, final.input_shape, nonzero=not compact),
+                "latency_ms": latency_ms(pruned, final.input_shape, batch=batch, repeats=repeats, threads=threads),
+                "latency_note": None if compact else "dense kernels: unstructured sparsity needs sparse kernels to run faster",
+            },
+            "layers": [{"layer": name, "type": f.kind, "dense_flops": f.flops,
+                        "pruned_flops": (pruned_layers[name].flops if compact else f.nonzero_flops)}
+                       for name, f in dense_layers.items()],
+        }
+        x = torch.randn(16, *final.input_shape, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            info["max_abs_diff"] = float((model.eval()(x) - load_export(stage, primary, info)(x)).abs().max())
+        atomic_write(stage / EXPORT_JSON, json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -176,9 +176,10 @@ def _append(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_rounds(path: str | Path) -> list[dict]:
+def read_rounds(path: str | Path, *, complete: bool = False) -> list[dict]:
     """The round records of a run directory. A last line that a crash cut short (no newline, not valid
-    JSON) is left out; any other line that is not a round record is a RunDirError naming the file and line."""
+    JSON) is left out, unless `complete` (the log of a finished run, which no crash cut short); any other
+    line that is not a round record is a RunDirError naming the file and line."""
     file = Path(path) / ROUNDS_JSONL
     try:
         lines = file.read_text().split("\n")
@@ -191,7 +192,7 @@ def read_rounds(path: str | Path) -> list[dict]:
         try:
             record = json.loads(line)
         except ValueError as exc:
-            if number == len(lines):
+            if number == len(lines) and not complete:
                 break  # a line cut short by a crash: the round it held is redone or restored on resume
             raise RunDirError(f"{file} line {number} is damaged ({exc}); restore the file from a copy") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):

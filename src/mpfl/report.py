@@ -11,9 +11,14 @@ fields that differ from the most common value in the section are listed as the g
 *variant* (an ablation such as ``consensus=threshold`` or ``nodes=50``); method options
 (``[prune]``, ``[codec]``, ``[robust]``) are compared among runs of the same method only.
 
-Run directories without a summary (unfinished runs) or that cannot be read are listed as
+Run directories without a summary (unfinished runs) or that cannot be read (a finished run's
+``rounds.jsonl`` must parse to the end and hold every round its summary counts) are listed as
 skipped, with the reason, and the report covers the rest; a run that recorded no test accuracy
 (``--rounds 0``) appears with "–" and is left out of the plots.
+
+A report refreshes the files an earlier report wrote (a report.md that opens with its heading, PNGs
+at its plot names, a JSON list of its rows) and refuses, before writing anything, to replace any
+other file in their place unless forced.
 
 Bytes are summed from ``rounds.jsonl``. "Bytes vs FedAvg" divides a run's bytes (up + down)
 by those of the dense FedAvg run (float32 values) with the same dataset, partition, model,
@@ -26,9 +31,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +43,16 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from .config import Config
 from .data import DATASETS
-from .errors import ConfigError
-from .files import atomic_write
+from .errors import ConfigError, PathError, RunDirError
+from .files import atomic_write, refuse_link
 from .methods import METHODS
 from .partition import PARTITIONS
 from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
+REPORT_MD, HEADING = "report.md", "# mpfl report"  # the report's file, and its first line (how a refresh knows it)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ROW_KEYS = frozenset({"method", "dataset", "partition", "runs"})  # keys of every JSON row mpfl report has written
 # Fields shown in their own columns (or meaningless across runs), never listed as a variant.
 SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "model", "seed", "data_dir", "threads",
          "workers"}
@@ -200,6 +208,16 @@ def _unfinished(path: Path) -> str:
     return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
 
 
+def _finished_run(path: Path) -> Run:
+    """A finished run directory, read; a RunDirError when its round log is damaged or cut short (it must hold
+    every round its summary counts), since the report's bytes are summed from it."""
+    summary, rounds = read_summary(path), read_rounds(path, complete=True)
+    if len(rounds) != summary["rounds"]:
+        raise RunDirError(f"{path / ROUNDS_JSONL} does not match {SUMMARY} (rounds: {len(rounds)} recorded, "
+                          f"{summary['rounds']} counted); restore the file from a copy")
+    return Run(path, summary, rounds)
+
+
 def scan_runs(paths: Iterable[str | Path]) -> Scan:
     """Read every finished run directory among `paths`; note unfinished and unreadable ones as skipped."""
     scan = Scan()
@@ -208,7 +226,7 @@ def scan_runs(paths: Iterable[str | Path]) -> Scan:
             scan.skipped[path] = _unfinished(path)
             continue
         try:
-            scan.runs.append(Run(path, read_summary(path), read_rounds(path)))
+            scan.runs.append(_finished_run(path))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             scan.skipped[path] = f"cannot be read ({type(exc).__name__}: {exc})"
     return scan
@@ -548,8 +566,10 @@ def _has_accuracy(group: Group) -> bool:
     return any(v is not None for v in group.per_seed("final_accuracy"))
 
 
-def _section_plots(groups: Sequence[Group], out: Path, section: tuple[str, str, str]) -> list[tuple[str, Path]]:
-    """Draw one section's plots into `out`; return each plot's name and file."""
+def _section_plots(groups: Sequence[Group], out: Path,
+                   section: tuple[str, str, str]) -> list[tuple[str, Path, Callable[[], Path]]]:
+    """One section's plots in `out`: each plot's name, its file and what draws it (so the files can be
+    checked before any is written)."""
     where = ", ".join(section)
     groups = [g for g in groups if _has_accuracy(g)]
     curve_groups, main = _curve_groups(groups) if groups else ([], None)
@@ -562,7 +582,8 @@ def _section_plots(groups: Sequence[Group], out: Path, section: tuple[str, str, 
         pruned = {g.first.summary["sparsity"] for g in ablation if not g.first.reference}
         shared = pruned.pop() if len(pruned) == 1 else None
         plots.append((plot_ablation, "ablation", ablation, _title_suffix(where, shared)))
-    return [(name, plot(chosen, out / f"{name}-{_slug(*section)}.png", plot_title))
+    files = {name: out / f"{name}-{_slug(*section)}.png" for _, name, _, _ in plots}
+    return [(name, files[name], partial(plot, chosen, files[name], plot_title))
             for plot, name, chosen, plot_title in plots if chosen]
 
 
@@ -579,19 +600,81 @@ def _node_name(entry: dict) -> str:
     return node + (f" (SuperNode {entry['supernode']})" if entry.get("supernode") is not None else "")
 
 
+def _is_report_md(path: Path) -> bool:
+    """Whether a report.md is one mpfl report wrote: its first line is the report's heading."""
+    with open(path, "rb") as f:
+        return f.readline().rstrip(b"\r\n") == HEADING.encode()
+
+
+def _is_png(path: Path) -> bool:
+    """Whether a file at one of the report's plot names is a PNG (as the report's plots are)."""
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def _is_table_json(path: Path) -> bool:
+    """Whether a JSON file is one mpfl report wrote: a list of table rows, each with the rows' keys."""
+    try:
+        rows = json.loads(path.read_bytes())
+    except ValueError:
+        return False
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and ROW_KEYS <= r.keys() for r in rows)
+
+
+def _check_json_path(path: Path) -> None:
+    """Refuse a --json path that is a folder or lies in a folder that does not exist, before anything is written."""
+    if path.is_dir():
+        raise PathError(f"--json {path} is a folder; give a file path, such as {path / 'report.json'}")
+    if not path.parent.is_dir():
+        raise PathError(f"--json {path}: the folder {path.parent} does not exist; create it or choose another --json path")
+
+
+def _check_targets(targets: Sequence[tuple[Path, Callable[[Path], bool], str]], force: bool) -> None:
+    """Refuse, before anything is written, to write through a link or over a folder, or (unless `force`) to
+    replace a file that mpfl report did not write: a user's own report.md, plot or JSON stays intact."""
+    for path, ours, flag in targets:
+        refuse_link(path)
+        if path.is_dir():
+            raise PathError(f"{path} is a folder where the report writes a file; remove it or choose another {flag}")
+        if not force and path.exists() and not ours(path):
+            raise PathError(f"{path} was not written by mpfl report, so it is not replaced: move it, choose another "
+                            f"{flag}, or pass --force to replace it")
+
+
 def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None,
-                 skipped: dict[Path, str] | None = None) -> list[Path]:
+                 skipped: dict[Path, str] | None = None, force: bool = False) -> list[Path]:
     """Write report.md and its PNG plots into `out` (and the table as JSON if asked); return the files
-    written. `skipped` run directories are listed with the reason they were left out."""
+    written. `skipped` run directories are listed with the reason they were left out. A file in the way
+    that mpfl report did not write is refused before anything is written, unless `force`; its own earlier
+    report is refreshed."""
     if not runs:
         why = "".join(f"; {path}: {reason}" for path, reason in (skipped or {}).items())
         raise ConfigError(f"no finished runs to report on{why}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if json_path is not None:
+        json_path = Path(json_path)
+        _check_json_path(json_path)
     rows = table(runs)
+    text, plots = _markdown(runs, rows, out, skipped)
+    targets = [(out / REPORT_MD, _is_report_md, "--out"), *((png, _is_png, "--out") for png, _ in plots)]
+    _check_targets(targets + ([(json_path, _is_table_json, "--json path")] if json_path is not None else []), force)
+    for _, draw in plots:
+        draw()
+    atomic_write(out / REPORT_MD, text)
+    written = [out / REPORT_MD, *(png for png, _ in plots)]
+    if json_path is not None:
+        atomic_write(json_path, json.dumps(rows, indent=2) + "\n")
+        written.append(json_path)
+    return written
+
+
+def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
+              skipped: dict[Path, str] | None) -> tuple[str, list[tuple[Path, Callable[[], Path]]]]:
+    """The text of report.md, and the plots it shows: each plot's file in `out` and what draws it."""
     groups = group_runs(runs)
-    written: list[Path] = []
-    md = ["# mpfl report", "",
+    plots: list[tuple[Path, Callable[[], Path]]] = []
+    md = [HEADING, "",
           f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n "
           "distinct seeds of a group; runs of different runners are never averaged together. Rounds count mask-search "
           "and training rounds. Bytes vs FedAvg divides total bytes (up + down) by those of the dense FedAvg run with "
@@ -605,16 +688,11 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
             md += [f"No test accuracy recorded (no training round was evaluated), so not plotted: {'; '.join(blind)}.", ""]
         md += ["The pruned model on a device (the share of the dense model in brackets; training-round wall "
                "time relative to the matched FedAvg run):", "", to_markdown(here, DEVICE_COLUMNS)]
-        for name, png in _section_plots(mine, out, section):
-            written.append(png)
+        for name, png, draw in _section_plots(mine, out, section):
+            plots.append((png, draw))
             md += [f"![{name.replace('_', ' ')}, {', '.join(section)}]({png.name})", ""]
     md += _lost_nodes(runs)
     md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
     if skipped:
         md += ["## Skipped", ""] + [f"- `{path}`: {reason}" for path, reason in skipped.items()] + [""]
-    atomic_write(out / "report.md", "\n".join(md))
-    written.insert(0, out / "report.md")
-    if json_path is not None:
-        atomic_write(Path(json_path), json.dumps(rows, indent=2) + "\n")
-        written.append(Path(json_path))
-    return written
+    return "\n".join(md), plots
