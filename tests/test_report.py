@@ -1,6 +1,7 @@
 """`mpfl report` on short runs: the table's numbers against the run records, and each plot a valid PNG."""
 
 import json
+import os
 import shutil
 import struct
 
@@ -151,6 +152,20 @@ def test_a_repeated_seed_counts_once(mixed, tmp_path):
     assert row["n"] == 1 and row["n_runs"] == 2 and row["seeds"] == [0, 0]
     assert row["final_accuracy_std"] is None
     assert "| 1 (2 runs) |" in (tmp_path / "report.md").read_text()
+
+
+def test_a_run_still_going_is_skipped_as_running_not_as_one_to_resume(mixed, tmp_path, capsys):
+    fcntl = pytest.importorskip("fcntl")
+    fd = os.open(mixed / "unfinished" / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert main(["report", str(mixed / "unfinished"), str(mixed / "mlp-mpfl"), "--out", str(tmp_path)]) == 0
+    finally:
+        os.close(fd)
+        os.unlink(mixed / "unfinished" / ".lock")
+    err = capsys.readouterr().err
+    assert "still running (0 rounds recorded so far); report on it once it has finished" in err
+    assert "--resume" not in err
 
 
 def test_a_run_without_accuracy_and_an_unfinished_one_do_not_stop_the_report(mixed, tmp_path, capsys):

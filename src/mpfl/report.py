@@ -45,6 +45,7 @@ from .config import Config
 from .data import DATASETS
 from .errors import ConfigError, PathError, RunDirError
 from .files import atomic_write, refuse_link
+from .locks import refuse_if_locked
 from .methods import METHODS
 from .partition import PARTITIONS
 from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, read_rounds, read_summary
@@ -200,11 +201,16 @@ class Scan:
 
 
 def _unfinished(path: Path) -> str:
-    """Why an unfinished run directory is left out, with how far it got and how to finish it."""
+    """Why an unfinished run directory is left out, with how far it got and how to finish it (or that
+    a process is still running it)."""
     try:
         done = len(read_rounds(path))
     except (OSError, ValueError):
         done = 0
+    try:
+        refuse_if_locked(path)
+    except RunDirError:
+        return f"still running ({done} rounds recorded so far); report on it once it has finished"
     return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
 
 
