@@ -162,6 +162,12 @@ def test_a_round_left_without_replies_by_simulated_faults_says_which_and_warns_n
     assert "only 0 valid replies" in err and "simulates faults (--dropout = 1): lower them or --min-nodes" in err
 
 
+def test_a_diverged_run_says_to_lower_the_learning_rate(tmp_path, capsys):
+    assert main(["run", *SMALL, "--lr", "50", "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "refusing to encode NaN or Inf values" in err and "training diverged: lower the learning rate (--lr)" in err
+
+
 def test_exclude_takes_repeated_flags_and_commas(tmp_path):
     out = tmp_path / "run"
     assert main(["run", *SMALL, "--exclude", "1.weight", "--exclude", "3.*,1.*", "--out", str(out)]) == 0

@@ -248,7 +248,8 @@ def _to_int8(flat: np.ndarray) -> tuple[np.ndarray, np.float32]:
 def _quantize(flat: np.ndarray, dtype: str) -> tuple[np.ndarray, np.float32 | None]:
     """float32 values in their wire form: (array in the wire dtype, int8 scale or None)."""
     if not np.isfinite(flat).all():
-        raise PayloadError("refusing to encode NaN or Inf values (or values beyond the float32 range)")
+        raise PayloadError("refusing to encode NaN or Inf values (or values beyond the float32 range); weights "
+                           "like these mean training diverged: lower the learning rate (--lr) or --server-momentum")
     if dtype == "float16":
         return _to_float16(flat), None
     if dtype == "int8":
