@@ -143,6 +143,8 @@ def test_a_run_flag_given_to_partition_says_where_it_belongs(capsys):
     (["--partition", "shards", "--shards", "700"], "shards = 700 per node for --nodes = 3"),
     (["--exclude", "1.weight", "--exclude", "9.*"], "--exclude '9.*' matches no prunable layer"),
     (["--threads", "100000"], "--threads = 100000 must be <= 1024"),
+    (["--value-limit", "-1e3"], "--value-limit = -1000.0 must be > 0"),
+    (["--extrapolate", "-.5"], "--extrapolate = -0.5 must be > 0"),
     (["--mask-average-from", "3"], "--mask-average-from = 3 lies outside the 2 mask rounds"),
     (["--aggregator", "krum", "--byzantine", "3"], "--byzantine = 3 allows for at least as many malicious nodes"),
     (["--data-dir", __file__], "is a file; give the folder that holds the datasets"),

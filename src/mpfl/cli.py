@@ -360,10 +360,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    """`--flag -1e-3` as `--flag=-1e-3`: argparse takes only plain negative numbers as a flag's value and
+    reads one in exponent form as an unknown flag."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.match(token):
+            out[-1] += "=" + token
+        else:
+            out.append(token)
+    return out
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse a command line; unknown flags are refused by the subcommand with a suggestion."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     if unknown:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
         sub.error(f"unrecognized arguments: {' '.join(unknown)}.{_suggest(sub, unknown)}")
