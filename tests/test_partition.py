@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpfl.errors import ConfigError, DataError
-from mpfl.partition import PARTITIONS, Partition, format_summary, make_partition, summarize
+from mpfl.partition import MAX_SHARD_REMAINDER, PARTITIONS, Partition, format_summary, make_partition, summarize
 
 BALANCED = np.repeat(np.arange(10), 100)
 
@@ -118,6 +118,7 @@ def test_validation_split_sizes() -> None:
     ({"val_fraction": -0.1}, "val_fraction"),
     ({"scheme": "shards", "shards_per_node": 0}, "shards = 0 per node"),
     ({"scheme": "shards", "shards_per_node": 201}, "shards = 201 per node"),
+    ({"scheme": "shards", "shards_per_node": 35}, r"equal shards of 5 and leave 125 out \(12%\)"),
 ])
 def test_bad_parameters(kwargs: dict, phrase: str) -> None:
     args = {"num_nodes": 5, **kwargs}
@@ -155,6 +156,10 @@ def test_property_disjoint_and_covering(data: st.DataObject, scheme: str) -> Non
     val_fraction = data.draw(st.floats(0, 0.9))
     seed = data.draw(st.integers(0, 2**32 - 1))
     shards = data.draw(st.integers(1, len(labels) // nodes))
+    if scheme == "shards" and len(labels) % (nodes * shards) > MAX_SHARD_REMAINDER * len(labels):
+        with pytest.raises(ConfigError, match="use fewer shards or nodes, or more samples"):
+            make_partition(labels, nodes, scheme, shards_per_node=shards, val_fraction=val_fraction, seed=seed)
+        return
     p = make_partition(labels, nodes, scheme, shards_per_node=shards, val_fraction=val_fraction,
                        seed=seed, min_samples=0)
     assert p.num_nodes == nodes

@@ -87,6 +87,10 @@ def _val_count(n: int, val_fraction: float) -> int:
     return min(max(1, round(val_fraction * n)), n - 1)
 
 
+MAX_SHARD_REMAINDER = 0.1
+"""Most of the training samples equal shards may leave out (the remainder of the division) before a split is refused."""
+
+
 def _validate(labels: np.ndarray, num_nodes: int, scheme: str, alpha: float, shards_per_node: int,
               val_fraction: float, min_samples: int) -> None:
     """Raise ConfigError naming the first parameter that is out of range."""
@@ -108,6 +112,10 @@ def _validate(labels: np.ndarray, num_nodes: int, scheme: str, alpha: float, sha
     if scheme == "shards" and not 1 <= shards_per_node * num_nodes <= len(labels):
         raise ConfigError(f"shards = {shards_per_node} per node for nodes = {num_nodes} must be >= 1 and give at "
                           f"most {len(labels)} shards (the training samples); use fewer shards or nodes")
+    if scheme == "shards" and (left := len(labels) % (shards_per_node * num_nodes)) > MAX_SHARD_REMAINDER * len(labels):
+        raise ConfigError(f"shards = {shards_per_node} per node for nodes = {num_nodes} cut {len(labels)} training "
+                          f"samples into equal shards of {len(labels) // (shards_per_node * num_nodes)} and leave "
+                          f"{left} out ({left / len(labels):.0%}); use fewer shards or nodes, or more samples")
 
 
 def _dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, min_samples: int,
