@@ -207,8 +207,8 @@ class Server:
 
     def _fault_hint(self) -> str:
         """What to change when simulated faults left a round too few replies (nothing when none are set)."""
-        f = self.cfg.faults
-        rates = {"dropout": f.dropout, "straggler": f.straggler, "corrupt": f.corrupt}
+        faults = self.cfg.faults
+        rates = {"dropout": faults.dropout, "straggler": faults.straggler, "corrupt": faults.corrupt}
         set_rates = ", ".join(f"{name} = {rate:g}" for name, rate in rates.items() if rate > 0)
         if not set_rates:
             return ""
