@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 
 import matplotlib.image
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from conftest import tiny_config
 from mpfl.cli import main
 from mpfl.records import read_rounds, read_summary
-from mpfl.report import DPI, FIGSIZE, format_variant, group_runs, load_runs, precision_groups
+from mpfl.report import DPI, FIGSIZE, Group, format_variant, group_runs, load_runs, plot_ablation, precision_groups
 from mpfl.sim import simulate
 
 SEEDS = (0, 1)
@@ -82,6 +83,18 @@ def test_each_plot_is_a_png_of_the_expected_size(report, name):
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI)) == (840, 540)
     assert matplotlib.image.imread(out / name).shape[:2] == (height, width)
+
+
+@pytest.mark.parametrize("variants, height", [(3, 540), (30, None)])
+def test_an_ablation_plot_grows_with_its_variants_and_keeps_every_label(runs, tmp_path, variants, height):
+    run = load_runs([runs / "mpfl-0"])[0]
+    long = {"consensus": "histogram", "extrapolate": 1.0, "mask_average_from": 0, "core_share": 0.0}
+    groups = [Group([run], {})] + [Group([run], {**long, "seed_of_variant": i}) for i in range(variants - 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when the labels leave the axes no room
+        png = plot_ablation(groups, tmp_path / "ablation.png", "mnist, iid, mlp")
+    width, got = struct.unpack(">II", png.read_bytes()[16:24])
+    assert width == 840 and (got == height if height else got > 540)
 
 
 def test_a_single_run_directory_and_python_api(runs, tmp_path):

@@ -30,6 +30,7 @@ final federated evaluation (Flower runs) is reported apart, and the nodes a run 
 from __future__ import annotations
 
 import json
+import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from .partition import PARTITIONS
 from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
+ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller
 REPORT_MD, HEADING = "report.md", "# mpfl report"  # the report's file, and its first line (how a refresh knows it)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = frozenset({"method", "dataset", "partition", "runs"})  # keys of every JSON row mpfl report has written
@@ -548,9 +550,12 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
         ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,
                     markerfacecolor="white" if not g.variant else color)
         where = f" @ {g.first.summary['sparsity']:g}" if several and not g.first.reference else ""
-        labels.append(f"{g.first.method}{where}: {format_variant(g.variant) or 'baseline'}")
+        labels.append(textwrap.fill(f"{g.first.method}{where}: {format_variant(g.variant) or 'baseline'}",
+                                    ABLATION_LABEL_WIDTH))
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(-0.7, len(groups) - 0.3)
+    label_lines = sum(label.count("\n") + 1 for label in labels)
+    fig.set_size_inches(FIGSIZE[0], max(FIGSIZE[1], ABLATION_INCHES_PER_LINE * label_lines + 1.5))
     fig.savefig(path)
     return path
 
