@@ -42,6 +42,7 @@ def test_every_field_is_a_unique_flag():
         ({"prune": {"rewind": "init"}}, "only exist with rewind = 'none'; with rewind = 'init' also set train_init"),
         ({"data": {"partition": "dirichlet", "alpha": -1.0}}, "alpha = -1.0 must be > 0"),
         ({"train": {"init": "/no/such/file.pt"}}, "no such file"),
+        ({"train": {"init": "/"}}, "init = '/': is a folder; pass the path of a saved state_dict"),
         ({"train": 3}, r"\[train\] must be a table"),
         ({"nodes": True}, "nodes must be of type int"),
         ({"train": {"learning_rate": 0.1}}, "unknown config key 'train.learning_rate'. Did you mean 'train.lr'"),

@@ -439,8 +439,22 @@ def test_register_dataset(tmp_path: Path) -> None:
         load_dataset("broken")
 
 
+def test_registered_loaders_that_return_an_empty_split_or_nan_images_are_refused() -> None:
+    x, y = torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    register_dataset("no_test_split", lambda root: Dataset("t", x, y, x[:0], y[:0], 2))
+    register_dataset("nan_images", lambda root: Dataset("t", nan, y, x, y, 2))
+    with pytest.raises(DataError, match="returned no test samples; a run needs both splits"):
+        load_dataset("no_test_split")
+    with pytest.raises(DataError, match="returned x_train holding NaN or Inf values; fix the data"):
+        load_dataset("nan_images")
+
+
 def test_dataset_rejects_bad_tensors() -> None:
     x = torch.zeros(3, 1, 2, 2)
+    with pytest.raises(DataError, match="x_train must be a torch.Tensor, got ndarray; convert numpy arrays"):
+        Dataset("bad", x.numpy(), torch.zeros(3, dtype=torch.int64), x, torch.zeros(3, dtype=torch.int64), 2)
     with pytest.raises(DataError, match="float32"):
         Dataset("bad", x.double(), torch.zeros(3, dtype=torch.int64), x, torch.zeros(3, dtype=torch.int64), 2)
     with pytest.raises(DataError, match="labels outside 0..1"):

@@ -141,6 +141,22 @@ def test_register_model_adds_a_usable_model():
         register_model("mlp", tiny)
 
 
+def test_a_registered_model_with_the_wrong_outputs_is_refused_when_built():
+    def seven(input_shape, num_classes):
+        return nn.Sequential(nn.Flatten(), nn.Linear(input_shape[0] * input_shape[1] * input_shape[2], 7))
+
+    def flat_only(input_shape, num_classes):
+        return nn.Linear(784, num_classes)  # forgets to flatten (C, H, W) inputs
+
+    register_model("seven_outputs_test_model", seven)
+    register_model("flat_only_test_model", flat_only)
+    with pytest.raises(ModelError, match=r"returns \(2, 7\) for a batch of 2 inputs, but the run needs \(2, 10\)"):
+        build_model("seven_outputs_test_model", MNIST, 10)
+    assert build_model("seven_outputs_test_model", MNIST, 7).training  # fits a 7-class dataset, left in train mode
+    with pytest.raises(ModelError, match=r"fails on a batch of inputs of shape \(2, 1, 28, 28\): RuntimeError"):
+        build_model("flat_only_test_model", MNIST, 10)
+
+
 def test_same_seed_gives_identical_models():
     for name in ["mlp", "resnet18"]:
         torch.manual_seed(0)
@@ -300,7 +316,7 @@ def test_load_init_non_finite_value(tmp_path, bad):
         state["3.bias"][5] = bad
 
     model, before, path = mlp_file(tmp_path, edit)
-    with pytest.raises(ModelError, match="3.bias: contains NaN or Inf"):
+    with pytest.raises(ModelError, match="fits the model but holds NaN or Inf values in 3.bias; save weights"):
         load_init(model, path)
     assert_unchanged(model, before)
 

@@ -111,3 +111,34 @@ def test_installed_packages_announce_plugins_by_entry_point(tmp_path, monkeypatc
     assert "keep-support-test" not in RULES
     cfg = Config().with_overrides({"consensus": "keep-support-test"})
     assert cfg.prune.consensus == "keep-support-test"
+
+
+def test_a_method_that_breaks_its_contract_is_refused_with_what_it_must_do(tmp_path):
+    from mpfl.errors import MethodError
+    from mpfl.experiment import Experiment
+    from mpfl.methods import MaskedMethod, Method, register_method
+
+    @register_method
+    class NoMaskRound(MaskedMethod):
+        name = "no-mask-round-test"
+
+    @register_method
+    class SilentTraining(Method):
+        name = "silent-training-test"
+
+        def train_round(self, server, step):
+            return None
+
+    @register_method
+    class SilentMasks(MaskedMethod):
+        name = "silent-masks-test"
+
+        def mask_round(self, server, step, prev_density):
+            return None
+
+    with pytest.raises(MethodError, match=r"mask_round must return \(the Round of its exchange, the new mask, a dict"):
+        simulate(tiny_config(method="silent-masks-test"), tmp_path / "masks")
+    with pytest.raises(MethodError, match="plans mask rounds but defines no mask_round; define it"):
+        Experiment.from_config(tiny_config(method="no-mask-round-test"))
+    with pytest.raises(MethodError, match="train_round must return the Round of its exchange .* got NoneType"):
+        simulate(tiny_config(method="silent-training-test"), tmp_path / "run")

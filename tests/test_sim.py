@@ -8,7 +8,7 @@ from conftest import tiny_config
 from mpfl import codec
 from mpfl.core import masks
 from mpfl.core.aggregate import weighted_average
-from mpfl.errors import PayloadError, RoundError
+from mpfl.errors import ConfigError, PayloadError, RoundError, RunDirError
 from mpfl.experiment import Experiment
 from mpfl.methods import plan
 from mpfl.node import Node, make_trainer
@@ -450,3 +450,30 @@ def test_counting_averaged_rounds_from_the_end_is_the_same_run_as_naming_the_rou
     for other in runs[1:]:
         assert [r["bytes_up"] for r in other.records] == [r["bytes_up"] for r in runs[0].records]
         assert all(np.array_equal(a, b) for a, b in zip(other.weights, runs[0].weights))
+
+
+def test_simulate_refuses_what_is_not_a_config_or_an_experiment_of_another_config(tmp_path):
+    with pytest.raises(TypeError, match="simulate needs a mpfl.config.Config, got dict"):
+        simulate({"nodes": 3})
+    other = Experiment.from_config(tiny_config(model="cnn"))
+    with pytest.raises(ConfigError, match="experiment must be Experiment.from_config\\(cfg\\) for this very cfg"):
+        simulate(tiny_config(), tmp_path / "run", experiment=other)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_run_that_has_no_checkpoint_yet_needs_its_own_config(tmp_path):
+    out = tmp_path / "run"
+    started = tiny_config(lr=0.05)
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(started, out, on_round=stop, keep_checkpoint=True)
+    (out / "checkpoint.npz").unlink()
+    (out / "rounds.jsonl").unlink()
+    saved = (out / "config.toml").read_bytes()
+    with pytest.raises(RunDirError, match=r"was started with another config: train.lr = 0.3 \(config.toml: 0.05\)"):
+        simulate(tiny_config(lr=0.3), out, resume=True)
+    assert (out / "config.toml").read_bytes() == saved
+    assert simulate(started, out, resume=True).summary["rounds"] == len(plan(started))

@@ -156,7 +156,8 @@ class TrainConfig:
         if self.device is not None:
             check_device_name(self.device)
         if self.init is not None and not Path(self.init).is_file():
-            raise ConfigError(f"init = {self.init!r}: no such file; pass the path of a saved state_dict")
+            what = "is a folder" if Path(self.init).is_dir() else "no such file"
+            raise ConfigError(f"init = {self.init!r}: {what}; pass the path of a saved state_dict")
 
 
 @dataclass(frozen=True)

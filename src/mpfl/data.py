@@ -99,6 +99,10 @@ class Dataset:
     def __post_init__(self) -> None:
         """Reject tensors of the wrong shape, dtype or label range early, with the reason."""
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            for part, value in ((f"x_{split}", x), (f"y_{split}", y)):
+                if not isinstance(value, torch.Tensor):
+                    raise DataError(f"dataset {self.name!r}: {part} must be a torch.Tensor, got {type(value).__name__}; "
+                                    "convert numpy arrays with torch.from_numpy")
             if x.dtype != torch.float32 or x.dim() != 4:
                 raise DataError(f"dataset {self.name!r}: x_{split} must be float32 [N, C, H, W], "
                                 f"got {x.dtype} {tuple(x.shape)}")
@@ -181,7 +185,19 @@ def load_dataset(name: str, data_dir: str | Path | None = None, *, download: boo
     if not isinstance(dataset, Dataset):
         raise DataError(f"the loader registered for {DATASETS.canonical(name)!r} returned {type(dataset).__name__}, "
                         "not a Dataset")
+    _check_registered(dataset, DATASETS.canonical(name))
     return dataset
+
+
+def _check_registered(dataset: Dataset, key: str) -> None:
+    """Refuse what a user's loader may get wrong and the checks of `Dataset` cannot see: an empty split
+    (nothing to train or to evaluate on) or images holding NaN or Inf (training would diverge at once)."""
+    for split, x in (("train", dataset.x_train), ("test", dataset.x_test)):
+        if not len(x):
+            raise DataError(f"the loader registered for {key!r} returned no {split} samples; a run needs both splits")
+        if not torch.isfinite(x).all():
+            raise DataError(f"the loader registered for {key!r} returned x_{split} holding NaN or Inf values; "
+                            "fix the data or its normalisation")
 
 
 def dataset_files(name: str, data_dir: str | Path | None = None) -> list[Path] | None:

@@ -37,6 +37,11 @@ class PathError(MpflError):
     """A path cannot be used safely: a symbolic link where a file is written, a file where a folder is needed."""
 
 
+class MethodError(MpflError):
+    """A method (built in or a plug-in) breaks its contract: a hook its plan needs is missing, or a hook
+    returned something other than what the server expects."""
+
+
 class RunDirError(MpflError, ValueError):
     """A run directory cannot be continued: a file is damaged, belongs to another run, does not match the
     run's config, or another process is using the directory."""

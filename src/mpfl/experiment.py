@@ -71,6 +71,7 @@ class Experiment:
             load_init(model, cfg.train.init)
         _check_exclude(model, cfg.prune.exclude)
         method = method_of(cfg)
+        method.check_hooks()
         spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
         if not spec.prunable and method.prunes:
             raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "

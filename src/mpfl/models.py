@@ -111,7 +111,8 @@ def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
 
 MODELS: Registry[Factory] = registry("model")
 """Every buildable model: a factory `factory(input_shape, num_classes) -> nn.Module` per name."""
-for _name, _factory in (("mlp", _mlp), ("cnn", _cnn), ("lenet5", _lenet5), ("vgg11", _vgg11), ("resnet18", _resnet18)):
+BUILT_IN = (("mlp", _mlp), ("cnn", _cnn), ("lenet5", _lenet5), ("vgg11", _vgg11), ("resnet18", _resnet18))
+for _name, _factory in BUILT_IN:
     MODELS.register(_name, _factory)
 
 
@@ -142,7 +143,26 @@ def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int) 
     if not isinstance(model, nn.Module):
         got = type(model).__name__
         raise ModelError(f"factory for model {key!r} returned {got}, not a torch.nn.Module; make it return the network")
+    if MODELS.get(key) not in dict(BUILT_IN).values():
+        _check_outputs(model, key, shape, num_classes)
     return model
+
+
+def _check_outputs(model: nn.Module, key: str, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    """Refuse a registered model whose output for a batch is not (batch, num_classes) logits, before any run
+    trains it (the loss would fail later with a message about its targets). The model is left in train mode."""
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(2, *input_shape))
+    except Exception as exc:  # the model's own code: any failure means it cannot take these inputs
+        raise ModelError(f"model {key!r} fails on a batch of inputs of shape (2, {', '.join(map(str, input_shape))}): "
+                         f"{type(exc).__name__}: {exc}; make its forward take (batch, channels, height, width)") from None
+    finally:
+        model.train()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"model {key!r} returns {got} for a batch of 2 inputs, but the run needs (2, {num_classes}): "
+                         f"one logit per class of the dataset; make its last layer output {num_classes} values")
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -195,6 +215,7 @@ def load_init(model: nn.Module, path: str | Path) -> None:
     state = _read_state_dict(path)
     expected = model.state_dict()
     problems: list[str] = []
+    nonfinite: list[str] = []
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing:
@@ -210,10 +231,11 @@ def load_init(model: nn.Module, path: str | Path) -> None:
         elif want.is_floating_point() and not got.is_floating_point():
             problems.append(f"{k}: dtype {got.dtype} in the file, the model needs floating point ({want.dtype})")
         elif got.is_floating_point() and not torch.isfinite(got).all():
-            problems.append(f"{k}: contains NaN or Inf values")
+            nonfinite.append(k)
     if problems:
-        raise ModelError(
-            f"{path} does not fit the model:\n  " + "\n  ".join(problems)
-            + "\nuse weights saved from a model built with the same name, input shape and number of classes"
-        )
+        raise ModelError(f"{path} does not fit the model: " + "; ".join(problems)
+                         + ". Use weights saved from a model built with the same name, input shape and number of classes")
+    if nonfinite:
+        raise ModelError(f"{path} fits the model but holds NaN or Inf values in {_names(nonfinite)}; save weights that "
+                         "are all finite (those of a run whose training diverged are not)")
     model.load_state_dict(state, strict=True)

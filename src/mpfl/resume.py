@@ -85,11 +85,12 @@ def _flat(config: dict) -> dict:
     return flat
 
 
-def changes(saved: dict, current: dict) -> str:
-    """The fields on which two config dicts differ, as ``field = now (checkpoint: before)``."""
+def changes(saved: dict, current: dict, source: str = "checkpoint") -> str:
+    """The fields on which two config dicts differ, as ``field = now (checkpoint: before)``, naming where
+    the saved config comes from."""
     old, new = _flat(saved), _flat(current)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    shown = [f"{k} = {new.get(k, 'unset')!r} (checkpoint: {old.get(k, 'unset')!r})" for k in keys[:5]]
+    shown = [f"{k} = {new.get(k, 'unset')!r} ({source}: {old.get(k, 'unset')!r})" for k in keys[:5]]
     return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") if keys else "no field"
 
 
@@ -112,6 +113,10 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
         if len(recorded) > 1:
             raise RunDirError(f"{folder / ROUNDS_JSONL} holds {len(recorded)} rounds but {folder} has no {CHECKPOINT} "
                               "(removed?), so the run cannot continue from them; start a new run with --out NEW_DIR")
+        saved, asked = result_config(Config.from_toml(folder / CONFIG)), result_config(cfg)
+        if saved != asked:
+            raise RunDirError(f"the run in {folder} was started with another config: {changes(saved, asked, CONFIG)}; "
+                              f"resume it with the config in {folder / CONFIG}, or start a new run in another folder")
         return None
     meta = read_meta(folder)
     run = _run_info(folder, meta)

@@ -22,7 +22,7 @@ from .config import Config
 from .core import masks
 from .core.aggregate import robust_average
 from .core.params import Mask, ParamSpec, Weights
-from .errors import PayloadError, RoundError
+from .errors import MethodError, PayloadError, RoundError
 from .methods import method_of
 from .protocol import NodeFailure, Reply, Round, Step, Transport, bytes_sent
 from .seeds import Stream, rng
@@ -107,6 +107,9 @@ class Server:
             exchanged, metrics = self._mask_round(step)
         else:
             exchanged = self.method.train_round(self, step)
+            if not isinstance(exchanged, Round):
+                raise MethodError(f"method {self.cfg.method!r}: train_round must return the Round of its exchange "
+                                  f"(Server.exchange gives it), got {type(exchanged).__name__}")
             metrics = dict(exchanged.metrics)
         state = self.state
         state.bytes_up += exchanged.bytes_up
@@ -132,7 +135,11 @@ class Server:
         """The method's mask round, then the new mask version; the phase ends early once the mask stops changing."""
         state = self.state
         previous = state.mask
-        exchanged, new, extra = self.method.mask_round(self, step, masks.density(previous))
+        result = self.method.mask_round(self, step, masks.density(previous))
+        if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], Round)):
+            raise MethodError(f"method {self.cfg.method!r}: mask_round must return (the Round of its exchange, the new "
+                              f"mask, a dict of metrics), got {type(result).__name__}")
+        exchanged, new, extra = result
         changed = masks.hamming(previous, new)
         self.adopt_mask(step, new)
         self.method.after_mask(self, step, new)

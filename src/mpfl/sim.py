@@ -112,6 +112,12 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     process is refused at once. The checkpoint is removed when the run ends, unless
     `keep_checkpoint`. Each record's `elapsed` and the summary's `wall_time` add up the seconds of
     every invocation of the run."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"simulate needs a mpfl.config.Config, got {type(cfg).__name__}; build one with Config(), "
+                        "Config.from_toml(path) or Config().with_overrides({...})")
+    if experiment is not None and (not isinstance(experiment, Experiment) or experiment.cfg != cfg):
+        raise ConfigError("experiment must be Experiment.from_config(cfg) for this very cfg (it holds the data split, "
+                          "model and initial weights the run trains); build it from cfg, or leave it out")
     if out is None:
         if resume:
             raise ConfigError("resuming a run needs its run directory")

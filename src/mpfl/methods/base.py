@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from .. import codec
 from ..core.masks import CRITERIA, Mask, target_density
+from ..errors import MethodError
 from ..protocol import TASK_TRAIN, Round, Step
 
 if TYPE_CHECKING:
@@ -120,7 +121,13 @@ class Method:
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, Mask, dict]:
         """One mask-phase round: the exchange, the new mask (a subset of the current one) and metrics."""
-        raise NotImplementedError(f"method {self.name!r} plans mask rounds but has no mask_round")
+        raise MethodError(f"method {self.name!r} plans mask rounds but defines no mask_round")
+
+    def check_hooks(self) -> None:
+        """Refuse, before a run starts, a method whose plan has mask rounds but that defines no `mask_round`."""
+        if type(self).mask_round is Method.mask_round and any(s.phase == "mask" for s in self.plan()):
+            raise MethodError(f"method {self.name!r} plans mask rounds but defines no mask_round; define it (as "
+                              "mpfl.methods.mpfl.Mpfl does) or plan no mask rounds")
 
     def after_mask(self, server: Server, step: Step, mask: Mask) -> None:
         """The global weights once `mask` is agreed: w0 masked by it."""
