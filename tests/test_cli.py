@@ -57,6 +57,30 @@ def test_flags_replace_bad_values_of_the_file_and_errors_about_the_file_name_it(
     assert not (tmp_path / "r").exists()
 
 
+def test_resuming_from_another_folder_says_where_relative_paths_are_read(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from mpfl.models import build_model
+    from mpfl.sim import simulate
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_model("mlp", (1, 28, 28), 10).state_dict(), "init.pt")
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        simulate(Config().with_overrides({"init": "init.pt", "nodes": 3, "train_samples": 900, "test_samples": 100,
+                                          "mask_rounds": 1, "rounds": 1}), tmp_path / "run", on_round=stop)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["run", "--resume", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "init = 'init.pt': no such file" in err and "names 'init.pt' relative to the folder the run was started in" in err
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
+
+
 def test_an_existing_run_directory_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -113,7 +113,21 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     if not (out / CONFIG).is_file():
         raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
     check_run_dir(out, resume=True)
-    return Config.from_toml(out / CONFIG), out
+    try:
+        return Config.from_toml(out / CONFIG), out
+    except ConfigError as exc:
+        raise type(exc)(f"{exc}{_relative_paths_hint(out / CONFIG)}") from None
+
+
+def _relative_paths_hint(path: Path) -> str:
+    """A hint for a saved config whose relative file paths (--init, --plugins files) do not resolve here."""
+    data = Config.read_toml(path)
+    files = [data.get("train", {}).get("init")] + [p for p in data.get("plugins", []) if str(p).endswith(".py")]
+    relative = [p for p in files if isinstance(p, str) and not Path(p).is_absolute()]
+    if not relative:
+        return ""
+    return (f" ({path} names {', '.join(map(repr, relative))} relative to the folder the run was started in: "
+            f"resume from that folder)")
 
 
 def _steps_done(out: Path) -> int:
