@@ -69,6 +69,21 @@ def test_a_config_names_its_plugins_so_the_method_is_known_when_it_is_built(tmp_
     assert cfg.method == "solo-test" and "solo-test" in METHODS
 
 
+def test_a_plugin_file_the_script_imported_itself_is_not_run_twice(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "own_plugin_test.py").write_text(
+        "from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Local\n\n"
+        "@register_method\nclass Own(Local):\n    name = 'own-plugin-test'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "own_plugin_test", raising=False)
+    importlib.import_module("own_plugin_test")  # as `import own_plugin_test` in a user's script
+    cfg = Config().with_overrides({"method": "own-plugin-test", "plugins": str(tmp_path / "own_plugin_test.py")})
+    assert cfg.method == "own-plugin-test" and METHODS.get("own-plugin-test") is sys.modules["own_plugin_test"].Own
+    monkeypatch.delitem(sys.modules, "own_plugin_test")
+
+
 def test_registries_share_one_name_rule_and_one_error():
     reg: Registry[int] = Registry("widget")
     reg.register(" Big-One ", 1, aliases=("big",))

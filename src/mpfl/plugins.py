@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import ConfigError
 
 ENTRY_POINT_GROUP = "mpfl.plugins"
+_MODULE_PREFIX = "mpfl_plugin_"
 _loaded: set[str] = set()
 
 
@@ -47,6 +48,16 @@ def _is_path(name: str) -> bool:
     return name.endswith(".py") or "/" in name or "\\" in name
 
 
+def _already_imported(path: Path) -> bool:
+    """Whether a script imported the file itself (``import mymethod``) before naming it as a plug-in: running it
+    again would register its names twice. (Files this module imported are tracked by `_loaded`.)"""
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not name.startswith(_MODULE_PREFIX) and file is not None and Path(file).resolve() == path:
+            return True
+    return False
+
+
 def _import(name: str) -> None:
     """Import a module by name, or a `.py` file by path, turning any failure into a ConfigError."""
     try:
@@ -56,7 +67,9 @@ def _import(name: str) -> None:
         path = Path(name).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"no such file {str(path)!r}")
-        module_name = f"mpfl_plugin_{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        if _already_imported(path):
+            return
+        module_name = f"{_MODULE_PREFIX}{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[module_name] = module
