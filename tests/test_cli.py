@@ -55,6 +55,10 @@ def test_flags_replace_bad_values_of_the_file_and_errors_about_the_file_name_it(
     err = capsys.readouterr().err
     assert f"lr = -5.0 must be > 0 (set in the config file {str(path)!r})" in err.replace("\n", " ")
     assert not (tmp_path / "r").exists()
+    path.write_text("rounds = 20\n")  # "rounds" also appears in the message below, which is about a flag
+    assert main(["run", "--config", str(path), *SMALL, "--mask-average-from", "-9", "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--mask-average-from = -9 counts back past the first of 2 mask rounds" in err and "config file" not in err
 
 
 def test_resuming_from_another_folder_says_where_relative_paths_are_read(tmp_path, capsys, monkeypatch):
@@ -169,7 +173,7 @@ def test_a_run_flag_given_to_partition_says_where_it_belongs(capsys):
     (["--threads", "100000"], "--threads = 100000 must be <= 1024"),
     (["--value-limit", "-1e3"], "--value-limit = -1000.0 must be > 0"),
     (["--extrapolate", "-.5"], "--extrapolate = -0.5 must be > 0"),
-    (["--mask-average-from", "3"], "--mask-average-from = 3 lies outside the 2 mask rounds"),
+    (["--layer-floor", "0.5"], "--layer-floor = 0.5 keeps more of every layer than sparsity = 0.9 leaves"),
     (["--aggregator", "krum", "--byzantine", "3"], "--byzantine = 3 allows for at least as many malicious nodes"),
     (["--data-dir", __file__], "is a file; give the folder that holds the datasets"),
 ])

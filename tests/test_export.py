@@ -206,3 +206,11 @@ def test_a_run_still_going_is_refused_with_when_to_export_it(structured_run, tmp
     message = " ".join(capsys.readouterr().err.split())
     assert "still going" in message and "export it once it has finished" in message
     assert not (run / "export").exists()
+
+
+def test_a_scratch_folder_left_by_a_killed_export_neither_blocks_nor_stays(structured_run, tmp_path):
+    out = tmp_path / "exp"
+    (out / ".export-killed.tmp").mkdir(parents=True)
+    (out / ".export-killed.tmp" / "model.pt").write_bytes(b"half")
+    export_run(structured_run.run_dir, out, formats=["state_dict"], repeats=2)
+    assert {p.name for p in out.iterdir()} == {"model.pt", "mask.bin", "export.json"}

@@ -477,3 +477,11 @@ def test_resuming_a_run_that_has_no_checkpoint_yet_needs_its_own_config(tmp_path
         simulate(tiny_config(lr=0.3), out, resume=True)
     assert (out / "config.toml").read_bytes() == saved
     assert simulate(started, out, resume=True).summary["rounds"] == len(plan(started))
+
+
+def test_a_layer_floor_that_makes_the_sparsity_unreachable_is_refused_for_pruning_methods_only():
+    Experiment.from_config(tiny_config(sparsity=0.9, layer_floor=0.1))  # exactly the target density: allowed
+    Experiment.from_config(tiny_config(sparsity=0.9, layer_floor=0.5, scope="layer"))  # no floor in layer scope
+    Experiment.from_config(tiny_config(method="fedavg", sparsity=0.995))  # fedavg never prunes
+    with pytest.raises(ConfigError, match=r"layer_floor = 0.01 keeps more of every layer than sparsity = 0.995"):
+        Experiment.from_config(tiny_config(sparsity=0.995))

@@ -7,7 +7,7 @@ import pytest
 import mpfl.sim
 from mpfl.cli import main
 from mpfl.config import Config
-from mpfl.errors import ConfigError, RoundError
+from mpfl.errors import ConfigError, PathError, RoundError
 from mpfl.records import read_summary
 from mpfl.study import PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique
 
@@ -45,6 +45,15 @@ def test_a_second_invocation_skips_finished_cells(study, monkeypatch):
     again = run_study(CELLS, out, quiet=True)
     assert calls == [] and again.ran == [] and len(again.skipped) == len(CELLS)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == mtimes
+
+
+def test_a_report_file_of_the_user_in_the_study_folder_is_refused_before_any_cell_runs(tmp_path, monkeypatch):
+    (tmp_path / "report.md").write_text("my notes\n")
+    calls = counting(monkeypatch)
+    with pytest.raises(PathError, match="report.md was not written by mpfl report, so it is not replaced"):
+        run_study(CELLS, tmp_path, quiet=True)
+    assert calls == [] and (tmp_path / "report.md").read_text() == "my notes\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
 def test_an_unfinished_cell_is_moved_aside_and_run_again(tmp_path):

@@ -88,10 +88,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def _names_file_value(message: str, data: dict, flags: Iterable[str]) -> bool:
-    """Whether an error `message` names a key the config file sets and no flag replaces."""
+    """Whether an error `message` is about a key the config file sets and no flag replaces: it names the key
+    as the validators do (``key = value``, ``[section.]key must``, or ``'[section.]key'``)."""
     keys = {key for key, value in data.items() if not isinstance(value, dict)}
     keys |= {key for value in data.values() if isinstance(value, dict) for key in value}
-    return any(re.search(rf"(?<![\w-]){re.escape(key)}\b", message) for key in keys - set(flags))
+    section = rf"(?:(?:{'|'.join(SECTIONS)})\.)?"
+    return any(re.search(rf"(?<![\w.-]){section}{re.escape(key)}(?= = | must )|'{section}{re.escape(key)}'", message)
+               for key in keys - set(flags))
 
 
 def name_flags(message: str, names: Iterable[str]) -> str:
@@ -120,10 +123,12 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
 
 
 def _relative_paths_hint(path: Path) -> str:
-    """A hint for a saved config whose relative file paths (--init, --plugins files) do not resolve here."""
+    """A hint for a saved config whose relative file paths (--init, --plugins files) do not resolve from here."""
     data = Config.read_toml(path)
-    files = [data.get("train", {}).get("init")] + [p for p in data.get("plugins", []) if str(p).endswith(".py")]
-    relative = [p for p in files if isinstance(p, str) and not Path(p).is_absolute()]
+    train, plugins = data.get("train"), data.get("plugins")
+    files = [train.get("init")] if isinstance(train, dict) else []
+    files += [p for p in plugins if str(p).endswith(".py")] if isinstance(plugins, list) else []
+    relative = [p for p in files if isinstance(p, str) and not Path(p).is_absolute() and not Path(p).exists()]
     if not relative:
         return ""
     return (f" ({path} names {', '.join(map(repr, relative))} relative to the folder the run was started in: "
@@ -249,7 +254,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             print(f"missing data: {name} is not in {where}; it is downloaded when the study starts if this machine "
                   f"is online" + (f", or run without it: --datasets {','.join(present)}" if present else ""))
         return 0
-    result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet)
+    result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet, force=args.force)
     print(f"ran {len(result.ran)}, already done {len(result.skipped)}, failed {len(result.failed)}")
     return 1 if result.failed else 0
 
@@ -347,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--dry-run", action="store_true",
                        help="list the cells, their estimated time and any missing data; run nothing")
     study.add_argument("--quiet", action="store_true", help="no progress display")
+    study.add_argument("--force", action="store_true",
+                       help="replace a report.md or plot in the study folder that mpfl report did not write")
     study.set_defaults(func=cmd_study)
     return parser
 

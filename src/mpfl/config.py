@@ -215,17 +215,12 @@ class PruneConfig:
                               "with rewind = 'none'; with rewind = 'init' also set train_init = 'rewind'")
         _range("warmup_rounds", self.warmup_rounds, 0)
         _range("layer_floor", self.layer_floor, 0, 1)
-        if self.scope == "global" and self.layer_floor > 1 - self.sparsity:
-            raise ConfigError(f"layer_floor = {self.layer_floor} keeps more of every layer than sparsity = "
-                              f"{self.sparsity} leaves of the model ({1 - self.sparsity:.4g}); lower --layer-floor "
-                              f"or --sparsity")
         _range("saliency_batches", self.saliency_batches, 1)
         _range("mask_epochs", self.mask_epochs, 1)
         _range("extrapolate", self.extrapolate, 0, lo_open=True)
-        if self.mask_average_from is not None and not -self.mask_rounds <= self.mask_average_from <= self.mask_rounds:
-            raise ConfigError(f"mask_average_from = {self.mask_average_from} lies outside the {self.mask_rounds} mask "
-                              f"rounds; use a round number 1 .. {self.mask_rounds}, -1 .. -{self.mask_rounds} counted "
-                              f"from the end, or 0 for never")
+        if self.mask_average_from is not None and self.mask_average_from < -self.mask_rounds:
+            raise ConfigError(f"mask_average_from = {self.mask_average_from} counts back past the first of "
+                              f"{self.mask_rounds} mask rounds; use -1 .. -{self.mask_rounds}, a round number or 0")
         _range("core_share", self.core_share, 0, 1)
         if self.mask_fraction is not None:
             _range("mask_fraction", self.mask_fraction, 0, 1, lo_open=True)

@@ -41,6 +41,15 @@ def _check_exclude(model: nn.Module, patterns: tuple[str, ...]) -> None:
                           f"its prunable layers are {', '.join(layers)}")
 
 
+def _check_layer_floor(cfg: Config, prunes: bool) -> None:
+    """Refuse a global-scope pruning run whose per-layer floor keeps more than the target density allows:
+    every layer would keep at least `layer_floor`, so the requested sparsity could not be reached."""
+    p = cfg.prune
+    if prunes and p.scope == "global" and p.layer_floor > (1 - p.sparsity) + 1e-9:
+        raise ConfigError(f"layer_floor = {p.layer_floor} keeps more of every layer than sparsity = {p.sparsity} "
+                          f"leaves of the model ({1 - p.sparsity:.4g}); lower --layer-floor or --sparsity")
+
+
 @dataclass
 class Experiment:
     """The built pieces of a run."""
@@ -72,6 +81,7 @@ class Experiment:
         _check_exclude(model, cfg.prune.exclude)
         method = method_of(cfg)
         method.check_hooks()
+        _check_layer_floor(cfg, method.prunes)
         spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
         if not spec.prunable and method.prunes:
             raise ConfigError(f"no prunable layers left in model {cfg.train.model!r} after exclude = "

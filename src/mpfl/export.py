@@ -24,6 +24,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "
 FORMATS = tuple(FILES)
 OWNED = (EXPORT_JSON, MASK_FILE, *FILES.values())
 """Every file an export writes, export.json first: what an export with `force` replaces or removes."""
+SCRATCH_PREFIX = ".export-"
 MAX_LATENCY_BATCH = 4096
 """Most samples per timed forward pass: devices run small batches, and a big model (resnet18 on 32x32 images)
 would need tens of GB for a much larger one."""
@@ -179,7 +181,7 @@ def export_folder(out: Path, *, force: bool = False) -> Path:
         raise ExportError(f"{out} is a symbolic link to a missing folder; create that folder or choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and any(not _is_scratch(p) for p in out.iterdir()) and not force:
         raise ExportError(f"{out} already holds files (an earlier export?); pass --force to replace them, "
                           "or choose another --out")
     try:
@@ -187,6 +189,11 @@ def export_folder(out: Path, *, force: bool = False) -> Path:
     except OSError as exc:
         raise ExportError(f"cannot create the export folder {out}: {exc.strerror}; choose another --out") from None
     return out
+
+
+def _is_scratch(path: Path) -> bool:
+    """Whether `path` is a scratch folder an export makes while it writes (one left behind was killed)."""
+    return path.name.startswith(SCRATCH_PREFIX) and path.is_dir() and not path.is_symlink()
 
 
 def _missing_folders(out: Path) -> list[Path]:
@@ -209,19 +216,25 @@ def _earlier_files(out: Path) -> list[str]:
 
 def _commit(stage: Path, out: Path, earlier: Sequence[str]) -> None:
     """Move the files staged in `stage` (export.json last) into `out` in place of every file of the earlier export, so
-    that `out` holds this export alone; if a move fails, every file goes back where it was."""
+    that `out` holds this export alone; if a move fails, every file goes back where it was (and if even that fails,
+    the earlier files are kept in a folder the error names)."""
     new = sorted((p.name for p in stage.iterdir()), key=lambda name: name == EXPORT_JSON)
-    aside = stage / ".earlier"
-    aside.mkdir()
+    aside = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX + "earlier-", dir=out))
     done: list[tuple[Path, Path]] = []
     try:
         for src, dst in [(out / n, aside / n) for n in earlier] + [(stage / n, out / n) for n in new]:
             os.replace(src, dst)
             done.append((src, dst))
     except BaseException:
-        for src, dst in reversed(done):
-            os.replace(dst, src)
+        try:
+            for src, dst in reversed(done):
+                os.replace(dst, src)
+        except OSError as exc:
+            raise ExportError(f"the export failed while moving its files into place, and putting the earlier export "
+                              f"back failed too ({exc.strerror}); its files are in {aside}") from exc
+        aside.rmdir()
         raise
+    shutil.rmtree(aside)
     sync_folder(out)
 
 
@@ -233,7 +246,9 @@ def _staged(out: Path, force: bool) -> Iterator[Path]:
     try:
         export_folder(out, force=force)
         earlier = _earlier_files(out)
-        with tempfile.TemporaryDirectory(prefix=".export-", suffix=".tmp", dir=out) as scratch:
+        for stale in [p for p in out.iterdir() if _is_scratch(p) and p.name.endswith(".tmp")]:
+            shutil.rmtree(stale)  # left by an export that was killed while it wrote
+        with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, suffix=".tmp", dir=out) as scratch:
             yield Path(scratch)
             _commit(Path(scratch), out, earlier)
     except BaseException:

@@ -652,12 +652,25 @@ def _check_targets(targets: Sequence[tuple[Path, Callable[[Path], bool], str]], 
                             f"{flag}, or pass --force to replace it")
 
 
+PLOT_NAMES = ("accuracy_vs_round", "accuracy_vs_bytes", "accuracy_vs_sparsity", "ablation")
+
+
+def check_report_folder(out: str | Path, *, force: bool = False) -> None:
+    """Refuse, before a long job such as a study runs, a report folder where the report would replace a
+    report.md or a plot that mpfl report did not write (which `write_report` would refuse at the end)."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    plots = [path for name in PLOT_NAMES for path in sorted(out.glob(f"{name}-*.png"))]
+    _check_targets([(out / REPORT_MD, _is_report_md, "--out"), *((png, _is_png, "--out") for png in plots)], force)
+
+
 def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None,
                  skipped: dict[Path, str] | None = None, force: bool = False) -> list[Path]:
     """Write report.md and its PNG plots into `out` (and the table as JSON if asked); return the files
     written. `skipped` run directories are listed with the reason they were left out. A file in the way
-    that mpfl report did not write is refused before anything is written, unless `force`; its own earlier
-    report is refreshed."""
+    that mpfl report did not write is refused before any file is written (only `out` may have been
+    created), unless `force`; its own earlier report is refreshed."""
     if not runs:
         why = "".join(f"; {path}: {reason}" for path, reason in (skipped or {}).items())
         raise ConfigError(f"no finished runs to report on{why}")

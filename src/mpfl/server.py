@@ -207,7 +207,8 @@ class Server:
         if len(exchanged.replies) < self.cfg.min_nodes:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
-                             f"than min_nodes = {self.cfg.min_nodes}. {detail}{self._fault_hint()}")
+                             f"than min_nodes = {self.cfg.min_nodes}" + "".join(f". {part}" for part in
+                                                                              (detail, self._fault_hint()) if part))
         cap = self.count_cap()
         exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         return exchanged
@@ -219,7 +220,7 @@ class Server:
         set_rates = ", ".join(f"{name} = {rate:g}" for name, rate in rates.items() if rate > 0)
         if not set_rates:
             return ""
-        return f". The run simulates faults ({set_rates}): lower them or --min-nodes"
+        return f"The run simulates faults ({set_rates}): lower them or --min-nodes"
 
     def check_values(self, body: codec.Body) -> None:
         """Refuse checksum-valid values no honest node sends: beyond ±robust.value_limit."""

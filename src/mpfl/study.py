@@ -274,14 +274,17 @@ def _check_datasets(names: set[str], data_dir: str | None) -> None:
 
 
 def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = None, console: Console | None = None,
-              quiet: bool = False, report: bool = True) -> StudyResult:
-    """Run every cell not yet done into `out/<cell name>`, then write the study's report into `out`."""
-    from .report import load_runs, write_report
+              quiet: bool = False, report: bool = True, force: bool = False) -> StudyResult:
+    """Run every cell not yet done into `out/<cell name>`, then write the study's report into `out` (a report.md
+    or plot there that mpfl report did not write is refused before any cell runs, unless `force`)."""
+    from .report import check_report_folder, load_runs, write_report
 
     console = console or Console(stderr=True)
     out = Path(out)
     planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
     _check_datasets({cfg.data.dataset for _, cfg, path in planned if cell_status(path) != "done"}, data_dir)
+    if report:
+        check_report_folder(out, force=force)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "study.json", json.dumps(
         [{"name": path.name, "group": cell.group, "overrides": cell.overrides} for cell, _, path in planned], indent=2))
@@ -300,7 +303,7 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
         console.print(f"[red]{len(result.failed)} cells failed:[/] " + ", ".join(p.name for p in result.failed))
     finished = [path for _, _, path in planned if cell_status(path) == "done"]
     if report and finished:
-        result.report = write_report(load_runs(finished), out)
+        result.report = write_report(load_runs(finished), out, force=force)
         console.print(f"report: {result.report[0]}")
     return result
 
