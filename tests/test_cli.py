@@ -261,6 +261,17 @@ def test_without_a_terminal_each_round_is_a_line_on_stderr_and_the_summary_goes_
     assert "acc " in rounds[-1] and "density 0.100" in rounds[-1]
 
 
+def test_more_threads_than_cores_gets_a_note(tmp_path):
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    loud = [a for a in SMALL if a not in ("--quiet",)]
+    done = _run("run", *loud, "--threads", str(cores + 1), "--rounds", "0", "--mask-rounds", "1",
+                "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert f"note: --threads {cores + 1} is more than the {cores} cores" in " ".join(done.stderr.split())
+
+
 def test_json_log_format_for_machines(tmp_path):
     loud = [a for a in SMALL if a != "--quiet"]
     done = _run("run", *loud, "--log-format", "json", "--out", str(tmp_path / "run"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -191,6 +192,10 @@ def _print_start(cfg: Config, out: Path, log_format: str) -> None:
         return
     text = " ".join(f"{k}={v}" for k, v in shown.items()) + f" -> {out}"
     console.print("[bold]mpfl run[/] " + escape(text), highlight=False)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg.threads > cores:
+        console.print(f"note: --threads {cfg.threads} is more than the {cores} cores this process may use; torch "
+                      "slows down sharply when its threads outnumber the cores", highlight=False)
 
 
 def _both(first: Callable[[dict], None], second: Callable[[dict], None]) -> Callable[[dict], None]:
