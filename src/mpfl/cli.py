@@ -93,17 +93,22 @@ def _names_file_value(message: str, data: dict, flags: Iterable[str]) -> bool:
     as the validators do (``key = value``, ``[section.]key must``, or ``'[section.]key'``)."""
     keys = {key for key, value in data.items() if not isinstance(value, dict)}
     keys |= {key for value in data.values() if isinstance(value, dict) for key in value}
-    section = rf"(?:(?:{'|'.join(SECTIONS)})\.)?"
-    return any(re.search(rf"(?<![\w.-]){section}{re.escape(key)}(?= = | must )|'{section}{re.escape(key)}'", message)
-               for key in keys - set(flags))
+    return any(re.search(rf"{_mentioned(key)}|'{_SECTION}{re.escape(key)}'", message) for key in keys - set(flags))
+
+
+_SECTION = rf"(?:(?:{'|'.join(SECTIONS)})\.)?"
+
+
+def _mentioned(name: str) -> str:
+    """The pattern of a field as validators name it in a message: ``[section.]name = ...`` or ``... must``."""
+    return rf"(?<![\w.-]){_SECTION}{re.escape(name)}(?= = | must )"
 
 
 def name_flags(message: str, names: Iterable[str]) -> str:
     """An error message with the config fields set on the command line named as their flags
     (``train.lr must be ...`` -> ``--lr must be ...``), so it points at what the user typed."""
-    sections = "|".join(SECTIONS)
     for name in names:
-        message = re.sub(rf"(?<![\w.-])(?:(?:{sections})\.)?{name}(?= = | must )", _flag(name), message)
+        message = re.sub(_mentioned(name), _flag(name), message)
     return message
 
 

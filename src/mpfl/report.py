@@ -55,6 +55,7 @@ FIGSIZE, DPI = (7.0, 4.5), 120
 ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller
 REPORT_MD, HEADING = "report.md", "# mpfl report"  # the report's file, and its first line (how a refresh knows it)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOT_NAMES = ("accuracy_vs_round", "accuracy_vs_bytes", "accuracy_vs_sparsity", "ablation")  # each section's plots
 ROW_KEYS = frozenset({"method", "dataset", "partition", "runs"})  # keys of every JSON row mpfl report has written
 # Fields shown in their own columns (or meaningless across runs), never listed as a variant.
 SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "model", "seed", "data_dir", "threads",
@@ -585,14 +586,15 @@ def _section_plots(groups: Sequence[Group], out: Path,
     groups = [g for g in groups if _has_accuracy(g)]
     curve_groups, main = _curve_groups(groups) if groups else ([], None)
     title = _title_suffix(where, main)
-    plots = [(plot_accuracy_vs_round, "accuracy_vs_round", curve_groups, title),
-             (plot_accuracy_vs_bytes, "accuracy_vs_bytes", curve_groups + precision_groups(groups, main), title),
-             (plot_accuracy_vs_sparsity, "accuracy_vs_sparsity", [g for g in groups if not g.variant],
+    by_round, by_bytes, by_sparsity, variants = PLOT_NAMES
+    plots = [(plot_accuracy_vs_round, by_round, curve_groups, title),
+             (plot_accuracy_vs_bytes, by_bytes, curve_groups + precision_groups(groups, main), title),
+             (plot_accuracy_vs_sparsity, by_sparsity, [g for g in groups if not g.variant],
               _title_suffix(where, None))]
     if ablation := _ablation_groups(groups):
         pruned = {g.first.summary["sparsity"] for g in ablation if not g.first.reference}
         shared = pruned.pop() if len(pruned) == 1 else None
-        plots.append((plot_ablation, "ablation", ablation, _title_suffix(where, shared)))
+        plots.append((plot_ablation, variants, ablation, _title_suffix(where, shared)))
     files = {name: out / f"{name}-{_slug(*section)}.png" for _, name, _, _ in plots}
     return [(name, files[name], partial(plot, chosen, files[name], plot_title))
             for plot, name, chosen, plot_title in plots if chosen]
@@ -652,17 +654,19 @@ def _check_targets(targets: Sequence[tuple[Path, Callable[[Path], bool], str]], 
                             f"{flag}, or pass --force to replace it")
 
 
-PLOT_NAMES = ("accuracy_vs_round", "accuracy_vs_bytes", "accuracy_vs_sparsity", "ablation")
-
-
 def check_report_folder(out: str | Path, *, force: bool = False) -> None:
     """Refuse, before a long job such as a study runs, a report folder where the report would replace a
     report.md or a plot that mpfl report did not write (which `write_report` would refuse at the end)."""
     out = Path(out)
     if not out.is_dir():
         return
-    plots = [path for name in PLOT_NAMES for path in sorted(out.glob(f"{name}-*.png"))]
-    _check_targets([(out / REPORT_MD, _is_report_md, "--out"), *((png, _is_png, "--out") for png in plots)], force)
+    _check_targets(_folder_targets(out, [png for name in PLOT_NAMES for png in sorted(out.glob(f"{name}-*.png"))]),
+                   force)
+
+
+def _folder_targets(out: Path, pngs: Sequence[Path]) -> list[tuple[Path, Callable[[Path], bool], str]]:
+    """The report's files in `out` (report.md and the given plots), each with how to tell one mpfl report wrote."""
+    return [(out / REPORT_MD, _is_report_md, "--out"), *((png, _is_png, "--out") for png in pngs)]
 
 
 def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path | None = None,
@@ -681,7 +685,7 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
         _check_json_path(json_path)
     rows = table(runs)
     text, plots = _markdown(runs, rows, out, skipped)
-    targets = [(out / REPORT_MD, _is_report_md, "--out"), *((png, _is_png, "--out") for png, _ in plots)]
+    targets = _folder_targets(out, [png for png, _ in plots])
     _check_targets(targets + ([(json_path, _is_table_json, "--json path")] if json_path is not None else []), force)
     for _, draw in plots:
         draw()
