@@ -2,7 +2,8 @@
 engine, and peak resident memory.
 
     python benchmarks/speed.py [--quick] [--json PATH] [--threads N] [--only overhead|flower|memory|device]
-                               [--device cpu|cuda|cuda:N|mps|auto ...]
+                               [--device cpu|cuda|cuda:N|mps|auto ...] [--model mlp|cnn|lenet5|vgg11|resnet18 ...]
+                               [--data-dir DIR]
 
 1. Overhead (``overhead_cnn``, ``overhead_mlp``): the wall time of an MPFL run on the in-process
    simulator divided by the time of the same local training steps in a bare torch loop. The run:
@@ -30,11 +31,16 @@ engine, and peak resident memory.
 3. Memory (``peak_rss_mib_10_nodes``, ``peak_rss_mib_100_nodes``): peak resident set size of a
    fresh process running an MPFL cnn run on all of MNIST (2 mask rounds, 1 training round).
 
-4. Devices (``devices``): for each ``--device`` (repeatable; default cpu), one MPFL run of the
-   overhead configuration (mlp and cnn; mlp alone with --quick) on that device: rounds per second and local training samples
-   per second (every sample each asked node trains on, per epoch, mask rounds included), from the
-   start of `simulate` with the data and model already on the device. A device this machine lacks
-   stops the benchmark with the run's own error.
+4. Devices (``devices``): for each ``--device`` (repeatable; default cpu) and ``--model``
+   (repeatable; default mlp and cnn, mlp alone with --quick), one MPFL run of the overhead
+   configuration on that device: rounds per second and local training samples per second (every
+   sample each asked node trains on, per epoch, mask rounds included), from the start of
+   `simulate` with the data and model already on the device. vgg11 and resnet18 train on
+   CIFAR-10 where it is found (``--data-dir``, $MPFL_DATA, the cache), else on random
+   CIFAR-shaped images (``synthetic-cifar10``, 50,000 + 10,000, 3x32x32, 10 classes), which
+   measure speed only. ``nondeterministic_ops`` counts the operations torch warned have no
+   deterministic implementation on that device. A device this machine lacks stops the benchmark
+   with the run's own error.
 
 --quick: overhead runs on 12,000 training and 2,000 test samples with 1 + 2 rounds, the Flower
 comparison on 12,000 training samples, memory runs with 1 mask round. --threads sets torch
@@ -52,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,10 +67,11 @@ from _common import bare_round, emit, require, stop_on_sigterm
 
 from mpfl.checkpoint import load_final
 from mpfl.config import Config
+from mpfl.data import Dataset, available_datasets, dataset_available, register_dataset
 from mpfl.errors import ConfigError
 from mpfl.experiment import Experiment
 from mpfl.flower.local import FINISHED
-from mpfl.models import build_model
+from mpfl.models import available_models, build_model
 from mpfl.records import read_summary
 from mpfl.sim import simulate
 
@@ -197,18 +205,43 @@ def trained_samples(exp: Experiment, records: list[dict]) -> int:
     return total
 
 
-def device_speed(model_name: str, device: str, quick: bool, threads: int) -> dict:
+CIFAR_MODELS = ("vgg11", "resnet18")
+"""Models built for 3x32x32 images: the device part trains them on CIFAR-10, or on synthetic-cifar10."""
+SYNTHETIC_CIFAR = "synthetic-cifar10"
+
+
+def synthetic_cifar10(data_dir: object = None) -> Dataset:
+    """Random CIFAR-10-shaped images and labels (seeded): as much work per sample as CIFAR-10, no accuracy."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(60_000, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (60_000,), generator=generator)
+    return Dataset(SYNTHETIC_CIFAR, images[:50_000], labels[:50_000], images[50_000:], labels[50_000:], 10)
+
+
+def device_speed(model_name: str, device: str, quick: bool, threads: int, data_dir: Path | None) -> dict:
     """Rounds and training samples per second of the overhead configuration on `device`."""
     size = {"train_samples": 12000, "test_samples": 2000, "mask_rounds": 1, "rounds": 2} if quick else \
         {"mask_rounds": 2, "rounds": 3}
-    cfg = Config().with_overrides({**BASE, **size, "model": model_name, "threads": threads, "device": device})
-    exp = Experiment.from_config(cfg)
-    started = time.perf_counter()
-    result = simulate(cfg, experiment=exp)
-    wall = time.perf_counter() - started
-    return {"device": str(exp.device), "model": model_name, "rounds": len(result.records), "wall_s": wall,
-            "rounds_per_s": len(result.records) / wall, "samples_per_s": trained_samples(exp, result.records) / wall,
-            "final_accuracy": result.summary["final_accuracy"]}
+    dataset = "mnist"
+    if model_name in CIFAR_MODELS:
+        dataset = "cifar10" if dataset_available("cifar10", data_dir) else SYNTHETIC_CIFAR
+        if dataset == SYNTHETIC_CIFAR and SYNTHETIC_CIFAR not in available_datasets():
+            register_dataset(SYNTHETIC_CIFAR, synthetic_cifar10)
+    cfg = Config().with_overrides({**BASE, **size, "model": model_name, "dataset": dataset, "threads": threads,
+                                   "device": device, "data_dir": None if data_dir is None else str(data_dir)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exp = Experiment.from_config(cfg)
+        started = time.perf_counter()
+        result = simulate(cfg, experiment=exp)
+        wall = time.perf_counter() - started
+    nondeterministic = {str(w.message).split(" does not have a deterministic")[0] for w in caught
+                        if "deterministic implementation" in str(w.message)}
+    return {"device": str(exp.device), "model": model_name, "dataset": dataset, "rounds": len(result.records),
+            "wall_s": wall, "rounds_per_s": len(result.records) / wall,
+            "samples_per_s": trained_samples(exp, result.records) / wall,
+            "final_accuracy": result.summary["final_accuracy"], "nondeterministic_ops": len(nondeterministic),
+            "nondeterministic": "; ".join(sorted(nondeterministic)) or None}
 
 
 # --------------------------------------------------------------------------- memory
@@ -216,6 +249,7 @@ def device_speed(model_name: str, device: str, quick: bool, threads: int) -> dic
 PEAK = """
 import json, sys
 from mpfl.config import Config
+from mpfl.data import Dataset, available_datasets, dataset_available, register_dataset
 from mpfl.sim import simulate
 simulate(Config().with_overrides(json.loads(sys.argv[1])))
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024)
@@ -251,6 +285,9 @@ def main() -> None:
     p.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)")
     p.add_argument("--device", action="append", metavar="DEVICE",
                    help="a device the device part measures (repeatable; default cpu): cpu, cuda, cuda:N, mps, auto")
+    p.add_argument("--model", action="append", choices=available_models(), dest="models",
+                   help="a model the device part measures (repeatable; default mlp and cnn, --quick: mlp)")
+    p.add_argument("--data-dir", type=Path, help="where the device part looks for CIFAR-10 (vgg11, resnet18)")
     args = p.parse_args()
     parts = args.only or PARTS
     if "flower" in parts:
@@ -275,9 +312,10 @@ def main() -> None:
         emit("Peak resident memory, cnn on MNIST (fresh process per run)", rows, None)
         figures.update({f"peak_rss_mib_{r['nodes']}_nodes": r["peak_rss_mib"] for r in rows}, memory_runs=rows)
     if "device" in parts:
-        models = ("mlp",) if args.quick else ("mlp", "cnn")
+        models = args.models or (["mlp"] if args.quick else ["mlp", "cnn"])
         try:
-            rows = [device_speed(m, d, args.quick, args.threads) for d in args.device or ["cpu"] for m in models]
+            rows = [device_speed(m, d, args.quick, args.threads, args.data_dir) for d in args.device or ["cpu"]
+                    for m in models]
         except ConfigError as exc:
             sys.exit(f"speed.py --device: {exc}")
         emit("Rounds and local training samples per second by device", rows, None)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 MAX_TEST_PROCESSES = 4
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+"""The devices a test that must hold on each of them runs on: cpu, and cuda where there is a GPU."""
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -64,6 +70,31 @@ def mnist():
     from mpfl.data import load_dataset
 
     return load_dataset("mnist")
+
+
+def bits(arrays) -> list[bytes]:
+    """Each array's raw bytes, to compare results bit for bit (NaN and -0.0 included)."""
+    return [np.ascontiguousarray(a).view(np.uint8).tobytes() for a in arrays]
+
+
+def write_cifar(root: Path, variant: str, n: int = 4, seed: int = 0, legacy: bool = False) -> dict:
+    """Write tiny CIFAR python batches of n images each; return {batch name: (data, labels)}."""
+    folder, names, key, classes = {
+        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
+        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+    }[variant]
+    rng = np.random.default_rng(seed)
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in names:
+        images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, classes, n).tolist()
+        blob = pickle.dumps({b"batch_label": name.encode(), b"data": images, key: labels}, protocol=3)
+        if legacy:
+            blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+        (root / folder / name).write_bytes(blob)
+        batches[name] = (images, labels)
+    return batches
 
 
 def tiny_config(**overrides):

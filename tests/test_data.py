@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_cifar
 from mpfl import data
 from mpfl.data import Dataset, available_datasets, data_search_path, load_dataset, read_cifar, read_idx, register_dataset
 from mpfl.errors import ConfigError, DataError
@@ -52,26 +53,6 @@ def write_fake_mnist(root: Path, n: int, folder: str = "MNIST/raw", seed: int = 
     for name in IDX_NAMES:
         (raw / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(arrays[name.rsplit("-", 2)[0]])))
     return arrays
-
-
-def write_cifar(root: Path, variant: str, n: int = 4, seed: int = 0, legacy: bool = False) -> dict:
-    """Write tiny CIFAR python batches of n images each; return {batch name: (data, labels)}."""
-    folder, names, key, classes = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels", 10),
-        "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
-    }[variant]
-    rng = np.random.default_rng(seed)
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for name in names:
-        images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, classes, n).tolist()
-        blob = pickle.dumps({b"batch_label": name.encode(), b"data": images, key: labels}, protocol=3)
-        if legacy:
-            blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-        (root / folder / name).write_bytes(blob)
-        batches[name] = (images, labels)
-    return batches
 
 
 def file_hash(path: Path, algorithm: str) -> str:

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import tiny_config
+from conftest import DEVICES, bits, needs_cuda, tiny_config
 from mpfl import codec
 from mpfl.checkpoint import CHECKPOINT, read_meta
 from mpfl.config import Config
@@ -116,10 +115,15 @@ def _spec_w0(cfg: Config):
     return exp.spec, exp.w0
 
 
+SAMPLED = {"nodes": 6, "fraction": 0.5, "rounds": 1}
+
+
 @pytest.mark.parametrize("overrides, stop_at", [
     ({**THOUSAND, "mask_rounds": 2, "rounds": 1}, 1),  # own weights trained from w0: stored as the round's number
-    ({"nodes": 6, "fraction": 0.5, "mask_rounds": 2, "rounds": 1}, 1),  # ... and rebuilt for round 2 to start from
-    ({"nodes": 6, "fraction": 0.5, "mask_rounds": 3, "rounds": 1, "mask_average_from": 0}, 2),  # as kept values
+    ({**SAMPLED, "mask_rounds": 2}, 1),  # ... and rebuilt for round 2 to start from
+    ({**SAMPLED, "mask_rounds": 3, "mask_average_from": 0}, 2),  # as kept values
+    pytest.param({**SAMPLED, "mask_rounds": 2, "device": "cuda"}, 1, marks=needs_cuda),  # rebuilt by the GPU
+    pytest.param({**SAMPLED, "mask_rounds": 3, "mask_average_from": 0, "device": "cuda"}, 2, marks=needs_cuda),
 ])
 def test_resume_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_path, overrides, stop_at):
     cfg = tiny_config(**overrides)
@@ -153,10 +157,12 @@ def test_resume_ends_bit_for_bit_and_checkpoints_hold_only_the_nodes_asked(tmp_p
     assert all(np.array_equal(a, b) for a, b in zip(resumed.mask, reference.mask))
 
 
-def test_own_weights_rebuilt_on_demand_give_the_run_that_keeps_them():
+@pytest.mark.parametrize("device", DEVICES)
+def test_own_weights_rebuilt_on_demand_give_the_run_that_keeps_them(device):
     """With sampled mask rounds a node does not hold the weights it trained from w0; a node asked
-    again trains again to rebuild them: the run is the one in which every node keeps them."""
-    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=1, mask_average_from=0)
+    again trains again to rebuild them: the run is the one in which every node keeps them (on a
+    GPU too, whose deterministic algorithms make the second training the first's bit for bit)."""
+    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=1, mask_average_from=0, device=device)
     runs = {}
     for keep in (False, True):
         exp = Experiment.from_config(cfg)
@@ -187,52 +193,15 @@ def test_mask_fraction_defaults_to_fraction_and_can_differ():
         tiny_config(mask_fraction=0.0)
 
 
-# --------------------------------------------------------------------------- devices
-
-
-def bits(tensors):
-    return [np.ascontiguousarray(t).view(np.uint8).tobytes() for t in tensors]
-
-
-def test_device_cpu_gives_exactly_the_run_without_the_setting():
-    plain = simulate(tiny_config(rounds=1, mask_rounds=2))
-    cpu = simulate(tiny_config(rounds=1, mask_rounds=2, device="cpu"))
-    keys = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "hamming")
-    assert [{k: r.get(k) for k in keys} for r in cpu.records] == [{k: r.get(k) for k in keys} for r in plain.records]
-    assert bits(cpu.weights) == bits(plain.weights)
-    assert sorted(cpu.masks) == sorted(plain.masks) and all(bits(cpu.masks[s]) == bits(plain.masks[s]) for s in plain.masks)
-
-
-def test_worker_processes_run_sampled_mask_rounds_as_one_process():
-    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=2, mask_average_from=0, train_samples=900)
+@pytest.mark.parametrize("device", DEVICES)
+def test_worker_processes_run_sampled_mask_rounds_as_one_process(device):
+    cfg = tiny_config(nodes=6, fraction=0.5, mask_rounds=3, rounds=2, mask_average_from=0, train_samples=900,
+                      device=device)
     sequential, parallel = simulate(cfg), simulate(cfg.with_overrides({"workers": 2}))
     assert bits(parallel.weights) == bits(sequential.weights)
     keys = ("step", "nodes", "accuracy", "bytes_up", "bytes_down", "hamming")
     assert [{k: r.get(k) for k in keys} for r in parallel.records] == [{k: r.get(k) for k in keys}
                                                                       for r in sequential.records]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_device_cuda_without_a_gpu_fails_before_the_run_starts(tmp_path):
-    for device in ("cuda", "cuda:1"):
-        with pytest.raises(ConfigError, match="no CUDA GPU.*--device cpu"):
-            simulate(tiny_config(device=device), tmp_path / device)
-        assert not (tmp_path / device).exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_mpfl_run_with_device_cuda_without_a_gpu_says_so_and_makes_no_run_dir(tmp_path, capsys):
-    from mpfl.cli import main
-
-    assert main(["run", "--device", "cuda", "--nodes", "2", "--train-samples", "500", "--out", str(tmp_path / "run"),
-                 "--quiet"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu:0", "tpu"])
-def test_device_names_are_checked_with_the_config(device):
-    with pytest.raises(ConfigError, match="device"):
-        tiny_config(device=device)
 
 
 def test_the_memory_estimate_counts_the_nodes_asked_not_the_population():

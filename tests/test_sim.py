@@ -1,5 +1,7 @@
 """End-to-end behaviour of the server, nodes and in-process transport on small MNIST slices."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -422,6 +424,27 @@ def test_server_momentum_steps_by_the_velocity_on_the_mask_and_only_in_training(
         assert not state.weights[i][~m].any() and not state.velocity[i][~m].any()
     plain = build(tiny_config(mask_rounds=1, rounds=2, server_momentum=0.0))[1]
     assert plain.advance(second, averages[1]) is averages[1]
+
+
+def test_running_statistics_take_the_average_while_parameters_take_the_momentum_step():
+    cfg = tiny_config(mask_rounds=1, rounds=2, server_momentum=0.9)
+    exp, server, _, _ = build(cfg)
+    _, first, second = plan(cfg)
+    statistic = len(exp.spec.names) - 1  # the mlp has none: call its last bias a running statistic
+    server.spec = replace(exp.spec, statistics=(statistic,))
+    rng = np.random.default_rng(1)
+    server.state.mask = [rng.random(s) < 0.3 for s in exp.spec.prunable_shapes]
+    server.state.weights = before = exp.spec.apply(exp.w0, server.state.mask)
+    averages = [exp.spec.apply([rng.standard_normal(s).astype(np.float32) for s in exp.spec.shapes], server.state.mask)
+                for _ in range(2)]
+    weights, velocity = before[0], np.zeros_like(before[0])
+    for step, average in zip((first, second), averages):
+        server.state.weights = server.advance(step, average)
+        velocity = np.float32(0.9) * velocity + (average[0] - weights)
+        weights = weights + velocity
+        assert np.array_equal(server.state.weights[0], weights)  # a parameter: FedAvgM's step
+        assert np.array_equal(server.state.weights[statistic], average[statistic])  # a statistic: the average
+    assert not server.state.velocity[statistic].any()
 
 
 @pytest.mark.parametrize(("overrides", "averaged"), [

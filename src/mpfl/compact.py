@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ class CompactModel:
         full_state = model.state_dict()
         self.model.load_state_dict({k: self._take_state(k, v) for k, v in full_state.items()})
         state = self.model.state_dict()
-        self.spec = ParamSpec(spec.names, tuple(tuple(state[n].shape) for n in spec.names), spec.prunable)
+        self.spec = replace(spec, shapes=tuple(tuple(state[n].shape) for n in spec.names))
 
     def _take_state(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The kept part of one entry of the full model's state_dict, as a new tensor."""

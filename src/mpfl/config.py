@@ -139,7 +139,8 @@ class TrainConfig:
                              aliases=("fraction_fit", "client_fraction"))
     server_momentum: float = _field(0.9, "momentum of the server's step in each training round (FedAvgM): the "
                                          "global weights move by v = server_momentum * v + (average - weights); "
-                                         "0 = plain FedAvg", aliases=("fedavgm",))
+                                         "BatchNorm statistics take the average; 0 = plain FedAvg",
+                                   aliases=("fedavgm",))
     device: str | None = _field(None, "where nodes train and the server evaluates: cpu, cuda, cuda:N, mps, or auto "
                                       "(cuda if available, else mps, else cpu); none = cpu. Messages are the same "
                                       "bytes on every device", aliases=("accelerator",))

@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def _rebuild(info: dict) -> tuple[nn.Module, ParamSpec]:
     model = build_model(info["model"], tuple(info["input_shape"]), info["num_classes"])
     base = param_spec(model)
     chosen = set(info["prunable"])
-    return model, ParamSpec(base.names, base.shapes, tuple(i for i, n in enumerate(base.names) if n in chosen))
+    return model, replace(base, prunable=tuple(i for i, n in enumerate(base.names) if n in chosen))
 
 
 def _check_timing(batch: int, repeats: int, threads: int) -> None:

@@ -325,15 +325,22 @@ class Server:
         ``v = beta * v + (average - weights)``. The step and v are kept on the current mask, so
         pruned entries stay exactly zero and a swapped-out weight takes no momentum with it. Under
         label skew each round's averaged update is small and noisy (the nodes pull towards their
-        own classes); the momentum keeps the direction the rounds agree on."""
+        own classes); the momentum keeps the direction the rounds agree on. Running statistics
+        (BatchNorm's mean and variance) are measured, not learned: they take the average, since a
+        step past it can drive a variance below zero."""
         beta = self.cfg.train.server_momentum
         if beta == 0 or step.phase != "train":
             return average
         state, spec = self.state, self.spec
         previous = state.velocity or [np.zeros_like(w) for w in state.weights]
         velocity = [np.float32(beta) * v + (a - w) for v, a, w in zip(previous, average, state.weights)]
+        for i in spec.statistics:
+            velocity[i] = np.zeros_like(velocity[i])
         state.velocity = spec.apply(velocity, state.mask)
-        return spec.apply([w + v for w, v in zip(state.weights, state.velocity)], state.mask)
+        stepped = [w + v for w, v in zip(state.weights, state.velocity)]
+        for i in spec.statistics:
+            stepped[i] = average[i]
+        return spec.apply(stepped, state.mask)
 
     def aggregate(self, exchanged: Round) -> Weights:
         """The configured aggregate of the valid replies (sample-weighted mean by default)."""

@@ -1,11 +1,13 @@
-"""Masking weights: the fast float32 path against `np.where`, bit for bit."""
+"""Masking weights: the fast float32 path against `np.where`, bit for bit; which tensors are running statistics."""
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from torch import nn
 
-from mpfl.core.params import masked
+from mpfl.core.params import masked, param_spec
+from mpfl.models import build_model
 
 SPECIAL = st.sampled_from([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -3.5, 2.0])
 
@@ -27,3 +29,12 @@ def test_masked_takes_a_transposed_view_and_leaves_the_input_alone():
     before = weights.copy()
     np.testing.assert_array_equal(masked(weights, mask), np.where(mask, weights, 0))
     np.testing.assert_array_equal(weights, before)
+
+
+def test_running_statistics_are_the_batchnorm_buffers_and_nothing_else():
+    model = build_model("resnet18", (3, 32, 32), 10)
+    spec = param_spec(model)
+    statistics = {spec.names[i] for i in spec.statistics}
+    batchnorms = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
+    assert statistics == {f"{name}.{kind}" for name in batchnorms for kind in ("running_mean", "running_var")}
+    assert not param_spec(build_model("mlp", (1, 28, 28), 10)).statistics

@@ -18,11 +18,13 @@ _PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """The exchanged state of a model: floating tensors in state_dict order, and the prunable ones."""
+    """The exchanged state of a model: floating tensors in state_dict order, the prunable ones, and
+    the running statistics (BatchNorm's buffers), which training measures rather than learns."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     prunable: tuple[int, ...]
+    statistics: tuple[int, ...] = ()
 
     @property
     def prunable_names(self) -> list[str]:
@@ -93,7 +95,9 @@ def param_spec(model: nn.Module, exclude: Sequence[str] = (), structured: bool =
         candidates = [c for c in candidates if c != classes]
     chosen = {c for c in candidates if not any(fnmatch(c, pattern) for pattern in exclude)}
     prunable = tuple(i for i, n in enumerate(names) if n in chosen)
-    return ParamSpec(names, tuple(tuple(state[n].shape) for n in names), prunable)
+    buffers = {name for name, _ in model.named_buffers()}
+    statistics = tuple(i for i, n in enumerate(names) if n in buffers)
+    return ParamSpec(names, tuple(tuple(state[n].shape) for n in names), prunable, statistics)
 
 
 def get_weights(model: nn.Module, spec: ParamSpec) -> Weights:
