@@ -77,6 +77,19 @@ def bits(arrays) -> list[bytes]:
     return [np.ascontiguousarray(a).view(np.uint8).tobytes() for a in arrays]
 
 
+RECORD_KEYS = ("step", "nodes", "dropped", "accuracy", "loss", "bytes_up", "bytes_down", "density", "hamming")
+"""What two runs' round records must share to be the same run (times and paths aside)."""
+
+
+def assert_same_run(run, reference) -> None:
+    """Two RunResults are the same run: records, final weights and every round's mask, bit for bit."""
+    assert [{k: r.get(k) for k in RECORD_KEYS} for r in run.records] == \
+        [{k: r.get(k) for k in RECORD_KEYS} for r in reference.records]
+    assert bits(run.weights) == bits(reference.weights)
+    assert sorted(run.masks) == sorted(reference.masks)
+    assert all(bits(run.masks[step]) == bits(reference.masks[step]) for step in reference.masks)
+
+
 def write_cifar(root: Path, variant: str, n: int = 4, seed: int = 0, legacy: bool = False) -> dict:
     """Write tiny CIFAR python batches of n images each; return {batch name: (data, labels)}."""
     folder, names, key, classes = {

@@ -7,25 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bits, needs_cuda, tiny_config, write_cifar
+from conftest import assert_same_run, needs_cuda, tiny_config, write_cifar
 from mpfl.cli import main
 from mpfl.errors import ConfigError
 from mpfl.experiment import Experiment
 from mpfl.sim import simulate
 
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-RECORD_KEYS = ("step", "nodes", "accuracy", "loss", "bytes_up", "bytes_down", "hamming")
-
-
-def assert_same_run(run, reference) -> None:
-    """Records, final weights and every round's mask equal, bit for bit."""
-    assert [{k: r.get(k) for k in RECORD_KEYS} for r in run.records] == \
-        [{k: r.get(k) for k in RECORD_KEYS} for r in reference.records]
-    assert bits(run.weights) == bits(reference.weights)
-    assert sorted(run.masks) == sorted(reference.masks)
-    assert all(bits(run.masks[step]) == bits(reference.masks[step]) for step in reference.masks)
-
-
 def test_device_cpu_gives_exactly_the_run_without_the_setting():
     assert_same_run(simulate(tiny_config(rounds=1, mask_rounds=2, device="cpu")), simulate(tiny_config(rounds=1, mask_rounds=2)))
 

@@ -3,6 +3,7 @@ bodies, chunked batches, gradient-only masking and the plain SGD step give bit-f
 masks and weights; channels-last evaluation gives the same accuracy."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import assert_same_run, bits, tiny_config
 from mpfl import codec
 from mpfl.checkpoint import CHECKPOINT
+from mpfl.config import Config
 from mpfl.core import training
 from mpfl.core.params import get_weights, param_spec
 from mpfl.core.training import LocalData, LocalTrainer, batches, evaluate, generator
@@ -25,19 +27,6 @@ from mpfl.server import Server
 from mpfl.sim import FaultyTransport, simulate
 
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
-
-
-def bits(tensors):
-    return [np.ascontiguousarray(t).view(np.uint8).tobytes() for t in tensors]
-
-
-def assert_same_run(a, b):
-    assert bits(a.weights) == bits(b.weights)
-    assert sorted(a.masks) == sorted(b.masks)
-    for step in a.masks:
-        assert bits(a.masks[step]) == bits(b.masks[step])
-    keys = ("accuracy", "loss", "bytes_up", "bytes_down", "density", "nodes", "dropped")
-    assert [{k: r[k] for k in keys} for r in a.records] == [{k: r[k] for k in keys} for r in b.records]
 
 
 def test_worker_processes_give_the_sequential_run_bit_for_bit(tmp_path):
@@ -161,3 +150,18 @@ def test_a_benchmark_that_needs_a_missing_extra_says_so_at_once(tmp_path):
     assert done.returncode != 0 and time.perf_counter() - started < 60
     assert "needs the 'simulation' extra" in done.stderr and "--only overhead --only memory" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_device_part_of_speed_py_reports_rounds_and_samples_per_second(tmp_path):
+    out = tmp_path / "speed.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--only", "device", "--quick", "--device", "cpu",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(out.read_text())["devices"]
+    assert (row["device"], row["model"], row["dataset"], row["rounds"]) == ("cpu", "mlp", "mnist", 3)
+    assert row["rounds_per_s"] == pytest.approx(3 / row["wall_s"])
+    # --quick: 12,000 images less the validation share, every node asked in 1 mask + 2 training rounds
+    cfg = Config()
+    epochs = cfg.prune.mask_epochs + 2 * cfg.train.epochs
+    assert row["samples_per_s"] == pytest.approx(epochs * 12_000 * (1 - cfg.data.val_fraction) / row["wall_s"], rel=0.01)
+    assert row["nondeterministic_ops"] == 0 and 0.5 < row["final_accuracy"] <= 1
