@@ -249,7 +249,6 @@ def device_speed(model_name: str, device: str, quick: bool, threads: int, data_d
 PEAK = """
 import json, sys
 from mpfl.config import Config
-from mpfl.data import Dataset, available_datasets, dataset_available, register_dataset
 from mpfl.sim import simulate
 simulate(Config().with_overrides(json.loads(sys.argv[1])))
 print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024)
