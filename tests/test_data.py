@@ -231,6 +231,19 @@ def test_failed_download_reports_missing_files(tmp_path: Path, data_env: Path, m
     with pytest.raises(DataError, match="download failed") as info:
         load_dataset("cifar10", tmp_path / "data")
     assert "cifar-10-batches-py/{data_batch_1" in str(info.value)
+    assert "\n" not in str(info.value)  # one line: the CLI prints it as one
+
+
+def test_a_failed_download_removes_the_folders_it_made_and_keeps_the_users_files(tmp_path, data_env, monkeypatch):
+    monkeypatch.setitem(data.MIRRORS, "fashion-mnist", (tmp_path / "no-such-mirror").as_uri() + "/")
+    with pytest.raises(DataError, match="download failed"):
+        load_dataset("fashion-mnist", tmp_path / "new" / "data")
+    assert not (tmp_path / "new").exists() and not data_env.exists()
+    (tmp_path / "mine" / "FashionMNIST").mkdir(parents=True)
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(DataError, match="download failed"):
+        load_dataset("fashion-mnist", tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").rglob("*")) == ["FashionMNIST", "notes.txt"]
 
 
 # Downloads, from file:// URLs

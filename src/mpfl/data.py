@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -320,24 +321,36 @@ def _locate(key: str, data_dir: str | Path | None, download: bool) -> Path:
     urls = ", ".join(MIRRORS[key] + name for name in _MD5SUMS[key])
     where = (f"and extract it in {roots[0]}" if key in _CIFAR_TRAIN else f"into {roots[0] / spec.folder}")
     raise DataError(
-        f"dataset {key!r} not found: no directory holds all of {spec.folder}/{{{', '.join(spec.files)}}}\n"
-        f"searched: {', '.join(str(r) for r in roots)}\n"
-        f"{reason}. Fetch {urls} {where}, or point --data-dir or MPFL_DATA at a directory "
-        f"that holds {spec.folder}/.")
+        f"dataset {key!r} not found: no directory holds all of {spec.folder}/{{{', '.join(spec.files)}}} "
+        f"(searched: {', '.join(str(r) for r in roots)}), and {reason}. Fetch {urls} {where}, or point "
+        f"--data-dir or MPFL_DATA at a directory that holds {spec.folder}/.")
 
 
 def _download_dataset(key: str, roots: list[Path]) -> Path:
-    """Download a dataset's files into the first writable root, verifying each md5; return that root."""
-    root = next((r for r in roots if _writable(r)), None)
-    if root is None:
-        raise PermissionError(f"no writable directory among {', '.join(map(str, roots))}")
-    for name, md5 in _MD5SUMS[key].items():
-        if key in _CIFAR_TRAIN:
-            _fetch(MIRRORS[key] + name, root / name, md5)
-            _extract(root / name, root)
-        else:
-            _fetch(MIRRORS[key] + name, root / _SPECS[key].folder / name, md5)
+    """Download a dataset's files into the first writable root, verifying each md5; return that
+    root. A download that fails removes the folders it made (left empty) and nothing else."""
+    made = [folder for r in roots for folder in _missing_folders(r / _SPECS[key].folder)]
+    try:
+        root = next((r for r in roots if _writable(r)), None)
+        if root is None:
+            raise PermissionError(f"no writable directory among {', '.join(map(str, roots))}")
+        for name, md5 in _MD5SUMS[key].items():
+            if key in _CIFAR_TRAIN:
+                _fetch(MIRRORS[key] + name, root / name, md5)
+                _extract(root / name, root)
+            else:
+                _fetch(MIRRORS[key] + name, root / _SPECS[key].folder / name, md5)
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # rmdir removes only empty folders
+                folder.rmdir()
+        raise
     return root
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and its parents that do not exist yet, deepest first."""
+    return [folder for folder in (path, *path.parents) if not folder.exists()]
 
 
 def _writable(root: Path) -> bool:
