@@ -4,6 +4,8 @@ registries give one error type; names are restored after each test."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,23 @@ def test_a_config_names_its_plugins_so_the_method_is_known_when_it_is_built(tmp_
         Config().with_overrides({"method": "solo-test"})
     cfg = Config().with_overrides({"method": "solo-test", "plugins": str(tmp_path / "my_plugin.py")})
     assert cfg.method == "solo-test" and "solo-test" in METHODS
+
+
+def test_a_plugin_that_calls_sys_exit_stops_the_run_with_its_code_and_says_how_to_resume(tmp_path, capsys):
+    plugin = tmp_path / "quits.py"
+    plugin.write_text("import sys\nfrom mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
+                      "@register_method\nclass Quits(Mpfl):\n    name = 'quits-test'\n\n"
+                      "    def train_round(self, server, step):\n        sys.exit(3)\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "--plugins", str(plugin), "--method", "quits-test", *SMALL, "--out", str(out)])
+    assert stopped.value.code == 3
+    assert f"called sys.exit(3); continue with: mpfl run --resume {out}" in " ".join(capsys.readouterr().err.split())
+    plugin.write_text(plugin.read_text().replace("        sys.exit(3)", "        return super().train_round(server, step)"))
+    resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out), "--quiet"], capture_output=True,
+                             text=True, timeout=120)  # a new process, as a user's resume: the mended plug-in
+    assert resumed.returncode == 0, resumed.stderr
+    assert [json.loads(line)["phase"] for line in (out / "rounds.jsonl").read_text().splitlines()] == ["mask"] * 2 + ["train"]
 
 
 def test_a_plugin_file_the_script_imported_itself_is_not_run_twice(tmp_path, monkeypatch):

@@ -180,6 +180,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"interrupted; continue with: mpfl run --resume {out}" if resumable
                       else "interrupted before the run started; nothing was written", highlight=False)
         return INTERRUPTED
+    except SystemExit as exc:  # mpfl never exits from inside a run: a plug-in's hook or model did
+        resumable = (out / CONFIG).is_file()
+        console.print(f"the run stopped: code it ran (a plug-in?) called sys.exit({exc.code!r})"
+                      + (f"; continue with: mpfl run --resume {out}" if resumable else "; nothing was written"),
+                      highlight=False)
+        raise
     finally:
         if board is not None:
             board.close()
