@@ -11,6 +11,7 @@ from conftest import assert_same_run, needs_cuda, tiny_config, write_cifar
 from mpfl.cli import main
 from mpfl.errors import ConfigError
 from mpfl.experiment import Experiment
+from mpfl.records import read_summary
 from mpfl.sim import simulate
 
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -75,3 +76,14 @@ def test_a_cuda_run_ends_close_to_the_cpu_run():
     shared = (kept_gpu & kept_cpu).sum() / (kept_gpu | kept_cpu).sum()
     assert shared > 0.8, f"the final masks share {shared:.1%} of the weights they keep"
     assert abs(gpu.summary["final_accuracy"] - cpu.summary["final_accuracy"]) < 0.05
+
+
+def test_the_first_line_and_the_summary_name_the_device_the_run_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--device", "auto", "--nodes", "2", "--train-samples", "500", "--rounds", "1", "--mask-rounds", "1",
+                 "--out", str(out)]) == 0
+    used = f"cuda:0 ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else \
+        "mps" if torch.backends.mps.is_available() else "cpu"
+    assert f"device={used} -> {out}" in " ".join(capsys.readouterr().err.split())
+    assert read_summary(out)["device"] == used
+    assert read_summary(out)["config"]["train"]["device"] == "auto"

@@ -198,6 +198,10 @@ def _print_start(cfg: Config, out: Path, log_format: str) -> None:
     so that every line a JSON log holds parses."""
     shown = {"method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "nodes": cfg.nodes,
              "seed": cfg.seed, "threads": cfg.threads or "all"}
+    if cfg.train.device is not None:  # where `auto` lands, and the GPU's name
+        from .devices import describe, resolve_device
+
+        shown["device"] = describe(resolve_device(cfg.train.device))
     if log_format == "json":
         print(json.dumps({"event": "start", **shown, "run_dir": str(out)}), file=sys.stderr, flush=True)
         return

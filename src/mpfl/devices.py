@@ -56,3 +56,11 @@ def use_device(cfg: Config) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device
+
+
+def describe(device: torch.device) -> str:
+    """A device as a run's summary and first line name it: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
+    if device.type != "cuda":
+        return str(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"

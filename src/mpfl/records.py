@@ -32,6 +32,7 @@ from .checkpoint import save_final
 from .config import Config
 from .core.params import Mask, Weights
 from .costs import model_stats
+from .devices import describe
 from .errors import ConfigError, RunDirError
 from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
@@ -225,7 +226,8 @@ def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: 
     units); written with the final weights to `run_dir` when there is one."""
     stats = model_stats(exp.model, exp.spec, weights, mask, exp.dataset.input_shape, method_of(exp.cfg).structured)
     stats.update(traffic_units(records, stats["params_dense"]))
-    summary = summarize(exp.cfg, records, wall_time, {"malicious_nodes": malicious_ids(exp.cfg), **extra, **stats})
+    summary = summarize(exp.cfg, records, wall_time,
+                        {"malicious_nodes": malicious_ids(exp.cfg), "device": describe(exp.device), **extra, **stats})
     if run_dir is not None:
         save_final(run_dir.path, exp.spec, weights, mask, exp.dataset.input_shape, exp.dataset.num_classes)
         run_dir.finish(summary)
