@@ -15,8 +15,11 @@ from mpfl.records import read_summary
 from mpfl.sim import simulate
 
 without_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+
+
 def test_device_cpu_gives_exactly_the_run_without_the_setting():
-    assert_same_run(simulate(tiny_config(rounds=1, mask_rounds=2, device="cpu")), simulate(tiny_config(rounds=1, mask_rounds=2)))
+    cpu, plain = simulate(tiny_config(rounds=1, mask_rounds=2, device="cpu")), simulate(tiny_config(rounds=1, mask_rounds=2))
+    assert_same_run(cpu, plain)
 
 
 @without_cuda
