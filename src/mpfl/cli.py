@@ -176,21 +176,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             result = simulate(cfg, out, on_round=log if board is None else _both(log, board), resume=bool(args.resume),
                               keep_checkpoint=args.keep_checkpoint)
     except KeyboardInterrupt:
-        resumable = (out / CONFIG).is_file()
-        console.print(f"interrupted; continue with: mpfl run --resume {out}" if resumable
-                      else "interrupted before the run started; nothing was written", highlight=False)
+        hint = _resume_hint(out)
+        console.print(f"interrupted; {hint}" if hint else "interrupted before the run started; nothing was written",
+                      highlight=False)
         return INTERRUPTED
     except SystemExit as exc:  # mpfl never exits from inside a run: a plug-in's hook or model did
-        resumable = (out / CONFIG).is_file()
-        console.print(f"the run stopped: code it ran (a plug-in?) called sys.exit({exc.code!r})"
-                      + (f"; continue with: mpfl run --resume {out}" if resumable else "; nothing was written"),
-                      highlight=False)
+        console.print(f"the run stopped: code it ran (a plug-in?) called sys.exit({exc.code!r}); "
+                      f"{_resume_hint(out) or 'nothing was written'}", highlight=False)
         raise
     finally:
         if board is not None:
             board.close()
     _print_summary(result.summary, out, args.log_format)
     return 0
+
+
+def _resume_hint(out: Path) -> str | None:
+    """How to continue a stopped run, or None when it stopped before writing its run directory."""
+    return f"continue with: mpfl run --resume {out}" if (out / CONFIG).is_file() else None
 
 
 def _print_start(cfg: Config, out: Path, log_format: str) -> None:
