@@ -1,6 +1,8 @@
 """The `mpfl` command end to end: a short run writes its records; bad input stops before any work."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 import warnings
@@ -9,13 +11,14 @@ from pathlib import Path
 import pytest
 
 import mpfl
+from conftest import RECORD_KEYS, bits
 from mpfl.cli import main
 from mpfl.config import ATTACKS, FIELD_SECTIONS, Config, field_help
 from mpfl.export import load_final
 from mpfl.records import read_rounds, read_summary
 
 SMALL = ["--nodes", "3", "--rounds", "2", "--mask-rounds", "2", "--train-samples", "1200", "--test-samples", "300",
-         "--threads", "1", "--quiet"]
+         "--threads", "1", "--workers", "1", "--quiet"]  # one process: worker start-up would dominate runs this small
 
 
 def test_run_writes_config_rounds_csv_and_summary(tmp_path):
@@ -278,7 +281,7 @@ def test_json_log_format_for_machines(tmp_path):
     assert done.returncode == 0, done.stderr
     start, *events = [json.loads(line) for line in done.stderr.splitlines()]  # every line is one JSON object
     assert start == {"event": "start", "method": "mpfl", "dataset": "mnist", "model": "mlp", "nodes": 3, "seed": 0,
-                     "threads": 1, "run_dir": str(tmp_path / "run")}
+                     "threads": 1, "workers": 1, "run_dir": str(tmp_path / "run")}
     assert [e["step"] for e in events] == [1, 2, 3, 4] and all(e["total_steps"] == 4 for e in events)
     assert events[-1]["eta_s"] == 0 and events[-1]["accuracy"] == read_rounds(tmp_path / "run")[-1]["accuracy"]
     summary = json.loads(done.stdout)
@@ -351,3 +354,42 @@ def test_the_memory_check_compares_with_what_is_available(tmp_path, capsys, monk
     assert main(["run", *SMALL, "--no-memory-check", "--out", str(tmp_path / "forced")]) == 0
     monkeypatch.setattr(mpfl.resources, "available_memory", lambda: estimate.total)
     assert main(["run", *SMALL, "--out", str(tmp_path / "fits")]) == 0
+
+
+def _without(args: list[str], flag: str) -> list[str]:
+    at = args.index(flag)
+    return args[:at] + args[at + 2 :]
+
+
+def test_run_trains_in_a_process_per_core_unless_told_and_gets_the_same_run(tmp_path):
+    auto = [a for a in _without(SMALL, "--workers") if a != "--quiet"]
+    done = _run("run", *auto, "--log-format", "json", "--out", str(tmp_path / "auto"))
+    assert done.returncode == 0, done.stderr
+    start = json.loads(done.stderr.splitlines()[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert start["workers"] == min(cores, 8, 3)  # --nodes 3 at --threads 1: a process per core, one per node at most
+    assert Config.from_toml(tmp_path / "auto" / "config.toml").workers == 0
+    assert main(["run", *SMALL, "--out", str(tmp_path / "one")]) == 0
+    auto_final, one_final = load_final(tmp_path / "auto"), load_final(tmp_path / "one")
+    assert bits(auto_final.weights.values()) == bits(one_final.weights.values())
+    assert [{k: r.get(k) for k in RECORD_KEYS} for r in read_rounds(tmp_path / "auto")] == \
+        [{k: r.get(k) for k in RECORD_KEYS} for r in read_rounds(tmp_path / "one")]
+
+
+def test_workers_from_a_config_file_or_a_flag_win_over_the_run_default(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("workers = 1\n")
+    assert main(["run", *_without(SMALL, "--workers"), "--config", str(path), "--rounds", "0", "--out",
+                 str(tmp_path / "file")]) == 0
+    assert Config.from_toml(tmp_path / "file" / "config.toml").workers == 1
+    assert main(["run", *_without(SMALL, "--workers"), "--workers", "2", "--rounds", "0", "--out",
+                 str(tmp_path / "flag")]) == 0
+    assert Config.from_toml(tmp_path / "flag" / "config.toml").workers == 2
+    assert Config().workers == 1  # the Python API stays in one process: scripts need no __main__ guard
+
+
+def test_run_help_shows_the_run_default_of_workers(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"--workers INT processes that train the nodes .*?\(default (\w+)\)", text)[1] == "0"

@@ -108,6 +108,7 @@ def test_run_config_takes_dashes_or_underscores_and_empty_means_default():
     assert (cfg.train.batch_size, cfg.train.weight_decay, cfg.data.train_samples) == (16, 1.0, None)
     assert cfg.prune.exclude == ("fc1", "fc2")
     assert (opts.out_dir, opts.round_timeout) == ("x", 5.0)
+    assert from_run_config({"workers": 0})[0].workers == 0  # mpfl run's config.toml (automatic workers) serves as it is
 
 
 @pytest.mark.parametrize("bad, message", [({"train.lrr": 0.1}, "train.lr"), ({"method": "fedsgd"}, "method"),

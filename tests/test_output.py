@@ -15,7 +15,7 @@ from mpfl.interrupts import deferred_interrupts
 from mpfl.methods import plan
 from mpfl.progress import Eta, RoundLog, format_seconds, round_text
 from mpfl.records import read_rounds
-from mpfl.resources import check_memory, estimate_run
+from mpfl.resources import PROCESS_BYTES, check_memory, estimate_run, fit_workers
 from mpfl.sim import simulate
 
 
@@ -95,6 +95,23 @@ def test_tensorboard_events_of_a_resumed_run_hold_every_step_once(tmp_path):
 def test_the_memory_estimate_is_close_to_measured_peaks(model, nodes, measured_mib):
     estimate = estimate_run(Config().with_overrides({"model": model, "nodes": nodes}))
     assert 0.9 * measured_mib <= estimate.total / 2**20 <= 1.2 * measured_mib
+
+
+def test_automatic_workers_shrink_to_what_fits_and_set_ones_stay(monkeypatch):
+    import mpfl.parallel
+
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: 8)
+    auto = Config().with_overrides({"workers": 0})
+    full = estimate_run(auto)
+    one = estimate_run(auto.with_overrides({"workers": 1}))
+    assert full.total == one.total + 8 * PROCESS_BYTES  # 8 workers beside the run's own process
+    assert fit_workers(auto, full.total) is auto and fit_workers(auto, None) is auto
+    assert fit_workers(auto, full.total - 1).workers == 7
+    assert fit_workers(auto, full.total - 6 * PROCESS_BYTES).workers == 2
+    assert fit_workers(auto, full.total - 6 * PROCESS_BYTES - 1).workers == 1  # one worker is no worker: the run's own
+    assert fit_workers(auto, 0).workers == 1  # the memory check then says what else to lower
+    set_by_user = auto.with_overrides({"workers": 8})
+    assert fit_workers(set_by_user, 0) is set_by_user
 
 
 def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_its_levers():

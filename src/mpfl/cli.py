@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +28,9 @@ from .records import CONFIG, default_run_dir
 console = Console(stderr=True, soft_wrap=True)
 INTERRUPTED = 130
 PARTITION_FIELDS = ("seed", "nodes", "plugins", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
+RUN_DEFAULTS = {"workers": 0}
+"""Where `mpfl run` departs from the Python API's defaults: it trains the nodes in one process per core
+(the same results as one process), which a script may only do under an ``if __name__ == "__main__":`` guard."""
 
 
 def _flag(name: str) -> str:
@@ -51,15 +53,19 @@ def _shown(value: object) -> str:
     return "none" if value is None or value == () else str(value)
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
-    """A flag for each config field in `names` (default: all), with its description, default and choices."""
+def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
+                      command_defaults: dict[str, object] | None = None) -> None:
+    """A flag for each config field in `names` (default: all), with its description, default and choices;
+    `command_defaults` are the command's own defaults where they differ from the config's."""
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with the base configuration")
     group = parser.add_argument_group("configuration", "Each flag overrides the --config file, where it is the key "
                                       "of the same name (with _ for -), in the [section] shown.")
     defaults, choices, texts, types = Config(), field_choices(), field_help(), field_types()
+    command_defaults = command_defaults or {}
     for name in names or types:
         section = FIELD_SECTIONS[name]
         default = getattr(getattr(defaults, section) if section else defaults, name)
+        default = command_defaults.get(name, default)
         text = f"{texts[name]} (default {_shown(default)}"
         text += (f"; one of {', '.join(choices[name])})" if name in choices else ")") + (f" [{section}]" if section else "")
         repeat = "tuple" in str(types[name])
@@ -72,11 +78,13 @@ def _given(args: argparse.Namespace) -> dict[str, object]:
     return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The config a command line asks for: the file's values (if any) with the flags' on top, checked
-    together, so a flag can replace a bad value of the file; an error about a value the file set says so."""
+def config_from_args(args: argparse.Namespace, command_defaults: dict[str, object] | None = None) -> Config:
+    """The config a command line asks for: the command's own defaults, the file's values (if any) over
+    them and the flags' on top, checked together, so a flag can replace a bad value of the file; an
+    error about a value the file set says so."""
     data = Config.read_toml(args.config) if args.config else {}
-    overrides = _given(args)
+    overrides = {name: value for name, value in (command_defaults or {}).items() if not _in_file(data, name)}
+    overrides.update(_given(args))
     for name, value in overrides.items():
         if isinstance(value, list):
             overrides[name] = [part.strip() for item in value for part in item.split(",") if part.strip()]
@@ -86,6 +94,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if args.config and _names_file_value(str(exc), data, overrides):
             raise type(exc)(f"{exc} (set in the config file {str(args.config)!r})") from None
         raise
+
+
+def _in_file(data: dict, name: str) -> bool:
+    """Whether a config file's `data` sets the field `name` (in its section)."""
+    section = FIELD_SECTIONS[name]
+    table = data.get(section) if section else data
+    return isinstance(table, dict) and name in table
 
 
 def _names_file_value(message: str, data: dict, flags: Iterable[str]) -> bool:
@@ -155,21 +170,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .methods import plan
     from .progress import RoundLog
     from .records import check_run_dir
-    from .resources import available_memory, check_memory, estimate_run
+    from .resources import available_memory, check_memory, estimate_run, fit_workers
     from .sim import simulate
     from .tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
     if args.resume:
         cfg, out = _resume_target(args)
     else:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, RUN_DEFAULTS)
         out = Path(args.out) if args.out else default_run_dir(cfg)
         check_run_dir(out)
+    if not args.no_memory_check:
+        available = available_memory()
+        cfg = fit_workers(cfg, available)
+        if (estimate := estimate_run(cfg)) is not None:
+            check_memory(estimate, available)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
     if not args.quiet:
         _print_start(cfg, out, args.log_format)
-    if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
-        check_memory(estimate, available_memory())
     try:
         with RoundLog(plan(cfg), _steps_done(out) if args.resume else 0, log_format=args.log_format,
                       quiet=args.quiet, console=console) as log:
@@ -199,8 +217,10 @@ def _resume_hint(out: Path) -> str | None:
 def _print_start(cfg: Config, out: Path, log_format: str) -> None:
     """The run's first line on stderr: what runs where, as text or (--log-format json) one JSON object,
     so that every line a JSON log holds parses."""
+    from .parallel import available_cores, worker_count
+
     shown = {"method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "nodes": cfg.nodes,
-             "seed": cfg.seed, "threads": cfg.threads or "all"}
+             "seed": cfg.seed, "threads": cfg.threads or "all", "workers": worker_count(cfg)}
     if cfg.train.device is not None:  # where `auto` lands, and the GPU's name
         from .devices import describe, resolve_device
 
@@ -210,7 +230,7 @@ def _print_start(cfg: Config, out: Path, log_format: str) -> None:
         return
     text = " ".join(f"{k}={v}" for k, v in shown.items()) + f" -> {out}"
     console.print("[bold]mpfl run[/] " + escape(text), highlight=False)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     if cfg.threads > cores:
         console.print(f"note: --threads {cfg.threads} is more than the {cores} cores this process may use; torch "
                       "slows down sharply when its threads outnumber the cores", highlight=False)
@@ -309,7 +329,7 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment on the in-process simulator",
                          description="Run one experiment on the in-process simulator. Progress goes to stderr (a "
                                      "live bar on a terminal, one line per round otherwise), the summary to stdout.")
-    _add_config_flags(run)
+    _add_config_flags(run, command_defaults=RUN_DEFAULTS)
     out = run.add_argument_group("output")
     out.add_argument("--out", help="run directory (default: a new folder under runs/)")
     out.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")

@@ -323,7 +323,8 @@ class Config:
     threads: int = _field(1, "torch threads per training process; 1 stays fast beside other work (--workers "
                              "gives parallelism); 0 = torch's choice, all cores, which slows down sharply on a busy "
                              "machine", aliases=("num_threads",))
-    workers: int = _field(1, "processes that train the nodes side by side (same results as 1)",
+    workers: int = _field(1, "processes that train the nodes side by side (same results as 1); 0 = one per CPU "
+                             "core at --threads each, at most 8 (1 on a GPU)",
                           aliases=("processes", "num_workers"))
     plugins: tuple[str, ...] = _field((), "modules or .py files to import first, which register datasets, models, "
                                            "methods and other pieces by name; repeat the flag for several")
@@ -357,7 +358,7 @@ class Config:
             raise ConfigError(f"min_nodes = {self.min_nodes} is larger than nodes = {self.nodes}")
         _range("eval_every", self.eval_every, 0)
         _range("threads", self.threads, 0, MAX_THREADS)
-        _range("workers", self.workers, 1)
+        _range("workers", self.workers, 0)
         if self.faults.malicious > self.nodes:
             raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
         if self.robust.aggregator == "krum" and self.robust.byzantine >= self.nodes:

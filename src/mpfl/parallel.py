@@ -8,14 +8,18 @@ sequential simulator does. Every random draw depends on (seed, step, node) only,
 same number of torch threads per process the masks and weights are bit for bit those of a
 run with one process.
 
+`workers = 0` (what `mpfl run` uses unless told otherwise) starts one worker per CPU core the
+process may use, at the configured torch threads each (see :func:`worker_count`).
+
 Workers are forked from a server process that has imported mpfl and torch once (the
 ``forkserver`` start method), so starting them costs little after the first run. As with any
-multiprocessing code, a script that sets `workers` > 1 must start the run under
-``if __name__ == "__main__":``.
+multiprocessing code, a script that sets `workers` to 0 or above 1 must start the run under
+``if __name__ == "__main__":``; the Python API's default, 1, needs no guard.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import traceback
 from collections.abc import Mapping, Sequence
@@ -26,6 +30,7 @@ import torch.multiprocessing as mp
 
 from .config import Config
 from .data import Dataset
+from .devices import resolve_device
 from .errors import MpflError
 from .experiment import Experiment
 from .node import NodeState, build_nodes, deliver
@@ -33,6 +38,29 @@ from .plugins import load_plugins
 from .protocol import Reply
 
 PRELOAD = ["mpfl.sim"]
+AUTO_WORKERS_MAX = 8
+"""The most workers `workers = 0` starts: beyond about this many, the server's share of a round
+(decoding every reply, the consensus, the evaluation), which runs in one process, dominates."""
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(cfg: Config) -> int:
+    """The worker processes a run trains its nodes in (1: none, the nodes run in the run's own process).
+
+    `workers` >= 1 is taken as given (at most one per node). 0 (auto) means one per available core
+    at `threads` torch threads each, at most :data:`AUTO_WORKERS_MAX` and one per node; it means 1
+    when the nodes train on a GPU (one process drives it best) or when `threads` = 0 leaves the
+    threads to torch, which then uses every core in one process. Any count gives the same results.
+    """
+    if cfg.workers:
+        return min(cfg.workers, cfg.nodes)
+    if cfg.threads == 0 or resolve_device(cfg.train.device).type != "cpu":
+        return 1
+    return max(1, min(available_cores() // cfg.threads, AUTO_WORKERS_MAX, cfg.nodes))
 
 
 def worker_threads(cfg: Config, workers: int) -> int:

@@ -34,6 +34,7 @@ from .data import DATASETS
 from .errors import ResourceError
 from .methods import method_of
 from .models import build_model
+from .parallel import worker_count
 
 # Built-in datasets: image shape, classes, and train + test images held as float32.
 DATASET_SIZES = {"mnist": ((1, 28, 28), 10, 70000), "fashion-mnist": ((1, 28, 28), 10, 70000),
@@ -71,7 +72,7 @@ def per_node_bytes(params: int) -> int:
 def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate:
     """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
     normalised data (see the module docstring for the figures behind it)."""
-    workers = min(cfg.workers, cfg.nodes)  # as many as the pool starts: never more than the nodes
+    workers = worker_count(cfg)
     fixed = PROCESS_BYTES * (1 + (workers if workers > 1 else 0)) + 2 * data_bytes
     held = holding_nodes(cfg)
     if held >= cfg.nodes:
@@ -106,6 +107,18 @@ def estimate_run(cfg: Config) -> MemoryEstimate | None:
     shape, classes, samples = DATASET_SIZES[key]
     params = sum(p.numel() for p in build_model(cfg.train.model, shape, classes).state_dict().values())
     return estimate_memory(cfg, params, samples * 4 * math.prod(shape))
+
+
+def fit_workers(cfg: Config, available: int | None) -> Config:
+    """`cfg` with automatic workers (`workers = 0`) fixed at the most that the estimate fits in
+    `available` bytes (at least 1), so the automatic choice never makes a run too big for the machine
+    where fewer processes would fit; any other config comes back as it was."""
+    if cfg.workers != 0 or available is None or (estimate := estimate_run(cfg)) is None:
+        return cfg
+    if estimate.total <= available:
+        return cfg
+    workers = worker_count(cfg) - math.ceil((estimate.total - available) / PROCESS_BYTES)
+    return cfg.with_overrides({"workers": workers if workers > 1 else 1})
 
 
 def available_memory() -> int | None:

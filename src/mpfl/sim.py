@@ -2,8 +2,9 @@
 
 Nodes are `mpfl.node.Node` objects and the server is `mpfl.server.Server`, exactly as on
 Flower; only the transport differs: bodies are handed to `Node.handle` directly, so the
-bytes counted are the bytes Flower would carry. With `workers` > 1 the nodes run in that many
-worker processes (`mpfl.parallel`), with the same results.
+bytes counted are the bytes Flower would carry. With more than one worker (`workers` > 1, or 0 on a
+CPU with several cores: `mpfl.parallel.worker_count`) the nodes run in worker processes, with the
+same results.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .interrupts import deferred_interrupts
 from .locks import RunLock
 from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
-from .parallel import NodePool
+from .parallel import NodePool, worker_count
 from .protocol import NodeFailure, Reply
 from .records import CONFIG, SUMMARY, RunDir, check_run_dir, finish_run, make_run_dir
 from .resume import check_resumable, checkpoint_run, load_resumed, restart
@@ -156,9 +157,9 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | 
         if resume:
             run_dir.rewrite([])
     earlier = records[-1].get("elapsed", 0.0) if records else 0.0
-    pool = None
-    if cfg.workers > 1 and cfg.nodes > 1:  # workers get the data on the host (shared memory) and move it themselves
-        pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, cfg.workers)
+    pool, workers = None, worker_count(cfg)
+    if workers > 1:  # workers get the data on the host (shared memory) and move it themselves
+        pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, workers)
     nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
     transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
     server: Server

@@ -62,7 +62,7 @@ def from_run_config(run_config: Mapping[str, ConfigValue]) -> tuple[Config, Runn
     if injected:
         raise ConfigError(f"{', '.join(injected)}: the in-process simulator injects dropouts, stragglers and "
                           "corrupt or duplicated replies; on Flower they happen for real, so set these to 0")
-    if cfg.workers != 1:
+    if cfg.workers > 1:
         raise ConfigError(f"workers = {cfg.workers}: worker processes are the in-process simulator's; on Flower "
                           "every node is its own ClientApp, so set workers = 1")
     return cfg, _runner_options(runner)

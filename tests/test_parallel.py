@@ -1,0 +1,36 @@
+"""How many worker processes a run trains its nodes in (`mpfl.parallel.worker_count`)."""
+
+import pytest
+import torch
+
+import mpfl.parallel
+from mpfl.config import Config
+from mpfl.parallel import AUTO_WORKERS_MAX, worker_count
+
+
+@pytest.mark.parametrize(("cores", "overrides", "expected"), [
+    (2, {}, 2),                                  # one process per core, one torch thread each
+    (64, {"nodes": 100}, AUTO_WORKERS_MAX),      # capped where the server's one process dominates
+    (16, {"nodes": 3}, 3),                       # never more processes than nodes
+    (16, {"threads": 4}, 4),                     # the cores shared out at --threads each
+    (3, {"threads": 4}, 1),                      # more threads than cores: one process
+    (16, {"threads": 0}, 1),                     # torch's own threads already use every core
+    (1, {}, 1),
+])
+def test_auto_workers_share_the_cores_out(monkeypatch, cores, overrides, expected):
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: cores)
+    assert worker_count(Config().with_overrides({"workers": 0, **overrides})) == expected
+
+
+def test_auto_workers_leave_a_gpu_to_one_process(monkeypatch):
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: 16)
+    monkeypatch.setattr(mpfl.parallel, "resolve_device", lambda name: torch.device("cuda" if name == "cuda" else "cpu"))
+    assert worker_count(Config().with_overrides({"workers": 0, "device": "cuda"})) == 1
+    assert worker_count(Config().with_overrides({"workers": 0, "device": "auto"})) == AUTO_WORKERS_MAX  # lands on the CPU
+
+
+def test_a_set_number_of_workers_is_kept_up_to_one_per_node(monkeypatch):
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: 1)
+    assert worker_count(Config().with_overrides({"workers": 3})) == 3
+    assert worker_count(Config().with_overrides({"workers": 30, "nodes": 4})) == 4
+    assert worker_count(Config()) == 1
