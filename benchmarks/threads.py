@@ -4,9 +4,10 @@
 
 For each load, first none and then N CPU-bound processes (``python -c 'while True: pass'``,
 default N = 2, started before and stopped after the runs of that load), three runs of
-``mpfl run`` in fresh processes, one after the other: with the default threads, with
-``--threads 1`` and with ``--threads 0`` (torch's own choice, one thread per core, which was
-the default before one thread was). A row per run: the load, the threads asked for, the wall
+``mpfl run`` in fresh processes, one after the other: with the defaults (one torch thread in
+each of one process per core), with ``--threads 1 --workers 1`` (one thread in one process,
+the default before workers were automatic) and with ``--threads 0`` (torch's own choice, one
+thread per core, in one process, which was the default before one thread was). A row per run: the load, the threads asked for, the wall
 time and the CPU time of the run's process (with its children), how many rounds it finished,
 whether it finished before the timeout (default 600 s, 300 s with --quick; a run cut off there
 has a wall time of at least the timeout), and its wall time over those of the ``--threads 1``
@@ -32,7 +33,7 @@ from pathlib import Path
 from _common import emit, parser, stop_on_sigterm
 
 COLUMNS = ["load", "threads", "wall_s", "cpu_s", "rounds_done", "finished", "vs_threads_1", "vs_threads_0"]
-THREADS = {"default": [], "1": ["--threads", "1"], "0": ["--threads", "0"]}
+THREADS = {"default": [], "1": ["--threads", "1", "--workers", "1"], "0": ["--threads", "0"]}
 QUICK = ["--train-samples", "12000", "--mask-rounds", "2", "--rounds", "3"]
 BUSY = "while True: pass"
 

@@ -53,8 +53,9 @@ def worker_count(cfg: Config) -> int:
 
     `workers` >= 1 is taken as given (at most one per node). 0 (auto) means one per available core
     at `threads` torch threads each, at most :data:`AUTO_WORKERS_MAX` and one per node; it means 1
-    when the nodes train on a GPU (one process drives it best) or when `threads` = 0 leaves the
-    threads to torch, which then uses every core in one process. Any count gives the same results.
+    when the nodes train on a GPU (processes would share it by time-slicing, measured only for the
+    small mlp) or when `threads` = 0 leaves the threads to torch, which then uses every core in one
+    process. Any count gives the same results.
     """
     if cfg.workers:
         return min(cfg.workers, cfg.nodes)
