@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.table import Table
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    """An argument parser with the flags every benchmark takes."""
-    p = argparse.ArgumentParser(description=description)
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the flags every benchmark takes, described by the first paragraph of
+    the benchmark's docstring `doc` (which may run over several lines)."""
+    p = argparse.ArgumentParser(description=" ".join(doc.strip().split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="a reduced configuration that finishes in minutes")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write the table rows as a JSON list")
     return p

@@ -96,7 +96,7 @@ def measure(variant: str, sparsity: float, data_dir: Path, threads: int) -> dict
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--threads", type=int, default=1, help="torch threads in every measurement")
     p.add_argument("--worker", nargs=3, metavar=("VARIANT", "SPARSITY", "DATA_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()

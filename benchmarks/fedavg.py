@@ -15,7 +15,7 @@ from mpfl.sim import simulate
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parser(__doc__).parse_args()
     model, rounds = ("mlp", 5) if args.quick else ("cnn", 10)
     cfg = Config().with_overrides({"method": "fedavg", "model": model, "nodes": 10, "rounds": rounds, "epochs": 1,
                                    "batch_size": 32, "lr": 0.05, "partition": "iid", "val_fraction": 0.0})

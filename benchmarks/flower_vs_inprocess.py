@@ -113,7 +113,7 @@ def profile(records: list[dict]) -> dict:
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parser(__doc__).parse_args()
     stop_on_sigterm()
     simulation = importlib.util.find_spec("ray") is not None
     if not simulation:

@@ -29,7 +29,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--methods", default=",".join(VARIANTS), help="comma-separated rows to run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; 0: torch's choice)")
     args = p.parse_args()

@@ -129,7 +129,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one torch thread (default 1)")
     p.add_argument("--data-dir", help="where FashionMNIST/raw/ is (MNIST ships with the package)")
     p.add_argument("--cache", type=Path, help="JSON-lines file of finished cells, reused and appended to")

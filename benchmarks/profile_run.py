@@ -84,7 +84,7 @@ def profile(model: str, nodes: int, quick: bool, threads: int | None, fraction: 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     p.add_argument("--models", nargs="+", default=["cnn", "mlp"], help="models to profile (default: cnn mlp)")
     p.add_argument("--nodes", nargs="+", type=int, default=[10, 50], help="node counts to profile (default: 10 50)")

@@ -48,7 +48,7 @@ def _cells(attacks: list[str], counts: list[int], claims: float) -> list[tuple[s
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--attacks", default=",".join(a for a in ATTACKS.names() if a not in ("none", "silent", "large-values")),
                    help="attacks of the first group (large-values has its own group, against every aggregator)")
     p.add_argument("--counts", default="1,2,3")

@@ -25,7 +25,7 @@ COLUMNS = ("method", "model", "variant", "dataset", "partition", "sparsity", "n"
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--out", type=Path, help="study folder (default: studies/<preset>)")
     p.add_argument("--seeds", type=int, help="seeds of the main comparison and sparsity sweep (default: the preset's)")
     p.add_argument("--datasets", help="datasets of the main comparison, comma-separated (default: mnist,fashion-mnist)")

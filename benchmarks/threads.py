@@ -76,7 +76,7 @@ def runs_under_load(busy: int, quick: bool, timeout: float, work: Path) -> list[
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__)
     p.add_argument("--busy", type=int, default=2, help="CPU-bound processes beside the runs (default 2)")
     p.add_argument("--timeout", type=float, help="seconds after which a run is stopped (default 600, --quick 300)")
     args = p.parse_args()

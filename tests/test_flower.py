@@ -43,9 +43,10 @@ from mpfl.flower.local import (
 )
 from mpfl.flower.node_runtime import handle, load_state, save_state
 from mpfl.flower.payload import pack, step_of, unpack
-from mpfl.flower.settings import RunnerOptions, from_run_config, node_settings, with_local_init
+from mpfl.flower.settings import RunnerOptions, flower_wording, from_run_config, node_settings, with_local_init
 from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
 from mpfl.node import NodeState
+from mpfl.protocol import NodeFailure
 from mpfl.records import read_rounds, read_summary
 from mpfl.server import Server
 from mpfl.sim import simulate
@@ -254,6 +255,27 @@ def test_apps_in_one_process_match_the_simulator(tmp_path, sim, in_process):
     assert 0.0 < summary["federated_eval"]["accuracy"] <= 1.0
     types = [m.metadata.message_type for m in grid.sent]
     assert types == ["query.partition"] * 2 + ["train.mask"] * 4 + ["train.train"] * 4 + ["evaluate"] * 2
+    elapsed = [r["elapsed"] for r in read_rounds(tmp_path / "run")]  # as mpfl run records it: seconds so far
+    assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:])) and elapsed[-1] <= summary["wall_time"]
+
+
+def test_flower_errors_name_flowers_keys_not_mpfl_runs_flags(tmp_path, in_process):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    rc = run_config(out_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="already holds files; choose another out-dir$"):
+        serve(LoopbackGrid(rc, [0, 1]), rc)
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert flower_wording("use --mask-rounds 2, --nodes 4 or --data-dir, not --resume; flwr run --run-config x") == \
+        "use prune.mask-rounds 2, nodes 4 or data.data-dir, not --resume; flwr run --run-config x"
+    assert flower_wording("point --data-dir at it", node=True) == "point the node config's data-dir at it"
+
+
+def test_a_supernode_that_cannot_prepare_the_run_replies_with_the_reason():
+    rc = run_config()
+    reply, timing = handle(rc, {"partition-id": 5, "num-partitions": 2}, RecordDict(), "mask", RecordDict())
+    assert isinstance(reply, NodeFailure) and timing["node"] == 0.0
+    assert reply.reason.startswith("node could not prepare the run: ") and "partition-id" in reply.reason
 
 
 def test_mask_adaptation_in_training_runs_on_the_apps_as_in_the_simulator(tmp_path, in_process):
@@ -341,8 +363,11 @@ def test_centralized_is_refused_before_any_node_is_contacted(tmp_path, in_proces
 def test_misconfigured_supernodes_are_left_out_and_the_run_goes_on(in_process):
     rc = run_config()
     grid = LoopbackGrid(rc, [0, 1], num_partitions=3)
-    with pytest.raises(RoundError, match="only 0 of 2 partitions joined.*num-partitions = 3 but the run has nodes = 2"):
+    with pytest.raises(RoundError, match="only 0 of 2 partitions joined.*num-partitions = 3 but the run has nodes = 2") \
+            as refused:
         FlowerTransport(grid, 1.0).connect(2, 1, timeout=0.1)
+    assert "2 SuperNode(s) connected, and these were left out" in str(refused.value)
+    assert "within" not in str(refused.value)  # every SuperNode came at once: none was waited for
     stray = FlowerTransport(LoopbackGrid(rc, [1, 1, 0], num_partitions=2), 1.0)
     assert stray.connect(2, 1, timeout=0.1) == [1] and stray.node_ids() == [0]
     assert [(e["node"], e["supernode"], e["step"], e["phase"]) for e in stray.left_out] == [(1, 100, 0, "connect"),

@@ -23,7 +23,7 @@ from . import __version__
 from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
 from .errors import ConfigError, MpflError
 from .progress import LOG_FORMATS
-from .records import CONFIG, default_run_dir
+from .records import CONFIG, default_run_dir, summary_line
 
 console = Console(stderr=True, soft_wrap=True)
 INTERRUPTED = 130
@@ -250,10 +250,7 @@ def _print_summary(s: dict, out: Path, log_format: str) -> None:
     if log_format == "json":
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in s.items() if k != "config"}}), flush=True)
         return
-    acc = "n/a" if s["final_accuracy"] is None else f"{100 * s['final_accuracy']:.2f}%"
-    density = "n/a" if s["final_density"] is None else f"{s['final_density']:.3f}"
-    print(f"final accuracy {acc}, density {density}, bytes up {s['bytes_up']:,} down {s['bytes_down']:,}, "
-          f"{s['wall_time']:.1f} s. Records in {out}", flush=True)
+    print(summary_line(s, out), flush=True)
 
 
 def cmd_partition(args: argparse.Namespace) -> int:

@@ -129,6 +129,14 @@ class RunDir:
 RUNNER = "simulator"
 
 
+def summary_line(summary: dict, out: Path) -> str:
+    """A run's final figures in one line, as `mpfl run` prints them and the ServerApp logs them."""
+    acc = "n/a" if summary["final_accuracy"] is None else f"{100 * summary['final_accuracy']:.2f}%"
+    density = "n/a" if summary["final_density"] is None else f"{summary['final_density']:.3f}"
+    return (f"final accuracy {acc}, density {density}, bytes up {summary['bytes_up']:,} down "
+            f"{summary['bytes_down']:,}, {summary['wall_time']:.1f} s. Records in {out}")
+
+
 def lost_nodes(records: Iterable[dict]) -> list[dict]:
     """Nodes whose last request in the run failed: the step from which they stayed out, its phase and
     the reason (a node that replied again later was only absent for a while, and is not listed)."""

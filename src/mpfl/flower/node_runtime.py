@@ -28,12 +28,12 @@ from ..config import Config
 from ..core.training import LocalTrainer
 from ..core.training import evaluate as evaluate_weights
 from ..datacache import load_cached
-from ..errors import PayloadError
+from ..errors import MpflError, PayloadError
 from ..experiment import Experiment, set_threads
 from ..node import Node, NodeState, make_trainer, release
 from ..protocol import NodeFailure
 from .payload import EVALUATE, METRICS, pack, step_of, unpack
-from .settings import ConfigValue, NodeSettings, from_run_config, node_config, node_settings, with_local_init
+from .settings import ConfigValue, NodeSettings, flower_wording, from_run_config, node_config, node_settings, with_local_init
 
 STATE = "mpfl.node"
 KEPT_RUNS = 2
@@ -80,7 +80,11 @@ def handle(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigV
     request's content, updating the node's `state`; return the reply's content (or the node's
     failure) and the seconds spent preparing (``setup``) and handling it (``node``)."""
     started = time.perf_counter()
-    prepared, where = prepare(run_config, node_cfg)
+    try:
+        prepared, where = prepare(run_config, node_cfg)
+    except MpflError as exc:  # missing data, a bad node config: the reason, in Flower's terms, for the server's log
+        return NodeFailure(f"node could not prepare the run: {flower_wording(str(exc), node=True)}"), \
+            {"setup": time.perf_counter() - started, "node": 0.0}
     ready = time.perf_counter()
     pid = where.partition_id
     reply = _evaluate(prepared, pid, content) if task == EVALUATE else _task(prepared, pid, task, content, state)

@@ -19,13 +19,13 @@ from flwr.serverapp import Grid, ServerApp
 from .. import codec
 from ..codec import Kind
 from ..core.params import Mask, ParamSpec
-from ..errors import RoundError
+from ..errors import MpflError, RoundError
 from ..experiment import Experiment
 from ..files import write_groups
 from ..protocol import NodeFailure
-from ..records import RunDir, check_run_dir, default_run_dir, finish_run, lost_nodes
+from ..records import RunDir, check_run_dir, default_run_dir, finish_run, lost_nodes, summary_line
 from ..server import Server
-from .settings import from_run_config
+from .settings import flower_wording, from_run_config
 from .transport import METRIC_BYTES, FlowerTransport
 
 MASKS = "masks.npz"
@@ -35,7 +35,15 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run one experiment on the connected SuperNodes and write its run directory."""
+    """Run one experiment on the connected SuperNodes and write its run directory; an error names
+    Flower's keys, not `mpfl run`'s flags."""
+    try:
+        _run(grid, context)
+    except MpflError as exc:
+        raise type(exc)(flower_wording(str(exc))) from None
+
+
+def _run(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     cfg, opts = from_run_config(context.run_config)
     out = Path(opts.out_dir) if opts.out_dir else default_run_dir(cfg)
@@ -45,6 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     records: list[dict] = []
 
     def on_round(record: dict) -> None:
+        record["elapsed"] = time.perf_counter() - started
         record["flower"] = transport.take_timing()
         records.append(record)
         run_dir.log(record)
@@ -66,7 +75,8 @@ def main(grid: Grid, context: Context) -> None:
              "lost_nodes": _lost(transport, missing, records, failed)}
     state = server.state
     _save_masks(run_dir.path, exp.spec, state.history)
-    finish_run(exp, run_dir, state.weights, state.mask, records, time.perf_counter() - started, extra)
+    summary = finish_run(exp, run_dir, state.weights, state.mask, records, time.perf_counter() - started, extra)
+    log(INFO, "%s", summary_line(summary, run_dir.path.resolve()))
 
 
 def _log_round(record: dict) -> None:

@@ -10,15 +10,38 @@ from the same run config, so every SuperNode builds the same partition, model an
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..config import Config
+from ..config import FIELD_SECTIONS, Config
 from ..errors import ConfigError
 
 ConfigValue = bool | int | float | str
 INJECTED_FAULTS = ("dropout", "straggler", "corrupt", "duplicate")
+
+
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
+
+
+def flower_wording(message: str, *, node: bool = False) -> str:
+    """An error message written for `mpfl run` with each flag named as Flower knows it: a config field
+    as its run-config key (``--mask-rounds`` -> ``prune.mask-rounds``), ``--out`` as ``out-dir``, and
+    on a SuperNode (`node`) ``--data-dir`` as its node config's ``data-dir``."""
+
+    def key(match: re.Match) -> str:
+        flag = match[1]
+        if node and flag == "data-dir":
+            return "the node config's data-dir"
+        if flag == "out":
+            return "out-dir"
+        section = FIELD_SECTIONS.get(flag.replace("-", "_"))
+        if section is None:
+            return match[0]
+        return f"{section}.{flag}" if section else flag
+
+    return _FLAG.sub(key, message)
 
 
 @dataclass(frozen=True)

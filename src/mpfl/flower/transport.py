@@ -119,9 +119,11 @@ class FlowerTransport:
                                           "give every SuperNode its own partition-id")
         missing = [p for p in range(nodes) if p not in self.flower_ids]
         if len(self.flower_ids) < min_nodes:
+            waited = f" within {timeout:g} s" if len(ids) < nodes else ""  # all came: none was waited for
             detail = "; ".join(f"SuperNode {e['supernode']}: {e['reason']}" for e in self.left_out)
-            raise RoundError(f"only {len(self.flower_ids)} of {nodes} partitions joined within {timeout:g} s, "
-                             f"fewer than min_nodes = {min_nodes} ({detail or f'{len(ids)} SuperNode(s) connected'})")
+            raise RoundError(f"only {len(self.flower_ids)} of {nodes} partitions joined, fewer than min_nodes = "
+                             f"{min_nodes}: {len(ids)} SuperNode(s) connected{waited}"
+                             + (f", and these were left out: {detail}" if detail else ""))
         if missing:
             log(WARNING, "running without partition(s) %s", missing)
         return missing
