@@ -195,9 +195,13 @@ def test_a_round_left_without_replies_by_simulated_faults_says_which_and_warns_n
     assert "only 0 valid replies" in err and "simulates faults (--dropout = 1): lower them or --min-nodes" in err
 
 
-def test_a_diverged_run_says_to_lower_the_learning_rate(tmp_path, capsys):
-    assert main(["run", *SMALL, "--lr", "50", "--out", str(tmp_path / "r")]) == 2
-    err = " ".join(capsys.readouterr().err.split())
+@pytest.mark.parametrize("workers", ["1", "2"])  # an error in a worker process reaches the user as it is
+def test_a_diverged_run_says_to_lower_the_learning_rate(tmp_path, capsys, workers):
+    args = _without(SMALL, "--workers") + ["--workers", workers]
+    assert main(["run", *args, "--lr", "50", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    err = " ".join(err.split())
     assert "refusing to encode NaN or Inf values" in err and "training diverged: lower the learning rate (--lr)" in err
 
 

@@ -176,3 +176,20 @@ def test_a_method_that_breaks_its_contract_is_refused_with_what_it_must_do(tmp_p
         Experiment.from_config(tiny_config(method="no-mask-round-test"))
     with pytest.raises(MethodError, match="train_round must return the Round of its exchange .* got NoneType"):
         simulate(tiny_config(method="silent-training-test"), tmp_path / "run")
+
+
+@pytest.mark.parametrize(("registration", "flag", "says"), [
+    ("mpfl.register_criterion('none', lambda weights, current, density, **_: None)", "--criterion",
+     "the mask criterion 'none' must return a list of 3 boolean arrays"),
+    ("mpfl.register_rule('none', lambda votes, support, ctx: [v > 0 for v in votes[:1]])", "--consensus",
+     "the consensus rule 'none' must return a list of 3 boolean arrays"),
+])
+def test_a_plug_in_that_breaks_the_mask_contract_stops_the_run_with_one_line(tmp_path, capsys, registration, flag,
+                                                                              says):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(f"import mpfl\n{registration}\n")
+    out = tmp_path / "run"
+    assert main(["run", "--plugins", str(plugin), flag, "none", *SMALL, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert (out / "config.toml").is_file()  # the run directory stays, as after any stopped run

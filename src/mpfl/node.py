@@ -21,7 +21,7 @@ from .codec import Kind
 from .compact import compactable
 from .config import Config
 from .core.adapt import drop_votes, regrow_votes, swap_counts
-from .core.masks import CRITERIA, keep_count, top_k
+from .core.masks import CRITERIA, checked_mask, keep_count, top_k
 from .core.params import Mask, ParamSpec, Weights
 from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
 from .errors import PayloadError
@@ -120,12 +120,15 @@ def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weight
     criterion sees `movement_scores`. Returns the mask and the trained weights."""
     spec, p = trainer.spec, cfg.prune
     criterion = CRITERIA.get(p.criterion)
+    what = f"the mask criterion {p.criterion!r}"
     if criterion.needs_scores:
         scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
-        return criterion.choose(scores, current, density, scope=p.scope, floor=p.layer_floor), None
+        return checked_mask(criterion.choose(scores, current, density, scope=p.scope, floor=p.layer_floor), current,
+                            what), None
     trained, _ = trainer.train(start, current, data, epochs or cfg.train.epochs, generator(*gen_key))
     ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), p.extrapolate)
-    return criterion.choose(ranked, current, density, scope=p.scope, floor=p.layer_floor), trained
+    return checked_mask(criterion.choose(ranked, current, density, scope=p.scope, floor=p.layer_floor), current,
+                        what), trained
 
 
 def movement_scores(w0: Sequence[np.ndarray], trained: Sequence[np.ndarray], extrapolate: float) -> Weights:

@@ -88,6 +88,8 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
             else:
                 result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
             conn.send(("ok", result))
+        except MpflError as exc:  # says what to do: the main process raises it as it is, as one process would
+            conn.send(("raise", exc))
         except Exception:
             conn.send(("error", traceback.format_exc()))
 
@@ -135,6 +137,8 @@ class NodePool:
                 raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
                                    "import only the plug-ins the config names: register your own datasets, "
                                    "models and methods in a module passed with --plugins") from None
+            if status == "raise":
+                raise result
             if status != "ok":
                 raise RuntimeError(f"worker process {w} failed:\n{result}")
             answers[w] = result

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mpfl.core import masks
+from mpfl.errors import MethodError
 
 
 def test_geometric_schedule_keeps_the_same_fraction_each_round():
@@ -145,3 +146,15 @@ def test_mask_statistics_by_hand():
     assert masks.jaccard(a, b) == pytest.approx(2 / 4)
     support = [np.array([1, 1, 1, 0], bool), np.array([1, 1], bool)]
     assert masks.agreement(a, b, support) == pytest.approx(3 / 5)
+
+
+def test_checked_mask_holds_plug_ins_to_the_mask_contract():
+    current = [np.array([True, True, False]), np.ones((2, 2), dtype=bool)]
+    good = [np.array([True, False, False]), np.eye(2, dtype=bool)]
+    assert all(a is b for a, b in zip(masks.checked_mask(good, current, "the rule 'r'"), good))
+    for bad, says in [(None, "it returned NoneType"), ([good[0]], "it returned 1 items"),
+                      ([good[0], np.eye(2)], "item 1 is a float64 array of shape \\(2, 2\\)"),
+                      ([good[0], np.ones(4, dtype=bool)], "item 1 is a bool array of shape \\(4,\\)"),
+                      ([np.array([True, False, True]), good[1]], "item 0 keeps entries the current mask has pruned")]:
+        with pytest.raises(MethodError, match=f"^the rule 'r' must return a list of 2 boolean arrays.*; {says}"):
+            masks.checked_mask(bad, current, "the rule 'r'")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..registry import Registry, registry
-from .masks import Mask, expand_rows, rows, select
+from .masks import Mask, checked_mask, expand_rows, rows, select
 
 _EPS = 1e-9
 
@@ -150,6 +150,5 @@ def register_rule(name: str, rule: Rule) -> None:
 
 
 def consensus(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], rule: str, ctx: VoteContext) -> Mask:
-    """Apply the named rule and guarantee the result is a subset of `support`."""
-    mask = RULES.get(rule)(votes, support, ctx)
-    return [np.asarray(m, dtype=bool) & s for m, s in zip(mask, support)]
+    """Apply the named rule, holding it to its contract (`masks.checked_mask`)."""
+    return checked_mask(RULES.get(rule)(votes, support, ctx), support, f"the consensus rule {rule!r}")

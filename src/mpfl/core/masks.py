@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import MethodError
 from ..registry import Registry, registry
 from .memo import positions
 
@@ -180,6 +181,27 @@ def register_criterion(name: str, fn: Callable[..., Mask], *, structured: bool =
     """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`
     (a subset of `current`); see `Criterion` for the two flags."""
     CRITERIA.register(name, Criterion(fn, structured=structured, needs_scores=needs_scores))
+
+
+def checked_mask(mask: object, current: Sequence[np.ndarray], what: str) -> Mask:
+    """`mask` (what a plug-in's criterion or rule returned) as boolean arrays, once it is one array
+    per prunable tensor, each of its tensor's shape and a subset of `current`; otherwise a
+    MethodError that names `what` and the contract, so a broken plug-in stops with one line."""
+    contract = (f"{what} must return a list of {len(current)} boolean arrays, one per prunable tensor, each "
+                "the shape of its tensor and a subset of the current mask")
+    if not isinstance(mask, (list, tuple)) or len(mask) != len(current):
+        got = f"{len(mask)} items" if isinstance(mask, (list, tuple)) else type(mask).__name__
+        raise MethodError(f"{contract}; it returned {got}")
+    out = []
+    for i, (m, c) in enumerate(zip(mask, current)):
+        m = np.asarray(m)
+        if m.shape != c.shape or m.dtype != bool:
+            raise MethodError(f"{contract}; item {i} is a {m.dtype} array of shape {m.shape}, the tensor's shape "
+                              f"is {c.shape}")
+        if (m > c).any():
+            raise MethodError(f"{contract}; item {i} keeps entries the current mask has pruned")
+        out.append(m)
+    return out
 
 
 # --------------------------------------------------------------------------- statistics
