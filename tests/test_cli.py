@@ -1,5 +1,6 @@
 """The `mpfl` command end to end: a short run writes its records; bad input stops before any work."""
 
+import contextlib
 import json
 import os
 import re
@@ -397,3 +398,20 @@ def test_run_help_shows_the_run_default_of_workers(capsys):
         main(["run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert re.search(r"--workers INT processes that train the nodes .*?\(default (\w+)\)", text)[1] == "0"
+
+
+def test_with_json_logs_errors_and_refusals_are_json_too(tmp_path, capsys):
+    assert main(["run", *SMALL, "--out", str(tmp_path / "done")]) == 0
+    capsys.readouterr()
+    for argv in (["run", "--model", "mlpp", "--log-format", "json"], ["run", "--bogus", "1", "--log-format=json"],
+                 ["run", "--resume", str(tmp_path / "done"), "--log-format", "json"]):
+        with pytest.raises(SystemExit) if "--bogus" in argv else contextlib.nullcontext():
+            assert main(argv) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and json.loads(lines[0])["event"] == "error", argv
+    assert "holds a finished run" in json.loads(lines[0])["message"]
+
+
+def test_resuming_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
+    assert "does not exist; give the run directory of the run to continue" in capsys.readouterr().err

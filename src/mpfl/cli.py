@@ -131,12 +131,10 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     """The saved config and directory of the run `--resume` names."""
     if args.config or args.out or _given(args):
         raise ConfigError("--resume continues a run with its own saved config; give no other config flags or --out")
-    from .records import check_run_dir
+    from .records import check_resumable_dir
 
     out = Path(args.resume)
-    if not (out / CONFIG).is_file():
-        raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
-    check_run_dir(out, resume=True)
+    check_resumable_dir(out)
     try:
         return Config.from_toml(out / CONFIG), out
     except ConfigError as exc:
@@ -195,12 +193,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                               keep_checkpoint=args.keep_checkpoint)
     except KeyboardInterrupt:
         hint = _resume_hint(out)
-        console.print(f"interrupted; {hint}" if hint else "interrupted before the run started; nothing was written",
-                      highlight=False)
+        _notice("interrupted", f"interrupted; {hint}" if hint else "interrupted before the run started; nothing was "
+                "written", args.log_format)
         return INTERRUPTED
     except SystemExit as exc:  # mpfl never exits from inside a run: a plug-in's hook or model did
-        console.print(f"the run stopped: code it ran (a plug-in?) called sys.exit({exc.code!r}); "
-                      f"{_resume_hint(out) or 'nothing was written'}", highlight=False)
+        _notice("stopped", f"the run stopped: code it ran (a plug-in?) called sys.exit({exc.code!r}); "
+                f"{_resume_hint(out) or 'nothing was written'}", args.log_format)
         raise
     finally:
         if board is not None:
@@ -415,10 +413,16 @@ def _suggest(parser: argparse.ArgumentParser, unknown: Sequence[str]) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line that points at --help, not the whole usage."""
+    """An argument parser whose errors are one line that points at --help, not the whole usage (one
+    JSON object when the command line asks for ``--log-format json``)."""
+
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        text = f"{self.prog}: error: {message} (see {self.prog} --help)"
+        if self.json_errors:
+            text = json.dumps({"event": "error", "message": text})
+        self.exit(2, text + "\n")
 
 
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
@@ -439,31 +443,43 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse a command line; unknown flags are refused by the subcommand with a suggestion."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    tokens = _join_negative_values(sys.argv[1:] if argv is None else argv)
+    _Parser.json_errors = "--log-format=json" in tokens or ("--log-format", "json") in zip(tokens, tokens[1:])
+    args, unknown = parser.parse_known_args(tokens)
     if unknown:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
         sub.error(f"unrecognized arguments: {' '.join(unknown)}.{_suggest(sub, unknown)}")
     return args
 
 
-def _error(text: str) -> int:
+def _notice(event: str, text: str, log_format: str) -> None:
+    """A line on stderr about how a command ended: text, or with ``--log-format json`` one JSON object
+    (``{"event": ..., "message": ...}``), so that every line of a JSON log parses."""
+    if log_format == "json":
+        print(json.dumps({"event": event, "message": text}), file=sys.stderr, flush=True)
+    else:
+        console.print(("[red]error:[/] " if event == "error" else "") + escape(text), soft_wrap=True, highlight=False)
+
+
+def _error(text: str, log_format: str) -> int:
     """Print a one-line error; return the exit code of a refused command."""
-    console.print("[red]error:[/] " + escape(text), soft_wrap=True, highlight=False)
+    _notice("error", text, log_format)
     return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `mpfl` console script."""
     args = _parse(argv)
+    log_format = getattr(args, "log_format", "auto")
     try:
         return args.func(args)
     except MpflError as exc:
-        return _error(name_flags(" ".join(str(exc).split()), _given(args)))
+        return _error(name_flags(" ".join(str(exc).split()), _given(args)), log_format)
     except OSError as exc:
         where = f" {str(exc.filename)!r}" if exc.filename else ""
-        return _error(f"cannot use{where}: {exc.strerror or exc}; choose another path")
+        return _error(f"cannot use{where}: {exc.strerror or exc}; choose another path", log_format)
     except KeyboardInterrupt:
-        console.print("interrupted", highlight=False)
+        _notice("interrupted", "interrupted", log_format)
         return INTERRUPTED
 
 

@@ -80,6 +80,17 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
         raise ConfigError(f"run directory {str(path)!r} already holds files; choose another --out")
 
 
+def check_resumable_dir(path: Path) -> None:
+    """Refuse to resume a folder that is missing, is not a run directory or holds a finished run."""
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist; give the run directory of the run to continue")
+    if not (path / CONFIG).is_file():
+        raise ConfigError(f"{str(path)!r} is not a run directory (no config.toml); nothing to resume")
+    if (path / SUMMARY).exists():
+        raise ConfigError(f"{str(path)!r} holds a finished run; there is nothing to resume")
+    check_run_dir(path, resume=True)
+
+
 def _csv_text(records: Iterable[dict], *, header: bool) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")

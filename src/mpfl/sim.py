@@ -28,7 +28,7 @@ from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool, worker_count
 from .protocol import NodeFailure, Reply
-from .records import CONFIG, SUMMARY, RunDir, check_run_dir, finish_run, make_run_dir
+from .records import RunDir, check_resumable_dir, check_run_dir, finish_run, make_run_dir
 from .resume import check_resumable, checkpoint_run, load_resumed, restart
 from .seeds import POOLED, Stream, rng
 from .server import Server
@@ -125,11 +125,7 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
         return _simulate(cfg, None, on_round, experiment, resume, keep_checkpoint)
     out = Path(out)
     if resume:
-        if not (out / CONFIG).is_file():
-            raise ConfigError(f"{str(out)!r} is not a run directory (no config.toml); nothing to resume")
-        if (out / SUMMARY).exists():
-            raise ConfigError(f"{str(out)!r} holds a finished run; there is nothing to resume")
-        check_run_dir(out, resume=True)
+        check_resumable_dir(out)
     else:
         check_run_dir(out)
         experiment = experiment or Experiment.from_config(cfg)  # bad input stops before any folder is made
