@@ -415,3 +415,19 @@ def test_with_json_logs_errors_and_refusals_are_json_too(tmp_path, capsys):
 def test_resuming_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path / "nope")]) == 2
     assert "does not exist; give the run directory of the run to continue" in capsys.readouterr().err
+
+
+def test_rerunning_a_saved_config_elsewhere_names_its_relative_plug_in_path(tmp_path, capsys, monkeypatch):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "myplug.py").write_text("import mpfl\n")
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["run", *SMALL, "--plugins", "myplug.py", "--rounds", "0", "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["run", "--config", str(tmp_path / "run" / "config.toml"), "--out", str(tmp_path / "again")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "plug-in 'myplug.py' could not be imported" in err
+    assert "names 'myplug.py' relative to the folder the run was started in: run from that folder" in err
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(["run", "--config", str(tmp_path / "run" / "config.toml"), "--quiet", "--out",
+                 str(tmp_path / "again")]) == 0

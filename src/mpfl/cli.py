@@ -93,6 +93,8 @@ def config_from_args(args: argparse.Namespace, command_defaults: dict[str, objec
     except ConfigError as exc:
         if args.config and _names_file_value(str(exc), data, overrides):
             raise type(exc)(f"{exc} (set in the config file {str(args.config)!r})") from None
+        if args.config and (hint := _relative_paths_hint(args.config, "run")):
+            raise type(exc)(f"{exc}{hint}") from None
         raise
 
 
@@ -138,11 +140,12 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     try:
         return Config.from_toml(out / CONFIG), out
     except ConfigError as exc:
-        raise type(exc)(f"{exc}{_relative_paths_hint(out / CONFIG)}") from None
+        raise type(exc)(f"{exc}{_relative_paths_hint(out / CONFIG, 'resume')}") from None
 
 
-def _relative_paths_hint(path: Path) -> str:
-    """A hint for a saved config whose relative file paths (--init, --plugins files) do not resolve from here."""
+def _relative_paths_hint(path: Path, action: str) -> str:
+    """A hint for a config file whose relative file paths (--init, --plugins files) do not resolve from
+    here: they are read from the folder a command runs in, not from the file's folder."""
     data = Config.read_toml(path)
     train, plugins = data.get("train"), data.get("plugins")
     files = [train.get("init")] if isinstance(train, dict) else []
@@ -151,7 +154,7 @@ def _relative_paths_hint(path: Path) -> str:
     if not relative:
         return ""
     return (f" ({path} names {', '.join(map(repr, relative))} relative to the folder the run was started in: "
-            f"resume from that folder)")
+            f"{action} from that folder)")
 
 
 def _steps_done(out: Path) -> int:
