@@ -5,6 +5,7 @@ import json
 import pytest
 
 import mpfl.sim
+import mpfl.study
 from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.errors import ConfigError, PathError, RoundError
@@ -170,3 +171,23 @@ def test_a_missing_dataset_stops_the_study_before_any_run_and_says_how_to_skip_i
     err = capsys.readouterr().err
     assert calls == [] and "fashion-mnist" in err and "--datasets mnist" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_keeps_the_finished_cells_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    real, calls = mpfl.sim.simulate, []
+
+    def stopped_at_the_second_cell(cfg, out, **kw):
+        calls.append(out)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, out, **kw)
+
+    monkeypatch.setattr(mpfl.sim, "simulate", stopped_at_the_second_cell)
+    monkeypatch.setattr(mpfl.study, "preset_cells", lambda *args, **kw: CELLS)
+    out = tmp_path / "s"
+    assert main(["study", "--quiet", "--out", str(out)]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted; the finished cells are kept in {out}: run the same mpfl study command again" in err
+    monkeypatch.setattr(mpfl.sim, "simulate", real)
+    assert main(["study", "--quiet", "--out", str(out)]) == 0
+    assert "ran 1, already done 1, failed 0" in capsys.readouterr().out

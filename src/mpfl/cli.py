@@ -295,7 +295,12 @@ def cmd_study(args: argparse.Namespace) -> int:
             print(f"missing data: {name} is not in {where}; it is downloaded when the study starts if this machine "
                   f"is online" + (f", or run without it: --datasets {','.join(present)}" if present else ""))
         return 0
-    result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet, force=args.force)
+    try:
+        result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet, force=args.force)
+    except KeyboardInterrupt:
+        console.print(f"interrupted; the finished cells are kept in {out}: run the same mpfl study command again "
+                      "to continue with the rest", highlight=False)
+        return INTERRUPTED
     print(f"ran {len(result.ran)}, already done {len(result.skipped)}, failed {len(result.failed)}")
     return 1 if result.failed else 0
 
