@@ -22,7 +22,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.config import flatten_dict, parse_config_args
 from flwr.supercore.task_identity import TaskIdentity
 
-from mpfl import datacache
+from conftest import bits
+from mpfl import codec, datacache
 from mpfl.checkpoint import load_final
 from mpfl.config import SECTIONS, Config
 from mpfl.data import load_dataset
@@ -420,6 +421,10 @@ def test_bytes_count_the_messages_sent_and_lost_nodes_are_summarised(tmp_path, i
     assert summary["bytes_eval_down"] == sum(request_bytes(evaluations).values()) > 0
     assert summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
     assert summary["runner"] == "flower-deployment"
+    final = list(load_final(tmp_path / "run").weights.values())
+    body = unpack(evaluations[0].content)[0]  # the final weights, exact, at their coded positions only
+    assert bits(codec.decode_sparse(body, [w.shape for w in final]).tensors) == bits(final)
+    assert len(body) < 0.2 * sum(w.nbytes for w in final)
 
 
 # --------------------------------------------------------------------------- the node side

@@ -23,7 +23,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .. import codec
-from ..codec import Kind
 from ..config import Config
 from ..core.training import LocalTrainer
 from ..core.training import evaluate as evaluate_weights
@@ -112,7 +111,7 @@ def _evaluate(prepared: Prepared, pid: int, content: RecordDict) -> RecordDict:
     bodies = unpack(content)
     if len(bodies) != 1:
         raise PayloadError(f"an evaluation request carries 1 body, got {len(bodies)}")
-    weights = codec.decode_dense(bodies[0], Kind.WEIGHTS, exp.spec.shapes, round=step_of(content)).tensors
+    weights = codec.decode_sparse(bodies[0], exp.spec.shapes, round=step_of(content)).tensors
     data = exp.node_data(pid)
     accuracy, loss = evaluate_weights(exp.model, exp.spec, weights, data.x[data.val], data.y[data.val])
     return RecordDict({METRICS: MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": int(data.val.numel())})})

@@ -17,7 +17,6 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .. import codec
-from ..codec import Kind
 from ..core.params import Mask, ParamSpec
 from ..errors import MpflError, RoundError
 from ..experiment import Experiment
@@ -112,9 +111,10 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
     """The final weights evaluated on every node's validation split (federated evaluation): the
     summary's ``federated_eval`` with its traffic (``bytes_eval_down``: the weights, to each node
     they were sent to; ``bytes_eval_up``: the numbers each node returned), and the nodes that gave
-    no result."""
+    no result. The weights travel as a SPARSE body, exact float32 values at coded positions, so a
+    pruned model costs its kept weights (a node may not hold the final mask to send values over)."""
     step = server.plan[-1].step
-    body = codec.encode_dense(Kind.WEIGHTS, server.state.weights, round=step)
+    body = codec.encode_sparse(server.state.weights, round=step)
     per_node, total, correct, down, up, failed = {}, 0, 0.0, 0, 0, []
     for pid, result in sorted(transport.evaluate(body, step).items()):
         if isinstance(result, NodeFailure):
