@@ -8,12 +8,12 @@ run`` in fresh processes, one after the other: with the defaults (one torch thre
 one process per core), with ``--threads 1 --workers 1`` (one thread in one process, the default
 before workers were automatic) and with ``--threads 0`` (torch's own choice, one thread per
 core, in one process, which was the default before one thread was). A row per run: the load,
-the threads asked for, the wall time and the CPU time of the run's process (with its children),
-how many rounds it finished, whether it finished before the timeout (default 600 s, 300 s with
---quick; a run cut off there has a wall time of at least the timeout), and its wall time over
-those of the ``--threads 1`` and ``--threads 0`` runs under the same load. Targets: with the
-busy processes, the default at most 1.5x ``--threads 1``; idle, the default no slower than
-``--threads 0`` (at most 1.0x).
+the threads asked for, the wall time and the CPU time of the run's process (with its children;
+not its worker processes, which the OS counts elsewhere), how many rounds it finished, whether
+it finished before the timeout (default 600 s, 300 s with --quick; a run cut off there has a
+wall time of at least the timeout), and its wall time over those of the ``--threads 1`` and
+``--threads 0`` runs under the same load. Targets: with the busy processes, the default at most
+1.5x ``--threads 1``; idle, the default no slower than ``--threads 0`` (at most 1.0x).
 
 The full configuration is the plain ``mpfl run`` (mlp, 10 IID nodes, all of MNIST, 5 mask +
 10 training rounds); --quick uses 12,000 training images and 2 mask + 3 training rounds. The
