@@ -63,6 +63,10 @@ def test_flags_replace_bad_values_of_the_file_and_errors_about_the_file_name_it(
     assert main(["run", "--config", str(path), *SMALL, "--mask-average-from", "-9", "--out", str(tmp_path / "r")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "--mask-average-from = -9 counts back past the first of 2 mask rounds" in err and "config file" not in err
+    path.write_text("[trainn]\nlr = 0.1\n")  # a misspelt section is the file's too
+    assert main(["run", "--config", str(path), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"unknown config key 'trainn'. Did you mean 'train'? (set in the config file {str(path)!r})" in err
 
 
 def test_resuming_from_another_folder_says_where_relative_paths_are_read(tmp_path, capsys, monkeypatch):

@@ -108,7 +108,7 @@ def _in_file(data: dict, name: str) -> bool:
 def _names_file_value(message: str, data: dict, flags: Iterable[str]) -> bool:
     """Whether an error `message` is about a key the config file sets and no flag replaces: it names the key
     as the validators do (``key = value``, ``[section.]key must``, or ``'[section.]key'``)."""
-    keys = {key for key, value in data.items() if not isinstance(value, dict)}
+    keys = set(data)  # every top-level key and [section] name
     keys |= {key for value in data.values() if isinstance(value, dict) for key in value}
     return any(re.search(rf"{_mentioned(key)}|'{_SECTION}{re.escape(key)}'", message) for key in keys - set(flags))
 
