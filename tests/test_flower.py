@@ -483,8 +483,9 @@ def test_warm_node_process_replies_as_the_clientapp_itself_and_leaves_when_idle(
     pid = int(paths.pid.read_text())
     again, timing = warm.forward(node_context(rc), "mask", request, 2.0, root=tmp_path, parent=os.getpid())
     assert unpack(again) == unpack(want) and int(paths.pid.read_text()) == pid and timing["setup"] < 0.05
-    with pytest.raises(ConfigError, match="num-partitions = 3 but the run has nodes = 2"):
-        warm.forward(node_context(rc, **{"num-partitions": 3}), "mask", request, 2.0, root=tmp_path, parent=os.getpid())
+    refused, _ = warm.forward(node_context(rc, **{"num-partitions": 3}), "mask", request, 2.0, root=tmp_path,
+                              parent=os.getpid())
+    assert isinstance(refused, NodeFailure) and "num-partitions = 3 but the run has nodes = 2" in refused.reason
     deadline = time.monotonic() + 30
     while warm._alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
