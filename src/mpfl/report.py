@@ -714,8 +714,10 @@ def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
         md += [f"## {', '.join(section)}", "", to_markdown(here), ""]
         if blind := [g.label for g in mine if not _has_accuracy(g)]:
             md += [f"No test accuracy recorded (no training round was evaluated), so not plotted: {'; '.join(blind)}.", ""]
-        md += ["The pruned model on a device (the share of the dense model in brackets; training-round wall "
-               "time relative to the matched FedAvg run):", "", to_markdown(here, DEVICE_COLUMNS)]
+        md += ["The pruned model on a device (the share of the dense model in brackets; model size: the kept "
+               "float32 values and a 1-bit mask, the least a sparse file needs, or the shrunk model when whole "
+               "filters are dropped, while `mpfl export` writes torch's sparse formats, which hold indices; "
+               "training-round wall time relative to the matched FedAvg run):", "", to_markdown(here, DEVICE_COLUMNS)]
         for name, png, draw in _section_plots(mine, out, section):
             plots.append((png, draw))
             md += [f"![{name.replace('_', ' ')}, {', '.join(section)}]({png.name})", ""]
