@@ -88,6 +88,16 @@ def test_a_plugin_that_calls_sys_exit_stops_the_run_with_its_code_and_says_how_t
     assert [json.loads(line)["phase"] for line in (out / "rounds.jsonl").read_text().splitlines()] == ["mask"] * 2 + ["train"]
 
 
+def test_a_plugin_that_calls_sys_exit_in_a_worker_process_ends_the_run_the_same_way(tmp_path, capsys):
+    plugin = tmp_path / "quits_in_node.py"
+    plugin.write_text("import sys\nimport mpfl\nmpfl.register_criterion('quits', lambda *args, **kw: sys.exit(4))\n")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", "--plugins", str(plugin), "--criterion", "quits", *SMALL, "--workers", "2", "--out", str(out)])
+    assert stopped.value.code == 4
+    assert f"called sys.exit(4); continue with: mpfl run --resume {out}" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_plugin_file_the_script_imported_itself_is_not_run_twice(tmp_path, monkeypatch):
     import importlib
     import sys

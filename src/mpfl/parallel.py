@@ -88,8 +88,8 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
             else:
                 result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
             conn.send(("ok", result))
-        except MpflError as exc:  # says what to do: the main process raises it as it is, as one process would
-            conn.send(("raise", exc))
+        except (MpflError, SystemExit) as exc:  # an error that says what to do, a plug-in's sys.exit: the main
+            conn.send(("raise", exc))           # process raises it as it is, as one process would
         except Exception:
             conn.send(("error", traceback.format_exc()))
 
