@@ -47,7 +47,7 @@ from mpfl.flower.payload import pack, step_of, unpack
 from mpfl.flower.settings import RunnerOptions, flower_wording, from_run_config, node_settings, with_local_init
 from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
 from mpfl.node import NodeState
-from mpfl.protocol import NodeFailure
+from mpfl.protocol import NodeFailure, RoundRecord
 from mpfl.records import read_rounds, read_summary
 from mpfl.server import Server
 from mpfl.sim import simulate
@@ -256,6 +256,7 @@ def test_apps_in_one_process_match_the_simulator(tmp_path, sim, in_process):
     assert 0.0 < summary["federated_eval"]["accuracy"] <= 1.0
     types = [m.metadata.message_type for m in grid.sent]
     assert types == ["query.partition"] * 2 + ["train.mask"] * 4 + ["train.train"] * 4 + ["evaluate"] * 2
+    assert all(set(r) <= set(RoundRecord.__annotations__) for r in read_rounds(tmp_path / "run"))
     elapsed = [r["elapsed"] for r in read_rounds(tmp_path / "run")]  # as mpfl run records it: seconds so far
     assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:])) and elapsed[-1] <= summary["wall_time"]
 

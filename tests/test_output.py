@@ -121,3 +121,25 @@ def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_
         check_memory(capped, capped.fixed - 1)
     with pytest.raises(ResourceError, match="use at most --nodes 2"):
         check_memory(capped, capped.fixed + 2 * capped.per_node + 1)
+
+
+def test_round_records_have_the_keys_round_record_names_with_their_types(tmp_path):
+    """`RoundRecord` is the records' contract: every key a run writes is named there, with its type."""
+    import types
+    import typing
+
+    from mpfl.protocol import RoundRecord
+
+    def allowed(hint) -> tuple[type, ...]:
+        parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        return tuple(typing.get_origin(part) or part for part in parts)
+
+    result = simulate(tiny_config(rounds=4), tmp_path / "run")
+    hints = typing.get_type_hints(RoundRecord)
+    written = read_rounds(tmp_path / "run")
+    assert [set(r) for r in written] == [set(r) for r in result.records]
+    for record in written:
+        assert RoundRecord.__required_keys__ <= set(record) <= set(hints), set(record) ^ set(hints)
+        assert all(isinstance(value, allowed(hints[key])) for key, value in record.items()), record
+    assert {"hamming", "agreement", "vote_weights"} <= set(written[0])
+    assert any("swapped" in r for r in written if r["phase"] == "train")  # an adaptation round

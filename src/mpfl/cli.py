@@ -23,6 +23,7 @@ from . import __version__
 from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
 from .errors import ConfigError, MpflError
 from .progress import LOG_FORMATS
+from .protocol import RoundRecord
 from .records import CONFIG, default_run_dir, summary_line
 
 console = Console(stderr=True, soft_wrap=True)
@@ -237,9 +238,10 @@ def _print_start(cfg: Config, out: Path, log_format: str) -> None:
                       "slows down sharply when its threads outnumber the cores", highlight=False)
 
 
-def _both(first: Callable[[dict], None], second: Callable[[dict], None]) -> Callable[[dict], None]:
+def _both(first: Callable[[RoundRecord], None], second: Callable[[RoundRecord], None]
+          ) -> Callable[[RoundRecord], None]:
     """One round callback that calls two."""
-    def on_round(record: dict) -> None:
+    def on_round(record: RoundRecord) -> None:
         first(record)
         second(record)
 

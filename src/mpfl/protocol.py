@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 from . import codec
 
@@ -39,6 +39,42 @@ class NodeFailure(NamedTuple):
 
 
 Reply = Sequence[bytes] | NodeFailure
+
+
+class _AlwaysRecorded(TypedDict):
+    """The keys every round record has (see `RoundRecord`)."""
+
+    step: int  # the round's number in the run's plan (mask and training rounds together, from 1)
+    phase: str  # "mask" or "train"
+    round: int  # the round's number within its phase, from 1
+    method: str
+    seed: int
+    accuracy: float | None  # test accuracy of the global model after the round; None if not evaluated
+    loss: float | None  # its mean test cross-entropy
+    target_density: float  # the density the plan asks for after this round
+    density: float  # the share of the prunable weights the consensus mask keeps
+    bytes_up: int  # nodes to server, this round
+    bytes_down: int  # server to nodes, this round
+    cum_bytes_up: int  # so far in the run
+    cum_bytes_down: int
+    nodes: list[int]  # the nodes whose replies counted
+    dropped: dict[str, str]  # node id -> why it was left out of the round
+
+
+class RoundRecord(_AlwaysRecorded, total=False):
+    """One round as `on_round` callbacks receive it and ``rounds.jsonl`` holds it: a plain dict (JSON
+    as it is, and a method may add metrics of its own through `Round.metrics`) whose keys are named
+    here. Bytes are those of the encoded messages the round sent."""
+
+    time: float  # the round's wall time (s), set once it ends
+    elapsed: float  # the run's wall time so far (s), over every invocation of a resumed run
+    hamming: int  # mask rounds: entries the consensus mask changed
+    layer_density: list[float]  # mask rounds: the share kept per prunable tensor
+    agreement: float  # MPFL's mask rounds: the mean agreement of the local masks with the consensus
+    vote_weights: dict[str, float]  # MPFL's mask rounds: node id -> its share of the vote
+    swap_fraction: float  # adaptation rounds: the share of each layer's kept weights to swap
+    swapped: int  # adaptation rounds: weights regrown (and as many dropped)
+    flower: dict[str, Any]  # Flower runs: where the round's time went per node
 
 
 @dataclass

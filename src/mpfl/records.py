@@ -37,6 +37,7 @@ from .errors import ConfigError, RunDirError
 from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
+from .protocol import RoundRecord
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -120,14 +121,14 @@ class RunDir:
         if not resume:
             atomic_write(self.path / CONFIG, tomli_w.dumps(cfg.to_dict()))
 
-    def log(self, record: dict) -> None:
+    def log(self, record: RoundRecord) -> None:
         """Append one round to the JSON-lines and CSV logs, synced to disk (so that a checkpoint written
         after it never gets ahead of the records)."""
         csv_path = self.path / ROUNDS_CSV
         _append(self.path / ROUNDS_JSONL, json.dumps(record) + "\n")
         _append(csv_path, _csv_text([record], header=not _has_content(csv_path)))
 
-    def rewrite(self, records: list[dict]) -> None:
+    def rewrite(self, records: list[RoundRecord]) -> None:
         """Atomically replace the round logs with `records` (on resume: drop rounds after the checkpoint)."""
         atomic_write(self.path / ROUNDS_JSONL, "".join(json.dumps(r) + "\n" for r in records))
         atomic_write(self.path / ROUNDS_CSV, _csv_text(records, header=True))
@@ -148,7 +149,7 @@ def summary_line(summary: dict, out: Path) -> str:
             f"{summary['bytes_down']:,}, {summary['wall_time']:.1f} s. Records in {out}")
 
 
-def lost_nodes(records: Iterable[dict]) -> list[dict]:
+def lost_nodes(records: Iterable[RoundRecord]) -> list[dict]:
     """Nodes whose last request in the run failed: the step from which they stayed out, its phase and
     the reason (a node that replied again later was only absent for a while, and is not listed)."""
     lost: dict[str, dict] = {}
@@ -160,7 +161,7 @@ def lost_nodes(records: Iterable[dict]) -> list[dict]:
     return sorted(lost.values(), key=lambda entry: (entry["step"], entry["node"]))
 
 
-def summarize(cfg: Config, records: Iterable[dict], wall_time: float, extra: dict | None = None) -> dict:
+def summarize(cfg: Config, records: Iterable[RoundRecord], wall_time: float, extra: dict | None = None) -> dict:
     """Final figures of a run from its round records; `extra` (the runner's own figures) overrides
     the defaults of a simulator run (`runner`, `lost_nodes`, no federated evaluation traffic)."""
     records = list(records)
@@ -196,7 +197,7 @@ def _append(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def read_rounds(path: str | Path, *, complete: bool = False) -> list[dict]:
+def read_rounds(path: str | Path, *, complete: bool = False) -> list[RoundRecord]:
     """The round records of a run directory. A last line that a crash cut short (no newline, not valid
     JSON) is left out, unless `complete` (the log of a finished run, which no crash cut short); any other
     line that is not a round record is a RunDirError naming the file and line."""
@@ -226,7 +227,7 @@ def read_summary(path: str | Path) -> dict:
     return json.loads((Path(path) / SUMMARY).read_text())
 
 
-def traffic_units(records: Sequence[dict], params: int) -> dict:
+def traffic_units(records: Sequence[RoundRecord], params: int) -> dict:
     """The field's units of traffic: megabytes both ways, and bits per model parameter per node
     and round (a dense float32 FedAvg round is 32 each way), over the whole run and over the
     training phase alone. Rounds count once per node that took part (replied)."""
@@ -239,7 +240,7 @@ def traffic_units(records: Sequence[dict], params: int) -> dict:
     return out
 
 
-def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: Mask, records: list[dict],
+def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: Mask, records: list[RoundRecord],
                wall_time: float, extra: dict) -> dict:
     """The run's summary (with the pruned model's size and cost, and its traffic in the field's
     units); written with the final weights to `run_dir` when there is one."""

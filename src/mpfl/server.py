@@ -24,7 +24,7 @@ from .core.aggregate import robust_average
 from .core.params import Mask, ParamSpec, Weights
 from .errors import MethodError, PayloadError, RoundError
 from .methods import method_of
-from .protocol import NodeFailure, Reply, Round, Step, Transport, bytes_sent
+from .protocol import NodeFailure, Reply, Round, RoundRecord, Step, Transport, bytes_sent
 from .seeds import Stream, rng
 
 Evaluator = Callable[[Weights], tuple[float, float]]
@@ -71,7 +71,7 @@ class Server:
 
     def __init__(self, cfg: Config, spec: ParamSpec, w0: Weights, transport: Transport, *,
                  evaluate: Evaluator | None = None, oracle: Oracle | None = None,
-                 on_round: Callable[[dict], None] | None = None, state: ServerState | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None, state: ServerState | None = None) -> None:
         self.cfg, self.spec, self.transport = cfg, spec, transport
         self.evaluate, self.oracle = evaluate, oracle
         self.on_round = on_round or (lambda record: None)
@@ -85,9 +85,9 @@ class Server:
 
     # ------------------------------------------------------------------ driving
 
-    def run(self) -> dict:
-        """Run every remaining step of the plan; return the final record."""
-        record: dict = {}
+    def run(self) -> RoundRecord | None:
+        """Run every remaining step of the plan; return the last round's record (None if none was left)."""
+        record = None
         for step in self.plan[self.state.next_step - 1 :]:
             if step.phase == "mask" and self.state.mask_done:
                 self.state.next_step = step.step + 1
@@ -101,7 +101,7 @@ class Server:
             self.on_round(record)
         return record
 
-    def run_step(self, step: Step) -> dict:
+    def run_step(self, step: Step) -> RoundRecord:
         """One round of the method, then evaluation and the round's record."""
         if step.phase == "mask":
             exchanged, metrics = self._mask_round(step)
@@ -114,7 +114,7 @@ class Server:
         state = self.state
         state.bytes_up += exchanged.bytes_up
         state.bytes_down += exchanged.bytes_down
-        record = {
+        record: RoundRecord = {
             "step": step.step, "phase": step.phase, "round": step.index, "method": self.cfg.method, "seed": self.cfg.seed,
             "accuracy": None, "loss": None, "target_density": step.density, "density": masks.density(state.mask),
             "bytes_up": exchanged.bytes_up, "bytes_down": exchanged.bytes_down,

@@ -27,7 +27,7 @@ from .locks import RunLock
 from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool, worker_count
-from .protocol import NodeFailure, Reply
+from .protocol import NodeFailure, Reply, RoundRecord
 from .records import RunDir, check_resumable_dir, check_run_dir, finish_run, make_run_dir
 from .resume import check_resumable, checkpoint_run, load_resumed, restart
 from .seeds import POOLED, Stream, rng
@@ -96,7 +96,7 @@ class PooledOracle:
 class RunResult:
     """What a run produced: its round records, summary, final weights and mask, and where it was written."""
 
-    records: list[dict]
+    records: list[RoundRecord]
     summary: dict
     weights: Weights
     mask: Mask
@@ -104,7 +104,7 @@ class RunResult:
     masks: dict[int, Mask] = field(default_factory=dict)
 
 
-def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[dict], None] | None = None,
+def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[RoundRecord], None] | None = None,
              experiment: Experiment | None = None, resume: bool = False, keep_checkpoint: bool = False) -> RunResult:
     """Run `cfg` on the in-process simulator; write records (and a checkpoint per round) to `out`
     when given; with `resume`, continue the run in `out` from its last checkpoint (or from the start
@@ -136,7 +136,7 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
         return _simulate(cfg, out, on_round, experiment, resume, keep_checkpoint)
 
 
-def _simulate(cfg: Config, out: Path | None, on_round: Callable[[dict], None] | None, experiment: Experiment | None,
+def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], None] | None, experiment: Experiment | None,
               resume: bool, keep_checkpoint: bool) -> RunResult:
     """`simulate` once the run directory (if any) is locked."""
     started = time.perf_counter()

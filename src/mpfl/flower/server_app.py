@@ -21,7 +21,7 @@ from ..core.params import Mask, ParamSpec
 from ..errors import MpflError, RoundError
 from ..experiment import Experiment
 from ..files import write_groups
-from ..protocol import NodeFailure
+from ..protocol import NodeFailure, RoundRecord
 from ..records import RunDir, check_run_dir, default_run_dir, finish_run, lost_nodes, summary_line
 from ..server import Server
 from .settings import flower_wording, from_run_config
@@ -49,9 +49,9 @@ def _run(grid: Grid, context: Context) -> None:
     check_run_dir(out)
     exp = Experiment.from_config(cfg)
     transport = FlowerTransport(grid, opts.round_timeout)
-    records: list[dict] = []
+    records: list[RoundRecord] = []
 
-    def on_round(record: dict) -> None:
+    def on_round(record: RoundRecord) -> None:
         record["elapsed"] = time.perf_counter() - started
         record["flower"] = transport.take_timing()
         records.append(record)
