@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import mpfl.parallel
+from conftest import tiny_config
 from mpfl.config import Config
+from mpfl.errors import ConfigError
 from mpfl.parallel import AUTO_WORKERS_MAX, worker_count
+from mpfl.sim import simulate
 
 
 @pytest.mark.parametrize(("cores", "overrides", "expected"), [
@@ -34,3 +37,12 @@ def test_a_set_number_of_workers_is_kept_up_to_one_per_node(monkeypatch):
     assert worker_count(Config().with_overrides({"workers": 3})) == 3
     assert worker_count(Config().with_overrides({"workers": 30, "nodes": 4})) == 4
     assert worker_count(Config()) == 1
+
+
+def test_auto_workers_stay_in_one_process_where_processes_cannot_be_forked(monkeypatch):
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: 16)
+    monkeypatch.setattr(mpfl.parallel, "forkserver_available", lambda: False)
+    assert worker_count(Config().with_overrides({"workers": 0})) == 1
+    with pytest.raises(ConfigError, match="workers = 2: worker processes are started by forkserver, which this "
+                                          "platform lacks; run with --workers 1"):
+        simulate(tiny_config(workers=2))

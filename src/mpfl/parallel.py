@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from .config import Config
 from .data import Dataset
 from .devices import resolve_device
-from .errors import MpflError
+from .errors import ConfigError, MpflError
 from .experiment import Experiment
 from .node import NodeState, build_nodes, deliver
 from .plugins import load_plugins
@@ -48,18 +48,23 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def forkserver_available() -> bool:
+    """Whether this platform starts processes by forkserver, as worker processes need (Windows does not)."""
+    return "forkserver" in mp.get_all_start_methods()
+
+
 def worker_count(cfg: Config) -> int:
     """The worker processes a run trains its nodes in (1: none, the nodes run in the run's own process).
 
     `workers` >= 1 is taken as given (at most one per node). 0 (auto) means one per available core
     at `threads` torch threads each, at most :data:`AUTO_WORKERS_MAX` and one per node; it means 1
     when the nodes train on a GPU (processes would share it by time-slicing, measured only for the
-    small mlp) or when `threads` = 0 leaves the threads to torch, which then uses every core in one
-    process. Any count gives the same results.
+    small mlp), when `threads` = 0 leaves the threads to torch, which then uses every core in one
+    process, or where there is no forkserver to start workers with. Any count gives the same results.
     """
     if cfg.workers:
         return min(cfg.workers, cfg.nodes)
-    if cfg.threads == 0 or resolve_device(cfg.train.device).type != "cpu":
+    if cfg.threads == 0 or resolve_device(cfg.train.device).type != "cpu" or not forkserver_available():
         return 1
     return max(1, min(available_cores() // cfg.threads, AUTO_WORKERS_MAX, cfg.nodes))
 
@@ -98,6 +103,9 @@ class NodePool:
     """The nodes of a run spread over worker processes; `exchange` runs every worker's share at once."""
 
     def __init__(self, cfg: Config, dataset: Dataset, states: Mapping[int, NodeState], workers: int) -> None:
+        if not forkserver_available():
+            raise ConfigError(f"workers = {cfg.workers}: worker processes are started by forkserver, which this "
+                              "platform lacks; run with --workers 1")
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         self.ids = list(range(cfg.nodes))
