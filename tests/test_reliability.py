@@ -229,6 +229,16 @@ def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_r
     assert not (out / "checkpoint.npz").exists() and (out / "final.npz").exists()
 
 
+def test_worker_processes_of_a_killed_run_end_quietly(tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--workers", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rounds(out, 1, proc)
+    proc.kill()  # as the OOM killer would: no Ctrl-C handler, no pool shut-down
+    _, stderr = proc.communicate(timeout=60)  # the workers hold the same stderr: its end means they have exited
+    assert stderr == ""
+
+
 def test_resume_refuses_finished_or_foreign_directories(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 2
     assert "not a run directory" in capsys.readouterr().err

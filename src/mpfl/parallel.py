@@ -77,7 +77,8 @@ def worker_threads(cfg: Config, workers: int) -> int:
 def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: list[int],
            states: dict[int, NodeState]) -> None:
     """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
-    until it receives None. Ctrl-C is left to the main process, which stops the workers itself."""
+    until it receives None. Ctrl-C is left to the main process, which stops the workers itself; if
+    that process is gone (killed), the worker ends quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
@@ -86,17 +87,20 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
     except MpflError as exc:
         conn.send(("setup", exc))
         return
-    while (message := conn.recv()) is not None:
-        try:
-            if message[0] == "exchange":
-                result = deliver(nodes, *message[1:])
-            else:
-                result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
-            conn.send(("ok", result))
-        except (MpflError, SystemExit) as exc:  # an error that says what to do, a plug-in's sys.exit: the main
-            conn.send(("raise", exc))           # process raises it as it is, as one process would
-        except Exception:
-            conn.send(("error", traceback.format_exc()))
+    try:
+        while (message := conn.recv()) is not None:
+            try:
+                if message[0] == "exchange":
+                    result = deliver(nodes, *message[1:])
+                else:
+                    result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
+                conn.send(("ok", result))
+            except (MpflError, SystemExit) as exc:  # an error that says what to do, a plug-in's sys.exit: the
+                conn.send(("raise", exc))           # main process raises it as it is, as one process would
+            except Exception:
+                conn.send(("error", traceback.format_exc()))
+    except (EOFError, OSError):  # the pipe broke: the run's process is gone, and nobody is left to answer
+        return
 
 
 class NodePool:
