@@ -1,4 +1,4 @@
-"""How many worker processes a run trains its nodes in (`mpfl.parallel.worker_count`)."""
+"""Worker processes: how many a run starts (`mpfl.parallel.worker_count`), and where none can be started."""
 
 import pytest
 import torch
