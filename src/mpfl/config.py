@@ -105,9 +105,11 @@ class DataConfig:
     shards: int = _field(2, "label shards per node with --partition shards", aliases=("shards_per_node",))
     val_fraction: float = _field(0.1, "share of each node's samples held out for validation",
                                  aliases=("validation_fraction",))
-    train_samples: int | None = _field(None, "use only the first n training samples; none = all",
+    train_samples: int | None = _field(None, "use only the first n training samples (all when there are fewer); "
+                                             "none = all",
                                        aliases=("num_train", "n_train"))
-    test_samples: int | None = _field(None, "evaluate on the first n test samples; none = all",
+    test_samples: int | None = _field(None, "evaluate on the first n test samples (all when there are fewer); "
+                                            "none = all",
                                       aliases=("num_test", "n_test"))
 
     def validate(self) -> None:
