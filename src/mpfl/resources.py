@@ -113,9 +113,7 @@ def fit_workers(cfg: Config, available: int | None) -> Config:
     """`cfg` with automatic workers (`workers = 0`) fixed at the most that the estimate fits in
     `available` bytes (at least 1), so the automatic choice never makes a run too big for the machine
     where fewer processes would fit; any other config comes back as it was."""
-    if cfg.workers != 0 or available is None or (estimate := estimate_run(cfg)) is None:
-        return cfg
-    if estimate.total <= available:
+    if cfg.workers != 0 or available is None or (estimate := estimate_run(cfg)) is None or estimate.total <= available:
         return cfg
     workers = worker_count(cfg) - math.ceil((estimate.total - available) / PROCESS_BYTES)
     return cfg.with_overrides({"workers": workers if workers > 1 else 1})
