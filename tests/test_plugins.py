@@ -203,3 +203,19 @@ def test_a_plug_in_that_breaks_the_mask_contract_stops_the_run_with_one_line(tmp
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert (out / "config.toml").is_file()  # the run directory stays, as after any stopped run
+
+
+def test_a_plug_ins_own_error_keeps_its_type_from_a_worker_and_is_one_json_object_when_asked(tmp_path, capsys):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("import mpfl\n\ndef broken(weights, current, density, **_):\n"
+                      "    raise ValueError('broken on purpose')\n\nmpfl.register_criterion('broken', broken)\n")
+    with pytest.raises(ValueError, match="broken on purpose") as raised:  # as with one process
+        simulate(tiny_config(plugins=(str(plugin),), criterion="broken", workers=2))
+    assert any(note.startswith("raised in worker process") and "in broken" in note for note in raised.value.__notes__)
+    capsys.readouterr()
+    args = ["run", "--plugins", str(plugin), "--criterion", "broken", *SMALL, "--workers", "2", "--log-format", "json"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "error" and event["message"] == "ValueError: broken on purpose"
+    assert "raise ValueError('broken on purpose')" in event["traceback"]

@@ -239,6 +239,58 @@ def test_worker_processes_of_a_killed_run_end_quietly(tmp_path):
     assert stderr == ""
 
 
+def _children(pid: int) -> dict[int, str]:
+    """The living child processes of process `pid`, with their command lines, from /proc."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            command = open(f"/proc/{entry}/cmdline").read().replace("\0", " ")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[int(entry)] = command
+    return found
+
+
+def _forkserver(pid: int) -> int | None:
+    """The forkserver process that run `pid` starts its workers from, once there is one."""
+    return next((child for child, command in _children(pid).items() if "forkserver" in command), None)
+
+
+def test_a_killed_worker_process_stops_the_run_with_one_line_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--workers", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rounds(out, 1, proc)
+    workers = sorted(_children(_forkserver(proc.pid)))
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)  # as the OOM killer would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith(
+        f"was killed (SIGKILL: out of memory?); continue with: mpfl run --resume {out}")
+    resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out), "--quiet"],
+                             capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the forkserver, busy importing torch,
+    ignores it, and the run's own process says what happened."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--workers", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while _forkserver(proc.pid) is None:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted")
+
+
 def test_resume_refuses_finished_or_foreign_directories(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -21,7 +22,7 @@ from rich.markup import escape
 
 from . import __version__
 from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
-from .errors import ConfigError, MpflError
+from .errors import ConfigError, MpflError, WorkerError
 from .progress import LOG_FORMATS
 from .protocol import RoundRecord
 from .records import CONFIG, default_run_dir, summary_line
@@ -195,6 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                       quiet=args.quiet, console=console) as log:
             result = simulate(cfg, out, on_round=log if board is None else _both(log, board), resume=bool(args.resume),
                               keep_checkpoint=args.keep_checkpoint)
+    except WorkerError as exc:  # killed, out of memory perhaps: the run goes on from its last checkpoint
+        hint = _resume_hint(out)
+        raise WorkerError(f"{exc}; {hint}" if hint else str(exc)) from None
     except KeyboardInterrupt:
         hint = _resume_hint(out)
         _notice("interrupted", f"interrupted; {hint}" if hint else "interrupted before the run started; nothing was "
@@ -491,6 +495,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _notice("interrupted", "interrupted", log_format)
         return INTERRUPTED
+    except Exception as exc:  # a bug, or a plug-in's own error: its traceback, as one JSON object if asked for
+        if log_format != "json":
+            raise
+        print(json.dumps({"event": "error", "message": f"{type(exc).__name__}: {exc}",
+                          "traceback": traceback.format_exc()}), file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

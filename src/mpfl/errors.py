@@ -45,3 +45,8 @@ class MethodError(MpflError):
 class RunDirError(MpflError, ValueError):
     """A run directory cannot be continued: a file is damaged, belongs to another run, does not match the
     run's config, or another process is using the directory."""
+
+
+class WorkerError(MpflError):
+    """A worker process of the simulator stopped without answering: killed (out of memory?), or it
+    could not start (a script that starts workers without a ``__main__`` guard)."""

@@ -20,9 +20,13 @@ multiprocessing code, a script that sets `workers` to 0 or above 1 must start th
 from __future__ import annotations
 
 import os
+import pickle
 import signal
+import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 
 import torch
@@ -31,7 +35,7 @@ import torch.multiprocessing as mp
 from .config import Config
 from .data import Dataset
 from .devices import resolve_device
-from .errors import ConfigError, MpflError
+from .errors import ConfigError, MpflError, WorkerError
 from .experiment import Experiment
 from .node import NodeState, build_nodes, deliver
 from .plugins import load_plugins
@@ -97,10 +101,37 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
                 conn.send(("ok", result))
             except (MpflError, SystemExit) as exc:  # an error that says what to do, a plug-in's sys.exit: the
                 conn.send(("raise", exc))           # main process raises it as it is, as one process would
-            except Exception:
-                conn.send(("error", traceback.format_exc()))
+            except Exception as exc:  # a bug or a plug-in's own error: the same type, with where it happened
+                exc.add_note(f"raised in worker process {os.getpid()}:\n{traceback.format_exc().rstrip()}")
+                try:
+                    conn.send(("raise", exc))
+                except (pickle.PicklingError, TypeError, AttributeError):  # an exception that cannot travel
+                    conn.send(("error", traceback.format_exc()))
     except (EOFError, OSError):  # the pipe broke: the run's process is gone, and nobody is left to answer
         return
+
+
+def _stopped(worker: int, code: int | None) -> str:
+    """Why worker process `worker` gave no answer, from its exit code."""
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        return f"worker process {worker} was killed ({name}{': out of memory?' if -code == signal.SIGKILL else ''})"
+    return (f"worker process {worker} exited (exit code {code}); if a script started this run, it must do so under "
+            "`if __name__ == \"__main__\":`")
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process for a moment (only the main thread may change it): processes
+    started meanwhile inherit that, so Ctrl-C reaches the run's own process alone, which stops them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 class NodePool:
@@ -112,6 +143,8 @@ class NodePool:
                               "platform lacks; run with --workers 1")
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
+        with _sigint_ignored():  # inherited by the forkserver while it imports torch, and by every worker
+            forkserver.ensure_running()
         self.ids = list(range(cfg.nodes))
         self.workers = max(1, min(workers, cfg.nodes))
         threads = worker_threads(cfg, self.workers)
@@ -143,8 +176,7 @@ class NodePool:
                 status, result = self.conns[w].recv()
             except (EOFError, ConnectionError):
                 self.procs[w].join(timeout=5)
-                raise RuntimeError(f"worker process {w} exited (exit code {self.procs[w].exitcode}); if a script "
-                                   "started this run, it must do so under `if __name__ == \"__main__\":`") from None
+                raise WorkerError(_stopped(w, self.procs[w].exitcode)) from None
             if status == "setup":
                 raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
                                    "import only the plug-ins the config names: register your own datasets, "
