@@ -1,5 +1,8 @@
 """Worker processes: how many a run starts (`mpfl.parallel.worker_count`), and where none can be started."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,3 +49,15 @@ def test_auto_workers_stay_in_one_process_where_processes_cannot_be_forked(monke
     with pytest.raises(ConfigError, match="workers = 2: worker processes are started by forkserver, which this "
                                           "platform lacks; run with --workers 1"):
         simulate(tiny_config(workers=2))
+
+
+def test_a_script_without_a_main_guard_gets_one_error_that_says_what_to_do(tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text("from mpfl import Config, simulate\n"
+                      "simulate(Config().with_overrides({'workers': 2, 'nodes': 3, 'train_samples': 600, "
+                      "'test_samples': 100, 'mask_rounds': 1, 'rounds': 1}))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.count("Traceback") == 1  # the workers stop quietly
+    assert done.stderr.strip().splitlines()[-1] == (
+        'mpfl.errors.WorkerError: worker process 0 exited (exit code 1); if a script started this run, it must do '
+        'so under `if __name__ == "__main__":`')

@@ -111,6 +111,14 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
         return
 
 
+def refuse_in_a_starting_worker() -> None:
+    """End a worker process quietly if it is still starting, that is re-importing the user's script
+    (forkserver does, as spawn does): a script without a ``__main__`` guard would otherwise start a
+    run there too, and fail with a long traceback. The run's process then says what to do."""
+    if getattr(mp.current_process(), "_inheriting", False):  # multiprocessing's own mark of this phase
+        raise SystemExit(1)
+
+
 def _stopped(worker: int, code: int | None) -> str:
     """Why worker process `worker` gave no answer, from its exit code."""
     if code is not None and code < 0:

@@ -26,7 +26,7 @@ from .interrupts import deferred_interrupts
 from .locks import RunLock
 from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
-from .parallel import NodePool, worker_count
+from .parallel import NodePool, refuse_in_a_starting_worker, worker_count
 from .protocol import NodeFailure, Reply, RoundRecord
 from .records import RunDir, check_resumable_dir, check_run_dir, finish_run, make_run_dir
 from .resume import check_resumable, checkpoint_run, load_resumed, restart
@@ -113,6 +113,7 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
     process is refused at once. The checkpoint is removed when the run ends, unless
     `keep_checkpoint`. Each record's `elapsed` and the summary's `wall_time` add up the seconds of
     every invocation of the run."""
+    refuse_in_a_starting_worker()
     if not isinstance(cfg, Config):
         raise TypeError(f"simulate needs a mpfl.config.Config, got {type(cfg).__name__}; build one with Config(), "
                         "Config.from_toml(path) or Config().with_overrides({...})")
