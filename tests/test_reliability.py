@@ -291,6 +291,18 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("interrupted")
 
 
+@pytest.mark.parametrize("log", [[], ["--log-format", "json"]])
+def test_ctrl_c_while_mpfl_starts_is_one_line(tmp_path, log):
+    """Within its first second `mpfl` is still importing torch: a Ctrl-C then is one line too."""
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, *log, "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    (line,) = stderr.splitlines()
+    assert proc.returncode == 130 and (json.loads(line)["event"] if log else line).startswith("interrupted")
+
+
 def test_resume_refuses_finished_or_foreign_directories(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 2
     assert "not a run directory" in capsys.readouterr().err

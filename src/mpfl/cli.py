@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from ._launch import INTERRUPTED, json_log_requested
 from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
 from .errors import ConfigError, MpflError, WorkerError
 from .progress import LOG_FORMATS
@@ -28,7 +29,6 @@ from .protocol import RoundRecord
 from .records import CONFIG, default_run_dir, summary_line
 
 console = Console(stderr=True, soft_wrap=True)
-INTERRUPTED = 130
 PARTITION_FIELDS = ("seed", "nodes", "plugins", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
 RUN_DEFAULTS = {"workers": 0}
 """Where `mpfl run` departs from the Python API's defaults: it trains the nodes in one process per core
@@ -458,7 +458,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse a command line; unknown flags are refused by the subcommand with a suggestion."""
     parser = build_parser()
     tokens = _join_negative_values(sys.argv[1:] if argv is None else argv)
-    _Parser.json_errors = "--log-format=json" in tokens or ("--log-format", "json") in zip(tokens, tokens[1:])
+    _Parser.json_errors = json_log_requested(tokens)
     args, unknown = parser.parse_known_args(tokens)
     if unknown:
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]

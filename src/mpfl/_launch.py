@@ -1,0 +1,28 @@
+"""The `mpfl` command's entry point. It imports the CLI itself (and with it torch, which takes a
+second or two), so that a Ctrl-C meanwhile ends with one line, as a Ctrl-C during a run does."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+INTERRUPTED = 130
+
+
+def json_log_requested(argv: Sequence[str]) -> bool:
+    """Whether a command line asks for JSON logs (``--log-format json`` or ``--log-format=json``)."""
+    return "--log-format=json" in argv or ("--log-format", "json") in zip(argv, argv[1:])
+
+
+def main() -> int:
+    """Run the `mpfl` command on this process's arguments."""
+    try:
+        from .cli import main as cli_main
+    except KeyboardInterrupt:
+        text = "interrupted"
+        if json_log_requested(sys.argv[1:]):
+            text = json.dumps({"event": "interrupted", "message": text})
+        print(text, file=sys.stderr, flush=True)
+        return INTERRUPTED
+    return cli_main()
