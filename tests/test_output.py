@@ -105,13 +105,13 @@ def test_automatic_workers_shrink_to_what_fits_and_set_ones_stay(monkeypatch):
     full = estimate_run(auto)
     one = estimate_run(auto.with_overrides({"workers": 1}))
     assert full.total == one.total + 8 * PROCESS_BYTES  # 8 workers beside the run's own process
-    assert fit_workers(auto, full.total) is auto and fit_workers(auto, None) is auto
-    assert fit_workers(auto, full.total - 1).workers == 7
-    assert fit_workers(auto, full.total - 6 * PROCESS_BYTES).workers == 2
-    assert fit_workers(auto, full.total - 6 * PROCESS_BYTES - 1).workers == 1  # one worker is no worker: the run's own
-    assert fit_workers(auto, 0).workers == 1  # the memory check then says what else to lower
+    assert fit_workers(auto, full, full.total) is auto and fit_workers(auto, full, None) is auto
+    assert fit_workers(auto, full, full.total - 1).workers == 7
+    assert fit_workers(auto, full, full.total - 6 * PROCESS_BYTES).workers == 2
+    assert fit_workers(auto, full, full.total - 6 * PROCESS_BYTES - 1).workers == 1  # one worker is no worker: the run's own
+    assert fit_workers(auto, full, 0).workers == 1  # the memory check then says what else to lower
     set_by_user = auto.with_overrides({"workers": 8})
-    assert fit_workers(set_by_user, 0) is set_by_user
+    assert fit_workers(set_by_user, estimate_run(set_by_user), 0) is set_by_user
 
 
 def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_its_levers():

@@ -183,11 +183,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, RUN_DEFAULTS)
         out = Path(args.out) if args.out else default_run_dir(cfg)
         check_run_dir(out)
-    if not args.no_memory_check:
+    if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
         available = available_memory()
-        cfg = fit_workers(cfg, available)
-        if (estimate := estimate_run(cfg)) is not None:
-            check_memory(estimate, available)
+        if (fitted := fit_workers(cfg, estimate, available)) is not cfg:
+            cfg, estimate = fitted, estimate_run(fitted)
+        check_memory(estimate, available)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
     if not args.quiet:
         _print_start(cfg, out, args.log_format)

@@ -99,9 +99,8 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
                 else:
                     result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
                 conn.send(("ok", result))
-            except (MpflError, SystemExit) as exc:  # an error that says what to do, a plug-in's sys.exit: the
-                conn.send(("raise", exc))           # main process raises it as it is, as one process would
-            except Exception as exc:  # a bug or a plug-in's own error: the same type, with where it happened
+            except (Exception, SystemExit) as exc:  # raised again in the main process as it is (a plug-in's
+                # sys.exit too), as one process would, with where it happened as a note
                 exc.add_note(f"raised in worker process {os.getpid()}:\n{traceback.format_exc().rstrip()}")
                 try:
                     conn.send(("raise", exc))

@@ -109,11 +109,11 @@ def estimate_run(cfg: Config) -> MemoryEstimate | None:
     return estimate_memory(cfg, params, samples * 4 * math.prod(shape))
 
 
-def fit_workers(cfg: Config, available: int | None) -> Config:
-    """`cfg` with automatic workers (`workers = 0`) fixed at the most that the estimate fits in
+def fit_workers(cfg: Config, estimate: MemoryEstimate, available: int | None) -> Config:
+    """`cfg` with automatic workers (`workers = 0`) fixed at the most that its `estimate` fits in
     `available` bytes (at least 1), so the automatic choice never makes a run too big for the machine
-    where fewer processes would fit; any other config comes back as it was."""
-    if cfg.workers != 0 or available is None or (estimate := estimate_run(cfg)) is None or estimate.total <= available:
+    where fewer processes would fit; any other config comes back as it was (the same object)."""
+    if cfg.workers != 0 or available is None or estimate.total <= available:
         return cfg
     workers = worker_count(cfg) - math.ceil((estimate.total - available) / PROCESS_BYTES)
     return cfg.with_overrides({"workers": workers if workers > 1 else 1})
