@@ -285,6 +285,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     while _forkserver(proc.pid) is None:
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
+    time.sleep(0.2)  # past the milliseconds of starting it, well inside its second or more of importing torch
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr

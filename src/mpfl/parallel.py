@@ -130,7 +130,8 @@ def _stopped(worker: int, code: int | None) -> str:
 @contextmanager
 def _sigint_ignored() -> Iterator[None]:
     """SIGINT ignored in this process for a moment (only the main thread may change it): processes
-    started meanwhile inherit that, so Ctrl-C reaches the run's own process alone, which stops them."""
+    started meanwhile inherit that, so Ctrl-C reaches the run's own process alone, which stops them.
+    A Ctrl-C within the moment itself (the few milliseconds of starting the forkserver) is lost."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
