@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import bits, tiny_config
 from mpfl import codec
 from mpfl.core import masks
 from mpfl.core.aggregate import weighted_average
@@ -27,11 +27,11 @@ class Recording(InProcessTransport):
         super().__init__(nodes)
         self.log, self.fail = [], set(fail)
 
-    def exchange(self, task, step, requests):
-        replies = super().exchange(task, step, {n: b for n, b in requests.items() if n not in self.fail})
+    def stream(self, task, step, requests):
+        replies = dict(super().stream(task, step, {n: b for n, b in requests.items() if n not in self.fail}))
         replies.update({n: NodeFailure("switched off") for n in self.fail if n in requests})
         self.log.append((task, step, dict(requests), dict(replies)))
-        return replies
+        return iter(replies.items())
 
 
 def build(cfg, fail=()):
@@ -167,6 +167,33 @@ def test_fedavg_matches_a_hand_computed_round():
         sizes.append(len(exp.partition.train[n]))
     for got, want in zip(server.state.weights, weighted_average(locals_, sizes)):
         np.testing.assert_array_equal(got, want)
+
+
+class Reversed(InProcessTransport):
+    """Replies handed over in the reverse order of the requests, as when the first node is the slowest."""
+
+    def stream(self, task, step, requests):
+        return reversed(list(super().stream(task, step, requests)))
+
+
+def test_streamed_replies_are_taken_in_the_order_of_the_requests_whatever_their_arrival_order():
+    cfg = tiny_config(mask_rounds=2, rounds=2, adapt_every=1)
+    runs = []
+    for transport in (InProcessTransport, Reversed):
+        exp = Experiment.from_config(cfg)
+        trainer = make_trainer(cfg, exp.model, exp.spec)
+        records = []
+        server = Server(cfg, exp.spec, exp.w0, transport([Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0)
+                                                           for i in range(cfg.nodes)]), on_round=records.append)
+        server.run()
+        runs.append((server.state, [{k: v for k, v in r.items() if k != "time"} for r in records]))
+    (ordered, ordered_records), (reversed_, reversed_records) = runs
+    assert any("swapped" in r for r in ordered_records)  # adaptation rounds took part
+    assert reversed_records == ordered_records
+    assert [list(r["vote_weights"]) for r in reversed_records if "vote_weights" in r] == \
+        [[str(n) for n in r["nodes"]] for r in ordered_records if "vote_weights" in r]  # votes counted in node order
+    assert bits(reversed_.weights) == bits(ordered.weights)
+    assert bits(reversed_.mask) == bits(ordered.mask)
 
 
 def test_a_failed_node_is_dropped_and_recorded():

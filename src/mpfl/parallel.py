@@ -27,7 +27,8 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from multiprocessing import forkserver
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -80,9 +81,10 @@ def worker_threads(cfg: Config, workers: int) -> int:
 
 def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: list[int],
            states: dict[int, NodeState]) -> None:
-    """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) and ("states",)
-    until it receives None. Ctrl-C is left to the main process, which stops the workers itself; if
-    that process is gone (killed), the worker ends quietly."""
+    """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) (a ("reply",
+    (node, reply)) as each node is done, then ("ok", None)) and ("states",) until it receives None.
+    Ctrl-C is left to the main process, which stops the workers itself; if that process is gone
+    (killed), the worker ends quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
@@ -95,7 +97,8 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
         while (message := conn.recv()) is not None:
             try:
                 if message[0] == "exchange":
-                    result = deliver(nodes, *message[1:])
+                    deliver(nodes, *message[1:], on_reply=lambda node, reply: conn.send(("reply", (node, reply))))
+                    result = None
                 else:
                     result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
                 conn.send(("ok", result))
@@ -171,47 +174,66 @@ class NodePool:
     def node_ids(self) -> list[int]:
         return list(self.ids)
 
-    def _ask(self, messages: dict[int, tuple]) -> dict[int, dict]:
-        """Send one message to each of some workers, then wait for all their answers."""
+    def _receive(self, worker: int) -> tuple[str, Any]:
+        """The next message from `worker`: ("reply", (node, reply)) or ("ok", result); its failures raised here."""
+        try:
+            status, result = self.conns[worker].recv()
+        except (EOFError, ConnectionError):
+            self.procs[worker].join(timeout=5)
+            raise WorkerError(_stopped(worker, self.procs[worker].exitcode)) from None
+        if status == "setup":
+            raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
+                               "import only the plug-ins the config names: register your own datasets, "
+                               "models and methods in a module passed with --plugins") from None
+        if status == "raise":
+            raise result
+        if status not in ("ok", "reply"):
+            raise RuntimeError(f"worker process {worker} failed:\n{result}")
+        return status, result
+
+    def _send(self, messages: Mapping[int, tuple]) -> None:
+        """One message to each of some workers (a dead one is found when its answer is awaited)."""
         for w, message in messages.items():
             try:
                 self.conns[w].send(message)
             except ConnectionError:
                 pass
-        answers = {}
-        for w in messages:
-            try:
-                status, result = self.conns[w].recv()
-            except (EOFError, ConnectionError):
-                self.procs[w].join(timeout=5)
-                raise WorkerError(_stopped(w, self.procs[w].exitcode)) from None
-            if status == "setup":
-                raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
-                                   "import only the plug-ins the config names: register your own datasets, "
-                                   "models and methods in a module passed with --plugins") from None
-            if status == "raise":
-                raise result
-            if status != "ok":
-                raise RuntimeError(f"worker process {w} failed:\n{result}")
-            answers[w] = result
-        return answers
 
-    def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-        """Run each addressed node's handler in its worker; replies in the order of `requests`."""
+    def stream(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> Iterator[tuple[int, Reply]]:
+        """Run each addressed node's handler in its worker; yield (node, reply) as each arrives. Left
+        early (the run stopped on an error or Ctrl-C), it stops the workers: what they still send
+        would be taken for the answers of the next exchange."""
         shares: dict[int, dict[int, Sequence[bytes]]] = {}
         for n, bodies in requests.items():
             shares.setdefault(n % self.workers, {})[n] = bodies
-        replies: dict[int, Reply] = {}
-        for answer in self._ask({w: ("exchange", task, step, share) for w, share in shares.items()}).values():
-            replies.update(answer)
-        return {n: replies[n] for n in requests}
+        self._send({w: ("exchange", task, step, share) for w, share in shares.items()})
+        working = {self.conns[w]: w for w in shares}
+        try:
+            while working:
+                for conn in wait(list(working)):
+                    status, result = self._receive(working[conn])
+                    if status == "ok":
+                        del working[conn]
+                    else:
+                        yield result
+        finally:
+            if working:
+                self.terminate()
 
     def states(self) -> dict[int, NodeState]:
         """The state of every node that has received something, fetched from the workers (for checkpoints)."""
         out: dict[int, NodeState] = {}
-        for answer in self._ask({w: ("states",) for w in range(self.workers)}).values():
-            out.update(answer)
+        self._send({w: ("states",) for w in range(self.workers)})
+        for w in range(self.workers):
+            out.update(self._receive(w)[1])
         return {n: out[n] for n in self.ids if n in out}
+
+    def terminate(self) -> None:
+        """Stop the workers at once, whatever they are doing."""
+        for conn, proc in zip(self.conns, self.procs):
+            proc.terminate()
+            proc.join()
+            conn.close()
 
     def close(self) -> None:
         """Stop the workers."""
