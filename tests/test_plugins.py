@@ -188,11 +188,78 @@ def test_a_method_that_breaks_its_contract_is_refused_with_what_it_must_do(tmp_p
         simulate(tiny_config(method="silent-training-test"), tmp_path / "run")
 
 
+def test_a_methods_new_mask_and_metrics_are_held_to_the_contract_before_anything_is_saved(tmp_path):
+    from mpfl.errors import MethodError
+    from mpfl.methods import register_method
+    from mpfl.methods.mpfl import Mpfl
+
+    def returning(name, change):
+        def mask_round(self, server, step, prev_density):
+            exchanged, new, metrics = Mpfl.mask_round(self, server, step, prev_density)
+            return change(exchanged, new, metrics, server.state.mask)
+
+        register_method(type("Changed", (Mpfl,), {"name": name, "mask_round": mask_round}))
+        return name
+
+    new_mask = "mask_round's new mask must be a list of 3 boolean arrays"
+    cases = {
+        "short": (lambda r, new, m, cur: (r, new[:-1], m), f"{new_mask}.* it holds 2 items"),
+        "float": (lambda r, new, m, cur: (r, [n.astype(np.float32) for n in new], m),
+                  f"{new_mask}.* item 0 is a float32 array"),
+        "grown": (lambda r, new, m, cur: (r, [np.ones_like(c) for c in cur], m) if server_round(r) > 1 else (r, new, m),
+                  f"{new_mask}.* item 0 keeps entries the current mask has pruned"),
+        "none-metrics": (lambda r, new, m, cur: (r, new, None), "mask_round must give its metrics as a dict, got NoneType"),
+        "set-metric": (lambda r, new, m, cur: (r, new, {**m, "kept": {1, 2}}),
+                       "mask_round: every metric must be a number, string, list or dict \\(a set is not a JSON value\\)"),
+    }
+    for name, (change, says) in cases.items():
+        out = tmp_path / name
+        with pytest.raises(MethodError, match=f"^method '{name}-test': {says}"):
+            simulate(tiny_config(method=returning(f"{name}-test", change), mask_rounds=2), out)
+        assert not (out / "checkpoint.npz").exists() or name == "grown"  # a bad round is never checkpointed
+    numpy_metric = returning("numpy-metric-test", lambda r, new, m, cur: (r, new, {**m, "kept": np.int64(7),
+                                                                                    "per_layer": np.arange(3)}))
+    record = simulate(tiny_config(method=numpy_metric, mask_rounds=1), tmp_path / "numpy").records[0]
+    assert (record["kept"], record["per_layer"]) == (7, [0, 1, 2]) and type(record["kept"]) is int
+
+
+def server_round(exchanged):
+    """The mask round an exchange belongs to, from the round number of its decoded replies."""
+    return next(iter(exchanged.replies.values())).round
+
+
+def test_a_method_class_needs_a_name_of_its_own_and_the_decorator_may_replace_one():
+    from mpfl.methods import register_method
+    from mpfl.methods.mpfl import Mpfl
+
+    with pytest.raises(ConfigError, match="^method class Unnamed has no name of its own \\(it inherits 'mpfl'\\): set name"):
+        @register_method
+        class Unnamed(Mpfl):
+            description = "forgot its name"
+
+    @register_method(replace=True)
+    class Replacement(Mpfl):
+        name = "mpfl"
+
+    assert METHODS.get("mpfl") is Replacement
+
+
+def test_a_plug_in_registered_only_in_the_running_script_fails_in_worker_processes_before_any_file_is_written(tmp_path):
+    from mpfl.core.masks import magnitude_mask, register_criterion
+
+    register_criterion("script-only-test", magnitude_mask)  # in this process only: worker processes never see it
+    out = tmp_path / "run"
+    with pytest.raises(UnknownNameError, match="a worker process could not set up its nodes: unknown mask criterion "
+                                               "'script-only-test'.*Worker processes imported no plug-ins"):
+        simulate(tiny_config(criterion="script-only-test", workers=2), out)
+    assert not out.exists() or not any(out.iterdir())
+
+
 @pytest.mark.parametrize(("registration", "flag", "says"), [
     ("mpfl.register_criterion('none', lambda weights, current, density, **_: None)", "--criterion",
-     "the mask criterion 'none' must return a list of 3 boolean arrays"),
+     "the mask the criterion 'none' returned must be a list of 3 boolean arrays"),
     ("mpfl.register_rule('none', lambda votes, support, ctx: [v > 0 for v in votes[:1]])", "--consensus",
-     "the consensus rule 'none' must return a list of 3 boolean arrays"),
+     "the mask the consensus rule 'none' returned must be a list of 3 boolean arrays"),
 ])
 def test_a_plug_in_that_breaks_the_mask_contract_stops_the_run_with_one_line(tmp_path, capsys, registration, flag,
                                                                               says):

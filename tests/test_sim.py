@@ -210,15 +210,15 @@ def test_bytes_down_count_only_the_requests_the_transport_sent():
     cfg = tiny_config(rounds=1, mask_rounds=2)
     _, server, transport, records = build(cfg, fail={2})
     delivered = []
-    exchange = transport.exchange
+    stream = transport.stream
 
     def gone_after_round_1(task, step, requests):
         sent = {n: b for n, b in requests.items() if n != 1 or step == 1}
-        replies = exchange(task, step, sent)
+        replies = dict(stream(task, step, sent))
         delivered.append(sum(len(body) for bodies in sent.values() for body in bodies))
-        return {**replies, **({1: NodeFailure("gone", sent=False)} if len(sent) < len(requests) else {})}
+        return iter({**replies, **({1: NodeFailure("gone", sent=False)} if len(sent) < len(requests) else {})}.items())
 
-    transport.exchange = gone_after_round_1
+    transport.stream = gone_after_round_1
     server.run()
     assert [r["bytes_down"] for r in records] == delivered and records[0]["nodes"] == [0, 1]
     assert lost_nodes(records) == [{"node": 2, "step": 1, "phase": "mask", "reason": "switched off"},
@@ -235,16 +235,16 @@ def test_too_few_replies_stop_the_run_with_a_clear_message():
 def test_a_corrupted_reply_is_rejected_and_the_round_completes():
     cfg = tiny_config(rounds=1, mask_rounds=1)
     exp, server, transport, records = build(cfg)
-    original = transport.exchange
+    original = transport.stream
 
     def corrupt(task, step, requests):
-        replies = original(task, step, requests)
+        replies = dict(original(task, step, requests))
         body = bytearray(replies[0][0])
         body[-1] ^= 0xFF
         replies[0] = [bytes(body), *replies[0][1:]]
-        return replies
+        return iter(replies.items())
 
-    transport.exchange = corrupt
+    transport.stream = corrupt
     server.run()
     assert all("checksum" in r["dropped"]["0"] for r in records)
     assert all(r["nodes"] == [1, 2] for r in records)

@@ -120,15 +120,15 @@ def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weight
     criterion sees `movement_scores`. Returns the mask and the trained weights."""
     spec, p = trainer.spec, cfg.prune
     criterion = CRITERIA.get(p.criterion)
-    what = f"the mask criterion {p.criterion!r}"
+    what, structured = f"the mask the criterion {p.criterion!r} returned", criterion.structured
     if criterion.needs_scores:
         scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
         return checked_mask(criterion.choose(scores, current, density, scope=p.scope, floor=p.layer_floor), current,
-                            what), None
+                            what, structured=structured), None
     trained, _ = trainer.train(start, current, data, epochs or cfg.train.epochs, generator(*gen_key))
     ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), p.extrapolate)
     return checked_mask(criterion.choose(ranked, current, density, scope=p.scope, floor=p.layer_floor), current,
-                        what), trained
+                        what, structured=structured), trained
 
 
 def movement_scores(w0: Sequence[np.ndarray], trained: Sequence[np.ndarray], extrapolate: float) -> Weights:

@@ -81,8 +81,8 @@ def worker_threads(cfg: Config, workers: int) -> int:
 
 def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: list[int],
            states: dict[int, NodeState]) -> None:
-    """A worker's loop: build its nodes, then answer ("exchange", task, step, requests) (a ("reply",
-    (node, reply)) as each node is done, then ("ok", None)) and ("states",) until it receives None.
+    """A worker's loop: build its nodes (and say "ready"), then answer ("exchange", task, step, requests)
+    (a ("reply", (node, reply)) as each node is done, then ("ok", None)) and ("states",) until it receives None.
     Ctrl-C is left to the main process, which stops the workers itself; if that process is gone
     (killed), the worker ends quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -93,6 +93,7 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
     except MpflError as exc:
         conn.send(("setup", exc))
         return
+    conn.send(("ready", None))
     try:
         while (message := conn.recv()) is not None:
             try:
@@ -156,7 +157,7 @@ class NodePool:
         ctx.set_forkserver_preload(PRELOAD)
         with _sigint_ignored():  # inherited by the forkserver while it imports torch, and by every worker
             forkserver.ensure_running()
-        self.ids = list(range(cfg.nodes))
+        self.ids, self.plugins = list(range(cfg.nodes)), cfg.plugins
         self.workers = max(1, min(workers, cfg.nodes))
         threads = worker_threads(cfg, self.workers)
         self.conns: list[Connection] = []
@@ -170,24 +171,33 @@ class NodePool:
             child.close()
             self.conns.append(parent)
             self.procs.append(proc)
+        try:
+            for w in range(self.workers):  # set-up errors (a plug-in that does not register a name) come now
+                self._receive(w)
+        except BaseException:
+            self.terminate()
+            raise
 
     def node_ids(self) -> list[int]:
         return list(self.ids)
 
     def _receive(self, worker: int) -> tuple[str, Any]:
-        """The next message from `worker`: ("reply", (node, reply)) or ("ok", result); its failures raised here."""
+        """The next message from `worker`: ("ready", None), ("reply", (node, reply)) or ("ok", result); its
+        failures raised here."""
         try:
             status, result = self.conns[worker].recv()
         except (EOFError, ConnectionError):
             self.procs[worker].join(timeout=5)
             raise WorkerError(_stopped(worker, self.procs[worker].exitcode)) from None
         if status == "setup":
-            raise type(result)(f"a worker process could not set up its nodes: {result}. Worker processes "
-                               "import only the plug-ins the config names: register your own datasets, "
-                               "models and methods in a module passed with --plugins") from None
+            imported = f"the config's plug-ins ({', '.join(self.plugins)})" if self.plugins else "no plug-ins"
+            raise type(result)(f"a worker process could not set up its nodes: {str(result).rstrip('.')}. Worker "
+                               f"processes imported {imported}: whatever a run names (a dataset, model, method, "
+                               "criterion, consensus rule...) must be registered, in every process, by a module "
+                               "listed in the config's plugins (--plugins) as it is imported") from None
         if status == "raise":
             raise result
-        if status not in ("ok", "reply"):
+        if status not in ("ok", "reply", "ready"):
             raise RuntimeError(f"worker process {worker} failed:\n{result}")
         return status, result
 

@@ -10,8 +10,9 @@ simply a registry's names.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
-from typing import Generic, TypeVar
+import inspect
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
 
@@ -87,6 +88,22 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
+
+
+def check_callable(fn: Callable, kind: str, name: str, form: str, *args: Any, **kwargs: Any) -> None:
+    """Refuse, as it is registered, a plug-in function that could not be called as `form` (with
+    `args` and `kwargs`): it would otherwise fail with a bare TypeError once a run is under way."""
+    if not callable(fn):
+        raise ConfigError(f"{kind} {name!r} must be a function {form}, got {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some built-in callables have no signature to check
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{kind} {name!r}: {getattr(fn, '__name__', type(fn).__name__)}{signature} cannot be called as "
+                          f"{form} ({exc}); give it those parameters") from None
 
 
 ALL: list[Registry] = []

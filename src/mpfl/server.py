@@ -9,6 +9,7 @@ decisions from the same bytes.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,24 @@ def malformed(reply: object) -> str | None:
         return f"a reply must be a list of bodies, got {type(reply).__name__}"
     kinds = {type(b).__name__ for b in reply if not isinstance(b, (bytes, bytearray))}
     return f"reply bodies must be bytes, got {', '.join(sorted(kinds))}" if kinds else None
+
+
+def _json_value(value: object) -> object:
+    """A numpy scalar or array as the Python number or list JSON holds (anything else is refused)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"a {type(value).__name__} is not a JSON value")
+
+
+def plain_metrics(metrics: object, hook: str) -> dict:
+    """A method's round metrics as plain JSON values (numpy numbers and arrays converted), as records
+    hold them; anything but a dict of such values is a MethodError naming the hook."""
+    if not isinstance(metrics, Mapping):
+        raise MethodError(f"{hook} must give its metrics as a dict, got {type(metrics).__name__}")
+    try:
+        return json.loads(json.dumps(dict(metrics), default=_json_value))
+    except (TypeError, ValueError) as exc:
+        raise MethodError(f"{hook}: every metric must be a number, string, list or dict ({exc})") from None
 
 
 class Oracle(Protocol):
@@ -110,7 +129,7 @@ class Server:
             if not isinstance(exchanged, Round):
                 raise MethodError(f"method {self.cfg.method!r}: train_round must return the Round of its exchange "
                                   f"(Server.exchange gives it), got {type(exchanged).__name__}")
-            metrics = dict(exchanged.metrics)
+            metrics = plain_metrics(exchanged.metrics, f"method {self.cfg.method!r}: train_round")
         state = self.state
         state.bytes_up += exchanged.bytes_up
         state.bytes_down += exchanged.bytes_down
@@ -140,6 +159,9 @@ class Server:
             raise MethodError(f"method {self.cfg.method!r}: mask_round must return (the Round of its exchange, the new "
                               f"mask, a dict of metrics), got {type(result).__name__}")
         exchanged, new, extra = result
+        hook = f"method {self.cfg.method!r}: mask_round"
+        new = masks.checked_mask(new, previous, f"{hook}'s new mask", structured=self.structured)
+        extra = plain_metrics(extra, hook)
         changed = masks.hamming(previous, new)
         self.adopt_mask(step, new)
         self.method.after_mask(self, step, new)

@@ -153,38 +153,39 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
     exp = experiment or Experiment.from_config(cfg)
     steps = len(method_of(cfg).plan())
     server_state, node_states, records, identity = None, {}, [], {}
-    run_dir = RunDir(out, cfg, resume=resume) if out is not None else None
     if meta is not None:
         server_state, node_states, records, identity = load_resumed(out, cfg, exp.spec, meta, steps)
-        run_dir.rewrite(records)
-    elif run_dir is not None:
-        identity = restart(out, cfg)
-        if resume:
-            run_dir.rewrite([])
-    earlier = records[-1].get("elapsed", 0.0) if records else 0.0
     pool, workers = None, worker_count(cfg)
-    if workers > 1:  # workers get the data on the host (shared memory) and move it themselves
-        pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, workers)
-    nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
-    transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
-    server: Server
-
-    def record(r: dict) -> None:
-        r["elapsed"] = earlier + time.perf_counter() - started
-        records.append(r)
-        if run_dir is not None:
-            with deferred_interrupts():
-                run_dir.log(r)
-                save_checkpoint(run_dir.path, server.state,
-                                pool.states() if pool is not None else {n.id: n.state for n in nodes},
-                                checkpoint_run(identity, cfg, records), spec=exp.spec)
-        if on_round is not None:
-            on_round(r)
-
-    oracle = PooledOracle(exp, make_trainer(cfg, exp.model, exp.spec)) if method_of(cfg).needs_pooled_data else None
-    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
-                    state=server_state)
+    if workers > 1:  # started before anything is written, so that a worker's set-up error leaves no run behind
+        pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, workers)  # data on the host, shared
     try:
+        run_dir = RunDir(out, cfg, resume=resume) if out is not None else None
+        if meta is not None:
+            run_dir.rewrite(records)
+        elif run_dir is not None:
+            identity = restart(out, cfg)
+            if resume:
+                run_dir.rewrite([])
+        earlier = records[-1].get("elapsed", 0.0) if records else 0.0
+        nodes = [] if pool is not None else build_nodes(cfg, exp, range(cfg.nodes), node_states)
+        transport = FaultyTransport(nodes, cfg.faults, cfg.seed, pool)
+        server: Server
+
+        def record(r: dict) -> None:
+            r["elapsed"] = earlier + time.perf_counter() - started
+            records.append(r)
+            if run_dir is not None:
+                with deferred_interrupts():
+                    run_dir.log(r)
+                    save_checkpoint(run_dir.path, server.state,
+                                    pool.states() if pool is not None else {n.id: n.state for n in nodes},
+                                    checkpoint_run(identity, cfg, records), spec=exp.spec)
+            if on_round is not None:
+                on_round(r)
+
+        oracle = PooledOracle(exp, make_trainer(cfg, exp.model, exp.spec)) if method_of(cfg).needs_pooled_data else None
+        server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
+                        state=server_state)
         server.run()
     finally:
         if pool is not None:

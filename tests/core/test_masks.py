@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mpfl.core import masks
-from mpfl.errors import MethodError
+from mpfl.errors import ConfigError, MethodError
 
 
 def test_geometric_schedule_keeps_the_same_fraction_each_round():
@@ -152,9 +152,37 @@ def test_checked_mask_holds_plug_ins_to_the_mask_contract():
     current = [np.array([True, True, False]), np.ones((2, 2), dtype=bool)]
     good = [np.array([True, False, False]), np.eye(2, dtype=bool)]
     assert all(a is b for a, b in zip(masks.checked_mask(good, current, "the rule 'r'"), good))
-    for bad, says in [(None, "it returned NoneType"), ([good[0]], "it returned 1 items"),
+    for bad, says in [(None, "it is a NoneType"), ([good[0]], "it holds 1 items"),
                       ([good[0], np.eye(2)], "item 1 is a float64 array of shape \\(2, 2\\)"),
                       ([good[0], np.ones(4, dtype=bool)], "item 1 is a bool array of shape \\(4,\\)"),
                       ([np.array([True, False, True]), good[1]], "item 0 keeps entries the current mask has pruned")]:
-        with pytest.raises(MethodError, match=f"^the rule 'r' must return a list of 2 boolean arrays.*; {says}"):
+        with pytest.raises(MethodError, match=f"^the rule 'r' must be a list of 2 boolean arrays.*; {says}"):
             masks.checked_mask(bad, current, "the rule 'r'")
+
+
+def test_a_structured_mask_must_keep_or_drop_whole_output_filters():
+    current = [np.ones((3, 2, 2), dtype=bool)]
+    whole = [np.zeros((3, 2, 2), dtype=bool)]
+    whole[0][1] = True
+    assert masks.checked_mask(whole, current, "the criterion 'c'", structured=True)[0] is whole[0]
+    part = [whole[0].copy()]
+    part[0][2, 0, 0] = True
+    assert masks.checked_mask(part, current, "the criterion 'c'")[0] is part[0]  # fine unstructured
+    with pytest.raises(MethodError, match="^the criterion 'c' must keep or drop whole output filters .* as its "
+                                          "source is structured, but item 0 keeps part of a filter"):
+        masks.checked_mask(part, current, "the criterion 'c'", structured=True)
+
+
+def test_a_criterion_or_rule_that_cannot_take_its_arguments_is_refused_when_registered():
+    from mpfl.core.consensus import RULES, register_rule
+
+    with pytest.raises(ConfigError, match=r"^mask criterion 'short': <lambda>\(w, c, d\) cannot be called as fn\(weights, "
+                                          r"current, density, \*, scope, floor\).*unexpected keyword argument 'scope'"):
+        masks.register_criterion("short", lambda w, c, d: c)
+    with pytest.raises(ConfigError, match=r"^consensus rule 'two': .* cannot be called as rule\(votes, support, ctx\)"):
+        register_rule("two", lambda votes, support: support)
+    with pytest.raises(ConfigError, match="^consensus rule 'text' must be a function"):
+        register_rule("text", "keep everything")
+    assert "short" not in masks.CRITERIA and "two" not in RULES
+    masks.register_criterion("keywords", lambda w, c, d, **options: c)  # **kwargs takes scope and floor
+    masks.register_criterion("named", lambda w, c, d, *, scope, floor: c)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..registry import Registry, registry
+from ..registry import Registry, check_callable, registry
 from .masks import Mask, checked_mask, expand_rows, rows, select
 
 _EPS = 1e-9
@@ -146,9 +146,11 @@ for _name, _rule in (("vote", vote), ("threshold", threshold), ("dynamic", dynam
 
 def register_rule(name: str, rule: Rule) -> None:
     """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`)."""
+    check_callable(rule, "consensus rule", name, "rule(votes, support, ctx)", None, None, None)
     RULES.register(name, rule)
 
 
 def consensus(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], rule: str, ctx: VoteContext) -> Mask:
     """Apply the named rule, holding it to its contract (`masks.checked_mask`)."""
-    return checked_mask(RULES.get(rule)(votes, support, ctx), support, f"the consensus rule {rule!r}")
+    return checked_mask(RULES.get(rule)(votes, support, ctx), support, f"the mask the consensus rule {rule!r} returned",
+                        structured=ctx.structured)

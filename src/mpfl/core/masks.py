@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MethodError
-from ..registry import Registry, registry
+from ..registry import Registry, check_callable, registry
 from .memo import positions
 
 Mask = list[np.ndarray]
@@ -180,18 +180,21 @@ CRITERIA.register("saliency", Criterion(saliency_mask, needs_scores=True))
 def register_criterion(name: str, fn: Callable[..., Mask], *, structured: bool = False, needs_scores: bool = False) -> None:
     """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`
     (a subset of `current`); see `Criterion` for the two flags."""
+    check_callable(fn, "mask criterion", name, "fn(weights, current, density, *, scope, floor) (or with **kwargs "
+                   "for the last two)", None, None, 1.0, scope="layer", floor=0.01)
     CRITERIA.register(name, Criterion(fn, structured=structured, needs_scores=needs_scores))
 
 
-def checked_mask(mask: object, current: Sequence[np.ndarray], what: str) -> Mask:
-    """`mask` (what a plug-in's criterion or rule returned) as boolean arrays, once it is one array
-    per prunable tensor, each of its tensor's shape and a subset of `current`; otherwise a
-    MethodError that names `what` and the contract, so a broken plug-in stops with one line."""
-    contract = (f"{what} must return a list of {len(current)} boolean arrays, one per prunable tensor, each "
+def checked_mask(mask: object, current: Sequence[np.ndarray], what: str, *, structured: bool = False) -> Mask:
+    """`mask` (what a plug-in's criterion, rule or method returned, `what` says) as boolean arrays, once it is one
+    array per prunable tensor, each of its tensor's shape and a subset of `current` (and, if
+    `structured`, keeping or dropping whole output filters); otherwise a MethodError that names
+    `what` and the contract, so a broken plug-in stops with one line."""
+    contract = (f"{what} must be a list of {len(current)} boolean arrays, one per prunable tensor, each "
                 "the shape of its tensor and a subset of the current mask")
     if not isinstance(mask, (list, tuple)) or len(mask) != len(current):
-        got = f"{len(mask)} items" if isinstance(mask, (list, tuple)) else type(mask).__name__
-        raise MethodError(f"{contract}; it returned {got}")
+        got = f"holds {len(mask)} items" if isinstance(mask, (list, tuple)) else f"is a {type(mask).__name__}"
+        raise MethodError(f"{contract}; it {got}")
     out = []
     for i, (m, c) in enumerate(zip(mask, current)):
         m = np.asarray(m)
@@ -200,6 +203,9 @@ def checked_mask(mask: object, current: Sequence[np.ndarray], what: str) -> Mask
                               f"is {c.shape}")
         if (m > c).any():
             raise MethodError(f"{contract}; item {i} keeps entries the current mask has pruned")
+        if structured and m.ndim and not (rows(m) == rows(m)[:, :1]).all():
+            raise MethodError(f"{what} must keep or drop whole output filters (rows along the first axis), as its "
+                              f"source is structured, but item {i} keeps part of a filter")
         out.append(m)
     return out
 

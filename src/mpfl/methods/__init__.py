@@ -6,8 +6,9 @@ and examples/custom_method.py for a complete plug-in).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigError
 from ..registry import Registry, registry
 from .base import MaskedMethod, Method, OneShotMethod
 from .baselines import Centralized, FedAvg, FedAvgPrune, Random, Ssfl, TopK
@@ -20,10 +21,16 @@ if TYPE_CHECKING:
 METHODS: Registry[type[Method]] = registry("method")
 
 
-def register_method(cls: type[Method], *, replace: bool = False) -> type[Method]:
-    """Make a `Method` subclass runnable as `cls.name` (usable as a class decorator)."""
+def register_method(cls: type[Method] | None = None, *, replace: bool = False) -> Any:
+    """Make a `Method` subclass runnable as `cls.name`; as a class decorator, ``@register_method``
+    or ``@register_method(replace=True)`` (to swap a registered method for yours)."""
+    if cls is None:
+        return lambda decorated: register_method(decorated, replace=replace)
     if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
         raise TypeError(f"register_method needs a Method subclass with a name, got {cls!r}")
+    if "name" not in vars(cls):
+        raise ConfigError(f"method class {cls.__name__} has no name of its own (it inherits {cls.name!r}): set "
+                          f"name = \"...\" in the class, the name runs choose it by")
     return METHODS.register(cls.name, cls, replace=replace)
 
 
