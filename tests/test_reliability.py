@@ -69,8 +69,8 @@ class MutatingTransport(InProcessTransport):
     def node_ids(self):
         return list(self.nodes) + list(range(100, 100 + self.fakes))
 
-    def stream(self, task, step, requests):
-        honest = dict(super().stream(task, step, {n: b for n, b in requests.items() if n in self.nodes}))
+    def exchange(self, task, step, requests):
+        honest = super().exchange(task, step, {n: b for n, b in requests.items() if n in self.nodes})
         replies = dict(honest)
         sources = [r[0] for r in honest.values()]
         for n in requests:
@@ -78,7 +78,7 @@ class MutatingTransport(InProcessTransport):
                 replies[n] = _mutate(sources[n % len(sources)], self.rng, self.last.get(n, sources[0]))
                 self.sent += 1
         self.last = {n: sources[0] for n in requests}
-        return iter(replies.items())
+        return replies
 
 
 def test_thousands_of_mutated_replies_never_reach_the_model():

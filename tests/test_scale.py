@@ -25,10 +25,10 @@ class Recording(InProcessTransport):
         super().__init__(nodes)
         self.log = []
 
-    def stream(self, task, step, requests):
-        replies = dict(super().stream(task, step, requests))
+    def exchange(self, task, step, requests):
+        replies = super().exchange(task, step, requests)
         self.log.append((task, step, dict(requests), dict(replies)))
-        return iter(replies.items())
+        return replies
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bits, tiny_config
+from conftest import tiny_config
 from mpfl import codec
 from mpfl.core import masks
 from mpfl.core.aggregate import weighted_average
@@ -27,11 +27,11 @@ class Recording(InProcessTransport):
         super().__init__(nodes)
         self.log, self.fail = [], set(fail)
 
-    def stream(self, task, step, requests):
-        replies = dict(super().stream(task, step, {n: b for n, b in requests.items() if n not in self.fail}))
+    def exchange(self, task, step, requests):
+        replies = super().exchange(task, step, {n: b for n, b in requests.items() if n not in self.fail})
         replies.update({n: NodeFailure("switched off") for n in self.fail if n in requests})
         self.log.append((task, step, dict(requests), dict(replies)))
-        return iter(replies.items())
+        return replies
 
 
 def build(cfg, fail=()):
@@ -169,33 +169,6 @@ def test_fedavg_matches_a_hand_computed_round():
         np.testing.assert_array_equal(got, want)
 
 
-class Reversed(InProcessTransport):
-    """Replies handed over in the reverse order of the requests, as when the first node is the slowest."""
-
-    def stream(self, task, step, requests):
-        return reversed(list(super().stream(task, step, requests)))
-
-
-def test_streamed_replies_are_taken_in_the_order_of_the_requests_whatever_their_arrival_order():
-    cfg = tiny_config(mask_rounds=2, rounds=2, adapt_every=1)
-    runs = []
-    for transport in (InProcessTransport, Reversed):
-        exp = Experiment.from_config(cfg)
-        trainer = make_trainer(cfg, exp.model, exp.spec)
-        records = []
-        server = Server(cfg, exp.spec, exp.w0, transport([Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0)
-                                                           for i in range(cfg.nodes)]), on_round=records.append)
-        server.run()
-        runs.append((server.state, [{k: v for k, v in r.items() if k != "time"} for r in records]))
-    (ordered, ordered_records), (reversed_, reversed_records) = runs
-    assert any("swapped" in r for r in ordered_records)  # adaptation rounds took part
-    assert reversed_records == ordered_records
-    assert [list(r["vote_weights"]) for r in reversed_records if "vote_weights" in r] == \
-        [[str(n) for n in r["nodes"]] for r in ordered_records if "vote_weights" in r]  # votes counted in node order
-    assert bits(reversed_.weights) == bits(ordered.weights)
-    assert bits(reversed_.mask) == bits(ordered.mask)
-
-
 def test_a_failed_node_is_dropped_and_recorded():
     cfg = tiny_config(rounds=1, mask_rounds=1)
     _, server, _, records = build(cfg, fail={1})
@@ -210,15 +183,15 @@ def test_bytes_down_count_only_the_requests_the_transport_sent():
     cfg = tiny_config(rounds=1, mask_rounds=2)
     _, server, transport, records = build(cfg, fail={2})
     delivered = []
-    stream = transport.stream
+    exchange = transport.exchange
 
     def gone_after_round_1(task, step, requests):
         sent = {n: b for n, b in requests.items() if n != 1 or step == 1}
-        replies = dict(stream(task, step, sent))
+        replies = exchange(task, step, sent)
         delivered.append(sum(len(body) for bodies in sent.values() for body in bodies))
-        return iter({**replies, **({1: NodeFailure("gone", sent=False)} if len(sent) < len(requests) else {})}.items())
+        return {**replies, **({1: NodeFailure("gone", sent=False)} if len(sent) < len(requests) else {})}
 
-    transport.stream = gone_after_round_1
+    transport.exchange = gone_after_round_1
     server.run()
     assert [r["bytes_down"] for r in records] == delivered and records[0]["nodes"] == [0, 1]
     assert lost_nodes(records) == [{"node": 2, "step": 1, "phase": "mask", "reason": "switched off"},
@@ -235,16 +208,16 @@ def test_too_few_replies_stop_the_run_with_a_clear_message():
 def test_a_corrupted_reply_is_rejected_and_the_round_completes():
     cfg = tiny_config(rounds=1, mask_rounds=1)
     exp, server, transport, records = build(cfg)
-    original = transport.stream
+    original = transport.exchange
 
     def corrupt(task, step, requests):
-        replies = dict(original(task, step, requests))
+        replies = original(task, step, requests)
         body = bytearray(replies[0][0])
         body[-1] ^= 0xFF
         replies[0] = [bytes(body), *replies[0][1:]]
-        return iter(replies.items())
+        return replies
 
-    transport.stream = corrupt
+    transport.exchange = corrupt
     server.run()
     assert all("checksum" in r["dropped"]["0"] for r in records)
     assert all(r["nodes"] == [1, 2] for r in records)

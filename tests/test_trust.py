@@ -48,9 +48,11 @@ class RewritingTransport(InProcessTransport):
         super().__init__(nodes)
         self.node, self.rewrite = node, rewrite
 
-    def stream(self, task, step, requests):
-        for node, reply in super().stream(task, step, requests):
-            yield node, self.rewrite(step, reply) if node == self.node else reply
+    def exchange(self, task, step, requests):
+        replies = super().exchange(task, step, requests)
+        if self.node in replies:
+            replies[self.node] = self.rewrite(step, replies[self.node])
+        return replies
 
 
 def _server(cfg, rewrite=None, node: int = 1):

@@ -439,10 +439,8 @@ def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mappin
     return nodes
 
 
-def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[int, Sequence[bytes]],
-            on_reply: Callable[[int, Reply], None] | None = None) -> dict[int, Reply]:
-    """Run each addressed node's handler in turn; a node's PayloadError becomes a failed reply.
-    `on_reply(node, reply)` is called as each reply is made (a worker process sends it on at once)."""
+def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
+    """Run each addressed node's handler in turn; a node's PayloadError becomes a failed reply."""
     replies: dict[int, Reply] = {}
     release([node for node_id, node in nodes.items() if node_id not in requests], step)  # not asked: not read now
     for node_id, bodies in requests.items():
@@ -450,8 +448,6 @@ def deliver(nodes: Mapping[int, Node], task: str, step: int, requests: Mapping[i
             replies[node_id] = nodes[node_id].handle(task, step, bodies)
         except PayloadError as exc:
             replies[node_id] = NodeFailure(f"node rejected the request: {exc}")
-        if on_reply is not None:
-            on_reply(node_id, replies[node_id])
     release(nodes.values(), step)
     return replies
 

@@ -27,7 +27,7 @@ import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from multiprocessing import forkserver
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
@@ -81,10 +81,9 @@ def worker_threads(cfg: Config, workers: int) -> int:
 
 def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: list[int],
            states: dict[int, NodeState]) -> None:
-    """A worker's loop: build its nodes (and say "ready"), then answer ("exchange", task, step, requests)
-    (a ("reply", (node, reply)) as each node is done, then ("ok", None)) and ("states",) until it receives None.
-    Ctrl-C is left to the main process, which stops the workers itself; if that process is gone
-    (killed), the worker ends quietly."""
+    """A worker's loop: build its nodes and say "ready", then answer ("exchange", task, step, requests)
+    and ("states",) until it receives None. Ctrl-C is left to the main process, which stops the
+    workers itself; if that process is gone (killed), the worker ends quietly."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
@@ -98,8 +97,7 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
         while (message := conn.recv()) is not None:
             try:
                 if message[0] == "exchange":
-                    deliver(nodes, *message[1:], on_reply=lambda node, reply: conn.send(("reply", (node, reply))))
-                    result = None
+                    result = deliver(nodes, *message[1:])
                 else:
                     result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
                 conn.send(("ok", result))
@@ -182,8 +180,7 @@ class NodePool:
         return list(self.ids)
 
     def _receive(self, worker: int) -> tuple[str, Any]:
-        """The next message from `worker`: ("ready", None), ("reply", (node, reply)) or ("ok", result); its
-        failures raised here."""
+        """The next message from `worker`: ("ready", None) or ("ok", result); its failures raised here."""
         try:
             status, result = self.conns[worker].recv()
         except (EOFError, ConnectionError):
@@ -197,7 +194,7 @@ class NodePool:
                                "listed in the config's plugins (--plugins) as it is imported") from None
         if status == "raise":
             raise result
-        if status not in ("ok", "reply", "ready"):
+        if status not in ("ok", "ready"):
             raise RuntimeError(f"worker process {worker} failed:\n{result}")
         return status, result
 
@@ -209,26 +206,16 @@ class NodePool:
             except ConnectionError:
                 pass
 
-    def stream(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> Iterator[tuple[int, Reply]]:
-        """Run each addressed node's handler in its worker; yield (node, reply) as each arrives. Left
-        early (the run stopped on an error or Ctrl-C), it stops the workers: what they still send
-        would be taken for the answers of the next exchange."""
+    def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
+        """Run each addressed node's handler in its worker; replies in the order of `requests`."""
         shares: dict[int, dict[int, Sequence[bytes]]] = {}
         for n, bodies in requests.items():
             shares.setdefault(n % self.workers, {})[n] = bodies
         self._send({w: ("exchange", task, step, share) for w, share in shares.items()})
-        working = {self.conns[w]: w for w in shares}
-        try:
-            while working:
-                for conn in wait(list(working)):
-                    status, result = self._receive(working[conn])
-                    if status == "ok":
-                        del working[conn]
-                    else:
-                        yield result
-        finally:
-            if working:
-                self.terminate()
+        replies: dict[int, Reply] = {}
+        for w in shares:
+            replies.update(self._receive(w)[1])
+        return {n: replies[n] for n in requests}
 
     def states(self) -> dict[int, NodeState]:
         """The state of every node that has received something, fetched from the workers (for checkpoints)."""

@@ -8,9 +8,9 @@ simulator, over Flower's grid for deployments.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol, TypedDict, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypedDict
 
 from . import codec
 
@@ -102,20 +102,6 @@ def bytes_sent(requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Re
                if not (isinstance(reply := replies.get(node), NodeFailure) and not reply.sent) for body in bodies)
 
 
-def in_request_order(nodes: Iterable[int], arrivals: Iterable[tuple[int, Reply]]) -> Iterator[tuple[int, Reply]]:
-    """`arrivals` (node, reply) in the order of `nodes`, each as soon as it and every node before it
-    have replied, so that the server takes replies in one order whatever order they arrive in; a
-    node that never replied is a NodeFailure in its place once the arrivals end."""
-    order, waiting, done = list(nodes), {}, 0
-    for node, reply in arrivals:
-        waiting[node] = reply
-        while done < len(order) and order[done] in waiting:
-            yield order[done], waiting.pop(order[done])
-            done += 1
-    for node in order[done:]:
-        yield node, waiting.pop(node, NodeFailure("no reply before the deadline"))
-
-
 class Transport(Protocol):
     """Delivers one round's requests and collects the replies that arrive."""
 
@@ -126,14 +112,4 @@ class Transport(Protocol):
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         """Send each node its bodies; return each node's reply bodies or the reason it failed
         (a `NodeFailure` with ``sent=False`` for a request that was never sent)."""
-        ...
-
-
-@runtime_checkable
-class StreamingTransport(Transport, Protocol):
-    """A transport that can also hand over each reply as it arrives: the server then validates and
-    decodes replies while other nodes are still working (the simulator's worker processes)."""
-
-    def stream(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> Iterator[tuple[int, Reply]]:
-        """What `exchange` returns, as (node, reply) pairs in the order they arrive."""
         ...

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -25,7 +25,7 @@ from .core.aggregate import robust_average
 from .core.params import Mask, ParamSpec, Weights
 from .errors import MethodError, PayloadError, RoundError
 from .methods import method_of
-from .protocol import NodeFailure, Reply, Round, RoundRecord, Step, StreamingTransport, Transport, bytes_sent, in_request_order
+from .protocol import NodeFailure, Reply, Round, RoundRecord, Step, Transport, bytes_sent
 from .seeds import Stream, rng
 
 Evaluator = Callable[[Weights], tuple[float, float]]
@@ -194,15 +194,38 @@ class Server:
         round with fewer than `min_nodes` valid replies is a RoundError. Each reply must hold
         `bodies` bodies; `decode` returns the first decoded (its sample count weighs the node) and
         may keep what the others carry. Bytes down count only the requests the transport sent."""
-        exchanged = Round()
-        if self.cfg.train.init is None:
-            arrivals = self._arrivals(task, step.step, requests)
-        else:  # a node may first ask for the `init` file's weights: answer those before taking any reply
-            arrivals = iter(self._answer_w0_requests(task, step, requests, exchanged).items())
-        for node, reply in in_request_order(requests, arrivals):
-            if not (isinstance(reply, NodeFailure) and not reply.sent):
-                exchanged.bytes_down += sum(len(b) for b in requests[node])
-            self._take(node, reply, decode, bodies, exchanged)
+        replies = self.transport.exchange(task, step.step, requests)
+        exchanged = Round(bytes_down=bytes_sent(requests, replies))
+        asking = self._asking_for_w0(requests, replies)
+        if asking:
+            exchanged.bytes_up += sum(len(replies[node][0]) for node in asking)
+            weights = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
+            again = {node: [weights if codec.peek(b).kind == Kind.INIT else b for b in requests[node]]
+                     for node in asking}
+            answered = self.transport.exchange(task, step.step, again)
+            exchanged.bytes_down += bytes_sent(again, answered)
+            replies = {**replies, **{node: answered.get(node, NodeFailure("no reply before the deadline"))
+                                     for node in asking}}
+        for node in requests:
+            reply = replies.get(node, NodeFailure("no reply before the deadline"))
+            if isinstance(reply, NodeFailure):
+                exchanged.dropped[node] = reply.reason
+                continue
+            if (problem := malformed(reply)) is not None:
+                exchanged.dropped[node] = f"rejected: {problem}"
+                continue
+            exchanged.bytes_up += sum(len(b) for b in reply)
+            try:
+                if len(reply) != bodies:
+                    raise PayloadError(f"expected {bodies} reply bod{'y' if bodies == 1 else 'ies'}, got {len(reply)}")
+                body = decode(node, reply)
+                if body.num_samples <= 0:
+                    raise PayloadError("reply claims no training samples")
+                self.check_values(body)
+                self._fix_count(node, body.num_samples)
+                exchanged.replies[node] = body
+            except PayloadError as exc:
+                exchanged.dropped[node] = f"rejected: {exc}"
         if len(exchanged.replies) < self.cfg.min_nodes:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
@@ -211,34 +234,6 @@ class Server:
         cap = self.count_cap()
         exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         return exchanged
-
-    def _arrivals(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> Iterator[tuple[int, Reply]]:
-        """The replies to `requests`, each as it arrives where the transport streams them, else all at once."""
-        if isinstance(self.transport, StreamingTransport):
-            return self.transport.stream(task, step, requests)
-        return iter(self.transport.exchange(task, step, requests).items())
-
-    def _take(self, node: int, reply: Reply, decode: Callable[[int, Sequence[bytes]], codec.Body], bodies: int,
-              exchanged: Round) -> None:
-        """Validate and decode one node's reply into `exchanged`, or drop it there with the reason."""
-        if isinstance(reply, NodeFailure):
-            exchanged.dropped[node] = reply.reason
-            return
-        if (problem := malformed(reply)) is not None:
-            exchanged.dropped[node] = f"rejected: {problem}"
-            return
-        exchanged.bytes_up += sum(len(b) for b in reply)
-        try:
-            if len(reply) != bodies:
-                raise PayloadError(f"expected {bodies} reply bod{'y' if bodies == 1 else 'ies'}, got {len(reply)}")
-            body = decode(node, reply)
-            if body.num_samples <= 0:
-                raise PayloadError("reply claims no training samples")
-            self.check_values(body)
-            self._fix_count(node, body.num_samples)
-            exchanged.replies[node] = body
-        except PayloadError as exc:
-            exchanged.dropped[node] = f"rejected: {exc}"
 
     def _fault_hint(self) -> str:
         """What to change when simulated faults left a round too few replies (nothing when none are set)."""
@@ -317,25 +312,6 @@ class Server:
             source = "seed" if self.cfg.train.init is None else "file"
             cache["w0"] = codec.encode_init(self.state.w0, source=source, seed=self.cfg.seed, round=step.step)
         return [cache["w0"]]
-
-    def _answer_w0_requests(self, task: str, step: Step, requests: Mapping[int, Sequence[bytes]],
-                            exchanged: Round) -> dict[int, Reply]:
-        """The replies to `requests` once the nodes that asked for the `init` file's weights (holding
-        no copy of it) have been sent them and have replied again; `exchanged` counts the asking
-        and the second requests."""
-        replies = self.transport.exchange(task, step.step, requests)
-        asking = self._asking_for_w0(requests, replies)
-        if not asking:
-            return replies
-        exchanged.bytes_up += sum(len(replies[node][0]) for node in asking)
-        weights = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
-        again = {node: [weights if codec.peek(b).kind == Kind.INIT else b for b in requests[node]] for node in asking}
-        answered = self.transport.exchange(task, step.step, again)
-        exchanged.bytes_down += bytes_sent(again, answered)
-        for node in asking:  # its first request left, whatever became of the second
-            reply = answered.get(node, NodeFailure("no reply before the deadline"))
-            replies[node] = reply._replace(sent=True) if isinstance(reply, NodeFailure) else reply
-        return replies
 
     def _asking_for_w0(self, requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> list[int]:
         """The nodes whose reply is a request for the `init` file's weights, which they hold no copy of."""

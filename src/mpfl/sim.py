@@ -10,11 +10,10 @@ same results.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT, save_checkpoint
@@ -36,8 +35,7 @@ from .server import Server
 
 
 class InProcessTransport:
-    """Delivers bodies by calling each node's handler, here or (with a `pool`) in worker processes.
-    `stream` delivers (handing over each reply as it arrives); `exchange` collects what it hands over."""
+    """Delivers bodies by calling each node's handler, here or (with a `pool`) in worker processes."""
 
     def __init__(self, nodes: Sequence[Node], pool: NodePool | None = None) -> None:
         self.nodes = {n.id: n for n in nodes}
@@ -47,12 +45,9 @@ class InProcessTransport:
         return self.pool.node_ids() if self.pool is not None else list(self.nodes)
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-        return dict(self.stream(task, step, requests))
-
-    def stream(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> Iterator[tuple[int, Reply]]:
         if self.pool is not None:
-            return self.pool.stream(task, step, requests)
-        return iter(deliver(self.nodes, task, step, requests).items())
+            return self.pool.exchange(task, step, requests)
+        return deliver(self.nodes, task, step, requests)
 
 
 class FaultyTransport(InProcessTransport):
@@ -63,31 +58,28 @@ class FaultyTransport(InProcessTransport):
         super().__init__(nodes, pool)
         self.faults, self.seed = faults, seed
 
-    def stream(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> Iterator[tuple[int, Reply]]:
+    def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         f = self.faults
         if not (f.dropout or f.straggler or f.corrupt or f.duplicate):  # no faults: no draws (one per node asked)
-            yield from super().stream(task, step, requests)
-            return
+            return super().exchange(task, step, requests)
         draws = {n: rng(self.seed, step, n, Stream.FAULTS).random(5) for n in requests}
         present = {n: b for n, b in requests.items() if draws[n][0] >= f.dropout}
+        replies = super().exchange(task, step, present)
         for n in requests:
+            u = draws[n]
             if n not in present:
-                yield n, NodeFailure("dropped out")
-        for n, reply in super().stream(task, step, present):
-            yield n, reply if isinstance(reply, NodeFailure) else self._arriving(reply, draws[n])
-
-    def _arriving(self, reply: Reply, draws: np.ndarray) -> Reply:
-        """`reply` as a node's `draws` make it arrive: past the deadline, corrupted, duplicated or intact."""
-        f = self.faults
-        if draws[1] < f.straggler:
-            return NodeFailure("no reply before the deadline (straggler)")
-        if draws[2] < f.corrupt:
-            body = bytearray(reply[0])
-            body[int(draws[4] * len(body))] ^= 0xFF
-            return [bytes(body)]
-        if draws[3] < f.duplicate:
-            return list(reply) * 2
-        return reply
+                replies[n] = NodeFailure("dropped out")
+            elif isinstance(replies[n], NodeFailure):
+                continue
+            elif u[1] < f.straggler:
+                replies[n] = NodeFailure("no reply before the deadline (straggler)")
+            elif u[2] < f.corrupt:
+                body = bytearray(replies[n][0])
+                body[int(u[4] * len(body))] ^= 0xFF
+                replies[n] = [bytes(body)]
+            elif u[3] < f.duplicate:
+                replies[n] = list(replies[n]) * 2
+        return replies
 
 
 class PooledOracle:
