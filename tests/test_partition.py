@@ -69,6 +69,16 @@ def test_dirichlet_small_alpha_skews_labels() -> None:
     assert flat.max(axis=1).max() < 0.2 and flat.max(axis=1).mean() < 0.15
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_vanishing_alpha_gives_each_class_to_one_node_even_once_nodes_fill_up(seed: int) -> None:
+    """Dir(1e-6) puts a class on one node; when that node is already full the class goes to one of
+    the others, whole, rather than being spread over them (which would weaken the skew)."""
+    labels = np.repeat(np.arange(10), 300)
+    p = make_partition(labels, 3, "dirichlet", alpha=1e-6, min_samples=10, val_fraction=0.0, seed=seed)
+    holders = [[n for n, idx in enumerate(p.train) if np.any(labels[idx] == c)] for c in range(10)]
+    assert all(len(h) == 1 for h in holders)
+
+
 def test_dirichlet_respects_min_samples() -> None:
     p = make_partition(BALANCED, 20, "dirichlet", alpha=0.3, min_samples=30, seed=2)
     assert min(len(t) + len(v) for t, v in zip(p.train, p.val)) >= 30

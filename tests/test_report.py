@@ -67,7 +67,7 @@ def test_markdown_table_shows_mean_and_spread(report):
     out, rows = report
     text = (out / "report.md").read_text()
     mpfl = rows["mpfl"]
-    assert "| Method | Model | Dataset | Partition | Sparsity | n | Final acc. (%) |" in text
+    assert "| Method | Model | Dataset | Partition | Target sparsity | n | Final acc. (%) |" in text
     assert f"{100 * mpfl['final_accuracy']:.2f} ± {100 * mpfl['final_accuracy_std']:.2f}" in text
     assert f"{100 * mpfl['bytes_vs_fedavg']:.1f}%" in text
     assert "## mnist, iid, mlp" in text and "| mpfl | mlp | mnist | iid | 0.9 | 2 |" in text
@@ -210,6 +210,21 @@ def test_each_value_precision_is_a_line_of_the_accuracy_vs_bytes_plot(runs, tmp_
     int8 = next(g for g in groups if not g.variant and g.first.method == "mpfl")
     # float32 kept values cost 4 bytes each where int8 costs 1: the float32 run sends more
     assert full.first.summary["bytes_up"] > int8.first.summary["bytes_up"]
+
+
+def test_settings_a_run_leaves_without_effect_do_not_split_its_seeds(runs, tmp_path):
+    """An iid split has no alpha or shards to speak of and FedAvg prunes nothing: seeds run with other
+    values of those form one row with the others."""
+    other = tmp_path / "fedavg-1"
+    shutil.copytree(runs / "fedavg-1", other)
+    summary = read_summary(other)
+    summary["config"]["data"].update(alpha=0.1, shards=5)
+    summary["config"]["prune"]["sparsity"] = 0.5
+    (other / "summary.json").write_text(json.dumps(summary))
+    rows = [str(runs / "fedavg-0"), str(other)]
+    assert main(["report", *rows, "--out", str(tmp_path / "report"), "--json", str(tmp_path / "rows.json")]) == 0
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert (row["n"], row["seeds"], row["variant"]) == (2, [0, 1], "")
 
 
 def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):

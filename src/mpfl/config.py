@@ -175,9 +175,12 @@ class PruneConfig:
     scope: str = _field("global", "pruning budget: one threshold over all layers (global; each keeps at least "
                                   "--layer-floor) or the same density in every layer (layer)")
     consensus: str = _field("vote", "rule that turns the nodes' masks into the consensus mask", aliases=("rule",))
-    tau: float = _field(0.5, "vote share a weight needs to be kept with --consensus threshold", aliases=("threshold",))
-    percentile: float | None = _field(None, "vote percentile kept with --consensus histogram; "
-                                            "none = the round's pruning share")
+    tau: float = _field(0.5, "vote share a weight needs to be kept with --consensus threshold (the density then "
+                             "follows the votes, not --sparsity)", aliases=("threshold",))
+    percentile: float | None = _field(None, "with --consensus histogram, the percentile (0-100) of the votes below "
+                                            "which each mask round prunes, so that about that percent of the kept "
+                                            "weights goes every round whatever --sparsity says; none = the share "
+                                            "the --sparsity schedule removes")
     rewind: str = _field("none", "start of each mask round: init = the initial weights, "
                                  "none = the node's own last weights")
     train_init: str = _field("local", "start of training: rewind = the initial weights, "
@@ -221,9 +224,11 @@ class PruneConfig:
         _range("saliency_batches", self.saliency_batches, 1)
         _range("mask_epochs", self.mask_epochs, 1)
         _range("extrapolate", self.extrapolate, 0, lo_open=True)
-        if self.mask_average_from is not None and self.mask_average_from < -self.mask_rounds:
-            raise ConfigError(f"mask_average_from = {self.mask_average_from} counts back past the first of "
-                              f"{self.mask_rounds} mask rounds; use -1 .. -{self.mask_rounds}, a round number or 0")
+        if self.mask_average_from is not None and not -self.mask_rounds <= self.mask_average_from <= self.mask_rounds:
+            past = "back past the first" if self.mask_average_from < 0 else "past the last"
+            raise ConfigError(f"mask_average_from = {self.mask_average_from} counts {past} of {self.mask_rounds} mask "
+                              f"rounds; use a round number 1 .. {self.mask_rounds}, -1 .. -{self.mask_rounds} (from the "
+                              "end) or 0 (no averaging)")
         _range("core_share", self.core_share, 0, 1)
         if self.mask_fraction is not None:
             _range("mask_fraction", self.mask_fraction, 0, 1, lo_open=True)

@@ -129,8 +129,8 @@ def _dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, min_samples: in
         for idx in by_class:
             open_nodes = sizes < cap
             share = rng.dirichlet(np.full(num_nodes, alpha)) * open_nodes
-            if not share.sum() > 0:
-                share = open_nodes.astype(np.float64)
+            if not share.sum() > 0:  # the draw went to full nodes (a tiny alpha puts it all on one): draw over the
+                share[open_nodes] = rng.dirichlet(np.full(int(open_nodes.sum()), alpha))  # open ones, as skewed
             cuts = (np.cumsum(share / share.sum()) * len(idx)).astype(np.int64)[:-1]
             for node, chunk in enumerate(np.split(rng.permutation(idx), cuts)):
                 parts[node].append(chunk)

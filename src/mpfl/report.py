@@ -65,7 +65,7 @@ METHOD_OPTIONS = {"prune", "codec", "robust"}  # config sections whose fields ar
 _PLAIN = FuncFormatter(lambda x, _: f"{x:g}")
 COLUMNS = {  # JSON key -> markdown header
     "method": "Method", "model": "Model", "variant": "Variant", "dataset": "Dataset", "partition": "Partition",
-    "sparsity": "Sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)",
+    "sparsity": "Target sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)",
     "rounds": "Rounds (mask+train)", "bytes_up": "Up (MB)", "bytes_down": "Down (MB)", "bytes_vs_fedavg": "Bytes vs FedAvg",
     "bits_per_param": "Bits/param/round (up / down)", "wall_time": "Wall time (s)",
     "bytes_eval_down": "Eval down (MB)", "bytes_eval_up": "Eval up (B)",
@@ -73,7 +73,7 @@ COLUMNS = {  # JSON key -> markdown header
 PRECISION_STYLES = {"float32": "--", "float16": ":", "int8": "-."}  # accuracy-vs-bytes lines of value precisions
 OPTIONAL = {"variant", "bytes_eval_down", "bytes_eval_up"}  # columns shown only when some row has a value
 DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
-    "method": "Method", "variant": "Variant", "sparsity": "Sparsity", "params_kept": "Params kept",
+    "method": "Method", "variant": "Variant", "sparsity": "Target sparsity", "params_kept": "Params kept",
     "model_bytes": "Model (kB)", "flops_per_sample": "MFLOPs / sample", "train_time_vs_dense": "Train round vs FedAvg",
 }
 
@@ -251,7 +251,15 @@ def format_variant(variant: dict[str, Any]) -> str:
 
 
 def _group_key(run: Run) -> str:
-    return json.dumps({k: v for k, v in run.flat.items() if k not in NOT_GROUPED}, sort_keys=True)
+    """What a run's group shares: its config, less the seed and what does not change results, and
+    less settings its config leaves without effect (the alpha of a split that is not dirichlet, the
+    shards of one that is not shards, the sparsity of a method that does not prune), which the
+    row would not show."""
+    p = run.flat["partition"]
+    idle = {key for key, partition in (("alpha", "dirichlet"), ("shards", "shards")) if p != partition}
+    key = {k: v for k, v in run.flat.items() if k not in NOT_GROUPED | idle}
+    key["sparsity"] = run.summary["sparsity"]
+    return json.dumps(key, sort_keys=True)
 
 
 def _modal(runs: Sequence[Run], key: str) -> str:
