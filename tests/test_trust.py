@@ -339,7 +339,7 @@ def test_resume_refuses_an_edited_config_naming_what_differs(tmp_path, capsys, e
     assert _snapshot(out) == before
 
 
-def test_resume_may_change_the_number_of_worker_processes(tmp_path, reference):
+def test_resume_may_change_the_number_of_worker_processes(tmp_path, reference, capsys):
     import tomli_w
 
     out = tmp_path / "run"
@@ -348,6 +348,15 @@ def test_resume_may_change_the_number_of_worker_processes(tmp_path, reference):
     (out / "config.toml").write_text(tomli_w.dumps({**cfg, "workers": 2}))
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     _same_as(out, reference)
+    flag = tmp_path / "flag"  # or on the command line, the one config flag --resume takes
+    _interrupted(flag, 2)
+    assert main(["run", "--resume", str(flag), "--workers", "2", "--quiet"]) == 0
+    _same_as(flag, reference)
+    assert Config.from_toml(flag / "config.toml").workers == cfg["workers"]  # the saved config stays as it was
+    capsys.readouterr()
+    assert main(["run", "--resume", str(flag), "--workers", "2", "--lr", "0.1"]) == 2
+    assert ("--resume continues a run with its own saved config; give no other config flags (but --workers, which "
+            "only changes the speed) or --out") in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("seed", [0, 1])

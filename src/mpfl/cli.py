@@ -133,14 +133,18 @@ def name_flags(message: str, names: Iterable[str]) -> str:
 
 def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     """The saved config and directory of the run `--resume` names."""
-    if args.config or args.out or _given(args):
-        raise ConfigError("--resume continues a run with its own saved config; give no other config flags or --out")
     from .records import check_resumable_dir
+    from .resume import RUNTIME_FIELDS
 
+    speed = {name: value for name, value in _given(args).items() if name in RUNTIME_FIELDS}
+    if args.config or args.out or len(_given(args)) > len(speed):
+        raise ConfigError("--resume continues a run with its own saved config; give no other config flags (but "
+                          f"{', '.join(_flag(name) for name in sorted(RUNTIME_FIELDS))}, which only changes the "
+                          "speed) or --out")
     out = Path(args.resume)
     check_resumable_dir(out)
     try:
-        return Config.from_toml(out / CONFIG), out
+        return Config.from_toml(out / CONFIG).with_overrides(speed), out
     except ConfigError as exc:
         raise type(exc)(f"{exc}{_relative_paths_hint(out / CONFIG, 'resume')}") from None
 
