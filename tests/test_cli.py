@@ -435,3 +435,23 @@ def test_rerunning_a_saved_config_elsewhere_names_its_relative_plug_in_path(tmp_
     monkeypatch.chdir(tmp_path / "here")
     assert main(["run", "--config", str(tmp_path / "run" / "config.toml"), "--quiet", "--out",
                  str(tmp_path / "again")]) == 0
+
+
+def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_start(tmp_path, capsys):
+    from mpfl.cli import idle_flags
+
+    fedavg = Config().with_overrides({"method": "fedavg", "partition": "iid"})
+    assert idle_flags(fedavg, ["alpha", "shards", "sparsity", "adapt_every", "lr"]) == [
+        "--alpha has no effect with --partition iid", "--shards has no effect with --partition iid",
+        "--sparsity has no effect with --method fedavg, which does not prune",
+        "--adapt-every has no effect with --method fedavg, which does not prune"]
+    mpfl = Config().with_overrides({"partition": "dirichlet", "consensus": "threshold"})
+    assert idle_flags(mpfl, ["alpha", "tau", "percentile", "sparsity"]) == [
+        "--percentile has no effect with --consensus threshold"]
+    assert idle_flags(mpfl.with_overrides({"consensus": "histogram"}), ["tau", "percentile"]) == [
+        "--tau has no effect with --consensus histogram"]
+    assert main(["run", *SMALL, "--method", "fedavg", "--alpha", "0.1", "--out", str(tmp_path / "r")]) == 0
+    assert "note: --alpha has no effect with --partition iid" not in capsys.readouterr().err  # --quiet: no start line
+    assert main(["run", *_without(SMALL, "--quiet"), "--method", "fedavg", "--alpha", "0.1", "--out",
+                 str(tmp_path / "s")]) == 0
+    assert "note: --alpha has no effect with --partition iid" in capsys.readouterr().err

@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_memory(estimate, available)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
     if not args.quiet:
-        _print_start(cfg, out, args.log_format)
+        _print_start(cfg, out, args.log_format, [] if args.resume else idle_flags(cfg, _given(args)))
     try:
         with RoundLog(plan(cfg), _steps_done(out) if args.resume else 0, log_format=args.log_format,
                       quiet=args.quiet, console=console) as log:
@@ -224,7 +224,26 @@ def _resume_hint(out: Path) -> str | None:
     return f"continue with: mpfl run --resume {out}" if (out / CONFIG).is_file() else None
 
 
-def _print_start(cfg: Config, out: Path, log_format: str) -> None:
+def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
+    """Notes on the flags in `given` that the rest of `cfg` leaves without effect, so that a setting
+    a run ignores is said rather than silently recorded (a plug-in rule may read --tau or
+    --percentile, so those are only named under the built-in rules that do not)."""
+    from .config import FIELD_SECTIONS
+    from .methods import method_of
+
+    notes = []
+    for name in given:
+        if name == "alpha" and cfg.data.partition != "dirichlet" or name == "shards" and cfg.data.partition != "shards":
+            notes.append(f"{_flag(name)} has no effect with --partition {cfg.data.partition}")
+        elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:
+            notes.append(f"{_flag(name)} has no effect with --method {cfg.method}, which does not prune")
+        elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
+                                             ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
+            notes.append(f"{_flag(name)} has no effect with --consensus {cfg.prune.consensus}")
+    return notes
+
+
+def _print_start(cfg: Config, out: Path, log_format: str, notes: Sequence[str] = ()) -> None:
     """The run's first line on stderr: what runs where, as text or (--log-format json) one JSON object,
     so that every line a JSON log holds parses."""
     from .parallel import available_cores, worker_count
@@ -244,6 +263,8 @@ def _print_start(cfg: Config, out: Path, log_format: str) -> None:
     if cfg.threads > cores:
         console.print(f"note: --threads {cfg.threads} is more than the {cores} cores this process may use; torch "
                       "slows down sharply when its threads outnumber the cores", highlight=False)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
 
 
 def _both(first: Callable[[RoundRecord], None], second: Callable[[RoundRecord], None]
