@@ -15,6 +15,7 @@ from conftest import tiny_config
 from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
+from mpfl.core import masks
 from mpfl.errors import ConfigError
 from mpfl.methods import METHODS
 from mpfl.registry import Registry, UnknownNameError
@@ -253,6 +254,35 @@ def test_a_plug_in_registered_only_in_the_running_script_fails_in_worker_process
                                                "'script-only-test'.*Worker processes imported no plug-ins"):
         simulate(tiny_config(criterion="script-only-test", workers=2), out)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_plug_ins_read_the_runs_options_and_a_criterion_may_draw_from_its_own_seeded_generator(tmp_path):
+    """`--options KEY=VALUE` reaches a rule (ctx.options) and a criterion (options=), and is recorded;
+    a criterion that names `rng` gets a generator seeded by (seed, round, node): the same masks for
+    the same seed, others for another."""
+    from mpfl.core.consensus import register_rule
+    from mpfl.core.masks import register_criterion
+
+    seen = []
+
+    def random_keep(weights, current, density, *, rng, options, **_):
+        seen.append(dict(options))
+        return [c & (rng.random(c.shape) < float(options["keep"])) for c in current]
+
+    def at_least(votes, support, ctx):
+        return [s & (v * ctx.num_nodes >= int(ctx.options["k"]) - 1e-9) for v, s in zip(votes, support)]
+
+    register_criterion("random-keep-test", random_keep)
+    register_rule("at-least-test", at_least)
+    cfg = tiny_config(criterion="random-keep-test", consensus="at-least-test", vote_weighting="trimmed", trim=0.0,
+                      options=("keep=0.5", "k=2"), mask_rounds=1, rounds=1, nodes=3)  # trimmed, untrimmed: counts
+    first, again = simulate(cfg, tmp_path / "run"), simulate(cfg)
+    assert seen and all(s == {"keep": "0.5", "k": "2"} for s in seen)
+    assert Config.from_toml(tmp_path / "run" / "config.toml").plugin_options == {"keep": "0.5", "k": "2"}
+    assert all((a == b).all() for a, b in zip(first.masks[1], again.masks[1]))
+    other = simulate(cfg.with_overrides({"seed": 1}))
+    assert any((a != b).any() for a, b in zip(first.masks[1], other.masks[1]))
+    assert masks.density(first.masks[1]) == pytest.approx(0.5, abs=0.01)  # P(2 or 3 of 3 keep) = 3/8 + 1/8
 
 
 @pytest.mark.parametrize(("registration", "flag", "says"), [

@@ -177,10 +177,9 @@ class PruneConfig:
     consensus: str = _field("vote", "rule that turns the nodes' masks into the consensus mask", aliases=("rule",))
     tau: float = _field(0.5, "vote share a weight needs to be kept with --consensus threshold (the density then "
                              "follows the votes, not --sparsity)", aliases=("threshold",))
-    percentile: float | None = _field(None, "with --consensus histogram, the percentile (0-100) of the votes below "
-                                            "which each mask round prunes, so that about that percent of the kept "
-                                            "weights goes every round whatever --sparsity says; none = the share "
-                                            "the --sparsity schedule removes")
+    percentile: float | None = _field(None, "with --consensus histogram, the vote percentile (0-100) below which "
+                                            "each mask round prunes, overriding --sparsity; none = the share the "
+                                            "--sparsity schedule removes")
     rewind: str = _field("none", "start of each mask round: init = the initial weights, "
                                  "none = the node's own last weights")
     train_init: str = _field("local", "start of training: rewind = the initial weights, "
@@ -335,6 +334,8 @@ class Config:
                           aliases=("processes", "num_workers"))
     plugins: tuple[str, ...] = _field((), "modules or .py files to import first, which register datasets, models, "
                                            "methods and other pieces by name; repeat the flag for several")
+    options: tuple[str, ...] = _field((), "settings of your plug-ins as KEY=VALUE, which a criterion, rule or method "
+                                           "reads as text; repeat the flag for several", aliases=("plugin_options",))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -342,6 +343,11 @@ class Config:
     codec: CodecConfig = field(default_factory=CodecConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+
+    @property
+    def plugin_options(self) -> dict[str, str]:
+        """`options` as a dict, KEY -> VALUE (text: a plug-in converts what it reads)."""
+        return {key.strip(): value.strip() for key, value in (option.split("=", 1) for option in self.options)}
 
     @property
     def mask_round_fraction(self) -> float:
@@ -366,6 +372,13 @@ class Config:
         _range("eval_every", self.eval_every, 0)
         _range("threads", self.threads, 0, MAX_THREADS)
         _range("workers", self.workers, 0)
+        keys = [option.partition("=")[0].strip() for option in self.options]
+        for option, key in zip(self.options, keys):
+            if "=" not in option or not key:
+                raise ConfigError(f"options: {option!r} is not KEY=VALUE; write each plug-in setting as key=value")
+        if len(set(keys)) < len(keys):
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            raise ConfigError(f"options: {', '.join(twice)} given more than once; give each key one value")
         if self.faults.malicious > self.nodes:
             raise ConfigError(f"malicious = {self.faults.malicious} is larger than nodes = {self.nodes}")
         if self.robust.aggregator == "krum" and self.robust.byzantine >= self.nodes:

@@ -28,7 +28,7 @@ from .errors import PayloadError
 from .methods import method_of
 from .protocol import TASK_ADAPT, TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply
 from .registry import Registry, registry
-from .seeds import Stream
+from .seeds import Stream, rng
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -121,14 +121,16 @@ def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weight
     spec, p = trainer.spec, cfg.prune
     criterion = CRITERIA.get(p.criterion)
     what, structured = f"the mask the criterion {p.criterion!r} returned", criterion.structured
+    extras = {"options": cfg.plugin_options, "rng": rng(*gen_key, Stream.CRITERION)}
+    options = {"scope": p.scope, "floor": p.layer_floor, **{k: v for k, v in extras.items() if k in criterion.extras}}
     if criterion.needs_scores:
         scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
-        return checked_mask(criterion.choose(scores, current, density, scope=p.scope, floor=p.layer_floor), current,
-                            what, structured=structured), None
+        return checked_mask(criterion.choose(scores, current, density, **options), current, what,
+                            structured=structured), None
     trained, _ = trainer.train(start, current, data, epochs or cfg.train.epochs, generator(*gen_key))
     ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), p.extrapolate)
-    return checked_mask(criterion.choose(ranked, current, density, scope=p.scope, floor=p.layer_floor), current,
-                        what, structured=structured), trained
+    return checked_mask(criterion.choose(ranked, current, density, **options), current, what,
+                        structured=structured), trained
 
 
 def movement_scores(w0: Sequence[np.ndarray], trained: Sequence[np.ndarray], extrapolate: float) -> Weights:

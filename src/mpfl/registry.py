@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
 from .errors import ConfigError
@@ -104,6 +104,18 @@ def check_callable(fn: Callable, kind: str, name: str, form: str, *args: Any, **
     except TypeError as exc:
         raise ConfigError(f"{kind} {name!r}: {getattr(fn, '__name__', type(fn).__name__)}{signature} cannot be called as "
                           f"{form} ({exc}); give it those parameters") from None
+
+
+def accepted_keywords(fn: Callable, names: Iterable[str]) -> list[str]:
+    """Those of `names` that `fn` takes as keyword arguments (all of them if it takes **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return list(names)
+    named = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    return [name for name in names if name in named]
 
 
 ALL: list[Registry] = []

@@ -24,6 +24,7 @@ class Stream(IntEnum):
     FORGED_MASK = 6     # a random-mask attack's forged mask (node)
     REGROW = 7          # the batches a node measures its regrow gradient on (node)
     MASK_SAMPLE = 8     # which nodes a mask round asks (server)
+    CRITERION = 9       # a plug-in criterion's own draws (its `rng`, node)
 
 
 POOLED = 2**31 - 1

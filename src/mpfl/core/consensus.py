@@ -1,13 +1,14 @@
 """Consensus rules: the parameter server's mask from the nodes' weighted votes.
 
-Votes v_i = sum_n alpha_n m_{n,i} lie in [0, 1]. Every rule only keeps entries of the
-previous consensus (`support`), so the new consensus is always a subset of it.
+Votes v_i = sum_n alpha_n m_{n,i} lie in [0, 1] (MPFL adds 1 where some node's core holds the
+entry: `with_cores`). Every rule only keeps entries of the previous consensus (`support`), so the
+new consensus is always a subset of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,6 +85,8 @@ class VoteContext:
     percentile: float | None = None
     structured: bool = False
     tiebreak: Sequence[np.ndarray] | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+    """The run's `options` (``--options KEY=VALUE``): settings for a plug-in rule, as text."""
 
 
 def _on_rows(rule: Callable[..., Mask], votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import MethodError
-from ..registry import Registry, check_callable, registry
+from ..registry import Registry, accepted_keywords, check_callable, registry
 from .memo import positions
 
 Mask = list[np.ndarray]
@@ -158,17 +158,27 @@ def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], d
     return select(scores, current, density, scope, floor)
 
 
+EXTRAS = ("options", "rng")
+"""Keywords a criterion gets only if it names them (or takes **kwargs): the run's `options` and a
+numpy Generator seeded by (seed, round, node), for criteria that draw at random."""
+
+
 @dataclass(frozen=True)
 class Criterion:
     """A local mask rule `choose(weights_or_scores, current, density, *, scope, floor) -> mask`.
 
     With `needs_scores` the node passes SNIP saliency scores instead of trained weights and
-    skips local training; with `structured` masks keep or drop whole output filters.
+    skips local training; with `structured` masks keep or drop whole output filters. `extras`
+    are the keywords of `EXTRAS` that `choose` takes.
     """
 
     choose: Callable[..., Mask]
     structured: bool = False
     needs_scores: bool = False
+    extras: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extras", frozenset(accepted_keywords(self.choose, EXTRAS)))
 
 
 CRITERIA: Registry[Criterion] = registry("mask criterion")
@@ -181,7 +191,8 @@ def register_criterion(name: str, fn: Callable[..., Mask], *, structured: bool =
     """Add a local mask criterion `fn(weights_or_scores, current, density, *, scope, floor) -> mask`
     (a subset of `current`); see `Criterion` for the two flags."""
     check_callable(fn, "mask criterion", name, "fn(weights, current, density, *, scope, floor) (or with **kwargs "
-                   "for the last two)", None, None, 1.0, scope="layer", floor=0.01)
+                   "for the last two)", None, None, 1.0, scope="layer", floor=0.01,
+                   **dict.fromkeys(accepted_keywords(fn, EXTRAS) if callable(fn) else ()))
     CRITERIA.register(name, Criterion(fn, structured=structured, needs_scores=needs_scores))
 
 

@@ -122,7 +122,7 @@ class Mpfl(MaskedMethod):
         local = [exchanged.replies[n].tensors for n in voted]
         ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=p.scope,
                           floor=p.layer_floor, tau=p.tau, percentile=p.percentile, structured=self.structured,
-                          tiebreak=[np.abs(w) for w in server.spec.pick(state.w0)])
+                          tiebreak=[np.abs(w) for w in server.spec.pick(state.w0)], options=self.cfg.plugin_options)
         weights = exchanged.weights()
         if robust.vote_weighting == "agreement":
             weights = list(agreement_weights(local, weights, support))
