@@ -299,6 +299,7 @@ def test_a_plug_in_that_breaks_the_mask_contract_stops_the_run_with_one_line(tmp
     assert main(["run", "--plugins", str(plugin), flag, "none", *SMALL, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.endswith(f"; once it is fixed, continue with: mpfl run --resume {out}")
     assert (out / "config.toml").is_file()  # the run directory stays, as after any stopped run
 
 
@@ -310,7 +311,12 @@ def test_a_plug_ins_own_error_keeps_its_type_from_a_worker_and_is_one_json_objec
         simulate(tiny_config(plugins=(str(plugin),), criterion="broken", workers=2))
     assert any(note.startswith("raised in worker process") and "in broken" in note for note in raised.value.__notes__)
     capsys.readouterr()
-    args = ["run", "--plugins", str(plugin), "--criterion", "broken", *SMALL, "--workers", "2", "--log-format", "json"]
+    args = ["run", "--plugins", str(plugin), "--criterion", "broken", *SMALL, "--workers", "2"]
+    with pytest.raises(ValueError, match="broken on purpose") as raised:  # its traceback, then how to go on
+        main([*args, "--out", str(tmp_path / "text")])
+    assert raised.value.__notes__[-1] == ("the run stopped on this error; once it is fixed, continue with: mpfl run "
+                                          f"--resume {tmp_path / 'text'}")
+    args.extend(["--log-format", "json"])
     assert main([*args, "--out", str(tmp_path / "run")]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     event = json.loads(line)

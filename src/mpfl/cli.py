@@ -23,7 +23,7 @@ from rich.markup import escape
 from . import __version__
 from ._launch import INTERRUPTED, json_log_requested
 from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
-from .errors import ConfigError, MpflError, WorkerError
+from .errors import ConfigError, MethodError, MpflError, WorkerError
 from .progress import LOG_FORMATS
 from .protocol import RoundRecord
 from .records import CONFIG, default_run_dir, summary_line
@@ -203,6 +203,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WorkerError as exc:  # killed, out of memory perhaps: the run goes on from its last checkpoint
         hint = _resume_hint(out)
         raise WorkerError(f"{exc}; {hint}" if hint else str(exc)) from None
+    except MethodError as exc:  # a plug-in broke its contract: once it is fixed, the run goes on
+        hint = _resume_hint(out)
+        raise MethodError(f"{exc}; once it is fixed, {hint}" if hint else str(exc)) from None
+    except Exception as exc:  # a plug-in's own error (or a bug), shown with its traceback: the same
+        if not isinstance(exc, MpflError) and (hint := _resume_hint(out)):
+            exc.add_note(f"the run stopped on this error; once it is fixed, {hint}")
+        raise
     except KeyboardInterrupt:
         hint = _resume_hint(out)
         _notice("interrupted", f"interrupted; {hint}" if hint else "interrupted before the run started; nothing was "
