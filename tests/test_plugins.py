@@ -114,6 +114,20 @@ def test_a_plugin_file_the_script_imported_itself_is_not_run_twice(tmp_path, mon
     monkeypatch.delitem(sys.modules, "own_plugin_test")
 
 
+def test_a_plugin_named_by_path_and_then_by_module_runs_once(tmp_path, monkeypatch):
+    import sys
+
+    (tmp_path / "twice_plugin_test.py").write_text(
+        "from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Local\n\n"
+        "@register_method\nclass Twice(Local):\n    name = 'twice-plugin-test'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "twice_plugin_test", raising=False)
+    cfg = Config().with_overrides({"method": "twice-plugin-test",
+                                   "plugins": [str(tmp_path / "twice_plugin_test.py"), "twice_plugin_test"]})
+    assert METHODS.get(cfg.method) is sys.modules["twice_plugin_test"].Twice
+    monkeypatch.delitem(sys.modules, "twice_plugin_test")
+
+
 def test_registries_share_one_name_rule_and_one_error():
     reg: Registry[int] = Registry("widget")
     reg.register(" Big-One ", 1, aliases=("big",))

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
 from .errors import ConfigError
 
@@ -58,10 +59,27 @@ def _already_imported(path: Path) -> bool:
     return False
 
 
+def _run_as_path(name: str) -> ModuleType | None:
+    """The module a `.py` plug-in path ran whose file module `name` is, if one did: importing it by
+    name too would register its names twice."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    origin = Path(spec.origin).resolve()
+    return next((module for key, module in list(sys.modules.items()) if key.startswith(_MODULE_PREFIX)
+                 and getattr(module, "__file__", None) and Path(module.__file__).resolve() == origin), None)
+
+
 def _import(name: str) -> None:
     """Import a module by name, or a `.py` file by path, turning any failure into a ConfigError."""
     try:
         if not _is_path(name):
+            if name not in sys.modules and (module := _run_as_path(name)) is not None:
+                sys.modules[name] = module
+                return
             importlib.import_module(name)
             return
         path = Path(name).resolve()

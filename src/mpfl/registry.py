@@ -1,8 +1,10 @@
 """One registry type for everything a user can plug in by name: datasets, models, mask
 criteria, consensus rules, methods, aggregators and attacks.
 
-Every registry normalises names the same way (case and surrounding blanks do not matter),
-raises the same `UnknownNameError` with a suggestion for a name it does not know, and keeps
+Every registry normalises names the same way (registering and looking up ignore case and
+surrounding blanks; a config names an entry by its registered, lower-case name, and a
+misspelt one gets that name suggested), raises the same `UnknownNameError` with a suggestion
+for a name it does not know, and keeps
 an entry's properties on the registered object itself, so a config's allowed values are
 simply a registry's names.
 """
