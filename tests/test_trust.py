@@ -114,6 +114,8 @@ def test_forged_counts_give_an_attacker_at_most_count_limit_times_a_node():
     want = [sum(w * t.astype(np.float64) for w, t in zip(bounded, per_node)) / sum(bounded) for per_node in zip(*tensors)]
     for got, expected in zip(result.weights, want):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert result.summary["limited_counts"] == {str(bad): 1000 * sizes[bad]}  # the attacker, and no honest node
+    assert simulate(honest_cfg).summary["limited_counts"] == {}
 
 
 ATTACK = dict(nodes=10, train_samples=3000, test_samples=1000, mask_rounds=2, rounds=2, sparsity=0.8)

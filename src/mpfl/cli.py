@@ -223,6 +223,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if board is not None:
             board.close()
     _print_summary(result.summary, out, args.log_format)
+    if (limited := result.summary["limited_counts"]) and not args.quiet and args.log_format != "json":
+        console.print(f"note: {len(limited)} of {cfg.nodes} nodes claimed more than --count-limit "
+                      f"({cfg.robust.count_limit:g}) times the median node's training samples and weighed as holding "
+                      "that many (summary.json: limited_counts); for honest nodes of an uneven split, raise "
+                      "--count-limit to weigh them by their own counts", highlight=False)
     return 0
 
 

@@ -278,6 +278,12 @@ class Server:
         nodes (honest counts within the limit are used exactly)."""
         return float(min(self.state.counts[node], self.count_cap()))
 
+    def limited_counts(self) -> dict[str, int]:
+        """The nodes whose fixed count is above `count_cap` (ids as text, as records hold them), with
+        that count: they weigh as the cap (inflated claims, or the largest honest nodes of a very uneven split)."""
+        cap = self.count_cap() if self.state.counts else 0.0
+        return {str(node): count for node, count in sorted(self.state.counts.items()) if count > cap}
+
     def count_cap(self) -> float:
         """The largest count a node may weigh with: `robust.count_limit` times the median fixed count."""
         return self.cfg.robust.count_limit * float(np.median(list(self.state.counts.values())))

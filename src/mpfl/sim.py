@@ -183,7 +183,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
         if pool is not None:
             pool.close()
     summary = finish_run(exp, run_dir, server.state.weights, server.state.mask, records,
-                         earlier + time.perf_counter() - started, {})
+                         earlier + time.perf_counter() - started, {"limited_counts": server.limited_counts()})
     if run_dir is not None and not keep_checkpoint:
         (run_dir.path / CHECKPOINT).unlink(missing_ok=True)
     state = server.state

@@ -71,7 +71,7 @@ def _run(grid: Grid, context: Context) -> None:
     partitions = {str(p): n for p, n in sorted(transport.flower_ids.items())}
     evaluation, failed = _evaluate_on_nodes(transport, server) if opts.federated_eval else ({}, [])
     extra = {"runner": runner_of(grid), "partitions": partitions, "missing_partitions": missing, **evaluation,
-             "lost_nodes": _lost(transport, missing, records, failed)}
+             "lost_nodes": _lost(transport, missing, records, failed), "limited_counts": server.limited_counts()}
     state = server.state
     _save_masks(run_dir.path, exp.spec, state.history)
     summary = finish_run(exp, run_dir, state.weights, state.mask, records, time.perf_counter() - started, extra)
