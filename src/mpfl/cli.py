@@ -240,7 +240,6 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     """Notes on the flags in `given` that the rest of `cfg` leaves without effect, so that a setting
     a run ignores is said rather than silently recorded (a plug-in rule may read --tau or
     --percentile, so those are only named under the built-in rules that do not)."""
-    from .config import FIELD_SECTIONS
     from .methods import method_of
 
     notes = []

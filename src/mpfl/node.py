@@ -121,15 +121,18 @@ def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weight
     spec, p = trainer.spec, cfg.prune
     criterion = CRITERIA.get(p.criterion)
     what, structured = f"the mask the criterion {p.criterion!r} returned", criterion.structured
-    extras = {"options": cfg.plugin_options, "rng": rng(*gen_key, Stream.CRITERION)}
-    options = {"scope": p.scope, "floor": p.layer_floor, **{k: v for k, v in extras.items() if k in criterion.extras}}
+    keywords: dict[str, object] = {"scope": p.scope, "floor": p.layer_floor}
+    if "options" in criterion.extras:
+        keywords["options"] = cfg.plugin_options
+    if "rng" in criterion.extras:
+        keywords["rng"] = rng(*gen_key, Stream.CRITERION)
     if criterion.needs_scores:
         scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
-        return checked_mask(criterion.choose(scores, current, density, **options), current, what,
+        return checked_mask(criterion.choose(scores, current, density, **keywords), current, what,
                             structured=structured), None
     trained, _ = trainer.train(start, current, data, epochs or cfg.train.epochs, generator(*gen_key))
     ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), p.extrapolate)
-    return checked_mask(criterion.choose(ranked, current, density, **options), current, what,
+    return checked_mask(criterion.choose(ranked, current, density, **keywords), current, what,
                         structured=structured), trained
 
 

@@ -2,11 +2,10 @@
 criteria, consensus rules, methods, aggregators and attacks.
 
 Every registry normalises names the same way (registering and looking up ignore case and
-surrounding blanks; a config names an entry by its registered, lower-case name, and a
-misspelt one gets that name suggested), raises the same `UnknownNameError` with a suggestion
-for a name it does not know, and keeps
-an entry's properties on the registered object itself, so a config's allowed values are
-simply a registry's names.
+surrounding blanks; a config names an entry by its registered, lower-case name), raises the
+same `UnknownNameError` with a suggestion for a name it does not know, and keeps an entry's
+properties on the registered object itself, so a config's allowed values are simply a
+registry's names.
 """
 
 from __future__ import annotations

@@ -197,10 +197,10 @@ def register_criterion(name: str, fn: Callable[..., Mask], *, structured: bool =
 
 
 def checked_mask(mask: object, current: Sequence[np.ndarray], what: str, *, structured: bool = False) -> Mask:
-    """`mask` (what a plug-in's criterion, rule or method returned, `what` says) as boolean arrays, once it is one
-    array per prunable tensor, each of its tensor's shape and a subset of `current` (and, if
-    `structured`, keeping or dropping whole output filters); otherwise a MethodError that names
-    `what` and the contract, so a broken plug-in stops with one line."""
+    """`mask` (what a plug-in's criterion, rule or method returned: `what` names it) as boolean
+    arrays, once it is one array per prunable tensor, each of its tensor's shape and a subset of
+    `current` (and, if `structured`, keeping or dropping whole output filters); otherwise a
+    MethodError that names `what` and the contract, so a broken plug-in stops with one line."""
     contract = (f"{what} must be a list of {len(current)} boolean arrays, one per prunable tensor, each "
                 "the shape of its tensor and a subset of the current mask")
     if not isinstance(mask, (list, tuple)) or len(mask) != len(current):
