@@ -99,32 +99,30 @@ def test_a_plugin_that_calls_sys_exit_in_a_worker_process_ends_the_run_the_same_
     assert f"called sys.exit(4); continue with: mpfl run --resume {out}" in " ".join(capsys.readouterr().err.split())
 
 
+def _importable_plugin(tmp_path: Path, monkeypatch, module: str) -> Path:
+    """A plug-in file that registers the method `module` (dashes for underscores), importable as `module`."""
+    path = tmp_path / f"{module}.py"
+    path.write_text("from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Local\n\n"
+                    f"@register_method\nclass Plugged(Local):\n    name = {module.replace('_', '-')!r}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    return path
+
+
 def test_a_plugin_file_the_script_imported_itself_is_not_run_twice(tmp_path, monkeypatch):
     import importlib
-    import sys
 
-    (tmp_path / "own_plugin_test.py").write_text(
-        "from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Local\n\n"
-        "@register_method\nclass Own(Local):\n    name = 'own-plugin-test'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "own_plugin_test", raising=False)
+    path = _importable_plugin(tmp_path, monkeypatch, "own_plugin_test")
     importlib.import_module("own_plugin_test")  # as `import own_plugin_test` in a user's script
-    cfg = Config().with_overrides({"method": "own-plugin-test", "plugins": str(tmp_path / "own_plugin_test.py")})
-    assert cfg.method == "own-plugin-test" and METHODS.get("own-plugin-test") is sys.modules["own_plugin_test"].Own
+    cfg = Config().with_overrides({"method": "own-plugin-test", "plugins": str(path)})
+    assert cfg.method == "own-plugin-test" and METHODS.get(cfg.method) is sys.modules["own_plugin_test"].Plugged
     monkeypatch.delitem(sys.modules, "own_plugin_test")
 
 
 def test_a_plugin_named_by_path_and_then_by_module_runs_once(tmp_path, monkeypatch):
-    import sys
-
-    (tmp_path / "twice_plugin_test.py").write_text(
-        "from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Local\n\n"
-        "@register_method\nclass Twice(Local):\n    name = 'twice-plugin-test'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "twice_plugin_test", raising=False)
-    cfg = Config().with_overrides({"method": "twice-plugin-test",
-                                   "plugins": [str(tmp_path / "twice_plugin_test.py"), "twice_plugin_test"]})
-    assert METHODS.get(cfg.method) is sys.modules["twice_plugin_test"].Twice
+    path = _importable_plugin(tmp_path, monkeypatch, "twice_plugin_test")
+    cfg = Config().with_overrides({"method": "twice-plugin-test", "plugins": [str(path), "twice_plugin_test"]})
+    assert METHODS.get(cfg.method) is sys.modules["twice_plugin_test"].Plugged
     monkeypatch.delitem(sys.modules, "twice_plugin_test")
 
 
