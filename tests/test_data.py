@@ -192,6 +192,23 @@ def test_uncompressed_idx_files_are_found(tmp_path: Path, data_env: Path) -> Non
     np.testing.assert_array_equal(loaded.y_train.numpy(), written["train-labels"])
 
 
+def test_a_loaded_dataset_is_reused_until_its_files_change(tmp_path: Path, data_env: Path) -> None:
+    """A second load of unchanged files is the first dataset itself (no reading, decompressing or
+    normalising again); a file rewritten on disk is read again, and an older dataset leaves memory
+    once more than `KEEP_LOADED` others were loaded after it."""
+    write_fake_mnist(tmp_path, 5, seed=1)
+    first = load_dataset("mnist", tmp_path, download=False)
+    assert load_dataset("mnist", tmp_path, download=False) is first
+    written = write_fake_mnist(tmp_path, 4, seed=2)
+    changed = load_dataset("mnist", tmp_path, download=False)
+    assert changed is not first
+    np.testing.assert_array_equal(changed.y_train.numpy(), written["train-labels"])
+    for i in range(data.KEEP_LOADED):
+        write_fake_mnist(tmp_path / str(i), 3)
+        load_dataset("mnist", tmp_path / str(i), download=False)
+    assert load_dataset("mnist", tmp_path, download=False) is not changed
+
+
 def test_shipped_mnist_matches_reference_checksums() -> None:
     shipped = Path(data.__file__).parent / "_data" / "MNIST" / "raw"
     assert {p.name: file_hash(p, "sha256") for p in shipped.glob("*.gz")} == MNIST_SHA256

@@ -9,8 +9,10 @@ import os
 import pickle
 import tarfile
 import tempfile
+import threading
 import urllib.request
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -54,6 +56,10 @@ _MD5SUMS: dict[str, dict[str, str]] = {
 }
 
 _TIMEOUT_S = 20
+KEEP_LOADED = 2
+"""Built-in datasets kept in memory after loading (see `_load_builtin`)."""
+_LOADED: OrderedDict[tuple, Dataset] = OrderedDict()
+_LOADED_LOCK = threading.Lock()  # the Flower apps may load from several threads
 _SHIPPED = Path(__file__).parent / "_data"
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -208,15 +214,41 @@ def dataset_files(name: str, data_dir: str | Path | None = None) -> list[Path] |
     if not (isinstance(loader, partial) and loader.func is _load_builtin):
         return None
     key = loader.args[0]
-    folder = _locate(key, data_dir, True) / _SPECS[key].folder
+    return _files_in(_locate(key, data_dir, True), key)
+
+
+def _files_in(root: Path, key: str) -> list[Path]:
+    """The files of a built-in dataset under a data root that holds them, in a fixed order."""
+    folder = root / _SPECS[key].folder
     if key in _CIFAR_TRAIN:
         return [folder / file for file in _SPECS[key].files]
     return [_idx_path(folder, stem) for stem in _IDX_FILES]
 
 
 def _load_builtin(key: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
-    """A built-in dataset from its original files (found, or downloaded and verified)."""
+    """A built-in dataset from its original files (found, or downloaded and verified).
+
+    The last few datasets loaded stay in memory, keyed by their files' paths, sizes and
+    modification times: a study runs many cells on one dataset, and decompressing and
+    normalising all of MNIST again for each would cost more than a short run's training. A
+    file replaced or changed on disk is read again. The tensors are shared: treat them as
+    read-only (every built-in transformation copies)."""
     root = _locate(key, data_dir, download)
+    stamp = (key, *((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in _files_in(root, key)))
+    with _LOADED_LOCK:
+        if stamp in _LOADED:
+            _LOADED.move_to_end(stamp)
+            return _LOADED[stamp]
+    dataset = _read_builtin(key, root)
+    with _LOADED_LOCK:
+        _LOADED[stamp] = dataset
+        while len(_LOADED) > KEEP_LOADED:
+            _LOADED.popitem(last=False)
+    return dataset
+
+
+def _read_builtin(key: str, root: Path) -> Dataset:
+    """A built-in dataset read and normalised from its files under `root`."""
     spec = _SPECS[key]
     if key in _CIFAR_TRAIN:
         x_train, y_train, x_test, y_test = read_cifar(root, key)
