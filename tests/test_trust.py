@@ -480,7 +480,7 @@ RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples",
 
 @pytest.mark.slow
 def test_a_concurrent_resume_is_refused_while_the_first_run_finishes_correctly(tmp_path):
-    run = [*RUN, "--rounds", "20"]  # rounds enough to be still running when paused after its second
+    run = [*RUN, "--rounds", "10"]  # rounds enough to be still running when paused after its second
     reference = tmp_path / "reference"
     assert main(["run", *run, "--out", str(reference)]) == 0
     out = tmp_path / "run"
