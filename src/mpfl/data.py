@@ -234,7 +234,8 @@ def _load_builtin(key: str, data_dir: str | Path | None = None, *, download: boo
     file replaced or changed on disk is read again. The tensors are shared: treat them as
     read-only (every built-in transformation copies)."""
     root = _locate(key, data_dir, download)
-    stamp = (key, *((str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in _files_in(root, key)))
+    stats = [(path.resolve(), path.stat()) for path in _files_in(root, key)]
+    stamp = (key, *((str(path), stat.st_size, stat.st_mtime_ns) for path, stat in stats))
     with _LOADED_LOCK:
         if stamp in _LOADED:
             _LOADED.move_to_end(stamp)

@@ -214,7 +214,7 @@ def checked_mask(mask: object, current: Sequence[np.ndarray], what: str, *, stru
                               f"is {c.shape}")
         if (m > c).any():
             raise MethodError(f"{contract}; item {i} keeps entries the current mask has pruned")
-        if structured and m.ndim and not (rows(m) == rows(m)[:, :1]).all():
+        if structured and m.ndim and not ((filters := rows(m)) == filters[:, :1]).all():
             raise MethodError(f"{what} must keep or drop whole output filters (rows along the first axis), as its "
                               f"source is structured, but item {i} keeps part of a filter")
         out.append(m)
