@@ -548,23 +548,6 @@ def federation(tmp_path_factory):
 
 
 @deployment
-def test_a_plugin_method_runs_on_a_deployment_as_in_the_simulator(federation, tmp_path):
-    """Every SuperNode imports the run config's plug-in before handling a message, so a method
-    defined outside the package runs on Flower and gives the simulator's results."""
-    out = tmp_path / "run"
-    extra = {"plugins": str(REPO / "examples" / "custom_method.py"), "method": "mpfl-dense-head", "rounds": 1,
-             "federated-eval": False}
-    run_id = federation.run(REPO, {**SMALL, **extra, "out-dir": str(out)})
-    run = federation.wait(run_id, 300, done=out / "summary.json")
-    assert run["status"] == "finished:completed", run["status-details"]
-    cfg, _ = from_run_config(run_config(**extra))
-    assert_same_run(out, simulate(cfg))
-    assert "5.weight" not in load_final(out).mask
-    summary = read_summary(out)
-    assert run["network-traffic"]["total-bytes"] > summary["bytes_up"] + summary["bytes_down"]
-
-
-@deployment
 def test_a_supernode_stopped_mid_run_is_left_out_and_the_run_finishes(federation, tmp_path):
     out = tmp_path / "run"
     run_id = federation.run(REPO, {**SMALL, "out-dir": str(out), "rounds": 1, "federated-eval": False})
@@ -590,20 +573,26 @@ def test_a_supernode_stopped_mid_run_is_left_out_and_the_run_finishes(federation
 @pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("ssh-keygen") is None,
                     reason="openssl and ssh-keygen make the certificates and keys")
 @deployment
-def test_a_deployment_with_tls_and_node_authentication_matches_the_simulator(tmp_path, sim):
+def test_a_plugin_method_runs_on_a_deployment_with_tls_and_node_authentication_as_in_the_simulator(tmp_path):
     """The TLS recipe of docs/deployment.md (a private CA, the SuperLink's certificate for localhost
-    and 127.0.0.1) and node authentication (EC keys registered with flwr supernode register); a
-    SuperNode whose key is not registered, started while the run goes on, is refused and exits with code 1."""
+    and 127.0.0.1) and node authentication (EC keys registered with flwr supernode register). Every
+    SuperNode imports the run config's plug-in before handling a message, so a method defined outside
+    the package runs on Flower and gives the simulator's results. A SuperNode whose key is not
+    registered, started while the run goes on, is refused and exits with code 1."""
     out = tmp_path / "run"
+    extra = {"plugins": str(REPO / "examples" / "custom_method.py"), "method": "mpfl-dense-head"}
     with LocalFederation(tmp_path / "flower", nodes=2, secure=True) as fed:
-        run_id = fed.run(REPO, {**SMALL, "out-dir": str(out)})
+        run_id = fed.run(REPO, {**SMALL, **extra, "out-dir": str(out)})
         stray = fed.start_supernode(0, key="stray", register=False)
         run = fed.wait(run_id, 300, done=out / "summary.json")
         assert run["status"] == "finished:completed", run["status-details"]
         assert stray.wait(120) == 1
-    assert_same_run(out, sim)
+    cfg, _ = from_run_config(run_config(**extra))
+    assert_same_run(out, simulate(cfg))
+    assert "5.weight" not in load_final(out).mask
     summary = read_summary(out)
     assert summary["lost_nodes"] == [] and summary["bytes_eval_up"] == 2 * 3 * METRIC_BYTES
+    assert run["network-traffic"]["total-bytes"] > summary["bytes_up"] + summary["bytes_down"]
     assert "Exit Code: 305" in (tmp_path / "flower" / "supernode-2.log").read_text()
 
 
