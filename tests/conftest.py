@@ -19,12 +19,10 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto` (the default, pyproject.toml): one test process per core and one more, since the
-    deployment and subprocess tests spend much of their time waiting (on 2 cores, three processes
-    ended the suite sooner than two); at most four, since each holds torch and a dataset (about
-    0.5 GB) and the deployment tests start Flower processes of their own."""
+    """`-n auto` (the default, pyproject.toml): one test process per core, at most four, since each
+    holds torch and a dataset (about 0.5 GB) and the deployment tests start Flower processes of their own."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_TEST_PROCESSES, cores + 1))
+    return max(1, min(MAX_TEST_PROCESSES, cores))
 
 
 @pytest.fixture(autouse=True)
