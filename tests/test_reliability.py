@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -292,12 +293,24 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     assert stderr.strip().splitlines()[-1].startswith("interrupted")
 
 
+def _importing_torch(pid: int) -> bool:
+    """Whether process `pid` has mapped torch's C++ library: it is inside `import torch`, which takes a second or
+    more after that (the interpreter's own start, before mpfl's code runs, can take longer than a fixed wait)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("log", [[], ["--log-format", "json"]])
 def test_ctrl_c_while_mpfl_starts_is_one_line(tmp_path, log):
     """Within its first second `mpfl` is still importing torch: a Ctrl-C then is one line too."""
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, *log, "--out", str(tmp_path / "run")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while not _importing_torch(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     (line,) = stderr.splitlines()
