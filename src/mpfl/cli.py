@@ -301,10 +301,10 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from .partition import format_summary, make_partition, summarize
 
     cfg = config_from_args(args)
-    d = cfg.data
-    data = load_dataset(d.dataset, d.data_dir).take(d.train_samples, d.test_samples)
-    part = make_partition(data.y_train.numpy(), cfg.nodes, d.partition, alpha=d.alpha, shards_per_node=d.shards,
-                          val_fraction=d.val_fraction, seed=cfg.seed)
+    data_cfg = cfg.data
+    data = load_dataset(data_cfg.dataset, data_cfg.data_dir).take(data_cfg.train_samples, data_cfg.test_samples)
+    part = make_partition(data.y_train.numpy(), cfg.nodes, data_cfg.partition, alpha=data_cfg.alpha,
+                          shards_per_node=data_cfg.shards, val_fraction=data_cfg.val_fraction, seed=cfg.seed)
     print(format_summary(summarize(data.y_train.numpy(), part, data.num_classes)))
     return 0
 
@@ -353,11 +353,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     info = export_run(args.run_dir, args.out, formats=args.format, layout=args.layout, batch=args.latency_batch,
                       repeats=args.repeats, threads=args.threads, force=args.force)
-    d, p = info["dense"], info["pruned"]
+    dense, pruned = info["dense"], info["pruned"]
     print(f"{'':<12}{'dense':>14}{'pruned':>14}{'ratio':>8}")
     for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
                             ("latency_ms", "latency ms", ".3f")):
-        print(f"{label:<12}{d[key]:>14{fmt}}{p[key]:>14{fmt}}{p[key] / d[key]:>8.3f}")
+        print(f"{label:<12}{dense[key]:>14{fmt}}{pruned[key]:>14{fmt}}{pruned[key] / dense[key]:>8.3f}")
     if info["max_abs_diff"] > 1e-4:
         print(f"note: the exported model differs from the masked model by up to {info['max_abs_diff']:.3g} in its outputs: "
               "the biases of dropped filters were not zero, and the compact model drops them")

@@ -44,10 +44,10 @@ def _check_exclude(model: nn.Module, patterns: tuple[str, ...]) -> None:
 def _check_layer_floor(cfg: Config, prunes: bool) -> None:
     """Refuse a global-scope pruning run whose per-layer floor keeps more than the target density allows:
     every layer would keep at least `layer_floor`, so the requested sparsity could not be reached."""
-    p = cfg.prune
-    if prunes and p.scope == "global" and p.layer_floor > (1 - p.sparsity) + 1e-9:
-        raise ConfigError(f"layer_floor = {p.layer_floor} keeps more of every layer than sparsity = {p.sparsity} "
-                          f"leaves of the model ({1 - p.sparsity:.4g}); lower --layer-floor or --sparsity")
+    prune = cfg.prune
+    if prunes and prune.scope == "global" and prune.layer_floor > (1 - prune.sparsity) + 1e-9:
+        raise ConfigError(f"layer_floor = {prune.layer_floor} keeps more of every layer than sparsity = "
+                          f"{prune.sparsity} leaves of the model ({1 - prune.sparsity:.4g}); lower --layer-floor or --sparsity")
 
 
 @dataclass
@@ -69,11 +69,11 @@ class Experiment:
         then move to the run's device (`mpfl.devices`), once: nodes train and the server evaluates there."""
         set_threads(cfg)
         device = use_device(cfg)
-        d = cfg.data
+        data_cfg = cfg.data
         if dataset is None:
-            dataset = load_dataset(d.dataset, d.data_dir).take(d.train_samples, d.test_samples)
-        partition = make_partition(dataset.y_train.cpu().numpy(), cfg.nodes, d.partition, alpha=d.alpha,
-                                   shards_per_node=d.shards, val_fraction=d.val_fraction, seed=cfg.seed)
+            dataset = load_dataset(data_cfg.dataset, data_cfg.data_dir).take(data_cfg.train_samples, data_cfg.test_samples)
+        partition = make_partition(dataset.y_train.cpu().numpy(), cfg.nodes, data_cfg.partition, alpha=data_cfg.alpha,
+                                   shards_per_node=data_cfg.shards, val_fraction=data_cfg.val_fraction, seed=cfg.seed)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.train.model, dataset.input_shape, dataset.num_classes)
         if cfg.train.init is not None:

@@ -106,10 +106,10 @@ class SharedDecodes:
 
 def make_trainer(cfg: Config, model, spec: ParamSpec) -> LocalTrainer:
     """A LocalTrainer with the run's optimiser settings; filter masks on a flat sequential model train it shrunk."""
-    t = cfg.train
+    train = cfg.train
     trainer = CompactTrainer if method_of(cfg).structured and compactable(model) else LocalTrainer
-    return trainer(model, spec, optimizer=t.optimizer, lr=t.lr, momentum=t.momentum,
-                   weight_decay=t.weight_decay, batch_size=t.batch_size)
+    return trainer(model, spec, optimizer=train.optimizer, lr=train.lr, momentum=train.momentum,
+                   weight_decay=train.weight_decay, batch_size=train.batch_size)
 
 
 def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weights, current: Mask,
@@ -118,20 +118,20 @@ def find_mask(cfg: Config, trainer: LocalTrainer, data: LocalData, start: Weight
     """One local mask round: train `epochs` (default `train.epochs`) with `current` fixed (or
     score, for saliency criteria) and choose a subset of `current` at `density`. Given `w0`, the
     criterion sees `movement_scores`. Returns the mask and the trained weights."""
-    spec, p = trainer.spec, cfg.prune
-    criterion = CRITERIA.get(p.criterion)
-    what, structured = f"the mask the criterion {p.criterion!r} returned", criterion.structured
-    keywords: dict[str, object] = {"scope": p.scope, "floor": p.layer_floor}
+    spec, prune = trainer.spec, cfg.prune
+    criterion = CRITERIA.get(prune.criterion)
+    what, structured = f"the mask the criterion {prune.criterion!r} returned", criterion.structured
+    keywords: dict[str, object] = {"scope": prune.scope, "floor": prune.layer_floor}
     if "options" in criterion.extras:
         keywords["options"] = cfg.plugin_options
     if "rng" in criterion.extras:
         keywords["rng"] = rng(*gen_key, Stream.CRITERION)
     if criterion.needs_scores:
-        scores = trainer.saliency(start, current, data, p.saliency_batches, generator(*gen_key))
+        scores = trainer.saliency(start, current, data, prune.saliency_batches, generator(*gen_key))
         return checked_mask(criterion.choose(scores, current, density, **keywords), current, what,
                             structured=structured), None
     trained, _ = trainer.train(start, current, data, epochs or cfg.train.epochs, generator(*gen_key))
-    ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), p.extrapolate)
+    ranked = spec.pick(trained) if w0 is None else movement_scores(spec.pick(w0), spec.pick(trained), prune.extrapolate)
     return checked_mask(criterion.choose(ranked, current, density, **keywords), current, what,
                         structured=structured), trained
 
@@ -199,10 +199,10 @@ class Node:
         the weights it trained then: every draw depends on (seed, step, node) only)."""
         if self.state.w0 is None:
             raise PayloadError("rebuilding the weights of a mask round needs the initial weights")
-        p, current = self.cfg.prune, self.mask
+        prune, current = self.cfg.prune, self.mask
         start = self.spec.apply(self.state.w0, current)
         _, trained = find_mask(self.cfg, self.trainer, self.data, start, current, self.steps[step].density,
-                               self.key(step), epochs=p.mask_epochs, w0=self.state.w0)
+                               self.key(step), epochs=prune.mask_epochs, w0=self.state.w0)
         return trained if trained is not None else start
 
     # ------------------------------------------------------------------ receiving
@@ -326,14 +326,14 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     support; then, as the method asks, the node's core (coded over its mask) and its kept values."""
     if node.state.w0 is None:
         raise PayloadError("a mask round needs the initial weights, which this node has not received")
-    p, plan_step = node.cfg.prune, node.steps[step]
+    prune, plan_step = node.cfg.prune, node.steps[step]
     current = node.mask
     shared = weights is not None and weights is not node.state.w0
-    own = p.rewind == "none" and node.state.has_local
+    own = prune.rewind == "none" and node.state.has_local
     start = node.spec.apply(weights if shared else node.own_weights() if own else node.state.w0, current)
     new, trained = find_mask(node.cfg, node.trainer, node.data, start, current, plan_step.density, node.key(step),
-                             epochs=p.mask_epochs, w0=node.state.w0)
-    if p.rewind == "none":
+                             epochs=prune.mask_epochs, w0=node.state.w0)
+    if prune.rewind == "none":
         node.state.local = trained if trained is not None else start
         node.state.local_from_w0 = 0 if shared or own else step
         if node.state.local_from_w0 and not node.keeps_from_w0:
@@ -343,8 +343,8 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     out = [codec.encode_mask(new, current, structured=node.structured, num_samples=node.claimed_samples, **coding)]
     kept = trained if trained is not None else start
     if node.method.sends_cores(plan_step):
-        scores = movement_scores(node.spec.pick(node.state.w0), node.spec.pick(kept), p.extrapolate)
-        out.append(codec.encode_mask(core_of(scores, new, p.core_share), new, **coding))
+        scores = movement_scores(node.spec.pick(node.state.w0), node.spec.pick(kept), prune.extrapolate)
+        out.append(codec.encode_mask(core_of(scores, new, prune.core_share), new, **coding))
     if node.method.averages(plan_step):
         out.append(codec.encode_values(kept, node.spec.supports(new), round=step, base=node.state.version,
                                        num_samples=node.claimed_samples, dtype=node.value_dtype))
@@ -385,15 +385,15 @@ def adapt_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     positions), and with node drop votes the kept positions with the smallest trained |w|."""
     if weights is None:
         raise PayloadError("an adaptation round needs the global weights")
-    mask, a = node.mask, node.cfg.adapt
+    mask, adapt = node.mask, node.cfg.adapt
     counts = swap_counts(mask, node.method.swap_fraction(node.steps[step]))
     start = node.spec.apply(weights, mask)
-    grads = node.trainer.gradients(start, node.data, a.adapt_batches, generator(*node.key(step), Stream.REGROW))
+    grads = node.trainer.gradients(start, node.data, adapt.adapt_batches, generator(*node.key(step), Stream.REGROW))
     trained = local_training(node, step, weights)
     coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
     out = [encode_trained(node, step, trained),
            codec.encode_mask(regrow_votes(grads, mask, counts), [~m for m in mask], **coding)]
-    if a.adapt_drop == "votes":
+    if adapt.adapt_drop == "votes":
         out.append(codec.encode_mask(drop_votes(node.spec.pick(trained), mask, counts), mask, **coding))
     return out
 

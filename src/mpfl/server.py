@@ -184,9 +184,9 @@ class Server:
         nodes = self.node_ids()
         if fraction >= 1.0 or not nodes:
             return nodes
-        k = max(self.cfg.min_nodes, int(round(fraction * len(nodes))))
-        key = (self.cfg.seed, step.step, Stream.MASK_SAMPLE) if mask else (self.cfg.seed, step.step, Stream.SAMPLE)
-        return sorted(rng(*key).choice(nodes, size=min(k, len(nodes)), replace=False).tolist())
+        count = min(len(nodes), max(self.cfg.min_nodes, int(round(fraction * len(nodes)))))
+        stream = Stream.MASK_SAMPLE if mask else Stream.SAMPLE
+        return sorted(rng(self.cfg.seed, step.step, stream).choice(nodes, size=count, replace=False).tolist())
 
     def exchange(self, task: str, step: Step, requests: Mapping[int, Sequence[bytes]],
                  decode: Callable[[int, Sequence[bytes]], codec.Body], *, bodies: int = 1) -> Round:

@@ -59,25 +59,27 @@ class FaultyTransport(InProcessTransport):
         self.faults, self.seed = faults, seed
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
-        f = self.faults
-        if not (f.dropout or f.straggler or f.corrupt or f.duplicate):  # no faults: no draws (one per node asked)
-            return super().exchange(task, step, requests)
+        faults = self.faults
+        if not (faults.dropout or faults.straggler or faults.corrupt or faults.duplicate):
+            return super().exchange(task, step, requests)  # no faults: no draws
+        # five uniform draws per node asked, from its own stream: drop-out, straggling, corruption,
+        # duplication, and where in its first body a corrupted byte lies
         draws = {n: rng(self.seed, step, n, Stream.FAULTS).random(5) for n in requests}
-        present = {n: b for n, b in requests.items() if draws[n][0] >= f.dropout}
+        present = {n: b for n, b in requests.items() if draws[n][0] >= faults.dropout}
         replies = super().exchange(task, step, present)
         for n in requests:
-            u = draws[n]
+            _, late, corrupt, duplicate, where = draws[n]
             if n not in present:
                 replies[n] = NodeFailure("dropped out")
             elif isinstance(replies[n], NodeFailure):
                 continue
-            elif u[1] < f.straggler:
+            elif late < faults.straggler:
                 replies[n] = NodeFailure("no reply before the deadline (straggler)")
-            elif u[2] < f.corrupt:
+            elif corrupt < faults.corrupt:
                 body = bytearray(replies[n][0])
-                body[int(u[4] * len(body))] ^= 0xFF
+                body[int(where * len(body))] ^= 0xFF
                 replies[n] = [bytes(body)]
-            elif u[3] < f.duplicate:
+            elif duplicate < faults.duplicate:
                 replies[n] = list(replies[n]) * 2
         return replies
 

@@ -182,11 +182,11 @@ def _identity(config: dict[str, Any]) -> str:
 
 def cell_name(cfg: Config) -> str:
     """A directory name that is a function of the config: readable slug plus a hash of everything else."""
-    d, p = cfg.data, cfg.prune
-    part = d.partition + {"dirichlet": f"{d.alpha:g}", "shards": str(d.shards)}.get(d.partition, "")
-    tags = [f"{k}-{getattr(p, k)}" for k, usual in UNTAGGED.items() if getattr(p, k) != usual]
+    data_cfg, prune = cfg.data, cfg.prune
+    part = data_cfg.partition + {"dirichlet": f"{data_cfg.alpha:g}", "shards": str(data_cfg.shards)}.get(data_cfg.partition, "")
+    tags = [f"{k}-{getattr(prune, k)}" for k, usual in UNTAGGED.items() if getattr(prune, k) != usual]
     digest = hashlib.sha256(_identity(cfg.to_dict()).encode()).hexdigest()[:10]
-    return "-".join([cfg.method, d.dataset, part, f"sp{p.sparsity:g}", f"n{cfg.nodes}", f"s{cfg.seed}", *tags, digest])
+    return "-".join([cfg.method, data_cfg.dataset, part, f"sp{prune.sparsity:g}", f"n{cfg.nodes}", f"s{cfg.seed}", *tags, digest])
 
 
 def estimate_seconds(cfg: Config) -> float:

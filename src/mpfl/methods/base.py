@@ -108,14 +108,14 @@ class Method:
         nodes must keep them: a later mask round without a shared start, or, with train_init = local
         and no averaged mask round so far, the first training round. Otherwise nodes drop them, and
         node state stops growing with the population."""
-        p = self.cfg.prune
-        if p.rewind != "none" or step.phase == "train":
+        prune = self.cfg.prune
+        if prune.rewind != "none" or step.phase == "train":
             return False
         later = [s for s in self.plan() if s.step > step.step]
         if any(s.phase == "mask" and not self.shares_start(s) for s in later):
             return True
         averaged = any(s.phase == "mask" and self.averages(s) for s in self.plan() if s.step <= step.step)
-        return p.train_init == "local" and not averaged and any(s.phase == "train" for s in later)
+        return prune.train_init == "local" and not averaged and any(s.phase == "train" for s in later)
 
     # ------------------------------------------------------------------ rounds
 
@@ -169,8 +169,8 @@ class MaskedMethod(Method):
 
     def mask_densities(self) -> list[float]:
         """The target density of each mask round: the schedule from 1 down to 1 - sparsity."""
-        p = self.cfg.prune
-        return [target_density(t, p.mask_rounds, p.sparsity, p.schedule) for t in range(1, p.mask_rounds + 1)]
+        prune = self.cfg.prune
+        return [target_density(t, prune.mask_rounds, prune.sparsity, prune.schedule) for t in range(1, prune.mask_rounds + 1)]
 
     def phases(self) -> list[tuple[str, list[float]]]:
         warmup = ("warmup", [1.0] * self.cfg.prune.warmup_rounds)

@@ -65,9 +65,9 @@ class FedAvgPrune(MaskedMethod):
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
         """A FedAvg round on the current mask, then magnitude pruning of the aggregate."""
         exchanged = self.train_round(server, step)
-        state, p = server.state, self.cfg.prune
+        state, prune = server.state, self.cfg.prune
         choose = masks.filter_mask if self.structured else masks.magnitude_mask
-        new = choose(server.spec.pick(state.weights), state.mask, step.density, scope=p.scope, floor=p.layer_floor)
+        new = choose(server.spec.pick(state.weights), state.mask, step.density, scope=prune.scope, floor=prune.layer_floor)
         state.weights = server.spec.apply(state.weights, new)
         return exchanged, new, {}
 
@@ -135,5 +135,5 @@ class Ssfl(OneShotMethod):
         exchanged = server.exchange(TASK_SCORES, step, requests, decode)
         server.acknowledge(exchanged, w0=True)
         total = weighted_average([b.tensors for b in exchanged.replies.values()], exchanged.weights())
-        p = self.cfg.prune
-        return exchanged, masks.select(total, server.state.mask, step.density, p.scope, p.layer_floor), {}
+        prune = self.cfg.prune
+        return exchanged, masks.select(total, server.state.mask, step.density, prune.scope, prune.layer_floor), {}

@@ -53,8 +53,8 @@ class Mpfl(MaskedMethod):
     # ------------------------------------------------------------------ message shapes
 
     def sends_cores(self, step: Step) -> bool:
-        p = self.cfg.prune
-        return (step.phase == "mask" and p.core_share > 0 and not self.structured
+        prune = self.cfg.prune
+        return (step.phase == "mask" and prune.core_share > 0 and not self.structured
                 and self.cfg.robust.vote_weighting != "trimmed")
 
     def average_start(self) -> int:
@@ -62,8 +62,8 @@ class Mpfl(MaskedMethod):
         the end: -1 is the last mask round); 0: none. Unset, it is the last mask round, or the second
         when mask rounds sample the nodes: a sampled node's own weights come from the last round it was
         asked in, or from w0, so without a shared start every round's masks would come from stale weights."""
-        p = self.cfg.prune
-        start, rounds = p.mask_average_from, p.mask_rounds
+        prune = self.cfg.prune
+        start, rounds = prune.mask_average_from, prune.mask_rounds
         if start is None:
             return min(2, rounds) if self.cfg.mask_round_fraction < 1 else rounds
         return rounds + 1 + start if start < 0 else start
@@ -78,10 +78,11 @@ class Mpfl(MaskedMethod):
         return step.phase == "mask" and ((0 < start < step.index) or after_warmup)
 
     def swap_fraction(self, step: Step) -> float:
-        a = self.cfg.adapt
         if step.phase != "train" or self.structured:
             return 0.0
-        return adapt.swap_fraction(step.index, self.cfg.rounds, a.adapt_every, a.adapt_fraction, a.adapt_until)
+        settings = self.cfg.adapt
+        return adapt.swap_fraction(step.index, self.cfg.rounds, settings.adapt_every, settings.adapt_fraction,
+                                   settings.adapt_until)
 
     # ------------------------------------------------------------------ mask search
 
@@ -89,7 +90,7 @@ class Mpfl(MaskedMethod):
         """Voters train and send local masks over the current support (with their cores and kept
         values when asked); the server tallies the (robustly weighted) votes, lets the cores
         outrank plain votes, applies the consensus rule and averages the kept values."""
-        state, p, robust = server.state, self.cfg.prune, self.cfg.robust
+        state, prune, robust = server.state, self.cfg.prune, self.cfg.robust
         cores, averaging = self.sends_cores(step), self.averages(step)
         support = state.mask
         start = [codec.encode_values(state.weights, server.spec.supports(support), round=step.step, base=state.version,
@@ -120,8 +121,8 @@ class Mpfl(MaskedMethod):
         server.acknowledge(exchanged, w0=True)
         voted = list(exchanged.replies)
         local = [exchanged.replies[n].tensors for n in voted]
-        ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=p.scope,
-                          floor=p.layer_floor, tau=p.tau, percentile=p.percentile, structured=self.structured,
+        ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=prune.scope,
+                          floor=prune.layer_floor, tau=prune.tau, percentile=prune.percentile, structured=self.structured,
                           tiebreak=[np.abs(w) for w in server.spec.pick(state.w0)], options=self.cfg.plugin_options)
         weights = exchanged.weights()
         if robust.vote_weighting == "agreement":
@@ -131,7 +132,7 @@ class Mpfl(MaskedMethod):
         votes = trimmed_tally(local, robust.trim) if robust.vote_weighting == "trimmed" else tally(local, weights)
         if cores:
             votes = with_cores(votes, [extras[n]["core"] for n, w in zip(voted, weights) if w > 0])
-        new = consensus(votes, support, p.consensus, ctx)
+        new = consensus(votes, support, prune.consensus, ctx)
         if averaging:
             counted = [(n, w) for n, w in zip(voted, weights) if w > 0]
             state.weights = holder_average([extras[n]["values"] for n, _ in counted],
