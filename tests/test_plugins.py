@@ -3,6 +3,7 @@ registries give one error type; names are restored after each test."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,13 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from mpfl.checkpoint import load_final
+from mpfl.checkpoint import load_final, read_meta
 from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.core import masks
 from mpfl.errors import ConfigError
 from mpfl.methods import METHODS
 from mpfl.registry import Registry, UnknownNameError
+from mpfl.resume import resume_notes
 from mpfl.sim import simulate
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_method.py"
@@ -82,11 +84,36 @@ def test_a_plugin_that_calls_sys_exit_stops_the_run_with_its_code_and_says_how_t
         main(["run", "--plugins", str(plugin), "--method", "quits-test", *SMALL, "--out", str(out)])
     assert stopped.value.code == 3
     assert f"called sys.exit(3); continue with: mpfl run --resume {out}" in " ".join(capsys.readouterr().err.split())
+    broken = hashlib.sha256(plugin.read_bytes()).hexdigest()
     plugin.write_text(plugin.read_text().replace("        sys.exit(3)", "        return super().train_round(server, step)"))
-    resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out), "--quiet"], capture_output=True,
+    mended = hashlib.sha256(plugin.read_bytes()).hexdigest()
+    resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out)], capture_output=True,
                              text=True, timeout=120)  # a new process, as a user's resume: the mended plug-in
     assert resumed.returncode == 0, resumed.stderr
     assert [json.loads(line)["phase"] for line in (out / "rounds.jsonl").read_text().splitlines()] == ["mask"] * 2 + ["train"]
+    assert (f"note: plug-in {plugin} changed since the last checkpoint (sha256 {broken[:12]} -> {mended[:12]}): the "
+            "rounds from step 3 on run the new code") in " ".join(resumed.stderr.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"]["plugins"] == {str(plugin): mended}
+    assert summary["plugin_changes"] == [{"plugin": str(plugin), "step": 3, "sha256_before": broken, "sha256_after": mended}]
+
+
+def test_a_run_records_the_hash_of_each_plugin_it_imported_and_an_unchanged_resume_lists_no_change(tmp_path, monkeypatch):
+    by_path = tmp_path / "by_path.py"
+    by_path.write_text("X = 1\n")
+    module = _importable_plugin(tmp_path, monkeypatch, "hashed_plugin")
+    cfg = tiny_config(nodes=2, rounds=1, mask_rounds=1, plugins=[str(by_path), "hashed_plugin"],
+                      method="hashed-plugin")
+    out = tmp_path / "run"
+    simulate(cfg, out, keep_checkpoint=True)
+    expected = {str(by_path): hashlib.sha256(by_path.read_bytes()).hexdigest(),
+                "hashed_plugin": hashlib.sha256(module.read_bytes()).hexdigest()}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"]["plugins"] == expected and "plugin_changes" not in summary
+    assert read_meta(out)["run"]["plugins"] == expected
+    assert resume_notes(out, cfg) == []
+    by_path.write_text("X = 2\n")  # edited after this process imported it: the run's code is still the first
+    assert resume_notes(out, cfg) == []
 
 
 def test_a_plugin_that_calls_sys_exit_in_a_worker_process_ends_the_run_the_same_way(tmp_path, capsys):

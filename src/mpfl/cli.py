@@ -178,6 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .progress import RoundLog
     from .records import check_run_dir
     from .resources import available_memory, check_memory, estimate_run, fit_workers
+    from .resume import resume_notes
     from .sim import simulate
     from .tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
@@ -194,7 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_memory(estimate, available)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
     if not args.quiet:
-        _print_start(cfg, out, args.log_format, [] if args.resume else idle_flags(cfg, _given(args)))
+        _print_start(cfg, out, args.log_format, resume_notes(out, cfg) if args.resume else idle_flags(cfg, _given(args)))
     try:
         with RoundLog(plan(cfg), _steps_done(out) if args.resume else 0, log_format=args.log_format,
                       quiet=args.quiet, console=console) as log:

@@ -6,6 +6,9 @@ process that builds the config imports them first: the CLI, the simulator's work
 processes and both Flower apps. Installed packages can also announce plug-ins under the
 entry-point group ``mpfl.plugins`` (a module, imported, or a function, called); those are
 loaded in every process too.
+
+Each named plug-in's source file is hashed as it is imported (`fingerprints`), so a run's summary
+says which code its plug-ins were, and a resumed run can tell when they changed.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .errors import ConfigError
 ENTRY_POINT_GROUP = "mpfl.plugins"
 _MODULE_PREFIX = "mpfl_plugin_"
 _loaded: set[str] = set()
+_digests: dict[str, str] = {}
 
 
 def load_plugins(names: Sequence[str] = ()) -> None:
@@ -41,8 +45,17 @@ def load_plugins(names: Sequence[str] = ()) -> None:
     for name in names:
         key = str(Path(name).resolve()) if _is_path(name) else name
         if key not in _loaded:
-            _import(name)
+            source = _import(name)
             _loaded.add(key)
+            if source is not None:
+                _digests[key] = hashlib.sha256(source).hexdigest()
+
+
+def fingerprints(names: Sequence[str]) -> dict[str, str]:
+    """The sha256 of each named plug-in's source file as this process imported it (a module's own
+    file, a package's `__init__.py`; none for a module without a file), by the name the config gives."""
+    keys = {name: str(Path(name).resolve()) if _is_path(name) else name for name in names}
+    return {name: _digests[key] for name, key in keys.items() if key in _digests}
 
 
 def _is_path(name: str) -> bool:
@@ -73,20 +86,31 @@ def _run_as_path(name: str) -> ModuleType | None:
                  and getattr(module, "__file__", None) and Path(module.__file__).resolve() == origin), None)
 
 
-def _import(name: str) -> None:
-    """Import a module by name, or a `.py` file by path, turning any failure into a ConfigError."""
+def _source(module: ModuleType) -> bytes | None:
+    """The bytes of a module's own source file (a package's `__init__.py`), None if it has none."""
+    file = getattr(module, "__file__", None)
+    try:
+        return Path(file).read_bytes() if file else None
+    except OSError:
+        return None
+
+
+def _import(name: str) -> bytes | None:
+    """Import a module by name, or a `.py` file by path, turning any failure into a ConfigError; return the
+    source file's bytes (None for a module without a file)."""
     try:
         if not _is_path(name):
             if name not in sys.modules and (module := _run_as_path(name)) is not None:
                 sys.modules[name] = module
-                return
-            importlib.import_module(name)
-            return
+            else:
+                module = importlib.import_module(name)
+            return _source(module)
         path = Path(name).resolve()
         if not path.is_file():
             raise FileNotFoundError(f"no such file {str(path)!r}")
+        source = path.read_bytes()
         if _already_imported(path):
-            return
+            return source
         module_name = f"{_MODULE_PREFIX}{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)
@@ -96,6 +120,7 @@ def _import(name: str) -> None:
         except BaseException:
             del sys.modules[module_name]
             raise
+        return source
     except ConfigError:
         raise
     except Exception as exc:

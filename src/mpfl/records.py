@@ -37,6 +37,7 @@ from .errors import ConfigError, RunDirError
 from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
+from .plugins import fingerprints
 from .protocol import RoundRecord
 
 if TYPE_CHECKING:
@@ -180,7 +181,8 @@ def summarize(cfg: Config, records: Iterable[RoundRecord], wall_time: float, ext
         "runner": RUNNER, "lost_nodes": lost_nodes(records), "bytes_eval_down": 0, "bytes_eval_up": 0,
         **(extra or {}),
         "config": cfg.to_dict(),
-        "versions": {"mpfl": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"mpfl": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                     **({"plugins": fingerprints(cfg.plugins)} if cfg.plugins else {})},
     }
 
 

@@ -7,6 +7,10 @@ and the last of them. Before `mpfl run --resume` trusts a checkpoint it refuses 
 or a config edited since (naming what differs), and reports a damaged file by name and cause; a last
 line of `rounds.jsonl` that a crash cut short is put back from the checkpoint's copy. Records are
 synced to disk before each checkpoint, so a checkpoint never gets ahead of the records it follows.
+
+Plug-in code may change between a run's invocations (a plug-in that broke its contract is fixed and the
+run resumed), so it is not refused: each checkpoint carries the plug-ins' source hashes, and a resumed
+run lists every change, with the first step the new code ran, in its summary (`plugin_changes`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .core.params import ParamSpec
 from .errors import RunDirError
 from .files import atomic_write
 from .node import NodeState
+from .plugins import fingerprints
 from .records import CONFIG, ROUNDS_JSONL, read_rounds
 from .server import ServerState
 
@@ -68,10 +73,28 @@ def read_identity(folder: Path) -> dict | None:
     return identity
 
 
-def checkpoint_run(identity: dict, cfg: Config, records: list[dict]) -> dict:
-    """What a checkpoint carries about its run: the identity, the config, and the records so far (their
-    number and the last one, which a crash may cut from the log)."""
-    return {**identity, "config": result_config(cfg), "records": len(records), "last_record": records[-1]}
+def checkpoint_run(identity: dict, cfg: Config, records: list[dict], plugin_changes: list[dict]) -> dict:
+    """What a checkpoint carries about its run: the identity, the config, the records so far (their
+    number and the last one, which a crash may cut from the log), the plug-ins' source hashes and the
+    changes to them since the run started."""
+    return {**identity, "config": result_config(cfg), "records": len(records), "last_record": records[-1],
+            "plugins": fingerprints(cfg.plugins), "plugin_changes": plugin_changes}
+
+
+def plugin_changes(meta: dict | None, cfg: Config) -> list[dict]:
+    """The plug-in changes of a run resumed from the checkpoint `meta` (None: a run from step 1): those
+    it recorded, and one per plug-in whose source now differs from the checkpoint's, from the next step
+    on (`plugin`, `step`, `sha256_before`, `sha256_after`; a hash is None where there was no file)."""
+    if meta is None:
+        return []
+    run = meta["run"]
+    if "plugins" not in run:  # written by an mpfl that did not hash plug-ins: nothing to compare with
+        return []
+    before, now = run["plugins"], fingerprints(cfg.plugins)
+    step = run["last_record"].get("step", 0) + 1
+    return list(run.get("plugin_changes", [])) + [
+        {"plugin": name, "step": step, "sha256_before": before.get(name), "sha256_after": now.get(name)}
+        for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
 
 
 def _flat(config: dict) -> dict:
@@ -102,7 +125,27 @@ def _run_info(folder: Path, meta: dict) -> dict:
         raise damaged(folder / CHECKPOINT, "it carries no run identity; it was written by an older mpfl or edited")
     if not (isinstance(run["records"], int) and run["records"] >= 1 and isinstance(run["last_record"], dict)):
         raise damaged(folder / CHECKPOINT, f"its record count {run['records']!r} or last record is malformed")
+    if not (isinstance(run.get("plugins", {}), dict) and isinstance(run.get("plugin_changes", []), list)):
+        raise damaged(folder / CHECKPOINT, "its plug-in hashes or plug-in changes are malformed")
     return run
+
+
+def resume_notes(folder: Path, cfg: Config) -> list[str]:
+    """What a user resuming the run in `folder` should know before it goes on: the plug-ins whose code
+    changed since its checkpoint. Empty when there is no readable checkpoint (the run then says why)."""
+    try:
+        meta = read_meta(folder) if (folder / CHECKPOINT).exists() else None
+        known = list(_run_info(folder, meta).get("plugin_changes", [])) if meta is not None else []
+        new = plugin_changes(meta, cfg)[len(known):]
+    except (RunDirError, OSError):
+        return []
+    return [f"plug-in {c['plugin']} changed since the last checkpoint (sha256 {_short(c['sha256_before'])} -> "
+            f"{_short(c['sha256_after'])}): the rounds from step {c['step']} on run the new code, and the run's "
+            "summary.json lists the change (plugin_changes)" for c in new]
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "none"
 
 
 def check_resumable(folder: Path, cfg: Config) -> dict | None:

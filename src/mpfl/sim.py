@@ -29,7 +29,7 @@ from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool, refuse_in_a_starting_worker, worker_count
 from .protocol import NodeFailure, Reply, RoundRecord
 from .records import RunDir, check_resumable_dir, check_run_dir, finish_run, make_run_dir
-from .resume import check_resumable, checkpoint_run, load_resumed, restart
+from .resume import check_resumable, checkpoint_run, load_resumed, plugin_changes, restart
 from .seeds import POOLED, Stream, rng
 from .server import Server
 
@@ -147,6 +147,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
     exp = experiment or Experiment.from_config(cfg)
     steps = len(method_of(cfg).plan())
     server_state, node_states, records, identity = None, {}, [], {}
+    changed = plugin_changes(meta, cfg)
     if meta is not None:
         server_state, node_states, records, identity = load_resumed(out, cfg, exp.spec, meta, steps)
     pool, workers = None, worker_count(cfg)
@@ -173,7 +174,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
                     run_dir.log(r)
                     save_checkpoint(run_dir.path, server.state,
                                     pool.states() if pool is not None else {n.id: n.state for n in nodes},
-                                    checkpoint_run(identity, cfg, records), spec=exp.spec)
+                                    checkpoint_run(identity, cfg, records, changed), spec=exp.spec)
             if on_round is not None:
                 on_round(r)
 
@@ -185,7 +186,8 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
         if pool is not None:
             pool.close()
     summary = finish_run(exp, run_dir, server.state.weights, server.state.mask, records,
-                         earlier + time.perf_counter() - started, {"limited_counts": server.limited_counts()})
+                         earlier + time.perf_counter() - started,
+                         {"limited_counts": server.limited_counts(), **({"plugin_changes": changed} if changed else {})})
     if run_dir is not None and not keep_checkpoint:
         (run_dir.path / CHECKPOINT).unlink(missing_ok=True)
     state = server.state
