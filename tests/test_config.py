@@ -1,9 +1,12 @@
 """Config: defaults, TOML and flag overrides, and errors that name the problem and the fix."""
 
+import json
+
 import pytest
 
 from mpfl.config import FIELD_SECTIONS, Config, field_types
 from mpfl.errors import ConfigError
+from mpfl.records import default_run_dir
 
 
 def test_round_trip_through_a_dict_and_toml(tmp_path):
@@ -24,6 +27,15 @@ def test_overrides_reach_the_owning_section_and_convert_strings():
     assert cfg.data.data_dir == "/x" and cfg.data.test_samples is None
 
 
+def test_a_choice_given_in_any_case_is_recorded_as_its_registry_or_option_list_spells_it(tmp_path):
+    given = {"method": " MPFL", "model": "MLP", "dataset": "MNIST", "criterion": "Magnitude", "partition": "IID",
+             "value_dtype": "INT8", "aggregator": "Mean", "schedule": "Linear"}
+    cfg = Config().with_overrides(given)
+    assert cfg == Config().with_overrides({key: value.strip().lower() for key, value in given.items()})
+    assert "MLP" not in (text := json.dumps(cfg.to_dict())) and "INT8" not in text
+    assert "-mlp-" in default_run_dir(cfg, tmp_path).name
+
+
 def test_every_field_is_a_unique_flag():
     names = list(field_types())
     assert len(names) == len(set(names)) == len(FIELD_SECTIONS)
@@ -34,6 +46,7 @@ def test_every_field_is_a_unique_flag():
     [
         ({"metod": "mpfl"}, "unknown config key 'metod'. Did you mean 'method'"),
         ({"method": "fedavgg"}, "method = 'fedavgg' is not one of .* Did you mean 'fedavg'"),
+        ({"method": "FEDAVGG"}, "method = 'FEDAVGG' is not one of .* Did you mean 'fedavg'"),
         ({"train": {"lr": 0}}, "lr = 0.0 must be > 0"),
         ({"train": {"lr": "fast"}}, "train.lr must be of type float"),
         ({"prune": {"sparsity": 1.0}}, "sparsity = 1.0 must be < 1"),

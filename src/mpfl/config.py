@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -66,7 +66,7 @@ def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
 def _choice(name: str, value: str) -> None:
     options = field_choices()[name]
     if value not in options:
-        hint = difflib.get_close_matches(str(value), options, n=1)
+        hint = difflib.get_close_matches(str(value).strip().lower(), options, n=1)
         extra = f" Did you mean {hint[0]!r}?" if hint else ""
         raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
@@ -86,6 +86,35 @@ def _finite(cfg: Any) -> None:
             value = getattr(section, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} = {value} must be a finite number")
+
+
+REGISTRIES = {"method": METHODS, "criterion": CRITERIA, "consensus": RULES, "aggregator": AGGREGATORS,
+              "attack": ATTACKS}
+NAMES_ANY_CASE = ("model", "dataset")
+"""Names of registries that `mpfl.config` cannot import without torch; theirs are lower-case (`registry.normalise`)."""
+
+
+def _spell_names(cfg: Any) -> None:
+    """Every choice spelled as its registry or option list spells it (`--model MLP` is `mlp`, `--method MPFL`
+    is `mpfl`, a registry alias its name), so a run's config, its folder's name and the report's groups name
+    each choice one way. Unknown names are left for `validate` to refuse with the choices."""
+    choices = field_choices()
+    for owner, section in [(None, cfg)] + [(name, getattr(cfg, name)) for name in SECTIONS]:
+        spelled = {}
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if not isinstance(value, str) or not value.strip() or not (f.name in choices or f.name in NAMES_ANY_CASE):
+                continue
+            key = value.strip().lower()
+            if f.name in REGISTRIES and key in REGISTRIES[f.name]:
+                key = REGISTRIES[f.name].canonical(key)
+            if key != value and (f.name in NAMES_ANY_CASE or key in choices[f.name]):
+                spelled[f.name] = key
+        if spelled and owner is None:
+            for name, value in spelled.items():
+                object.__setattr__(cfg, name, value)
+        elif spelled:
+            object.__setattr__(cfg, owner, replace(section, **spelled))
 
 
 MAX_THREADS = 1024
@@ -357,6 +386,7 @@ class Config:
     def __post_init__(self) -> None:
         """Import the plug-ins the config names first, so the names they register are valid choices."""
         load_plugins(self.plugins)
+        _spell_names(self)
         self.validate()
 
     def validate(self) -> None:
