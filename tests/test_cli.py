@@ -437,6 +437,21 @@ def test_rerunning_a_saved_config_elsewhere_names_its_relative_plug_in_path(tmp_
                  str(tmp_path / "again")]) == 0
 
 
+def test_a_data_dir_without_the_dataset_is_named_with_the_folder_the_data_come_from(tmp_path, data_env, capsys):
+    from mpfl.cli import idle_flags
+
+    typo = tmp_path / "dat"  # missing: MNIST comes from the next root that holds it, the copy in the package
+    shipped = Path(mpfl.__file__).parent / "_data"
+    assert idle_flags(Config().with_overrides({"data_dir": str(typo)}), ["data_dir"]) == [
+        f"--data-dir {typo} does not hold the mnist files, so they are read from {shipped}; check the path if you meant "
+        "your own copy"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "MNIST").symlink_to(shipped / "MNIST", target_is_directory=True)
+    assert idle_flags(Config().with_overrides({"data_dir": str(tmp_path / "data")}), ["data_dir"]) == []
+    assert main(["run", *_without(SMALL, "--quiet"), "--data-dir", str(typo), "--out", str(tmp_path / "r")]) == 0
+    assert f"note: --data-dir {typo} does not hold the mnist files" in " ".join(capsys.readouterr().err.split())
+
+
 def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_start(tmp_path, capsys):
     from mpfl.cli import idle_flags
 

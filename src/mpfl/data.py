@@ -176,11 +176,17 @@ def data_search_path(data_dir: str | Path | None = None) -> list[Path]:
 
 def dataset_available(name: str, data_dir: str | Path | None = None) -> bool:
     """Whether a dataset loads without a download: its files are in a data root (or it is registered)."""
+    return DATASETS.canonical(name) not in _SPECS or dataset_root(name, data_dir) is not None
+
+
+def dataset_root(name: str, data_dir: str | Path | None = None) -> Path | None:
+    """The data root a built-in dataset is read from without a download: the first that holds its files;
+    None when none does, or for a registered dataset."""
     key = DATASETS.canonical(name)
     if key not in _SPECS:
-        return True
+        return None
     roots = data_search_path(data_dir) + ([_SHIPPED] if key == "mnist" else [])
-    return any(_has_files(root, key) for root in roots)
+    return next((root for root in roots if _has_files(root, key)), None)
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
