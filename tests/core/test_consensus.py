@@ -86,6 +86,21 @@ def test_histogram_keeps_votes_at_or_above_the_percentile():
     assert got.sum() == 3
 
 
+def test_histogram_never_keeps_an_entry_no_node_kept():
+    # one voter keeping 3 of 5 at a round that removes 40 %: the 40th percentile ("lower") of
+    # [0, 0, 1, 1, 1] is 0, which every entry reaches; the entries nobody kept still go
+    mine = np.array([True, False, True, False, True])
+    votes = tally([[mine]], [1])
+    got = consensus(votes, [np.ones(5, bool)], "histogram", ctx(density=0.6, prev_density=1.0, num_nodes=1))[0]
+    assert np.array_equal(got, mine)
+    # three voters who agree on dropping entries 0 and 1, and split over the rest
+    masks = [[np.array([False, False, True, True, False, True])], [np.array([False, False, True, False, True, True])],
+             [np.array([False, False, False, True, True, True])]]
+    votes = tally(masks, [1, 1, 1])  # [0, 0, 2/3, 2/3, 2/3, 1]
+    got = consensus(votes, [np.ones(6, bool)], "histogram", ctx(percentile=20.0, num_nodes=3))[0]
+    assert got.tolist() == [False, False, True, True, True, True]
+
+
 def test_structured_vote_keeps_whole_rows():
     rows = np.array([0.9, 0.1, 0.6, 0.4])
     votes = [np.repeat(rows[:, None], 3, axis=1)]

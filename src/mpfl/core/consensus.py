@@ -129,7 +129,9 @@ def dynamic(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: Vot
 
 def histogram(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: VoteContext) -> Mask:
     """Per layer, keep votes at or above a percentile of the votes over the support; by default
-    the percentile that removes the round's share of the support (1 - d_t / d_{t-1})."""
+    the percentile that removes the round's share of the support (1 - d_t / d_{t-1}). An entry no
+    node kept is never kept: when more of the support than that share has no vote (one voter, or
+    nodes that agree on what to drop) the percentile is 0, and `v >= 0` would keep everything."""
     q = ctx.percentile if ctx.percentile is not None else 100.0 * (1.0 - ctx.density / ctx.prev_density)
     out = []
     for v, s in zip(votes, support):
@@ -137,7 +139,7 @@ def histogram(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: V
             out.append(s.copy())
             continue
         cut = np.percentile(v[s], min(max(q, 0.0), 100.0), method="lower")
-        out.append(s & (v >= cut - _EPS))
+        out.append(s & (v >= cut - _EPS) & (v > 0))
     return out
 
 
