@@ -75,6 +75,15 @@ def test_markdown_table_shows_mean_and_spread(report):
         assert f"]({name})" in text
 
 
+def test_settings_every_run_shares_away_from_the_defaults_are_named_above_the_table(report):
+    out, _ = report
+    text = (out / "report.md").read_text()
+    # tiny_config: 3 nodes (default 10), 2 rounds (10), 1,500 / 300 images (all); mask_rounds=1 (5) only matters to
+    # mpfl, as fedavg does not prune; batch_size 32 is the default, threads has its own place
+    assert ("## mnist, iid, mlp\n\nEvery run here shares these settings, which differ from mpfl's defaults: nodes=3, "
+            "rounds=2, test_samples=300, train_samples=1500, mpfl: mask_rounds=1.\n") in text
+
+
 @pytest.mark.parametrize("name", PLOTS)
 def test_each_plot_is_a_png_of_the_expected_size(report, name):
     out, _ = report

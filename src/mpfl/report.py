@@ -285,6 +285,27 @@ def _variant(run: Run, runs: Sequence[Run]) -> dict[str, Any]:
     return variant
 
 
+def shared_settings(runs: Sequence[Run]) -> list[str]:
+    """What no variant can name: the settings every run of `runs` shares at a value other than the package
+    default (`key=value`), and the method options every run of one method shares so (`method: key=value`;
+    pruning options only for methods that prune). A reader then knows, say, that all runs had 3 nodes."""
+    defaults, shared = _defaults(), []
+
+    def uniform(group: Sequence[Run], key: str) -> bool:
+        values = {json.dumps(r.flat.get(key)) for r in group}
+        return len(values) == 1 and values.pop() != json.dumps(defaults.get(key))
+
+    keys = sorted({k for r in runs for k in r.flat} - SHOWN)
+    shared += [f"{k}={runs[0].flat.get(k)}" for k in keys
+               if runs[0].sections.get(k) not in METHOD_OPTIONS and uniform(runs, k)]
+    for method in dict.fromkeys(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        prunes = method not in METHODS or METHODS.get(method).prunes
+        shared += [f"{method}: {k}={mine[0].flat.get(k)}" for k in keys if mine[0].sections.get(k) in METHOD_OPTIONS
+                   and (prunes or mine[0].sections.get(k) != "prune") and uniform(mine, k)]
+    return shared
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
     """Group runs that differ only in their seed, and name each group's variant within its section."""
     groups: dict[str, list[Run]] = defaultdict(list)
@@ -719,7 +740,10 @@ def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
     for section in dict.fromkeys(g.first.section for g in groups):
         mine = [g for g in groups if g.first.section == section]
         here = [r for r in rows if (r["dataset"], r["partition"], r["model"]) == section]
-        md += [f"## {', '.join(section)}", "", to_markdown(here), ""]
+        md += [f"## {', '.join(section)}", ""]
+        if shared := shared_settings([r for g in mine for r in g.runs]):
+            md += [f"Every run here shares these settings, which differ from mpfl's defaults: {', '.join(shared)}.", ""]
+        md += [to_markdown(here), ""]
         if blind := [g.label for g in mine if not _has_accuracy(g)]:
             md += [f"No test accuracy recorded (no training round was evaluated), so not plotted: {'; '.join(blind)}.", ""]
         md += ["The pruned model on a device (the share of the dense model in brackets; model size: the kept "
