@@ -8,8 +8,9 @@ run`` in fresh processes, one after the other: with the defaults (one torch thre
 one process per core), with ``--threads 1 --workers 1`` (one thread in one process, the default
 before workers were automatic) and with ``--threads 0`` (torch's own choice, one thread per
 core, in one process, which was the default before one thread was). A row per run: the load,
-the threads asked for, the wall time and the CPU time of the run's process (with its children;
-not its worker processes, which the OS counts elsewhere), how many rounds it finished, whether
+the threads asked for, the wall time and the CPU time of the run's process and every process it
+started, its workers included (summed from /proc every 50 ms, so a process loses at most its
+last 50 ms), how many rounds it finished, whether
 it finished before the timeout (default 600 s, 300 s with --quick; a run cut off there has a
 wall time of at least the timeout), and its wall time over those of the ``--threads 1`` and
 ``--threads 0`` runs under the same load. Targets: with the busy processes, the default at most
@@ -39,15 +40,30 @@ QUICK = ["--train-samples", "12000", "--mask-rounds", "2", "--rounds", "3"]
 BUSY = "while True: pass"
 
 
+def session_cpu(session: int, seen: dict[int, float]) -> None:
+    """Record in `seen` the CPU seconds (user + system) so far of every live process of `session`, by pid."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # the fields after the command name
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if int(stat[3]) == session:  # fields 6, 14 and 15 of proc(5): session, utime, stime
+            seen[int(entry.name)] = (int(stat[11]) + int(stat[12])) / tick
+
+
 def timed_run(args: list[str], out: Path, timeout: float) -> dict:
-    """Wall and CPU seconds of `mpfl run ARGS --out OUT` in a fresh process, cut off after `timeout` s
-    (and ended with this script, whatever stops it)."""
+    """Wall and CPU seconds of `mpfl run ARGS --out OUT` in a fresh process (and the processes it starts),
+    cut off after `timeout` s (and ended with this script, whatever stops it)."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *args, "--quiet", "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done = (0, 0, None)
+    done, cpu = (0, 0, None), {}
     try:
         while not (done := os.wait4(proc.pid, os.WNOHANG))[0] and time.perf_counter() - started < timeout:
+            session_cpu(proc.pid, cpu)
             time.sleep(0.05)
     finally:
         if not done[0]:
@@ -57,7 +73,7 @@ def timed_run(args: list[str], out: Path, timeout: float) -> dict:
     if finished and os.WEXITSTATUS(done[1]) != 0:
         raise SystemExit(f"mpfl run {' '.join(args)} failed with exit code {os.WEXITSTATUS(done[1])}")
     rounds = (out / "rounds.jsonl").read_text().count("\n") if (out / "rounds.jsonl").exists() else 0
-    return {"wall_s": wall, "cpu_s": done[2].ru_utime + done[2].ru_stime, "rounds_done": rounds, "finished": finished}
+    return {"wall_s": wall, "cpu_s": sum(cpu.values()), "rounds_done": rounds, "finished": finished}
 
 
 def runs_under_load(busy: int, quick: bool, timeout: float, work: Path) -> list[dict]:
