@@ -9,8 +9,8 @@ one process per core), with ``--threads 1 --workers 1`` (one thread in one proce
 before workers were automatic) and with ``--threads 0`` (torch's own choice, one thread per
 core, in one process, which was the default before one thread was). A row per run: the load,
 the threads asked for, the wall time and the CPU time of the run's process and every process it
-started, its workers included (summed from /proc every 50 ms, so a process loses at most its
-last 50 ms), how many rounds it finished, whether
+started, its workers included (read from /proc every 0.25 s, so a process loses at most its
+last 0.25 s; reading more often costs the machine more than that), how many rounds it finished, whether
 it finished before the timeout (default 600 s, 300 s with --quick; a run cut off there has a
 wall time of at least the timeout), and its wall time over those of the ``--threads 1`` and
 ``--threads 0`` runs under the same load. Targets: with the busy processes, the default at most
@@ -60,10 +60,12 @@ def timed_run(args: list[str], out: Path, timeout: float) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *args, "--quiet", "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    done, cpu = (0, 0, None), {}
+    done, cpu, polls = (0, 0, None), {}, 0
     try:
         while not (done := os.wait4(proc.pid, os.WNOHANG))[0] and time.perf_counter() - started < timeout:
-            session_cpu(proc.pid, cpu)
+            if polls % 5 == 0:
+                session_cpu(proc.pid, cpu)
+            polls += 1
             time.sleep(0.05)
     finally:
         if not done[0]:
