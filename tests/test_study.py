@@ -2,14 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import mpfl.sim
 import mpfl.study
+from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.errors import ConfigError, PathError, RoundError
-from mpfl.records import read_summary
+from mpfl.records import read_rounds, read_summary
 from mpfl.study import PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique
 
 TINY = {"nodes": 3, "rounds": 1, "mask_rounds": 1, "train_samples": 1200, "test_samples": 300, "threads": 1}
@@ -20,6 +22,11 @@ CELLS = [Cell("t", {**TINY, "method": "fedavg"}), Cell("t", {**TINY, "method": "
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     return out, run_study(CELLS, out, quiet=True)
+
+
+def untimed(records):
+    """Round records without their wall times, the one thing two runs of a config may differ in."""
+    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
 
 
 def counting(monkeypatch):
@@ -76,6 +83,53 @@ def test_a_finished_cell_of_another_config_is_refused(study, tmp_path):
     (dest / "summary.json").write_text((src / "summary.json").read_text())
     with pytest.raises(ConfigError, match="another config"):
         run_study([other], tmp_path, quiet=True)
+
+
+def test_cells_run_side_by_side_in_processes_end_bit_for_bit_as_in_one_process(study, tmp_path):
+    out, _ = study
+    result = run_study(CELLS, tmp_path, quiet=True, report=False, jobs=2)
+    assert sorted(result.ran) == sorted(tmp_path / cell_name(c.config()) for c in CELLS) and not result.failed
+    for path in result.ran:
+        alone, side_by_side = load_final(out / path.name), load_final(path)
+        assert all(np.array_equal(alone.weights[k], side_by_side.weights[k]) for k in alone.weights)
+        assert untimed(read_rounds(out / path.name)) == untimed(read_rounds(path))
+
+
+def test_a_cell_failing_in_a_pool_process_is_named_with_its_error_and_the_others_run(tmp_path, capsys):
+    plugin = tmp_path / "breaks.py"
+    plugin.write_text("from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
+                      "@register_method\nclass Breaks(Mpfl):\n    name = 'breaks-test'\n\n"
+                      "    def train_round(self, server, step):\n        raise RuntimeError('broken on purpose')\n")
+    broken = Cell("t", {**TINY, "method": "breaks-test", "plugins": [str(plugin)]})
+    out = tmp_path / "s"
+    result = run_study([broken, CELLS[0]], out, quiet=True, report=False, jobs=2)
+    path = out / cell_name(broken.config())
+    assert result.failed == {path: "RuntimeError: broken on purpose"}
+    assert result.ran == [out / cell_name(CELLS[0].config())]
+    assert "in train_round" in capsys.readouterr().err  # the traceback of an error that is not mpfl's own
+
+
+def test_ctrl_c_stops_the_pool_and_the_next_invocation_runs_what_is_missing(tmp_path, monkeypatch):
+    cells = [Cell("t", {**TINY, "method": "fedavg", "seed": seed}) for seed in range(4)]
+    real = mpfl.study._done
+
+    def interrupted_after_the_first(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mpfl.study, "_done", interrupted_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(cells, tmp_path, quiet=True, report=False, jobs=2)
+    done = sorted(p for p in tmp_path.iterdir() if (p / "summary.json").is_file())  # the first, or the first two
+    assert 1 <= len(done) <= 2
+    monkeypatch.setattr(mpfl.study, "_done", real)
+    result = run_study(cells, tmp_path, quiet=True, report=False, jobs=2)
+    assert sorted(result.skipped) == done and len(result.ran) == 4 - len(done) and not result.failed
+
+
+def test_cells_with_worker_processes_of_their_own_are_refused_side_by_side(tmp_path):
+    with pytest.raises(ConfigError, match="cannot run side by side"):
+        run_study([Cell("t", {**TINY, "workers": 2})], tmp_path, quiet=True, report=False, jobs=2)
 
 
 def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
@@ -185,9 +239,9 @@ def test_ctrl_c_keeps_the_finished_cells_and_says_how_to_go_on(tmp_path, capsys,
     monkeypatch.setattr(mpfl.sim, "simulate", stopped_at_the_second_cell)
     monkeypatch.setattr(mpfl.study, "preset_cells", lambda *args, **kw: CELLS)
     out = tmp_path / "s"
-    assert main(["study", "--quiet", "--out", str(out)]) == 130
+    assert main(["study", "--quiet", "--jobs", "1", "--out", str(out)]) == 130
     err = " ".join(capsys.readouterr().err.split())
     assert f"interrupted; the finished cells are kept in {out}: run the same mpfl study command again" in err
     monkeypatch.setattr(mpfl.sim, "simulate", real)
-    assert main(["study", "--quiet", "--out", str(out)]) == 0
+    assert main(["study", "--quiet", "--jobs", "1", "--out", str(out)]) == 0
     assert "ran 1, already done 1, failed 0" in capsys.readouterr().out

@@ -329,14 +329,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    from .parallel import available_cores
     from .study import PRESETS, missing_datasets, preset_cells, print_plan, run_study
 
+    if args.jobs < 0:
+        raise ConfigError(f"--jobs = {args.jobs} must be >= 0 (0: one cell per CPU core at a time)")
+    jobs = args.jobs or available_cores()
     cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
     if not args.quiet:
         console.print(f"[bold]mpfl study[/] preset={args.preset} ({PRESETS[args.preset].about}) -> {out}")
     if args.dry_run:
-        print_plan(cells, out, Console(), args.data_dir)
+        print_plan(cells, out, Console(), args.data_dir, jobs)
         missing = missing_datasets(cells, args.data_dir)
         present = sorted({cell.overrides["dataset"] for cell in cells} - set(missing))
         for name, where in missing.items():
@@ -344,7 +348,8 @@ def cmd_study(args: argparse.Namespace) -> int:
                   f"is online" + (f", or run without it: --datasets {','.join(present)}" if present else ""))
         return 0
     try:
-        result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet, force=args.force)
+        result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet, force=args.force,
+                           jobs=jobs)
     except KeyboardInterrupt:
         console.print(f"interrupted; the finished cells are kept in {out}: run the same mpfl study command again "
                       "to continue with the rest", highlight=False)
@@ -445,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--data-dir", help="where the datasets are (else $MPFL_DATA, the user cache, a download)")
     study.add_argument("--dry-run", action="store_true",
                        help="list the cells, their estimated time and any missing data; run nothing")
+    study.add_argument("--jobs", type=int, default=0, metavar="N",
+                       help="cells run at once in a pool of processes, each on one torch thread (same results as 1); "
+                            "default 0: one per CPU core")
     study.add_argument("--quiet", action="store_true", help="no progress display")
     study.add_argument("--force", action="store_true",
                        help="replace a report.md or plot in the study folder that mpfl report did not write")
