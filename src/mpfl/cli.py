@@ -328,13 +328,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_STUDY_JOBS = 8
+"""Most cells `mpfl study` runs at once unless --jobs says otherwise: each process holds its own copy of the data."""
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from .parallel import available_cores
     from .study import PRESETS, missing_datasets, preset_cells, print_plan, run_study
 
     if args.jobs < 0:
         raise ConfigError(f"--jobs = {args.jobs} must be >= 0 (0: one cell per CPU core at a time)")
-    jobs = args.jobs or available_cores()
+    jobs = args.jobs or min(available_cores(), MAX_STUDY_JOBS)
     cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
     if not args.quiet:
@@ -452,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list the cells, their estimated time and any missing data; run nothing")
     study.add_argument("--jobs", type=int, default=0, metavar="N",
                        help="cells run at once in a pool of processes, each on one torch thread (same results as 1); "
-                            "default 0: one per CPU core")
+                            "default 0: one per CPU core, at most 8")
     study.add_argument("--quiet", action="store_true", help="no progress display")
     study.add_argument("--force", action="store_true",
                        help="replace a report.md or plot in the study folder that mpfl report did not write")
