@@ -75,6 +75,16 @@ def test_markdown_table_shows_mean_and_spread(report):
         assert f"]({name})" in text
 
 
+def test_bytes_vs_fedavg_says_when_only_some_runs_have_a_fedavg_run_to_compare_with(runs, tmp_path):
+    for name in ("mpfl-0", "mpfl-1", "fedavg-0"):  # no fedavg run of seed 1
+        shutil.copytree(runs / name, tmp_path / "runs" / name)
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r"), "--json", str(tmp_path / "t.json")]) == 0
+    row = next(r for r in json.loads((tmp_path / "t.json").read_text()) if r["method"] == "mpfl")
+    assert row["bytes_vs_fedavg"] == pytest.approx(total_bytes(runs / "mpfl-0") / total_bytes(runs / "fedavg-0"))
+    assert row["bytes_vs_fedavg_runs"] == 1 and row["n_runs"] == 2
+    assert f"{100 * row['bytes_vs_fedavg']:.1f}% (1 of 2 runs)" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_settings_every_run_shares_away_from_the_defaults_are_named_above_the_table(report):
     out, _ = report
     text = (out / "report.md").read_text()

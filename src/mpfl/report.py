@@ -398,7 +398,7 @@ def table(runs: Sequence[Run]) -> list[dict]:
             "final_accuracy": final, "final_accuracy_std": final_std, "best_accuracy": best, "best_accuracy_std": best_std,
             "warmup_rounds": warmup, "mask_rounds": mask, "train_rounds": train,
             "bytes_up": float(np.mean([x.bytes_up for x in rs])), "bytes_down": float(np.mean([x.bytes_down for x in rs])),
-            "bytes_vs_fedavg": ratio, "bytes_vs_fedavg_std": ratio_std,
+            "bytes_vs_fedavg": ratio, "bytes_vs_fedavg_std": ratio_std, "bytes_vs_fedavg_runs": len(ratios),
             **{k: _mean_of(rs, k) for k in ("bits_per_param_up", "bits_per_param_down", "megabytes_total")},
             "wall_time": float(np.mean([x.summary["wall_time"] for x in rs])),
             "bytes_eval_down": float(np.mean([x.summary.get("bytes_eval_down", 0) for x in rs])),
@@ -422,8 +422,11 @@ def _cell(row: dict, key: str) -> str:
     if key in ("final_accuracy", "best_accuracy"):
         return _percent(row[key], row[key + "_std"])
     if key == "bytes_vs_fedavg":
-        ratio = row[key]
-        return "–" if ratio is None else f"{100 * ratio:.{1 if ratio >= 0.01 else 2}f}%"
+        ratio, matched = row[key], row["bytes_vs_fedavg_runs"]
+        if ratio is None:
+            return "–"
+        fewer = f" ({matched} of {row['n_runs']} runs)" if matched < row["n_runs"] else ""
+        return f"{100 * ratio:.{1 if ratio >= 0.01 else 2}f}%{fewer}"
     if key == "rounds":
         prefix = f"{_num(row['warmup_rounds'])}w+" if row["warmup_rounds"] else ""
         return f"{prefix}{_num(row['mask_rounds'])}+{_num(row['train_rounds'])}"
@@ -735,7 +738,8 @@ def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
           f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n "
           "distinct seeds of a group; runs of different runners are never averaged together. Rounds count mask-search "
           "and training rounds. Bytes vs FedAvg divides total bytes (up + down) by those of the dense FedAvg run with "
-          "the same dataset, partition, model, nodes, rounds and seed; a final federated evaluation's traffic is not "
+          "the same dataset, partition, model, nodes, rounds and seed (a row that has such a run for only some of its "
+          "runs says how many); a final federated evaluation's traffic is not "
           "part of them.", ""]
     for section in dict.fromkeys(g.first.section for g in groups):
         mine = [g for g in groups if g.first.section == section]
