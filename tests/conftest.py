@@ -36,12 +36,13 @@ def restore_registries():
     from mpfl.registry import ALL
 
     saved = [(reg, reg.snapshot()) for reg in ALL]
-    loaded = set(plugins._loaded)
+    loaded, digests, installed = set(plugins._loaded), dict(plugins._digests), dict(plugins._installed)
     yield
     for reg, snapshot in saved:
         reg.restore(snapshot)
-    plugins._loaded.clear()
-    plugins._loaded.update(loaded)
+    for kept, state in ((plugins._loaded, loaded), (plugins._digests, digests), (plugins._installed, installed)):
+        kept.clear()
+        kept.update(state)
 
 
 @pytest.fixture(scope="session")

@@ -195,6 +195,9 @@ def test_installed_packages_announce_plugins_by_entry_point(tmp_path, monkeypatc
     assert "keep-support-test" not in RULES
     cfg = Config().with_overrides({"consensus": "keep-support-test"})
     assert cfg.prune.consensus == "keep-support-test"
+    assert plugins.installed_plugins()["fake"] == "mpfl-fake-plugin 0.1"  # what a run's summary records
+    summary = simulate(tiny_config(nodes=2, rounds=1, mask_rounds=1, consensus="keep-support-test")).summary
+    assert summary["versions"]["plugin_packages"]["fake"] == "mpfl-fake-plugin 0.1"
 
 
 def test_a_method_that_breaks_its_contract_is_refused_with_what_it_must_do(tmp_path):

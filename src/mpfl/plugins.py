@@ -8,7 +8,8 @@ entry-point group ``mpfl.plugins`` (a module, imported, or a function, called); 
 loaded in every process too.
 
 Each named plug-in's source file is hashed as it is imported (`fingerprints`), so a run's summary
-says which code its plug-ins were, and a resumed run can tell when they changed.
+says which code its plug-ins were, and a resumed run can tell when they changed; an installed
+plug-in is named by its package and version (`installed_plugins`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ ENTRY_POINT_GROUP = "mpfl.plugins"
 _MODULE_PREFIX = "mpfl_plugin_"
 _loaded: set[str] = set()
 _digests: dict[str, str] = {}
+_installed: dict[str, str] = {}
 
 
 def load_plugins(names: Sequence[str] = ()) -> None:
@@ -42,6 +44,8 @@ def load_plugins(names: Sequence[str] = ()) -> None:
                                   f"{type(exc).__name__}: {exc}") from exc
             if callable(loaded):
                 loaded()
+            if entry.dist is not None:
+                _installed[entry.name] = f"{entry.dist.name} {entry.dist.version}"
     for name in names:
         key = str(Path(name).resolve()) if _is_path(name) else name
         if key not in _loaded:
@@ -56,6 +60,11 @@ def fingerprints(names: Sequence[str]) -> dict[str, str]:
     file, a package's `__init__.py`; none for a module without a file), by the name the config gives."""
     keys = {name: str(Path(name).resolve()) if _is_path(name) else name for name in names}
     return {name: _digests[key] for name, key in keys.items() if key in _digests}
+
+
+def installed_plugins() -> dict[str, str]:
+    """The entry-point plug-ins this process loaded, each as "package version" by its entry-point name."""
+    return dict(_installed)
 
 
 def _is_path(name: str) -> bool:

@@ -37,7 +37,7 @@ from .errors import ConfigError, RunDirError
 from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
-from .plugins import fingerprints
+from .plugins import fingerprints, installed_plugins
 from .protocol import RoundRecord
 
 if TYPE_CHECKING:
@@ -182,7 +182,8 @@ def summarize(cfg: Config, records: Iterable[RoundRecord], wall_time: float, ext
         **(extra or {}),
         "config": cfg.to_dict(),
         "versions": {"mpfl": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                     **({"plugins": fingerprints(cfg.plugins)} if cfg.plugins else {})},
+                     **({"plugins": fingerprints(cfg.plugins)} if cfg.plugins else {}),
+                     **({"plugin_packages": installed} if (installed := installed_plugins()) else {})},
     }
 
 
