@@ -337,7 +337,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from .study import PRESETS, missing_datasets, preset_cells, print_plan, run_study
 
     if args.jobs < 0:
-        raise ConfigError(f"--jobs = {args.jobs} must be >= 0 (0: one cell per CPU core at a time)")
+        raise ConfigError(f"--jobs = {args.jobs} must be >= 0 (0: one cell per CPU core at a time, at most 8)")
     jobs = args.jobs or min(available_cores(), MAX_STUDY_JOBS)
     cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
