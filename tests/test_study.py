@@ -111,18 +111,18 @@ def test_a_cell_failing_in_a_pool_process_is_named_with_its_error_and_the_others
 
 def test_ctrl_c_stops_the_pool_and_the_next_invocation_runs_what_is_missing(tmp_path, monkeypatch):
     cells = [Cell("t", {**TINY, "method": "fedavg", "seed": seed}) for seed in range(4)]
-    real = mpfl.study._done
+    real = mpfl.study._record
 
     def interrupted_after_the_first(*args):
         real(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mpfl.study, "_done", interrupted_after_the_first)
+    monkeypatch.setattr(mpfl.study, "_record", interrupted_after_the_first)
     with pytest.raises(KeyboardInterrupt):
         run_study(cells, tmp_path, quiet=True, report=False, jobs=2)
     done = sorted(p for p in tmp_path.iterdir() if (p / "summary.json").is_file())  # the first, or the first two
     assert 1 <= len(done) <= 2
-    monkeypatch.setattr(mpfl.study, "_done", real)
+    monkeypatch.setattr(mpfl.study, "_record", real)
     result = run_study(cells, tmp_path, quiet=True, report=False, jobs=2)
     assert sorted(result.skipped) == done and len(result.ran) == 4 - len(done) and not result.failed
 

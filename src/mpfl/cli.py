@@ -246,11 +246,12 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
 
     notes = []
     for name in given:
-        if name == "data_dir" and (root := dataset_root(cfg.data.dataset, cfg.data.data_dir)) is not None \
-                and root != Path(cfg.data.data_dir).expanduser():
-            notes.append(f"--data-dir {cfg.data.data_dir} does not hold the {cfg.data.dataset} files, so they are read "
-                         f"from {root}; check the path if you meant your own copy")
-        if name == "alpha" and cfg.data.partition != "dirichlet" or name == "shards" and cfg.data.partition != "shards":
+        if name == "data_dir":
+            root = dataset_root(cfg.data.dataset, cfg.data.data_dir)
+            if root is not None and root != Path(cfg.data.data_dir).expanduser():
+                notes.append(f"--data-dir {cfg.data.data_dir} does not hold the {cfg.data.dataset} files, so they are "
+                             f"read from {root}; check the path if you meant your own copy")
+        elif name == "alpha" and cfg.data.partition != "dirichlet" or name == "shards" and cfg.data.partition != "shards":
             notes.append(f"{_flag(name)} has no effect with --partition {cfg.data.partition}")
         elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:
             notes.append(f"{_flag(name)} has no effect with --method {cfg.method}, which does not prune")

@@ -37,14 +37,18 @@ VOTE_WEIGHTINGS = ("samples", "agreement", "trimmed")
 ADAPT_DROPS = ("server", "votes")
 
 
+REGISTRIES = {"method": METHODS, "criterion": CRITERIA, "consensus": RULES, "aggregator": AGGREGATORS,
+              "attack": ATTACKS}
+"""The fields that name an entry of a registry (plug-ins may add entries), by field."""
+
+
 def field_choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of every field that names one of a set: the registries' names (so
     registered plug-ins count) and the fixed options of the core."""
-    return {"method": METHODS.names(), "partition": PARTITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-            "criterion": CRITERIA.names(), "scope": SCOPES, "consensus": RULES.names(), "rewind": REWINDS,
+    return {**{name: registry.names() for name, registry in REGISTRIES.items()}, "partition": PARTITIONS,
+            "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "scope": SCOPES, "rewind": REWINDS,
             "train_init": TRAIN_INITS, "mask_coder": tuple(MASK_CODERS), "value_dtype": ("auto", *VALUE_DTYPES),
-            "vote_weighting": VOTE_WEIGHTINGS, "adapt_drop": ADAPT_DROPS, "aggregator": AGGREGATORS.names(),
-            "attack": ATTACKS.names()}
+            "vote_weighting": VOTE_WEIGHTINGS, "adapt_drop": ADAPT_DROPS}
 
 
 DEVICE_KINDS = ("auto", "cpu", "cuda", "mps")
@@ -88,8 +92,6 @@ def _finite(cfg: Any) -> None:
                 raise ConfigError(f"{f.name} = {value} must be a finite number")
 
 
-REGISTRIES = {"method": METHODS, "criterion": CRITERIA, "consensus": RULES, "aggregator": AGGREGATORS,
-              "attack": ATTACKS}
 NAMES_ANY_CASE = ("model", "dataset")
 """Names of registries that `mpfl.config` cannot import without torch; theirs are lower-case (`registry.normalise`)."""
 

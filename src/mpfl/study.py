@@ -53,10 +53,10 @@ import hashlib
 import json
 import multiprocessing as mp
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -68,6 +68,9 @@ from .files import atomic_write
 from .methods import method_of, plan
 from .parallel import forkserver_available
 from .records import SUMMARY, read_summary
+
+if TYPE_CHECKING:
+    from .sim import RunResult
 
 DATASETS = ("mnist", "fashion-mnist")
 PARTITIONS = ({"partition": "iid"}, {"partition": "dirichlet", "alpha": 0.5}, {"partition": "dirichlet", "alpha": 0.1},
@@ -335,22 +338,32 @@ def _run_cell(cfg: Config, path: Path, progress: Progress, result: StudyResult) 
         progress.update(task, advance=1, description=f"  {path.name[:48]:<48} {r['phase']:>6} {r['round']:>3} {acc}")
 
     try:
-        summary = simulate(cfg, path, on_round=on_round).summary
-    except MpflError as exc:
-        result.failed[path] = str(exc)
-        progress.console.print(f"[red]failed[/] {path.name}: {exc}")
-    except Exception as exc:  # a bug in one method must not stop the other cells; the traceback is shown
-        result.failed[path] = f"{type(exc).__name__}: {exc}"
-        progress.console.print(f"[red]failed[/] {path.name}:")
-        progress.console.print_exception(max_frames=8)
-    else:
-        _done(cfg, path, summary, progress, result)
+        _record(cfg, _attempt(path, lambda: simulate(cfg, path, on_round=on_round)), progress, result)
     finally:
         progress.remove_task(task)
 
 
-def _done(cfg: Config, path: Path, summary: dict, progress: Progress, result: StudyResult) -> None:
-    """Count a finished cell and print its line: accuracy, wall time and the estimate."""
+def _attempt(path: Path, run: Callable[[], RunResult]) -> dict:
+    """A cell's outcome: ``{"path", "summary"}``, or ``{"path", "error"}`` (with the traceback of an error
+    that is not mpfl's own), so that one failing cell (a bug in one method, say) stops no other."""
+    try:
+        return {"path": str(path), "summary": run().summary}
+    except MpflError as exc:
+        return {"path": str(path), "error": str(exc)}
+    except Exception as exc:
+        return {"path": str(path), "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
+def _record(cfg: Config, outcome: dict, progress: Progress, result: StudyResult) -> None:
+    """Count a cell's outcome and print its line: accuracy, wall time and the estimate, or the error."""
+    path = Path(outcome["path"])
+    if "error" in outcome:
+        result.failed[path] = outcome["error"]
+        progress.console.print(f"[red]failed[/] {path.name}: {outcome['error']}", highlight=False)
+        if "traceback" in outcome:
+            progress.console.print(outcome["traceback"], highlight=False, markup=False)
+        return
+    summary = outcome["summary"]
     result.ran.append(path)
     acc = "n/a" if summary["final_accuracy"] is None else f"{100 * summary['final_accuracy']:.2f}%"
     progress.console.print(f"done {path.name}: accuracy {acc}, {summary['wall_time']:.1f} s "
@@ -368,36 +381,18 @@ def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: P
                           "a pool's processes start no workers of their own; run the study with jobs = 1")
     cells = {str(path): cfg for cfg, path in todo}
     context = mp.get_context("forkserver" if forkserver_available() else "spawn")
-    pool = context.Pool(jobs)
-    try:
+    with context.Pool(jobs) as pool:  # leaving the block terminates the pool, whatever ends it
         for outcome in pool.imap_unordered(run_cell_alone, [(cfg.to_dict(), path) for path, cfg in cells.items()]):
-            path = Path(outcome["path"])
             cfg = cells[outcome["path"]]
-            if "summary" in outcome:
-                _done(cfg, path, outcome["summary"], progress, result)
-            else:
-                result.failed[path] = outcome["error"]
-                progress.console.print(f"[red]failed[/] {path.name}: {outcome['error']}", highlight=False)
-                if "traceback" in outcome:
-                    progress.console.print(outcome["traceback"], highlight=False, markup=False)
+            _record(cfg, outcome, progress, result)
             progress.update(overall, description=f"{len(result.ran) + len(result.failed)}/{len(todo)} cells "
                                                  f"({len(result.skipped)} already done)")
             progress.advance(overall, estimate_seconds(cfg))
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
 
 
 def run_cell_alone(task: tuple[dict, str]) -> dict:
-    """One cell (its config as a dict, its folder) in a pool process: ``{"path", "summary"}``, or ``{"path",
-    "error"}`` (with the traceback of an error that is not mpfl's own), so one failing cell stops no other."""
+    """One cell (its config as a dict, its folder) in a pool process: its outcome (`_attempt`)."""
     from .sim import simulate
 
     config, path = task
-    try:
-        return {"path": path, "summary": simulate(Config.from_dict(config), Path(path)).summary}
-    except MpflError as exc:
-        return {"path": path, "error": str(exc)}
-    except Exception as exc:
-        return {"path": path, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    return _attempt(Path(path), lambda: simulate(Config.from_dict(config), Path(path)))
