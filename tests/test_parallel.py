@@ -1,5 +1,9 @@
 """Worker processes: how many a run starts (`mpfl.parallel.worker_count`), and where none can be started."""
 
+import multiprocessing
+import os
+import signal
+import struct
 import subprocess
 import sys
 
@@ -9,8 +13,8 @@ import torch
 import mpfl.parallel
 from conftest import tiny_config
 from mpfl.config import Config
-from mpfl.errors import ConfigError
-from mpfl.parallel import AUTO_WORKERS_MAX, worker_count
+from mpfl.errors import ConfigError, WorkerError
+from mpfl.parallel import AUTO_WORKERS_MAX, NodePool, worker_count
 from mpfl.sim import simulate
 
 
@@ -61,3 +65,21 @@ def test_a_script_without_a_main_guard_gets_one_error_that_says_what_to_do(tmp_p
     assert done.stderr.strip().splitlines()[-1] == (
         'mpfl.errors.WorkerError: worker process 0 exited (exit code 1); if a script started this run, it must do '
         'so under `if __name__ == "__main__":`')
+
+
+def _die_in_the_middle_of_a_reply(conn) -> None:
+    """A worker killed while it writes a reply: a length prefix of 1,000 bytes, then 10 of them."""
+    os.write(conn.fileno(), struct.pack("!i", 1000) + b"x" * 10)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_in_the_middle_of_a_reply_is_named_as_killed():
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_die_in_the_middle_of_a_reply, args=(child,))
+    proc.start()
+    child.close()
+    pool = object.__new__(NodePool)  # only the pipes and processes matter to _receive
+    pool.conns, pool.procs, pool.plugins = [parent], [proc], ()
+    with pytest.raises(WorkerError, match=r"^worker process 0 was killed \(SIGKILL: out of memory\?\)$"):
+        pool._receive(0)

@@ -183,7 +183,7 @@ class NodePool:
         """The next message from `worker`: ("ready", None) or ("ok", result); its failures raised here."""
         try:
             status, result = self.conns[worker].recv()
-        except (EOFError, ConnectionError):
+        except (EOFError, OSError):  # OSError: killed in the middle of a reply ("got end of file during message")
             self.procs[worker].join(timeout=5)
             raise WorkerError(_stopped(worker, self.procs[worker].exitcode)) from None
         if status == "setup":
