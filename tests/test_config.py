@@ -36,6 +36,16 @@ def test_a_choice_given_in_any_case_is_recorded_as_its_registry_or_option_list_s
     assert "-mlp-" in default_run_dir(cfg, tmp_path).name
 
 
+def test_a_dataset_named_by_an_alias_is_recorded_by_the_name_its_registry_gives_it(tmp_path):
+    from mpfl.data import DATASETS
+
+    aliases = list(DATASETS.snapshot()[1])  # every alias registered, mapped to its name
+    assert "fmnist" in aliases and "cifar-10" in aliases
+    for alias in aliases:
+        assert Config().with_overrides({"dataset": alias.upper()}).data.dataset == DATASETS.canonical(alias)
+    assert "-fashion-mnist-" in default_run_dir(Config().with_overrides({"dataset": "FMNIST"}), tmp_path).name
+
+
 def test_every_field_is_a_unique_flag():
     names = list(field_types())
     assert len(names) == len(set(names)) == len(FIELD_SECTIONS)

@@ -95,6 +95,12 @@ def _finite(cfg: Any) -> None:
 NAMES_ANY_CASE = ("model", "dataset")
 """Names of registries that `mpfl.config` cannot import without torch; theirs are lower-case (`registry.normalise`)."""
 
+DATASET_ALIASES = {"fashion-mnist": ("fashionmnist", "fmnist", "fashion_mnist"), "cifar10": ("cifar-10",),
+                   "cifar100": ("cifar-100",)}
+"""The built-in datasets' other names, which `mpfl.data` registers; here because a config, which cannot import
+torch, records each dataset by its one name (`--dataset fmnist` is `fashion-mnist`)."""
+_DATASET_NAMES = {alias: name for name, aliases in DATASET_ALIASES.items() for alias in aliases}
+
 
 def _spell_names(cfg: Any) -> None:
     """Every choice spelled as its registry or option list spells it (`--model MLP` is `mlp`, `--method MPFL`
@@ -110,6 +116,8 @@ def _spell_names(cfg: Any) -> None:
             key = value.strip().lower()
             if f.name in REGISTRIES and key in REGISTRIES[f.name]:
                 key = REGISTRIES[f.name].canonical(key)
+            elif f.name == "dataset":
+                key = _DATASET_NAMES.get(key, key)
             if key != value and (f.name in NAMES_ANY_CASE or key in choices[f.name]):
                 spelled[f.name] = key
         if spelled and owner is None:

@@ -22,6 +22,7 @@ import numpy as np
 import platformdirs
 import torch
 
+from .config import DATASET_ALIASES
 from .errors import ConfigError, DataError
 from .registry import Registry, registry
 
@@ -266,9 +267,8 @@ def _read_builtin(key: str, root: Path) -> Dataset:
                    _normalise(x_test, spec), torch.from_numpy(y_test), spec.num_classes)
 
 
-for _key, _aliases in (("mnist", ()), ("fashion-mnist", ("fashionmnist", "fmnist", "fashion_mnist")),
-                       ("cifar10", ("cifar-10",)), ("cifar100", ("cifar-100",))):
-    DATASETS.register(_key, partial(_load_builtin, _key), aliases=_aliases)
+for _key in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
+    DATASETS.register(_key, partial(_load_builtin, _key), aliases=DATASET_ALIASES.get(_key, ()))
 
 
 def read_idx(path: str | Path, *, expected_magic: int | None = None) -> np.ndarray:
