@@ -106,7 +106,16 @@ def test_a_cell_failing_in_a_pool_process_is_named_with_its_error_and_the_others
     path = out / cell_name(broken.config())
     assert result.failed == {path: "RuntimeError: broken on purpose"}
     assert result.ran == [out / cell_name(CELLS[0].config())]
-    assert "in train_round" in capsys.readouterr().err  # the traceback of an error that is not mpfl's own
+    err = capsys.readouterr().err
+    assert "in train_round" in err  # the traceback of an error that is not mpfl's own
+    assert "done" not in err  # quiet: the failure only
+
+
+def test_each_finished_cell_is_a_line_unless_quiet(tmp_path, capsys):
+    from rich.console import Console
+
+    result = run_study(CELLS[:1], tmp_path, console=Console(stderr=True), report=False)
+    assert capsys.readouterr().err.count(f"done {result.ran[0].name}: accuracy ") == 1
 
 
 def test_ctrl_c_stops_the_pool_and_the_next_invocation_runs_what_is_missing(tmp_path, monkeypatch):

@@ -355,7 +355,8 @@ def _attempt(path: Path, run: Callable[[], RunResult]) -> dict:
 
 
 def _record(cfg: Config, outcome: dict, progress: Progress, result: StudyResult) -> None:
-    """Count a cell's outcome and print its line: accuracy, wall time and the estimate, or the error."""
+    """Count a cell's outcome and print its line: accuracy, wall time and the estimate (unless the progress is
+    off: quiet), or the error."""
     path = Path(outcome["path"])
     if "error" in outcome:
         result.failed[path] = outcome["error"]
@@ -365,6 +366,8 @@ def _record(cfg: Config, outcome: dict, progress: Progress, result: StudyResult)
         return
     summary = outcome["summary"]
     result.ran.append(path)
+    if progress.disable:
+        return
     acc = "n/a" if summary["final_accuracy"] is None else f"{100 * summary['final_accuracy']:.2f}%"
     progress.console.print(f"done {path.name}: accuracy {acc}, {summary['wall_time']:.1f} s "
                            f"(estimated {estimate_seconds(cfg):.1f} s)")
