@@ -116,9 +116,11 @@ def test_an_ablation_plot_grows_with_its_variants_and_keeps_every_label(runs, tm
     assert width == 840 and (got == height if height else got > 540)
 
 
-def test_a_single_run_directory_and_python_api(runs, tmp_path):
+def test_a_single_run_directory_and_python_api(runs, tmp_path, capsys):
     assert main(["report", str(runs / "mpfl-0"), "--out", str(tmp_path)]) == 0
-    assert "| mpfl | mlp | mnist | iid | 0.9 | 1 |" in (tmp_path / "report.md").read_text()
+    assert capsys.readouterr().out.startswith(f"1 run -> {tmp_path / 'report.md'} and ")
+    text = (tmp_path / "report.md").read_text()
+    assert "| mpfl | mlp | mnist | iid | 0.9 | 1 |" in text and "\n1 run in 1 group. " in text
     assert [r.path.name for r in load_runs([runs, runs / "fedavg-1"])] == ["fedavg-0", "fedavg-1", "mpfl-0", "mpfl-1"]
 
 

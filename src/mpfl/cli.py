@@ -317,14 +317,15 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import scan_runs, write_report
+    from .report import counted, scan_runs, write_report
 
     scan = scan_runs(args.paths)
     for path, why in scan.skipped.items() if scan.runs else ():
         console.print(f"skipped {path}: {why}", highlight=False)
     out = Path(args.out) if args.out else Path(args.paths[0]) if len(args.paths) == 1 else Path("report")
     written = write_report(scan.runs, out, json_path=args.json, skipped=scan.skipped, force=args.force)
-    print(f"{len(scan.runs)} runs -> {written[0]} and {sum(p.suffix == '.png' for p in written)} plots in {out}"
+    plots = counted(sum(p.suffix == ".png" for p in written), "plot")
+    print(f"{counted(len(scan.runs), 'run')} -> {written[0]} and {plots} in {out}"
           + (f" ({len(scan.skipped)} skipped)" if scan.skipped else ""))
     return 0
 

@@ -78,6 +78,11 @@ DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
 }
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless n is 1: "1 run", "3 runs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
     """A config dict with its sections' fields at the top level (field names are unique)."""
     flat: dict[str, Any] = {}
@@ -735,7 +740,8 @@ def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
     groups = group_runs(runs)
     plots: list[tuple[Path, Callable[[], Path]]] = []
     md = [HEADING, "",
-          f"{len(runs)} runs in {len(groups)} groups. Accuracy is on the test set, mean ± sample std over the n "
+          f"{counted(len(runs), 'run')} in {counted(len(groups), 'group')}. Accuracy is on the test set, mean ± sample "
+          "std over the n "
           "distinct seeds of a group; runs of different runners are never averaged together. Rounds count mask-search "
           "and training rounds. Bytes vs FedAvg divides total bytes (up + down) by those of the dense FedAvg run with "
           "the same dataset, partition, model, nodes, rounds and seed (a row that has such a run for only some of its "
