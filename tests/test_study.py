@@ -10,7 +10,7 @@ import mpfl.study
 from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
-from mpfl.errors import ConfigError, PathError, RoundError
+from mpfl.errors import ConfigError, PathError, RoundError, WorkerError
 from mpfl.records import read_rounds, read_summary
 from mpfl.study import PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique
 
@@ -134,6 +134,21 @@ def test_ctrl_c_stops_the_pool_and_the_next_invocation_runs_what_is_missing(tmp_
     monkeypatch.setattr(mpfl.study, "_record", real)
     result = run_study(cells, tmp_path, quiet=True, report=False, jobs=2)
     assert sorted(result.skipped) == done and len(result.ran) == 4 - len(done) and not result.failed
+
+
+def test_a_pool_process_killed_in_a_cell_stops_the_study_with_one_error_and_the_next_invocation_goes_on(tmp_path):
+    plugin = tmp_path / "killed.py"
+    plugin.write_text("import os, signal\nfrom mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
+                      "@register_method\nclass Killed(Mpfl):\n    name = 'killed-test'\n\n"
+                      "    def train_round(self, server, step):\n        os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = Cell("t", {**TINY, "method": "killed-test", "plugins": [str(plugin)]})
+    out = tmp_path / "s"
+    with pytest.raises(WorkerError, match=rf"^a process of the study was killed \(out of memory\?\) while it ran a "
+                                          rf"cell; the finished cells are kept in {out}: run the same mpfl study "
+                                          rf"command again to run the [12] unfinished ones"):
+        run_study([killed, CELLS[0]], out, quiet=True, report=False, jobs=2)
+    result = run_study([CELLS[0]], out, quiet=True, report=False, jobs=2)
+    assert len(result.ran) + len(result.skipped) == 1 and not result.failed
 
 
 def test_cells_with_worker_processes_of_their_own_are_refused_side_by_side(tmp_path):

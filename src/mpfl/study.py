@@ -54,6 +54,8 @@ import json
 import multiprocessing as mp
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,7 +65,7 @@ from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextC
 
 from .config import Config
 from .data import available_datasets, data_search_path, dataset_available, load_dataset
-from .errors import ConfigError, DataError, MpflError
+from .errors import ConfigError, DataError, MpflError, WorkerError
 from .files import atomic_write
 from .methods import method_of, plan
 from .parallel import forkserver_available
@@ -383,14 +385,32 @@ def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: P
         raise ConfigError(f"cells with workers other than 1 ({', '.join(many[:3])}) cannot run side by side, as "
                           "a pool's processes start no workers of their own; run the study with jobs = 1")
     cells = {str(path): cfg for cfg, path in todo}
-    context = mp.get_context("forkserver" if forkserver_available() else "spawn")
-    with context.Pool(jobs) as pool:  # leaving the block terminates the pool, whatever ends it
-        for outcome in pool.imap_unordered(run_cell_alone, [(cfg.to_dict(), path) for path, cfg in cells.items()]):
+    # concurrent.futures, not multiprocessing.Pool: a Pool whose process is killed (out of memory) waits forever
+    # for that process's cell, while an executor fails the cells it had not finished (BrokenProcessPool)
+    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("forkserver" if forkserver_available() else "spawn"))
+    try:
+        for future in as_completed([pool.submit(run_cell_alone, (cfg.to_dict(), path)) for path, cfg in cells.items()]):
+            outcome = future.result()
             cfg = cells[outcome["path"]]
             _record(cfg, outcome, progress, result)
             progress.update(overall, description=f"{len(result.ran) + len(result.failed)}/{len(todo)} cells "
                                                  f"({len(result.skipped)} already done)")
             progress.advance(overall, estimate_seconds(cfg))
+    except BrokenProcessPool:
+        left = len(todo) - len(result.ran) - len(result.failed)
+        raise WorkerError(f"a process of the study was killed (out of memory?) while it ran a cell; the finished "
+                          f"cells are kept in {todo[0][1].parent}: run the same mpfl study command again to run the "
+                          f"{left} unfinished ones (with a smaller --jobs if memory is short)") from None
+    finally:
+        _stop(pool)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the pool at once: cells not started are dropped and running ones stopped, to be run again by the
+    next invocation (Python 3.14's ProcessPoolExecutor.terminate_workers does the same)."""
+    for process in list((pool._processes or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def run_cell_alone(task: tuple[dict, str]) -> dict:
