@@ -95,12 +95,17 @@ def test_cells_run_side_by_side_in_processes_end_bit_for_bit_as_in_one_process(s
         assert untimed(read_rounds(out / path.name)) == untimed(read_rounds(path))
 
 
+def cell_whose_training_round(folder, statement: str) -> Cell:
+    """A tiny cell of a plug-in method (written into `folder`) whose training round runs `statement` instead."""
+    plugin = folder / "method.py"
+    plugin.write_text("import os, signal\nfrom mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
+                      "@register_method\nclass Broken(Mpfl):\n    name = 'broken-test'\n\n"
+                      f"    def train_round(self, server, step):\n        {statement}\n")
+    return Cell("t", {**TINY, "method": "broken-test", "plugins": [str(plugin)]})
+
+
 def test_a_cell_failing_in_a_pool_process_is_named_with_its_error_and_the_others_run(tmp_path, capsys):
-    plugin = tmp_path / "breaks.py"
-    plugin.write_text("from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
-                      "@register_method\nclass Breaks(Mpfl):\n    name = 'breaks-test'\n\n"
-                      "    def train_round(self, server, step):\n        raise RuntimeError('broken on purpose')\n")
-    broken = Cell("t", {**TINY, "method": "breaks-test", "plugins": [str(plugin)]})
+    broken = cell_whose_training_round(tmp_path, "raise RuntimeError('broken on purpose')")
     out = tmp_path / "s"
     result = run_study([broken, CELLS[0]], out, quiet=True, report=False, jobs=2)
     path = out / cell_name(broken.config())
@@ -137,11 +142,7 @@ def test_ctrl_c_stops_the_pool_and_the_next_invocation_runs_what_is_missing(tmp_
 
 
 def test_a_pool_process_killed_in_a_cell_stops_the_study_with_one_error_and_the_next_invocation_goes_on(tmp_path):
-    plugin = tmp_path / "killed.py"
-    plugin.write_text("import os, signal\nfrom mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
-                      "@register_method\nclass Killed(Mpfl):\n    name = 'killed-test'\n\n"
-                      "    def train_round(self, server, step):\n        os.kill(os.getpid(), signal.SIGKILL)\n")
-    killed = Cell("t", {**TINY, "method": "killed-test", "plugins": [str(plugin)]})
+    killed = cell_whose_training_round(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)")
     out = tmp_path / "s"
     with pytest.raises(WorkerError, match=rf"^a process of the study was killed \(out of memory\?\) while it ran a "
                                           rf"cell; the finished cells are kept in {out}: run the same mpfl study "
