@@ -116,6 +116,15 @@ def test_a_cell_failing_in_a_pool_process_is_named_with_its_error_and_the_others
     assert "done" not in err  # quiet: the failure only
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_cell_whose_code_calls_sys_exit_fails_alone(tmp_path, jobs):
+    exits = cell_whose_training_round(tmp_path, "raise SystemExit(3)")
+    out = tmp_path / "s"
+    result = run_study([exits, CELLS[0]], out, quiet=True, report=False, jobs=jobs)
+    assert result.failed == {out / cell_name(exits.config()): "SystemExit: 3"}
+    assert result.ran == [out / cell_name(CELLS[0].config())]
+
+
 def test_each_finished_cell_is_a_line_unless_quiet(tmp_path, capsys):
     from rich.console import Console
 

@@ -347,12 +347,13 @@ def _run_cell(cfg: Config, path: Path, progress: Progress, result: StudyResult) 
 
 def _attempt(path: Path, run: Callable[[], RunResult]) -> dict:
     """A cell's outcome: ``{"path", "summary"}``, or ``{"path", "error"}`` (with the traceback of an error
-    that is not mpfl's own), so that one failing cell (a bug in one method, say) stops no other."""
+    that is not mpfl's own), so that one failing cell (a bug in one method, or a plug-in that calls
+    sys.exit) stops no other."""
     try:
         return {"path": str(path), "summary": run().summary}
     except MpflError as exc:
         return {"path": str(path), "error": str(exc)}
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         return {"path": str(path), "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
