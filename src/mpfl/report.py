@@ -741,12 +741,10 @@ def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
     plots: list[tuple[Path, Callable[[], Path]]] = []
     md = [HEADING, "",
           f"{counted(len(runs), 'run')} in {counted(len(groups), 'group')}. Accuracy is on the test set, mean ± sample "
-          "std over the n "
-          "distinct seeds of a group; runs of different runners are never averaged together. Rounds count mask-search "
-          "and training rounds. Bytes vs FedAvg divides total bytes (up + down) by those of the dense FedAvg run with "
-          "the same dataset, partition, model, nodes, rounds and seed (a row that has such a run for only some of its "
-          "runs says how many); a final federated evaluation's traffic is not "
-          "part of them.", ""]
+          "std over the n distinct seeds of a group; runs of different runners are never averaged together. Rounds "
+          "count mask-search and training rounds. Bytes vs FedAvg divides total bytes (up + down) by those of the "
+          "dense FedAvg run with the same dataset, partition, model, nodes, rounds and seed (a row that has such a run "
+          "for only some of its runs says how many); a final federated evaluation's traffic is not part of them.", ""]
     for section in dict.fromkeys(g.first.section for g in groups):
         mine = [g for g in groups if g.first.section == section]
         here = [r for r in rows if (r["dataset"], r["partition"], r["model"]) == section]
