@@ -124,6 +124,17 @@ def test_a_single_run_directory_and_python_api(runs, tmp_path, capsys):
     assert [r.path.name for r in load_runs([runs, runs / "fedavg-1"])] == ["fedavg-0", "fedavg-1", "mpfl-0", "mpfl-1"]
 
 
+def test_a_run_that_recorded_its_dataset_by_another_spelling_is_reported_with_its_dataset(runs, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(runs / "mpfl-0", old)
+    summary = json.loads((old / "summary.json").read_text())
+    summary["config"]["data"]["dataset"] = "MNIST"  # as runs of older versions recorded what they were given
+    (old / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(runs / "mpfl-1"), str(old), "--out", str(tmp_path / "r"), "--json",
+                 str(tmp_path / "rows.json")]) == 0
+    assert [(r["dataset"], r["n"]) for r in json.loads((tmp_path / "rows.json").read_text())] == [("mnist", 2)]
+
+
 def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2

@@ -109,6 +109,8 @@ class Run:
 
     def __post_init__(self) -> None:
         self.flat = {**_flatten(self.summary["config"]), "runner": self.summary.get("runner", RUNNER)}
+        if self.flat["dataset"] in DATASETS:  # recorded by an alias or in another case before configs spelled it
+            self.flat["dataset"] = DATASETS.canonical(self.flat["dataset"])
         self.sections = {}
         for key, value in self.summary["config"].items():
             self.sections.update(dict.fromkeys(value, key) if isinstance(value, dict) else {key: ""})
