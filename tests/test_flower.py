@@ -580,7 +580,8 @@ def test_a_plugin_method_runs_on_a_deployment_with_tls_and_node_authentication_a
     the package runs on Flower and gives the simulator's results. A SuperNode whose key is not
     registered, started while the run goes on, is refused and exits with code 1."""
     out = tmp_path / "run"
-    extra = {"plugins": str(REPO / "examples" / "custom_method.py"), "method": "mpfl-dense-head"}
+    extra = {"plugins": str(REPO / "examples" / "custom_method.py"), "method": "mpfl-dense-head", "rounds": 1,
+             "prune.mask-rounds": 1}  # a round of each phase: each round costs Flower a process per node and message
     with LocalFederation(tmp_path / "flower", nodes=2, secure=True) as fed:
         run_id = fed.run(REPO, {**SMALL, **extra, "out-dir": str(out)})
         stray = fed.start_supernode(0, key="stray", register=False)
