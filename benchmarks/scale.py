@@ -20,7 +20,10 @@ Reported per run:
   epochs (a fresh ``torch.optim.SGD``, ``index_select``, forward, loss, backward, step; no masks,
   messages, consensus or adaptation); ``eval_s`` is the evaluation time left out;
 * ``vs_bare_mask``, ``vs_bare_train``, ``vs_bare_adapt``: the same ratio over the mask rounds, the
-  plain training rounds and the adaptation rounds (training rounds that also vote on regrowth) alone.
+  plain training rounds and the adaptation rounds (training rounds that also vote on regrowth) alone;
+* ``fedavg_vs_bare``, at up to 1,000 nodes: ``vs_bare`` of dense FedAvg on the same nodes and
+  rounds (``--method fedavg``: whole float32 models both ways, no masks), the share of the ratio
+  that any method pays for sending, checking, decoding and averaging each node's model.
 
 --plot writes time per round and peak memory against N as a PNG (docs/scale.png in the docs).
 --workers runs the nodes in W worker processes (the bare loop stays one process, so ``vs_bare``
@@ -49,8 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 NODES = (10, 100, 1000, 10000)
 COMPARE_UP_TO = 1000
 COLUMNS = ("nodes", "mask_rounds", "rounds", "max_asked", "setup_s", "round_s", "peak_rss_mib", "checkpoint_mb",
-           "accuracy", "accuracy_all_masks", "vs_bare", "vs_bare_mask", "vs_bare_train", "vs_bare_adapt", "eval_s",
-           "wall_s")
+           "accuracy", "accuracy_all_masks", "vs_bare", "vs_bare_mask", "vs_bare_train", "vs_bare_adapt", "fedavg_vs_bare",
+           "eval_s", "wall_s")
 PHASES = ("mask", "train", "adapt")
 
 
@@ -181,6 +184,8 @@ def main() -> None:
         if nodes <= COMPARE_UP_TO:
             every = config(nodes, args.quick, workers=args.workers, mask_fraction=1.0).to_dict()
             row["accuracy_all_masks"] = in_fresh_process(every, bare=False)["accuracy"]
+            dense = config(nodes, args.quick, workers=args.workers, method="fedavg").to_dict()
+            row["fedavg_vs_bare"] = in_fresh_process(dense, bare=True)["vs_bare"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     emit("MPFL at scale: mlp on MNIST, 10 % of the nodes per round (mask rounds included)", rows, args.json, COLUMNS)
