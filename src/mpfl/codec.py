@@ -351,7 +351,8 @@ def encode_values(
         if tensor.shape != support.shape:
             raise PayloadError(f"tensor {i} has shape {tensor.shape} but its support has shape {support.shape}")
         # positions as an index array: numpy's boolean indexing is ~4x slower on a scattered support
-        parts.append(_encode_values(tensor.reshape(-1)[positions(support)], dtype))
+        where = positions(support)
+        parts.append(_encode_values(tensor.reshape(-1)[where] if where.size < tensor.size else tensor, dtype))
     return _pack(Kind.VALUES, code, 0, round, base, num_samples, len(tensors), b"".join(parts))
 
 
@@ -363,6 +364,9 @@ def decode_values(
     kept = decode_kept_values(buf, [w.size for w in where], round=round, base=base)
     tensors = []
     for support, at, values in zip(supports, where, kept.tensors):
+        if at.size == np.size(support):  # a whole tensor (dense FedAvg, unpruned layers): nothing to scatter
+            tensors.append(values.reshape(np.shape(support)))
+            continue
         full = np.zeros(np.size(support), dtype=np.float32)
         full[at] = values
         tensors.append(full.reshape(np.shape(support)))
