@@ -148,11 +148,25 @@ def test_float16_values_are_rounded_to_nearest(tensors):
 
 
 def int8_scale(x: np.ndarray) -> np.float32:
-    """The scale the format documents: max|x| / 127 in float32 (1 for an all-zero tensor)."""
+    """The scale the format documents: max|x| / 127 in float32 (1 for an all-zero tensor), one
+    subnormal step up at a time while the peak would still round beyond 127 steps."""
     peak = float(np.abs(x).max()) if x.size else 0.0
     if peak == 0:
         return np.float32(1)
-    return max(np.float32(peak / 127), np.float32(np.finfo(np.float32).smallest_subnormal))
+    tiny = np.finfo(np.float32).smallest_subnormal
+    scale = max(np.float32(peak / 127), np.float32(tiny))
+    while peak / float(scale) >= 127.5:
+        scale = np.float32(scale + tiny)
+    return scale
+
+
+def test_a_subnormal_scale_that_rounds_down_is_raised_until_the_peak_fits_in_127_steps():
+    tiny = float(np.finfo(np.float32).smallest_subnormal)
+    x = np.array([305 * tiny, 0], dtype=np.float32)  # peak / 127 = 2.40 steps, which rounds to 2: 152.5 steps
+    body = codec.encode_dense(Kind.WEIGHTS, [x], round=1, dtype="int8")
+    (scale,) = struct.unpack_from("<f", body, HEADER_SIZE + 4)
+    assert scale == np.float32(3 * tiny) == int8_scale(x)
+    assert struct.unpack_from("<2b", body, HEADER_SIZE + 8) == (102, 0)  # 305 / 3 = 101.7 steps
 
 
 def assert_int8_error(x: np.ndarray, y: np.ndarray, scale: np.float32) -> None:

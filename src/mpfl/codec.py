@@ -32,8 +32,10 @@ Payload records, one per tensor, by kind (``k`` = number of values in the record
 
 Values: float32 is exact. float16 rounds to nearest (relative error at most 2**-11, absolute
 at most 2**-25 in float16's subnormal range); values beyond float16's range are refused.
-int8 is symmetric per tensor: ``q = round(x / scale)`` with ``scale = max|x| / 127``, so the
-error is at most ``scale / 2`` (plus the float32 rounding of ``q * scale``).
+int8 is symmetric per tensor: ``q = round(x / scale)`` with ``scale = max|x| / 127`` in float32
+(where that is subnormal and rounds down so far that ``max|x| / scale >= 127.5``, the next
+float32 up, until it is not), so the error is at most ``scale / 2`` (plus the float32 rounding of
+``q * scale``).
 :func:`quantization_error` measures both on actual data.
 
 Decoding is strict: the receiver states what it expects (kind, round, shapes, supports)

@@ -210,7 +210,7 @@ class Node:
     @property
     def mask(self) -> Mask:
         """The consensus mask this node holds (all ones before the first)."""
-        return self.state.mask if self.state.mask is not None else self.spec.full_mask()
+        return self.state.mask if self.state.mask is not None else self.spec.full_mask(shared=True)
 
     def _decode(self, key: tuple, decode: Callable[[], codec.Body]) -> codec.Body:
         return decode() if self.shared is None else self.shared.get(key, decode)

@@ -38,3 +38,16 @@ def test_running_statistics_are_the_batchnorm_buffers_and_nothing_else():
     batchnorms = [name for name, module in model.named_modules() if isinstance(module, nn.BatchNorm2d)]
     assert statistics == {f"{name}.{kind}" for name in batchnorms for kind in ("running_mean", "running_var")}
     assert not param_spec(build_model("mlp", (1, 28, 28), 10)).statistics
+
+
+def test_the_shared_full_mask_is_one_read_only_copy_and_the_plain_one_is_the_callers_to_edit():
+    spec = param_spec(build_model("mlp", (1, 28, 28), 10))
+    first, again = spec.full_mask(shared=True), spec.full_mask(shared=True)
+    assert [a is b for a, b in zip(first, again)] == [True] * len(spec.prunable)
+    assert all(a.all() and a.shape == s and not a.flags.writeable for a, s in zip(first, spec.prunable_shapes))
+    mine = spec.full_mask()
+    mine[0][0, 0] = False
+    assert spec.full_mask()[0].all() and spec.full_mask(shared=True)[0].all()
+    supports = spec.supports(mine)
+    assert supports[spec.prunable[0]] is mine[0]
+    assert all(s.all() and s.shape == spec.shapes[i] for i, s in enumerate(supports) if i not in spec.prunable)

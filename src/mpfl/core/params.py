@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -38,13 +39,16 @@ class ParamSpec:
     def prunable_sizes(self) -> np.ndarray:
         return np.array([int(np.prod(s)) for s in self.prunable_shapes], dtype=np.int64)
 
-    def full_mask(self) -> Mask:
-        """The all-ones mask (version 0: nothing pruned)."""
+    def full_mask(self, *, shared: bool = False) -> Mask:
+        """The all-ones mask (version 0: nothing pruned). With `shared`, the same read-only arrays on
+        every call, so that what a round derives from them (`core.memo`) is computed once, not per node."""
+        if shared:
+            return [_all_ones(self.shapes)[i] for i in self.prunable]
         return [np.ones(s, dtype=bool) for s in self.prunable_shapes]
 
     def supports(self, mask: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One support per exchanged tensor: the mask for prunable ones, all-ones for the rest."""
-        out = [np.ones(s, dtype=bool) for s in self.shapes]
+        out = list(_all_ones(self.shapes))
         for i, m in zip(self.prunable, mask):
             out[i] = m
         return out
@@ -59,6 +63,15 @@ class ParamSpec:
     def pick(self, weights: Sequence[np.ndarray]) -> Weights:
         """The prunable tensors of a full weight list."""
         return [weights[i] for i in self.prunable]
+
+
+@functools.lru_cache(maxsize=8)
+def _all_ones(shapes: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, ...]:
+    """One all-True array per shape, read-only: shared by every caller, so none may change it."""
+    ones = tuple(np.ones(s, dtype=bool) for s in shapes)
+    for array in ones:
+        array.flags.writeable = False
+    return ones
 
 
 def masked(weights: np.ndarray, mask: np.ndarray) -> np.ndarray:

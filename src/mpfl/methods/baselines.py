@@ -38,7 +38,7 @@ class TopK(Method):
 
     def train_round(self, server: Server, step: Step) -> Round:
         state, spec = server.state, server.spec
-        body = codec.encode_values(state.weights, spec.supports(spec.full_mask()), round=step.step,
+        body = codec.encode_values(state.weights, spec.supports(spec.full_mask(shared=True)), round=step.step,
                                    dtype=self.value_dtype)
         limits = [int(np.prod(s)) for s in spec.shapes]
         for i, size in zip(spec.prunable, spec.prunable_sizes):
