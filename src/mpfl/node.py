@@ -22,6 +22,7 @@ from .compact import compactable
 from .config import Config
 from .core.adapt import drop_votes, regrow_votes, swap_counts
 from .core.masks import CRITERIA, checked_mask, keep_count, top_k
+from .core.memo import complement
 from .core.params import Mask, ParamSpec, Weights
 from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
 from .errors import PayloadError
@@ -242,7 +243,7 @@ class Node:
             return self.state.w0
         if head.kind == Kind.MASK and head.grow:
             grown = self._decode((Kind.MASK, body, self.state.version), lambda: codec.decode_mask(
-                body, [~m for m in self.mask], round=self.state.version, structured=self.structured, grow=True))
+                body, [complement(m) for m in self.mask], round=self.state.version, structured=self.structured, grow=True))
             self.state.mask = [m | g for m, g in zip(self.mask, grown.tensors)]
             return None
         if head.kind == Kind.MASK:
@@ -392,7 +393,7 @@ def adapt_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
     trained = local_training(node, step, weights)
     coding = {"round": step, "base_version": node.state.version, "coder": node.cfg.codec.mask_coder}
     out = [encode_trained(node, step, trained),
-           codec.encode_mask(regrow_votes(grads, mask, counts), [~m for m in mask], **coding)]
+           codec.encode_mask(regrow_votes(grads, mask, counts), [complement(m) for m in mask], **coding)]
     if adapt.adapt_drop == "votes":
         out.append(codec.encode_mask(drop_votes(node.spec.pick(trained), mask, counts), mask, **coding))
     return out

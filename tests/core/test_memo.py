@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpfl.core.memo import MIN_SIZE, ArrayMemo, positions
+from mpfl.core.memo import MIN_SIZE, ArrayMemo, complement, positions
 
 
 def counting_memo(size: int = 16) -> tuple[ArrayMemo, list[int]]:
@@ -69,3 +69,14 @@ def test_positions_are_flatnonzero_and_read_only(shape):
             where[0] = 1
     support[:] = ~support
     np.testing.assert_array_equal(positions(support), np.flatnonzero(support))
+
+
+def test_the_complement_of_a_mask_is_one_read_only_array_until_the_mask_changes():
+    mask = np.random.default_rng(2).random((200, 784)) < 0.1
+    pruned = complement(mask)
+    assert complement(mask) is pruned and not pruned.flags.writeable
+    np.testing.assert_array_equal(pruned, np.logical_not(mask))
+    assert positions(complement(mask)) is positions(pruned)  # what the nodes of a round share
+    mask[0, 0] = not mask[0, 0]
+    assert complement(mask) is not pruned
+    np.testing.assert_array_equal(complement(mask), np.logical_not(mask))

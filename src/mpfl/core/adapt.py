@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .masks import Mask, keep_count, top_k
+from .memo import complement
 
 
 def swap_fraction(index: int, rounds: int, every: int, fraction: float, until: float) -> float:
@@ -39,7 +40,7 @@ def swap_counts(mask: Sequence[np.ndarray], fraction: float) -> list[int]:
 def regrow_votes(grads: Sequence[np.ndarray], mask: Sequence[np.ndarray], counts: Sequence[int]) -> Mask:
     """A node's regrow vote: the `k` pruned positions per layer with the largest |gradient|
     (ties to the lower index)."""
-    return [top_k(np.abs(g), ~m, k).reshape(m.shape) for g, m, k in zip(grads, mask, counts)]
+    return [top_k(np.abs(g), complement(m), k).reshape(m.shape) for g, m, k in zip(grads, mask, counts)]
 
 
 def drop_votes(weights: Sequence[np.ndarray], mask: Sequence[np.ndarray], counts: Sequence[int]) -> Mask:

@@ -55,3 +55,7 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 positions: ArrayMemo[np.ndarray] = ArrayMemo(lambda support: _read_only(np.flatnonzero(support)))
 """``np.flatnonzero(support)`` (C order, read-only), remembered for the supports a round reuses."""
+
+complement: ArrayMemo[np.ndarray] = ArrayMemo(lambda mask: _read_only(~mask))
+"""``~mask`` (read-only), remembered, so that the pruned positions of the mask every node of a
+round holds are one array whose positions are computed once (regrow votes are coded over them)."""
