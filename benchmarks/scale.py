@@ -1,6 +1,6 @@
 """Cross-device scale: MPFL with 10 to 10,000 nodes, a tenth of them asked per round.
 
-    python benchmarks/scale.py [--quick] [--json PATH] [--plot PNG] [--nodes N ...] [--workers W]
+    python benchmarks/scale.py [--quick] [--json PATH] [--plot PNG] [--nodes N ...] [--workers W] [--mask-coder packbits]
 
 Each run: mlp on all of MNIST (60,000 training images; 6 per node at 10,000 nodes), IID, the
 default MPFL settings, ``--fraction 0.1`` (so mask rounds ask a tenth of the nodes too), 5 mask
@@ -26,7 +26,8 @@ Reported per run:
   that any method pays for sending, checking, decoding and averaging each node's model.
 
 --plot writes time per round and peak memory against N as a PNG (docs/scale.png in the docs).
---workers runs the nodes in W worker processes (the bare loop stays one process, so ``vs_bare``
+--mask-coder packbits sends masks as plain bits instead of range-coded ones (what the mask code
+costs). --workers runs the nodes in W worker processes (the bare loop stays one process, so ``vs_bare``
 then says how much the extra cores buy).
 """
 
@@ -170,6 +171,8 @@ def main() -> None:
     p.add_argument("--nodes", type=int, action="append", help="node counts to run (repeatable; default 10 to 10,000)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the time and memory plot here")
     p.add_argument("--workers", type=int, default=1, help="worker processes of each run (default 1)")
+    p.add_argument("--mask-coder", choices=("range", "packbits"), default="range",
+                   help="how masks are coded (default range; packbits sends plain bits, with nothing to decode)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
@@ -177,14 +180,15 @@ def main() -> None:
         print(json.dumps(measure(task["overrides"], task["bare"])))
         return
     stop_on_sigterm()
+    settings = {"workers": args.workers, "mask_coder": args.mask_coder}
     rows = []
     for nodes in args.nodes or NODES:
-        overrides = config(nodes, args.quick, workers=args.workers).to_dict()
+        overrides = config(nodes, args.quick, **settings).to_dict()
         row = in_fresh_process(overrides, bare=True)
         if nodes <= COMPARE_UP_TO:
-            every = config(nodes, args.quick, workers=args.workers, mask_fraction=1.0).to_dict()
+            every = config(nodes, args.quick, **settings, mask_fraction=1.0).to_dict()
             row["accuracy_all_masks"] = in_fresh_process(every, bare=False)["accuracy"]
-            dense = config(nodes, args.quick, workers=args.workers, method="fedavg").to_dict()
+            dense = config(nodes, args.quick, **settings, method="fedavg").to_dict()
             row["fedavg_vs_bare"] = in_fresh_process(dense, bare=True)["vs_bare"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
