@@ -21,6 +21,10 @@ Reported per run:
   messages, consensus or adaptation); ``eval_s`` is the evaluation time left out;
 * ``vs_bare_mask``, ``vs_bare_train``, ``vs_bare_adapt``: the same ratio over the mask rounds, the
   plain training rounds and the adaptation rounds (training rounds that also vote on regrowth) alone;
+* ``beyond_training_vs_bare``: the run's time outside local training (the nodes' torch work:
+  `LocalTrainer`'s train, gradients and saliency calls; set-up and evaluation left out as above)
+  over the same bare loop: the ``vs_bare`` the run would have if its local training took no time
+  at all (one process only: with --workers the training runs in the workers and this is left blank);
 * ``fedavg_vs_bare``, at up to 1,000 nodes: ``vs_bare`` of dense FedAvg on the same nodes and
   rounds (``--method fedavg``: whole float32 models both ways, no masks), the share of the ratio
   that any method pays for sending, checking, decoding and averaging each node's model.
@@ -45,6 +49,7 @@ from pathlib import Path
 from _common import bare_round, emit, parser, stop_on_sigterm
 
 from mpfl.config import Config
+from mpfl.core.training import LocalTrainer
 from mpfl.experiment import Experiment
 from mpfl.models import build_model
 from mpfl.sim import simulate
@@ -53,8 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 NODES = (10, 100, 1000, 10000)
 COMPARE_UP_TO = 1000
 COLUMNS = ("nodes", "mask_rounds", "rounds", "max_asked", "setup_s", "round_s", "peak_rss_mib", "checkpoint_mb",
-           "accuracy", "accuracy_all_masks", "vs_bare", "vs_bare_mask", "vs_bare_train", "vs_bare_adapt", "fedavg_vs_bare",
-           "eval_s", "wall_s")
+           "accuracy", "accuracy_all_masks", "vs_bare", "vs_bare_mask", "vs_bare_train", "vs_bare_adapt",
+           "beyond_training_vs_bare", "fedavg_vs_bare", "eval_s", "wall_s")
 PHASES = ("mask", "train", "adapt")
 
 
@@ -82,6 +87,23 @@ def ratio(run: float, bare: float) -> float | None:
     return run / bare if bare > 0 else None
 
 
+def count_local_training(spent: dict) -> None:
+    """Add the seconds this process spends in local training from now on (`LocalTrainer`'s train,
+    gradients and saliency calls: all the torch work of the nodes) to ``spent["training"]``."""
+    def timed(call):
+        def wrapper(self, *args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return call(self, *args, **kwargs)
+            finally:
+                spent["training"] += time.perf_counter() - started
+
+        return wrapper
+
+    for name in ("train", "gradients", "saliency"):
+        setattr(LocalTrainer, name, timed(getattr(LocalTrainer, name)))
+
+
 def measure(overrides: dict, bare: bool) -> dict:
     """One run in this process: set-up, per-round times, checkpoint sizes, peak memory, accuracy,
     and (with `bare`) the bare-loop time of the same local training."""
@@ -91,7 +113,10 @@ def measure(overrides: dict, bare: bool) -> dict:
         started = time.perf_counter()
         exp = Experiment.from_config(cfg)
         built = time.perf_counter() - started
-        evaluate, spent = exp.evaluate, {"eval": 0.0, "eval_seen": 0.0, "bare": 0.0}
+        evaluate, spent = exp.evaluate, {"eval": 0.0, "eval_seen": 0.0, "bare": 0.0, "training": 0.0}
+        in_process = cfg.workers == 1
+        if in_process:
+            count_local_training(spent)
 
         def timed_evaluate(weights):
             t = time.perf_counter()
@@ -128,6 +153,8 @@ def measure(overrides: dict, bare: bool) -> dict:
                 "round_s": rounds_time / len(result.records), "peak_rss_mib": peak_mib(),
                 "checkpoint_mb": max(sizes) / 1e6, "accuracy": result.summary["final_accuracy"],
                 "vs_bare": (rounds_time - spent["eval"]) / spent["bare"] if bare else None,
+                "beyond_training_vs_bare": ((rounds_time - spent["eval"] - spent["training"]) / spent["bare"]
+                                            if bare and in_process else None),
                 **{f"vs_bare_{name}": ratio(t["run"], t["bare"]) for name, t in by_phase.items()},
                 "eval_s": spent["eval"], "wall_s": wall}
     finally:
