@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     holds torch and a dataset (about 0.5 GB) and the deployment tests start Flower processes of their own."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(MAX_TEST_PROCESSES, cores))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Deliver Ctrl-C to the tests that send it: a shell that starts pytest in the background
+    (``pytest &``) makes it ignore SIGINT, and every process it starts would inherit that."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
