@@ -1,5 +1,5 @@
-"""The `mpfl` command's entry point. It imports the CLI itself (and with it torch, which takes a
-second or two), so that a Ctrl-C meanwhile ends with one line, as a Ctrl-C during a run does."""
+"""The `mpfl` command's entry point. It imports the CLI itself, so that a Ctrl-C meanwhile ends with
+one line, as a Ctrl-C during a run (or while a command imports torch, a second or two) does."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import json
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -26,7 +26,6 @@ from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choic
 from .errors import ConfigError, MethodError, MpflError, WorkerError
 from .progress import LOG_FORMATS
 from .protocol import RoundRecord
-from .records import CONFIG, default_run_dir, summary_line
 
 console = Console(stderr=True, soft_wrap=True)
 PARTITION_FIELDS = ("seed", "nodes", "plugins", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
@@ -133,7 +132,7 @@ def name_flags(message: str, names: Iterable[str]) -> str:
 
 def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     """The saved config and directory of the run `--resume` names."""
-    from .records import check_resumable_dir
+    from .records import CONFIG, check_resumable_dir
     from .resume import RUNTIME_FIELDS
 
     speed = {name: value for name, value in _given(args).items() if name in RUNTIME_FIELDS}
@@ -176,7 +175,7 @@ def _steps_done(out: Path) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .methods import plan
     from .progress import RoundLog
-    from .records import check_run_dir
+    from .records import check_run_dir, default_run_dir
     from .resources import available_memory, check_memory, estimate_run, fit_workers
     from .resume import resume_notes
     from .sim import simulate
@@ -234,6 +233,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _resume_hint(out: Path) -> str | None:
     """How to continue a stopped run, or None when it stopped before writing its run directory."""
+    from .records import CONFIG
+
     return f"continue with: mpfl run --resume {out}" if (out / CONFIG).is_file() else None
 
 
@@ -297,6 +298,8 @@ def _both(first: Callable[[RoundRecord], None], second: Callable[[RoundRecord], 
 
 def _print_summary(s: dict, out: Path, log_format: str) -> None:
     """The run's final figures on stdout: one line of text, or one JSON object with --log-format json."""
+    from .records import summary_line
+
     if log_format == "json":
         print(json.dumps({"run_dir": str(out), **{k: v for k, v in s.items() if k != "config"}}), flush=True)
         return
@@ -410,15 +413,26 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return run
 
 
+class _ExportFormats:
+    """The formats `mpfl export` writes, read from `mpfl.export` (which imports torch) only when argparse
+    checks a ``--format`` value or shows the export help, so that other commands and ``--version`` start fast."""
+
+    def __iter__(self) -> Iterator[str]:
+        from .export import FORMATS
+
+        return iter(FORMATS)
+
+    def __contains__(self, value: object) -> bool:
+        return value in tuple(self)
+
+
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `export` subcommand."""
-    from .export import FORMATS
-
     p = sub.add_parser("export", help="write a run's final model in compact form, with its size, FLOPs and latency")
     p.add_argument("run_dir", type=Path, help="a finished run directory")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=None,
-                   help="files to write (default: state_dict torchscript for filter masks, sparse otherwise; "
-                        "state_dict or sparse is always among them)")
+    p.add_argument("--format", nargs="+", choices=_ExportFormats(), default=None, metavar="FORMAT",
+                   help="files to write, one or more of %(choices)s (default: state_dict torchscript for filter "
+                        "masks, sparse otherwise; state_dict or sparse is always among them)")
     p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/export)")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier export in the output directory: its files (model.*, mask.bin, export.json) "
