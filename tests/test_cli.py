@@ -156,16 +156,17 @@ def test_version_and_python_dash_m(capsys):
     assert done.stdout.strip() == f"mpfl {mpfl.__version__}"
 
 
-def test_version_and_help_answer_without_importing_torch():
-    """Only the commands that run something import torch (seconds of start-up): `mpfl --version`
-    and the help of every command but export, whose formats come from the export module, answer at once."""
+def test_version_help_and_bad_values_answer_without_importing_torch():
+    """Only the commands that run something import torch (seconds of start-up): `mpfl --version`, the
+    help of every command but export (whose formats come from the export module) and a run's bad flag
+    value answer at once."""
     code = ("import contextlib, io, sys; from mpfl.cli import main\n"
             "for argv in (['--version'], ['--help'], *([c, '--help'] for c in ('run', 'partition', 'report', 'study'))):\n"
             "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
             "        main(argv)\n"
-            "print('torch' in sys.modules)")
+            "print(main(['run', '--nodes', '0']), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "2 False" and "--nodes = 0 must be >= 1" in done.stderr
 
 
 @pytest.mark.parametrize("args, message", [
