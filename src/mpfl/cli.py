@@ -173,7 +173,7 @@ def _steps_done(out: Path) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    flags = None if args.resume else config_from_args(args, RUN_DEFAULTS)  # a bad value is refused before torch loads
+    cfg = None if args.resume else config_from_args(args, RUN_DEFAULTS)  # a bad value is refused before torch loads
     from .methods import plan
     from .progress import RoundLog
     from .records import check_run_dir, default_run_dir
@@ -185,7 +185,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         cfg, out = _resume_target(args)
     else:
-        cfg = flags
         out = Path(args.out) if args.out else default_run_dir(cfg)
         check_run_dir(out)
     if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
