@@ -18,7 +18,6 @@ from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.core.aggregate import robust_average
-from mpfl.core.consensus import agreement_weights, trimmed_tally
 from mpfl.core.masks import jaccard
 from mpfl.experiment import Experiment
 from mpfl.node import Node, make_trainer
@@ -358,44 +357,6 @@ def test_a_corrupt_dataset_stops_before_any_work(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- untrusted nodes
-
-
-def test_agreement_weighting_silences_random_and_inverted_masks_and_leaves_honest_votes_alone():
-    rng = np.random.default_rng(0)
-    support = [np.ones(2000, bool)]
-    truth = rng.random(2000) < 0.4
-    honest = [[truth ^ (rng.random(2000) < 0.03)] for _ in range(7)]
-    random_mask = [[rng.random(2000) < 0.4]]
-    inverted = [[~truth]]
-    sizes = [3.0, 1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0]
-    w = agreement_weights(honest + [random_mask, inverted], sizes, support)
-    assert w[:7].tolist() == sizes[:7]
-    assert w[7] == 0.0 and w[8] == 0.0
-    assert agreement_weights(honest, sizes[:7], support).tolist() == sizes[:7]
-
-
-
-def test_agreement_weighting_tolerates_an_honest_node_somewhat_further_out():
-    # Six nodes each flip 60 entries of the truth (disjoint), so every distance to the majority is
-    # exactly 60 and the MAD is 0; a seventh flips 80: within half the median above it, so kept.
-    truth = np.zeros(1000, bool)
-    masks = []
-    for n, flips in enumerate([60] * 6 + [80]):
-        m = truth.copy()
-        m[n * 100 : n * 100 + flips] = True
-        masks.append([m])
-    support = [np.ones(1000, bool)]
-    assert agreement_weights(masks, [1.0] * 7, support).tolist() == [1.0] * 7
-    assert agreement_weights(masks, [1.0] * 7, support, tolerance=0.0)[6] == 0.0
-    far = masks[:6] + [[np.r_[np.ones(120, bool), np.zeros(880, bool)]]]  # 120 > 60 + 30: an outlier
-    assert agreement_weights(far, [1.0] * 7, support)[6] == 0.0
-
-
-def test_trimmed_votes_by_hand():
-    masks = [[np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 0, 1], bool)], [np.array([1, 1, 1, 0], bool)],
-             [np.array([0, 1, 0, 0], bool)], [np.array([1, 1, 0, 0], bool)]]
-    # 5 votes, trim 1 from each end: ones per entry 4, 4, 1, 1 -> clip(ones - 1, 0, 3) / 3
-    assert trimmed_tally(masks, 0.2)[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
 
 
 def test_robust_aggregators_against_numpy():

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpfl.core.consensus import RULES, VoteContext, consensus, tally
+from mpfl.core.consensus import RULES, VoteContext, agreement_weights, consensus, tally, trimmed_tally
 
 
 def ctx(**kw):
@@ -122,3 +122,73 @@ def test_every_rule_returns_a_subset_of_the_support(rule, seed, density):
     context = ctx(density=density * support.mean(), prev_density=support.mean(), num_nodes=5)
     got = np.asarray(RULES.get(rule)(votes, [support], context)[0], dtype=bool)
     assert not (got & ~support).any()
+
+
+def test_agreement_weighting_silences_random_and_inverted_masks_and_leaves_honest_votes_alone():
+    rng = np.random.default_rng(0)
+    support = [np.ones(2000, bool)]
+    truth = rng.random(2000) < 0.4
+    honest = [[truth ^ (rng.random(2000) < 0.03)] for _ in range(7)]
+    random_mask = [[rng.random(2000) < 0.4]]
+    inverted = [[~truth]]
+    sizes = [3.0, 1.0, 2.0, 1.0, 1.0, 2.0, 1.0, 1.0, 1.0]
+    w = agreement_weights(honest + [random_mask, inverted], sizes, support)
+    assert w[:7].tolist() == sizes[:7]
+    assert w[7] == 0.0 and w[8] == 0.0
+    assert agreement_weights(honest, sizes[:7], support).tolist() == sizes[:7]
+
+
+
+def test_agreement_weighting_tolerates_an_honest_node_somewhat_further_out():
+    # Six nodes each flip 60 entries of the truth (disjoint), so every distance to the majority is
+    # exactly 60 and the MAD is 0; a seventh flips 80: within half the median above it, so kept.
+    truth = np.zeros(1000, bool)
+    masks = []
+    for n, flips in enumerate([60] * 6 + [80]):
+        m = truth.copy()
+        m[n * 100 : n * 100 + flips] = True
+        masks.append([m])
+    support = [np.ones(1000, bool)]
+    assert agreement_weights(masks, [1.0] * 7, support).tolist() == [1.0] * 7
+    assert agreement_weights(masks, [1.0] * 7, support, tolerance=0.0)[6] == 0.0
+    far = masks[:6] + [[np.r_[np.ones(120, bool), np.zeros(880, bool)]]]  # 120 > 60 + 30: an outlier
+    assert agreement_weights(far, [1.0] * 7, support)[6] == 0.0
+
+
+def test_trimmed_votes_by_hand():
+    masks = [[np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 0, 1], bool)], [np.array([1, 1, 1, 0], bool)],
+             [np.array([0, 1, 0, 0], bool)], [np.array([1, 1, 0, 0], bool)]]
+    # 5 votes, trim 1 from each end: ones per entry 4, 4, 1, 1 -> clip(ones - 1, 0, 3) / 3
+    assert trimmed_tally(masks, 0.2)[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
+
+def test_agreement_weighting_scales_a_node_beyond_the_cut_by_its_distance():
+    # Disjoint flips of an all-zero truth, so each node's distance to the (all-zero) majority is its
+    # number of flips: 20, 22, ..., 32, 60, 100. By hand: median 28; absolute deviations 8, 6, 4, 2,
+    # 0, 2, 4, 32, 72, whose median is 4, so sigma = 1.4826 * 4 = 5.9304; the cut is
+    # 28 + max(3 sigma, 0.5 * 28) = 45.7912. The node at 60 keeps exp(-(60 - 45.7912) / 5.9304)
+    # = 0.0911 of its weight; the node at 100 would keep 1.07e-4, below the floor of 1e-3, so 0.
+    distances, masks, start = [20, 22, 24, 26, 28, 30, 32, 60, 100], [], 0
+    for flips in distances:
+        mask = np.zeros(1000, bool)
+        mask[start : start + flips] = True
+        masks.append([mask])
+        start += flips
+    sizes = [1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
+    got = agreement_weights(masks, sizes, [np.ones(1000, bool)])
+    assert got[:7].tolist() == sizes[:7]
+    assert got[7] == pytest.approx(3.0 * np.exp(-(60 - 45.7912) / 5.9304), rel=1e-4)
+    assert got[8] == 0.0
+    # outside the support nothing counts: the same flips moved off it leave every node at distance 0
+    off = [[np.r_[np.zeros(1000, bool), m[0]]] for m in masks]
+    assert agreement_weights(off, sizes, [np.r_[np.ones(1000, bool), np.zeros(1000, bool)]]).tolist() == sizes
+
+
+def test_tallies_refuse_what_leaves_no_vote():
+    masks = [[np.array([True, False])], [np.array([False, True])]]
+    with pytest.raises(ValueError, match="positive weight"):
+        tally(masks, [0.0, 0.0])
+    with pytest.raises(ValueError, match="positive weight"):
+        tally([], [])
+    with pytest.raises(ValueError, match="leaves none"):
+        trimmed_tally(masks, 0.5)  # one of two votes cut from each end
+    assert trimmed_tally(masks, 0.49)[0].tolist() == [0.5, 0.5]  # int(0.49 * 2) = 0: nothing trimmed
