@@ -47,7 +47,7 @@ _LARGE = 4 * masks._SAMPLE + 1  # the smallest size kth_largest narrows through 
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.sampled_from(["normal", "few values", "sorted", "reversed", "nan"]),
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["normal", "few values", "sorted", "reversed", "nan", "misleading sample"]),
        st.integers(_LARGE, 3 * _LARGE), st.floats(0.0, 1.0))
 def test_kth_largest_equals_a_full_partition(seed, kind, n, share):
     rng = np.random.default_rng(seed)
@@ -55,7 +55,10 @@ def test_kth_largest_equals_a_full_partition(seed, kind, n, share):
               "few values": lambda: rng.integers(0, 4, n).astype(np.float64),
               "sorted": lambda: np.arange(n, dtype=np.float32),
               "reversed": lambda: -np.arange(n, dtype=np.float32),
-              "nan": lambda: np.where(rng.random(n) < 0.05, np.nan, rng.random(n))}[kind]()
+              "nan": lambda: np.where(rng.random(n) < 0.05, np.nan, rng.random(n)),
+              # zero at every position the strided sample reads, so its quantiles bracket nothing but zeros
+              "misleading sample": lambda: np.where(np.arange(n) % (n // masks._SAMPLE) == 0, 0.0, 1.0 + rng.random(n))
+              }[kind]()
     k = 1 + int(share * (n - 1))
     expected = np.partition(values, n - k)[n - k]
     got = masks.kth_largest(values, k)
