@@ -181,6 +181,12 @@ def test_agreement_weighting_scales_a_node_beyond_the_cut_by_its_distance():
     # outside the support nothing counts: the same flips moved off it leave every node at distance 0
     off = [[np.r_[np.zeros(1000, bool), m[0]]] for m in masks]
     assert agreement_weights(off, sizes, [np.r_[np.ones(1000, bool), np.zeros(1000, bool)]]).tolist() == sizes
+    # every honest distance equal (MAD 0): sigma is a hundredth of the median, 10 at a median of 1,000;
+    # the cut is 1,000 + max(3 * 10, 0.5 * 1,000) = 1,500, so a node at 1,520 keeps exp(-20 / 10)
+    even = [[np.r_[np.zeros(1000 * n, bool), np.ones(1000, bool), np.zeros(1000 * (7 - n), bool)]] for n in range(6)]
+    beyond = [[np.r_[np.zeros(6000, bool), np.ones(1520, bool), np.zeros(480, bool)]]]
+    got = agreement_weights(even + beyond, [1.0] * 7, [np.ones(8000, bool)])
+    assert got[:6].tolist() == [1.0] * 6 and got[6] == pytest.approx(np.exp(-2.0), rel=1e-9)
 
 
 def test_tallies_refuse_what_leaves_no_vote():
@@ -192,3 +198,5 @@ def test_tallies_refuse_what_leaves_no_vote():
     with pytest.raises(ValueError, match="leaves none"):
         trimmed_tally(masks, 0.5)  # one of two votes cut from each end
     assert trimmed_tally(masks, 0.49)[0].tolist() == [0.5, 0.5]  # int(0.49 * 2) = 0: nothing trimmed
+    three = masks + [[np.array([True, True])]]  # one of three cut from each end leaves the middle vote
+    assert trimmed_tally(three, 0.34)[0].tolist() == [1.0, 1.0]

@@ -149,6 +149,10 @@ def test_mask_statistics_by_hand():
     assert masks.jaccard(a, b) == pytest.approx(2 / 4)
     support = [np.array([1, 1, 1, 0], bool), np.array([1, 1], bool)]
     assert masks.agreement(a, b, support) == pytest.approx(3 / 5)
+    # nothing to keep, compare or agree on counts as whole: empty layers, masks and supports
+    empty, none = [np.zeros(0, bool)], [np.zeros(3, bool)]
+    assert masks.density(empty) == 1.0 and masks.layer_density(empty + a) == [1.0, 0.5, 0.5]
+    assert masks.jaccard(none, none) == 1.0 and masks.agreement(a, b, [np.zeros(4, bool), np.zeros(2, bool)]) == 1.0
 
 
 def test_checked_mask_holds_plug_ins_to_the_mask_contract():
