@@ -107,6 +107,16 @@ def test_structured_vote_keeps_whole_rows():
     support = [np.ones((4, 3), bool)]
     got = consensus(votes, support, "vote", ctx(density=0.5, structured=True))[0]
     assert got.tolist() == [[True] * 3, [False] * 3, [True] * 3, [False] * 3]
+    # equal row votes: the rows whose w0 has the larger L2 norm win (rows 1 and 2: norms 5 and 4, against 3 and 1)
+    w0 = [np.array([[1.0, 2.0, 2.0], [0.0, 3.0, 4.0], [0.0, 0.0, 4.0], [1.0, 0.0, 0.0]])]
+    got = consensus([np.full((4, 3), 0.5)], support, "vote", ctx(density=0.5, structured=True, tiebreak=w0))[0]
+    assert got.tolist() == [[False] * 3, [True] * 3, [True] * 3, [False] * 3]
+
+
+def test_dynamic_with_one_node_prunes_what_it_pruned():
+    votes = [np.array([1.0, 0.0, 1.0, 0.0])]  # one node: every vote is 0 or 1
+    got = consensus(votes, [np.ones(4, bool)], "dynamic", ctx(density=0.5, num_nodes=1))[0]
+    assert got.tolist() == [True, False, True, False]
 
 
 @settings(max_examples=40, deadline=None)
@@ -156,10 +166,12 @@ def test_agreement_weighting_tolerates_an_honest_node_somewhat_further_out():
 
 
 def test_trimmed_votes_by_hand():
-    masks = [[np.array([1, 1, 0, 0], bool)], [np.array([1, 0, 0, 1], bool)], [np.array([1, 1, 1, 0], bool)],
-             [np.array([0, 1, 0, 0], bool)], [np.array([1, 1, 0, 0], bool)]]
-    # 5 votes, trim 1 from each end: ones per entry 4, 4, 1, 1 -> clip(ones - 1, 0, 3) / 3
-    assert trimmed_tally(masks, 0.2)[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0])
+    masks = [[np.array([1, 1, 0, 0, 1, 1], bool)], [np.array([1, 0, 0, 1, 1, 0], bool)],
+             [np.array([1, 1, 1, 0, 1, 1], bool)], [np.array([0, 1, 0, 0, 1, 0], bool)],
+             [np.array([1, 1, 0, 0, 1, 0], bool)]]
+    # 5 votes, trim 1 from each end: ones per entry 4, 4, 1, 1, 5, 2 -> clip(ones - 1, 0, 3) / 3
+    assert trimmed_tally(masks, 0.2)[0].tolist() == pytest.approx([1.0, 1.0, 0.0, 0.0, 1.0, 1 / 3])
+
 
 def test_agreement_weighting_scales_a_node_beyond_the_cut_by_its_distance():
     # Disjoint flips of an all-zero truth, so each node's distance to the (all-zero) majority is its
