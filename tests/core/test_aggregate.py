@@ -26,3 +26,5 @@ def test_bad_weights_are_rejected():
         normalise([1, -1])
     with pytest.raises(ValueError):
         normalise([])
+    with pytest.raises(ValueError, match="positive sum"):
+        normalise([0, 0])
