@@ -1,4 +1,5 @@
-"""Consensus rules against numpy references on small vote matrices, including ties and extremes."""
+"""Tallies, agreement weights and consensus rules against numpy references and hand-worked examples,
+including ties and extremes."""
 
 import numpy as np
 import pytest
@@ -146,7 +147,6 @@ def test_agreement_weighting_silences_random_and_inverted_masks_and_leaves_hones
     assert w[:7].tolist() == sizes[:7]
     assert w[7] == 0.0 and w[8] == 0.0
     assert agreement_weights(honest, sizes[:7], support).tolist() == sizes[:7]
-
 
 
 def test_agreement_weighting_tolerates_an_honest_node_somewhat_further_out():
