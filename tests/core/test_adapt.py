@@ -53,6 +53,19 @@ def test_the_swap_fraction_decays_with_a_cosine_and_stops():
     assert swap_fraction(2, 20, 0, 0.3, 0.75) == 0  # adaptation off
     fractions = [swap_fraction(i, 20, 2, 0.3, 0.75) for i in range(2, 15, 2)]
     assert all(a > b > 0 for a, b in zip(fractions, fractions[1:]))
+    assert swap_fraction(1, 20, 1, 0.3, 0.75) == pytest.approx(0.3)  # every round from the first, undecayed
+    assert swap_fraction(14, 20, 2, 0.3, 0.75) > 0 and swap_fraction(16, 20, 2, 0.3, 0.8) == 0  # stops at 16 = 0.8 x 20
+
+
+def test_swaps_are_capped_by_what_is_pruned_and_by_what_was_voted():
+    mask = np.array([1, 1, 1, 1, 0, 0, 1, 1], bool)  # six kept, two pruned
+    assert swap_counts([mask], 0.5) == [2]  # half of six is three, but only two are pruned
+    assert swap_counts([mask], 0.05) == [0]  # 0.3 rounds to none: nothing swapped
+    weights = np.array([0.5, 0.1, 0.4, 0.3, 0, 0, 0.2, 0.6], np.float32)
+    regrow = np.array([0, 0, 0, 0, 0.0, 0.5, 0, 0])  # one pruned position voted for, two swaps allowed
+    new, grown, dropped = swap([mask], [regrow], server_drop([weights], [mask]), [2], [weights])
+    assert np.flatnonzero(grown[0]).tolist() == [5] and np.flatnonzero(dropped[0]).tolist() == [1]
+    assert new[0].sum() == mask.sum()
 
 
 def test_a_class_aware_tally_keeps_what_one_nodes_core_needs():
