@@ -149,15 +149,22 @@ def test_agreement_weighting_silences_random_and_inverted_masks_and_leaves_hones
     assert agreement_weights(honest, sizes[:7], support).tolist() == sizes[:7]
 
 
+def disjoint_flips(counts, size):
+    """One single-tensor mask per node, flipping `counts[n]` entries of an all-zero truth that no
+    other node flips: the majority stays all zero, so each node's distance to it is its count."""
+    masks, start = [], 0
+    for flips in counts:
+        mask = np.zeros(size, bool)
+        mask[start : start + flips] = True
+        masks.append([mask])
+        start += flips
+    return masks
+
+
 def test_agreement_weighting_tolerates_an_honest_node_somewhat_further_out():
     # Six nodes each flip 60 entries of the truth (disjoint), so every distance to the majority is
     # exactly 60 and the MAD is 0; a seventh flips 80: within half the median above it, so kept.
-    truth = np.zeros(1000, bool)
-    masks = []
-    for n, flips in enumerate([60] * 6 + [80]):
-        m = truth.copy()
-        m[n * 100 : n * 100 + flips] = True
-        masks.append([m])
+    masks = disjoint_flips([60] * 6 + [80], 1000)
     support = [np.ones(1000, bool)]
     assert agreement_weights(masks, [1.0] * 7, support).tolist() == [1.0] * 7
     assert agreement_weights(masks, [1.0] * 7, support, tolerance=0.0)[6] == 0.0
@@ -179,12 +186,7 @@ def test_agreement_weighting_scales_a_node_beyond_the_cut_by_its_distance():
     # 0, 2, 4, 32, 72, whose median is 4, so sigma = 1.4826 * 4 = 5.9304; the cut is
     # 28 + max(3 sigma, 0.5 * 28) = 45.7912. The node at 60 keeps exp(-(60 - 45.7912) / 5.9304)
     # = 0.0911 of its weight; the node at 100 would keep 1.07e-4, below the floor of 1e-3, so 0.
-    distances, masks, start = [20, 22, 24, 26, 28, 30, 32, 60, 100], [], 0
-    for flips in distances:
-        mask = np.zeros(1000, bool)
-        mask[start : start + flips] = True
-        masks.append([mask])
-        start += flips
+    masks = disjoint_flips([20, 22, 24, 26, 28, 30, 32, 60, 100], 1000)
     sizes = [1.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
     got = agreement_weights(masks, sizes, [np.ones(1000, bool)])
     assert got[:7].tolist() == sizes[:7]
@@ -195,9 +197,7 @@ def test_agreement_weighting_scales_a_node_beyond_the_cut_by_its_distance():
     assert agreement_weights(off, sizes, [np.r_[np.ones(1000, bool), np.zeros(1000, bool)]]).tolist() == sizes
     # every honest distance equal (MAD 0): sigma is a hundredth of the median, 10 at a median of 1,000;
     # the cut is 1,000 + max(3 * 10, 0.5 * 1,000) = 1,500, so a node at 1,520 keeps exp(-20 / 10)
-    even = [[np.r_[np.zeros(1000 * n, bool), np.ones(1000, bool), np.zeros(1000 * (7 - n), bool)]] for n in range(6)]
-    beyond = [[np.r_[np.zeros(6000, bool), np.ones(1520, bool), np.zeros(480, bool)]]]
-    got = agreement_weights(even + beyond, [1.0] * 7, [np.ones(8000, bool)])
+    got = agreement_weights(disjoint_flips([1000] * 6 + [1520], 8000), [1.0] * 7, [np.ones(8000, bool)])
     assert got[:6].tolist() == [1.0] * 6 and got[6] == pytest.approx(np.exp(-2.0), rel=1e-9)
 
 
