@@ -26,6 +26,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(MAX_TEST_PROCESSES, cores))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Start the slow tests (deployments, subprocess kills, worker processes) first, in their usual
+    order, so that the test processes end together rather than one running a slow test last."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Deliver Ctrl-C to the tests that send it: a shell that starts pytest in the background
     (``pytest &``) makes it ignore SIGINT, and every process it starts would inherit that."""
