@@ -929,3 +929,90 @@ def test_init_reference_round_trip_and_digest():
         codec.encode_init(w, source="cloud", seed=5, round=3)
     with pytest.raises(PayloadError, match="expected a INIT body, got WEIGHTS"):
         codec.decode_init(codec.encode_dense(Kind.WEIGHTS, w, round=3))
+
+
+# --------------------------------------------------------------------------- the byte layout of the spec
+
+
+def by_hand(kind: int, encoding: int, payload: bytes, *, flags: int = 0, round_: int = 1, base: int = 0,
+            num_samples: int = 0, count: int = 1) -> bytes:
+    """A body built from the spec at the top of codec.py alone: the 28 header bytes, the CRC-32 of
+    everything else, then the payload."""
+    head = struct.pack("<4sBBBBIIIII", b"MPFL", 2, kind, encoding, flags, round_, base, num_samples, count, len(payload))
+    return head + struct.pack("<I", zlib.crc32(head + payload)) + payload
+
+
+def test_kinds_and_value_encodings_are_the_numbers_of_the_spec():
+    """Kind codes (WEIGHTS 1, VALUES 3, SCORES 4) and value encodings (float32 0, float16 1, int8 2)
+    with their records: count, [int8: scale], values, all little-endian."""
+    x = np.array([1.0, -0.5, 0.25], dtype=np.float32)
+    scale = np.float32(1.0) / np.float32(127)
+    q = np.rint(x / scale).astype(np.int8)  # 127, -64 (half to even), 32
+    records = {"float32": struct.pack("<I", 3) + x.astype("<f4").tobytes(),
+               "float16": struct.pack("<I", 3) + x.astype("<f2").tobytes(),
+               "int8": struct.pack("<If", 3, scale) + q.tobytes()}
+    for code, dtype in enumerate(("float32", "float16", "int8")):
+        for kind in (Kind.WEIGHTS, Kind.SCORES):
+            assert codec.encode_dense(kind, [x], round=1, dtype=dtype) == by_hand(kind.value, code, records[dtype])
+        assert codec.encode_values([x], [np.ones(3, bool)], round=4, base=2, num_samples=9, dtype=dtype) == \
+            by_hand(3, code, records[dtype], round_=4, base=2, num_samples=9)
+    assert (Kind.WEIGHTS, Kind.MASK, Kind.VALUES, Kind.SCORES, Kind.SPARSE, Kind.INIT) == (1, 2, 3, 4, 5, 6)
+
+
+def test_a_mask_body_is_its_support_size_ones_length_and_bits_first_bit_highest():
+    """MASK (kind 2): encoding 0 = range coder, 1 = packbits; per tensor the size of the previous
+    support, the ones, the coded length and the bits over that support, row-major, the first bit in
+    the highest bit of the first byte, zero padded. Flags: bit 0 structured, bit 1 grown positions."""
+    support = np.array([True, True, False, True, True, True, True, True, True, True])
+    mask = np.array([True, False, False, True, True, False, False, False, False, True])
+    bits = bytes([0b10110000, 0b10000000])  # over the 9 positions of the support: 1 0 1 1 0 0 0 0 1
+    payload = struct.pack("<III", 9, 4, 2) + bits
+    assert codec.encode_mask([mask], [support], round=3, base_version=2, coder="packbits") == \
+        by_hand(2, 1, payload, round_=3, base=2)
+    grown = codec.encode_mask([mask], [support], round=3, coder="packbits", grow=True)
+    assert grown == by_hand(2, 1, payload, round_=3, flags=2)
+    assert codec.peek(grown).grow and not codec.peek(by_hand(2, 1, payload, flags=1)).grow
+    constant = struct.pack("<III", 9, 9, 0)  # an all-one (or all-zero) mask needs no bits
+    assert codec.encode_mask([support], [support], round=3) == by_hand(2, 0, constant, round_=3)
+    filters = np.zeros((3, 2), dtype=bool)
+    filters[1] = True  # one bit per output filter: 0 1 0
+    assert codec.encode_mask([filters], [np.ones((3, 2), bool)], round=3, coder="packbits", structured=True) == \
+        by_hand(2, 1, struct.pack("<III", 3, 1, 1) + bytes([0b01000000]), round_=3, flags=1)
+    decoded = codec.decode_mask(by_hand(2, 1, payload, flags=2), [support], round=1, grow=True)
+    assert decoded.tensors[0].tolist() == mask.tolist()
+
+
+def test_a_sparse_body_encodes_its_dtype_low_and_its_coder_high():
+    """SPARSE (kind 5): the encoding byte holds the value dtype in its low four bits and the mask
+    coder in its high four; per tensor its size, non-zeros, coded length, bitmap, then a values record."""
+    t = np.array([0.0, 2.0, 0.0, 0.0, -1.0], dtype=np.float32)
+    payload = (struct.pack("<III", 5, 2, 1) + bytes([0b01001000]) + struct.pack("<I", 2)
+               + np.array([2.0, -1.0], "<f2").tobytes())
+    body = codec.encode_sparse([t], round=6, dtype="float16", coder="packbits")
+    assert body == by_hand(5, 1 | 1 << 4, payload, round_=6)
+    assert codec.decode_sparse(body, [(5,)]).tensors[0].tolist() == t.tolist()
+
+
+def test_an_init_body_names_its_source_and_carries_the_seed_and_a_digest_of_shapes_and_bytes():
+    """INIT (kind 6, no tensors): encoding 0 = seeded, 1 = an --init file, 2 = a node's request; the
+    payload is the seed (u32) and SHA-256 over each tensor's ndim, dims (u32) and float32 bytes."""
+    import hashlib
+
+    w = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0.5], dtype=np.float32)]
+    digest = hashlib.sha256(struct.pack("<III", 2, 2, 3) + w[0].astype("<f4").tobytes()
+                            + struct.pack("<II", 1, 1) + w[1].astype("<f4").tobytes()).digest()
+    assert codec.weights_digest(w) == digest
+    for code, source in enumerate(("seed", "file")):
+        expected = by_hand(6, code, struct.pack("<I", 11) + digest, round_=2, count=0)
+        assert codec.encode_init(w, source=source, seed=11, round=2) == expected
+        assert codec.decode_init(expected, round=2).source == source
+    request = codec.encode_init_request(codec.InitRef(2, "file", 11, digest))
+    assert request == by_hand(6, 2, struct.pack("<I", 11) + digest, round_=2, count=0)
+    assert codec.decode_init(request).source == "request"
+
+
+@pytest.mark.parametrize("body", ["MPFL", 7, None, [1, 2]])
+def test_a_body_that_is_not_bytes_is_refused_with_its_type(body):
+    for decode in (codec.peek, lambda b: codec.decode_init(b), lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(1,)])):
+        with pytest.raises(PayloadError, match=f"a body must be bytes, got {type(body).__name__}"):
+            decode(body)

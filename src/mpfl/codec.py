@@ -3,11 +3,13 @@
 A body is a 32-byte header followed by a payload of per-tensor records.
 
 Header (little-endian): magic ``b"MPFL"``, format version (u8), kind (u8), encoding (u8: the
-value dtype or the mask coder), flags (u8: bit 0 = structured mask, bit 1 = a mask's grown
-positions, coded over the complement of the receiver's mask), round (u32), base
-(u32: the version of the support the body is coded over, so sender and receiver can check
-they agree on it), num_samples (u32), tensor count (u32), payload length (u32), CRC-32 of
-everything else (u32).
+value dtype or the mask coder; ``SPARSE``: dtype | coder << 4), flags (u8: bit 0 = structured
+mask, bit 1 = a mask's grown positions, coded over the complement of the receiver's mask),
+round (u32), base (u32: the version of the support the body is coded over, so sender and
+receiver can check they agree on it), num_samples (u32), tensor count (u32), payload length
+(u32), CRC-32 of everything else (u32). Kinds: ``WEIGHTS`` 1, ``MASK`` 2, ``VALUES`` 3,
+``SCORES`` 4, ``SPARSE`` 5, ``INIT`` 6; value dtypes: float32 0, float16 1, int8 2; mask
+coders: range 0, packbits 1.
 
 Payload records, one per tensor, by kind (``k`` = number of values in the record):
 
@@ -16,10 +18,11 @@ Payload records, one per tensor, by kind (``k`` = number of values in the record
   holds only the entries inside a support both sides know, in row-major order, so no
   indices travel.
 - ``MASK``: coded positions (u32: the size of the previous support), ones (u32), coded
-  length (u32), then the bits of the new mask over the previous support only: ``12 + L``
-  bytes. ``L`` is 0 for an all-zero or all-one mask, ``ceil(n / 8)`` with ``packbits``, and a
-  multiple of 4 near ``n * H(ones / n) / 8`` with the range coder. A structured mask spends
-  one bit per output filter.
+  length (u32), then the bits of the new mask over the previous support only (row-major,
+  packed with the first bit in the highest bit of the first byte, zero padded; the range coder
+  codes these bytes): ``12 + L`` bytes. ``L`` is 0 for an all-zero or all-one mask,
+  ``ceil(n / 8)`` with ``packbits``, and a multiple of 4 near ``n * H(ones / n) / 8`` with the
+  range coder. A structured mask spends one bit per output filter.
 - ``SPARSE``: tensor size (u32), non-zeros (u32), coded length (u32), the coded position
   bitmap (which costs no more than optimally coded index gaps), then a values record of the
   non-zeros. A coded position never carries a zero value, so each tensor has one encoding.
