@@ -957,6 +957,7 @@ def test_kinds_and_value_encodings_are_the_numbers_of_the_spec():
             assert codec.encode_dense(kind, [x], round=1, dtype=dtype) == by_hand(kind.value, code, records[dtype])
         assert codec.encode_values([x], [np.ones(3, bool)], round=4, base=2, num_samples=9, dtype=dtype) == \
             by_hand(3, code, records[dtype], round_=4, base=2, num_samples=9)
+    assert codec.encode_values([x], [np.ones(3, bool)], round=4) == by_hand(3, 0, records["float32"], round_=4)
 
 
 def test_a_mask_body_is_its_support_size_ones_length_and_bits_first_bit_highest():
@@ -980,6 +981,8 @@ def test_a_mask_body_is_its_support_size_ones_length_and_bits_first_bit_highest(
         by_hand(2, 1, struct.pack("<III", 3, 1, 1) + bytes([0b01000000]), round_=3, flags=1)
     decoded = codec.decode_mask(by_hand(2, 1, payload, flags=2), [support], round=1, grow=True)
     assert decoded.tensors[0].tolist() == mask.tolist()
+    empty = by_hand(2, 0, b"", count=0)  # no tensors: the header alone
+    assert codec.encode_mask([], [], round=1) == empty and codec.peek(empty).kind == Kind.MASK
 
 
 def test_a_sparse_body_encodes_its_dtype_low_and_its_coder_high():
@@ -1009,6 +1012,11 @@ def test_an_init_body_names_its_source_and_carries_the_seed_and_a_digest_of_shap
     request = codec.encode_init_request(codec.InitRef(2, "file", 11, digest))
     assert request == by_hand(6, 2, struct.pack("<I", 11) + digest, round_=2, count=0)
     assert codec.decode_init(request).source == "request"
+    for seed in (0, 2**32 - 1):
+        assert codec.decode_init(codec.encode_init(w, source="seed", seed=seed, round=2)).seed == seed
+    for seed in (-1, 2**32):
+        with pytest.raises(PayloadError, match=f"seed {seed} does not fit in 32 bits"):
+            codec.encode_init(w, source="seed", seed=seed, round=2)
 
 
 @pytest.mark.parametrize("body", ["MPFL", 7, None, [1, 2]])
