@@ -5,6 +5,7 @@ from the spec at the top of codec.py."""
 from __future__ import annotations
 
 import math
+import re
 import struct
 import time
 import tracemalloc
@@ -655,8 +656,10 @@ def test_checksum_and_framing(weights_body):
         decode_weights(weights_body[:10])
     with pytest.raises(PayloadError, match="^3 unexpected trailing bytes"):
         decode_weights(reframe(weights_body, weights_body[HEADER_SIZE:] + bytes(3)))
-    with pytest.raises(PayloadError, match="payload ends inside"):
+    with pytest.raises(PayloadError, match="payload ends inside") as short:
         decode_weights(reframe(weights_body, weights_body[HEADER_SIZE:-2]))
+    needed, left = map(int, re.search(r"\((\d+) bytes needed, (\d+) left\)", str(short.value)).groups())
+    assert needed - left == 2
     assert decode_weights(weights_body, round=None, base=None).round == 3
 
 
