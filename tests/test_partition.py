@@ -156,7 +156,9 @@ def test_summary() -> None:
     assert lines[3].split() == ["all", "5", "1"]
     with pytest.raises(ConfigError, match="num_classes"):
         summarize(labels, p, 2)
-    many = format_summary(summarize(labels, p, 11)).splitlines()  # more than 10 classes: no per-class column
+    ten = format_summary(summarize(labels, p, 10)).splitlines()  # up to 10 classes: a count per class
+    assert ten[1].split() == ["0", "2", "0", "2", "50%", "1", "0", "1", *["0"] * 7]
+    many = format_summary(summarize(labels, p, 11)).splitlines()  # more: no per-class column
     assert many[0].split() == ["node", "train", "val", "classes", "top", "class"]
     assert many[1].split() == ["0", "2", "0", "2", "50%"]
 
