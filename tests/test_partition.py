@@ -184,3 +184,11 @@ def test_property_disjoint_and_covering(data: st.DataObject, scheme: str) -> Non
     assert all(0 <= i < len(labels) for i in all_indices(p))
     for t, v in zip(p.train, p.val):
         assert len(t) >= 1 or len(v) == 0
+
+
+def test_shards_may_leave_out_at_most_a_tenth_of_the_samples() -> None:
+    labels = np.arange(100) % 10
+    p = make_partition(labels, 2, "shards", shards_per_node=9, val_fraction=0)  # 18 shards of 5, 10 left: a tenth
+    assert sum(len(t) for t in p.train) == 90 and all(len(t) == 45 for t in p.train)
+    with pytest.raises(ConfigError, match=r"equal shards of 5 and leave 11 out \(11%\)"):
+        make_partition(np.arange(101) % 10, 2, "shards", shards_per_node=9, val_fraction=0)
