@@ -151,7 +151,7 @@ def test_summary() -> None:
                     {"node": 1, "train": 3, "val": 1, "labels": [1, 1, 1]}]
     lines = format_summary(rows).splitlines()
     assert lines[0].split() == ["node", "train", "val", "classes", "top", "class", "class", "counts"]
-    assert lines[1].split() == ["0", "2", "0", "2", "50%", "1", "0", "1"]
+    assert lines[1] == "   0      2    0        2        50%  1 0 1"  # numbers right-aligned, the counts left
     assert lines[2].split() == ["1", "3", "1", "3", "33%", "1", "1", "1"]
     assert lines[3].split() == ["all", "5", "1"]
     with pytest.raises(ConfigError, match="num_classes"):
@@ -192,3 +192,13 @@ def test_shards_may_leave_out_at_most_a_tenth_of_the_samples() -> None:
     assert sum(len(t) for t in p.train) == 90 and all(len(t) == 45 for t in p.train)
     with pytest.raises(ConfigError, match=r"equal shards of 5 and leave 11 out \(11%\)"):
         make_partition(np.arange(101) % 10, 2, "shards", shards_per_node=9, val_fraction=0)
+
+
+def test_dirichlet_with_a_tiny_alpha_deals_each_class_to_a_node_not_yet_full() -> None:
+    """At alpha = 0.001 each class lands whole on one node; once a node holds its 1/N of the data the
+    next classes go to the others, so no node ends with more than that plus one class."""
+    labels = np.repeat(np.arange(10), 100)
+    for seed in range(3):
+        p = make_partition(labels, 5, "dirichlet", alpha=1e-3, val_fraction=0, min_samples=0, seed=seed)
+        assert_disjoint(p)
+        assert len(all_indices(p)) == 1000 and p.sizes().min() > 0 and p.sizes().max() <= 200 + 100
