@@ -194,11 +194,13 @@ def test_shards_may_leave_out_at_most_a_tenth_of_the_samples() -> None:
         make_partition(np.arange(101) % 10, 2, "shards", shards_per_node=9, val_fraction=0)
 
 
-def test_dirichlet_with_a_tiny_alpha_deals_each_class_to_a_node_not_yet_full() -> None:
-    """At alpha = 0.001 each class lands whole on one node; once a node holds its 1/N of the data the
-    next classes go to the others, so no node ends with more than that plus one class."""
-    labels = np.repeat(np.arange(10), 100)
-    for seed in range(3):
-        p = make_partition(labels, 5, "dirichlet", alpha=1e-3, val_fraction=0, min_samples=0, seed=seed)
-        assert_disjoint(p)
-        assert len(all_indices(p)) == 1000 and p.sizes().min() > 0 and p.sizes().max() <= 200 + 100
+def test_dirichlet_with_a_tiny_alpha_deals_no_class_to_a_node_already_full() -> None:
+    """At alpha = 0.001 a class lands (almost) whole on one node. Class 0 holds 600 of 1,000 samples,
+    more than a node's share of 500, so its node is full and classes 1 and 2 must go to the other,
+    even when the draw puts them on the full one."""
+    labels = np.repeat([0, 1, 2], [600, 200, 200])
+    for seed in range(10):
+        p = make_partition(labels, 2, "dirichlet", alpha=1e-3, val_fraction=0, min_samples=0, seed=seed)
+        counts = [np.bincount(labels[t], minlength=3) for t in p.train]
+        full = int(np.argmax([c[0] for c in counts]))
+        assert counts[full][0] > 500 and counts[full][1:].tolist() == [0, 0], (seed, counts)
