@@ -87,6 +87,26 @@ def test_bad_values_name_the_field_and_the_fix(data, message):
         Config.from_dict(data)
 
 
+@pytest.mark.parametrize("name, allowed, refused, message", [
+    # shares of the nodes: some node must be asked, and at most all of them
+    ("fraction", 1.0, 0.0, "fraction = 0.0 must be > 0"),
+    ("fraction", 1.0, 1.5, "fraction = 1.5 must be <= 1"),
+    ("mask_fraction", 1.0, 1.01, "mask_fraction = 1.01 must be <= 1"),
+    # held out for validation: every node must keep something to train on
+    ("val_fraction", 0.0, 1.0, "val_fraction = 1.0 must be < 1"),
+    # momentum 1 never forgets an update
+    ("momentum", 0.0, 1.0, "momentum = 1.0 must be < 1"),
+    ("server_momentum", 0.0, -0.1, "server_momentum = -0.1 must be >= 0"),
+    ("shards", 1, 0, "shards = 0 must be >= 1"),
+    ("epochs", 1, 0, "epochs = 0 must be >= 1"),
+    ("sparsity", 0.0, -0.1, "sparsity = -0.1 must be >= 0"),
+])
+def test_each_range_admits_its_end_and_refuses_the_value_beyond(name, allowed, refused, message):
+    Config().with_overrides({name: allowed})
+    with pytest.raises(ConfigError, match=message):
+        Config().with_overrides({name: refused})
+
+
 def test_limits_that_depend_on_other_fields_only_apply_where_they_matter():
     assert Config.from_dict({"nodes": 1}).robust.byzantine == 1  # krum's allowance means nothing to the mean
 
