@@ -80,6 +80,7 @@ def test_every_field_is_a_unique_flag():
         ({"train": {"sparsity": 0.5}}, r"'train.sparsity' is in the wrong place: sparsity belongs in \[prune\]"),
         ({"lr": 0.1}, r"'lr' is in the wrong place: lr belongs in \[train\]"),
         ({"data": {"nodes": 3}}, "nodes belongs in the top level, before any"),
+        ({"faults": {"malicious": 2}}, "malicious = 2 needs an attack; choose one of .*scale"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(data, message):
@@ -97,9 +98,20 @@ def test_bad_values_name_the_field_and_the_fix(data, message):
     # momentum 1 never forgets an update
     ("momentum", 0.0, 1.0, "momentum = 1.0 must be < 1"),
     ("server_momentum", 0.0, -0.1, "server_momentum = -0.1 must be >= 0"),
+    ("dropout", 1.0, 1.5, "dropout = 1.5 must be <= 1"),
+    ("adapt_fraction", 1.0, 1.5, "adapt_fraction = 1.5 must be <= 1"),
+    ("adapt_until", 1.0, 1.5, "adapt_until = 1.5 must be <= 1"),
+    ("layer_floor", 0.0, -0.1, "layer_floor = -0.1 must be >= 0"),
+    ("percentile", 100.0, 101.0, "percentile = 101.0 must be <= 100"),
+    ("sparsity", 0.0, -0.1, "sparsity = -0.1 must be >= 0"),
+    # counts: at least one of each, or none at all where 0 turns the feature off
     ("shards", 1, 0, "shards = 0 must be >= 1"),
     ("epochs", 1, 0, "epochs = 0 must be >= 1"),
-    ("sparsity", 0.0, -0.1, "sparsity = -0.1 must be >= 0"),
+    ("mask_epochs", 1, 0, "mask_epochs = 0 must be >= 1"),
+    ("batch_size", 1, 0, "batch_size = 0 must be >= 1"),
+    ("train_samples", 1, 0, "train_samples = 0 must be >= 1"),
+    ("adapt_every", 0, -1, "adapt_every = -1 must be >= 0"),
+    ("mask_average_from", -5, -6, "counts back past the first of 5 mask rounds"),
 ])
 def test_each_range_admits_its_end_and_refuses_the_value_beyond(name, allowed, refused, message):
     Config().with_overrides({name: allowed})
