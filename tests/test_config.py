@@ -104,6 +104,9 @@ def test_bad_values_name_the_field_and_the_fix(data, message):
     ("layer_floor", 0.0, -0.1, "layer_floor = -0.1 must be >= 0"),
     ("percentile", 100.0, 101.0, "percentile = 101.0 must be <= 100"),
     ("sparsity", 0.0, -0.1, "sparsity = -0.1 must be >= 0"),
+    ("tau", 1.0, 1.5, "tau = 1.5 must be <= 1"),
+    ("core_share", 1.0, 1.5, "core_share = 1.5 must be <= 1"),
+    ("percentile", 0.0, -1.0, "percentile = -1.0 must be >= 0"),
     # counts: at least one of each, or none at all where 0 turns the feature off
     ("shards", 1, 0, "shards = 0 must be >= 1"),
     ("epochs", 1, 0, "epochs = 0 must be >= 1"),
@@ -111,6 +114,11 @@ def test_bad_values_name_the_field_and_the_fix(data, message):
     ("batch_size", 1, 0, "batch_size = 0 must be >= 1"),
     ("train_samples", 1, 0, "train_samples = 0 must be >= 1"),
     ("adapt_every", 0, -1, "adapt_every = -1 must be >= 0"),
+    ("mask_rounds", 1, 0, "mask_rounds = 0 must be >= 1"),
+    ("saliency_batches", 1, 0, "saliency_batches = 0 must be >= 1"),
+    ("adapt_batches", 1, 0, "adapt_batches = 0 must be >= 1"),
+    ("count_limit", 1.0, 0.99, "count_limit = 0.99 must be >= 1"),
+    ("byzantine", 0, -1, "byzantine = -1 must be >= 0"),
     ("mask_average_from", -5, -6, "counts back past the first of 5 mask rounds"),
 ])
 def test_each_range_admits_its_end_and_refuses_the_value_beyond(name, allowed, refused, message):
