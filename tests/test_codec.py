@@ -4,6 +4,7 @@ from the spec at the top of codec.py."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -945,7 +946,7 @@ def by_hand(kind: int, encoding: int, payload: bytes, *, flags: int = 0, round_:
             num_samples: int = 0, count: int = 1) -> bytes:
     """A body built from the spec at the top of codec.py alone: the 28 header bytes, the CRC-32 of
     everything else, then the payload."""
-    head = struct.pack("<4sBBBBIIIII", b"MPFL", 2, kind, encoding, flags, round_, base, num_samples, count, len(payload))
+    head = HEADER.pack(b"MPFL", 2, kind, encoding, flags, round_, base, num_samples, count, len(payload))
     return head + struct.pack("<I", zlib.crc32(head + payload)) + payload
 
 
@@ -1005,8 +1006,6 @@ def test_a_sparse_body_encodes_its_dtype_low_and_its_coder_high():
 def test_an_init_body_names_its_source_and_carries_the_seed_and_a_digest_of_shapes_and_bytes():
     """INIT (kind 6, no tensors): encoding 0 = seeded, 1 = an --init file, 2 = a node's request; the
     payload is the seed (u32) and SHA-256 over each tensor's ndim, dims (u32) and float32 bytes."""
-    import hashlib
-
     w = [np.arange(6, dtype=np.float32).reshape(2, 3), np.array([0.5], dtype=np.float32)]
     digest = hashlib.sha256(struct.pack("<III", 2, 2, 3) + w[0].astype("<f4").tobytes()
                             + struct.pack("<II", 1, 1) + w[1].astype("<f4").tobytes()).digest()
@@ -1027,6 +1026,6 @@ def test_an_init_body_names_its_source_and_carries_the_seed_and_a_digest_of_shap
 
 @pytest.mark.parametrize("body", ["MPFL", 7, None, [1, 2]])
 def test_a_body_that_is_not_bytes_is_refused_with_its_type(body):
-    for decode in (codec.peek, lambda b: codec.decode_init(b), lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(1,)])):
+    for decode in (codec.peek, codec.decode_init, lambda b: codec.decode_dense(b, Kind.WEIGHTS, [(1,)])):
         with pytest.raises(PayloadError, match=f"a body must be bytes, got {type(body).__name__}"):
             decode(body)
