@@ -135,6 +135,17 @@ def tiny_config(**overrides):
     return Config().with_overrides(base)
 
 
+CLI_RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples", "3000", "--test-samples", "300",
+           "--threads", "1", "--workers", "1", "--rewind", "none", "--method", "mpfl", "--quiet"]
+"""An `mpfl run` long enough to stop and resume mid-run, in one process: a test about worker processes
+adds ``--workers 2`` (each worker imports torch, which would otherwise take most of these tests' time)."""
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    """Round records without their timings: what a resumed run must repeat exactly."""
+    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
+
+
 def wait_for_rounds(out: Path, count: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     """Wait until the run writing into `out` has recorded `count` rounds (or its process ended)."""
     deadline = time.time() + timeout

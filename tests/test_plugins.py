@@ -25,7 +25,7 @@ from mpfl.sim import simulate
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "custom_method.py"
 SMALL = ["--nodes", "3", "--rounds", "1", "--mask-rounds", "2", "--train-samples", "1500", "--test-samples", "300",
-         "--threads", "1", "--quiet"]
+         "--threads", "1", "--workers", "1", "--quiet"]
 
 
 def run_example(tmp_path: Path, name: str, *extra: str) -> Path:

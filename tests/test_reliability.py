@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_config, wait_for_rounds
+from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
@@ -159,21 +159,14 @@ def test_faults_are_seeded_and_logged_with_their_reason():
 
 # --------------------------------------------------------------------------- crash and resume
 
-RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples", "3000", "--test-samples", "300",
-       "--threads", "1", "--rewind", "none", "--method", "mpfl", "--quiet"]
-
-
-def _comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
-
 
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
     reference = tmp_path / "reference"
-    assert main(["run", *RUN, "--out", str(reference)]) == 0
+    assert main(["run", *CLI_RUN, "--out", str(reference)]) == 0
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "mpfl.cli", "run", *RUN, "--out", str(killed)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl.cli", "run", *CLI_RUN, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     target = np.random.default_rng(int(time.time())).integers(2, 7)
     deadline = time.time() + 240
@@ -186,7 +179,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     proc.wait()
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
     assert main(["run", "--resume", str(killed), "--quiet"]) == 0
-    assert _comparable(read_rounds(killed)) == _comparable(read_rounds(reference))
+    assert comparable(read_rounds(killed)) == comparable(read_rounds(reference))
     a, b = load_final(killed), load_final(reference)
     assert a.weights.keys() == b.weights.keys()
     assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
@@ -195,14 +188,13 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     assert len(csv_rows) == 1 + len(read_rounds(reference))
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_run(tmp_path, capsys, workers):
     reference = tmp_path / "reference"
-    assert main(["run", *RUN, "--out", str(reference)]) == 0
+    assert main(["run", *CLI_RUN, "--out", str(reference)]) == 0
     out = tmp_path / "interrupted"
-    loud = [a for a in RUN if a != "--quiet"]
+    loud = [a for a in CLI_RUN if a != "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *loud, "--workers", str(workers), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_rounds(out, 3, proc)
@@ -214,14 +206,14 @@ def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_r
     assert not (out / "summary.json").exists() and (out / "checkpoint.npz").exists()
     before = read_rounds(out)
 
-    assert main(["run", *RUN, "--out", str(out)]) == 2
+    assert main(["run", *CLI_RUN, "--out", str(out)]) == 2
     assert f"holds an unfinished run; continue it with mpfl run --resume {out}" in capsys.readouterr().err
     resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out)], capture_output=True,
                              text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     lines = [line for line in resumed.stderr.splitlines() if line.startswith("round")]
     assert lines[0].startswith(f"round {len(before) + 1:>3}/9") and lines[-1].startswith("round   9/9")
-    assert _comparable(read_rounds(out)) == _comparable(read_rounds(reference))
+    assert comparable(read_rounds(out)) == comparable(read_rounds(reference))
     a, b = load_final(out), load_final(reference)
     assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
     elapsed = [r["elapsed"] for r in read_rounds(out)]
@@ -231,7 +223,7 @@ def test_ctrl_c_names_the_resume_command_and_resuming_ends_as_an_uninterrupted_r
 
 def test_worker_processes_of_a_killed_run_end_quietly(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--workers", "2", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *CLI_RUN, "--workers", "2", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_rounds(out, 1, proc)
     proc.kill()  # as the OOM killer would: no Ctrl-C handler, no pool shut-down
@@ -260,7 +252,7 @@ def _forkserver(pid: int) -> int | None:
 
 def test_a_killed_worker_process_stops_the_run_with_one_line_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--workers", "2", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *CLI_RUN, "--workers", "2", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_rounds(out, 1, proc)
     workers = sorted(_children(_forkserver(proc.pid)))
@@ -279,7 +271,7 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the forkserver, busy importing torch,
     ignores it, and the run's own process says what happened."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--workers", "2", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *CLI_RUN, "--workers", "2", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while _forkserver(proc.pid) is None:
@@ -304,7 +296,7 @@ def _importing_torch(pid: int) -> bool:
 @pytest.mark.parametrize("log", [[], ["--log-format", "json"]])
 def test_ctrl_c_while_mpfl_starts_is_one_line(tmp_path, log):
     """Within its first second `mpfl` is still importing torch: a Ctrl-C then is one line too."""
-    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, *log, "--out", str(tmp_path / "run")],
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *CLI_RUN, *log, "--out", str(tmp_path / "run")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     while not _importing_torch(proc.pid):
@@ -320,7 +312,7 @@ def test_resume_refuses_finished_or_foreign_directories(tmp_path, capsys):
     assert main(["run", "--resume", str(tmp_path), "--quiet"]) == 2
     assert "not a run directory" in capsys.readouterr().err
     done = tmp_path / "done"
-    assert main(["run", *RUN[:2], "--rounds", "1", "--mask-rounds", "1", "--train-samples", "600", "--quiet",
+    assert main(["run", *CLI_RUN[:2], "--rounds", "1", "--mask-rounds", "1", "--train-samples", "600", "--quiet",
                  "--out", str(done)]) == 0
     before = (done / "summary.json").read_text()
     assert main(["run", "--resume", str(done), "--quiet"]) == 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_config, wait_for_rounds
+from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
@@ -245,10 +245,6 @@ def _interrupted(out: Path, after: int, **overrides) -> None:
         simulate(tiny_config(**SMALL, **overrides), out, on_round=stop)
 
 
-def _comparable(records):
-    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
@@ -258,7 +254,7 @@ def reference(tmp_path_factory):
 
 def _same_as(out: Path, reference: Path) -> None:
     """`out` holds exactly the records and final model of the uninterrupted `reference`."""
-    assert _comparable(read_rounds(out)) == _comparable(read_rounds(reference))
+    assert comparable(read_rounds(out)) == comparable(read_rounds(reference))
     a, b = load_final(out), load_final(reference)
     assert all(np.array_equal(a.weights[k], b.weights[k]) for k in b.weights)
     assert all(np.array_equal(a.mask[k], b.mask[k]) for k in b.mask)
@@ -473,14 +469,9 @@ def test_a_stale_lock_file_is_taken_over(tmp_path):
         assert (tmp_path / LOCK).read_text() == f"{os.getpid()}\n"
 
 
-RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-samples", "3000", "--test-samples", "300",
-       "--threads", "1", "--rewind", "none", "--method", "mpfl", "--quiet"]
-
-
-
 @pytest.mark.slow
 def test_a_concurrent_resume_is_refused_while_the_first_run_finishes_correctly(tmp_path):
-    run = [*RUN, "--rounds", "10"]  # rounds enough to be still running when paused after its second
+    run = [*CLI_RUN, "--rounds", "10"]  # rounds enough to be still running when paused after its second
     reference = tmp_path / "reference"
     assert main(["run", *run, "--out", str(reference)]) == 0
     out = tmp_path / "run"
@@ -497,14 +488,14 @@ def test_a_concurrent_resume_is_refused_while_the_first_run_finishes_correctly(t
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=240) == 0, first.stderr.read()
-    assert _comparable(read_rounds(out)) == _comparable(read_rounds(reference))
+    assert comparable(read_rounds(out)) == comparable(read_rounds(reference))
     assert not (out / LOCK).exists() and not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.slow
 def test_the_lock_of_a_killed_run_is_taken_over_by_its_resume(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *RUN, "--out", str(out)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *CLI_RUN, "--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for_rounds(out, 2, proc)
     os.killpg(proc.pid, signal.SIGKILL)
