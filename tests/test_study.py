@@ -7,6 +7,7 @@ import pytest
 
 import mpfl.sim
 import mpfl.study
+from conftest import comparable
 from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
@@ -22,11 +23,6 @@ CELLS = [Cell("t", {**TINY, "method": "fedavg"}), Cell("t", {**TINY, "method": "
 def study(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     return out, run_study(CELLS, out, quiet=True)
-
-
-def untimed(records):
-    """Round records without their wall times, the one thing two runs of a config may differ in."""
-    return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]
 
 
 def counting(monkeypatch):
@@ -92,7 +88,7 @@ def test_cells_run_side_by_side_in_processes_end_bit_for_bit_as_in_one_process(s
     for path in result.ran:
         alone, side_by_side = load_final(out / path.name), load_final(path)
         assert all(np.array_equal(alone.weights[k], side_by_side.weights[k]) for k in alone.weights)
-        assert untimed(read_rounds(out / path.name)) == untimed(read_rounds(path))
+        assert comparable(read_rounds(out / path.name)) == comparable(read_rounds(path))
 
 
 def cell_whose_training_round(folder, statement: str) -> Cell:

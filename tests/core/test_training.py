@@ -71,6 +71,36 @@ def test_saliency_equals_w_times_gradient(setup):
         np.testing.assert_allclose(s, (p * p.grad).abs().detach().numpy(), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("opt", [dict(optimizer="sgd"), dict(optimizer="sgd", momentum=0.9),
+                                 dict(optimizer="sgd", weight_decay=1e-3), dict(optimizer="adam", weight_decay=1e-4)])
+def test_local_training_is_the_textbook_loop_with_the_mask_held_fixed(setup, opt):
+    """Bit for bit: a fresh torch optimizer over the node's samples, reshuffled every epoch by the
+    round's generator, with the gradients of the pruned entries zeroed before every step."""
+    data, model, spec, local, w0 = setup
+    mask, settings = _random_mask(spec, 0.3, seed=1), {k: v for k, v in opt.items() if k != "optimizer"}
+    start = spec.apply(w0, mask)
+    trained, loss = LocalTrainer(model, spec, lr=0.01, batch_size=64, **opt).train(start, mask, local, 2,
+                                                                                 generator(3, 1, 0))
+    ref = tiny_cnn()
+    set_weights(ref, spec, start)
+    optimizer = (torch.optim.Adam if opt["optimizer"] == "adam" else torch.optim.SGD)(ref.parameters(), lr=0.01,
+                                                                                       **settings)
+    params, gen, losses = dict(ref.named_parameters()), generator(3, 1, 0), []
+    for _ in range(2):
+        order = local.train[torch.randperm(300, generator=gen)]
+        for b in range(0, 300, 64):
+            idx = order[b : b + 64]
+            optimizer.zero_grad()
+            step_loss = torch.nn.functional.cross_entropy(ref(data.x_train[idx]), data.y_train[idx])
+            step_loss.backward()
+            for name, m in zip(spec.prunable_names, mask):
+                params[name].grad *= torch.from_numpy(m)
+            optimizer.step()
+            losses.append(step_loss.item())
+    assert [t.tobytes() for t in trained] == [w.tobytes() for w in get_weights(ref, spec)]
+    assert loss == pytest.approx(np.mean(losses), rel=1e-6)
+
+
 def test_evaluate_counts_correct_predictions(setup):
     data, model, spec, _, w0 = setup
     x, y = data.x_test, data.y_test
