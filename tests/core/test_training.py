@@ -109,6 +109,10 @@ def test_evaluate_counts_correct_predictions(setup):
         out = model.eval()(x)
     assert acc == pytest.approx((out.argmax(1) == y).float().mean().item())
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, y).item(), rel=1e-5)
+    right = int(out[0].argmax() == y[0])  # one sample: right or wrong, its own loss
+    one = evaluate(model, spec, w0, x[:1], y[:1])
+    assert one[0] == right and one[1] == pytest.approx(torch.nn.functional.cross_entropy(out[:1], y[:1]).item(), rel=1e-5)
+    assert evaluate(model, spec, w0, x[:0], y[:0]) == (0.0, 0.0)  # no samples: nothing to count, not a division by 0
 
 
 def test_param_spec_marks_linear_and_conv_weights_prunable(setup):
