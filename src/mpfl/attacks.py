@@ -20,6 +20,7 @@ import numpy as np
 
 from .core.masks import Mask, select, top_k
 from .registry import Registry, registry
+from .seeds import Stream, rng
 
 if TYPE_CHECKING:
     from .core.params import Weights
@@ -58,8 +59,7 @@ def attacks_of_kind(kind: str) -> list[str]:
 
 def malicious_ids(cfg) -> list[int]:
     """Which nodes are malicious: a seeded choice of `faults.malicious` of them."""
-    rng = np.random.default_rng([cfg.seed, 3])
-    return sorted(rng.choice(cfg.nodes, size=cfg.faults.malicious, replace=False).tolist())
+    return sorted(rng(cfg.seed, Stream.MALICIOUS).choice(cfg.nodes, size=cfg.faults.malicious, replace=False).tolist())
 
 
 def attack_of(cfg, node_id: int) -> Attack | None:
@@ -94,8 +94,8 @@ def _shuffle(data: LocalData, key: tuple[int, ...]) -> LocalData:
 
 def _random_mask(node: Node, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
     """As many entries as the honest mask, chosen uniformly."""
-    rng = np.random.default_rng([node.cfg.seed, step, node.id, 6])
-    return [top_k(rng.random(c.shape), c, int(m.sum())).reshape(c.shape) for m, c in zip(mask, current)]
+    draws = rng(node.cfg.seed, step, node.id, Stream.FORGED_MASK)
+    return [top_k(draws.random(c.shape), c, int(m.sum())).reshape(c.shape) for m, c in zip(mask, current)]
 
 
 def _inverted_mask(node: Node, mask: Mask, current: Mask, start: Weights, step: int) -> Mask:
