@@ -128,13 +128,14 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
     for key, value in maps.items():
         if not isinstance(value, dict) or not set(value) <= node_ids:
             problems.append(f"{key} does not map node ids 0 to {nodes - 1}")
-    if not all(v in versions for v in (maps["node_version"] or {}).values()):
+            maps[key] = {}
+    if not all(v in versions for v in maps["node_version"].values()):
         problems.append("node_version names a mask version the history does not hold")
-    if not all(_int(v, 1, 2**32 - 1) for v in (maps["counts"] or {}).values()):
+    if not all(_int(v, 1, 2**32 - 1) for v in maps["counts"].values()):
         problems.append("counts holds a sample count that is not a positive 32-bit integer")
     if not (isinstance(meta.get("w0_sent"), list) and all(_int(n, 0, nodes - 1) for n in meta["w0_sent"])):
         problems.append("w0_sent is not a list of node ids")
-    for n, m in (maps["nodes"] or {}).items():
+    for n, m in maps["nodes"].items():
         flags = ("has_mask", "has_w0", "local", "residual")
         if (not isinstance(m, dict) or m.get("version") not in versions or not all(isinstance(m.get(f), bool) for f in flags)
                 or not isinstance(m.get("kept", False), bool) or not _int(m.get("from_w0", 0), 0, steps)

@@ -1,0 +1,316 @@
+"""Checkpoints and final files: what is written is what is read back, kept values only on the mask, and
+metadata no run writes refused, each problem named."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mpfl.checkpoint import (
+    CHECKPOINT,
+    check_meta,
+    from_kept,
+    kept_values,
+    load_checkpoint,
+    load_final,
+    read_meta,
+    save_checkpoint,
+    save_final,
+)
+from mpfl.core.params import ParamSpec
+from mpfl.errors import ConfigError, ExportError, RunDirError
+from mpfl.node import NodeState
+from mpfl.server import ServerState
+
+SPEC = ParamSpec(names=("0.weight", "0.bias", "1.weight", "1.bias"), shapes=((4, 3), (4,), (2, 4), (2,)), prunable=(0, 2))
+STEPS, NODES = 6, 5
+
+
+def weights(rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.standard_normal(shape).astype(np.float32) for shape in SPEC.shapes]
+
+
+def nested_masks(rng: np.random.Generator) -> dict[int, list[np.ndarray]]:
+    """Mask versions 0 (all ones), 2 and 4, each a subset of the one before."""
+    history, mask = {0: SPEC.full_mask()}, SPEC.full_mask()
+    for version in (2, 4):
+        mask = [m & (rng.random(m.shape) < 0.6) for m in mask]
+        history[version] = mask
+    return history
+
+
+def states(seed: int = 0) -> tuple[ServerState, dict[int, NodeState]]:
+    """A server after step 4 of 6 and one node of each kind: fresh, holding own weights, trained from
+    w0 in mask round 2 (weights rebuilt on resume), with an error-feedback residual, and one that holds
+    only w0."""
+    rng = np.random.default_rng(seed)
+    history = nested_masks(rng)
+    w0 = weights(rng)
+    server = ServerState(weights=SPEC.apply(weights(rng), history[4]), w0=w0, mask=history[4], version=4,
+                         history=history, node_version={1: 4, 2: 2, 3: 4}, w0_sent={1, 2, 3, 4}, next_step=5,
+                         mask_done=True, bytes_up=12_345, bytes_down=67_890, counts={1: 54, 2: 7, 3: 2**32 - 1},
+                         velocity=weights(rng))
+    nodes = {
+        0: NodeState(),
+        1: NodeState(w0=w0, mask=history[4], version=4, local=SPEC.apply(weights(rng), history[4])),
+        2: NodeState(w0=w0, mask=history[2], version=2, local_from_w0=2),
+        3: NodeState(w0=w0, mask=history[4], version=4, residual=SPEC.pick(weights(rng))),
+        4: NodeState(w0=w0),
+    }
+    return server, nodes
+
+
+def same_arrays(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def saved(tmp_path, seed: int = 0, run: dict | None = None) -> tuple[ServerState, dict[int, NodeState]]:
+    server, nodes = states(seed)
+    save_checkpoint(tmp_path, server, nodes, run, spec=SPEC)
+    return server, nodes
+
+
+def test_a_checkpoint_reads_back_the_server_and_every_node_that_received_something(tmp_path):
+    server, nodes = saved(tmp_path, run={"seed": 3})
+    got_server, got_nodes = load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+    for name in ("weights", "w0", "mask", "velocity"):
+        assert same_arrays(getattr(got_server, name), getattr(server, name)), name
+    assert set(got_server.history) == set(server.history)
+    assert all(same_arrays(got_server.history[v], server.history[v]) for v in server.history)
+    for name in ("version", "node_version", "w0_sent", "next_step", "mask_done", "bytes_up", "bytes_down", "counts"):
+        assert getattr(got_server, name) == getattr(server, name), name
+    assert set(got_nodes) == {1, 2, 3, 4}
+    for node_id, got in got_nodes.items():
+        want = nodes[node_id]
+        assert (got.version, got.local_from_w0) == (want.version, want.local_from_w0)
+        for name in ("w0", "mask", "local", "residual"):
+            assert same_arrays(getattr(got, name), getattr(want, name)), (node_id, name)
+    assert read_meta(tmp_path)["run"] == {"seed": 3}
+
+
+def test_a_server_without_momentum_reads_back_without_velocity(tmp_path):
+    server, nodes = states()
+    server.velocity = None
+    save_checkpoint(tmp_path, server, nodes, spec=SPEC)
+    assert load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[0].velocity is None
+
+
+def test_own_weights_are_stored_as_their_values_on_the_mask_and_weights_from_w0_not_at_all(tmp_path):
+    _, nodes = saved(tmp_path)
+    with np.load(tmp_path / CHECKPOINT) as f:
+        stored = {name: f[name] for name in f.files if name.startswith("node/")}
+    kept = [int(s.sum()) for s in SPEC.supports(nodes[1].mask)]
+    assert [stored[f"node/1/local/{i}"].shape for i in range(4)] == [(k,) for k in kept]
+    assert not any(name.startswith(("node/2/", "node/4/", "node/0/")) for name in stored)
+    assert {name.rsplit("/", 1)[0] for name in stored} == {"node/1/local", "node/3/residual"}
+
+
+def test_checkpoints_written_before_kept_values_still_read_with_full_tensors(tmp_path):
+    server, nodes = saved(tmp_path)
+    with np.load(tmp_path / CHECKPOINT) as f:
+        arrays = {name: f[name] for name in f.files}
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["nodes"]["1"]["kept"], meta["nodes"]["1"]["from_w0"]
+    arrays.update({f"node/1/local/{i}": w for i, w in enumerate(nodes[1].local)},
+                  meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    np.savez(tmp_path / CHECKPOINT, **arrays)
+    assert same_arrays(load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[1][1].local, nodes[1].local)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.0, 1.0))
+def test_kept_values_hold_the_weights_on_the_mask_and_from_kept_restores_them_with_zeros_elsewhere(seed, density):
+    rng = np.random.default_rng(seed)
+    full = weights(rng)
+    mask = [rng.random(s) < density for s in SPEC.prunable_shapes]
+    values = kept_values(SPEC, full, mask)
+    supports = SPEC.supports(mask)
+    assert all(np.array_equal(v, w[s]) for v, w, s in zip(values, full, supports))
+    restored = from_kept(SPEC, values, mask)
+    for got, w, s in zip(restored, full, supports):
+        assert got.dtype == np.float32 and np.array_equal(got, np.where(s, w, np.float32(0)))
+
+
+@pytest.mark.parametrize("change", ["one value too many", "float64", "two-dimensional"])
+def test_kept_values_that_do_not_fit_the_mask_are_refused(change):
+    rng = np.random.default_rng(1)
+    mask = nested_masks(rng)[2]
+    values = kept_values(SPEC, weights(rng), mask)
+    values[0] = {"one value too many": np.append(values[0], np.float32(1)), "float64": values[0].astype(np.float64),
+                 "two-dimensional": values[0].reshape(1, -1)}[change]
+    with pytest.raises(ValueError, match="kept values do not fit the mask"):
+        from_kept(SPEC, values, mask)
+
+
+def valid_meta(tmp_path) -> dict:
+    saved(tmp_path)
+    return read_meta(tmp_path)
+
+
+def test_the_metadata_of_a_saved_checkpoint_passes_its_check(tmp_path):
+    check_meta(valid_meta(tmp_path), STEPS, NODES)
+
+
+def _set(key, value):
+    return lambda meta: meta.update({key: value})
+
+
+def _set_node(key, value, node="1"):
+    return lambda meta: meta["nodes"][node].update({key: value})
+
+
+ACCEPTED = {
+    "next_step one past the last step": _set("next_step", STEPS + 1),
+    "the last step in the history": lambda meta: meta.update(history=[0, 2, 4, STEPS], version=STEPS),
+    "the largest 32-bit count": lambda meta: meta["counts"].update({"4": 2**32 - 1}),
+    "the last node id": lambda meta: (meta["w0_sent"].append(NODES - 1), meta["counts"].update({str(NODES - 1): 1})),
+    "no bytes yet": lambda meta: meta.update(bytes_up=0, bytes_down=0),
+    "trained from w0 in the last step": _set_node("from_w0", STEPS, node="2"),
+    "no kept flag (an older checkpoint)": lambda meta: meta["nodes"]["1"].pop("kept"),
+}
+
+REFUSED = {
+    "next_step = 0": (_set("next_step", 0), "next_step = 0 is not a step from 1 to 7"),
+    "next_step past the end": (_set("next_step", STEPS + 2), "next_step = 8 is not a step from 1 to 7"),
+    "next_step as text": (_set("next_step", "5"), "next_step = '5' is not a step"),
+    "next_step as a boolean": (_set("next_step", True), "next_step = True is not a step"),
+    "history without 0": (_set("history", [2, 4]), "is not a list of steps from 0 to 6 holding 0"),
+    "history past the end": (_set("history", [0, 2, 7]), "is not a list of steps"),
+    "history empty": (_set("history", []), "is not a list of steps"),
+    "history not a list": (_set("history", {"0": 1}), "is not a list of steps"),
+    "unknown mask version": (_set("version", 3), "mask version 3 is not in the history"),
+    "mask_done as a number": (_set("mask_done", 1), "mask_done = 1 is not true or false"),
+    "negative bytes up": (_set("bytes_up", -1), "bytes_up = -1 is not a non-negative integer"),
+    "bytes down as a float": (_set("bytes_down", 1.5), "bytes_down = 1.5 is not a non-negative integer"),
+    "node version out of range": (lambda meta: meta["node_version"].update({str(NODES): 0}),
+                                  "node_version does not map node ids 0 to 4"),
+    "node versions not a map": (_set("node_version", [4, 2]), "node_version does not map node ids"),
+    "counts not a map": (_set("counts", [1, 2]), "counts does not map node ids"),
+    "node states not a map": (_set("nodes", ["1"]), "nodes does not map node ids"),
+    "node states missing": (lambda meta: meta.pop("nodes"), "nodes does not map node ids"),
+    "node version not in the history": (lambda meta: meta["node_version"].update({"1": 3}),
+                                        "node_version names a mask version the history does not hold"),
+    "count zero": (lambda meta: meta["counts"].update({"1": 0}), "counts holds a sample count that is not a positive"),
+    "count past 32 bits": (lambda meta: meta["counts"].update({"1": 2**32}), "counts holds a sample count"),
+    "w0 sent to a node that does not exist": (lambda meta: meta["w0_sent"].append(NODES), "w0_sent is not a list of node ids"),
+    "w0 sent to a negative node": (lambda meta: meta["w0_sent"].append(-1), "w0_sent is not a list of node ids"),
+    "w0_sent not a list": (_set("w0_sent", 3), "w0_sent is not a list of node ids"),
+    "node state not an object": (lambda meta: meta["nodes"].update({"1": [4]}), "the state of node 1 is malformed"),
+    "node on an unknown version": (_set_node("version", 3), "the state of node 1 is malformed"),
+    "node flag as a number": (_set_node("residual", 0), "the state of node 1 is malformed"),
+    "node flag missing": (lambda meta: meta["nodes"]["1"].pop("has_w0"), "the state of node 1 is malformed"),
+    "kept as a number": (_set_node("kept", 1), "the state of node 1 is malformed"),
+    "trained from w0 after the last step": (_set_node("from_w0", STEPS + 1, node="2"), "the state of node 2 is malformed"),
+    "trained from w0 it does not hold": (_set_node("has_w0", False, node="2"), "the state of node 2 is malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED))
+def test_metadata_at_the_edge_of_what_a_run_writes_is_accepted(tmp_path, case):
+    meta = valid_meta(tmp_path)
+    ACCEPTED[case](meta)
+    check_meta(meta, STEPS, NODES)
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_metadata_no_run_writes_is_refused_naming_the_problem(tmp_path, case):
+    change, message = REFUSED[case]
+    meta = valid_meta(tmp_path)
+    change(meta)
+    with pytest.raises(ValueError) as refused:
+        check_meta(meta, STEPS, NODES)
+    assert message in str(refused.value)
+
+
+def test_every_problem_is_named_at_once(tmp_path):
+    meta = valid_meta(tmp_path)
+    meta.update(next_step=0, mask_done="yes", bytes_up=-5)
+    with pytest.raises(ValueError) as refused:
+        check_meta(meta, STEPS, NODES)
+    assert [p.split(" = ")[0] for p in str(refused.value).split("; ")] == ["next_step", "mask_done", "bytes_up"]
+
+
+def rewrite(path, change) -> None:
+    with np.load(path) as f:
+        arrays = {name: f[name] for name in f.files}
+    change(arrays)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(meta=np.frombuffer(b"[1, 2]", dtype=np.uint8)), "its metadata is not a JSON object"),
+    (lambda a: a.update(meta=np.frombuffer(b"{not json", dtype=np.uint8)), "JSONDecodeError"),
+    (lambda a: a.pop("meta"), "KeyError"),
+])
+def test_read_meta_calls_a_file_without_readable_metadata_damaged(tmp_path, change, message):
+    saved(tmp_path)
+    rewrite(tmp_path / CHECKPOINT, change)
+    with pytest.raises(RunDirError, match=f"checkpoint.npz is damaged .*{message}.*mpfl run --config"):
+        read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    lambda a: a.update({"weights/1": a["weights/1"].astype(np.float64)}),
+    lambda a: a.update({"w0/0": a["w0/0"].T}),
+    lambda a: a.update({"history/2/0": a["history/2/0"].astype(np.uint8)}),
+    lambda a: a.pop("velocity/3"),
+    lambda a: a.update({"node/1/local/0": a["node/1/local/0"][:-1]}),
+    lambda a: a.pop("node/3/residual/0"),
+])
+def test_arrays_that_are_not_the_models_are_damage_not_a_wrong_state(tmp_path, change):
+    saved(tmp_path)
+    rewrite(tmp_path / CHECKPOINT, change)
+    with pytest.raises(RunDirError, match="checkpoint.npz is damaged"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def test_metadata_of_another_run_size_is_refused_on_load(tmp_path):
+    saved(tmp_path)
+    with pytest.raises(RunDirError, match="counts does not map node ids 0 to 2"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=3)
+    with pytest.raises(RunDirError, match="next_step = 5 is not a step from 1 to 4"):
+        load_checkpoint(tmp_path, SPEC, steps=3, nodes=NODES)
+
+
+def test_crafted_metadata_is_damage_named_in_one_error_not_a_crash(tmp_path):
+    saved(tmp_path)
+
+    def craft(arrays):
+        meta = json.loads(arrays["meta"].tobytes())
+        meta.update(counts=[54, 7], nodes="all")
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    rewrite(tmp_path / CHECKPOINT, craft)
+    with pytest.raises(RunDirError, match="counts does not map node ids 0 to 4; nodes does not map node ids 0 to 4"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def test_a_folder_without_a_checkpoint_says_it_cannot_be_resumed(tmp_path):
+    with pytest.raises(ConfigError, match="has no checkpoint.npz; it cannot be resumed"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def test_the_final_file_reads_back_weights_and_mask_by_name(tmp_path):
+    rng = np.random.default_rng(2)
+    final_weights, mask = weights(rng), nested_masks(rng)[4]
+    save_final(tmp_path, SPEC, [w.astype(np.float64) for w in final_weights], [m.astype(np.uint8) for m in mask],
+               (1, 28, 28), 10)
+    final = load_final(tmp_path)
+    assert list(final.weights) == list(SPEC.names) and list(final.mask) == SPEC.prunable_names
+    assert same_arrays(list(final.weights.values()), final_weights)
+    assert same_arrays(list(final.mask.values()), mask)
+    assert (final.input_shape, final.num_classes) == ((1, 28, 28), 10)
+
+
+def test_a_missing_or_damaged_final_file_is_an_export_error_naming_it(tmp_path):
+    with pytest.raises(ExportError, match="final.npz does not exist"):
+        load_final(tmp_path)
+    (tmp_path / "final.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ExportError, match="final.npz is damaged"):
+        load_final(tmp_path)
