@@ -91,7 +91,7 @@ def plugin_changes(meta: dict | None, cfg: Config) -> list[dict]:
     if "plugins" not in run:  # written by an mpfl that did not hash plug-ins: nothing to compare with
         return []
     before, now = run["plugins"], fingerprints(cfg.plugins)
-    step = run["last_record"].get("step", 0) + 1
+    step = run["last_record"]["step"] + 1
     return list(run.get("plugin_changes", [])) + [
         {"plugin": name, "step": step, "sha256_before": before.get(name), "sha256_after": now.get(name)}
         for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
@@ -123,11 +123,19 @@ def _run_info(folder: Path, meta: dict) -> dict:
     keys = (*_IDENTITY_KEYS, "config", "records", "last_record")
     if not isinstance(run, dict) or not all(k in run for k in keys):
         raise damaged(folder / CHECKPOINT, "it carries no run identity; it was written by an older mpfl or edited")
-    if not (isinstance(run["records"], int) and run["records"] >= 1 and isinstance(run["last_record"], dict)):
+    if not (all(isinstance(run[k], str) for k in _IDENTITY_KEYS) and isinstance(run["config"], dict)):
+        raise damaged(folder / CHECKPOINT, "its run identity or config is malformed")
+    last = run["last_record"]
+    if not (_count(run["records"]) and isinstance(last, dict) and _count(last.get("step"))):
         raise damaged(folder / CHECKPOINT, f"its record count {run['records']!r} or last record is malformed")
     if not (isinstance(run.get("plugins", {}), dict) and isinstance(run.get("plugin_changes", []), list)):
         raise damaged(folder / CHECKPOINT, "its plug-in hashes or plug-in changes are malformed")
     return run
+
+
+def _count(value: object) -> bool:
+    """Whether a JSON value is a positive integer (a record count or a step; true and false are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def resume_notes(folder: Path, cfg: Config) -> list[str]:
@@ -192,11 +200,11 @@ def recover_records(folder: Path, run: dict, next_step: int) -> list[dict]:
     path = folder / ROUNDS_JSONL
     records = [r for r in read_rounds(folder) if r["step"] < next_step] if path.exists() else []
     last = run["last_record"]
-    if len(records) == run["records"] - 1 and all(r["step"] < last.get("step", 0) for r in records):
+    if len(records) == run["records"] - 1 and all(r["step"] < last["step"] for r in records):
         records.append(last)
     if len(records) != run["records"] or json.dumps(records[-1]) != json.dumps(last):
         raise RunDirError(f"{path} holds {len(records)} rounds before step {next_step}, but {CHECKPOINT} was written "
-                          f"after {run['records']} (the last one at step {last.get('step')}): the log was cut or "
+                          f"after {run['records']} (the last one at step {last['step']}): the log was cut or "
                           "edited; restore it, or start a new run with --out NEW_DIR")
     return records
 
