@@ -1,0 +1,181 @@
+"""Run directories: which folders a run may write to or resume, the round logs (JSON lines and CSV) as
+they are appended, rewritten and read back, and the summary's figures worked out by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from conftest import tiny_config
+from mpfl.errors import ConfigError, RunDirError
+from mpfl.records import (
+    CONFIG,
+    CSV_COLUMNS,
+    ROUNDS_CSV,
+    ROUNDS_JSONL,
+    SUMMARY,
+    RunDir,
+    check_resumable_dir,
+    check_run_dir,
+    default_run_dir,
+    lost_nodes,
+    read_rounds,
+    summarize,
+    summary_line,
+)
+
+CFG = tiny_config()
+
+
+def record(step: int, phase: str = "train", *, nodes=(0, 1), dropped=None, **fields) -> dict:
+    return {"step": step, "phase": phase, "nodes": list(nodes), "dropped": dropped or {}, **fields}
+
+
+def test_a_default_run_dir_is_new_and_names_the_run(tmp_path):
+    first = default_run_dir(CFG, tmp_path)
+    assert first.parent == tmp_path and first.name.endswith(f"-{CFG.method}-mnist-{CFG.train.model}-s{CFG.seed}")
+    first.mkdir()
+    second = default_run_dir(CFG, tmp_path)
+    assert second.name == f"{first.name}-2"
+    second.mkdir()
+    assert default_run_dir(CFG, tmp_path).name == f"{first.name}-3"
+
+
+def test_a_run_may_write_to_a_new_or_empty_folder_or_resume_its_own(tmp_path):
+    check_run_dir(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    check_run_dir(tmp_path / "empty")
+    (tmp_path / "empty" / CONFIG).write_text("")
+    check_run_dir(tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_text("x"), "exists and is not a directory"),
+    (lambda p: p.symlink_to(p.with_name("gone")), "is a symbolic link to a missing folder ('"),
+    (lambda p: (p.mkdir(), (p / "notes.txt").write_text("x")), "already holds files; choose another --out"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text("")), "holds an unfinished run; continue it with mpfl run --resume"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / SUMMARY).write_text("{}")), "already holds files"),
+])
+def test_a_folder_that_is_not_free_for_a_new_run_is_refused(tmp_path, make, message):
+    out = tmp_path / "run"
+    make(out)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check_run_dir(out)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "does not exist; give the run directory"),
+    (lambda p: p.mkdir(), "is not a run directory (no config.toml)"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / SUMMARY).write_text("{}")), "holds a finished run"),
+])
+def test_only_an_unfinished_run_directory_is_resumed(tmp_path, make, message):
+    out = tmp_path / "run"
+    make(out)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_resumable_dir(out)
+
+
+def test_round_logs_hold_each_round_once_as_json_and_as_a_flat_table(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    assert (out / CONFIG).is_file()
+    rounds = [record(1, "mask", accuracy=None, density=0.5, extra="not a column"),
+              record(2, nodes=(0,), dropped={"1": "timed out"}, accuracy=0.25, density=0.5)]
+    for r in rounds:
+        run.log(r)
+    assert read_rounds(out) == rounds
+    with open(out / ROUNDS_CSV, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header == list(CSV_COLUMNS)
+    by_column = [dict(zip(header, row)) for row in rows]
+    assert [row["accuracy"] for row in by_column] == ["", "0.25"]
+    assert [row["nodes"] for row in by_column] == ["[0,1]", "[0]"]
+    assert json.loads(by_column[1]["dropped"]) == {"1": "timed out"} and by_column[0]["dropped"] == "{}"
+    assert by_column[0]["loss"] == "" and "extra" not in header
+
+
+def test_rewrite_replaces_both_logs_and_later_rounds_append_after_it(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    for step in (1, 2, 3):
+        run.log(record(step))
+    run.rewrite([record(1)])
+    run.log(record(2, accuracy=0.5))
+    assert read_rounds(out) == [record(1), record(2, accuracy=0.5)]
+    lines = (out / ROUNDS_CSV).read_text().splitlines()
+    assert len(lines) == 3 and lines[0] == ",".join(CSV_COLUMNS) and lines[2].startswith("2,train,")
+
+
+def test_a_resumed_run_dir_keeps_the_config_it_has(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CONFIG).write_text("# the run's own\n")
+    RunDir(out, CFG, resume=True)
+    assert (out / CONFIG).read_text() == "# the run's own\n"
+
+
+def test_a_cut_last_line_is_left_out_unless_the_log_is_complete_and_any_other_bad_line_is_named(tmp_path):
+    (tmp_path / ROUNDS_JSONL).write_text(json.dumps(record(1)) + "\n\n" + '{"step": 2, "pha')
+    assert read_rounds(tmp_path) == [record(1)]
+    with pytest.raises(RunDirError, match="rounds.jsonl line 3 is damaged"):
+        read_rounds(tmp_path, complete=True)
+    (tmp_path / ROUNDS_JSONL).write_text('{"step": 2, "pha\n' + json.dumps(record(1)) + "\n")
+    with pytest.raises(RunDirError, match="rounds.jsonl line 1 is damaged"):
+        read_rounds(tmp_path)
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '{"phase": "train"}', '{"step": "1"}', '{"step": true}', '{"step": 1.0}'])
+def test_a_line_that_is_not_a_round_record_is_named(tmp_path, line):
+    (tmp_path / ROUNDS_JSONL).write_text(json.dumps(record(1)) + "\n" + line + "\n")
+    with pytest.raises(RunDirError, match="rounds.jsonl line 2 is not a round record"):
+        read_rounds(tmp_path)
+
+
+def test_a_log_that_is_not_text_is_named(tmp_path):
+    (tmp_path / ROUNDS_JSONL).write_bytes(b"\xff\xfe" * 8)
+    with pytest.raises(RunDirError, match="rounds.jsonl is damaged"):
+        read_rounds(tmp_path)
+
+
+def test_lost_nodes_are_those_whose_last_request_failed_from_the_round_they_left():
+    rounds = [
+        record(1, "mask", nodes=(0, 1, 3), dropped={"2": "timed out"}),
+        record(2, "mask", nodes=(0, 2), dropped={"1": "bad reply", "3": "gone"}),
+        record(3, nodes=(0, 2), dropped={"1": "still gone", "3": "gone"}),
+        record(4, nodes=(2,), dropped={"0": "gone"}),
+    ]
+    assert lost_nodes(rounds) == [{"node": 1, "step": 2, "phase": "mask", "reason": "bad reply"},
+                                  {"node": 3, "step": 2, "phase": "mask", "reason": "gone"},
+                                  {"node": 0, "step": 4, "phase": "train", "reason": "gone"}]
+    assert lost_nodes(rounds[:1] + [record(2, nodes=(2,))]) == []
+
+
+def test_the_summary_holds_the_runs_figures_worked_out_from_its_rounds():
+    rounds = [
+        record(1, "mask", accuracy=0.5, time=9.0, cum_bytes_up=10, cum_bytes_down=20, density=0.5, loss=1.0),
+        record(2, accuracy=0.75, time=2.0, cum_bytes_up=30, cum_bytes_down=50, density=0.5, loss=0.5),
+        record(3, accuracy=None, time=4.0, cum_bytes_up=45, cum_bytes_down=80, density=0.25, loss=None),
+    ]
+    summary = summarize(CFG, rounds, 12.5)
+    assert {k: summary[k] for k in ("final_accuracy", "best_accuracy", "final_loss", "final_density", "rounds",
+                                    "train_rounds", "mask_rounds", "bytes_up", "bytes_down", "wall_time",
+                                    "train_round_time", "runner", "lost_nodes", "seed", "sparsity")} == {
+        "final_accuracy": 0.75, "best_accuracy": 0.75, "final_loss": None, "final_density": 0.25, "rounds": 3,
+        "train_rounds": 2, "mask_rounds": 1, "bytes_up": 45, "bytes_down": 80, "wall_time": 12.5,
+        "train_round_time": 3.0, "runner": "simulator", "lost_nodes": [], "seed": CFG.seed,
+        "sparsity": CFG.prune.sparsity}
+    assert summary["config"] == CFG.to_dict() and "plugins" not in summary["versions"]
+    assert summarize(CFG, rounds, 1.0, {"runner": "flower-deployment"})["runner"] == "flower-deployment"
+    assert summarize(CFG.with_overrides({"method": "fedavg"}), rounds, 1.0)["sparsity"] == 0.0
+
+
+def test_a_run_without_rounds_or_accuracies_is_summarised_as_unknown_not_zero(tmp_path):
+    summary = summarize(CFG, [], 0.5)
+    assert (summary["final_accuracy"], summary["best_accuracy"], summary["final_density"]) == (None, None, None)
+    assert (summary["bytes_up"], summary["train_round_time"]) == (0, None)
+    assert summary_line(summary, tmp_path) == f"final accuracy n/a, density n/a, bytes up 0 down 0, 0.5 s. Records in {tmp_path}"
+    line = summary_line({**summary, "final_accuracy": 0.97186, "final_density": 0.1, "bytes_up": 3087760,
+                         "bytes_down": 2753680, "wall_time": 52.04}, tmp_path)
+    assert line.startswith("final accuracy 97.19%, density 0.100, bytes up 3,087,760 down 2,753,680, 52.0 s.")
