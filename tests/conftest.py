@@ -141,6 +141,13 @@ CLI_RUN = ["--nodes", "3", "--rounds", "6", "--mask-rounds", "3", "--train-sampl
 adds ``--workers 2`` (each worker imports torch, which would otherwise take most of these tests' time)."""
 
 
+def round_record(step: int, phase: str = "train", *, nodes=(0, 1), dropped=None, **fields) -> dict:
+    """A round record with every key a record always has (mpfl.protocol.RoundRecord), as a log holds it."""
+    return {"step": step, "phase": phase, "round": step, "method": "mpfl", "seed": 0, "accuracy": None, "loss": None,
+            "target_density": 0.5, "density": 0.5, "bytes_up": 10, "bytes_down": 20, "cum_bytes_up": 10 * step,
+            "cum_bytes_down": 20 * step, "nodes": list(nodes), "dropped": dropped or {}, **fields}
+
+
 def comparable(records: list[dict]) -> list[dict]:
     """Round records without their timings: what a resumed run must repeat exactly."""
     return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]

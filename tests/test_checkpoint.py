@@ -120,7 +120,8 @@ def test_checkpoints_written_before_kept_values_still_read_with_full_tensors(tmp
     arrays.update({f"node/1/local/{i}": w for i, w in enumerate(nodes[1].local)},
                   meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     np.savez(tmp_path / CHECKPOINT, **arrays)
-    assert same_arrays(load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[1][1].local, nodes[1].local)
+    old = load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[1][1]
+    assert same_arrays(old.local, nodes[1].local) and old.local_from_w0 == 0
 
 
 @settings(max_examples=60, deadline=None)
@@ -173,6 +174,11 @@ ACCEPTED = {
     "no bytes yet": lambda meta: meta.update(bytes_up=0, bytes_down=0),
     "trained from w0 in the last step": _set_node("from_w0", STEPS, node="2"),
     "no kept flag (an older checkpoint)": lambda meta: meta["nodes"]["1"].pop("kept"),
+    "no from_w0 on a node without w0 (an older checkpoint)": lambda meta: (
+        meta["nodes"]["1"].pop("from_w0"), meta["nodes"]["1"].update(has_w0=False)),
+    "next_step at the first step": _set("next_step", 1),
+    "w0 sent to node 0": lambda meta: meta["w0_sent"].append(0),
+    "a count for every node": lambda meta: meta["counts"].update({str(n): 1 for n in range(NODES)}),
 }
 
 REFUSED = {

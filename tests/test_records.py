@@ -8,8 +8,10 @@ import json
 
 import pytest
 
+from conftest import round_record as record
 from conftest import tiny_config
 from mpfl.errors import ConfigError, RunDirError
+from mpfl.protocol import record_problem
 from mpfl.records import (
     CONFIG,
     CSV_COLUMNS,
@@ -29,8 +31,6 @@ from mpfl.records import (
 CFG = tiny_config()
 
 
-def record(step: int, phase: str = "train", *, nodes=(0, 1), dropped=None, **fields) -> dict:
-    return {"step": step, "phase": phase, "nodes": list(nodes), "dropped": dropped or {}, **fields}
 
 
 def test_a_default_run_dir_is_new_and_names_the_run(tmp_path):
@@ -126,11 +126,35 @@ def test_a_cut_last_line_is_left_out_unless_the_log_is_complete_and_any_other_ba
         read_rounds(tmp_path)
 
 
-@pytest.mark.parametrize("line", ['[1, 2]', '{"phase": "train"}', '{"step": "1"}', '{"step": true}', '{"step": 1.0}'])
-def test_a_line_that_is_not_a_round_record_is_named(tmp_path, line):
-    (tmp_path / ROUNDS_JSONL).write_text(json.dumps(record(1)) + "\n" + line + "\n")
-    with pytest.raises(RunDirError, match="rounds.jsonl line 2 is not a round record"):
+NOT_RECORDS = {
+    "a list": ([1, 2], "not a JSON object"),
+    "keys missing": ({"step": 2, "phase": "train"}, "no accuracy, bytes_down, bytes_up, cum_bytes_down"),
+    "step as text": (record("2"), "step = '2' is not int"),
+    "step true": (record(True), "step = True is not int"),
+    "step as a float": (record(2.0), "step = 2.0 is not int"),
+    "accuracy as text": (record(2, accuracy="high"), "accuracy = 'high' is not float | None"),
+    "bytes missing a value": (record(2, bytes_up=None), "bytes_up = None is not int"),
+    "nodes not a list": ({**record(2), "nodes": 3}, "nodes = 3 is not list[int]"),
+    "a node not a number": (record(2, nodes=["0"]), "nodes = ['0'] is not list[int]"),
+    "dropped a list": ({**record(2), "dropped": ["1"]}, "dropped = ['1'] is not dict[str, str]"),
+    "a dropped node not an id": (record(2, dropped={"one": "gone"}), "a dropped node is not a node id"),
+    "a vote weight as text": (record(2, vote_weights={"0": "half"}), "vote_weights = {'0': 'half'} is not dict[str, float]"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_RECORDS))
+def test_a_line_that_is_not_a_round_record_is_named_with_the_problem(tmp_path, case):
+    value, problem = NOT_RECORDS[case]
+    (tmp_path / ROUNDS_JSONL).write_text(json.dumps(record(1)) + "\n" + json.dumps(value) + "\n")
+    with pytest.raises(RunDirError) as refused:
         read_rounds(tmp_path)
+    assert f"rounds.jsonl line 2 is not a round record ({problem}" in str(refused.value)
+
+
+def test_records_with_whole_numbers_for_floats_and_metrics_of_a_methods_own_are_read():
+    records = [record(1, density=1, accuracy=0, time=3, layer_density=[1, 0.5]),
+               record(2, flower={"node": [1, "x"]}, my_metric="anything", dropped={"12": "timed out"})]
+    assert all(record_problem(r) is None for r in records)
 
 
 def test_a_log_that_is_not_text_is_named(tmp_path):

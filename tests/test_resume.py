@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tomli_w
 
-from conftest import tiny_config
+from conftest import round_record, tiny_config
 from mpfl.checkpoint import CHECKPOINT
 from mpfl.errors import RunDirError
 from mpfl.records import CONFIG, ROUNDS_JSONL
@@ -34,7 +34,7 @@ CFG = tiny_config()
 
 
 def record(step: int) -> dict:
-    return {"step": step, "phase": "mask" if step <= 2 else "train", "accuracy": step / 10}
+    return round_record(step, "mask" if step <= 2 else "train", accuracy=step / 10)
 
 
 def write_log(folder: Path, records: list[dict], tail: str = "") -> None:

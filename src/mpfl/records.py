@@ -38,7 +38,7 @@ from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .plugins import fingerprints, installed_plugins
-from .protocol import RoundRecord
+from .protocol import RoundRecord, record_problem
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -219,8 +219,9 @@ def read_rounds(path: str | Path, *, complete: bool = False) -> list[RoundRecord
             if number == len(lines) and not complete:
                 break  # a line cut short by a crash: the round it held is redone or restored on resume
             raise RunDirError(f"{file} line {number} is damaged ({exc}); restore the file from a copy") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
-            raise RunDirError(f"{file} line {number} is not a round record (no integer step); restore the file from a copy")
+        problem = record_problem(record)
+        if problem:
+            raise RunDirError(f"{file} line {number} is not a round record ({problem}); restore the file from a copy")
         records.append(record)
     return records
 
