@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from dataclasses import fields
@@ -48,7 +49,7 @@ from mpfl.flower.settings import RunnerOptions, flower_wording, from_run_config,
 from mpfl.flower.transport import METRIC_BYTES, FlowerTransport
 from mpfl.node import NodeState
 from mpfl.protocol import NodeFailure, RoundRecord
-from mpfl.records import read_rounds, read_summary
+from mpfl.records import RunSummary, read_rounds, read_summary
 from mpfl.server import Server
 from mpfl.sim import simulate
 
@@ -88,7 +89,7 @@ def assert_same_run(out: Path, sim) -> None:
     for got, want in zip(final.weights.values(), sim.weights, strict=True):
         assert np.array_equal(got, want)
     summary = read_summary(out)
-    assert summary["runner"] == "flower-deployment"
+    assert summary["runner"] == "flower-deployment" and set(summary) <= set(typing.get_type_hints(RunSummary))
     assert (summary["bytes_up"], summary["bytes_down"]) == (sim.summary["bytes_up"], sim.summary["bytes_down"])
 
 

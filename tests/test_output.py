@@ -123,12 +123,14 @@ def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_
         check_memory(capped, capped.fixed + 2 * capped.per_node + 1)
 
 
-def test_round_records_have_the_keys_round_record_names_with_their_types(tmp_path):
-    """`RoundRecord` is the records' contract: every key a run writes is named there, with its type."""
+def test_round_records_and_the_summary_have_the_keys_their_contracts_name_with_their_types(tmp_path):
+    """`RoundRecord` is the records' contract and `RunSummary` the summary's: every key a run writes is
+    named there, with its type."""
     import types
     import typing
 
     from mpfl.protocol import RoundRecord
+    from mpfl.records import RunSummary, summary_problem
 
     def allowed(hint) -> tuple[type, ...]:
         parts = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
@@ -142,4 +144,5 @@ def test_round_records_have_the_keys_round_record_names_with_their_types(tmp_pat
         assert RoundRecord.__required_keys__ <= set(record) <= set(hints), set(record) ^ set(hints)
         assert all(isinstance(value, allowed(hints[key])) for key, value in record.items()), record
     assert {"hamming", "agreement", "vote_weights"} <= set(written[0])
+    assert set(result.summary) <= set(typing.get_type_hints(RunSummary)) and summary_problem(result.summary) is None
     assert any("swapped" in r for r in written if r["phase"] == "train")  # an adaptation round

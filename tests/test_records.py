@@ -11,7 +11,6 @@ import pytest
 from conftest import round_record as record
 from conftest import tiny_config
 from mpfl.errors import ConfigError, RunDirError
-from mpfl.protocol import record_problem
 from mpfl.records import (
     CONFIG,
     CSV_COLUMNS,
@@ -23,7 +22,10 @@ from mpfl.records import (
     check_run_dir,
     default_run_dir,
     lost_nodes,
+    make_run_dir,
     read_rounds,
+    read_summary,
+    record_problem,
     summarize,
     summary_line,
 )
@@ -108,6 +110,80 @@ def test_rewrite_replaces_both_logs_and_later_rounds_append_after_it(tmp_path):
     assert len(lines) == 3 and lines[0] == ",".join(CSV_COLUMNS) and lines[2].startswith("2,train,")
 
 
+def test_an_empty_csv_log_gets_its_header_with_the_first_round(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, CFG)
+    (out / ROUNDS_CSV).write_text("")
+    run.log(record(1))
+    assert (out / ROUNDS_CSV).read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
+
+
+def test_the_summary_is_written_as_json_and_read_back(tmp_path):
+    run = RunDir(tmp_path / "run", CFG)
+    summary = summarize(CFG, [record(1, accuracy=0.5)], 2.0)
+    run.finish(summary)
+    assert read_summary(tmp_path / "run") == json.loads(json.dumps(summary))
+
+
+def _summary(**changes) -> dict:
+    """A summary as a run writes it (through JSON), with `changes` to its keys or, as ``config__train__lr``,
+    to nested ones."""
+    summary = json.loads(json.dumps(summarize(CFG, [record(1, accuracy=0.5)], 2.0)))
+    for key, value in changes.items():
+        *path, name = key.split("__")
+        where = summary
+        for part in path:
+            where = where[part]
+        where[name] = value
+    return summary
+
+
+NOT_SUMMARIES = {
+    "a list": ([_summary()], "not a JSON object"),
+    "a figure missing": ({k: v for k, v in _summary().items() if k != "rounds"}, "no rounds"),
+    "accuracy as text": (_summary(final_accuracy="high"), "final_accuracy = 'high' is not float | None"),
+    "wall time missing a value": (_summary(wall_time=None), "wall_time = None is not float"),
+    "lost nodes not a list": (_summary(lost_nodes="none"), "lost_nodes = 'none' is not list[dict[str, typing.Any]]"),
+    "a cost as text": (_summary(params_kept="20k"), "params_kept = '20k' is not int"),
+    "config not a table": (_summary(config=[1]), "config = [1] is not dict[str, typing.Any]"),
+    "a config section not a table": (_summary(config__train=3), "config.train is not a table"),
+    "a config field missing": (_summary(config={"seed": 0}), "config: no method, dataset, partition, alpha, shards"),
+    "a config field of another type": (_summary(config__seed=[1]), "config: seed = [1] is not int"),
+    "a field in a section of another type": (_summary(config__train__lr="fast"), "config: lr = 'fast' is not float"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_SUMMARIES))
+def test_a_summary_file_that_is_not_a_run_summary_is_named_with_the_problem(tmp_path, case):
+    value, problem = NOT_SUMMARIES[case]
+    (tmp_path / SUMMARY).write_text(json.dumps(value))
+    with pytest.raises(RunDirError) as refused:
+        read_summary(tmp_path)
+    assert f"summary.json is not a run summary ({problem}" in str(refused.value)
+
+
+def test_a_summary_of_a_plugins_method_with_costs_and_flower_figures_is_read(tmp_path):
+    summary = _summary(method="my-method", config__method="my-method", params_kept=10, bits_per_param_up=None,
+                       partitions={"0": 12345}, federated_eval={"accuracy": 0.5}, my_figure=[1, "a"])
+    (tmp_path / SUMMARY).write_text(json.dumps(summary))
+    assert read_summary(tmp_path) == summary
+
+
+def test_a_summary_that_is_not_json_is_named_damaged(tmp_path):
+    (tmp_path / SUMMARY).write_text('{"method": ')
+    with pytest.raises(RunDirError, match="summary.json is damaged"):
+        read_summary(tmp_path)
+    (tmp_path / SUMMARY).write_bytes(b"\xff\xfe")
+    with pytest.raises(RunDirError, match="summary.json is damaged"):
+        read_summary(tmp_path)
+
+
+def test_a_run_directory_that_cannot_be_created_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot create run directory .*file/run.*; choose another --out"):
+        make_run_dir(tmp_path / "file" / "run")
+
+
 def test_a_resumed_run_dir_keeps_the_config_it_has(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -185,11 +261,12 @@ def test_the_summary_holds_the_runs_figures_worked_out_from_its_rounds():
     summary = summarize(CFG, rounds, 12.5)
     assert {k: summary[k] for k in ("final_accuracy", "best_accuracy", "final_loss", "final_density", "rounds",
                                     "train_rounds", "mask_rounds", "bytes_up", "bytes_down", "wall_time",
-                                    "train_round_time", "runner", "lost_nodes", "seed", "sparsity")} == {
+                                    "train_round_time", "runner", "lost_nodes", "seed", "sparsity", "bytes_eval_up",
+                                    "bytes_eval_down")} == {
         "final_accuracy": 0.75, "best_accuracy": 0.75, "final_loss": None, "final_density": 0.25, "rounds": 3,
         "train_rounds": 2, "mask_rounds": 1, "bytes_up": 45, "bytes_down": 80, "wall_time": 12.5,
         "train_round_time": 3.0, "runner": "simulator", "lost_nodes": [], "seed": CFG.seed,
-        "sparsity": CFG.prune.sparsity}
+        "sparsity": CFG.prune.sparsity, "bytes_eval_up": 0, "bytes_eval_down": 0}
     assert summary["config"] == CFG.to_dict() and "plugins" not in summary["versions"]
     assert summarize(CFG, rounds, 1.0, {"runner": "flower-deployment"})["runner"] == "flower-deployment"
     assert summarize(CFG.with_overrides({"method": "fedavg"}), rounds, 1.0)["sparsity"] == 0.0

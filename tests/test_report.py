@@ -313,6 +313,15 @@ def test_a_json_file_of_another_shape_is_refused(runs, tmp_path, capsys):
     assert (run / "summary.json").read_bytes() == summary and not (tmp_path / "out" / "report.md").exists()
 
 
+def test_a_run_whose_summary_was_edited_into_another_shape_is_skipped_with_the_reason(runs, tmp_path, capsys):
+    edited = shutil.copytree(runs / "mpfl-0", tmp_path / "edited")
+    summary = json.loads((edited / "summary.json").read_text())
+    (edited / "summary.json").write_text(json.dumps({**summary, "final_accuracy": "97 %"}))
+    assert main(["report", str(edited), str(runs / "mpfl-1"), "--out", str(tmp_path / "report")]) == 0
+    assert (f"skipped {edited}: cannot be read (RunDirError: {edited / 'summary.json'} is not a run summary "
+            "(final_accuracy = '97 %' is not float | None)") in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize("damage", ["cut 40 bytes", "last line removed"])
 def test_a_finished_run_with_a_damaged_log_is_skipped(runs, tmp_path, capsys, damage):
     """A finished run's rounds.jsonl must parse to the end and hold every round of its summary; else the

@@ -27,6 +27,7 @@ from mpfl.resume import (
     recover_records,
     restart,
     result_config,
+    resume_notes,
     write_identity,
 )
 
@@ -77,8 +78,10 @@ def test_changes_name_each_differing_field_with_both_values_sections_flattened()
     assert changes(saved, {**saved, "seed": 7}) == "seed = 7 (checkpoint: 0)"
     assert (changes(saved, {**saved, "train": {"lr": 0.1}}, "config.toml")
             == "train.epochs = 'unset' (config.toml: 1), train.lr = 0.1 (config.toml: 0.05)")
-    many = {f"f{i}": i for i in range(7)}
-    assert changes({}, many) == ", ".join(f"f{i} = {i} (checkpoint: 'unset')" for i in range(5)) + " and 2 more"
+    assert changes({"notes": {"a": 1}}, {"notes": {"a": 2}}) == "notes = {'a': 2} (checkpoint: {'a': 1})"
+    shown = ", ".join(f"f{i} = {i} (checkpoint: 'unset')" for i in range(5))
+    for count, more in ((5, ""), (6, " and 1 more"), (7, " and 2 more")):
+        assert changes({}, {f"f{i}": i for i in range(count)}) == shown + more
 
 
 def test_an_identity_reads_back_as_written_and_a_missing_one_is_none(tmp_path):
@@ -113,10 +116,19 @@ def test_a_lost_identity_is_written_again_from_the_checkpoint(stopped):
     assert read_identity(folder) == {"run_id": run["run_id"], "config_sha256": run["config_sha256"]}
 
 
+def test_a_checkpoint_after_the_first_round_is_accepted(stopped):
+    folder, run = stopped
+    run.update(records=1, last_record=record(1))
+    write_meta(folder, run)
+    assert check_resumable(folder, CFG)["run"] == run
+
+
 def test_the_checkpoint_of_another_run_is_refused(stopped):
-    folder, _ = stopped
-    write_identity(folder, new_identity(CFG))
-    with pytest.raises(RunDirError, match="checkpoint.npz belongs to another run"):
+    folder, run = stopped
+    other = new_identity(CFG)
+    write_identity(folder, other)
+    with pytest.raises(RunDirError, match=f"checkpoint.npz belongs to another run \\(run id {run['run_id'][:12]}, but "
+                                          f".*run.json names {other['run_id'][:12]}\\)"):
         check_resumable(folder, CFG)
 
 
@@ -214,3 +226,23 @@ def test_plug_in_changes_are_those_recorded_then_those_since_the_checkpoint(stop
         {"plugin": "c.py", "step": 4, "sha256_before": None, "sha256_after": "4"}]
     del run["plugins"]
     assert plugin_changes({"run": run}, CFG) == []
+
+
+def test_resuming_notes_each_plug_in_whose_code_changed_since_the_checkpoint(stopped, monkeypatch):
+    folder, run = stopped
+    run.update(plugins={"a.py": "0123456789abcdef", "b.py": "same"})
+    write_meta(folder, run)
+    monkeypatch.setattr("mpfl.resume.fingerprints", lambda names: {"a.py": "fedcba9876543210", "b.py": "same"})
+    assert resume_notes(folder, CFG) == [
+        "plug-in a.py changed since the last checkpoint (sha256 0123456789ab -> fedcba987654): the rounds from step 4 "
+        "on run the new code, and the run's summary.json lists the change (plugin_changes)"]
+    monkeypatch.setattr("mpfl.resume.fingerprints", lambda names: {"b.py": "same"})
+    assert "(sha256 0123456789ab -> none)" in resume_notes(folder, CFG)[0]
+
+
+def test_no_notes_without_a_readable_checkpoint(stopped):
+    folder, run = stopped
+    write_meta(folder, {**run, "records": 0})
+    assert resume_notes(folder, CFG) == []
+    (folder / CHECKPOINT).unlink()
+    assert resume_notes(folder, CFG) == []

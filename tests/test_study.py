@@ -11,7 +11,7 @@ from conftest import comparable
 from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
-from mpfl.errors import ConfigError, PathError, RoundError, WorkerError
+from mpfl.errors import ConfigError, PathError, RoundError, RunDirError, WorkerError
 from mpfl.records import read_rounds, read_summary
 from mpfl.study import PRESETS, Cell, cell_name, estimate_seconds, grid, preset_cells, run_study, unique
 
@@ -79,6 +79,14 @@ def test_a_finished_cell_of_another_config_is_refused(study, tmp_path):
     (dest / "summary.json").write_text((src / "summary.json").read_text())
     with pytest.raises(ConfigError, match="another config"):
         run_study([other], tmp_path, quiet=True)
+
+
+def test_a_finished_cell_with_a_damaged_summary_is_named(study, tmp_path):
+    cell = tmp_path / cell_name(CELLS[0].config())
+    cell.mkdir()
+    (cell / "summary.json").write_text('{"method": "mpfl", "final')
+    with pytest.raises(RunDirError, match="summary.json is damaged"):
+        run_study([CELLS[0]], tmp_path, quiet=True)
 
 
 def test_cells_run_side_by_side_in_processes_end_bit_for_bit_as_in_one_process(study, tmp_path):

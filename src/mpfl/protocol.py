@@ -8,8 +8,6 @@ simulator, over Flower's grid for deployments.
 
 from __future__ import annotations
 
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypedDict
@@ -77,47 +75,6 @@ class RoundRecord(_AlwaysRecorded, total=False):
     swap_fraction: float  # adaptation rounds: the share of each layer's kept weights to swap
     swapped: int  # adaptation rounds: weights regrown (and as many dropped)
     flower: dict[str, Any]  # Flower runs: where the round's time went per node
-
-
-_RECORD_HINTS = typing.get_type_hints(RoundRecord)
-
-
-def _fits(value: object, hint: Any) -> bool:
-    """Whether a JSON value has the type a `RoundRecord` key names (an integer counts as a float, a
-    boolean as neither)."""
-    if isinstance(hint, types.UnionType):
-        return any(_fits(value, part) for part in typing.get_args(hint))
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    return isinstance(value, hint)
-
-
-def record_problem(record: object) -> str | None:
-    """Why a value read from a round log is not a `RoundRecord`: a key every record has is missing, a key
-    holds another type than `RoundRecord` names, or a dropped node is not a node id; None if it is one.
-    Keys a method adds of its own may hold any value."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    missing = sorted(RoundRecord.__required_keys__ - set(record))
-    if missing:
-        return f"no {', '.join(missing)}"
-    for key, value in record.items():
-        if key in _RECORD_HINTS and not _fits(value, _RECORD_HINTS[key]):
-            hint = _RECORD_HINTS[key]
-            named = hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
-            return f"{key} = {value!r:.40} is not {named}"
-    if not all(node.isdigit() for node in record["dropped"]):
-        return "a dropped node is not a node id"
-    return None
 
 
 @dataclass

@@ -19,9 +19,11 @@ import json
 import os
 import platform
 import time
+import types
+import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import tomli_w
 import torch
@@ -29,7 +31,7 @@ import torch
 from ._version import __version__
 from .attacks import malicious_ids
 from .checkpoint import save_final
-from .config import Config
+from .config import SECTIONS, Config, field_types
 from .core.params import Mask, Weights
 from .costs import model_stats
 from .devices import describe
@@ -38,7 +40,7 @@ from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .plugins import fingerprints, installed_plugins
-from .protocol import RoundRecord, record_problem
+from .protocol import RoundRecord
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -47,6 +49,129 @@ CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "roun
 CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
                "agreement", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "time", "elapsed", "nodes",
                "dropped")
+
+
+
+class _AlwaysSummarized(TypedDict):
+    """The keys every `summary.json` has (see `RunSummary`)."""
+
+    method: str
+    dataset: str
+    model: str
+    partition: str
+    nodes: int
+    seed: int
+    sparsity: float  # the configured sparsity of a pruning method, 0 for the others
+    final_accuracy: float | None  # of the last evaluated round; None if none was evaluated
+    best_accuracy: float | None
+    final_loss: float | None
+    final_density: float | None
+    rounds: int  # rounds recorded: mask and training rounds together
+    train_rounds: int
+    mask_rounds: int
+    bytes_up: int  # of every round's messages, nodes to server
+    bytes_down: int
+    wall_time: float  # seconds, over every invocation of a resumed run
+    train_round_time: float | None  # the mean wall time of a training round
+    runner: str  # "simulator", "flower-simulation" or "flower-deployment"
+    lost_nodes: list[dict[str, Any]]  # nodes whose last request failed: node, step, phase, reason
+    bytes_eval_down: int  # federated evaluation on the nodes (Flower runs), outside the rounds
+    bytes_eval_up: int
+    config: dict[str, Any]  # the run's config, as config.toml holds it
+    versions: dict[str, Any]  # mpfl, torch, python, and the plug-ins' source hashes
+
+
+class RunSummary(_AlwaysSummarized, total=False):
+    """A finished run's `summary.json`: what `summarize` writes and the runners add."""
+
+    malicious_nodes: list[int]
+    device: str
+    limited_counts: dict[str, Any]  # nodes whose sample count claims were bounded, with what each claimed
+    plugin_changes: list[dict[str, Any]]  # plug-ins whose code changed while the run was resumed
+    params_kept: int  # the final model's parameters, size and cost, pruned and dense (mpfl.costs)
+    params_dense: int
+    model_bytes: int
+    model_bytes_dense: int
+    flops_per_sample: int
+    flops_per_sample_dense: int
+    megabytes_total: float  # traffic both ways, and bits per parameter per node and round
+    bits_per_param_up: float | None
+    bits_per_param_down: float | None
+    train_bits_per_param_up: float | None
+    train_bits_per_param_down: float | None
+    partitions: dict[str, Any]  # Flower runs: partition id -> Flower node id
+    missing_partitions: list[int]
+    federated_eval: dict[str, Any]
+
+
+SUMMARY_CONFIG_FIELDS = ("method", "seed", "dataset", "partition", "alpha", "shards", "model")
+"""The config fields a summary must hold: those `mpfl report` groups and labels runs by."""
+
+
+def fits(value: object, hint: Any) -> bool:
+    """Whether a JSON value has the type `hint` names (the types of `RoundRecord`, `RunSummary` and the
+    config's fields): an integer counts as a float, a boolean as neither, a list as a tuple."""
+    if isinstance(hint, types.UnionType):
+        return any(fits(value, part) for part in typing.get_args(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(fits(k, args[0]) and fits(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint)
+
+
+def _mistyped(data: dict, hints: dict[str, Any], prefix: str = "") -> str | None:
+    """The first key of `data` whose value does not have its hint's type, as ``key = value is not type``."""
+    for key, value in data.items():
+        if key in hints and not fits(value, hints[key]):
+            hint = hints[key]
+            named = hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
+            return f"{prefix}{key} = {value!r:.40} is not {named}"
+    return None
+
+
+def _problem(data: object, schema: type) -> str | None:
+    """Why a JSON value is not the TypedDict `schema`: not an object, a required key missing, a value
+    of another type; None if it is one. Keys the schema does not name may hold anything."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    missing = sorted(schema.__required_keys__ - set(data))
+    if missing:
+        return f"no {', '.join(missing)}"
+    return _mistyped(data, typing.get_type_hints(schema))
+
+
+def record_problem(record: object) -> str | None:
+    """Why a value read from a round log is not a `RoundRecord` (see `_problem`; a dropped node must also
+    be a node id); None if it is one. Keys a method adds of its own may hold any value."""
+    problem = _problem(record, RoundRecord)
+    if problem is None and not all(node.isdigit() for node in record["dropped"]):
+        return "a dropped node is not a node id"
+    return problem
+
+
+def summary_problem(summary: object) -> str | None:
+    """Why a value read from `summary.json` is not a `RunSummary` whose config has its fields' types;
+    None if it is one. Field values are not checked against registries: a run of a plug-in's method
+    names a method this process may not know."""
+    problem = _problem(summary, RunSummary)
+    if problem is not None:
+        return problem
+    config, hints = summary["config"], field_types()
+    sections = [k for k in SECTIONS if not isinstance(config.get(k, {}), dict)]
+    if sections:
+        return f"config.{sections[0]} is not a table"
+    flat = {**{k: v for k, v in config.items() if k not in SECTIONS},
+            **{k: v for section in SECTIONS for k, v in config.get(section, {}).items()}}
+    missing = [k for k in SUMMARY_CONFIG_FIELDS if k not in flat]
+    return f"config: no {', '.join(missing)}" if missing else _mistyped(flat, hints, "config: ")
 
 
 def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
@@ -162,7 +287,7 @@ def lost_nodes(records: Iterable[RoundRecord]) -> list[dict]:
     return sorted(lost.values(), key=lambda entry: (entry["step"], entry["node"]))
 
 
-def summarize(cfg: Config, records: Iterable[RoundRecord], wall_time: float, extra: dict | None = None) -> dict:
+def summarize(cfg: Config, records: Iterable[RoundRecord], wall_time: float, extra: dict | None = None) -> RunSummary:
     """Final figures of a run from its round records; `extra` (the runner's own figures) overrides
     the defaults of a simulator run (`runner`, `lost_nodes`, no federated evaluation traffic)."""
     records = list(records)
@@ -226,9 +351,17 @@ def read_rounds(path: str | Path, *, complete: bool = False) -> list[RoundRecord
     return records
 
 
-def read_summary(path: str | Path) -> dict:
-    """The summary of a finished run directory."""
-    return json.loads((Path(path) / SUMMARY).read_text())
+def read_summary(path: str | Path) -> RunSummary:
+    """The summary of a finished run directory; a RunDirError naming the file when it is not one."""
+    file = Path(path) / SUMMARY
+    try:
+        summary = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RunDirError(f"{file} is damaged ({exc}); restore it from a copy or run the run again") from None
+    problem = summary_problem(summary)
+    if problem:
+        raise RunDirError(f"{file} is not a run summary ({problem}); restore it from a copy or run the run again")
+    return summary
 
 
 def traffic_units(records: Sequence[RoundRecord], params: int) -> dict:
@@ -245,7 +378,7 @@ def traffic_units(records: Sequence[RoundRecord], params: int) -> dict:
 
 
 def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: Mask, records: list[RoundRecord],
-               wall_time: float, extra: dict) -> dict:
+               wall_time: float, extra: dict) -> RunSummary:
     """The run's summary (with the pruned model's size and cost, and its traffic in the field's
     units); written with the final weights to `run_dir` when there is one."""
     stats = model_stats(exp.model, exp.spec, weights, mask, exp.dataset.input_shape, method_of(exp.cfg).structured)

@@ -28,7 +28,7 @@ from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool, refuse_in_a_starting_worker, worker_count
 from .protocol import NodeFailure, Reply, RoundRecord
-from .records import RunDir, check_resumable_dir, check_run_dir, finish_run, make_run_dir
+from .records import RunDir, RunSummary, check_resumable_dir, check_run_dir, finish_run, make_run_dir
 from .resume import check_resumable, checkpoint_run, load_resumed, plugin_changes, restart
 from .seeds import POOLED, Stream, rng
 from .server import Server
@@ -99,7 +99,7 @@ class RunResult:
     """What a run produced: its round records, summary, final weights and mask, and where it was written."""
 
     records: list[RoundRecord]
-    summary: dict
+    summary: RunSummary
     weights: Weights
     mask: Mask
     run_dir: Path | None = None
