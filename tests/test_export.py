@@ -122,6 +122,17 @@ def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_ru
             export_run(structured_run.run_dir, out, formats=["onnx"], repeats=2)
 
 
+def test_a_final_file_naming_an_input_no_model_can_take_is_an_export_error(unstructured_run, tmp_path, capsys):
+    run = shutil.copytree(unstructured_run.run_dir, tmp_path / "run")
+    with np.load(run / "final.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(run / "final.npz", **{**arrays, "input_shape": np.array([1, 10**9, 10**9], dtype=np.int64)})
+    assert main(["export", str(run), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "final.npz names an input shape (1, 1000000000, 1000000000) and 10 classes that model 'mlp' cannot" in err
+    assert len(err.strip().splitlines()) == 1 and not (run / "export").exists()
+
+
 def test_dropped_filter_biases_left_alive_show_up_as_an_output_difference(tmp_path):
     result = simulate(tiny_config(criterion="filter", **{**SMALL, "rounds": 0}), tmp_path / "run")
     info = export_run(result.run_dir, tmp_path / "exp", formats=["state_dict"], repeats=2)

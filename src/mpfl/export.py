@@ -161,7 +161,12 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
     cfg = Config.from_toml(run / CONFIG)
     final = load_final(run)
-    model = build_model(cfg.train.model, final.input_shape, final.num_classes)
+    try:
+        model = build_model(cfg.train.model, final.input_shape, final.num_classes)
+    except RuntimeError as exc:  # torch's: a crafted input shape or class count no model has
+        raise ExportError(f"{run / FINAL} names an input shape {final.input_shape} and {final.num_classes} classes "
+                          f"that model {cfg.train.model!r} cannot be built for ({exc}); rerun the run to write it again"
+                          ) from None
     method = method_of(cfg)
     spec = param_spec(model, cfg.prune.exclude, structured=method.structured, keep=method.prunable_layers)
     if set(spec.names) != set(final.weights) or set(spec.prunable_names) != set(final.mask):
