@@ -59,6 +59,7 @@ def test_every_field_is_a_unique_flag():
         ({"method": "FEDAVGG"}, "method = 'FEDAVGG' is not one of .* Did you mean 'fedavg'"),
         ({"train": {"lr": 0}}, "lr = 0.0 must be > 0"),
         ({"train": {"lr": "fast"}}, "train.lr must be of type float"),
+        ({"train": {"lr": 10**400}}, "train.lr is out of range: a number with 401 digits is too large for a float"),
         ({"prune": {"sparsity": 1.0}}, "sparsity = 1.0 must be < 1"),
         ({"prune": {"schedul": "linear"}}, "unknown config key 'prune.schedul'. Did you mean 'prune.schedule'"),
         ({"nodes": 2, "min_nodes": 3}, "min_nodes = 3 is larger than nodes = 2"),

@@ -522,6 +522,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         if isinstance(value, bool):
             return value
     elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > sys.float_info.max:  # a TOML integer of any length
+            raise ConfigError(f"{name} is out of range: a number with {len(str(abs(value)))} digits is too large for a float")
         return float(value)
     elif typ is int and isinstance(value, int) and not isinstance(value, bool):
         return value
