@@ -213,6 +213,7 @@ NOT_RECORDS = {
     "nodes not a list": ({**record(2), "nodes": 3}, "nodes = 3 is not list[int]"),
     "a node not a number": (record(2, nodes=["0"]), "nodes = ['0'] is not list[int]"),
     "dropped a list": ({**record(2), "dropped": ["1"]}, "dropped = ['1'] is not dict[str, str]"),
+    "dropped a number": ({**record(2), "dropped": 3}, "dropped = 3 is not dict[str, str]"),
     "a dropped node not an id": (record(2, dropped={"one": "gone"}), "a dropped node is not a node id"),
     "a vote weight as text": (record(2, vote_weights={"0": "half"}), "vote_weights = {'0': 'half'} is not dict[str, float]"),
 }
