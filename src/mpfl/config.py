@@ -129,6 +129,9 @@ def _spell_names(cfg: Any) -> None:
 
 MAX_THREADS = 1024
 """Most torch threads a run may ask for: far beyond any useful count, below where torch crashes."""
+MAX_STEPS = 2**32 - 1
+"""The most rounds a run can have, warm-up, mask and training rounds together: messages carry the
+round number in 32 bits (`mpfl.codec`)."""
 
 
 @dataclass(frozen=True)
@@ -406,6 +409,10 @@ class Config:
         _range("seed", self.seed, 0, 2**32 - 1)
         _range("nodes", self.nodes, 1)
         _range("rounds", self.rounds, 0)
+        steps = self.prune.warmup_rounds + self.prune.mask_rounds + self.rounds
+        if steps > MAX_STEPS:
+            raise ConfigError(f"warmup_rounds + mask_rounds + rounds = {steps:,}, but a run has at most {MAX_STEPS:,} "
+                              "rounds (messages number them in 32 bits)")
         _range("min_nodes", self.min_nodes, 1)
         if self.min_nodes > self.nodes:
             raise ConfigError(f"min_nodes = {self.min_nodes} is larger than nodes = {self.nodes}")
