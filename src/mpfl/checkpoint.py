@@ -101,7 +101,8 @@ def read_meta(run_dir: Path) -> dict:
     return meta
 
 
-def _int(value: Any, lo: int, hi: float = float("inf")) -> bool:
+def int_in(value: Any, lo: int, hi: float = float("inf")) -> bool:
+    """Whether a JSON value is an integer from `lo` to `hi` (true and false are not integers here)."""
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
@@ -110,9 +111,9 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
     mask version one the history holds (a crafted next_step = 0 would otherwise drop the records)."""
     history = meta.get("history")
     problems = []
-    if not _int(meta.get("next_step"), 1, steps + 1):
+    if not int_in(meta.get("next_step"), 1, steps + 1):
         problems.append(f"next_step = {meta.get('next_step')!r} is not a step from 1 to {steps + 1}")
-    if not (isinstance(history, list) and history and all(_int(v, 0, steps) for v in history) and 0 in history):
+    if not (isinstance(history, list) and history and all(int_in(v, 0, steps) for v in history) and 0 in history):
         problems.append(f"the mask history {history!r} is not a list of steps from 0 to {steps} holding 0")
         history = [0]
     versions = set(history)
@@ -121,7 +122,7 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
     if not isinstance(meta.get("mask_done"), bool):
         problems.append(f"mask_done = {meta.get('mask_done')!r} is not true or false")
     for key in ("bytes_up", "bytes_down"):
-        if not _int(meta.get(key), 0):
+        if not int_in(meta.get(key), 0):
             problems.append(f"{key} = {meta.get(key)!r} is not a non-negative integer")
     node_ids = {str(n) for n in range(nodes)}
     maps = {key: meta.get(key) for key in ("node_version", "counts", "nodes")}
@@ -131,14 +132,14 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
             maps[key] = {}
     if not all(v in versions for v in maps["node_version"].values()):
         problems.append("node_version names a mask version the history does not hold")
-    if not all(_int(v, 1, 2**32 - 1) for v in maps["counts"].values()):
+    if not all(int_in(v, 1, 2**32 - 1) for v in maps["counts"].values()):
         problems.append("counts holds a sample count that is not a positive 32-bit integer")
-    if not (isinstance(meta.get("w0_sent"), list) and all(_int(n, 0, nodes - 1) for n in meta["w0_sent"])):
+    if not (isinstance(meta.get("w0_sent"), list) and all(int_in(n, 0, nodes - 1) for n in meta["w0_sent"])):
         problems.append("w0_sent is not a list of node ids")
     for n, m in maps["nodes"].items():
         flags = ("has_mask", "has_w0", "local", "residual")
         if (not isinstance(m, dict) or m.get("version") not in versions or not all(isinstance(m.get(f), bool) for f in flags)
-                or not isinstance(m.get("kept", False), bool) or not _int(m.get("from_w0", 0), 0, steps)
+                or not isinstance(m.get("kept", False), bool) or not int_in(m.get("from_w0", 0), 0, steps)
                 or (m.get("from_w0", 0) and not m.get("has_w0"))):
             problems.append(f"the state of node {n} is malformed")
     if problems:

@@ -51,7 +51,6 @@ CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "
                "dropped")
 
 
-
 class _AlwaysSummarized(TypedDict):
     """The keys every `summary.json` has (see `RunSummary`)."""
 
@@ -108,11 +107,11 @@ SUMMARY_CONFIG_FIELDS = ("method", "seed", "dataset", "partition", "alpha", "sha
 """The config fields a summary must hold: those `mpfl report` groups and labels runs by."""
 
 
-def fits(value: object, hint: Any) -> bool:
+def _fits(value: object, hint: Any) -> bool:
     """Whether a JSON value has the type `hint` names (the types of `RoundRecord`, `RunSummary` and the
     config's fields): an integer counts as a float, a boolean as neither, a list as a tuple."""
     if isinstance(hint, types.UnionType):
-        return any(fits(value, part) for part in typing.get_args(hint))
+        return any(_fits(value, part) for part in typing.get_args(hint))
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return True
@@ -121,16 +120,16 @@ def fits(value: object, hint: Any) -> bool:
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     if origin in (list, tuple):
-        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(fits(k, args[0]) and fits(v, args[1]) for k, v in value.items())
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
     return isinstance(value, hint)
 
 
 def _mistyped(data: dict, hints: dict[str, Any], prefix: str = "") -> str | None:
     """The first key of `data` whose value does not have its hint's type, as ``key = value is not type``."""
     for key, value in data.items():
-        if key in hints and not fits(value, hints[key]):
+        if key in hints and not _fits(value, hints[key]):
             hint = hints[key]
             named = hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
             return f"{prefix}{key} = {value!r:.40} is not {named}"

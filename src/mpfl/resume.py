@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
-from .checkpoint import CHECKPOINT, damaged, load_checkpoint, read_meta
+from .checkpoint import CHECKPOINT, damaged, int_in, load_checkpoint, read_meta
 from .config import SECTIONS, Config
 from .core.params import ParamSpec
 from .errors import RunDirError
@@ -126,16 +126,11 @@ def _run_info(folder: Path, meta: dict) -> dict:
     if not (all(isinstance(run[k], str) for k in _IDENTITY_KEYS) and isinstance(run["config"], dict)):
         raise damaged(folder / CHECKPOINT, "its run identity or config is malformed")
     last = run["last_record"]
-    if not (_count(run["records"]) and isinstance(last, dict) and _count(last.get("step"))):
+    if not (int_in(run["records"], 1) and isinstance(last, dict) and int_in(last.get("step"), 1)):
         raise damaged(folder / CHECKPOINT, f"its record count {run['records']!r} or last record is malformed")
     if not (isinstance(run.get("plugins", {}), dict) and isinstance(run.get("plugin_changes", []), list)):
         raise damaged(folder / CHECKPOINT, "its plug-in hashes or plug-in changes are malformed")
     return run
-
-
-def _count(value: object) -> bool:
-    """Whether a JSON value is a positive integer (a record count or a step; true and false are not)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def resume_notes(folder: Path, cfg: Config) -> list[str]:
