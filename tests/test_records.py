@@ -229,7 +229,7 @@ def test_a_line_that_is_not_a_round_record_is_named_with_the_problem(tmp_path, c
 
 
 def test_records_with_whole_numbers_for_floats_and_metrics_of_a_methods_own_are_read():
-    records = [record(1, density=1, accuracy=0, time=3, layer_density=[1, 0.5]),
+    records = [record(1, density=1, accuracy=0, time=3, layer_density=[1, 0.5], vote_weights={"0": 0.25, "1": 1}),
                record(2, flower={"node": [1, "x"]}, my_metric="anything", dropped={"12": "timed out"})]
     assert all(record_problem(r) is None for r in records)
 
