@@ -254,6 +254,10 @@ def test_a_methods_new_mask_and_metrics_are_held_to_the_contract_before_anything
         "none-metrics": (lambda r, new, m, cur: (r, new, None), "mask_round must give its metrics as a dict, got NoneType"),
         "set-metric": (lambda r, new, m, cur: (r, new, {**m, "kept": {1, 2}}),
                        "mask_round: every metric must be a number, string, list or dict \\(a set is not a JSON value\\)"),
+        "step-metric": (lambda r, new, m, cur: (r, new, {**m, "step": 9, "time": 1.0}),
+                        "mask_round: metrics step, time are keys the server records itself; name them otherwise"),
+        "mistyped-metric": (lambda r, new, m, cur: (r, new, {**m, "agreement": "high"}),
+                            "mask_round: agreement = 'high' is not float, the type mpfl.protocol.RoundRecord gives it"),
     }
     for name, (change, says) in cases.items():
         out = tmp_path / name

@@ -8,6 +8,8 @@ simulator, over Flower's grid for deployments.
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypedDict
@@ -75,6 +77,60 @@ class RoundRecord(_AlwaysRecorded, total=False):
     swap_fraction: float  # adaptation rounds: the share of each layer's kept weights to swap
     swapped: int  # adaptation rounds: weights regrown (and as many dropped)
     flower: dict[str, Any]  # Flower runs: where the round's time went per node
+
+
+RECORDED_BY_RUNNERS = RoundRecord.__required_keys__ | {"time", "elapsed", "flower"}
+"""The record keys the server and the runners set, which a method's metrics may not replace."""
+
+
+def _fits(value: object, hint: Any) -> bool:
+    """Whether a JSON value has the type `hint` names (the types of `RoundRecord`, of
+    `mpfl.records.RunSummary` and of the config's fields): an integer counts as a float, a boolean as
+    neither, a list as a tuple."""
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, part) for part in typing.get_args(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return isinstance(value, hint)
+
+
+def mistyped(data: dict, hints: dict[str, Any], prefix: str = "") -> str | None:
+    """The first key of `data` whose value does not have its hint's type, as ``key = value is not type``."""
+    for key, value in data.items():
+        if key in hints and not _fits(value, hints[key]):
+            hint = hints[key]
+            named = hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
+            return f"{prefix}{key} = {value!r:.40} is not {named}"
+    return None
+
+
+def typed_dict_problem(data: object, schema: type) -> str | None:
+    """Why a JSON value is not the TypedDict `schema`: not an object, a required key missing, a value
+    of another type; None if it is one. Keys the schema does not name may hold anything."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    missing = sorted(schema.__required_keys__ - set(data))
+    if missing:
+        return f"no {', '.join(missing)}"
+    return mistyped(data, typing.get_type_hints(schema))
+
+
+def record_problem(record: object) -> str | None:
+    """Why a value read from a round log is not a `RoundRecord` (see `typed_dict_problem`; a dropped node
+    must also be a node id); None if it is one. Keys a method adds of its own may hold any value."""
+    problem = typed_dict_problem(record, RoundRecord)
+    if problem is None and not all(node.isdigit() for node in record["dropped"]):
+        return "a dropped node is not a node id"
+    return problem
 
 
 @dataclass

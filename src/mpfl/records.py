@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import time
-import types
-import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -40,7 +38,7 @@ from .files import atomic_write, refuse_link
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .plugins import fingerprints, installed_plugins
-from .protocol import RoundRecord
+from .protocol import RoundRecord, mistyped, record_problem, typed_dict_problem
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -107,60 +105,11 @@ SUMMARY_CONFIG_FIELDS = ("method", "seed", "dataset", "partition", "alpha", "sha
 """The config fields a summary must hold: those `mpfl report` groups and labels runs by."""
 
 
-def _fits(value: object, hint: Any) -> bool:
-    """Whether a JSON value has the type `hint` names (the types of `RoundRecord`, `RunSummary` and the
-    config's fields): an integer counts as a float, a boolean as neither, a list as a tuple."""
-    if isinstance(hint, types.UnionType):
-        return any(_fits(value, part) for part in typing.get_args(hint))
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    if origin in (list, tuple):
-        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
-    return isinstance(value, hint)
-
-
-def _mistyped(data: dict, hints: dict[str, Any], prefix: str = "") -> str | None:
-    """The first key of `data` whose value does not have its hint's type, as ``key = value is not type``."""
-    for key, value in data.items():
-        if key in hints and not _fits(value, hints[key]):
-            hint = hints[key]
-            named = hint.__name__ if isinstance(hint, type) and typing.get_origin(hint) is None else str(hint)
-            return f"{prefix}{key} = {value!r:.40} is not {named}"
-    return None
-
-
-def _problem(data: object, schema: type) -> str | None:
-    """Why a JSON value is not the TypedDict `schema`: not an object, a required key missing, a value
-    of another type; None if it is one. Keys the schema does not name may hold anything."""
-    if not isinstance(data, dict):
-        return "not a JSON object"
-    missing = sorted(schema.__required_keys__ - set(data))
-    if missing:
-        return f"no {', '.join(missing)}"
-    return _mistyped(data, typing.get_type_hints(schema))
-
-
-def record_problem(record: object) -> str | None:
-    """Why a value read from a round log is not a `RoundRecord` (see `_problem`; a dropped node must also
-    be a node id); None if it is one. Keys a method adds of its own may hold any value."""
-    problem = _problem(record, RoundRecord)
-    if problem is None and not all(node.isdigit() for node in record["dropped"]):
-        return "a dropped node is not a node id"
-    return problem
-
-
 def summary_problem(summary: object) -> str | None:
     """Why a value read from `summary.json` is not a `RunSummary` whose config has its fields' types;
     None if it is one. Field values are not checked against registries: a run of a plug-in's method
     names a method this process may not know."""
-    problem = _problem(summary, RunSummary)
+    problem = typed_dict_problem(summary, RunSummary)
     if problem is not None:
         return problem
     config, hints = summary["config"], field_types()
@@ -170,7 +119,7 @@ def summary_problem(summary: object) -> str | None:
     flat = {**{k: v for k, v in config.items() if k not in SECTIONS},
             **{k: v for section in SECTIONS for k, v in config.get(section, {}).items()}}
     missing = [k for k in SUMMARY_CONFIG_FIELDS if k not in flat]
-    return f"config: no {', '.join(missing)}" if missing else _mistyped(flat, hints, "config: ")
+    return f"config: no {', '.join(missing)}" if missing else mistyped(flat, hints, "config: ")
 
 
 def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
