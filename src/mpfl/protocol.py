@@ -8,6 +8,7 @@ simulator, over Flower's grid for deployments.
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,12 @@ def mistyped(data: dict, hints: dict[str, Any], prefix: str = "") -> str | None:
     return None
 
 
+@functools.cache
+def type_hints(schema: type) -> dict[str, Any]:
+    """The keys and types a TypedDict names, resolved once (`typing.get_type_hints` takes about 0.5 ms)."""
+    return typing.get_type_hints(schema)
+
+
 def typed_dict_problem(data: object, schema: type) -> str | None:
     """Why a JSON value is not the TypedDict `schema`: not an object, a required key missing, a value
     of another type; None if it is one. Keys the schema does not name may hold anything."""
@@ -121,7 +128,7 @@ def typed_dict_problem(data: object, schema: type) -> str | None:
     missing = sorted(schema.__required_keys__ - set(data))
     if missing:
         return f"no {', '.join(missing)}"
-    return mistyped(data, typing.get_type_hints(schema))
+    return mistyped(data, type_hints(schema))
 
 
 def record_problem(record: object) -> str | None:

@@ -13,7 +13,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, get_type_hints
+from typing import Protocol
 
 import numpy as np
 
@@ -25,7 +25,18 @@ from .core.aggregate import robust_average
 from .core.params import Mask, ParamSpec, Weights
 from .errors import MethodError, PayloadError, RoundError
 from .methods import method_of
-from .protocol import RECORDED_BY_RUNNERS, NodeFailure, Reply, Round, RoundRecord, Step, Transport, bytes_sent, mistyped
+from .protocol import (
+    RECORDED_BY_RUNNERS,
+    NodeFailure,
+    Reply,
+    Round,
+    RoundRecord,
+    Step,
+    Transport,
+    bytes_sent,
+    mistyped,
+    type_hints,
+)
 from .seeds import Stream, rng
 
 Evaluator = Callable[[Weights], tuple[float, float]]
@@ -47,9 +58,6 @@ def _json_value(value: object) -> object:
     raise TypeError(f"a {type(value).__name__} is not a JSON value")
 
 
-_RECORD_HINTS = get_type_hints(RoundRecord)
-
-
 def plain_metrics(metrics: object, hook: str) -> dict:
     """A method's round metrics as plain JSON values (numpy numbers and arrays converted), as records
     hold them; anything but a dict of such values, a key the server records itself, or a key of
@@ -64,7 +72,7 @@ def plain_metrics(metrics: object, hook: str) -> dict:
     taken = sorted(RECORDED_BY_RUNNERS & set(plain))
     if taken:
         raise MethodError(f"{hook}: metrics {', '.join(taken)} are keys the server records itself; name them otherwise")
-    problem = mistyped(plain, _RECORD_HINTS)
+    problem = mistyped(plain, type_hints(RoundRecord))
     if problem:
         raise MethodError(f"{hook}: {problem}, the type mpfl.protocol.RoundRecord gives it; give it that type or "
                           "another name")
