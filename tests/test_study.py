@@ -136,6 +136,44 @@ def test_each_finished_cell_is_a_line_unless_quiet(tmp_path, capsys):
     assert capsys.readouterr().err.count(f"done {result.ran[0].name}: accuracy ") == 1
 
 
+class RecordingProgress(mpfl.study.Progress):
+    """A progress display that keeps every description each line showed, and which lines were removed."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shown, self.removed = {}, []
+
+    def update(self, task_id, **kwargs):
+        if "description" in kwargs:
+            self.shown.setdefault(task_id, []).append(kwargs["description"])
+        super().update(task_id, **kwargs)
+
+    def remove_task(self, task_id):
+        self.removed.append(task_id)
+        super().remove_task(task_id)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_each_running_cell_has_a_live_line_of_every_round_it_finished(tmp_path, monkeypatch, jobs):
+    from io import StringIO
+
+    from rich.console import Console
+
+    made = []
+    monkeypatch.setattr(mpfl.study, "Progress", lambda *a, **kw: made.append(RecordingProgress(*a, **kw)) or made[-1])
+    cells = [Cell("t", {**TINY, "method": "fedavg", "rounds": 3}), Cell("t", {**TINY, "method": "mpfl", "rounds": 2})]
+    result = run_study(cells, tmp_path, console=Console(file=StringIO()), report=False, jobs=jobs)
+    assert len(result.ran) == 2 and not result.failed
+    progress = made[0]
+    lines = {task: shown for task, shown in progress.shown.items() if shown[0].startswith("  ")}  # not the study's bar
+    by_cell = {shown[0].split()[0]: shown for shown in lines.values()}
+    for path in result.ran:
+        expected = [[r["phase"], str(r["round"]), "acc", "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}%"]
+                    for r in read_rounds(path)]
+        assert [line.split()[1:] for line in by_cell[path.name[:48]]] == expected
+    assert sorted(progress.removed) == sorted(lines) and progress.task_ids == [progress.task_ids[0]]
+
+
 def test_ctrl_c_stops_the_pool_and_the_next_invocation_runs_what_is_missing(tmp_path, monkeypatch):
     cells = [Cell("t", {**TINY, "method": "fedavg", "seed": seed}) for seed in range(4)]
     real = mpfl.study._record

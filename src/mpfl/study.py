@@ -54,9 +54,10 @@ import json
 import multiprocessing as mp
 import traceback
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -329,20 +330,41 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     return result
 
 
+class RoundLines:
+    """One live progress line per running cell, advanced by each round it finishes: the cell's phase,
+    round and accuracy. Rounds come from `on_round` in this process, or from a pool process's queue."""
+
+    def __init__(self, progress: Progress, cells: dict[str, Config]) -> None:
+        self.progress, self.cells = progress, cells
+        self.tasks: dict[str, TaskID] = {}
+
+    def show(self, path: str, phase: str, round: int, accuracy: float | None) -> None:
+        """Advance the line of the cell in `path` by one round (adding the line at its first round)."""
+        if path not in self.tasks:
+            self.tasks[path] = self.progress.add_task("", total=len(plan(self.cells[path])))
+        acc = "acc    -  " if accuracy is None else f"acc {100 * accuracy:5.2f}%"
+        name = Path(path).name
+        self.progress.update(self.tasks[path], advance=1, description=f"  {name[:48]:<48} {phase:>6} {round:>3} {acc}")
+
+    def finish(self, path: str) -> None:
+        """Remove the line of a cell that has ended."""
+        if path in self.tasks:
+            self.progress.remove_task(self.tasks.pop(path))
+
+
 def _run_cell(cfg: Config, path: Path, progress: Progress, result: StudyResult) -> None:
     """Run one cell with a live line of its rounds; record a failure instead of stopping the study."""
     from .sim import simulate
 
-    task = progress.add_task(path.name, total=len(plan(cfg)))
+    lines = RoundLines(progress, {str(path): cfg})
 
-    def on_round(r: dict) -> None:
-        acc = f"acc {100 * r['accuracy']:5.2f}%" if r.get("accuracy") is not None else "acc    -  "
-        progress.update(task, advance=1, description=f"  {path.name[:48]:<48} {r['phase']:>6} {r['round']:>3} {acc}")
+    def on_round(record: dict) -> None:
+        lines.show(str(path), record["phase"], record["round"], record.get("accuracy"))
 
     try:
         _record(cfg, _attempt(path, lambda: simulate(cfg, path, on_round=on_round)), progress, result)
     finally:
-        progress.remove_task(task)
+        lines.finish(str(path))
 
 
 def _attempt(path: Path, run: Callable[[], RunResult]) -> dict:
@@ -380,23 +402,34 @@ def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: P
                      result: StudyResult) -> None:
     """Run the cells `jobs` at a time in a pool of processes, each of which imports torch and loads the data
     once for all the cells it runs. A cell's results are those of running it alone: every draw comes from
-    its config, and it runs on one torch thread. On Ctrl-C (or any error here) the pool is stopped at once;
-    the cells it was running are unfinished, and the next invocation moves them aside and runs them again."""
+    its config, and it runs on one torch thread. Each running cell has a live line of its rounds, which the
+    pool's processes send over a queue. On Ctrl-C (or any error here) the pool is stopped at once; the cells
+    it was running are unfinished, and the next invocation moves them aside and runs them again."""
     if many := [path.name for cfg, path in todo if cfg.workers != 1]:
         raise ConfigError(f"cells with workers other than 1 ({', '.join(many[:3])}) cannot run side by side, as "
                           "a pool's processes start no workers of their own; run the study with jobs = 1")
     cells = {str(path): cfg for cfg, path in todo}
+    context = mp.get_context("forkserver" if forkserver_available() else "spawn")
+    # a SimpleQueue's put writes to its pipe at once (a Queue's feeder thread writes later), so every round
+    # of a cell is in the pipe before the cell's outcome is sent, and is shown before its line is removed
+    rounds = None if progress.disable else context.SimpleQueue()
+    lines = RoundLines(progress, cells)
     # concurrent.futures, not multiprocessing.Pool: a Pool whose process is killed (out of memory) waits forever
     # for that process's cell, while an executor fails the cells it had not finished (BrokenProcessPool)
-    pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("forkserver" if forkserver_available() else "spawn"))
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_send_rounds_to, initargs=(rounds,))
     try:
-        for future in as_completed([pool.submit(run_cell_alone, (cfg.to_dict(), path)) for path, cfg in cells.items()]):
-            outcome = future.result()
-            cfg = cells[outcome["path"]]
-            _record(cfg, outcome, progress, result)
-            progress.update(overall, description=f"{len(result.ran) + len(result.failed)}/{len(todo)} cells "
-                                                 f"({len(result.skipped)} already done)")
-            progress.advance(overall, estimate_seconds(cfg))
+        running = {pool.submit(run_cell_alone, (cfg.to_dict(), path)) for path, cfg in cells.items()}
+        while running:
+            done, running = wait(running, timeout=ROUND_POLL_SECONDS, return_when=FIRST_COMPLETED)
+            _show_rounds(rounds, lines)
+            for future in done:
+                outcome = future.result()
+                lines.finish(outcome["path"])
+                cfg = cells[outcome["path"]]
+                _record(cfg, outcome, progress, result)
+                progress.update(overall, description=f"{len(result.ran) + len(result.failed)}/{len(todo)} cells "
+                                                     f"({len(result.skipped)} already done)")
+                progress.advance(overall, estimate_seconds(cfg))
     except BrokenProcessPool:
         left = len(todo) - len(result.ran) - len(result.failed)
         raise WorkerError(f"a process of the study was killed (out of memory?) while it ran a cell; the finished "
@@ -404,6 +437,18 @@ def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: P
                           f"{left} unfinished ones (with a smaller --jobs if memory is short)") from None
     finally:
         _stop(pool)
+        if rounds is not None:
+            rounds.close()
+
+
+ROUND_POLL_SECONDS = 0.2
+"""How often the study's process shows the rounds its pool's processes finished."""
+
+
+def _show_rounds(rounds: SimpleQueue | None, lines: RoundLines) -> None:
+    """Show every round the pool's processes have sent so far."""
+    while rounds is not None and not rounds.empty():
+        lines.show(*rounds.get())
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -414,9 +459,24 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
+_rounds: SimpleQueue | None = None
+"""In a pool process: where its cells' finished rounds go (None when the study shows no progress)."""
+
+
+def _send_rounds_to(rounds: SimpleQueue | None) -> None:
+    """A pool process's initializer: send the rounds of the cells it runs to `rounds`."""
+    global _rounds
+    _rounds = rounds
+
+
 def run_cell_alone(task: tuple[dict, str]) -> dict:
     """One cell (its config as a dict, its folder) in a pool process: its outcome (`_attempt`)."""
     from .sim import simulate
 
     config, path = task
-    return _attempt(Path(path), lambda: simulate(Config.from_dict(config), Path(path)))
+
+    def on_round(record: dict) -> None:
+        if _rounds is not None:
+            _rounds.put((path, record["phase"], record["round"], record.get("accuracy")))
+
+    return _attempt(Path(path), lambda: simulate(Config.from_dict(config), Path(path), on_round=on_round))
