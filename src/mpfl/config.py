@@ -8,10 +8,13 @@ A TOML file has top-level run keys and the sections ``[data]``, ``[train]``, ``[
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, get_type_hints
 
 from .attacks import ATTACKS
@@ -573,12 +576,14 @@ def _field_sections() -> dict[str, str]:
 FIELD_SECTIONS = _field_sections()
 
 
-def field_types() -> dict[str, Any]:
-    """Every flat field name with its type hint (for building CLI flags)."""
+@functools.cache
+def field_types() -> Mapping[str, Any]:
+    """Every flat field name with its type hint (for building CLI flags and checking summaries), resolved
+    once: `typing.get_type_hints` takes milliseconds, and `mpfl report` checks every run's config."""
     types = {k: v for k, v in get_type_hints(Config).items() if k not in SECTIONS}
     for cls in SECTIONS.values():
         types.update(get_type_hints(cls))
-    return types
+    return MappingProxyType(types)
 
 
 def _flat_fields() -> dict[str, Any]:

@@ -104,7 +104,7 @@ def _fits(value: object, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def mistyped(data: dict, hints: dict[str, Any], prefix: str = "") -> str | None:
+def mistyped(data: dict, hints: Mapping[str, Any], prefix: str = "") -> str | None:
     """The first key of `data` whose value does not have its hint's type, as ``key = value is not type``."""
     for key, value in data.items():
         if key in hints and not _fits(value, hints[key]):
