@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,7 +28,7 @@ from .core.params import Mask, ParamSpec, Weights
 from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
 from .errors import PayloadError
 from .methods import method_of
-from .protocol import TASK_ADAPT, TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply
+from .protocol import TASK_ADAPT, TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply, Step
 from .registry import Registry, registry
 from .seeds import Stream, rng
 
@@ -169,7 +170,7 @@ class Node:
     malicious, its attack."""
 
     def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None,
-                 *, w0: Weights | None = None) -> None:
+                 *, w0: Weights | None = None, steps: Mapping[int, Step] | None = None) -> None:
         self.attack = attack_of(cfg, node_id)
         self.built_w0 = w0
         if self.attack is not None and self.attack.poison is not None:
@@ -179,7 +180,7 @@ class Node:
         self.state = state or NodeState()
         method = method_of(cfg)
         self.method = method
-        self.steps = {s.step: s for s in method.plan()}
+        self.steps = steps if steps is not None else steps_of(cfg)
         self.structured = method.structured
         self.value_dtype = method.value_dtype
         self.shared: SharedDecodes | None = None
@@ -434,11 +435,17 @@ for _task, _handler in ((TASK_MASK, mask_task), (TASK_TRAIN, train_task), (TASK_
     register_task(_task, _handler)
 
 
+def steps_of(cfg: Config) -> Mapping[int, Step]:
+    """The rounds of `cfg`'s run by step number, read-only."""
+    return MappingProxyType({s.step: s for s in method_of(cfg).plan()})
+
+
 def build_nodes(cfg: Config, exp: Experiment, ids: Sequence[int], states: Mapping[int, NodeState], *,
                 share: bool = True) -> list[Node]:
-    """The nodes `ids` of a run on one shared trainer; with `share`, identical bodies are decoded once for all."""
-    trainer = make_trainer(cfg, exp.model, exp.spec)
-    nodes = [Node(i, cfg, trainer, exp.node_data(i), states.get(i), w0=exp.w0) for i in ids]
+    """The nodes `ids` of a run on one shared trainer and one copy of the run's plan (a copy per node
+    would make set-up grow with nodes times rounds); with `share`, identical bodies are decoded once for all."""
+    trainer, steps = make_trainer(cfg, exp.model, exp.spec), steps_of(cfg)
+    nodes = [Node(i, cfg, trainer, exp.node_data(i), states.get(i), w0=exp.w0, steps=steps) for i in ids]
     shared = SharedDecodes() if share else None
     for node in nodes:
         node.shared = shared
