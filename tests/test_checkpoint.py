@@ -124,6 +124,41 @@ def test_checkpoints_written_before_kept_values_still_read_with_full_tensors(tmp
     assert same_arrays(old.local, nodes[1].local) and old.local_from_w0 == 0
 
 
+def test_the_mask_history_is_stored_as_bits_and_older_checkpoints_with_boolean_masks_still_read(tmp_path):
+    server, _ = saved(tmp_path)
+    with np.load(tmp_path / CHECKPOINT) as f:
+        arrays = {name: f[name] for name in f.files}
+    rows = arrays.pop("history/0")
+    assert rows.dtype == np.uint8 and rows.shape == (3, 3)  # versions 0, 2, 4; 12 + 8 bits in 3 bytes
+    for row, version in zip(rows, sorted(server.history)):
+        flat = np.concatenate([m.reshape(-1) for m in server.history[version]])
+        assert np.array_equal(np.unpackbits(row, count=20).astype(bool), flat)
+    assert not any(name.startswith("history/") for name in arrays)
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["history_bits"]
+    arrays.update({f"history/{v}/{i}": m for v, mask in server.history.items() for i, m in enumerate(mask)},
+                  meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    np.savez(tmp_path / CHECKPOINT, **arrays)
+    old = load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[0]
+    assert all(same_arrays(old.history[v], server.history[v]) for v in server.history)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple), min_size=1, max_size=4),
+       versions=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+def test_any_mask_history_reads_back_as_written(tmp_path_factory, shapes, versions, seed):
+    rng = np.random.default_rng(seed)
+    spec = ParamSpec(names=tuple(str(i) for i in range(len(shapes))), shapes=tuple(shapes), prunable=tuple(range(len(shapes))))
+    history = {v: [rng.random(shape) < 0.5 for shape in shapes] for v in range(versions)}
+    zeros = [np.zeros(shape, dtype=np.float32) for shape in shapes]
+    server = ServerState(weights=zeros, w0=zeros, mask=history[versions - 1], version=versions - 1, history=history,
+                         next_step=versions, mask_done=False)
+    folder = tmp_path_factory.mktemp("history")
+    save_checkpoint(folder, server, {}, spec=spec)
+    got = load_checkpoint(folder, spec, steps=versions, nodes=1)[0].history
+    assert set(got) == set(history) and all(same_arrays(got[v], history[v]) for v in history)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), density=st.floats(0.0, 1.0))
 def test_kept_values_hold_the_weights_on_the_mask_and_from_kept_restores_them_with_zeros_elsewhere(seed, density):
@@ -177,6 +212,7 @@ ACCEPTED = {
     "no from_w0 on a node without w0 (an older checkpoint)": lambda meta: (
         meta["nodes"]["1"].pop("from_w0"), meta["nodes"]["1"].update(has_w0=False)),
     "next_step at the first step": _set("next_step", 1),
+    "no history_bits (an older checkpoint)": lambda meta: meta.pop("history_bits"),
     "w0 sent to node 0": lambda meta: meta["w0_sent"].append(0),
     "a count for every node": lambda meta: meta["counts"].update({str(n): 1 for n in range(NODES)}),
 }
@@ -192,6 +228,7 @@ REFUSED = {
     "history not a list": (_set("history", {"0": 1}), "is not a list of steps"),
     "unknown mask version": (_set("version", 3), "mask version 3 is not in the history"),
     "mask_done as a number": (_set("mask_done", 1), "mask_done = 1 is not true or false"),
+    "history_bits as text": (_set("history_bits", "yes"), "history_bits = 'yes' is not true or false"),
     "negative bytes up": (_set("bytes_up", -1), "bytes_up = -1 is not a non-negative integer"),
     "bytes down as a float": (_set("bytes_down", 1.5), "bytes_down = 1.5 is not a non-negative integer"),
     "node version out of range": (lambda meta: meta["node_version"].update({str(NODES): 0}),
@@ -264,7 +301,10 @@ def test_read_meta_calls_a_file_without_readable_metadata_damaged(tmp_path, chan
 @pytest.mark.parametrize("change", [
     lambda a: a.update({"weights/1": a["weights/1"].astype(np.float64)}),
     lambda a: a.update({"w0/0": a["w0/0"].T}),
-    lambda a: a.update({"history/2/0": a["history/2/0"].astype(np.uint8)}),
+    lambda a: a.update({"history/0": a["history/0"][:-1]}),  # a version short
+    lambda a: a.update({"history/0": a["history/0"][:, :-1]}),  # a byte short
+    lambda a: a.update({"history/0": a["history/0"].astype(bool)}),
+    lambda a: a.update({"history/0": a["history/0"] | np.uint8(1)}),  # a padding bit set (20 bits in 3 bytes)
     lambda a: a.pop("velocity/3"),
     lambda a: a.update({"node/1/local/0": a["node/1/local/0"][:-1]}),
     lambda a: a.pop("node/3/residual/0"),

@@ -3,7 +3,7 @@ resumes and ends bit for bit where an uninterrupted run would, and the final wei
 
 All randomness is derived from (seed, step, node), so the server state and the nodes'
 states are everything a run needs to continue. Masks are stored once (the server's mask
-history); a node's mask is the history entry of the version it holds. Only nodes that have
+history, one bit per entry in one array); a node's mask is the history entry of the version it holds. Only nodes that have
 taken part are stored, and a node's own weights only as their values on the mask it trained
 under (they are zero elsewhere), or, when a mask round trained them from w0, as that round's
 number alone (the node trains again on resume to rebuild them, bit for bit), so a checkpoint
@@ -14,6 +14,7 @@ written to a temporary name and renamed, so a kill leaves either the old or the 
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     identity and its last record, see `mpfl.resume`) is stored beside them. Nodes that have received
     nothing are left out; own weights are stored as their values on the node's mask (`kept_values`)."""
     groups = {"weights": numbered(server.weights), "w0": numbered(server.w0)}
-    groups.update({f"history/{version}": numbered(mask) for version, mask in server.history.items()})
+    groups["history"] = numbered([np.stack([_bits(server.history[v]) for v in sorted(server.history)])])
     if server.velocity is not None:
         groups["velocity"] = numbered(server.velocity)
     node_meta = {}
@@ -54,7 +55,7 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
                                    "local": node.local is not None and not node.local_from_w0,
                                    "residual": node.residual is not None, "kept": True, "from_w0": node.local_from_w0}
     meta = {
-        "version": server.version, "history": sorted(server.history), "next_step": server.next_step,
+        "version": server.version, "history": sorted(server.history), "history_bits": True, "next_step": server.next_step,
         "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,
         "node_version": {str(k): v for k, v in server.node_version.items()}, "w0_sent": sorted(server.w0_sent),
         "counts": {str(k): v for k, v in server.counts.items()}, "nodes": node_meta, "run": run,
@@ -119,6 +120,8 @@ def check_meta(meta: dict, steps: int, nodes: int) -> None:
     versions = set(history)
     if meta.get("version") not in versions:
         problems.append(f"mask version {meta.get('version')!r} is not in the history")
+    if not isinstance(meta.get("history_bits", False), bool):
+        problems.append(f"history_bits = {meta.get('history_bits')!r} is not true or false")
     if not isinstance(meta.get("mask_done"), bool):
         problems.append(f"mask_done = {meta.get('mask_done')!r} is not true or false")
     for key in ("bytes_up", "bytes_down"):
@@ -173,7 +176,7 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
     """The server and node states held by a checkpoint's arrays and checked metadata."""
     n_all, n_prunable = len(spec.names), len(spec.prunable)
     shapes, prunable_shapes = spec.shapes, spec.prunable_shapes
-    history = {v: _arrays(groups, f"history/{v}", n_prunable, prunable_shapes, np.dtype(bool)) for v in meta["history"]}
+    history = _history(groups, meta["history"], prunable_shapes, meta.get("history_bits", False))
     float32 = np.dtype(np.float32)
     weights, w0 = _arrays(groups, "weights", n_all, shapes, float32), _arrays(groups, "w0", n_all, shapes, float32)
     server = ServerState(weights=weights, w0=w0, mask=history[meta["version"]], version=meta["version"], history=history,
@@ -191,6 +194,28 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
             local_from_w0=m.get("from_w0", 0),
         )
     return server, nodes
+
+
+def _bits(mask: Sequence[np.ndarray]) -> np.ndarray:
+    """A mask as one row of packed bits, its tensors flattened one after the other."""
+    return np.packbits(np.concatenate([np.zeros(0, dtype=bool), *(m.reshape(-1) for m in mask)]))
+
+
+def _history(groups: dict, versions: Sequence[int], shapes: Sequence[tuple[int, ...]], bits: bool) -> dict[int, list[np.ndarray]]:
+    """The mask history: one row of packed bits per version (`_bits`), or (checkpoints written before those) a
+    boolean array per version and tensor. Every round rewrites the whole history, and a long run holds hundreds
+    of versions: as bits in one array, 375 versions of the mlp's mask take 9.3 MB instead of 75 MB in 1,125 arrays."""
+    if not bits:
+        return {v: _arrays(groups, f"history/{v}", len(shapes), shapes, np.dtype(bool)) for v in versions}
+    sizes = [math.prod(shape) for shape in shapes]
+    total = sum(sizes)
+    (rows,) = _arrays(groups, "history", 1, [(len(versions), (total + 7) // 8)], np.dtype(np.uint8))
+    flat = np.unpackbits(rows, axis=1)
+    if flat[:, total:].any():
+        raise ValueError("the padding bits of the mask history are not zero")
+    ends = np.cumsum(sizes)
+    return {v: [part.view(bool).reshape(shape) for part, shape in zip(np.split(row[:total], ends[:-1]), shapes)]
+            for v, row in zip(versions, flat)}
 
 
 def _local(groups: dict, node: int, meta: dict, spec: ParamSpec, mask: Sequence[np.ndarray]) -> list[np.ndarray]:
