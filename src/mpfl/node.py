@@ -167,7 +167,7 @@ class MissingInit(Exception):
 
 class Node:
     """One federated node: its data, its state, the shared trainer and, if the run makes it
-    malicious, its attack."""
+    malicious, its attack. `steps` is the run's plan (`steps_of`), which the nodes of a process share."""
 
     def __init__(self, node_id: int, cfg: Config, trainer: LocalTrainer, data: LocalData, state: NodeState | None = None,
                  *, w0: Weights | None = None, steps: Mapping[int, Step] | None = None) -> None:
