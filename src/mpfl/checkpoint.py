@@ -1,14 +1,15 @@
 """What a run keeps on disk besides its records: a checkpoint after every round, so a killed run
 resumes and ends bit for bit where an uninterrupted run would, and the final weights and mask.
 
-All randomness is derived from (seed, step, node), so the server state and the nodes'
-states are everything a run needs to continue. Masks are stored once (the server's mask
-history, one bit per entry in one array); a node's mask is the history entry of the version
-it holds. Only nodes that have taken part are stored, and a node's own weights only as their values on the mask it trained
-under (they are zero elsewhere), or, when a mask round trained them from w0, as that round's
-number alone (the node trains again on resume to rebuild them, bit for bit), so a checkpoint
-grows with the nodes sampled and the kept weights, not with nodes x model size. Both files are
-written to a temporary name and renamed, so a kill leaves either the old or the new file.
+All randomness is derived from (seed, step, node), so the server state and the nodes' states
+are everything a run needs to continue. Masks are stored once (the server's mask history, one
+bit per entry in one array); a node's mask is the history entry of the version it holds. Only
+nodes that have taken part are stored, and a node's own weights only as their values on the
+mask it trained under (they are zero elsewhere), or, when a mask round trained them from w0, as
+that round's number alone (the node trains again on resume to rebuild them, bit for bit), so a
+checkpoint grows with the nodes sampled and the kept weights, not with nodes x model size. Both
+files are written to a temporary name and renamed, so a kill leaves either the old or the new
+file.
 """
 
 from __future__ import annotations
