@@ -369,7 +369,8 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path, c
 def test_the_memory_check_compares_with_what_is_available(tmp_path, capsys, monkeypatch):
     import mpfl.resources
 
-    estimate = mpfl.resources.estimate_run(Config().with_overrides({"nodes": 3}))
+    small = {"nodes": 3, "rounds": 2, "mask_rounds": 2, "train_samples": 1200, "test_samples": 300, "workers": 1}
+    estimate = mpfl.resources.estimate_run(Config().with_overrides(small))  # SMALL's config
     monkeypatch.setattr(mpfl.resources, "available_memory", lambda: estimate.total - 1)
     assert main(["run", *SMALL, "--out", str(tmp_path / "refused")]) == 2
     assert "use at most --nodes 2" in capsys.readouterr().err

@@ -221,6 +221,20 @@ def test_worker_processes_run_sampled_mask_rounds_as_one_process(device):
                                                                       for r in sequential.records]
 
 
+def test_the_memory_estimate_counts_the_mask_history_a_longer_run_keeps():
+    """Each mask the server's history gains costs the estimate a byte per weight: the difference
+    between a short and a long run is what their histories hold (counted from real runs)."""
+    from mpfl.models import build_model
+    from mpfl.resources import estimate_run
+
+    params = sum(t.numel() for t in build_model("mlp", (1, 28, 28), 10).state_dict().values())
+    runs = {rounds: tiny_config(nodes=2, mask_rounds=2, rounds=rounds) for rounds in (2, 9)}
+    versions = {rounds: len(simulate(cfg).masks) for rounds, cfg in runs.items()}
+    assert versions[9] > versions[2]  # adaptation rounds add masks
+    fixed = {rounds: estimate_run(cfg).fixed for rounds, cfg in runs.items()}
+    assert fixed[9] - fixed[2] == (versions[9] - versions[2]) * params
+
+
 def test_the_memory_estimate_counts_the_nodes_asked_not_the_population():
     from mpfl.resources import estimate_run
 

@@ -21,6 +21,8 @@ server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. When rounds ask a sampl
 and own weights of at most the nodes asked over the mask rounds; every other node costs a few
 KiB (its data indices and node object). With 10 % sampling, 1,000 ``mlp`` nodes peaked at 682 MiB
 and 10,000 at 1,983 MiB (docs/performance.md, "Cross-device scale"; estimates: 837 and 2,296 MiB).
+The server also keeps every consensus mask of the run, a byte per weight each: one per mask round
+and one per adaptation round, about 375 in a 1,000-round run (4.2 GB for resnet18).
 """
 
 from __future__ import annotations
@@ -73,11 +75,18 @@ def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate
     """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
     normalised data (see the module docstring for the figures behind it)."""
     workers = worker_count(cfg)
-    fixed = PROCESS_BYTES * (1 + (workers if workers > 1 else 0)) + 2 * data_bytes
+    fixed = PROCESS_BYTES * (1 + (workers if workers > 1 else 0)) + 2 * data_bytes + mask_versions(cfg) * params
     held = holding_nodes(cfg)
     if held >= cfg.nodes:
         return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes)
     return MemoryEstimate(fixed + IDLE_NODE_BYTES * cfg.nodes, per_node_bytes(params) // 2, held, sampled=True)
+
+
+def mask_versions(cfg: Config) -> int:
+    """How many masks the server's history holds at the end of the run: the initial one, and one per round
+    that may change the mask (mask rounds and adaptation rounds)."""
+    method = method_of(cfg)
+    return 1 + sum(1 for s in method.plan() if s.phase == "mask" or method.swap_fraction(s) > 0)
 
 
 def holding_nodes(cfg: Config) -> int:
