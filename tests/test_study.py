@@ -1,6 +1,8 @@
 """The study runner on a tiny grid: runs cells, resumes without rerunning, keeps unfinished attempts aside."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -201,6 +203,19 @@ def test_a_pool_process_killed_in_a_cell_stops_the_study_with_one_error_and_the_
         run_study([killed, CELLS[0]], out, quiet=True, report=False, jobs=2)
     result = run_study([CELLS[0]], out, quiet=True, report=False, jobs=2)
     assert len(result.ran) + len(result.skipped) == 1 and not result.failed
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_gets_one_error_that_says_what_to_do(tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text("from mpfl.study import Cell, run_study\n"
+                      f"run_study([Cell('t', {CELLS[0].overrides!r})], 'out', quiet=True, report=False, jobs=2)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 1 and done.stderr.count("Traceback") == 1  # the pool's processes stop quietly
+    assert done.stderr.strip().splitlines()[-1] == (
+        "mpfl.errors.WorkerError: a process of the study exited while it started or ran a cell (a script that runs a "
+        'study with jobs above 1 must do so under `if __name__ == "__main__":`); the finished cells are kept in out: '
+        "run the same mpfl study command again to run the 1 unfinished ones")
 
 
 def test_cells_with_worker_processes_of_their_own_are_refused_side_by_side(tmp_path):

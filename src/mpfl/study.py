@@ -28,7 +28,8 @@ Cells that coincide (the default consensus rule is also the main mpfl cell) run 
 
 Cells run one after the other in the study's process (`run_study`'s default), or `jobs` at a
 time in a pool of processes (``mpfl study``'s default: one per CPU core); every cell runs on one
-torch thread, so its results are the same either way.
+torch thread, so its results are the same either way. As with a run's worker processes, a script
+that runs a study with `jobs` above 1 must do so under ``if __name__ == "__main__":``.
 
 Sizing, measured on this 2-core machine with one torch thread per run, runs one after the
 other: mlp, 10 nodes, one local epoch. A
@@ -69,7 +70,7 @@ from .data import available_datasets, data_search_path, dataset_available, load_
 from .errors import ConfigError, DataError, MpflError, WorkerError
 from .files import atomic_write
 from .methods import method_of, plan
-from .parallel import forkserver_available
+from .parallel import forkserver_available, refuse_in_a_starting_worker
 from .records import SUMMARY, read_summary
 
 if TYPE_CHECKING:
@@ -298,6 +299,7 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     above 1, that many cells run at once in a pool of processes (`run_in_processes`)."""
     from .report import check_report_folder, load_runs, write_report
 
+    refuse_in_a_starting_worker()  # a script without a __main__ guard, re-imported by a pool process
     console = console or Console(stderr=True)
     out = Path(out)
     planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
@@ -432,9 +434,13 @@ def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: P
                 progress.advance(overall, estimate_seconds(cfg))
     except BrokenProcessPool:
         left = len(todo) - len(result.ran) - len(result.failed)
-        raise WorkerError(f"a process of the study was killed (out of memory?) while it ran a cell; the finished "
-                          f"cells are kept in {todo[0][1].parent}: run the same mpfl study command again to run the "
-                          f"{left} unfinished ones (with a smaller --jobs if memory is short)") from None
+        exited = any(code is not None and code >= 0 for code in (p.exitcode for p in (pool._processes or {}).values()))
+        why = ('a process of the study exited while it started or ran a cell (a script that runs a study with jobs '
+               'above 1 must do so under `if __name__ == "__main__":`)' if exited else
+               "a process of the study was killed (out of memory?) while it ran a cell")
+        raise WorkerError(f"{why}; the finished cells are kept in {todo[0][1].parent}: run the same mpfl study command "
+                          f"again to run the {left} unfinished ones"
+                          f"{'' if exited else ' (with a smaller --jobs if memory is short)'}") from None
     finally:
         _stop(pool)
         if rounds is not None:
