@@ -29,8 +29,8 @@ from ..core.training import evaluate as evaluate_weights
 from ..datacache import load_cached
 from ..errors import MpflError, PayloadError
 from ..experiment import Experiment, set_threads
-from ..node import Node, NodeState, make_trainer, release
-from ..protocol import NodeFailure
+from ..node import Node, NodeState, make_trainer, release, steps_of
+from ..protocol import NodeFailure, Step
 from .payload import EVALUATE, METRICS, pack, step_of, unpack
 from .settings import ConfigValue, NodeSettings, flower_wording, from_run_config, node_config, node_settings, with_local_init
 
@@ -42,12 +42,13 @@ KEPT_RUNS = 2
 @dataclass
 class Prepared:
     """What the nodes of a run need for every message: the run's config (with the SuperNode's data
-    dir), the experiment and a trainer, shared by the partitions one process serves (as in the
-    simulator, where one trainer serves every node)."""
+    dir), the experiment, a trainer and the run's plan, shared by the partitions one process serves
+    (as in the simulator, where one trainer and one plan serve every node)."""
 
     cfg: Config
     exp: Experiment
     trainer: LocalTrainer
+    steps: Mapping[int, Step]
 
 
 _kept: OrderedDict[str, Prepared] = OrderedDict()
@@ -67,7 +68,7 @@ def prepare(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, Config
     data = cfg.data
     exp = Experiment.from_config(cfg, load_cached(data.dataset, data.data_dir).take(data.train_samples,
                                                                                    data.test_samples))
-    _kept[key] = Prepared(cfg, exp, make_trainer(cfg, exp.model, exp.spec))
+    _kept[key] = Prepared(cfg, exp, make_trainer(cfg, exp.model, exp.spec), steps_of(cfg))
     while len(_kept) > KEPT_RUNS:
         _kept.popitem(last=False)
     return _kept[key], where
@@ -93,7 +94,8 @@ def handle(run_config: Mapping[str, ConfigValue], node_cfg: Mapping[str, ConfigV
 def _task(prepared: Prepared, pid: int, task: str, content: RecordDict, state: RecordDict) -> RecordDict | NodeFailure:
     """`Node.handle` of partition `pid` on the request's bodies, with the node's state loaded from and saved to `state`."""
     exp = prepared.exp
-    node = Node(pid, prepared.cfg, prepared.trainer, exp.node_data(pid), load_state(state), w0=exp.w0)
+    node = Node(pid, prepared.cfg, prepared.trainer, exp.node_data(pid), load_state(state), w0=exp.w0,
+                steps=prepared.steps)
     try:
         step = step_of(content)
         reply = node.handle(task, step, unpack(content))
