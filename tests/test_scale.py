@@ -228,11 +228,13 @@ def test_the_memory_estimate_counts_the_mask_history_a_longer_run_keeps():
     from mpfl.resources import estimate_run
 
     params = sum(t.numel() for t in build_model("mlp", (1, 28, 28), 10).state_dict().values())
-    runs = {rounds: tiny_config(nodes=2, mask_rounds=2, rounds=rounds) for rounds in (2, 9)}
-    versions = {rounds: len(simulate(cfg).masks) for rounds, cfg in runs.items()}
-    assert versions[9] > versions[2]  # adaptation rounds add masks
-    fixed = {rounds: estimate_run(cfg).fixed for rounds, cfg in runs.items()}
-    assert fixed[9] - fixed[2] == (versions[9] - versions[2]) * params
+    runs = {(mask_rounds, rounds): tiny_config(nodes=2, mask_rounds=mask_rounds, rounds=rounds)
+            for mask_rounds, rounds in ((2, 2), (2, 9), (4, 2))}
+    versions = {key: len(simulate(cfg).masks) for key, cfg in runs.items()}
+    assert versions[2, 9] > versions[2, 2] < versions[4, 2]  # adaptation rounds and mask rounds add masks
+    fixed = {key: estimate_run(cfg).fixed for key, cfg in runs.items()}
+    for longer in ((2, 9), (4, 2)):
+        assert fixed[longer] - fixed[2, 2] == (versions[longer] - versions[2, 2]) * params
 
 
 def test_the_memory_estimate_counts_the_nodes_asked_not_the_population():
