@@ -434,13 +434,14 @@ def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: P
                 progress.advance(overall, estimate_seconds(cfg))
     except BrokenProcessPool:
         left = len(todo) - len(result.ran) - len(result.failed)
-        exited = any(code is not None and code >= 0 for code in (p.exitcode for p in (pool._processes or {}).values()))
-        why = ('a process of the study exited while it started or ran a cell (a script that runs a study with jobs '
-               'above 1 must do so under `if __name__ == "__main__":`)' if exited else
-               "a process of the study was killed (out of memory?) while it ran a cell")
-        raise WorkerError(f"{why}; the finished cells are kept in {todo[0][1].parent}: run the same mpfl study command "
-                          f"again to run the {left} unfinished ones"
-                          f"{'' if exited else ' (with a smaller --jobs if memory is short)'}") from None
+        codes = [process.exitcode for process in (pool._processes or {}).values()]
+        if any(code is not None and code >= 0 for code in codes):  # not killed by a signal: exited
+            why, hint = ('exited while it started or ran a cell (a script that runs a study with jobs above 1 must do '
+                         'so under `if __name__ == "__main__":`)', "")
+        else:
+            why, hint = "was killed (out of memory?) while it ran a cell", " (with a smaller --jobs if memory is short)"
+        raise WorkerError(f"a process of the study {why}; the finished cells are kept in {todo[0][1].parent}: run the "
+                          f"same mpfl study command again to run the {left} unfinished ones{hint}") from None
     finally:
         _stop(pool)
         if rounds is not None:
