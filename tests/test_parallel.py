@@ -83,3 +83,25 @@ def test_a_worker_killed_in_the_middle_of_a_reply_is_named_as_killed():
     pool.conns, pool.procs, pool.plugins = [parent], [proc], ()
     with pytest.raises(WorkerError, match=r"^worker process 0 was killed \(SIGKILL: out of memory\?\)$"):
         pool._receive(0)
+
+
+def _serve_a_run_that_is_gone(parent, child, cfg, dataset) -> None:
+    parent.close()  # the copy this process inherited: with it closed, nobody reads the pipe
+    mpfl.parallel._serve(child, cfg, 1, dataset, [0, 1], {})
+
+
+def test_a_worker_whose_run_is_gone_before_it_is_ready_ends_quietly():
+    """Ctrl-C or a kill can end the run's process while its workers still start: a worker then
+    cannot say it is ready, and ends with nothing on the terminal instead of a traceback."""
+    from mpfl.experiment import Experiment
+
+    cfg = tiny_config(nodes=2)
+    dataset = Experiment.from_config(cfg).dataset
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve_a_run_that_is_gone, args=(parent, child, cfg, dataset))
+    proc.start()
+    parent.close()
+    child.close()
+    proc.join(timeout=60)
+    assert proc.exitcode == 0

@@ -38,7 +38,7 @@ from .data import Dataset
 from .devices import resolve_device
 from .errors import ConfigError, MpflError, WorkerError
 from .experiment import Experiment
-from .node import NodeState, build_nodes, deliver
+from .node import Node, NodeState, build_nodes, deliver
 from .plugins import load_plugins
 from .protocol import Reply
 
@@ -87,29 +87,35 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
-        load_plugins(cfg.plugins)
-        nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
-    except MpflError as exc:
-        conn.send(("setup", exc))
+        try:
+            load_plugins(cfg.plugins)
+            nodes = {n.id: n for n in build_nodes(cfg, Experiment.from_config(cfg, dataset), ids, states)}
+        except MpflError as exc:
+            conn.send(("setup", exc))
+            return
+        conn.send(("ready", None))
+        _answer(conn, nodes)
+    except (EOFError, OSError):  # the pipe broke, while starting too: the run's process is gone, nobody is left to answer
         return
-    conn.send(("ready", None))
-    try:
-        while (message := conn.recv()) is not None:
+
+
+def _answer(conn: Connection, nodes: dict[int, Node]) -> None:
+    """Answer the run's process until it sends None: ("exchange", task, step, requests) with the
+    nodes' replies, ("states",) with the states of the nodes that have taken part."""
+    while (message := conn.recv()) is not None:
+        try:
+            if message[0] == "exchange":
+                result = deliver(nodes, *message[1:])
+            else:
+                result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
+            conn.send(("ok", result))
+        except (Exception, SystemExit) as exc:  # raised again in the main process as it is (a plug-in's
+            # sys.exit too), as one process would, with where it happened as a note
+            exc.add_note(f"raised in worker process {os.getpid()}:\n{traceback.format_exc().rstrip()}")
             try:
-                if message[0] == "exchange":
-                    result = deliver(nodes, *message[1:])
-                else:
-                    result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
-                conn.send(("ok", result))
-            except (Exception, SystemExit) as exc:  # raised again in the main process as it is (a plug-in's
-                # sys.exit too), as one process would, with where it happened as a note
-                exc.add_note(f"raised in worker process {os.getpid()}:\n{traceback.format_exc().rstrip()}")
-                try:
-                    conn.send(("raise", exc))
-                except (pickle.PicklingError, TypeError, AttributeError):  # an exception that cannot travel
-                    conn.send(("error", traceback.format_exc()))
-    except (EOFError, OSError):  # the pipe broke: the run's process is gone, and nobody is left to answer
-        return
+                conn.send(("raise", exc))
+            except (pickle.PicklingError, TypeError, AttributeError):  # an exception that cannot travel
+                conn.send(("error", traceback.format_exc()))
 
 
 def refuse_in_a_starting_worker() -> None:
