@@ -132,9 +132,10 @@ def _spell_names(cfg: Any) -> None:
 
 MAX_THREADS = 1024
 """Most torch threads a run may ask for: far beyond any useful count, below where torch crashes."""
-MAX_STEPS = 2**32 - 1
-"""The most rounds a run can have, warm-up, mask and training rounds together: messages carry the
-round number in 32 bits (`mpfl.codec`)."""
+MAX_STEPS = 10**6
+"""The most rounds a run can have, warm-up, mask and training rounds together: a run plans every
+round before the first (a million rounds take about a second and 0.2 GB to plan, a hundred million
+would take minutes and 20 GB before failing), far below the 2**32 - 1 that messages can number."""
 
 
 @dataclass(frozen=True)
@@ -415,7 +416,7 @@ class Config:
         steps = self.prune.warmup_rounds + self.prune.mask_rounds + self.rounds
         if steps > MAX_STEPS:
             raise ConfigError(f"warmup_rounds + mask_rounds + rounds = {steps:,}, but a run has at most {MAX_STEPS:,} "
-                              "rounds (messages number them in 32 bits)")
+                              "rounds (it plans every round before the first); use fewer rounds")
         _range("min_nodes", self.min_nodes, 1)
         if self.min_nodes > self.nodes:
             raise ConfigError(f"min_nodes = {self.min_nodes} is larger than nodes = {self.nodes}")
