@@ -9,6 +9,7 @@ all of MNIST with 10 % of the nodes asked per round, at 10,000 nodes (1,000 with
 * ``mask_versions``: the masks the server's history holds by the end (`resources.mask_versions`);
 * ``build_nodes_s``, ``build_nodes_mib``: the time and the memory (tracemalloc) of building every
   node object of a process (`node.build_nodes`), whose plan is one copy shared by all of them;
+* ``history_mb``: the memory the server's history of those masks takes (one bit per weight and version);
 * ``checkpoint_mb``, ``checkpoint_s``: the size and write time of a checkpoint (`save_checkpoint`)
   holding the server's state at the end of such a run: its weights, w0, momentum and a history of
   ``mask_versions`` random masks at the final density (what every round rewrites);
@@ -27,12 +28,13 @@ from _common import emit, parser
 
 from mpfl.checkpoint import CHECKPOINT, save_checkpoint
 from mpfl.config import Config
+from mpfl.core.history import MaskHistory
 from mpfl.experiment import Experiment
 from mpfl.node import build_nodes
 from mpfl.resources import estimate_run, mask_versions
 from mpfl.server import ServerState
 
-COLUMNS = ("model", "nodes", "rounds", "mask_versions", "build_nodes_s", "build_nodes_mib", "checkpoint_mb",
+COLUMNS = ("model", "nodes", "rounds", "mask_versions", "build_nodes_s", "build_nodes_mib", "history_mb", "checkpoint_mb",
            "checkpoint_s", "estimate_gib")
 
 
@@ -47,7 +49,8 @@ def measure(cfg: Config, exp: Experiment) -> dict:
     versions = mask_versions(cfg)
     draw = np.random.default_rng(cfg.seed)
     density = 1 - cfg.prune.sparsity
-    history = {v: [draw.random(shape) < density for shape in exp.spec.prunable_shapes] for v in range(versions)}
+    history = MaskHistory({v: [draw.random(shape) < density for shape in exp.spec.prunable_shapes]
+                           for v in range(versions)})
     weights = list(exp.w0)
     state = ServerState(weights=weights, w0=weights, mask=history[versions - 1], version=versions - 1, history=history,
                         velocity=weights)
@@ -57,7 +60,8 @@ def measure(cfg: Config, exp: Experiment) -> dict:
         checkpoint_s = time.perf_counter() - started
         size = (Path(folder) / CHECKPOINT).stat().st_size
     return {"model": cfg.train.model, "nodes": cfg.nodes, "rounds": cfg.rounds, "mask_versions": versions,
-            "build_nodes_s": build_s, "build_nodes_mib": peak / 2**20, "checkpoint_mb": size / 1e6,
+            "build_nodes_s": build_s, "build_nodes_mib": peak / 2**20, "history_mb": history.nbytes / 1e6,
+            "checkpoint_mb": size / 1e6,
             "checkpoint_s": checkpoint_s, "estimate_gib": estimate_run(cfg).total / 2**30}
 
 

@@ -21,6 +21,7 @@ from mpfl.checkpoint import (
     save_checkpoint,
     save_final,
 )
+from mpfl.core.history import MaskHistory
 from mpfl.core.params import ParamSpec
 from mpfl.errors import ConfigError, ExportError, RunDirError
 from mpfl.node import NodeState
@@ -51,7 +52,7 @@ def states(seed: int = 0) -> tuple[ServerState, dict[int, NodeState]]:
     history = nested_masks(rng)
     w0 = weights(rng)
     server = ServerState(weights=SPEC.apply(weights(rng), history[4]), w0=w0, mask=history[4], version=4,
-                         history=history, node_version={1: 4, 2: 2, 3: 4}, w0_sent={1, 2, 3, 4}, next_step=5,
+                         history=MaskHistory(history), node_version={1: 4, 2: 2, 3: 4}, w0_sent={1, 2, 3, 4}, next_step=5,
                          mask_done=True, bytes_up=12_345, bytes_down=67_890, counts={1: 54, 2: 7, 3: 2**32 - 1},
                          velocity=weights(rng))
     nodes = {
@@ -91,6 +92,7 @@ def test_a_checkpoint_reads_back_the_server_and_every_node_that_received_somethi
         assert (got.version, got.local_from_w0) == (want.version, want.local_from_w0)
         for name in ("w0", "mask", "local", "residual"):
             assert same_arrays(getattr(got, name), getattr(want, name)), (node_id, name)
+    assert got_nodes[1].mask[0] is got_nodes[3].mask[0] is got_server.mask[0]  # version 4: one copy, shared
     assert read_meta(tmp_path)["run"] == {"seed": 3}
 
 
@@ -151,7 +153,8 @@ def test_any_mask_history_reads_back_as_written(tmp_path_factory, shapes, versio
     spec = ParamSpec(names=tuple(str(i) for i in range(len(shapes))), shapes=tuple(shapes), prunable=tuple(range(len(shapes))))
     history = {v: [rng.random(shape) < 0.5 for shape in shapes] for v in range(versions)}
     zeros = [np.zeros(shape, dtype=np.float32) for shape in shapes]
-    server = ServerState(weights=zeros, w0=zeros, mask=history[versions - 1], version=versions - 1, history=history,
+    server = ServerState(weights=zeros, w0=zeros, mask=history[versions - 1], version=versions - 1,
+                         history=MaskHistory(history),
                          next_step=versions, mask_done=False)
     folder = tmp_path_factory.mktemp("history")
     save_checkpoint(folder, server, {}, spec=spec)

@@ -123,6 +123,17 @@ def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_
         check_memory(capped, capped.fixed + 2 * capped.per_node + 1)
 
 
+def test_a_run_whose_mask_history_cannot_fit_is_told_to_use_fewer_rounds():
+    """The history of a long run is most of its fixed memory: the levers named are the rounds, not
+    the workers or the data."""
+    short, long = (estimate_run(Config().with_overrides({"rounds": rounds})) for rounds in (10, 400_000))
+    assert long.history > 1000 * short.history and long.fixed - long.history == short.fixed - short.history
+    with pytest.raises(ResourceError, match=r"of it for the server's history of consensus masks .* use fewer --rounds"):
+        check_memory(long, long.fixed - 1)
+    with pytest.raises(ResourceError, match="use fewer --workers"):
+        check_memory(short, short.fixed - 1)
+
+
 def test_round_records_and_the_summary_have_the_keys_their_contracts_name_with_their_types(tmp_path):
     """`RoundRecord` is the records' contract and `RunSummary` the summary's: every key a run writes is
     named there, with its type."""

@@ -222,19 +222,23 @@ def test_worker_processes_run_sampled_mask_rounds_as_one_process(device):
 
 
 def test_the_memory_estimate_counts_the_mask_history_a_longer_run_keeps():
-    """Each mask the server's history gains costs the estimate a byte per weight: the difference
-    between a short and a long run is what their histories hold (counted from real runs)."""
+    """Each mask the server's history gains costs the estimate a bit per weight: the difference
+    between a short and a long run is what their histories hold (counted from real runs), and a
+    real history takes no more than its term."""
     from mpfl.models import build_model
     from mpfl.resources import estimate_run
 
     params = sum(t.numel() for t in build_model("mlp", (1, 28, 28), 10).state_dict().values())
     runs = {(mask_rounds, rounds): tiny_config(nodes=2, mask_rounds=mask_rounds, rounds=rounds)
             for mask_rounds, rounds in ((2, 2), (2, 9), (4, 2))}
-    versions = {key: len(simulate(cfg).masks) for key, cfg in runs.items()}
+    histories = {key: simulate(cfg).masks for key, cfg in runs.items()}
+    versions = {key: len(history) for key, history in histories.items()}
     assert versions[2, 9] > versions[2, 2] < versions[4, 2]  # adaptation rounds and mask rounds add masks
-    fixed = {key: estimate_run(cfg).fixed for key, cfg in runs.items()}
+    estimates = {key: estimate_run(cfg) for key, cfg in runs.items()}
     for longer in ((2, 9), (4, 2)):
-        assert fixed[longer] - fixed[2, 2] == (versions[longer] - versions[2, 2]) * params
+        assert estimates[longer].fixed - estimates[2, 2].fixed == (versions[longer] - versions[2, 2]) * -(-params // 8)
+    for key, history in histories.items():
+        assert history.nbytes <= estimates[key].history == versions[key] * -(-params // 8)
 
 
 def test_the_memory_estimate_counts_the_nodes_asked_not_the_population():

@@ -15,7 +15,6 @@ file.
 from __future__ import annotations
 
 import json
-import math
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .core.history import MaskHistory
 from .core.params import ParamSpec
 from .errors import ConfigError, ExportError, RunDirError
 from .files import in_order, numbered, read_groups, write_groups
@@ -41,15 +41,16 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     identity and its last record, see `mpfl.resume`) is stored beside them. Nodes that have received
     nothing are left out; own weights are stored as their values on the node's mask (`kept_values`)."""
     groups = {"weights": numbered(server.weights), "w0": numbered(server.w0)}
-    groups["history"] = numbered([np.stack([_bits(server.history[v]) for v in sorted(server.history)])])
+    groups["history"] = numbered([server.history.rows()])
     if server.velocity is not None:
         groups["velocity"] = numbered(server.velocity)
     node_meta = {}
+    held = _masks(server.history, [n.version for n in nodes.values() if n.local is not None and not n.local_from_w0])
     for node_id, node in nodes.items():
         if node.fresh:
             continue
         if node.local is not None and not node.local_from_w0:
-            groups[f"node/{node_id}/local"] = numbered(kept_values(spec, node.local, server.history[node.version]))
+            groups[f"node/{node_id}/local"] = numbered(kept_values(spec, node.local, held[node.version]))
         if node.residual is not None:
             groups[f"node/{node_id}/residual"] = numbered(node.residual)
         node_meta[str(node_id)] = {"version": node.version, "has_mask": node.mask is not None, "has_w0": node.w0 is not None,
@@ -178,9 +179,10 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
     n_all, n_prunable = len(spec.names), len(spec.prunable)
     shapes, prunable_shapes = spec.shapes, spec.prunable_shapes
     history = _history(groups, meta["history"], prunable_shapes, meta.get("history_bits", False))
+    held = _masks(history, [meta["version"], *(m["version"] for m in meta["nodes"].values())])
     float32 = np.dtype(np.float32)
     weights, w0 = _arrays(groups, "weights", n_all, shapes, float32), _arrays(groups, "w0", n_all, shapes, float32)
-    server = ServerState(weights=weights, w0=w0, mask=history[meta["version"]], version=meta["version"], history=history,
+    server = ServerState(weights=weights, w0=w0, mask=held[meta["version"]], version=meta["version"], history=history,
                          node_version={int(k): v for k, v in meta["node_version"].items()}, w0_sent=set(meta["w0_sent"]),
                          next_step=meta["next_step"], mask_done=meta["mask_done"], bytes_up=meta["bytes_up"],
                          bytes_down=meta["bytes_down"], counts={int(k): v for k, v in meta["counts"].items()},
@@ -189,34 +191,28 @@ def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dic
     for key, m in meta["nodes"].items():
         n = int(key)
         nodes[n] = NodeState(
-            w0=w0 if m["has_w0"] else None, mask=history[m["version"]] if m["has_mask"] else None, version=m["version"],
-            local=_local(groups, n, m, spec, history[m["version"]]) if m["local"] else None,
+            w0=w0 if m["has_w0"] else None, mask=held[m["version"]] if m["has_mask"] else None, version=m["version"],
+            local=_local(groups, n, m, spec, held[m["version"]]) if m["local"] else None,
             residual=_arrays(groups, f"node/{n}/residual", n_prunable, prunable_shapes, float32) if m["residual"] else None,
             local_from_w0=m.get("from_w0", 0),
         )
     return server, nodes
 
 
-def _bits(mask: Sequence[np.ndarray]) -> np.ndarray:
-    """A mask as one row of packed bits, its tensors flattened one after the other."""
-    return np.packbits(np.concatenate([np.zeros(0, dtype=bool), *(m.reshape(-1) for m in mask)]))
+def _masks(history: MaskHistory, versions: Sequence[int]) -> dict[int, list[np.ndarray]]:
+    """The masks of `versions`, each unpacked once: the nodes holding a version share its arrays."""
+    return {v: history[v] for v in set(versions)}
 
 
-def _history(groups: dict, versions: Sequence[int], shapes: Sequence[tuple[int, ...]], bits: bool) -> dict[int, list[np.ndarray]]:
-    """The mask history: one row of packed bits per version (`_bits`), or (checkpoints written before those) a
-    boolean array per version and tensor. Every round rewrites the whole history, and a long run holds hundreds
-    of versions: as bits in one array, 375 versions of the mlp's mask take 9.3 MB instead of 75 MB in 1,125 arrays."""
+def _history(groups: dict, versions: Sequence[int], shapes: Sequence[tuple[int, ...]], bits: bool) -> MaskHistory:
+    """The mask history: one row of packed bits per version (`core.history.packed`), or (checkpoints written
+    before those) a boolean array per version and tensor. Every round rewrites the whole history, and a long
+    run holds hundreds of versions: as bits in one array, 375 versions of the mlp's mask take 9.3 MB instead
+    of 75 MB in 1,125 arrays."""
     if not bits:
-        return {v: _arrays(groups, f"history/{v}", len(shapes), shapes, np.dtype(bool)) for v in versions}
-    sizes = [math.prod(shape) for shape in shapes]
-    total = sum(sizes)
-    (rows,) = _arrays(groups, "history", 1, [(len(versions), (total + 7) // 8)], np.dtype(np.uint8))
-    flat = np.unpackbits(rows, axis=1)
-    if flat[:, total:].any():
-        raise ValueError("the padding bits of the mask history are not zero")
-    ends = np.cumsum(sizes)
-    return {v: [part.view(bool).reshape(shape) for part, shape in zip(np.split(row[:total], ends[:-1]), shapes)]
-            for v, row in zip(versions, flat)}
+        return MaskHistory({v: _arrays(groups, f"history/{v}", len(shapes), shapes, np.dtype(bool)) for v in versions})
+    (rows,) = in_order(groups["history"], 1)
+    return MaskHistory.from_rows(shapes, versions, rows)
 
 
 def _local(groups: dict, node: int, meta: dict, spec: ParamSpec, mask: Sequence[np.ndarray]) -> list[np.ndarray]:

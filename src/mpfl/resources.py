@@ -21,8 +21,8 @@ server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. When rounds ask a sampl
 and own weights of at most the nodes asked over the mask rounds; every other node costs a few
 KiB (its data indices and node object). With 10 % sampling, 1,000 ``mlp`` nodes peaked at 682 MiB
 and 10,000 at 1,983 MiB (docs/performance.md, "Cross-device scale"; estimates: 837 and 2,296 MiB).
-The server also keeps every consensus mask of the run, a byte per weight each: one per mask round
-and one per adaptation round, about 375 in a 1,000-round run (4.2 GB for resnet18).
+The server also keeps every consensus mask of the run, a bit per weight each (`core.history`): one
+per mask round and one per adaptation round, about 375 in a 1,000-round run (0.5 GB for resnet18).
 """
 
 from __future__ import annotations
@@ -54,10 +54,13 @@ class MemoryEstimate:
     """Expected peak memory of a run in bytes, and its parts."""
 
     fixed: int
+    """Everything but the nodes' weights: processes, data and the mask history."""
     per_node: int
     nodes: int
     """Nodes whose weights the run may hold at once: all of them, unless rounds ask a sample."""
     sampled: bool = False
+    history: int = 0
+    """The part of `fixed` that the server's mask history takes."""
 
     @property
     def total(self) -> int:
@@ -75,11 +78,13 @@ def estimate_memory(cfg: Config, params: int, data_bytes: int) -> MemoryEstimate
     """The peak memory of running `cfg` with a model of `params` parameters on `data_bytes` of
     normalised data (see the module docstring for the figures behind it)."""
     workers = worker_count(cfg)
-    fixed = PROCESS_BYTES * (1 + (workers if workers > 1 else 0)) + 2 * data_bytes + mask_versions(cfg) * params
+    history = mask_versions(cfg) * math.ceil(params / 8)
+    fixed = PROCESS_BYTES * (1 + (workers if workers > 1 else 0)) + 2 * data_bytes + history
     held = holding_nodes(cfg)
     if held >= cfg.nodes:
-        return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes)
-    return MemoryEstimate(fixed + IDLE_NODE_BYTES * cfg.nodes, per_node_bytes(params) // 2, held, sampled=True)
+        return MemoryEstimate(fixed, per_node_bytes(params), cfg.nodes, history=history)
+    return MemoryEstimate(fixed + IDLE_NODE_BYTES * cfg.nodes, per_node_bytes(params) // 2, held, sampled=True,
+                          history=history)
 
 
 def mask_versions(cfg: Config) -> int:
@@ -157,6 +162,11 @@ def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
     if available is None or estimate.total <= available:
         return
     fits = max(0, (available - estimate.fixed) // estimate.per_node)
+    if fits == 0 and 2 * estimate.history > estimate.fixed:
+        raise ResourceError(f"this run needs about {_size(estimate.total)} of memory, {_size(estimate.history)} of it for "
+                            f"the server's history of consensus masks (one per mask round and per adaptation round), "
+                            f"but {_size(available)} is available; use fewer --rounds, adapt the mask less often "
+                            f"(--adapt-every, --adapt-until), or --no-memory-check to run anyway")
     if fits == 0:
         raise ResourceError(f"this run needs about {_size(estimate.total)} of memory: its processes and data take "
                             f"{_size(estimate.fixed)}, which leaves no room for even one node's "

@@ -22,6 +22,7 @@ from .codec import Kind
 from .config import Config
 from .core import masks
 from .core.aggregate import robust_average
+from .core.history import MaskHistory
 from .core.params import Mask, ParamSpec, Weights
 from .errors import MethodError, PayloadError, RoundError
 from .methods import method_of
@@ -93,7 +94,8 @@ class ServerState:
     w0: Weights
     mask: Mask
     version: int = 0
-    history: dict[int, Mask] = field(default_factory=dict)
+    history: MaskHistory = field(default_factory=MaskHistory)
+    """Every consensus mask of the run by version, packed (`core.history`)."""
     node_version: dict[int, int] = field(default_factory=dict)
     w0_sent: set[int] = field(default_factory=set)
     next_step: int = 1
@@ -119,7 +121,7 @@ class Server:
         self.structured = self.method.structured
         self.plan = self.method.plan()
         full = spec.full_mask()
-        self.state = state or ServerState(weights=list(w0), w0=list(w0), mask=full, history={0: full})
+        self.state = state or ServerState(weights=list(w0), w0=list(w0), mask=full, history=MaskHistory({0: full}))
         if self.method.needs_pooled_data and oracle is None:
             raise RoundError(f"the {cfg.method} method needs the pooled training data; run it with the in-process simulator")
 

@@ -18,6 +18,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import Config, FaultConfig
+from .core.history import MaskHistory
 from .core.params import Mask, Weights
 from .errors import ConfigError
 from .experiment import Experiment
@@ -103,7 +104,8 @@ class RunResult:
     weights: Weights
     mask: Mask
     run_dir: Path | None = None
-    masks: dict[int, Mask] = field(default_factory=dict)
+    masks: Mapping[int, Mask] = field(default_factory=MaskHistory)
+    """The consensus mask of every step that changed it (0: nothing pruned), by step."""
 
 
 def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[RoundRecord], None] | None = None,
@@ -191,4 +193,4 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
     if run_dir is not None and not keep_checkpoint:
         (run_dir.path / CHECKPOINT).unlink(missing_ok=True)
     state = server.state
-    return RunResult(records, summary, state.weights, state.mask, run_dir.path if run_dir else None, dict(state.history))
+    return RunResult(records, summary, state.weights, state.mask, run_dir.path if run_dir else None, state.history)

@@ -9,6 +9,7 @@ config), plus ``masks.npz`` with the consensus mask of every step.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -132,6 +133,6 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
             "bytes_eval_up": up}, failed
 
 
-def _save_masks(path: Path, spec: ParamSpec, history: dict[int, Mask]) -> None:
+def _save_masks(path: Path, spec: ParamSpec, history: Mapping[int, Mask]) -> None:
     """The consensus mask of every step (0 = nothing pruned) as ``<step>/<tensor name>`` arrays."""
     write_groups(path / MASKS, {str(step): dict(zip(spec.prunable_names, mask)) for step, mask in history.items()})
