@@ -4,12 +4,13 @@ write goes through a symbolic link; and named groups of arrays share one `.npz` 
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -39,15 +40,19 @@ def _temp_file(path: Path) -> tuple[int, Path]:
     raise PathError(f"cannot create a temporary file beside {path}: every name tried exists")
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str | Callable[[BinaryIO], None]) -> None:
     """Write a file through a new temporary sibling that is synced, then renamed over `path` (the folder is
-    synced too, so the rename survives a power loss). A symbolic link at `path` is refused."""
+    synced too, so the rename survives a power loss). `data` is the content, or a function that writes it
+    to the open file (content too large to hold twice). A symbolic link at `path` is refused."""
     path = Path(path)
     refuse_link(path)
     fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,13 +95,21 @@ def in_order(group: Mapping[str, np.ndarray], count: int) -> list[np.ndarray]:
     return [np.array(group[str(i)]) for i in range(count)]
 
 
-def write_groups(path: Path, groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-    """Write groups of named arrays to one `.npz` file, atomically; the group "" holds top-level entries."""
-    arrays = {f"{group}/{key}" if group else key: value for group, entries in groups.items()
-              for key, value in entries.items()}
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    atomic_write(path, buffer.getvalue())
+def write_groups(path: Path, groups: Mapping[str, Mapping[str, np.ndarray]] | Iterable[tuple[str, Mapping[str, np.ndarray]]],
+                 *, compress: bool = False) -> None:
+    """Write groups of named arrays to one `.npz` file, atomically; the group "" holds top-level entries.
+    The file is what `np.savez` (`np.savez_compressed` with `compress`) writes, but each array goes to
+    disk as it comes, so `groups` may be an iterable of (name, arrays) pairs made one at a time."""
+    pairs = groups.items() if isinstance(groups, Mapping) else groups
+
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
+            for group, entries in pairs:
+                for key, value in entries.items():
+                    with archive.open(f"{group}/{key}.npy" if group else f"{key}.npy", "w", force_zip64=True) as member:
+                        np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+    atomic_write(path, write)
 
 
 def read_groups(path: Path) -> Groups:

@@ -134,5 +134,7 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
 
 
 def _save_masks(path: Path, spec: ParamSpec, history: Mapping[int, Mask]) -> None:
-    """The consensus mask of every step (0 = nothing pruned) as ``<step>/<tensor name>`` arrays."""
-    write_groups(path / MASKS, {str(step): dict(zip(spec.prunable_names, mask)) for step, mask in history.items()})
+    """The consensus mask of every step (0 = nothing pruned) as ``<step>/<tensor name>`` arrays, compressed
+    (boolean arrays, a byte per entry), each unpacked from the history only as it is written."""
+    write_groups(path / MASKS, ((str(step), dict(zip(spec.prunable_names, history[step]))) for step in history),
+                 compress=True)
