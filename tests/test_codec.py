@@ -429,7 +429,7 @@ def test_range_coded_bytes_are_stable():
     n = 10_007
     mask = (np.arange(n, dtype=np.int64) * 2654435761 % 1009) < 37
     body = codec.encode_mask([mask], [np.ones(n, dtype=bool)], round=1)
-    assert codec.VERSION == 2 and (len(body), zlib.crc32(body)) == (332, 3287746900)
+    assert codec.VERSION == 3 and (len(body), zlib.crc32(body)) == (332, 3470410830)
 
 
 # --------------------------------------------------------------------------- mutations
@@ -946,7 +946,7 @@ def by_hand(kind: int, encoding: int, payload: bytes, *, flags: int = 0, round_:
             num_samples: int = 0, count: int = 1) -> bytes:
     """A body built from the spec at the top of codec.py alone: the 28 header bytes, the CRC-32 of
     everything else, then the payload."""
-    head = HEADER.pack(b"MPFL", 2, kind, encoding, flags, round_, base, num_samples, count, len(payload))
+    head = HEADER.pack(b"MPFL", 3, kind, encoding, flags, round_, base, num_samples, count, len(payload))
     return head + struct.pack("<I", zlib.crc32(head + payload)) + payload
 
 
@@ -965,6 +965,36 @@ def test_kinds_and_value_encodings_are_the_numbers_of_the_spec():
         assert codec.encode_values([x], [np.ones(3, bool)], round=4, base=2, num_samples=9, dtype=dtype) == \
             by_hand(3, code, records[dtype], round_=4, base=2, num_samples=9)
     assert codec.encode_values([x], [np.ones(3, bool)], round=4) == by_hand(3, 0, records["float32"], round_=4)
+
+
+def test_values_named_exact_travel_as_float32_marked_in_their_count_and_arrive_bit_for_bit():
+    """BatchNorm statistics in an int8 or float16 VALUES body: bit 31 of the record's count marks
+    float32 values; the other tensors keep the body's dtype, and a receiver needs no hint."""
+    x = np.array([1.0, -0.5, 0.25], dtype=np.float32)
+    variances = np.array([3.0, 0.011, 0.0004, 1.7], dtype=np.float32)  # int8 would round the small ones to 0
+    scale = np.float32(1.0) / np.float32(127)
+    weights = struct.pack("<If", 3, scale) + np.rint(x / scale).astype(np.int8).tobytes()
+    exact = struct.pack("<I", 4 | 1 << 31) + variances.astype("<f4").tobytes()
+    supports = [np.ones(3, bool), np.ones(4, bool)]
+    body = codec.encode_values([x, variances], supports, round=2, dtype="int8", exact=[1])
+    assert body == by_hand(3, 2, weights + exact, round_=2, count=2)
+    got = codec.decode_values(body, supports, round=2).tensors
+    assert np.array_equal(got[1], variances) and not np.array_equal(got[0], x)  # x is int8-rounded
+    half = codec.encode_values([x, variances], supports, round=2, dtype="float16", exact=[1])
+    assert np.array_equal(codec.decode_values(half, supports).tensors[1], variances)
+    # in a float32 body there is nothing to mark: the same bytes as without `exact`
+    plain = codec.encode_values([x, variances], supports, round=2)
+    assert codec.encode_values([x, variances], supports, round=2, exact=[1]) == plain
+
+
+def test_a_float32_mark_is_refused_where_the_spec_does_not_allow_it():
+    x = np.array([1.0, -0.5, 0.25], dtype=np.float32)
+    marked = struct.pack("<I", 3 | 1 << 31) + x.astype("<f4").tobytes()
+    with pytest.raises(PayloadError, match="marked as float32 values, which only a VALUES body of float16 or int8"):
+        codec.decode_values(by_hand(3, 0, marked), [np.ones(3, bool)])  # a float32 VALUES body
+    with pytest.raises(PayloadError, match="marked as float32 values"):
+        codec.decode_dense(by_hand(Kind.WEIGHTS.value, 2, marked), Kind.WEIGHTS, [(3,)])
+    assert np.array_equal(codec.decode_values(by_hand(3, 2, marked), [np.ones(3, bool)]).tensors[0], x)
 
 
 def test_a_mask_body_is_its_support_size_ones_length_and_bits_first_bit_highest():

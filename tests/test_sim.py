@@ -508,3 +508,36 @@ def test_a_layer_floor_that_makes_the_sparsity_unreachable_is_refused_for_prunin
     Experiment.from_config(tiny_config(method="fedavg", sparsity=0.995))  # fedavg never prunes
     with pytest.raises(ConfigError, match=r"layer_floor = 0.01 keeps more of every layer than sparsity = 0.995"):
         Experiment.from_config(tiny_config(sparsity=0.995))
+
+
+def _small_batchnorm_model(input_shape, num_classes):
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), 16),
+                               torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes))
+
+
+@pytest.mark.parametrize("method", ["mpfl", "fedavg"])
+def test_batchnorm_statistics_travel_bit_for_bit_in_int8_runs(monkeypatch, method):
+    """Every VALUES body of an int8 run (weights down, kept values up, in mask and training rounds)
+    carries a BatchNorm model's running statistics as float32: one int8 scale per tensor would round
+    a layer's small variances coarsely."""
+    from mpfl.core.params import param_spec
+    from mpfl.models import MODELS, build_model, register_model
+
+    if "batchnorm_values_test_model" not in MODELS:
+        register_model("batchnorm_values_test_model", _small_batchnorm_model)
+    sent = []
+    encode = codec.encode_values
+
+    def recording(tensors, supports, **options):
+        body = encode(tensors, supports, **options)
+        sent.append(([np.array(t, copy=True) for t in tensors], supports, body))
+        return body
+
+    monkeypatch.setattr(codec, "encode_values", recording)
+    simulate(tiny_config(method=method, model="batchnorm_values_test_model", value_dtype="int8", workers=1))
+    statistics = param_spec(build_model("batchnorm_values_test_model", (1, 28, 28), 10)).statistics
+    assert len(statistics) == 2 and sent  # running mean and variance
+    for tensors, supports, body in sent:
+        got = codec.decode_values(body, supports).tensors
+        assert all(np.array_equal(got[i], tensors[i]) for i in statistics)
+        assert not all(np.array_equal(g, t) for g, t in zip(got, tensors))  # the weights are int8

@@ -16,7 +16,10 @@ Payload records, one per tensor, by kind (``k`` = number of values in the record
 - ``WEIGHTS`` / ``SCORES`` / ``VALUES``: count (u32) [+ scale (f32) for int8], then the ``k``
   values: ``4 + 4k`` bytes as float32, ``4 + 2k`` as float16, ``8 + k`` as int8. ``VALUES``
   holds only the entries inside a support both sides know, in row-major order, so no
-  indices travel.
+  indices travel. In a ``VALUES`` body of float16 or int8, bit 31 of a record's count marks
+  values sent as float32 (``4 + 4k`` bytes) all the same: the sender's choice for a model's
+  BatchNorm statistics, whose small running variances one int8 scale per tensor rounds
+  coarsely; the receiver needs no hint.
 - ``MASK``: coded positions (u32: the size of the previous support), ones (u32), coded
   length (u32), then the bits of the new mask over the previous support only (row-major,
   packed with the first bit in the highest bit of the first byte, zero padded; the range coder
@@ -52,7 +55,7 @@ import functools
 import hashlib
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -63,7 +66,7 @@ from .core.memo import positions
 from .errors import PayloadError
 
 MAGIC = b"MPFL"
-VERSION = 2
+VERSION = 3
 _HEADER = struct.Struct("<4sBBBBIIIII")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
@@ -77,6 +80,8 @@ _GROW = 2
 _RANGE_SLACK = 64
 _MODEL_BITS = 32
 _MIN_SCALE = np.float32(np.finfo(np.float32).smallest_subnormal)
+_EXACT = 1 << 31
+"""Set in a VALUES record's count: its values are float32 whatever the body's value dtype."""
 
 
 class Kind(IntEnum):
@@ -271,18 +276,27 @@ def _dequantize(raw: np.ndarray, scale: np.float32 | None) -> np.ndarray:
     return out
 
 
-def _values_record(raw: np.ndarray, scale: np.float32 | None) -> bytes:
-    head = _U32.pack(raw.size) + (b"" if scale is None else _F32.pack(scale))
+def _values_record(raw: np.ndarray, scale: np.float32 | None, exact: bool = False) -> bytes:
+    if raw.size >= _EXACT:
+        raise PayloadError(f"a tensor of {raw.size:,} values is too large for one record (at most 2**31 - 1)")
+    head = _U32.pack(raw.size | (_EXACT if exact else 0)) + (b"" if scale is None else _F32.pack(scale))
     return head + raw.tobytes()
 
 
-def _encode_values(values: np.ndarray, dtype: str) -> bytes:
-    return _values_record(*_quantize(_float32(values).ravel(), dtype))
+def _encode_values(values: np.ndarray, dtype: str, exact: bool = False) -> bytes:
+    """One values record in `dtype`; with `exact` (a VALUES body that is not float32), float32 and marked so."""
+    return _values_record(*_quantize(_float32(values).ravel(), "float32" if exact else dtype), exact=exact)
 
 
-def _decode_values(reader: _Reader, dtype: str, expected: int, index: int) -> np.ndarray:
-    """Read one values record of exactly ``expected`` entries as float32, all finite."""
+def _decode_values(reader: _Reader, dtype: str, expected: int, index: int, *, may_be_exact: bool = False) -> np.ndarray:
+    """Read one values record of exactly ``expected`` entries as float32, all finite; with
+    `may_be_exact` (VALUES bodies of float16 or int8), the record may be marked as float32."""
     (count,) = reader.unpack(_U32, f"the count of tensor {index}")
+    if count & _EXACT:
+        if not may_be_exact or dtype == "float32":
+            raise PayloadError(f"tensor {index} is marked as float32 values, which only a VALUES body of float16 "
+                               f"or int8 may hold")
+        count, dtype = count & ~_EXACT, "float32"
     if count != expected:
         raise PayloadError(f"tensor {index} holds {count} values, expected {expected}")
     scale = None
@@ -345,8 +359,10 @@ def encode_values(
     base: int = 0,
     num_samples: int = 0,
     dtype: str = "float32",
+    exact: Collection[int] = (),
 ) -> bytes:
-    """Encode the entries of each tensor inside its support (both sides know the supports)."""
+    """Encode the entries of each tensor inside its support (both sides know the supports) as
+    `dtype`; the tensors whose index is in `exact` (BatchNorm statistics) go as float32."""
     if len(tensors) != len(supports):
         raise PayloadError(f"{len(tensors)} tensors but {len(supports)} supports")
     code = _value_dtype(dtype)[0]
@@ -357,7 +373,8 @@ def encode_values(
             raise PayloadError(f"tensor {i} has shape {tensor.shape} but its support has shape {support.shape}")
         # positions as an index array: numpy's boolean indexing is ~4x slower on a scattered support
         where = positions(support)
-        parts.append(_encode_values(tensor.reshape(-1)[where] if where.size < tensor.size else tensor, dtype))
+        kept = tensor.reshape(-1)[where] if where.size < tensor.size else tensor
+        parts.append(_encode_values(kept, dtype, exact=i in exact and dtype != "float32"))
     return _pack(Kind.VALUES, code, 0, round, base, num_samples, len(tensors), b"".join(parts))
 
 
@@ -387,7 +404,7 @@ def decode_kept_values(
     header, payload = _unpack(buf, Kind.VALUES, round, base, len(counts))
     dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
-    tensors = [_decode_values(reader, dtype, int(count), i) for i, count in enumerate(counts)]
+    tensors = [_decode_values(reader, dtype, int(count), i, may_be_exact=True) for i, count in enumerate(counts)]
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
 

@@ -349,7 +349,7 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         out.append(codec.encode_mask(core_of(scores, new, prune.core_share), new, **coding))
     if node.method.averages(plan_step):
         out.append(codec.encode_values(kept, node.spec.supports(new), round=step, base=node.state.version,
-                                       num_samples=node.claimed_samples, dtype=node.value_dtype))
+                                       num_samples=node.claimed_samples, dtype=node.value_dtype, exact=node.spec.statistics))
     return out
 
 
@@ -378,7 +378,7 @@ def local_training(node: Node, step: int, weights: Weights | None) -> Weights:
 def encode_trained(node: Node, step: int, trained: Weights) -> bytes:
     """A node's kept values as a VALUES body over its mask."""
     return codec.encode_values(trained, node.spec.supports(node.mask), round=step, base=node.state.version,
-                               num_samples=node.claimed_samples, dtype=node.value_dtype)
+                               num_samples=node.claimed_samples, dtype=node.value_dtype, exact=node.spec.statistics)
 
 
 def adapt_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:

@@ -147,8 +147,8 @@ class Method:
         state = server.state
         supports = server.spec.supports(state.mask)
         nodes = server.sample(step)
-        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version,
-                                      dtype=self.value_dtype)] if self.sends_weights(server, step, nodes) else []
+        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype,
+                                      exact=server.spec.statistics)] if self.sends_weights(server, step, nodes) else []
         mask_bodies: dict[int, list[bytes]] = {}
         requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
 

@@ -39,7 +39,7 @@ class TopK(Method):
     def train_round(self, server: Server, step: Step) -> Round:
         state, spec = server.state, server.spec
         body = codec.encode_values(state.weights, spec.supports(spec.full_mask(shared=True)), round=step.step,
-                                   dtype=self.value_dtype)
+                                   dtype=self.value_dtype, exact=spec.statistics)
         limits = [int(np.prod(s)) for s in spec.shapes]
         for i, size in zip(spec.prunable, spec.prunable_sizes):
             limits[i] = masks.keep_count(int(size), step.density)

@@ -94,7 +94,7 @@ class Mpfl(MaskedMethod):
         cores, averaging = self.sends_cores(step), self.averages(step)
         support = state.mask
         start = [codec.encode_values(state.weights, server.spec.supports(support), round=step.step, base=state.version,
-                                     dtype=self.value_dtype)] if self.shares_start(step) else []
+                                     dtype=self.value_dtype, exact=server.spec.statistics)] if self.shares_start(step) else []
         mask_bodies: dict[int, list[bytes]] = {}
         w0: dict[str, bytes] = {}
         requests = {n: server.w0_body(n, step, w0) + server.mask_update(n, mask_bodies) + start
@@ -177,7 +177,8 @@ class Mpfl(MaskedMethod):
         supports = server.spec.supports(state.mask)
         pruned = [~m for m in state.mask]
         nodes = server.sample(step)
-        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype)]
+        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype,
+                                      exact=server.spec.statistics)]
         mask_bodies: dict[int, list[bytes]] = {}
         requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
         node_votes = self.cfg.adapt.adapt_drop == "votes"
