@@ -943,10 +943,10 @@ def test_init_reference_round_trip_and_digest():
 
 
 def by_hand(kind: int, encoding: int, payload: bytes, *, flags: int = 0, round_: int = 1, base: int = 0,
-            num_samples: int = 0, count: int = 1) -> bytes:
+            num_samples: int = 0, count: int = 1, version: int = 3) -> bytes:
     """A body built from the spec at the top of codec.py alone: the 28 header bytes, the CRC-32 of
     everything else, then the payload."""
-    head = HEADER.pack(b"MPFL", 3, kind, encoding, flags, round_, base, num_samples, count, len(payload))
+    head = HEADER.pack(b"MPFL", version, kind, encoding, flags, round_, base, num_samples, count, len(payload))
     return head + struct.pack("<I", zlib.crc32(head + payload)) + payload
 
 
@@ -985,6 +985,21 @@ def test_values_named_exact_travel_as_float32_marked_in_their_count_and_arrive_b
     # in a float32 body there is nothing to mark: the same bytes as without `exact`
     plain = codec.encode_values([x, variances], supports, round=2)
     assert codec.encode_values([x, variances], supports, round=2, exact=[1]) == plain
+
+
+def test_version_2_bodies_still_read_as_they_always_did():
+    """Version 3 only added float32 marks, so a version 2 body (an older export's mask.bin, an older
+    node's values) decodes to what it always meant; versions before 2 are refused."""
+    x = np.array([1.0, -0.5, 0.25], dtype=np.float32)
+    values = by_hand(3, 0, struct.pack("<I", 3) + x.astype("<f4").tobytes(), version=2)
+    assert np.array_equal(codec.decode_values(values, [np.ones(3, bool)]).tensors[0], x)
+    mask = np.array([True, False, True, True, False, False, True, False, True])
+    current = codec.encode_mask([mask], [np.ones(9, bool)], round=0, coder="packbits")
+    older = by_hand(Kind.MASK.value, codec.MASK_CODERS["packbits"], current[HEADER_SIZE:], round_=0, version=2)
+    assert np.array_equal(codec.decode_mask(older, [np.ones(9, bool)]).tensors[0], mask)
+    assert codec.peek(older).kind == Kind.MASK
+    with pytest.raises(PayloadError, match="format version 1 is not supported"):
+        codec.decode_values(by_hand(3, 0, struct.pack("<I", 3) + x.astype("<f4").tobytes(), version=1), [np.ones(3, bool)])
 
 
 def test_a_float32_mark_is_refused_where_the_spec_does_not_allow_it():

@@ -2,7 +2,9 @@
 
 A body is a 32-byte header followed by a payload of per-tensor records.
 
-Header (little-endian): magic ``b"MPFL"``, format version (u8), kind (u8), encoding (u8: the
+Header (little-endian): magic ``b"MPFL"``, format version (u8: 3; version 2, which differs
+only in having no float32 marks in VALUES records, is still read, e.g. an older export's
+``mask.bin``), kind (u8), encoding (u8: the
 value dtype or the mask coder; ``SPARSE``: dtype | coder << 4), flags (u8: bit 0 = structured
 mask, bit 1 = a mask's grown positions, coded over the complement of the receiver's mask),
 round (u32), base (u32: the version of the support the body is coded over, so sender and
@@ -67,6 +69,9 @@ from .errors import PayloadError
 
 MAGIC = b"MPFL"
 VERSION = 3
+READABLE_VERSIONS = (2, 3)
+"""Versions a decoder accepts: what version 3 added (float32 marks in VALUES records) a version 2
+body never holds, so its bytes mean the same."""
 _HEADER = struct.Struct("<4sBBBBIIIII")
 _CRC = struct.Struct("<I")
 HEADER_SIZE = _HEADER.size + _CRC.size
@@ -163,7 +168,7 @@ def _unpack(
     magic, version, got_kind, encoding, got_flags, got_round, got_base, num_samples, got_count, length = fields
     if magic != MAGIC:
         raise PayloadError(f"bad magic {bytes(magic)!r}: this is not an mpfl message")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise PayloadError(f"format version {version} is not supported (expected {VERSION}); upgrade mpfl on both sides")
     if length != len(view) - HEADER_SIZE:
         arrived = len(view) - HEADER_SIZE
@@ -694,7 +699,7 @@ def peek(buf: bytes) -> Body:
     if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC:
         raise PayloadError("not an mpfl message: too short or bad magic")
     _, version, kind, _, flags, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise PayloadError(f"format version {version} is not supported (expected {VERSION}); upgrade mpfl on both sides")
     if kind not in Kind._value2member_map_:
         raise PayloadError(f"unknown body kind {kind}")
