@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import comparable, tiny_config
 from mpfl.checkpoint import load_final, read_meta
 from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.core import masks
-from mpfl.errors import ConfigError
+from mpfl.errors import ConfigError, MethodError
 from mpfl.methods import METHODS
 from mpfl.registry import Registry, UnknownNameError
 from mpfl.resume import resume_notes
@@ -299,7 +299,7 @@ def test_a_plug_in_registered_only_in_the_running_script_fails_in_worker_process
     with pytest.raises(UnknownNameError, match="a worker process could not set up its nodes: unknown mask criterion "
                                                "'script-only-test'.*Worker processes imported no plug-ins"):
         simulate(tiny_config(criterion="script-only-test", workers=2), out)
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
 def test_plug_ins_read_the_runs_options_and_a_criterion_may_draw_from_its_own_seeded_generator(tmp_path):
@@ -368,3 +368,41 @@ def test_a_plug_ins_own_error_keeps_its_type_from_a_worker_and_is_one_json_objec
     event = json.loads(line)
     assert event["event"] == "error" and event["message"] == "ValueError: broken on purpose"
     assert "raise ValueError('broken on purpose')" in event["traceback"]
+
+
+def test_an_aggregator_that_breaks_its_contract_mid_run_leaves_a_checkpoint_the_fixed_run_resumes_from(tmp_path):
+    """The server checks an aggregate before it keeps it: a broken one never reaches the checkpoint,
+    so once the rule is fixed the run resumes and ends as a run with the fixed rule from the start."""
+    from mpfl.core.aggregate import register_aggregator, weighted_average
+
+    calls = {"n": 0, "broken": True}
+
+    def mean_until_broken(tensors, weights, **_):
+        calls["n"] += 1
+        out = weighted_average(tensors, weights)
+        return out[:-1] if calls["broken"] and calls["n"] == 2 else out
+
+    register_aggregator("breaks-test", mean_until_broken)
+    cfg = tiny_config(aggregator="breaks-test", rounds=3)
+    with pytest.raises(MethodError, match="the aggregator 'breaks-test' must return a list of 6 float arrays"):
+        simulate(cfg, tmp_path / "run")
+    assert read_meta(tmp_path / "run")["next_step"] == cfg.prune.mask_rounds + 2  # the first training round's
+    calls["broken"] = False
+    resumed, fresh = simulate(cfg, tmp_path / "run", resume=True), simulate(cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.weights, fresh.weights))
+    assert comparable(resumed.records) == comparable(fresh.records)
+
+
+def test_a_consensus_rule_that_narrows_the_current_mask_in_place_is_stopped_not_obeyed():
+    """Every consensus mask is read-only once the server adopts it, so a rule that changes `support`
+    in place (which would also change the history and make the round look converged) stops the run."""
+    from mpfl.core.consensus import register_rule
+
+    def in_place(votes, support, ctx):
+        for v, s in zip(votes, support):
+            s &= v >= 0.5
+        return list(support)
+
+    register_rule("in-place-test", in_place)
+    with pytest.raises(ValueError, match="read-only"):
+        simulate(tiny_config(consensus="in-place-test", mask_rounds=3, rounds=1))

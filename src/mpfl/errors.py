@@ -38,8 +38,8 @@ class PathError(MpflError):
 
 
 class MethodError(MpflError):
-    """A method (built in or a plug-in) breaks its contract: a hook its plan needs is missing, or a hook
-    returned something other than what the server expects."""
+    """A method, criterion, consensus rule or aggregator (built in or a plug-in) breaks its contract: a
+    hook its plan needs is missing, or a hook returned something other than what the server expects."""
 
 
 class RunDirError(MpflError, ValueError):

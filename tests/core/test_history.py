@@ -36,14 +36,16 @@ def test_a_row_is_the_tensors_bits_in_order_most_significant_first():
     assert packed(mask).tolist() == [0b10100111, 0b00100000]
 
 
-def test_the_latest_version_is_the_mask_added_and_older_ones_are_copies():
+def test_the_latest_version_is_the_mask_added_and_no_version_can_be_changed_in_place():
     masks = random_masks([(70,), (3, 5)], 3, seed=1)
     history = MaskHistory(masks)
     latest = history[4]
     assert all(a is b for a, b in zip(latest, masks[4]))
-    older = history[2]
-    older[0][:] = ~older[0]
-    assert np.array_equal(history[2][0], masks[2][0])  # changing a copy leaves the history as it was
+    for version in history:
+        for array in history[version]:
+            with pytest.raises(ValueError, match="read-only"):
+                array[0] = ~array[0]
+    assert all(np.array_equal(a, b) for v in history for a, b in zip(history[v], masks[v]))
 
 
 def test_rows_give_back_the_same_history_and_damaged_rows_are_refused():

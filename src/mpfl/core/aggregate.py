@@ -6,7 +6,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..registry import Registry, registry
+from ..errors import MethodError
+from ..registry import Registry, check_callable, registry
 
 
 def normalise(weights: Sequence[float]) -> np.ndarray:
@@ -83,12 +84,37 @@ for _name in ("trimmed-mean", "median", "krum"):
 
 
 def register_aggregator(name: str, rule: Aggregator) -> None:
-    """Add an aggregation rule `rule(tensors, weights, *, trim, byzantine) -> tensors`."""
+    """Add an aggregation rule `rule(tensors, weights, *, trim, byzantine) -> tensors`: `tensors[n][i]`
+    is node n's tensor i (full shape, float32), `weights[n]` its sample count; it returns one
+    finite float array per tensor, of that tensor's shape."""
+    check_callable(rule, "aggregator", name, "rule(tensors, weights, *, trim, byzantine)", [], [], trim=0.2,
+                   byzantine=1)
     AGGREGATORS.register(name, rule)
+
+
+def checked_aggregate(out: object, like: Sequence[np.ndarray], rule: str) -> list[np.ndarray]:
+    """`out` (what the aggregator `rule` returned) as float32 arrays, once it is one finite float array
+    per tensor of `like`'s shapes; otherwise a MethodError naming the rule, before the server keeps
+    it: a broken rule's output would go into the checkpoint the run resumes from."""
+    contract = (f"the aggregator {rule!r} must return a list of {len(like)} float arrays, one per tensor, each the "
+                "shape of its tensor and without NaN or infinity")
+    if not isinstance(out, (list, tuple)) or len(out) != len(like):
+        got = f"holds {len(out)} items" if isinstance(out, (list, tuple)) else f"is a {type(out).__name__}"
+        raise MethodError(f"{contract}; it {got}")
+    checked = []
+    for i, (tensor, reference) in enumerate(zip(out, like)):
+        tensor = np.asarray(tensor)
+        if tensor.shape != np.shape(reference) or tensor.dtype.kind != "f":
+            raise MethodError(f"{contract}; item {i} is a {tensor.dtype} array of shape {tensor.shape}, the tensor's "
+                              f"shape is {np.shape(reference)}")
+        if not np.isfinite(tensor).all():
+            raise MethodError(f"{contract}; item {i} holds NaN or infinity")
+        checked.append(tensor.astype(np.float32, copy=False))
+    return checked
 
 
 def robust_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float], rule: str = "mean", *,
                    trim: float = 0.2, byzantine: int = 1) -> list[np.ndarray]:
     """Aggregate with the named rule: the sample-weighted mean, or Flower's coordinate-wise trimmed
-    mean, coordinate-wise median or Krum."""
-    return AGGREGATORS.get(rule)(tensors, weights, trim=trim, byzantine=byzantine)
+    mean, coordinate-wise median or Krum, or a plug-in rule (held to its contract: `checked_aggregate`)."""
+    return checked_aggregate(AGGREGATORS.get(rule)(tensors, weights, trim=trim, byzantine=byzantine), tensors[0], rule)

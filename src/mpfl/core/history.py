@@ -6,6 +6,8 @@ run has hundreds of versions (one per mask round and per adaptation round), so a
 they would dominate its memory (4.2 GB for resnet18 over 1,000 rounds); as packed bits they take
 an eighth of that. A lookup unpacks a fresh copy, except for the latest version, which is kept
 as the very arrays it was added with: the server's current mask, shared with the nodes holding it.
+Every mask comes out read-only (those added are made so), so that no node, plug-in criterion or
+consensus rule can change a version in place: one that tries stops with numpy's "read-only" error.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ def packed(mask: Sequence[np.ndarray]) -> np.ndarray:
     """A mask as one row of packed bits (`np.packbits`, big-endian within a byte), its tensors
     flattened in C order one after the other, the last byte padded with zero bits."""
     return np.packbits(np.concatenate([np.zeros(0, dtype=bool), *(np.asarray(m, dtype=bool).reshape(-1) for m in mask)]))
+
+
+def _freeze(mask: Sequence[np.ndarray]) -> Mask:
+    for array in mask:
+        array.flags.writeable = False
+    return list(mask)
 
 
 class MaskHistory(Mapping[int, Mask]):
@@ -61,6 +69,7 @@ class MaskHistory(Mapping[int, Mask]):
         elif shapes != self.shapes:
             raise ValueError(f"a mask of shapes {shapes} cannot join a history of shapes {self.shapes}")
         self._rows[version] = packed(mask)
+        _freeze(mask)
         if self._latest is None or version >= self._latest[0]:
             self._latest = (version, mask)
 
@@ -71,7 +80,7 @@ class MaskHistory(Mapping[int, Mask]):
         assert self.shapes is not None  # a row exists, so a first mask fixed the shapes
         flat = np.unpackbits(row, count=self.total).view(bool)
         ends = np.cumsum([math.prod(shape) for shape in self.shapes])[:-1]
-        return [part.reshape(shape) for part, shape in zip(np.split(flat, ends), self.shapes)]
+        return _freeze([part.reshape(shape) for part, shape in zip(np.split(flat, ends), self.shapes)])
 
     def __iter__(self) -> Iterator[int]:
         return iter(sorted(self._rows))

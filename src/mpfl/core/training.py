@@ -79,7 +79,7 @@ def generator(*key: int) -> torch.Generator:
 
 def _mask_tensor(mask: np.ndarray) -> torch.Tensor | None:
     """A mask as a float32 tensor of ones and zeros to multiply by; None when it keeps everything."""
-    return None if mask.all() else torch.from_numpy(np.ascontiguousarray(mask)).to(dtype=torch.float32)
+    return None if mask.all() else torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))  # a copy: masks are read-only
 
 
 class LocalTrainer:
