@@ -269,7 +269,8 @@ def test_a_killed_worker_process_stops_the_run_with_one_line_and_the_run_resumes
 
 def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     """A terminal's Ctrl-C reaches the whole process group: the forkserver, busy importing torch,
-    ignores it, and the run's own process says what happened."""
+    ignores it, and the run's own process says what happened (and removes the folder it made, if it
+    wrote nothing there yet)."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *CLI_RUN, "--workers", "2", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -281,7 +282,9 @@ def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    assert stderr.strip().splitlines()[-1].startswith("interrupted")
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted")
+    assert ("before the run started; nothing was written" in last) == (not out.exists())  # nor an empty folder
 
 
 def _importing_torch(pid: int) -> bool:

@@ -9,6 +9,7 @@ same results.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,16 +130,24 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
             raise ConfigError("resuming a run needs its run directory")
         return _simulate(cfg, None, on_round, experiment, resume, keep_checkpoint)
     out = Path(out)
+    created = False
     if resume:
         check_resumable_dir(out)
     else:
         check_run_dir(out)
         experiment = experiment or Experiment.from_config(cfg)  # bad input stops before any folder is made
+        created = not out.exists()
         make_run_dir(out)
-    with RunLock(out):
-        if resume:
-            remove_stale_temps(out)
-        return _simulate(cfg, out, on_round, experiment, resume, keep_checkpoint)
+    try:
+        with RunLock(out):
+            if resume:
+                remove_stale_temps(out)
+            return _simulate(cfg, out, on_round, experiment, resume, keep_checkpoint)
+    except BaseException:
+        if created:  # stopped before it wrote anything (Ctrl-C while the workers start): leave no empty folder
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
 
 
 def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], None] | None, experiment: Experiment | None,
