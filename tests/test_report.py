@@ -94,6 +94,24 @@ def test_settings_every_run_shares_away_from_the_defaults_are_named_above_the_ta
             "rounds=2, test_samples=300, train_samples=1500, mpfl: mask_rounds=1.\n") in text
 
 
+def test_the_value_rows_without_a_variant_have_is_named_where_it_is_not_the_default(runs, tmp_path):
+    """Three runs on 1,500 images and one on 3,000: only the last row's variant names train_samples, so
+    the text above the table says the others' value (not the default, all images)."""
+    for name in ("mpfl-0", "mpfl-1", "fedavg-0", "fedavg-1"):
+        shutil.copytree(runs / name, tmp_path / "runs" / name)
+    edited = tmp_path / "runs" / "fedavg-1" / "summary.json"
+    summary = json.loads(edited.read_text())
+    summary["config"]["data"]["train_samples"] = 3000
+    edited.write_text(json.dumps(summary))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    text = " ".join((tmp_path / "out" / "report.md").read_text().split())
+    assert ("Every run here shares these settings, which differ from mpfl's defaults: nodes=3, rounds=2, "
+            "test_samples=300, mpfl: mask_rounds=1.") in text
+    assert ("A row whose variant does not name a setting has its most common value here, which differs from mpfl's "
+            "default for: train_samples=1500.") in text
+    assert "| train_samples=3000 |" in text
+
+
 @pytest.mark.parametrize("name", PLOTS)
 def test_each_plot_is_a_png_of_the_expected_size(report, name):
     out, _ = report
@@ -305,12 +323,22 @@ def test_a_file_mpfl_did_not_write_is_refused_unless_forced(runs, tmp_path, caps
 
 
 def test_a_json_file_of_another_shape_is_refused(runs, tmp_path, capsys):
-    """Not even a run's own summary.json is taken for the report's JSON."""
+    (tmp_path / "mine.json").write_text('{"not": "rows"}\n')
+    assert main(["report", str(runs / "mpfl-0"), "--out", str(tmp_path / "out"), "--json",
+                 str(tmp_path / "mine.json")]) == 2
+    assert f"{tmp_path / 'mine.json'} was not written by mpfl report" in capsys.readouterr().err
+    assert (tmp_path / "mine.json").read_text() == '{"not": "rows"}\n' and not (tmp_path / "out" / "report.md").exists()
+
+
+@pytest.mark.parametrize("record", ["summary.json", "rounds.jsonl", "config.toml"])
+def test_a_runs_own_records_are_never_replaced_not_even_when_forced(runs, tmp_path, capsys, record):
     run = shutil.copytree(runs / "mpfl-0", tmp_path / "run")
-    summary = (run / "summary.json").read_bytes()
-    assert main(["report", str(run), "--out", str(tmp_path / "out"), "--json", str(run / "summary.json")]) == 2
-    assert f"{run / 'summary.json'} was not written by mpfl report" in capsys.readouterr().err
-    assert (run / "summary.json").read_bytes() == summary and not (tmp_path / "out" / "report.md").exists()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for force in ([], ["--force"]):
+        assert main(["report", str(run), "--out", str(tmp_path / "out"), "--json", str(run / record), *force]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{run / record} is a record of the run in {run}, which a report never replaces" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before and not (tmp_path / "out" / "report.md").exists()
 
 
 def test_a_run_whose_summary_was_edited_into_another_shape_is_skipped_with_the_reason(runs, tmp_path, capsys):

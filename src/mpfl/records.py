@@ -28,7 +28,7 @@ import torch
 
 from ._version import __version__
 from .attacks import malicious_ids
-from .checkpoint import save_final
+from .checkpoint import CHECKPOINT, FINAL, save_final
 from .config import SECTIONS, Config, field_types
 from .core.params import Mask, Weights
 from .costs import model_stats
@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from .experiment import Experiment
 
 CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "rounds.csv", "summary.json"
+RUN_FILES = frozenset({CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY, FINAL, CHECKPOINT})
+"""The files a run directory's records are made of (the layout above)."""
 CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
                "agreement", "bytes_up", "bytes_down", "cum_bytes_up", "cum_bytes_down", "time", "elapsed", "nodes",
                "dropped")
@@ -137,6 +139,11 @@ def _csv_value(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value, separators=(",", ":"))
     return "" if value is None else value
+
+
+def is_run_record(path: Path) -> bool:
+    """Whether `path` is one of a run directory's records (`RUN_FILES` in a folder that holds a config.toml)."""
+    return path.name in RUN_FILES and (path.parent / CONFIG).is_file()
 
 
 def check_run_dir(path: Path, *, resume: bool = False) -> None:

@@ -49,7 +49,7 @@ from .files import atomic_write, refuse_link
 from .locks import refuse_if_locked
 from .methods import METHODS
 from .partition import PARTITIONS
-from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, read_rounds, read_summary
+from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, is_run_record, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller
@@ -311,6 +311,15 @@ def shared_settings(runs: Sequence[Run]) -> list[str]:
         shared += [f"{method}: {k}={mine[0].flat.get(k)}" for k in keys if mine[0].sections.get(k) in METHOD_OPTIONS
                    and (prunes or mine[0].sections.get(k) != "prune") and uniform(mine, k)]
     return shared
+
+
+def unnamed_settings(groups: Sequence[Group]) -> list[str]:
+    """The value of each setting some group's variant names that the rows not naming it have, where that
+    is not the package default (`key=value`): variants are listed against the most common value, so
+    without this a reader could not tell that, say, the other runs had 2,000 training samples."""
+    runs, defaults = [r for g in groups for r in g.runs], _defaults()
+    named = sorted({k for g in groups for k in g.variant if g.first.sections.get(k) not in METHOD_OPTIONS})
+    return [f"{k}={json.loads(modal)}" for k in named if (modal := _modal(runs, k)) != json.dumps(defaults.get(k))]
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
@@ -682,12 +691,16 @@ def _check_json_path(path: Path) -> None:
 
 
 def _check_targets(targets: Sequence[tuple[Path, Callable[[Path], bool], str]], force: bool) -> None:
-    """Refuse, before anything is written, to write through a link or over a folder, or (unless `force`) to
-    replace a file that mpfl report did not write: a user's own report.md, plot or JSON stays intact."""
+    """Refuse, before anything is written, to write through a link, over a folder or over a run's own
+    records (even if forced), or (unless `force`) to replace a file that mpfl report did not write: a
+    user's own report.md, plot or JSON stays intact."""
     for path, ours, flag in targets:
         refuse_link(path)
         if path.is_dir():
             raise PathError(f"{path} is a folder where the report writes a file; remove it or choose another {flag}")
+        if is_run_record(path):
+            raise PathError(f"{path} is a record of the run in {path.parent}, which a report never replaces (not even "
+                            f"with --force); choose another {flag}")
         if not force and path.exists() and not ours(path):
             raise PathError(f"{path} was not written by mpfl report, so it is not replaced: move it, choose another "
                             f"{flag}, or pass --force to replace it")
@@ -753,6 +766,9 @@ def _markdown(runs: Sequence[Run], rows: Sequence[dict], out: Path,
         md += [f"## {', '.join(section)}", ""]
         if shared := shared_settings([r for g in mine for r in g.runs]):
             md += [f"Every run here shares these settings, which differ from mpfl's defaults: {', '.join(shared)}.", ""]
+        if unnamed := unnamed_settings(mine):
+            md += [f"A row whose variant does not name a setting has its most common value here, which differs "
+                   f"from mpfl's default for: {', '.join(unnamed)}.", ""]
         md += [to_markdown(here), ""]
         if blind := [g.label for g in mine if not _has_accuracy(g)]:
             md += [f"No test accuracy recorded (no training round was evaluated), so not plotted: {'; '.join(blind)}.", ""]
