@@ -133,6 +133,16 @@ def test_a_final_file_naming_an_input_no_model_can_take_is_an_export_error(unstr
     assert len(err.strip().splitlines()) == 1 and not (run / "export").exists()
 
 
+def test_an_unfinished_run_is_refused_with_how_to_finish_it(unstructured_run, tmp_path, capsys):
+    run = shutil.copytree(unstructured_run.run_dir, tmp_path / "run")
+    (run / "summary.json").unlink()
+    (run / "final.npz").unlink()  # as a run stopped before its end leaves it
+    assert main(["export", str(run), "--repeats", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{run} holds a run that has not finished (it has no summary.json yet)" in err
+    assert f"mpfl run --resume {run}), then export it" in err and not (run / "export").exists()
+
+
 def test_dropped_filter_biases_left_alive_show_up_as_an_output_difference(tmp_path):
     result = simulate(tiny_config(criterion="filter", **{**SMALL, "rounds": 0}), tmp_path / "run")
     info = export_run(result.run_dir, tmp_path / "exp", formats=["state_dict"], repeats=2)

@@ -463,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     study = sub.add_parser("study", help="run the study grid (resumable), then report on it")
     study.add_argument("--preset", choices=("quick", "full"), default="quick", help="grid size (default: quick)")
     study.add_argument("--out", help="study folder (default: studies/<preset>)")
-    study.add_argument("--seeds", type=int, help="seeds of the main comparison and sparsity sweep (default: preset's)")
+    study.add_argument("--seeds", type=int, metavar="N",
+                       help="how many seeds (0, 1, ... N-1) the main comparison and sparsity sweep run (default: the "
+                       "preset's: 1 quick, 3 full)")
     study.add_argument("--datasets", type=_comma_list, metavar="NAMES",
                        help="datasets of the main comparison, comma-separated (default: mnist,fashion-mnist; "
                             "--datasets mnist needs no download)")

@@ -47,7 +47,7 @@ from .files import atomic_write, refuse_link, sync_folder
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .models import build_model
-from .records import CONFIG
+from .records import CONFIG, SUMMARY
 
 EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
 FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
@@ -159,6 +159,9 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     _refuse_running(run)
     if not (run / CONFIG).is_file():
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
+    if not (run / FINAL).exists() and not (run / SUMMARY).exists():
+        raise ExportError(f"{run} holds a run that has not finished (it has no {SUMMARY} yet); finish it (a "
+                          f"simulator run with mpfl run --resume {run}), then export it")
     cfg = Config.from_toml(run / CONFIG)
     final = load_final(run)
     try:
