@@ -93,6 +93,26 @@ def test_resuming_from_another_folder_says_where_relative_paths_are_read(tmp_pat
     assert main(["run", "--resume", str(tmp_path / "run"), "--quiet"]) == 0
 
 
+def test_a_run_without_out_that_stops_before_writing_leaves_no_folder_and_one_that_runs_its_own(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    import mpfl.sim
+
+    monkeypatch.chdir(tmp_path)
+    real = mpfl.sim.simulate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as a Ctrl-C while the workers start
+
+    monkeypatch.setattr(mpfl.sim, "simulate", interrupted)
+    assert main(["run", *SMALL]) == 130
+    assert "interrupted before the run started; nothing was written" in capsys.readouterr().err
+    assert list((tmp_path / "runs").iterdir()) == []
+    monkeypatch.setattr(mpfl.sim, "simulate", real)
+    assert main(["run", *SMALL, "--rounds", "1", "--mask-rounds", "1"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "summary.json").is_file()
+
+
 def test_an_existing_run_directory_is_never_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -6,7 +6,7 @@ import pytest
 
 from mpfl.config import FIELD_SECTIONS, Config, field_types
 from mpfl.errors import ConfigError
-from mpfl.records import default_run_dir
+from mpfl.records import new_run_dir
 
 
 def test_round_trip_through_a_dict_and_toml(tmp_path):
@@ -33,7 +33,7 @@ def test_a_choice_given_in_any_case_is_recorded_as_its_registry_or_option_list_s
     cfg = Config().with_overrides(given)
     assert cfg == Config().with_overrides({key: value.strip().lower() for key, value in given.items()})
     assert "MLP" not in (text := json.dumps(cfg.to_dict())) and "INT8" not in text
-    assert "-mlp-" in default_run_dir(cfg, tmp_path).name
+    assert "-mlp-" in new_run_dir(cfg, tmp_path).name
 
 
 def test_a_dataset_named_by_an_alias_is_recorded_by_the_name_its_registry_gives_it(tmp_path):
@@ -43,7 +43,7 @@ def test_a_dataset_named_by_an_alias_is_recorded_by_the_name_its_registry_gives_
     assert "fmnist" in aliases and "cifar-10" in aliases
     for alias in aliases:
         assert Config().with_overrides({"dataset": alias.upper()}).data.dataset == DATASETS.canonical(alias)
-    assert "-fashion-mnist-" in default_run_dir(Config().with_overrides({"dataset": "FMNIST"}), tmp_path).name
+    assert "-fashion-mnist-" in new_run_dir(Config().with_overrides({"dataset": "FMNIST"}), tmp_path).name
 
 
 def test_every_field_is_a_unique_flag():
@@ -84,6 +84,7 @@ def test_every_field_is_a_unique_flag():
         ({"lr": 0.1}, r"'lr' is in the wrong place: lr belongs in \[train\]"),
         ({"data": {"nodes": 3}}, "nodes belongs in the top level, before any"),
         ({"faults": {"malicious": 2}}, "malicious = 2 needs an attack; choose one of .*scale"),
+        ({"faults": {"attack": "scale"}}, "attack = 'scale' needs malicious nodes; set malicious to how many nodes"),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(data, message):

@@ -363,6 +363,27 @@ def test_centralized_is_refused_before_any_node_is_contacted(tmp_path, in_proces
     assert grid.sent == [] and not (tmp_path / "run").exists()
 
 
+
+def test_a_run_without_out_dir_that_writes_nothing_leaves_no_folder_under_runs(tmp_path, in_process, monkeypatch):
+    """The ServerApp takes a new folder under runs/ at once (so runs started in the same second get one
+    each) and removes it again when the run stops before writing anything there."""
+    monkeypatch.chdir(tmp_path)
+    rc = run_config(method="centralized", out_dir="")
+    with pytest.raises(RoundError, match="centralized method needs the pooled training data"):
+        serve(LoopbackGrid(rc, [0, 1]), rc)
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_flowers_simulation_engine_without_ray_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r'needs Ray, which is not installed: pip install "mpfl\[simulation\]"'):
+        LocalFederation(tmp_path / "fed", 2, simulation=True)
+    assert not (tmp_path / "fed").exists()
+
+
 def test_misconfigured_supernodes_are_left_out_and_the_run_goes_on(in_process):
     rc = run_config()
     grid = LoopbackGrid(rc, [0, 1], num_partitions=3)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -20,12 +22,13 @@ from mpfl.records import (
     RunDir,
     check_resumable_dir,
     check_run_dir,
-    default_run_dir,
     lost_nodes,
     make_run_dir,
+    new_run_dir,
     read_rounds,
     read_summary,
     record_problem,
+    removed_if_unused,
     summarize,
     summary_line,
 )
@@ -35,14 +38,25 @@ CFG = tiny_config()
 
 
 
-def test_a_default_run_dir_is_new_and_names_the_run(tmp_path):
-    first = default_run_dir(CFG, tmp_path)
-    assert first.parent == tmp_path and first.name.endswith(f"-{CFG.method}-mnist-{CFG.train.model}-s{CFG.seed}")
-    first.mkdir()
-    second = default_run_dir(CFG, tmp_path)
-    assert second.name == f"{first.name}-2"
-    second.mkdir()
-    assert default_run_dir(CFG, tmp_path).name == f"{first.name}-3"
+def test_a_new_run_dir_is_made_named_after_the_run_and_runs_of_the_same_second_get_one_each(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda fmt: "20261202-053449")
+    base = f"20261202-053449-{CFG.method}-mnist-{CFG.train.model}-s{CFG.seed}"
+    first = new_run_dir(CFG, tmp_path / "runs")
+    assert first == tmp_path / "runs" / base and first.is_dir() and not any(first.iterdir())
+    with ThreadPoolExecutor(8) as pool:  # eight runs started at once, as a sweep's background jobs are
+        made = list(pool.map(lambda _: new_run_dir(CFG, tmp_path / "runs"), range(8)))
+    assert sorted(p.name for p in made) == sorted(f"{base}-{n}" for n in range(2, 10))
+
+
+def test_a_folder_made_for_a_run_goes_if_the_run_left_it_empty_and_stays_otherwise(tmp_path):
+    for made, write, stays in [(True, False, False), (True, True, True), (False, False, True)]:
+        folder = tmp_path / f"{made}-{write}"
+        folder.mkdir()
+        with pytest.raises(KeyboardInterrupt), removed_if_unused(folder, made=made):
+            if write:
+                (folder / "config.toml").write_text("seed = 0\n")
+            raise KeyboardInterrupt
+        assert folder.is_dir() == stays
 
 
 def test_a_run_may_write_to_a_new_or_empty_folder_or_resume_its_own(tmp_path):
@@ -71,8 +85,11 @@ def test_a_folder_that_is_not_free_for_a_new_run_is_refused(tmp_path, make, mess
     (lambda p: None, "does not exist; give the run directory"),
     (lambda p: p.mkdir(), "is not a run directory (no config.toml)"),
     (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / SUMMARY).write_text("{}")), "holds a finished run"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text(""),
+                (p / ROUNDS_JSONL).write_text(json.dumps(record(1, "mask", flower={"0": {"fit": 0.1}})) + "\n")),
+     "holds a Flower run, and only simulator runs can be resumed; start it again with flwr run"),
 ])
-def test_only_an_unfinished_run_directory_is_resumed(tmp_path, make, message):
+def test_only_an_unfinished_simulator_run_directory_is_resumed(tmp_path, make, message):
     out = tmp_path / "run"
     make(out)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import round_record, tiny_config
 from mpfl.cli import main
 from mpfl.records import read_rounds, read_summary
 from mpfl.report import DPI, FIGSIZE, Group, format_variant, group_runs, load_runs, plot_ablation, precision_groups
@@ -215,6 +215,16 @@ def test_a_repeated_seed_counts_once(mixed, tmp_path):
     assert row["n"] == 1 and row["n_runs"] == 2 and row["seeds"] == [0, 0]
     assert row["final_accuracy_std"] is None
     assert "| 1 (2 runs) |" in (tmp_path / "report.md").read_text()
+
+
+def test_an_unfinished_flower_run_is_skipped_without_telling_to_resume_it(mixed, tmp_path, capsys):
+    flower = shutil.copytree(mixed / "unfinished", tmp_path / "flower")
+    (flower / "rounds.jsonl").write_text("".join(json.dumps(round_record(step, flower={"0": {"fit": 0.1}})) + "\n"
+                                                 for step in (1, 2)))
+    assert main(["report", str(flower), str(mixed / "mlp-mpfl"), "--out", str(tmp_path / "out")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"skipped {flower}: unfinished Flower run (2 rounds recorded, no summary.json), which cannot be resumed" in err
+    assert "--resume" not in err
 
 
 def test_a_run_still_going_is_skipped_as_running_not_as_one_to_resume(mixed, tmp_path, capsys):

@@ -174,19 +174,27 @@ def _steps_done(out: Path) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = None if args.resume else config_from_args(args, RUN_DEFAULTS)  # a bad value is refused before torch loads
+    from .records import check_run_dir, new_run_dir, removed_if_unused
+
+    if args.resume:
+        cfg, out = _resume_target(args)
+    else:
+        out = Path(args.out) if args.out else new_run_dir(cfg)
+        check_run_dir(out)
+    with removed_if_unused(out, made=not (args.resume or args.out)):  # the folder new_run_dir made, if still empty
+        return _run_in(args, cfg, out)
+
+
+def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
+    """`mpfl run` once its config and run directory are known: the memory check, the run with its
+    progress, and what to say when it stops."""
     from .methods import plan
     from .progress import RoundLog
-    from .records import check_run_dir, default_run_dir
     from .resources import available_memory, check_memory, estimate_run, fit_workers
     from .resume import resume_notes
     from .sim import simulate
     from .tensorboard import TENSORBOARD_DIR, TensorBoardLog
 
-    if args.resume:
-        cfg, out = _resume_target(args)
-    else:
-        out = Path(args.out) if args.out else default_run_dir(cfg)
-        check_run_dir(out)
     if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
         available = available_memory()
         if (fitted := fit_workers(cfg, estimate, available)) is not cfg:

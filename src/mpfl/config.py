@@ -359,6 +359,9 @@ class FaultConfig:
         if self.malicious and self.attack == "none":
             raise ConfigError(f"malicious = {self.malicious} needs an attack; choose one of "
                               f"{', '.join(a for a in ATTACKS.names() if ATTACKS.get(a).kind != 'none')}")
+        if self.attack != "none" and not self.malicious:  # else the run is a clean one, which nothing would say
+            raise ConfigError(f"attack = {self.attack!r} needs malicious nodes; set malicious to how many nodes "
+                              "attack, or leave attack at 'none'")
 
 
 @dataclass(frozen=True)

@@ -13,13 +13,14 @@ Every runner writes the same layout, so `mpfl report` treats simulator and Flowe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import platform
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -124,15 +125,41 @@ def summary_problem(summary: object) -> str | None:
     return f"config: no {', '.join(missing)}" if missing else mistyped(flat, hints, "config: ")
 
 
-def default_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
-    """A new, unused directory name under `root` describing the run."""
+def new_run_dir(cfg: Config, root: str | Path = "runs") -> Path:
+    """Create a new, empty run directory under `root` named after the run and its start time, and
+    return it. Each name is taken by an exclusive mkdir, so that runs started in the same second
+    (a sweep's background jobs) each get a folder of their own (`-2`, `-3`, ...)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(root) / f"{stamp}-{cfg.method}-{cfg.data.dataset}-{cfg.train.model}-s{cfg.seed}"
+    make_run_dir(base.parent)
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:
+            raise ConfigError(f"cannot create run directory {str(path)!r}: {exc.strerror}; choose an --out") from None
+
+
+@contextlib.contextmanager
+def removed_if_unused(path: Path, *, made: bool) -> Iterator[None]:
+    """On the way out, remove `path` if it was `made` for this run and is still empty: a run that stopped
+    before writing anything (Ctrl-C while its workers start, a bad setting found late) leaves no empty
+    folder behind, which `--resume` would call "not a run directory". A folder with any file stays."""
+    try:
+        yield
+    finally:
+        if made:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+def is_flower_run(records: Iterable[RoundRecord]) -> bool:
+    """Whether round records were written by the Flower ServerApp (each holds its `flower` timings)."""
+    return any("flower" in r for r in records)
 
 
 def _csv_value(value: Any) -> Any:
@@ -170,6 +197,9 @@ def check_resumable_dir(path: Path) -> None:
         raise ConfigError(f"{str(path)!r} is not a run directory (no config.toml); nothing to resume")
     if (path / SUMMARY).exists():
         raise ConfigError(f"{str(path)!r} holds a finished run; there is nothing to resume")
+    if (path / ROUNDS_JSONL).exists() and is_flower_run(read_rounds(path)):
+        raise ConfigError(f"{str(path)!r} holds a Flower run, and only simulator runs can be resumed; start it again "
+                          "with flwr run (docs/deployment.md)")
     check_run_dir(path, resume=True)
 
 

@@ -49,7 +49,7 @@ from .files import atomic_write, refuse_link
 from .locks import refuse_if_locked
 from .methods import METHODS
 from .partition import PARTITIONS
-from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, is_run_record, read_rounds, read_summary
+from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, is_flower_run, is_run_record, read_rounds, read_summary
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller
@@ -214,13 +214,16 @@ def _unfinished(path: Path) -> str:
     """Why an unfinished run directory is left out, with how far it got and how to finish it (or that
     a process is still running it)."""
     try:
-        done = len(read_rounds(path))
+        records = read_rounds(path)
     except (OSError, ValueError):
-        done = 0
+        records = []
+    done = len(records)
     try:
         refuse_if_locked(path)
     except RunDirError:
         return f"still running ({done} rounds recorded so far); report on it once it has finished"
+    if is_flower_run(records):
+        return f"unfinished Flower run ({done} rounds recorded, no summary.json), which cannot be resumed"
     return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
 
 

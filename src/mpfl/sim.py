@@ -9,7 +9,6 @@ same results.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from .methods import method_of
 from .node import Node, build_nodes, deliver, find_mask, make_trainer
 from .parallel import NodePool, refuse_in_a_starting_worker, worker_count
 from .protocol import NodeFailure, Reply, RoundRecord
-from .records import RunDir, RunSummary, check_resumable_dir, check_run_dir, finish_run, make_run_dir
+from .records import RunDir, RunSummary, check_resumable_dir, check_run_dir, finish_run, make_run_dir, removed_if_unused
 from .resume import check_resumable, checkpoint_run, load_resumed, plugin_changes, restart
 from .seeds import POOLED, Stream, rng
 from .server import Server
@@ -138,16 +137,10 @@ def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[
         experiment = experiment or Experiment.from_config(cfg)  # bad input stops before any folder is made
         created = not out.exists()
         make_run_dir(out)
-    try:
-        with RunLock(out):
-            if resume:
-                remove_stale_temps(out)
-            return _simulate(cfg, out, on_round, experiment, resume, keep_checkpoint)
-    except BaseException:
-        if created:  # stopped before it wrote anything (Ctrl-C while the workers start): leave no empty folder
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+    with removed_if_unused(out, made=created), RunLock(out):
+        if resume:
+            remove_stale_temps(out)
+        return _simulate(cfg, out, on_round, experiment, resume, keep_checkpoint)
 
 
 def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], None] | None, experiment: Experiment | None,

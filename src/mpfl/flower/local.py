@@ -16,6 +16,7 @@ exactly these.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -105,6 +106,9 @@ class LocalFederation:
     """A SuperLink and `nodes` SuperNodes (partition i of `nodes` each) on loopback, under `workdir`."""
 
     def __init__(self, workdir: str | Path, nodes: int, *, simulation: bool = False, secure: bool = False) -> None:
+        if simulation and importlib.util.find_spec("ray") is None:  # else every run fails with "unknown error"
+            raise ModuleNotFoundError('Flower\'s simulation engine needs Ray, which is not installed: pip install '
+                                      '"mpfl[simulation]"', name="ray")
         self.workdir, self.nodes, self.simulation, self.secure = Path(workdir), nodes, simulation, secure
         self.port = free_port()
         self.link: subprocess.Popen | None = None

@@ -18,14 +18,15 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .. import codec
+from ..config import Config
 from ..core.params import Mask, ParamSpec
 from ..errors import MpflError, RoundError
 from ..experiment import Experiment
 from ..files import write_groups
 from ..protocol import NodeFailure, RoundRecord
-from ..records import RunDir, check_run_dir, default_run_dir, finish_run, lost_nodes, summary_line
+from ..records import RunDir, check_run_dir, finish_run, lost_nodes, new_run_dir, removed_if_unused, summary_line
 from ..server import Server
-from .settings import flower_wording, from_run_config
+from .settings import RunnerOptions, flower_wording, from_run_config
 from .transport import METRIC_BYTES, FlowerTransport
 
 MASKS = "masks.npz"
@@ -44,10 +45,16 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, context: Context) -> None:
-    started = time.perf_counter()
     cfg, opts = from_run_config(context.run_config)
-    out = Path(opts.out_dir) if opts.out_dir else default_run_dir(cfg)
+    out = Path(opts.out_dir) if opts.out_dir else new_run_dir(cfg)
     check_run_dir(out)
+    with removed_if_unused(out, made=not opts.out_dir):  # the folder new_run_dir made, if the run wrote nothing
+        _run_in(grid, cfg, opts, out)
+
+
+def _run_in(grid: Grid, cfg: Config, opts: RunnerOptions, out: Path) -> None:
+    """The run once its config and folder are known: connect, run the rounds, write the summary."""
+    started = time.perf_counter()
     exp = Experiment.from_config(cfg)
     transport = FlowerTransport(grid, opts.round_timeout)
     records: list[RoundRecord] = []
