@@ -118,7 +118,10 @@ def test_run_config_takes_dashes_or_underscores_and_empty_means_default():
                                            ({"round-timeout": "soon"}, "round-timeout"),
                                            ({"faults.dropout": 0.1}, "faults.dropout = 0.1: the in-process simulator"),
                                            ({"workers": 2}, "workers = 2: worker processes"),
-                                           ({"connect-timeout": 0}, "connect-timeout")])
+                                           ({"connect-timeout": 0}, "connect-timeout"),
+                                           ({"faults.malicious": 1, "faults.attack": "inverted"},
+                                            r"^faults.attack = 'inverted' is not one of"),
+                                           ({"prune.mask-rounds": -1}, r"^prune.mask-rounds = -1 must be >= 1")])
 def test_bad_run_config_is_named(bad, message):
     with pytest.raises(ConfigError, match=message):
         from_run_config(bad)

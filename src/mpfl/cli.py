@@ -22,7 +22,17 @@ from rich.markup import escape
 
 from . import __version__
 from ._launch import INTERRUPTED, json_log_requested
-from .config import FIELD_SECTIONS, SECTIONS, Config, field_aliases, field_choices, field_help, field_types, overridden
+from .config import (
+    FIELD_SECTIONS,
+    SECTION_PREFIX,
+    Config,
+    field_aliases,
+    field_choices,
+    field_help,
+    field_types,
+    mentioned,
+    overridden,
+)
 from .errors import ConfigError, MethodError, MpflError, WorkerError
 from .progress import LOG_FORMATS
 from .protocol import RoundRecord
@@ -111,22 +121,14 @@ def _names_file_value(message: str, data: dict, flags: Iterable[str]) -> bool:
     as the validators do (``key = value``, ``[section.]key must``, or ``'[section.]key'``)."""
     keys = set(data)  # every top-level key and [section] name
     keys |= {key for value in data.values() if isinstance(value, dict) for key in value}
-    return any(re.search(rf"{_mentioned(key)}|'{_SECTION}{re.escape(key)}'", message) for key in keys - set(flags))
-
-
-_SECTION = rf"(?:(?:{'|'.join(SECTIONS)})\.)?"
-
-
-def _mentioned(name: str) -> str:
-    """The pattern of a field as validators name it in a message: ``[section.]name = ...`` or ``... must``."""
-    return rf"(?<![\w.-]){_SECTION}{re.escape(name)}(?= = | must )"
+    return any(re.search(rf"{mentioned(key)}|'{SECTION_PREFIX}{re.escape(key)}'", message) for key in keys - set(flags))
 
 
 def name_flags(message: str, names: Iterable[str]) -> str:
     """An error message with the config fields set on the command line named as their flags
     (``train.lr must be ...`` -> ``--lr must be ...``), so it points at what the user typed."""
     for name in names:
-        message = re.sub(_mentioned(name), _flag(name), message)
+        message = re.sub(mentioned(name), _flag(name), message)
     return message
 
 

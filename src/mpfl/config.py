@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
@@ -578,6 +579,16 @@ def _field_sections() -> dict[str, str]:
 
 
 FIELD_SECTIONS = _field_sections()
+
+
+SECTION_PREFIX = rf"(?:(?:{'|'.join(SECTIONS)})\.)?"
+"""A regex of the optional ``section.`` before a field's name in a message."""
+
+
+def mentioned(name: str) -> str:
+    """A regex of the field `name` as validators name it in a message: ``[section.]name = ...`` or
+    ``... must``, so that a runner can rename it as its user typed it (a flag, a run-config key)."""
+    return rf"(?<![\w.-]){SECTION_PREFIX}{re.escape(name)}(?= = | must )"
 
 
 @functools.cache

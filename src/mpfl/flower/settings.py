@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..config import FIELD_SECTIONS, Config
+from ..config import FIELD_SECTIONS, Config, mentioned
 from ..errors import ConfigError
 
 ConfigValue = bool | int | float | str
@@ -80,7 +80,10 @@ def from_run_config(run_config: Mapping[str, ConfigValue]) -> tuple[Config, Runn
         elif value != "":
             section, _, field = name.rpartition(".")
             (data.setdefault(section, {}) if section else data)[field] = value
-    cfg = Config.from_dict(data)
+    try:
+        cfg = Config.from_dict(data)
+    except ConfigError as exc:  # named as the run config names them: faults.attack, not attack
+        raise ConfigError(_run_config_keys(str(exc))) from None
     injected = [f"faults.{name} = {getattr(cfg.faults, name)}" for name in INJECTED_FAULTS if getattr(cfg.faults, name)]
     if injected:
         raise ConfigError(f"{', '.join(injected)}: the in-process simulator injects dropouts, stragglers and "
@@ -89,6 +92,15 @@ def from_run_config(run_config: Mapping[str, ConfigValue]) -> tuple[Config, Runn
         raise ConfigError(f"workers = {cfg.workers}: worker processes are the in-process simulator's; on Flower "
                           "every node is its own ClientApp, so set workers = 1")
     return cfg, _runner_options(runner)
+
+
+def _run_config_keys(message: str) -> str:
+    """A validator's message with every config field it names as its run-config key (``attack = 'x'`` ->
+    ``faults.attack = 'x'``, ``mask_rounds must`` -> ``prune.mask-rounds must``)."""
+    for name, section in FIELD_SECTIONS.items():
+        key = name.replace("_", "-")
+        message = re.sub(mentioned(name), f"{section}.{key}" if section else key, message)
+    return message
 
 
 def _runner_options(values: dict) -> RunnerOptions:
