@@ -264,7 +264,8 @@ def _quantize(flat: np.ndarray, dtype: str) -> tuple[np.ndarray, np.float32 | No
     """float32 values in their wire form: (array in the wire dtype, int8 scale or None)."""
     if not np.isfinite(flat).all():
         raise PayloadError("refusing to encode NaN or Inf values (or values beyond the float32 range); weights "
-                           "like these mean training diverged: lower the learning rate (--lr) or --server-momentum")
+                           "like these mean training diverged: lower the learning rate (--lr) or --server-momentum, "
+                           "or, if some nodes may send forged values, use a robust --aggregator (median, trimmed-mean)")
     if dtype == "float16":
         return _to_float16(flat), None
     if dtype == "int8":
