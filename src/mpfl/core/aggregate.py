@@ -8,6 +8,7 @@ import numpy as np
 
 from ..errors import MethodError
 from ..registry import Registry, check_callable, registry
+from .contract import checked_arrays
 
 
 def normalise(weights: Sequence[float]) -> np.ndarray:
@@ -98,19 +99,11 @@ def checked_aggregate(out: object, like: Sequence[np.ndarray], rule: str) -> lis
     it: a broken rule's output would go into the checkpoint the run resumes from."""
     contract = (f"the aggregator {rule!r} must return a list of {len(like)} float arrays, one per tensor, each the "
                 "shape of its tensor and without NaN or infinity")
-    if not isinstance(out, (list, tuple)) or len(out) != len(like):
-        got = f"holds {len(out)} items" if isinstance(out, (list, tuple)) else f"is a {type(out).__name__}"
-        raise MethodError(f"{contract}; it {got}")
-    checked = []
-    for i, (tensor, reference) in enumerate(zip(out, like)):
-        tensor = np.asarray(tensor)
-        if tensor.shape != np.shape(reference) or tensor.dtype.kind != "f":
-            raise MethodError(f"{contract}; item {i} is a {tensor.dtype} array of shape {tensor.shape}, the tensor's "
-                              f"shape is {np.shape(reference)}")
+    checked = checked_arrays(out, [np.shape(t) for t in like], "f", contract)
+    for i, tensor in enumerate(checked):
         if not np.isfinite(tensor).all():
             raise MethodError(f"{contract}; item {i} holds NaN or infinity")
-        checked.append(tensor.astype(np.float32, copy=False))
-    return checked
+    return [tensor.astype(np.float32, copy=False) for tensor in checked]
 
 
 def robust_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float], rule: str = "mean", *,

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import MethodError
 from ..registry import Registry, accepted_keywords, check_callable, registry
+from .contract import checked_arrays
 from .memo import positions
 
 Mask = list[np.ndarray]
@@ -202,21 +203,13 @@ def checked_mask(mask: object, current: Sequence[np.ndarray], what: str, *, stru
     MethodError that names `what` and the contract, so a broken plug-in stops with one line."""
     contract = (f"{what} must be a list of {len(current)} boolean arrays, one per prunable tensor, each "
                 "the shape of its tensor and a subset of the current mask")
-    if not isinstance(mask, (list, tuple)) or len(mask) != len(current):
-        got = f"holds {len(mask)} items" if isinstance(mask, (list, tuple)) else f"is a {type(mask).__name__}"
-        raise MethodError(f"{contract}; it {got}")
-    out = []
-    for i, (m, c) in enumerate(zip(mask, current)):
-        m = np.asarray(m)
-        if m.shape != c.shape or m.dtype != bool:
-            raise MethodError(f"{contract}; item {i} is a {m.dtype} array of shape {m.shape}, the tensor's shape "
-                              f"is {c.shape}")
+    out = checked_arrays(mask, [c.shape for c in current], "b", contract)
+    for i, (m, c) in enumerate(zip(out, current)):
         if (m > c).any():
             raise MethodError(f"{contract}; item {i} keeps entries the current mask has pruned")
         if structured and m.ndim and not ((filters := rows(m)) == filters[:, :1]).all():
             raise MethodError(f"{what} must keep or drop whole output filters (rows along the first axis), as its "
                               f"source is structured, but item {i} keeps part of a filter")
-        out.append(m)
     return out
 
 
