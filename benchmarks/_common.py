@@ -52,17 +52,29 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def missing_extra(module: str, extra: str, what: str) -> str | None:
+    """What to install for `what`, which needs `module` of the optional `extra`; None when it is installed."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"{what} needs the {extra!r} extra ({module} is not installed): pip install -e \".[{extra}]\""
+
+
 def require(module: str, extra: str, what: str, otherwise: str = "") -> None:
     """Exit at once, saying what to install (or `otherwise` what to do), when `what` needs an optional
     extra that is not installed."""
-    if importlib.util.find_spec(module) is None:
-        hint = f"; {otherwise}" if otherwise else ""
-        sys.exit(f"{what} needs the {extra!r} extra ({module} is not installed): pip install -e \".[{extra}]\"{hint}")
+    if (missing := missing_extra(module, extra, what)) is not None:
+        sys.exit(missing + (f"; {otherwise}" if otherwise else ""))
 
 
-def bare_round(model, exp, step: int, nodes: Sequence[int], weights: Sequence, epochs: int = 1) -> float:
+def round_epochs(cfg, phase: str) -> int:
+    """Local epochs a node trains in a round of `phase`: `prune.mask_epochs` in a mask round, else `train.epochs`."""
+    return cfg.prune.mask_epochs if phase == "mask" else cfg.train.epochs
+
+
+def bare_round(model, exp, step: int, nodes: Sequence[int], weights: Sequence, phase: str = "train") -> float:
     """Seconds for the textbook torch loop over the simulator's batches of `nodes` at `step`, each
-    node starting from `weights`: the reference the simulator's overhead is measured against."""
+    node starting from `weights`: the reference the simulator's overhead is measured against. A mask
+    round's nodes train `prune.mask_epochs` epochs, a training round's `train.epochs`, as in the run."""
     import time
 
     import torch
@@ -72,6 +84,7 @@ def bare_round(model, exp, step: int, nodes: Sequence[int], weights: Sequence, e
     from mpfl.core.training import generator
 
     cfg, loss_fn = exp.cfg, nn.CrossEntropyLoss()
+    epochs = round_epochs(cfg, phase)
     started = time.perf_counter()
     for node in nodes:
         data = exp.node_data(node)

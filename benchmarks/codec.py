@@ -11,17 +11,18 @@ itself to one core where the OS allows it. Times are medians over repetitions of
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import parser
+from rich.console import Console
+from rich.table import Table
 
 from mpfl import codec
 from mpfl.codec import HEADER_SIZE, Kind
@@ -204,15 +205,6 @@ def fmt(key: str, value: object) -> str:
 
 
 def show(title: str, rows: list[dict]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print(f"\n{title}")
-        print("  ".join(rows[0]))
-        for row in rows:
-            print("  ".join(fmt(k, v) for k, v in row.items()))
-        return
     table = Table(title=title, title_justify="left")
     for key in rows[0]:
         table.add_column(key, justify="left" if key in ("step", "dtype") else "right")
@@ -222,10 +214,7 @@ def show(title: str, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timing repetitions")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write every row as a JSON list")
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()  # --quick: fewer timing repetitions
     reps = 3 if args.quick else 15
     print(f"mpfl codec benchmark: {pin_one_core()}, median of {reps} repetitions")
 

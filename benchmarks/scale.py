@@ -134,8 +134,7 @@ def measure(overrides: dict, bare: bool) -> dict:
         def on_round(record: dict) -> None:
             sizes.append((work / "run" / "checkpoint.npz").stat().st_size)
             if model is not None:
-                epochs = cfg.prune.mask_epochs if record["phase"] == "mask" else cfg.train.epochs
-                bare_s = bare_round(model, exp, record["step"], record["nodes"], exp.w0, epochs)
+                bare_s = bare_round(model, exp, record["step"], record["nodes"], exp.w0, record["phase"])
                 phase = by_phase[phase_of(record)]
                 phase["run"] += record["time"] - (spent["eval"] - spent["eval_seen"])
                 phase["bare"] += bare_s

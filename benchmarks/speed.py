@@ -5,8 +5,9 @@ engine, and peak resident memory.
                                [--device cpu|cuda|cuda:N|mps|auto ...] [--model mlp|cnn|lenet5|vgg11|resnet18 ...]
                                [--data-dir DIR]
 
-1. Overhead (``overhead_cnn``, ``overhead_mlp``): the wall time of an MPFL run on the in-process
-   simulator divided by the time of the same local training steps in a bare torch loop. The run:
+1. Overhead (rows of part ``overhead``, column ``overhead``, one per model): the wall time of an MPFL
+   run on the in-process simulator divided by the time of the same local training steps in a bare
+   torch loop. The run:
    10 IID MNIST nodes, E = 1, B = 32, SGD lr 0.05, 2 geometric mask rounds towards sparsity 0.9,
    then 3 masked training rounds, test-set evaluation after every training round (the defaults).
    Simulator time: all of `simulate` once the data and model are built (training, masking,
@@ -14,24 +15,25 @@ engine, and peak resident memory.
    for every node of every round, load the start weights into the same architecture, a fresh
    ``torch.optim.SGD``, then for each minibatch of the node's shuffled samples (the same order
    and batches as the simulator) ``index_select``, ``zero_grad``, forward, cross-entropy,
-   backward, ``step``; no masks, messages or evaluation. Both use the same torch threads. Each
+   backward, ``step``, for as many epochs as the run's nodes train (``mask_epochs`` in a mask
+   round); no masks, messages or evaluation. Both use the same torch threads. Each
    round's bare loop runs right after the simulator's round (from its ``on_round`` callback), so
    both see the same machine load, and its time is subtracted from the simulator's wall time.
-   The same ratio of this process's CPU time (``overhead_cpu_time_*``), which other work on a
+   The same ratio of this process's CPU time (``overhead_cpu_time``), which other work on a
    shared machine disturbs less, is reported too.
-2. Flower (``speedup_vs_flower_simulation``): MPFL (5 mask + 5 training rounds) and FedAvg
+2. Flower (part ``flower``; its ``all`` row sums both configs): MPFL (5 mask + 5 training rounds) and FedAvg
    (5 rounds), mlp, 10 nodes, on Flower's simulation engine (a SuperLink with ``--simulation`` on
    127.0.0.1, one CPU per virtual SuperNode, so it trains as many nodes at once as the machine
    has cores) and on the in-process simulator (``mpfl run`` in a fresh process), end to end: from
    submitting the run to its summary.json for Flower (SuperLink start-up not counted), from
    process start to exit for ``mpfl run``. The figure is the ratio of the summed wall times with
-   both on the same cores: ``mpfl run --workers <cores>``; the ratio against a single in-process
-   worker is ``speedup_vs_flower_simulation_1_worker``. ``same`` says whether all three produced
+   both on the same cores: ``mpfl run --workers <cores>`` (``speedup``); the ratio against a single
+   in-process worker is ``speedup_1_worker``. ``same`` says whether all three produced
    the same final weights.
-3. Memory (``peak_rss_mib_10_nodes``, ``peak_rss_mib_100_nodes``): peak resident set size of a
+3. Memory (part ``memory``, column ``peak_rss_mib``, 10 and 100 nodes): peak resident set size of a
    fresh process running an MPFL cnn run on all of MNIST (2 mask rounds, 1 training round).
 
-4. Devices (``devices``): for each ``--device`` (repeatable; default cpu) and ``--model``
+4. Devices (part ``device``): for each ``--device`` (repeatable; default cpu) and ``--model``
    (repeatable; default mlp and cnn, mlp alone with --quick), one MPFL run of the overhead
    configuration on that device: rounds per second and local training samples per second (every
    sample each asked node trains on, per epoch, mask rounds included), from the start of
@@ -42,6 +44,10 @@ engine, and peak resident memory.
    deterministic implementation on that device. A device this machine lacks stops the benchmark
    with the run's own error.
 
+The flower part needs the ``simulation`` extra (Ray); without it, a run of every part skips it and
+says so. --json writes every part's rows as one list, each row naming its ``part``, between two
+``machine`` rows (CPUs, torch, load average before and after).
+
 --quick: overhead runs on 12,000 training and 2,000 test samples with 1 + 2 rounds, the Flower
 comparison on 12,000 training samples, memory runs with 1 mask round. --threads sets torch
 threads for the overhead runs (default 1: steadier on a shared machine).
@@ -49,7 +55,6 @@ threads for the overhead runs (default 1: steadier on a shared machine).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -63,7 +68,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import bare_round, emit, require, stop_on_sigterm
+from _common import bare_round, emit, missing_extra, parser, require, round_epochs, stop_on_sigterm
 
 from mpfl.checkpoint import load_final
 from mpfl.config import Config
@@ -93,7 +98,7 @@ def overhead(model_name: str, quick: bool, threads: int) -> dict:
 
     def on_round(record: dict) -> None:
         cpu = time.process_time()
-        bare["wall"] += bare_round(bare_model, exp, record["step"], record["nodes"], exp.w0)
+        bare["wall"] += bare_round(bare_model, exp, record["step"], record["nodes"], exp.w0, record["phase"])
         bare["cpu"] += time.process_time() - cpu
 
     started, cpu = time.perf_counter(), time.process_time()
@@ -169,9 +174,9 @@ def on_flower_simulation(run_config: dict, nodes: int, work: Path) -> tuple[floa
     return wall, out
 
 
-def flower(quick: bool) -> tuple[list[dict], dict]:
-    """Rows of the Flower comparison and the overall speed-ups (summed Flower time / summed in-process
-    time), on the same cores and against one in-process worker."""
+def flower(quick: bool) -> list[dict]:
+    """Rows of the Flower comparison, then the overall speed-ups (summed Flower time / summed in-process
+    time, on the same cores and against one in-process worker) as the row of config ``all``."""
     cores = os.cpu_count() or 1
     rows = []
     work = Path(tempfile.mkdtemp(prefix="mpfl-speed-"))
@@ -186,9 +191,10 @@ def flower(quick: bool) -> tuple[list[dict], dict]:
                          "same": same, "final_accuracy": read_summary(out)["final_accuracy"]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    flower_total = sum(r["flower_simulation_s"] for r in rows)
-    return rows, {"speedup_vs_flower_simulation": flower_total / sum(r["in_process_s"] for r in rows),
-                  "speedup_vs_flower_simulation_1_worker": flower_total / sum(r["in_process_1_worker_s"] for r in rows)}
+    total = {key: sum(r[key] for r in rows) for key in ("flower_simulation_s", "in_process_s", "in_process_1_worker_s")}
+    return [*rows, {"config": "all", "cores": cores, **total, "speedup": total["flower_simulation_s"] / total["in_process_s"],
+                    "speedup_1_worker": total["flower_simulation_s"] / total["in_process_1_worker_s"],
+                    "same": all(r["same"] for r in rows)}]
 
 
 # --------------------------------------------------------------------------- devices
@@ -200,8 +206,7 @@ def trained_samples(exp: Experiment, records: list[dict]) -> int:
     sizes = exp.partition.sizes()
     total = 0
     for r in records:
-        epochs = cfg.prune.mask_epochs if r["phase"] == "mask" else cfg.train.epochs
-        total += epochs * int(sum(int(sizes[n]) for n in r["nodes"]))
+        total += round_epochs(cfg, r["phase"]) * int(sum(int(sizes[n]) for n in r["nodes"]))
     return total
 
 
@@ -276,10 +281,22 @@ def machine() -> dict:
             "python": platform.python_version(), "load_average": os.getloadavg()}
 
 
+def chosen_parts(only: list[str] | None) -> list[str]:
+    """The parts to run: those named with --only (the flower part stopping at once if Ray is missing),
+    else all of them, less the flower part (said on stderr) when Ray is missing."""
+    flower_needs = ("ray", "simulation", "the flower part (Flower's simulation engine)")
+    if only:
+        if "flower" in only:
+            require(*flower_needs, "or measure the rest alone: --only overhead --only memory")
+        return list(only)
+    if (missing := missing_extra(*flower_needs)) is not None:
+        print(f"skipped: {missing}", file=sys.stderr, flush=True)
+        return [part for part in PARTS if part != "flower"]
+    return list(PARTS)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller runs that finish in minutes")
-    p.add_argument("--json", type=Path, metavar="PATH", help="also write the figures as one JSON object")
+    p = parser(__doc__)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the overhead runs (default 1)")
     p.add_argument("--only", choices=PARTS, action="append", help="run only this part (repeatable; default: all)")
     p.add_argument("--device", action="append", metavar="DEVICE",
@@ -288,40 +305,33 @@ def main() -> None:
                    help="a model the device part measures (repeatable; default mlp and cnn, --quick: mlp)")
     p.add_argument("--data-dir", type=Path, help="where the device part looks for CIFAR-10 (vgg11, resnet18)")
     args = p.parse_args()
-    parts = args.only or PARTS
-    if "flower" in parts:
-        require("ray", "simulation", "the flower part (Flower's simulation engine)",
-                "or measure the rest alone: --only overhead --only memory")
+    parts = chosen_parts(args.only)
     stop_on_sigterm()
-    figures: dict = {"machine_before": machine(), "quick": args.quick}
+    rows: list[dict] = [{"part": "machine", "when": "before", "quick": args.quick, **machine()}]
+
+    def report(part: str, title: str, found: list[dict]) -> None:
+        emit(title, found, None)
+        rows.extend({"part": part, **row} for row in found)
 
     if "overhead" in parts:
-        rows = [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")]
-        emit("Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, mlp <= 1.25)",
-             rows, None)
-        figures.update({f"overhead_{r['model']}": r["overhead"] for r in rows}, overhead_runs=rows)
-        figures.update({f"overhead_cpu_time_{r['model']}": r["overhead_cpu_time"] for r in rows})
+        report("overhead", "Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, "
+               "mlp <= 1.25)", [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")])
     if "flower" in parts:
-        rows, speedups = flower(args.quick)
-        emit("mlp, 10 nodes: Flower simulation engine vs the in-process simulator on the same cores, end to end "
-             "(target >= 3x)", rows, None)
-        figures.update(speedups, flower_runs=rows)
+        report("flower", "mlp, 10 nodes: Flower simulation engine vs the in-process simulator on the same cores, end "
+               "to end (target >= 3x)", flower(args.quick))
     if "memory" in parts:
-        rows = memory(args.quick)
-        emit("Peak resident memory, cnn on MNIST (fresh process per run)", rows, None)
-        figures.update({f"peak_rss_mib_{r['nodes']}_nodes": r["peak_rss_mib"] for r in rows}, memory_runs=rows)
+        report("memory", "Peak resident memory, cnn on MNIST (fresh process per run)", memory(args.quick))
     if "device" in parts:
         models = args.models or (["mlp"] if args.quick else ["mlp", "cnn"])
         try:
-            rows = [device_speed(m, d, args.quick, args.threads, args.data_dir) for d in args.device or ["cpu"]
-                    for m in models]
+            found = [device_speed(m, d, args.quick, args.threads, args.data_dir) for d in args.device or ["cpu"]
+                     for m in models]
         except ConfigError as exc:
             sys.exit(f"speed.py --device: {exc}")
-        emit("Rounds and local training samples per second by device", rows, None)
-        figures.update(devices=rows)
-    figures["machine_after"] = machine()
+        report("device", "Rounds and local training samples per second by device", found)
+    rows.append({"part": "machine", "when": "after", "quick": args.quick, **machine()})
     if args.json is not None:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -160,3 +162,18 @@ def wait_for_rounds(out: Path, count: int, proc: subprocess.Popen, timeout: floa
         if (out / "rounds.jsonl").exists() and (out / "rounds.jsonl").read_text().count("\n") >= count:
             return
         time.sleep(0.02)
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def benchmark_module(name: str):
+    """The script benchmarks/<name>.py as a module (importing its `_common` as the script does)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))

@@ -1,28 +1,19 @@
-"""The benchmark scripts: every one takes --quick and --json; the label-skew benchmark's grid:
-`--set` reaches every run and keeps its cached cells apart."""
+"""The benchmark scripts: every one takes --quick and --json; the bare loop they compare with trains
+what the run trains; the label-skew benchmark's grid: `--set` reaches every run and keeps its cached
+cells apart."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import BENCHMARKS, benchmark_module
 from mpfl.config import Config
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def noniid():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("noniid_benchmark", BENCHMARKS / "noniid.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("noniid")
 
 
 def test_set_values_are_read_as_json_where_they_parse(noniid):
@@ -65,3 +56,24 @@ def test_every_benchmark_takes_quick_and_json():
     answers = [line.split() for line in done.stdout.splitlines()]
     assert [a[0] for a in answers] == scripts
     assert [a for a in answers if a[1:] != ["True", "True"]] == []
+
+
+def test_the_bare_loop_trains_a_mask_rounds_epochs_in_mask_rounds_and_a_training_rounds_otherwise():
+    """The simulator's nodes train `mask_epochs` epochs in a mask round (2 by default) and `epochs` in a
+    training round; a bare loop of fewer batches would make the run's overhead look larger than it is."""
+    import math
+
+    from conftest import tiny_config
+    from mpfl.experiment import Experiment
+    from mpfl.models import build_model
+
+    bare_round = benchmark_module("_common").bare_round
+    exp = Experiment.from_config(tiny_config(mask_epochs=2, epochs=1, batch_size=32))
+    model = build_model("mlp", exp.dataset.input_shape, exp.dataset.num_classes)
+    calls = []
+    model.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    batches = math.ceil(exp.node_data(0).num_samples / 32)
+    for phase, epochs in (("mask", 2), ("train", 1)):
+        calls.clear()
+        bare_round(model, exp, 1, [0], exp.w0, phase)
+        assert len(calls) == epochs * batches and sum(calls) == epochs * exp.node_data(0).num_samples

@@ -7,13 +7,12 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_run, bits, tiny_config
+from conftest import BENCHMARKS, assert_same_run, benchmark_module, bits, tiny_config
 from mpfl import codec
 from mpfl.checkpoint import CHECKPOINT
 from mpfl.config import Config
@@ -25,8 +24,6 @@ from mpfl.models import build_model
 from mpfl.node import build_nodes
 from mpfl.server import Server
 from mpfl.sim import FaultyTransport, simulate
-
-BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
 def test_worker_processes_give_the_sequential_run_bit_for_bit(tmp_path):
@@ -143,13 +140,18 @@ def test_channels_last_evaluation_matches_plain_evaluation_and_restores_the_layo
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="the simulation extra is installed")
-def test_a_benchmark_that_needs_a_missing_extra_says_so_at_once(tmp_path):
+def test_a_benchmark_part_that_needs_a_missing_extra_says_so_at_once_and_a_run_of_every_part_skips_it(tmp_path,
+                                                                                                       capsys):
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--quick"], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--quick", "--only", "flower"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode != 0 and time.perf_counter() - started < 60
     assert "needs the 'simulation' extra" in done.stderr and "--only overhead --only memory" in done.stderr
     assert list(tmp_path.iterdir()) == []
+    speed = benchmark_module("speed")
+    assert speed.chosen_parts(None) == ["overhead", "memory", "device"]
+    assert capsys.readouterr().err.startswith("skipped: the flower part (Flower's simulation engine) needs the "
+                                              "'simulation' extra")
 
 
 def test_the_device_part_of_speed_py_reports_rounds_and_samples_per_second(tmp_path):
@@ -157,7 +159,9 @@ def test_the_device_part_of_speed_py_reports_rounds_and_samples_per_second(tmp_p
     done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--only", "device", "--quick", "--device", "cpu",
                            "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    [row] = json.loads(out.read_text())["devices"]
+    rows = json.loads(out.read_text())
+    assert [r["part"] for r in rows] == ["machine", "device", "machine"]
+    row = rows[1]
     assert (row["device"], row["model"], row["dataset"], row["rounds"]) == ("cpu", "mlp", "mnist", 3)
     assert row["rounds_per_s"] == pytest.approx(3 / row["wall_s"])
     # --quick: 12,000 images less the validation share, every node asked in 1 mask + 2 training rounds
