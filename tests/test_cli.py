@@ -504,3 +504,12 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
     assert main(["run", *_without(SMALL, "--quiet"), "--method", "fedavg", "--alpha", "0.1", "--out",
                  str(tmp_path / "s")]) == 0
     assert "note: --alpha has no effect with --partition iid" in capsys.readouterr().err
+
+
+def test_output_into_a_pipe_its_reader_closed_ends_quietly_as_cat_does():
+    """`mpfl partition | head -1`: once head has exited, a write fails with a broken pipe; that is no error
+    of the user's to report, so mpfl ends at once with SIGPIPE's exit code and says nothing."""
+    script = ("import os, sys\nread, write = os.pipe()\nos.close(read)\nos.dup2(write, 1)\n"
+              "from mpfl.cli import main\nsys.exit(main(['partition', '--nodes', '20', '--train-samples', '600']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (141, "")

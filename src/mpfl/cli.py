@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -571,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except MpflError as exc:
         return _error(name_flags(" ".join(str(exc).split()), _given(args)), log_format)
+    except BrokenPipeError:  # what reads the output stopped (`mpfl partition | head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail too
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         where = f" {str(exc.filename)!r}" if exc.filename else ""
         return _error(f"cannot use{where}: {exc.strerror or exc}; choose another path", log_format)
