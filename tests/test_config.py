@@ -141,3 +141,9 @@ def test_bad_toml_files(tmp_path):
 def test_one_torch_thread_unless_asked():
     assert Config().threads == 1
     assert Config().with_overrides({"threads": 0}).threads == 0
+
+
+def test_overrides_that_are_not_a_dict_are_refused_with_what_to_give():
+    with pytest.raises(TypeError, match=r"with_overrides takes a dict of field names to values, such as \{'nodes': 3\}; "
+                                        "got a list"):
+        Config().with_overrides([("nodes", 3)])

@@ -111,6 +111,19 @@ def test_unstructured_export_round_trips_sparse_tensors_and_the_mask(unstructure
     assert info["pruned"]["bytes"] < info["dense"]["bytes"]
 
 
+def test_the_pruned_bytes_are_those_of_the_smallest_file_asked_for_whatever_the_order(unstructured_run, tmp_path,
+                                                                                      capsys):
+    args = ["export", str(unstructured_run.run_dir), "--out", str(tmp_path), "--repeats", "1", "--format", "state_dict",
+            "sparse", "torchscript"]
+    assert main(args) == 0
+    info = json.loads((tmp_path / "export.json").read_text())
+    assert info["primary"] == "sparse" and info["pruned"]["bytes"] == (tmp_path / "model.sparse.pt").stat().st_size
+    assert info["pruned"]["bytes"] < (tmp_path / "model.pt").stat().st_size
+    assert "(pruned bytes: model.sparse.pt)" in capsys.readouterr().out
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(load_export(tmp_path, "torchscript"), x), logits(load_export(tmp_path), x))
+
+
 def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_run, tmp_path, capsys):
     out = tmp_path / "exp"
     assert main(["export", str(structured_run.run_dir), "--out", str(out), "--repeats", "2"]) == 0

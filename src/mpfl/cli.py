@@ -386,7 +386,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = export_run(args.run_dir, args.out, formats=args.format, layout=args.layout, batch=args.latency_batch,
                       repeats=args.repeats, threads=args.threads, force=args.force)
     dense, pruned = info["dense"], info["pruned"]
-    print(f"{'':<12}{'dense':>14}{'pruned':>14}{'ratio':>8}")
+    print(f"{'':<12}{'dense':>14}{'pruned':>14}{'ratio':>8}   (pruned bytes: {info['files'][info['primary']]})")
     for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
                             ("latency_ms", "latency ms", ".3f")):
         print(f"{label:<12}{dense[key]:>14{fmt}}{pruned[key]:>14{fmt}}{pruned[key] / dense[key]:>8.3f}")

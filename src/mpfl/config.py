@@ -471,6 +471,9 @@ class Config:
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""
+        if not isinstance(overrides, Mapping):
+            raise TypeError(f"with_overrides takes a dict of field names to values, such as {{'nodes': 3}}; got a "
+                            f"{type(overrides).__name__}")
         return Config.from_dict(overridden(self.to_dict(), overrides))
 
 

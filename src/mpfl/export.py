@@ -11,8 +11,10 @@ turns them into files a device can load:
     <out>/export.json       what was written, parameters, bytes, FLOPs and latency, dense vs pruned
 
 Filter masks on a flat sequential model give a shrunk dense model (default formats state_dict
-and torchscript); other masks give sparse tensors (default format sparse). Every torch file
-loads with ``torch.load(path, weights_only=True)``. An export is all or nothing: its files are written
+and torchscript); other masks give sparse tensors (default format sparse). `load_export(out)`
+gives the exported model back as a torch module (`load_export(out, "torchscript")` the traced one).
+model.pt and model.sparse.pt load with ``torch.load(path, weights_only=True)`` too; model.ts is a
+TorchScript archive, which only ``torch.jit.load`` reads. An export is all or nothing: its files are written
 to a scratch folder inside <out> and moved into place (export.json last) only once all of them are,
 replacing every file of an earlier export there; when anything fails, <out> is left as it was.
 """
@@ -300,9 +302,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
         raise ExportError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     if "onnx" in formats:
         _check_onnx()
+    smallest = "state_dict" if compact else "sparse"  # the shrunk model, or the sparse tensors of a masked one
     if not {"state_dict", "sparse"} & set(formats):
-        formats.insert(0, "state_dict" if compact else "sparse")
-    primary = next(f for f in formats if f in ("state_dict", "sparse"))
+        formats.insert(0, smallest)
+    primary = smallest if smallest in formats else next(f for f in formats if f in ("state_dict", "sparse"))
     small = shrink(model, spec, mask) if compact else None
     pruned = small.model if small is not None else model
     example = torch.zeros(1, *final.input_shape)
