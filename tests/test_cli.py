@@ -399,6 +399,21 @@ def test_the_memory_check_compares_with_what_is_available(tmp_path, capsys, monk
     assert main(["run", *SMALL, "--out", str(tmp_path / "fits")]) == 0
 
 
+def test_automatic_workers_lowered_to_fit_in_memory_are_said(tmp_path, capsys, monkeypatch):
+    import mpfl.parallel
+    import mpfl.resources
+
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: 4)
+    small = {"nodes": 3, "rounds": 2, "mask_rounds": 2, "train_samples": 1200, "test_samples": 300, "workers": 1}
+    fits_one = mpfl.resources.estimate_run(Config().with_overrides(small)).total
+    monkeypatch.setattr(mpfl.resources, "available_memory", lambda: fits_one)
+    args = [a for a in _without(SMALL, "--workers") if a != "--quiet"]
+    assert main(["run", *args, "--out", str(tmp_path / "run")]) == 0
+    assert "note: 1 worker process instead of one per core, so that the run fits in the memory available" in \
+        " ".join(capsys.readouterr().err.split())
+    assert Config.from_toml(tmp_path / "run" / "config.toml").workers == 1
+
+
 def _without(args: list[str], flag: str) -> list[str]:
     at = args.index(flag)
     return args[:at] + args[at + 2 :]

@@ -117,8 +117,10 @@ def test_automatic_workers_shrink_to_what_fits_and_set_ones_stay(monkeypatch):
 def test_workers_beyond_the_nodes_cost_nothing_and_a_too_large_fixed_part_names_its_levers():
     capped = estimate_run(Config().with_overrides({"nodes": 4, "workers": 100}))
     assert capped == estimate_run(Config().with_overrides({"nodes": 4, "workers": 4}))
-    with pytest.raises(ResourceError, match="use fewer --workers"):
+    with pytest.raises(ResourceError, match="use fewer --workers") as refused:
         check_memory(capped, capped.fixed - 1)
+    assert "--train-samples" not in str(refused.value)  # the estimate counts the whole dataset whatever the slice
+    assert capped == estimate_run(Config().with_overrides({"nodes": 4, "workers": 4, "train_samples": 600}))
     with pytest.raises(ResourceError, match="use at most --nodes 2"):
         check_memory(capped, capped.fixed + 2 * capped.per_node + 1)
 

@@ -202,6 +202,9 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
         available = available_memory()
         if (fitted := fit_workers(cfg, estimate, available)) is not cfg:
+            if not args.quiet:
+                _notice("note", f"note: {fitted.workers} worker process{'es' if fitted.workers > 1 else ''} instead "
+                        "of one per core, so that the run fits in the memory available", args.log_format)
             cfg, estimate = fitted, estimate_run(fitted)
         check_memory(estimate, available)
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None

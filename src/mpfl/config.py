@@ -150,7 +150,8 @@ class DataConfig:
     alpha: float = _field(0.5, "Dirichlet concentration of --partition dirichlet; smaller means stronger label skew",
                           aliases=("dirichlet_alpha",))
     shards: int = _field(2, "label shards per node with --partition shards", aliases=("shards_per_node",))
-    val_fraction: float = _field(0.1, "share of each node's samples held out for validation",
+    val_fraction: float = _field(0.1, "share of each node's samples held out for validation (at least one of a "
+                                 "node of 2 or more, so nodes of a few samples hold out more)",
                                  aliases=("validation_fraction",))
     train_samples: int | None = _field(None, "use only the first n training samples (all when there are fewer); "
                                              "none = all",

@@ -171,8 +171,7 @@ def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
         raise ResourceError(f"this run needs about {_size(estimate.total)} of memory: its processes and data take "
                             f"{_size(estimate.fixed)}, which leaves no room for even one node's "
                             f"{_size(estimate.per_node)} in the {_size(available)} available; use fewer --workers "
-                            f"(each process holds about {_size(PROCESS_BYTES)}) or a smaller dataset (--train-samples), "
-                            f"or --no-memory-check to run anyway")
+                            f"(each process holds about {_size(PROCESS_BYTES)}), or --no-memory-check to run anyway")
     if estimate.sampled:
         raise ResourceError(f"this run needs about {_size(estimate.total)} of memory (up to {estimate.nodes:,} copies "
                             f"of the model x {_size(estimate.per_node)} for the nodes asked + {_size(estimate.fixed)}) "
