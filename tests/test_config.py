@@ -147,3 +147,13 @@ def test_overrides_that_are_not_a_dict_are_refused_with_what_to_give():
     with pytest.raises(TypeError, match=r"with_overrides takes a dict of field names to values, such as \{'nodes': 3\}; "
                                         "got a list"):
         Config().with_overrides([("nodes", 3)])
+
+
+def test_an_option_a_plug_in_reads_but_the_run_lacks_says_how_to_give_it():
+    options = Config().with_overrides({"options": ("keep=0.5",)}).plugin_options
+    assert options == {"keep": "0.5"} and options.get("k") is None
+    with pytest.raises(KeyError) as missing:  # what a plug-in may catch, and a config error to the user
+        options["k"]
+    assert isinstance(missing.value, ConfigError)
+    assert str(missing.value) == ("a plug-in reads the option k, which this run was not given; start a new run with "
+                                  '--options k=VALUE (in a config file, options = ["k=VALUE"])')

@@ -406,3 +406,14 @@ def test_a_consensus_rule_that_narrows_the_current_mask_in_place_is_stopped_not_
     register_rule("in-place-test", in_place)
     with pytest.raises(ValueError, match="read-only"):
         simulate(tiny_config(consensus="in-place-test", mask_rounds=3, rounds=1))
+
+
+def test_an_option_the_plug_in_reads_but_the_run_was_not_given_is_a_one_line_error(tmp_path, capsys):
+    plugin = tmp_path / "keep.py"
+    plugin.write_text("import mpfl\n\ndef keep(weights, current, density, *, rng, options, **_):\n"
+                      "    return [c & (rng.random(c.shape) < float(options['keep'])) for c in current]\n\n"
+                      "mpfl.register_criterion('keep', keep)\n")
+    assert main(["run", "--plugins", str(plugin), "--criterion", "keep", *SMALL, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: a plug-in reads the option keep, which this run was not given; start a new run with "
+                   '--options keep=VALUE (in a config file, options = ["keep=VALUE"])')

@@ -366,6 +366,23 @@ class FaultConfig:
                               "attack, or leave attack at 'none'")
 
 
+class MissingOption(ConfigError, KeyError):
+    """An option a plug-in reads that the run was not given: a KeyError to the plug-in, a one-line
+    config error to the user (the run cannot resume with options it was not started with)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Options(dict):
+    """The run's `options` (``--options KEY=VALUE``) as plug-ins read them: a dict whose missing key
+    says how to give it, where a plain KeyError would only name the key."""
+
+    def __missing__(self, key: str) -> str:
+        raise MissingOption(f"a plug-in reads the option {key}, which this run was not given; start a new run with "
+                            f"--options {key}=VALUE (in a config file, options = [\"{key}=VALUE\"])")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything that determines a run; saved with its results so it can be reproduced."""
@@ -396,9 +413,9 @@ class Config:
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     @property
-    def plugin_options(self) -> dict[str, str]:
+    def plugin_options(self) -> Options:
         """`options` as a dict, KEY -> VALUE (text: a plug-in converts what it reads)."""
-        return {key.strip(): value.strip() for key, value in (option.split("=", 1) for option in self.options)}
+        return Options((key.strip(), value.strip()) for key, value in (option.split("=", 1) for option in self.options))
 
     @property
     def mask_round_fraction(self) -> float:
