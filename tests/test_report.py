@@ -304,12 +304,13 @@ def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):
     rows = {r["variant"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert set(rows) == {"", "runner=flower-deployment"}
     sim, flower = rows[""], rows["runner=flower-deployment"]
-    assert sim["n"] == flower["n"] == 2 and sim["bytes_eval_down"] == 0
+    assert sim["n"] == flower["n"] == 2 and sim["bytes_eval_down"] is None and sim["bytes_eval_up"] is None
     want = np.mean([read_summary(runs / f"mpfl-{s}")["final_accuracy"] for s in SEEDS])
     assert sim["final_accuracy"] == pytest.approx(want) and flower["final_accuracy"] == pytest.approx(want - 0.1)
     assert (flower["bytes_eval_down"], flower["bytes_eval_up"]) == (1_593_792, 48)
     text = (out / "report.md").read_text()
     assert "| Eval down (MB) | Eval up (B) |" in text and "| 1.59 | 48 |" in text
+    assert "| – | – |" in text  # the simulator's row: it has no federated evaluation, not one of 0 bytes
     assert (f"- `{tmp_path / 'flower-1'}` (flower-deployment): node 1 from step 3 (train): "
             "SuperNode 42 is no longer connected") in text
 

@@ -409,6 +409,7 @@ def table(runs: Sequence[Run]) -> list[dict]:
                  if _match_key(x) in fedavg_time and x.summary.get("train_round_time")]
         device = {k: _mean_of(rs, k) for k in ("params_kept", "params_dense", "model_bytes", "model_bytes_dense",
                                                 "flops_per_sample", "flops_per_sample_dense")}
+        simulated = r.flat["runner"] == RUNNER  # the simulator has no federated evaluation, whose bytes would be 0
         rows.append({
             **device, "train_time_vs_dense": float(np.mean(times)) if times else None,
             "method": r.method, "model": r.flat["model"], "variant": format_variant(g.variant),
@@ -420,8 +421,8 @@ def table(runs: Sequence[Run]) -> list[dict]:
             "bytes_vs_fedavg": ratio, "bytes_vs_fedavg_std": ratio_std, "bytes_vs_fedavg_runs": len(ratios),
             **{k: _mean_of(rs, k) for k in ("bits_per_param_up", "bits_per_param_down", "megabytes_total")},
             "wall_time": float(np.mean([x.summary["wall_time"] for x in rs])),
-            "bytes_eval_down": float(np.mean([x.summary.get("bytes_eval_down", 0) for x in rs])),
-            "bytes_eval_up": float(np.mean([x.summary.get("bytes_eval_up", 0) for x in rs])),
+            **{key: None if simulated else float(np.mean([x.summary.get(key, 0) for x in rs]))
+               for key in ("bytes_eval_down", "bytes_eval_up")},
             "seeds": [x.flat["seed"] for x in rs], "runs": [str(x.path) for x in rs],
         })
     return rows
@@ -449,6 +450,8 @@ def _cell(row: dict, key: str) -> str:
     if key == "rounds":
         prefix = f"{_num(row['warmup_rounds'])}w+" if row["warmup_rounds"] else ""
         return f"{prefix}{_num(row['mask_rounds'])}+{_num(row['train_rounds'])}"
+    if key in ("bytes_eval_down", "bytes_eval_up") and row[key] is None:
+        return "–"
     if key in ("bytes_up", "bytes_down", "bytes_eval_down"):
         return f"{row[key] / 1e6:.2f}"
     if key == "bits_per_param":
