@@ -331,6 +331,26 @@ def test_json_log_format_for_machines(tmp_path):
                                                                       **_without_config(read_summary(tmp_path / "run"))}
 
 
+def test_notes_are_json_events_in_a_json_log(tmp_path):
+    loud = [a for a in SMALL if a != "--quiet"]
+    done = _run("run", *loud, "--log-format", "json", "--alpha", "0.1", "--rounds", "0", "--mask-rounds", "1",
+                "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    start, note, *rounds = [json.loads(line) for line in done.stderr.splitlines()]
+    assert start["event"] == "start" and [r["step"] for r in rounds] == [1]
+    assert note == {"event": "note", "message": "note: --alpha has no effect with --partition iid"}
+
+
+def test_a_tensorboard_path_that_cannot_be_a_folder_is_refused_before_the_run_starts(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    (tmp_path / "afile").write_text("mine\n")
+    for bad, says in [(tmp_path / "afile", "is a file; give a folder for the event files"),
+                      (tmp_path / "afile" / "tb", f"cannot write in {tmp_path / 'afile'}; choose another folder")]:
+        assert main(["run", *SMALL, "--tensorboard", str(bad), "--out", str(tmp_path / "run")]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "run").exists() and (tmp_path / "afile").read_text() == "mine\n"
+
+
 def _without_config(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if k != "config"}
 

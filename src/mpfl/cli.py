@@ -290,15 +290,15 @@ def _print_start(cfg: Config, out: Path, log_format: str, notes: Sequence[str] =
         shown["device"] = describe(resolve_device(cfg.train.device))
     if log_format == "json":
         print(json.dumps({"event": "start", **shown, "run_dir": str(out)}), file=sys.stderr, flush=True)
-        return
-    text = " ".join(f"{k}={v}" for k, v in shown.items()) + f" -> {out}"
-    console.print("[bold]mpfl run[/] " + escape(text), highlight=False)
+    else:
+        text = " ".join(f"{k}={v}" for k, v in shown.items()) + f" -> {out}"
+        console.print("[bold]mpfl run[/] " + escape(text), highlight=False)
     cores = available_cores()
     if cfg.threads > cores:
-        console.print(f"note: --threads {cfg.threads} is more than the {cores} cores this process may use; torch "
-                      "slows down sharply when its threads outnumber the cores", highlight=False)
+        notes = [f"--threads {cfg.threads} is more than the {cores} cores this process may use; torch slows down "
+                 "sharply when its threads outnumber the cores", *notes]
     for note in notes:
-        console.print(f"note: {note}", highlight=False)
+        _notice("note", f"note: {note}", log_format)
 
 
 def _both(first: Callable[[RoundRecord], None], second: Callable[[RoundRecord], None]
@@ -418,8 +418,8 @@ def _add_run_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                      help="progress: auto = a live bar on a terminal, else one text line per round; text; "
                           "json = one JSON object per round on stderr and the summary as JSON on stdout")
     out.add_argument("--tensorboard", nargs="?", const="", metavar="DIR",
-                     help="also write TensorBoard event files (default DIR: RUN_DIR/tensorboard; "
-                          "needs pip install \"mpfl[tensorboard]\")")
+                     help="also write TensorBoard event files (default DIR: RUN_DIR/tensorboard; a folder of "
+                          "its own per run; needs pip install \"mpfl[tensorboard]\")")
     out.add_argument("--keep-checkpoint", action="store_true",
                      help="keep checkpoint.npz when the run ends (default: remove it; final.npz stays)")
     out.add_argument("--no-memory-check", action="store_true",

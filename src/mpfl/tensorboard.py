@@ -1,5 +1,7 @@
 """TensorBoard event files of a run (``mpfl run --tensorboard``): accuracy, loss, bytes and density
-per round, at the round's global step, so runs can be compared live with ``tensorboard --logdir``.
+per round, at the round's global step, so runs can be compared live with ``tensorboard --logdir``
+pointed at the folder above their event folders: TensorBoard reads a folder as one run, so each run
+needs its own (the default, RUN_DIR/tensorboard, is).
 
 Needs the ``tensorboard`` package (``pip install "mpfl[tensorboard]"``); torch's own
 ``SummaryWriter`` writes the files. A resumed run writes on from its checkpoint: events at or
@@ -8,6 +10,7 @@ after the first step it records again are purged, so every step appears once.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,16 @@ def summary_writer_class() -> Any:
     return SummaryWriter
 
 
+def check_folder(path: Path) -> None:
+    """Refuse, before the run starts, a --tensorboard path where no folder of event files can be: a file,
+    or a place this process cannot write (the writer only opens it at the first round)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--tensorboard {path} is a file; give a folder for the event files")
+    ancestor = next(p for p in (path, *path.parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"--tensorboard {path}: cannot write in {ancestor}; choose another folder")
+
+
 class TensorBoardLog:
     """Writes each round's figures as scalars to an event file in `log_dir`."""
 
@@ -38,6 +51,7 @@ class TensorBoardLog:
         self.log_dir = Path(log_dir)
         self.writer_class = summary_writer_class()
         self.writer: Any = None
+        check_folder(self.log_dir)
 
     def __call__(self, record: dict) -> None:
         """Add one round's scalars (the first one this process writes purges later events of an earlier run)."""
