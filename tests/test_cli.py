@@ -325,6 +325,7 @@ def test_json_log_format_for_machines(tmp_path):
     assert start == {"event": "start", "method": "mpfl", "dataset": "mnist", "model": "mlp", "nodes": 3, "seed": 0,
                      "threads": 1, "workers": 1, "run_dir": str(tmp_path / "run")}
     assert [e["step"] for e in events] == [1, 2, 3, 4] and all(e["total_steps"] == 4 for e in events)
+    assert all(e["event"] == "round" for e in events)
     assert events[-1]["eta_s"] == 0 and events[-1]["accuracy"] == read_rounds(tmp_path / "run")[-1]["accuracy"]
     summary = json.loads(done.stdout)
     assert summary["run_dir"] == str(tmp_path / "run") and summary == {"run_dir": summary["run_dir"],

@@ -156,10 +156,30 @@ def test_an_unfinished_run_is_refused_with_how_to_finish_it(unstructured_run, tm
     assert f"mpfl run --resume {run}), then export it" in err and not (run / "export").exists()
 
 
-def test_dropped_filter_biases_left_alive_show_up_as_an_output_difference(tmp_path):
-    result = simulate(tiny_config(criterion="filter", **{**SMALL, "rounds": 0}), tmp_path / "run")
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_a_filter_run_ends_with_the_function_its_shrunk_export_computes(tmp_path, rounds):
+    # Nodes train the shrunk model; the server clears what dropped filters own (server momentum included),
+    # so the model the run evaluated and the export agree, whether the run ends in the mask or the training phase.
+    result = simulate(tiny_config(criterion="filter", **{**SMALL, "rounds": rounds}), tmp_path / "run")
+    final = load_final(result.run_dir)
+    dropped = ~final.mask["1.weight"].any(axis=1)
+    assert dropped.any() and not dropped.all()
+    assert (final.weights["1.bias"][dropped] == 0).all() and (final.weights["3.weight"][:, dropped] == 0).all()
     info = export_run(result.run_dir, tmp_path / "exp", formats=["state_dict"], repeats=2)
-    assert info["max_abs_diff"] > 1e-4
+    assert info["max_abs_diff"] < 1e-5
+
+
+def test_an_export_of_weights_that_keep_dropped_filters_biases_says_how_far_it_differs(structured_run, tmp_path,
+                                                                                        capsys):
+    run = shutil.copytree(structured_run.run_dir, tmp_path / "run")
+    with np.load(run / "final.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    dropped = ~arrays["m/1.weight"].any(axis=1)
+    arrays["w/1.bias"][dropped] = 1  # a dropped unit passing on relu(1) to the next layer
+    arrays["w/3.weight"][:, dropped] = 0.5
+    np.savez(run / "final.npz", **arrays)
+    assert main(["export", str(run), "--repeats", "1"]) == 0
+    assert "differs from the masked model by up to" in capsys.readouterr().out
 
 
 def snapshot(folder):

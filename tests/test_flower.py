@@ -300,6 +300,17 @@ def test_mask_adaptation_in_training_runs_on_the_apps_as_in_the_simulator(tmp_pa
     assert types.count("train.adapt") == 2 and types.count("train.mask") == 2 * 2  # swaps after training round 2
 
 
+def test_filter_masks_run_on_the_apps_as_in_the_simulator(tmp_path, in_process):
+    """Nodes train the shrunk model and both servers clear what dropped filters own, so the runs agree."""
+    rc = run_config(**{"prune.criterion": "filter", "rounds": 2, "train.server-momentum": 0.9,
+                       "federated-eval": False, "out-dir": str(tmp_path / "run")})
+    cfg, _ = from_run_config(rc)
+    serve(LoopbackGrid(rc, [0, 1]), rc)
+    sim = simulate(cfg)
+    assert sim.records[-1]["density"] < 1
+    assert_same_run(tmp_path / "run", sim)
+
+
 def test_malicious_nodes_and_robust_rules_run_as_in_the_simulator(tmp_path, in_process):
     extra = {"nodes": 3, "faults.malicious": 1, "faults.attack": "inverted-mask", "robust.vote-weighting": "agreement",
              "robust.aggregator": "median", "federated-eval": False, "out-dir": str(tmp_path / "run")}

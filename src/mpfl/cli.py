@@ -395,7 +395,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{label:<12}{dense[key]:>14{fmt}}{pruned[key]:>14{fmt}}{pruned[key] / dense[key]:>8.3f}")
     if info["max_abs_diff"] > 1e-4:
         print(f"note: the exported model differs from the masked model by up to {info['max_abs_diff']:.3g} in its outputs: "
-              "the biases of dropped filters were not zero, and the compact model drops them")
+              "the run's final weights give dropped filters nonzero biases (as runs of earlier mpfl versions did), "
+              "and the compact model drops them")
     out = Path(args.out) if args.out else Path(args.run_dir) / "export"
     print(f"wrote {', '.join(info['files'].values())} and {EXPORT_JSON} to {out}")
     return 0

@@ -5,7 +5,8 @@ for good: its weight row, its bias, its BatchNorm entries and the input channels
 features) of the next Conv/Linear layer that read it. The shrunk model therefore computes exactly
 what the full-size model computes with all of those entries set to zero (`CompactModel.clear`).
 The masked full-size model zeroes only the weight row and keeps the bias, so both agree once the
-biases of dropped filters are zero; `CompactTrainer` returns weights in that cleared form.
+biases of dropped filters are zero; `CompactTrainer` returns weights in that cleared form, and the
+server clears its own weights the same way after every round (`Experiment.cleared`).
 
 Training the shrunk model (`mpfl.core.training.CompactTrainer`) gives the weights
 `LocalTrainer` gives from the cleared full-size weights: there every entry a dropped filter
@@ -58,6 +59,11 @@ def unsupported(model: nn.Module) -> str | None:
 def compactable(model: nn.Module) -> bool:
     """Whether filter masks on `model` can be trained and exported as a physically smaller model."""
     return unsupported(model) is None
+
+
+def mask_key(mask: Sequence[np.ndarray]) -> bytes:
+    """A mask's bits as bytes: a cheap key under which to keep what a mask determines."""
+    return b"".join(np.packbits(np.asarray(m, dtype=bool)).tobytes() for m in mask)
 
 
 def filter_flags(spec: ParamSpec, mask: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

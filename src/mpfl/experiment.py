@@ -7,14 +7,15 @@ exactly the same partition, model and initial weights from the same config and s
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from .compact import CompactModel, compactable, mask_key
 from .config import Config
-from .core.params import ParamSpec, Weights, get_weights, param_spec
+from .core.params import Mask, ParamSpec, Weights, get_weights, param_spec
 from .core.training import LocalData, evaluate
 from .data import Dataset, load_dataset
 from .devices import use_device
@@ -61,6 +62,7 @@ class Experiment:
     spec: ParamSpec
     w0: Weights
     device: torch.device = torch.device("cpu")
+    _shrunk: tuple[bytes, CompactModel] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config, dataset: Dataset | None = None) -> Experiment:
@@ -99,6 +101,18 @@ class Experiment:
         train = np.sort(np.concatenate(self.partition.train))
         return LocalData(self.dataset.x_train, self.dataset.y_train, torch.from_numpy(train),
                          torch.from_numpy(np.concatenate(self.partition.val)))
+
+    def cleared(self, weights: Weights, mask: Mask) -> Weights:
+        """`weights` as the nodes train them. Under a filter mask on a model `mpfl.compact` can shrink,
+        nodes train the shrunk model, so everything a dropped filter owns (its bias, BatchNorm entries
+        and the next layer's inputs from it) is zero; the server's model, clearing the same entries,
+        computes what the nodes' and the exported model compute. Otherwise `weights` unchanged."""
+        if not (method_of(self.cfg).structured and compactable(self.model)):
+            return weights
+        key = mask_key(mask)
+        if self._shrunk is None or self._shrunk[0] != key:
+            self._shrunk = (key, CompactModel(self.model, self.spec, mask))
+        return self._shrunk[1].clear(weights)
 
     def evaluate(self, weights: Weights) -> tuple[float, float]:
         """Accuracy and loss of `weights` on the test set."""

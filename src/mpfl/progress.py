@@ -99,7 +99,8 @@ class RoundLog:
         """Show one finished round."""
         eta = self.eta.add(record)
         if self.mode == "json":
-            print(json.dumps({**record, "total_steps": self.total, "eta_s": eta}), file=self.stream, flush=True)
+            print(json.dumps({"event": "round", **record, "total_steps": self.total, "eta_s": eta}), file=self.stream,
+                  flush=True)
         elif self.mode == "text":
             print(round_text(record, self.total, eta), file=self.stream, flush=True)
         elif self.progress is not None:

@@ -109,13 +109,15 @@ class ServerState:
 
 
 class Server:
-    """Drives a whole run, one step at a time, through the hooks of the configured method."""
+    """Drives a whole run, one step at a time, through the hooks of the configured method.
+    After every round, `clear` (`Experiment.cleared`) gives the global weights the form the nodes train them in."""
 
     def __init__(self, cfg: Config, spec: ParamSpec, w0: Weights, transport: Transport, *,
                  evaluate: Evaluator | None = None, oracle: Oracle | None = None,
-                 on_round: Callable[[RoundRecord], None] | None = None, state: ServerState | None = None) -> None:
+                 on_round: Callable[[RoundRecord], None] | None = None, state: ServerState | None = None,
+                 clear: Callable[[Weights, Mask], Weights] | None = None) -> None:
         self.cfg, self.spec, self.transport = cfg, spec, transport
-        self.evaluate, self.oracle = evaluate, oracle
+        self.evaluate, self.oracle, self.clear = evaluate, oracle, clear
         self.on_round = on_round or (lambda record: None)
         self.method = method_of(cfg)
         self.structured = self.method.structured
@@ -154,6 +156,8 @@ class Server:
                                   f"(Server.exchange gives it), got {type(exchanged).__name__}")
             metrics = plain_metrics(exchanged.metrics, f"method {self.cfg.method!r}: train_round")
         state = self.state
+        if self.clear is not None:
+            state.weights = self.clear(state.weights, state.mask)
         state.bytes_up += exchanged.bytes_up
         state.bytes_down += exchanged.bytes_down
         record: RoundRecord = {

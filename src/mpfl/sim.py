@@ -184,7 +184,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
 
         oracle = PooledOracle(exp, make_trainer(cfg, exp.model, exp.spec)) if method_of(cfg).needs_pooled_data else None
         server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
-                        state=server_state)
+                        state=server_state, clear=exp.cleared)
         server.run()
     finally:
         if pool is not None:

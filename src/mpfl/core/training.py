@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..compact import CompactModel
+from ..compact import CompactModel, mask_key
 from .memo import ArrayMemo
 from .params import ParamSpec, Weights, get_weights, set_weights
 
@@ -188,7 +188,7 @@ class CompactTrainer(LocalTrainer):
 
     def compact(self, mask: Sequence[np.ndarray]) -> tuple[CompactModel, LocalTrainer]:
         """The shrunk model for `mask` and a trainer on it, reused while the mask stays the same."""
-        key = b"".join(np.packbits(np.asarray(m, dtype=bool)).tobytes() for m in mask)
+        key = mask_key(mask)
         if self._cached is None or self._cached[0] != key:
             small = CompactModel(self.model, self.spec, mask)
             inner = LocalTrainer(small.model, small.spec, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,

@@ -67,7 +67,8 @@ def _run_in(grid: Grid, cfg: Config, opts: RunnerOptions, out: Path) -> None:
         _log_round(record)
 
     # Built before any node is contacted, so a method Flower cannot run fails at once.
-    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=on_round)
+    server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=on_round,
+                    clear=exp.cleared)
     missing = transport.connect(cfg.nodes, cfg.min_nodes, opts.connect_timeout)
     run_dir = RunDir(out, cfg)
     log(INFO, "writing the run to %s", run_dir.path.resolve())
