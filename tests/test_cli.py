@@ -535,6 +535,11 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
         "--percentile has no effect with --consensus threshold"]
     assert idle_flags(mpfl.with_overrides({"consensus": "histogram"}), ["tau", "percentile"]) == [
         "--tau has no effect with --consensus histogram"]
+    for method in ("ssfl", "random"):
+        assert idle_flags(mpfl.with_overrides({"method": method, "mask_rounds": 3}), ["mask_rounds"]) == [
+            f"--mask-rounds has no effect with --method {method}, which finds its mask in one round"]
+    assert idle_flags(mpfl.with_overrides({"mask_rounds": 3}), ["mask_rounds"]) == []
+    assert idle_flags(mpfl.with_overrides({"method": "ssfl", "mask_rounds": 1}), ["mask_rounds"]) == []
     assert main(["run", *SMALL, "--method", "fedavg", "--alpha", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert "note: --alpha has no effect with --partition iid" not in capsys.readouterr().err  # --quiet: no start line
     assert main(["run", *_without(SMALL, "--quiet"), "--method", "fedavg", "--alpha", "0.1", "--out",

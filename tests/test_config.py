@@ -156,4 +156,27 @@ def test_an_option_a_plug_in_reads_but_the_run_lacks_says_how_to_give_it():
         options["k"]
     assert isinstance(missing.value, ConfigError)
     assert str(missing.value) == ("a plug-in reads the option k, which this run was not given; start a new run with "
-                                  '--options k=VALUE (in a config file, options = ["k=VALUE"])')
+                                  '--out NEW_DIR --options k=VALUE (in a config file, options = ["k=VALUE"])')
+
+
+def test_an_option_whose_value_holds_commas_is_read_alike_from_flags_files_and_flower(tmp_path):
+    from mpfl.cli import build_parser, config_from_args
+    from mpfl.flower.settings import from_run_config
+
+    wanted = {"layers": "1,3", "k": "2", "name": "a b"}
+    args = build_parser().parse_args(["run", "--options", "layers=1, 3,k=2", "--options", "name=a b"])
+    assert config_from_args(args).plugin_options == wanted
+    (tmp_path / "run.toml").write_text('options = ["layers=1,3", "k=2", "name=a b"]\n')
+    assert Config.from_toml(tmp_path / "run.toml").plugin_options == wanted
+    assert from_run_config({"options": "layers=1,3,k=2,name=a b"})[0].plugin_options == wanted
+    with pytest.raises(ConfigError, match="options: '3' is not KEY=VALUE"):
+        config_from_args(build_parser().parse_args(["run", "--options", "3,k=2"]))
+
+
+def test_an_unknown_name_a_plug_in_could_register_points_to_plugins():
+    with pytest.raises(ConfigError, match="criterion = 'update-mag' is not one of .* load the plug-in with --plugins"):
+        Config().with_overrides({"criterion": "update-mag"})
+    with pytest.raises(ConfigError, match="Did you mean 'magnitude'\\?$"):
+        Config().with_overrides({"criterion": "magnitud"})
+    with pytest.raises(ConfigError, match="scope = 'xyz' is not one of layer, global.$"):
+        Config().with_overrides({"scope": "xyz"})

@@ -19,6 +19,7 @@ from mpfl.config import Config
 from mpfl.core import masks
 from mpfl.errors import ConfigError, MethodError
 from mpfl.methods import METHODS
+from mpfl.records import read_rounds
 from mpfl.registry import Registry, UnknownNameError
 from mpfl.resume import resume_notes
 from mpfl.sim import simulate
@@ -60,8 +61,21 @@ def test_the_example_method_runs_in_worker_processes_with_the_same_results(tmp_p
 def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys):
     assert main(["run", "--plugins", str(tmp_path / "missing.py"), *SMALL, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert "missing.py" in err and "could not be imported" in err
+    assert "missing.py" in err and "could not be imported" in err and "Pass a module name" in err
     assert not (tmp_path / "r").exists()
+    for module, text in (("nosuchmodule_xyz", "could not be imported: ModuleNotFoundError"),
+                         ("mpfl.core.nosuchmodule_xyz", "could not be imported: ModuleNotFoundError")):
+        assert main(["run", "--plugins", module, *SMALL, "--out", str(tmp_path / "r")]) == 2
+        assert text in capsys.readouterr().err
+
+
+def test_a_plugin_whose_own_code_fails_is_told_where_and_not_to_change_its_path(tmp_path, capsys):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("import mpfl\n\nlimit = 1 / 0\n")
+    assert main(["run", "--plugins", str(plugin), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"plug-in '{plugin}' failed while it was imported: " in err and f"(at {plugin}:3); fix the plug-in" in err
+    assert "Pass a module name" not in err and not (tmp_path / "r").exists()
 
 
 def test_a_config_names_its_plugins_so_the_method_is_known_when_it_is_built(tmp_path):
@@ -166,6 +180,16 @@ def test_registries_share_one_name_rule_and_one_error():
     assert reg.get("big-one") == 3
 
 
+@pytest.mark.parametrize("name", ["my-task", "2nd", "my task", ""])
+def test_a_node_task_needs_a_name_flower_can_route(name):
+    from mpfl.node import NODE_TASKS, register_task
+
+    with pytest.raises(ConfigError, match="letters, digits and underscores"):
+        register_task(name, lambda node, step, weights: [])
+    register_task("my_task_2", lambda node, step, weights: [])
+    assert "my_task_2" in NODE_TASKS
+
+
 def test_registrations_are_undone_between_tests_part_one():
     from mpfl.core.consensus import RULES, register_rule
 
@@ -268,6 +292,45 @@ def test_a_methods_new_mask_and_metrics_are_held_to_the_contract_before_anything
                                                                                     "per_layer": np.arange(3)}))
     record = simulate(tiny_config(method=numpy_metric, mask_rounds=1), tmp_path / "numpy").records[0]
     assert (record["kept"], record["per_layer"]) == (7, [0, 1, 2]) and type(record["kept"]) is int
+
+
+def test_the_global_weights_a_method_leaves_are_held_to_the_contract_before_anything_is_saved(tmp_path):
+    from mpfl.methods import register_method
+    from mpfl.methods.baselines import FedAvgPrune
+
+    def leaving(name, change):
+        def train_round(self, server, step):
+            exchanged = FedAvgPrune.train_round(self, server, step)
+            if step.phase == "train":  # FedAvgPrune's mask rounds train through train_round too
+                server.state.weights = change(server.state.weights)
+            return exchanged
+
+        register_method(type("Leaving", (FedAvgPrune,), {"name": name, "train_round": train_round}))
+        return name
+
+    contract = ("train_round must leave server.state.weights one float array per tensor, of its shape, and zero "
+                "wherever server.state.mask prunes")
+    cases = {"dense": (lambda ws: [w + np.float32(0.01) for w in ws], "1.weight holds [1-9][0-9]* nonzero values where"),
+             "flat": (lambda ws: [w.reshape(-1) for w in ws], "item 0 is a float32 array of shape \\(156800,\\)"),
+             "short": (lambda ws: ws[:-1], "it holds 5 items")}
+    for name, (change, says) in cases.items():
+        out = tmp_path / name
+        with pytest.raises(MethodError, match=f"^method '{name}-test': {contract}.*; {says}"):
+            simulate(tiny_config(method=leaving(f"{name}-test", change), sparsity=0.5), out)
+        assert [r["phase"] for r in read_rounds(out)] == ["mask", "mask"]  # the broken training round was never recorded
+
+
+def test_a_mask_round_returning_the_wrong_tuple_is_told_what_it_returned(tmp_path):
+    from mpfl.methods import register_method
+    from mpfl.methods.mpfl import Mpfl
+
+    for name, result in (("pair-test", lambda r: r[:2]), ("unwrapped-test", lambda r: (None, *r[1:]))):
+        register_method(type("Wrong", (Mpfl,), {"name": name, "mask_round": lambda self, server, step, prev, f=result:
+                                                f(Mpfl.mask_round(self, server, step, prev))}))
+    with pytest.raises(MethodError, match="a dict of metrics\\), got a tuple of 2 items$"):
+        simulate(tiny_config(method="pair-test"), tmp_path / "pair")
+    with pytest.raises(MethodError, match="got a tuple whose first item is a NoneType$"):
+        simulate(tiny_config(method="unwrapped-test"), tmp_path / "unwrapped")
 
 
 def server_round(exchanged):
@@ -416,4 +479,4 @@ def test_an_option_the_plug_in_reads_but_the_run_was_not_given_is_a_one_line_err
     assert main(["run", "--plugins", str(plugin), "--criterion", "keep", *SMALL, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: a plug-in reads the option keep, which this run was not given; start a new run with "
-                   '--options keep=VALUE (in a config file, options = ["keep=VALUE"])')
+                   '--out NEW_DIR --options keep=VALUE (in a config file, options = ["keep=VALUE"])')

@@ -391,3 +391,18 @@ def test_a_json_path_that_cannot_be_a_file_is_a_clear_error(runs, tmp_path, caps
     assert f"--json {json_path}" in err and ".tmp" not in err and len(err.strip().splitlines()) == 1
     assert ("give a file path" if where == "a folder" else "create it or choose another --json path") in err
     assert not (tmp_path / "out" / "report.md").exists() and list((tmp_path / "folder").iterdir()) == []
+
+
+def test_plug_in_methods_get_colours_of_their_own_and_built_in_methods_keep_theirs():
+    from types import SimpleNamespace
+
+    from matplotlib.colors import to_hex
+
+    from mpfl.report import _palette
+
+    methods = ["mpfl", "fedavg", "zeta-plugin", "alpha-plugin", "ssfl"]
+    colors = {m: to_hex(c) for m, c in _palette([SimpleNamespace(first=SimpleNamespace(method=m)) for m in methods]).items()}
+    shown = [colors[m] for m in methods]
+    assert len(set(shown)) == len(methods)
+    assert colors["mpfl"] == to_hex("C0") and colors["ssfl"] == to_hex("C7")
+    assert (colors["alpha-plugin"], colors["zeta-plugin"]) == (to_hex("C8"), to_hex("C9"))  # in turn by name

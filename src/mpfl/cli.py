@@ -34,6 +34,7 @@ from .config import (
     field_types,
     mentioned,
     overridden,
+    split_items,
 )
 from .errors import ConfigError, MethodError, MpflError, WorkerError
 from .progress import LOG_FORMATS
@@ -100,7 +101,7 @@ def config_from_args(args: argparse.Namespace, command_defaults: dict[str, objec
     overrides.update(_given(args))
     for name, value in overrides.items():
         if isinstance(value, list):
-            overrides[name] = [part.strip() for item in value for part in item.split(",") if part.strip()]
+            overrides[name] = split_items(name, value)
     try:
         return Config.from_dict(overridden(data, overrides))
     except ConfigError as exc:
@@ -271,6 +272,10 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
             notes.append(f"{_flag(name)} has no effect with --partition {cfg.data.partition}")
         elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:
             notes.append(f"{_flag(name)} has no effect with --method {cfg.method}, which does not prune")
+        elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method_of(cfg).plan())) != \
+                cfg.prune.mask_rounds:
+            notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
+                         f"{'one round' if found == 1 else f'{found} rounds'}")
         elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
                                              ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
             notes.append(f"{_flag(name)} has no effect with --consensus {cfg.prune.consensus}")

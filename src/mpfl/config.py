@@ -12,7 +12,7 @@ import functools
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -75,7 +75,8 @@ def _choice(name: str, value: str) -> None:
     options = field_choices()[name]
     if value not in options:
         hint = difflib.get_close_matches(str(value).strip().lower(), options, n=1)
-        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        extra = (f" Did you mean {hint[0]!r}?" if hint else " If a plug-in registers it, load the plug-in with "
+                 "--plugins MODULE_OR_FILE" if name in REGISTRIES else "")
         raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
 
@@ -380,7 +381,7 @@ class Options(dict):
 
     def __missing__(self, key: str) -> str:
         raise MissingOption(f"a plug-in reads the option {key}, which this run was not given; start a new run with "
-                            f"--options {key}=VALUE (in a config file, options = [\"{key}=VALUE\"])")
+                            f"--out NEW_DIR --options {key}=VALUE (in a config file, options = [\"{key}=VALUE\"])")
 
 
 @dataclass(frozen=True)
@@ -534,6 +535,18 @@ def _unknown(name: str, known: Any) -> str:
     return f"unknown config key {name!r}." + suggestion
 
 
+def split_items(name: str, texts: Iterable[str]) -> list[str]:
+    """The items of a list setting given as comma-separated text (a flag, a Flower run config). In
+    `options`, a part without ``=`` continues the value before it, so ``layers=1,3`` is one option."""
+    items: list[str] = []
+    for part in (p.strip() for text in texts for p in text.split(",")):
+        if name == "options" and items and "=" not in part:
+            items[-1] = f"{items[-1]},{part}"
+        elif part:
+            items.append(part)
+    return items
+
+
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     """Convert a TOML/CLI value to the field's type, or explain what type was expected."""
     text = str(hint)
@@ -543,7 +556,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
         raise ConfigError(f"{name} must not be empty")
     if "tuple" in text:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = split_items(name, [value])
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name} must be a list of strings, got {value!r}")
         return tuple(value)

@@ -26,7 +26,7 @@ from .core.masks import CRITERIA, checked_mask, keep_count, top_k
 from .core.memo import complement
 from .core.params import Mask, ParamSpec, Weights
 from .core.training import CompactTrainer, LocalData, LocalTrainer, generator
-from .errors import PayloadError
+from .errors import ConfigError, PayloadError
 from .methods import method_of
 from .protocol import TASK_ADAPT, TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply, Step
 from .registry import Registry, registry
@@ -153,7 +153,11 @@ NODE_TASKS: Registry[TaskHandler] = registry("node task")
 
 
 def register_task(name: str, handler: TaskHandler) -> None:
-    """Add a node task, e.g. for a method whose rounds ask nodes for something new."""
+    """Add a node task, e.g. for a method whose rounds ask nodes for something new. Its name must be a
+    Python identifier: Flower routes the task's messages to a handler of that name (``train.<name>``)."""
+    if not (isinstance(name, str) and name.strip().isidentifier()):
+        raise ConfigError(f"node task name {name!r} is not a Python identifier, which Flower needs to route its "
+                          "messages; use letters, digits and underscores (e.g. 'my_task')")
     NODE_TASKS.register(name, handler)
 
 

@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -133,5 +134,9 @@ def _import(name: str) -> bytes | None:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
-                          "name on the Python path or the path of a .py file") from exc
+        if isinstance(exc, FileNotFoundError) or (isinstance(exc, ModuleNotFoundError) and exc.name == name):
+            raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
+                              "name on the Python path or the path of a .py file") from exc
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        raise ConfigError(f"plug-in {name!r} failed while it was imported: {type(exc).__name__}: {exc} (at "
+                          f"{where.filename}:{where.lineno}); fix the plug-in") from exc

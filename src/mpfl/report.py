@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -487,9 +488,18 @@ def to_markdown(rows: Sequence[dict], columns: dict[str, str] = COLUMNS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _color(method: str) -> str:
+EXTRA_COLORS = ("C8", "C9", *colormaps["Dark2"].colors)
+"""Colours for methods the report does not know (plug-ins'), in turn by name: matplotlib's two
+default colours no built-in method takes, then ColorBrewer's Dark2."""
+
+
+def _palette(groups: Iterable[Group]) -> dict[str, Any]:
+    """A colour per method of `groups`: a built-in method's own, the same in every plot, and distinct
+    ones for the others (plug-in methods, which the report process has not imported)."""
     names = METHODS.names()
-    return f"C{names.index(method) % 10}" if method in names else "C9"
+    others = sorted({g.first.method for g in groups} - set(names))
+    return {**{m: f"C{i % 10}" for i, m in enumerate(names)},
+            **{m: EXTRA_COLORS[i % len(EXTRA_COLORS)] for i, m in enumerate(others)}}
 
 
 def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
@@ -534,10 +544,11 @@ def _title_suffix(where: str, sparsity: float | None) -> str:
 def plot_accuracy_vs_round(groups: Sequence[Group], path: Path, title: str) -> Path:
     """Test accuracy per round (mask search and training rounds), mean over seeds with a ±1 std band."""
     fig, ax = _figure(f"Accuracy per round: {title}", "round (mask search + training)", "test accuracy (%)")
+    colors = _palette(groups)
     for g in groups:
         steps, _, acc, std = _mean_curve(g)
-        ax.plot(steps, 100 * acc, marker=".", color=_color(g.first.method), label=g.label)
-        ax.fill_between(steps, 100 * (acc - std), 100 * (acc + std), color=_color(g.first.method), alpha=0.15)
+        ax.plot(steps, 100 * acc, marker=".", color=colors[g.first.method], label=g.label)
+        ax.fill_between(steps, 100 * (acc - std), 100 * (acc + std), color=colors[g.first.method], alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8, loc="best", ncol=2)
     fig.savefig(path)
@@ -553,10 +564,11 @@ def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> P
     """Test accuracy against cumulative traffic (up + down, log scale): what each method pays for
     accuracy; a method shown at several value precisions gets one line style per precision."""
     fig, ax = _figure(f"Accuracy vs traffic: {title}", "cumulative bytes up + down (MB, log scale)", "test accuracy (%)")
+    colors = _palette(groups)
     for g in groups:
         _, cum, acc, _ = _mean_curve(g)
         style = PRECISION_STYLES.get(g.variant.get("value_dtype"), "-")
-        ax.plot(cum / 1e6, 100 * acc, marker=".", linestyle=style, color=_color(g.first.method), label=g.label)
+        ax.plot(cum / 1e6, 100 * acc, marker=".", linestyle=style, color=colors[g.first.method], label=g.label)
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
@@ -570,18 +582,18 @@ def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> P
 def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -> Path:
     """Final accuracy against sparsity per method (mean ± std over seeds); dense FedAvg as a reference line."""
     fig, ax = _figure(f"Final accuracy vs sparsity: {title}", "sparsity (logit scale)", "final test accuracy (%)")
-    ticks = set()
+    ticks, colors = set(), _palette(groups)
     for method in sorted({g.first.method for g in groups}, key=lambda m: _order(METHODS.names(), m)):
         mine = sorted((g for g in groups if g.first.method == method), key=lambda g: g.first.summary["sparsity"])
         stats = [_mean_std(g.per_seed("final_accuracy")) for g in mine]
         mean = np.array([100 * m for m, _ in stats])
         std = np.array([100 * (s or 0.0) for _, s in stats])
         if mine[0].first.reference:
-            ax.axhline(mean.mean(), color=_color(method), linestyle="--", label="fedavg (dense)")
+            ax.axhline(mean.mean(), color=colors[method], linestyle="--", label="fedavg (dense)")
             continue
         x = [g.first.summary["sparsity"] for g in mine]
         ticks.update(x)
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=_color(method), label=mine[0].label)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[method], label=mine[0].label)
     if ticks:
         ax.set_xscale("logit")
         ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
@@ -596,10 +608,10 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
     fig, ax = _figure(f"Variants: {title}", "final test accuracy (%)", "")
     several = len({g.first.summary["sparsity"] for g in groups if not g.first.reference}) > 1
     y = np.arange(len(groups))[::-1]
-    labels = []
+    labels, colors = [], _palette(groups)
     for yi, g in zip(y, groups):
         mean, std = _mean_std(g.per_seed("final_accuracy"))
-        color = _color(g.first.method)
+        color = colors[g.first.method]
         if not g.variant:
             ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
         ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,

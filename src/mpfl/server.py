@@ -22,6 +22,7 @@ from .codec import Kind
 from .config import Config
 from .core import masks
 from .core.aggregate import robust_average
+from .core.contract import checked_arrays
 from .core.history import MaskHistory
 from .core.params import Mask, ParamSpec, Weights
 from .errors import MethodError, PayloadError, RoundError
@@ -156,6 +157,7 @@ class Server:
                                   f"(Server.exchange gives it), got {type(exchanged).__name__}")
             metrics = plain_metrics(exchanged.metrics, f"method {self.cfg.method!r}: train_round")
         state = self.state
+        self._check_weights(f"method {self.cfg.method!r}: {'mask_round' if step.phase == 'mask' else 'train_round'}")
         if self.clear is not None:
             state.weights = self.clear(state.weights, state.mask)
         state.bytes_up += exchanged.bytes_up
@@ -172,6 +174,18 @@ class Server:
             record["accuracy"], record["loss"] = self.evaluate(state.weights)
         return record
 
+    def _check_weights(self, hook: str) -> None:
+        """Hold the global weights a method's round left to the contract the engine evaluates, saves and
+        sends them under: a dense model would otherwise be reported at the mask's density."""
+        state, spec = self.state, self.spec
+        contract = (f"{hook} must leave server.state.weights one float array per tensor, of its shape, and zero "
+                    "wherever server.state.mask prunes (server.spec.apply(weights, mask) makes it so)")
+        weights = checked_arrays(state.weights, spec.shapes, "f", contract)
+        for name, i, kept in zip(spec.prunable_names, spec.prunable, state.mask):
+            alive = int(np.count_nonzero(weights[i][~kept]))
+            if alive:
+                raise MethodError(f"{contract}; {name} holds {alive} nonzero values where the mask prunes")
+
     def _should_evaluate(self, step: Step) -> bool:
         last = step.step == self.plan[-1].step
         every = self.cfg.eval_every
@@ -183,8 +197,10 @@ class Server:
         previous = state.mask
         result = self.method.mask_round(self, step, masks.density(previous))
         if not (isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], Round)):
+            got = (type(result).__name__ if not isinstance(result, tuple) else f"a tuple of {len(result)} items"
+                   if len(result) != 3 else f"a tuple whose first item is a {type(result[0]).__name__}")
             raise MethodError(f"method {self.cfg.method!r}: mask_round must return (the Round of its exchange, the new "
-                              f"mask, a dict of metrics), got {type(result).__name__}")
+                              f"mask, a dict of metrics), got {got}")
         exchanged, new, extra = result
         hook = f"method {self.cfg.method!r}: mask_round"
         new = masks.checked_mask(new, previous, f"{hook}'s new mask", structured=self.structured)

@@ -38,7 +38,7 @@ LIKE = [np.zeros((2, 3), np.float32), np.zeros(4, np.float32)]
     (LIKE[:1], "it holds 1 items"),
     (np.zeros(3), "it is a ndarray"),
     ([np.zeros((3, 2)), LIKE[1]], "item 0 is a float64 array of shape (3, 2), the tensor's shape is (2, 3)"),
-    ([LIKE[0], np.zeros(4, np.int64)], "item 1 is a int64 array of shape (4,)"),
+    ([LIKE[0], np.zeros(4, np.int64)], "item 1 is an int64 array, not floats"),
     ([LIKE[0], np.array([0, np.nan, 0, 0], np.float32)], "item 1 holds NaN or infinity"),
     ([np.full((2, 3), -np.inf), LIKE[1]], "item 0 holds NaN or infinity"),
 ])
