@@ -69,6 +69,16 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys):
         assert text in capsys.readouterr().err
 
 
+def test_two_plugins_registering_one_name_are_refused_naming_the_second(tmp_path, capsys):
+    for name in ("first.py", "second.py"):
+        (tmp_path / name).write_text("import mpfl\n\nmpfl.register_rule('same', lambda votes, support, ctx: support)\n")
+    argv = ["run", "--plugins", str(tmp_path / "first.py"), "--plugins", str(tmp_path / "second.py"), *SMALL]
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "a consensus rule named 'same' is already registered" in err
+    assert err.endswith(f"(while importing plug-in '{tmp_path / 'second.py'}')")
+
+
 def test_a_plugin_whose_own_code_fails_is_told_where_and_not_to_change_its_path(tmp_path, capsys):
     plugin = tmp_path / "broken.py"
     plugin.write_text("import mpfl\n\nlimit = 1 / 0\n")

@@ -131,8 +131,8 @@ def _import(name: str) -> bytes | None:
             del sys.modules[module_name]
             raise
         return source
-    except ConfigError:
-        raise
+    except ConfigError as exc:  # a registration the plug-in made was refused: say which plug-in made it
+        raise type(exc)(f"{exc} (while importing plug-in {name!r})") from None
     except Exception as exc:
         if isinstance(exc, FileNotFoundError) or (isinstance(exc, ModuleNotFoundError) and exc.name == name):
             raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
