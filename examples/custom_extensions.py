@@ -2,8 +2,12 @@
 
     python examples/custom_extensions.py
 
-Registers a synthetic two-blob dataset, a tiny MLP, a "keep the most-changed weights"
-criterion and a "two-thirds majority" consensus rule, then runs MPFL on them from Python.
+Registers a synthetic two-blob dataset, a tiny MLP, a "keep the largest weights" criterion
+and a "two-thirds majority" consensus rule when imported, then runs MPFL on them from Python.
+Imported as a plug-in, the same pieces serve `mpfl run`:
+
+    mpfl run --plugins examples/custom_extensions.py --dataset blobs --model tiny-mlp \
+        --criterion squared --consensus two-thirds --nodes 4 --mask-rounds 2 --rounds 3 --sparsity 0.5
 """
 
 from __future__ import annotations
@@ -44,14 +48,16 @@ def two_thirds(votes, support, ctx):
     return [s & (v >= 2 / 3) for v, s in zip(votes, support)]
 
 
+for register, name, piece in ((mpfl.register_dataset, "blobs", blobs), (mpfl.register_model, "tiny-mlp", tiny_mlp),
+                              (mpfl.register_criterion, "squared", largest_weights),
+                              (mpfl.register_rule, "two-thirds", two_thirds)):
+    try:
+        register(name, piece)
+    except ValueError:
+        pass  # registered already: a notebook ran this file before in the same process
+
+
 def main() -> mpfl.RunResult:
-    for register, name, obj in ((mpfl.register_dataset, "blobs", blobs), (mpfl.register_model, "tiny-mlp", tiny_mlp),
-                                (mpfl.register_criterion, "squared", largest_weights),
-                                (mpfl.register_rule, "two-thirds", two_thirds)):
-        try:
-            register(name, obj)
-        except ValueError:
-            pass  # already registered in this process
     cfg = mpfl.Config().with_overrides({"dataset": "blobs", "model": "tiny-mlp", "criterion": "squared",
                                         "consensus": "two-thirds", "nodes": 4, "mask_rounds": 2, "rounds": 3,
                                         "sparsity": 0.5, "threads": 1})

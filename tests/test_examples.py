@@ -7,6 +7,7 @@ import numpy as np
 
 from mpfl.cli import main
 from mpfl.config import Config
+from mpfl.records import read_summary
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -30,6 +31,15 @@ def test_custom_extensions_example_runs_twice_in_one_process():
     module["main"]()
     again = runpy.run_path(str(EXAMPLES / "custom_extensions.py"))
     assert again["main"]().summary["config"]["data"]["dataset"] == "blobs"
+
+
+def test_custom_extensions_example_serves_mpfl_run_as_a_plug_in_as_its_docstring_says(tmp_path, monkeypatch):
+    source = (EXAMPLES / "custom_extensions.py").read_text()
+    command = " ".join(source.split('"""')[1].split("mpfl run ", 1)[1].split()).replace("\\ ", "")
+    monkeypatch.chdir(EXAMPLES.parent)
+    assert main(["run", *command.split(), "--quiet", "--out", str(tmp_path / "run")]) == 0
+    summary = read_summary(tmp_path / "run")
+    assert summary["config"]["data"]["dataset"] == "blobs" and summary["final_accuracy"] > 0.9
 
 
 def test_the_example_config_runs_and_flags_override_it(tmp_path):

@@ -156,7 +156,33 @@ def test_a_run_that_recorded_its_dataset_by_another_spelling_is_reported_with_it
 def test_a_folder_without_runs_is_an_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
-    assert "no run directory found under" in capsys.readouterr().err
+    assert f"no run directory found: '{tmp_path / 'empty'}' is a folder without run directories" in capsys.readouterr().err
+
+
+def test_entries_beside_the_runs_that_are_no_runs_are_skipped_with_the_reason(runs, tmp_path, capsys):
+    runs = shutil.copytree(runs, tmp_path / "runs")
+    (runs / "notes.txt").write_text("mine\n")
+    (runs / "report").mkdir()
+    paths = sorted(str(p) for p in runs.iterdir())  # what the shell makes of runs/*
+    assert main(["report", *paths, "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr()
+    out = " ".join((printed.err + printed.out).split())
+    assert f"skipped {runs / 'notes.txt'}: not a run directory nor a folder of run directories" in out
+    assert f"skipped {runs / 'report'}: a folder without run directories" in out
+    assert "(2 skipped)" in out
+
+
+def test_an_unfinished_run_whose_log_is_damaged_is_skipped_as_unreadable_not_as_resumable(runs, tmp_path, capsys):
+    run = shutil.copytree(next(p for p in runs.iterdir() if (p / "summary.json").is_file()), tmp_path / "cut")
+    (run / "summary.json").unlink()
+    lines = (run / "rounds.jsonl").read_text().splitlines()
+    lines[0] = json.dumps({**json.loads(lines[0]), "accuracy": "high"})
+    (run / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["report", str(run), str(runs), "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr()
+    out = " ".join((printed.err + printed.out).split())
+    assert f"skipped {run}: unfinished, and cannot be read (" in out and "is not a round record" in out
+    assert "--resume" not in out
 
 
 def test_device_costs_follow_the_final_mask(runs, report):

@@ -192,6 +192,14 @@ def test_the_log_up_to_the_checkpoint_is_kept_and_rounds_after_it_are_dropped(st
     assert recover_records(folder, run, next_step=4) == [record(1), record(2), record(3)]
 
 
+def test_more_rounds_past_the_checkpoint_than_a_crash_leaves_are_refused_not_dropped(stopped):
+    folder, run = stopped
+    write_log(folder, [record(step) for step in (1, 2, 3, 4, 5)])
+    with pytest.raises(RunDirError, match=r"holds 2 rounds past checkpoint.npz \(steps 4, 5\), which a resume would "
+                                          "drop: the checkpoint is older than the log"):
+        recover_records(folder, run, next_step=4)
+
+
 def test_a_last_line_a_crash_cut_is_put_back_from_the_checkpoint(stopped):
     folder, run = stopped
     write_log(folder, [record(1), record(2)], tail=json.dumps(record(3))[:20])

@@ -141,10 +141,12 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     from .resume import RUNTIME_FIELDS
 
     speed = {name: value for name, value in _given(args).items() if name in RUNTIME_FIELDS}
-    if args.config or args.out or len(_given(args)) > len(speed):
-        raise ConfigError("--resume continues a run with its own saved config; give no other config flags (but "
-                          f"{', '.join(_flag(name) for name in sorted(RUNTIME_FIELDS))}, which only changes the "
-                          "speed) or --out")
+    others = [_flag(name) for name in _given(args) if name not in RUNTIME_FIELDS]
+    others += [flag for flag, given in (("--config", args.config), ("--out", args.out)) if given]
+    if others:
+        raise ConfigError(f"--resume continues a run with its own saved config; leave out {', '.join(others)} (of "
+                          f"the config flags it takes only {', '.join(_flag(n) for n in sorted(RUNTIME_FIELDS))}, "
+                          "which only changes the speed)")
     out = Path(args.resume)
     check_resumable_dir(out)
     try:

@@ -185,22 +185,25 @@ def _is_run_dir(path: Path) -> bool:
     return any((path / name).is_file() for name in (SUMMARY, CONFIG, ROUNDS_JSONL))
 
 
-def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories among `paths` (finished or not): each path is a run directory or a folder
-    holding some (at any depth)."""
+def find_run_dirs(paths: Iterable[str | Path]) -> tuple[list[Path], dict[Path, str]]:
+    """Run directories among `paths` (finished or not), each path a run directory or a folder holding
+    some (at any depth), and the paths that are neither with the reason, so that one stray entry of
+    ``mpfl report runs/*`` is skipped; a ConfigError when no path holds a run directory."""
     found: dict[Path, None] = {}
+    strays: dict[Path, str] = {}
     for raw in paths:
         path = Path(raw)
         if _is_run_dir(path):
             found[path.resolve()] = None
-            continue
-        if not path.is_dir():
-            raise ConfigError(f"{str(path)!r} is not a run directory nor a folder of run directories")
-        runs = sorted({p.parent.resolve() for name in (SUMMARY, CONFIG) for p in path.rglob(name)})
-        if not runs:
-            raise ConfigError(f"no run directory found under {str(path)!r}")
-        found.update(dict.fromkeys(runs))
-    return list(found)
+        elif not path.is_dir():
+            strays[path] = "not a run directory nor a folder of run directories"
+        elif runs := sorted({p.parent.resolve() for name in (SUMMARY, CONFIG) for p in path.rglob(name)}):
+            found.update(dict.fromkeys(runs))
+        else:
+            strays[path] = "a folder without run directories"
+    if not found:
+        raise ConfigError(f"no run directory found: {'; '.join(f'{str(p)!r} is {why}' for p, why in strays.items())}")
+    return list(found), strays
 
 
 @dataclass
@@ -215,14 +218,18 @@ def _unfinished(path: Path) -> str:
     """Why an unfinished run directory is left out, with how far it got and how to finish it (or that
     a process is still running it)."""
     try:
-        records = read_rounds(path)
-    except (OSError, ValueError):
-        records = []
+        records, damage = read_rounds(path), None
+    except FileNotFoundError:  # stopped before its first round
+        records, damage = [], None
+    except (OSError, ValueError) as exc:
+        records, damage = [], exc
     done = len(records)
     try:
         refuse_if_locked(path)
     except RunDirError:
         return f"still running ({done} rounds recorded so far); report on it once it has finished"
+    if damage is not None:
+        return f"unfinished, and cannot be read ({type(damage).__name__}: {damage})"
     if is_flower_run(records):
         return f"unfinished Flower run ({done} rounds recorded, no summary.json), which cannot be resumed"
     return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
@@ -240,8 +247,9 @@ def _finished_run(path: Path) -> Run:
 
 def scan_runs(paths: Iterable[str | Path]) -> Scan:
     """Read every finished run directory among `paths`; note unfinished and unreadable ones as skipped."""
-    scan = Scan()
-    for path in find_run_dirs(paths):
+    found, strays = find_run_dirs(paths)
+    scan = Scan(skipped=dict(strays))
+    for path in found:
         if not (path / SUMMARY).is_file():
             scan.skipped[path] = _unfinished(path)
             continue

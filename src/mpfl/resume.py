@@ -191,9 +191,16 @@ def restart(folder: Path, cfg: Config) -> dict:
 
 def recover_records(folder: Path, run: dict, next_step: int) -> list[dict]:
     """The records up to the checkpoint: those in `rounds.jsonl`, with the checkpointed round's line put
-    back from the checkpoint when a crash cut it; any other gap or extra round is a RunDirError."""
+    back from the checkpoint when a crash cut it, less the one round a crash may have logged past it
+    (it is redone); any other gap or extra round is a RunDirError."""
     path = folder / ROUNDS_JSONL
-    records = [r for r in read_rounds(folder) if r["step"] < next_step] if path.exists() else []
+    logged = read_rounds(folder) if path.exists() else []
+    records = [r for r in logged if r["step"] < next_step]
+    beyond = [r["step"] for r in logged if r["step"] >= next_step]
+    if len(beyond) > 1:  # a crash leaves at most one: the round whose checkpoint it prevented, which is redone
+        raise RunDirError(f"{path} holds {len(beyond)} rounds past {CHECKPOINT} (steps {', '.join(map(str, beyond))}), "
+                          "which a resume would drop: the checkpoint is older than the log (put back from a copy?); "
+                          "restore the checkpoint written with the log, or start a new run with --out NEW_DIR")
     last = run["last_record"]
     if len(records) == run["records"] - 1 and all(r["step"] < last["step"] for r in records):
         records.append(last)
