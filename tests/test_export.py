@@ -245,6 +245,22 @@ def test_force_replaces_the_whole_earlier_export_and_keeps_other_files(structure
     assert json.loads((earlier_export / "export.json").read_text())["formats"] == ["state_dict"]
 
 
+def test_files_by_an_exports_names_that_no_export_there_lists_are_the_users_and_never_replaced(structured_run,
+                                                                                              earlier_export, tmp_path,
+                                                                                              capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name in ("model.pt", "model.onnx", "mask.bin", "notes.txt"):
+        (mine / name).write_text(f"my {name}\n")
+    (earlier_export / "model.onnx").write_text("my onnx\n")  # beside an export that did not write it
+    for out, theirs in ((mine, "mask.bin, model.pt, model.onnx"), (earlier_export, "model.onnx")):
+        before = snapshot(out)
+        assert main(["export", str(structured_run.run_dir), "--out", str(out), "--repeats", "1", "--force"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{out} holds {theirs}, which no export there lists (in its export.json)" in err
+        assert "even with --force" in err and snapshot(out) == before
+
+
 def test_a_run_still_going_is_refused_with_when_to_export_it(structured_run, tmp_path, capsys):
     fcntl = pytest.importorskip("fcntl")
     run = tmp_path / "running"

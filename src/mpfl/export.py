@@ -212,9 +212,19 @@ def _missing_folders(out: Path) -> list[Path]:
     return [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()]
 
 
+def _listed(out: Path) -> set[str]:
+    """The files the export in `out` wrote, as its export.json lists them (none without a readable one)."""
+    try:
+        files = json.loads((out / EXPORT_JSON).read_text())["files"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {EXPORT_JSON, *(name for name in files if name in OWNED)}
+
+
 def _earlier_files(out: Path) -> list[str]:
-    """The files of an earlier export in `out`, export.json first; a link or folder by such a name is refused."""
-    found = []
+    """The files of an earlier export in `out`, export.json first. A file by an export's name that no export.json
+    there lists is the user's (their own model.pt, say): it is refused, as is a link or folder by such a name."""
+    found, listed = [], _listed(out)
     for name in OWNED:
         path = out / name
         refuse_link(path)
@@ -222,6 +232,10 @@ def _earlier_files(out: Path) -> list[str]:
             raise ExportError(f"{path} is not a file, so the export cannot replace it; remove it or choose another --out")
         if path.exists():
             found.append(name)
+    theirs = [name for name in found if name not in listed]
+    if theirs:
+        raise ExportError(f"{out} holds {', '.join(theirs)}, which no export there lists (in its {EXPORT_JSON}), so "
+                          "the export will not replace them, even with --force; move them or choose another --out")
     return found
 
 
