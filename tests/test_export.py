@@ -149,11 +149,17 @@ def test_a_final_file_naming_an_input_no_model_can_take_is_an_export_error(unstr
 def test_an_unfinished_run_is_refused_with_how_to_finish_it(unstructured_run, tmp_path, capsys):
     run = shutil.copytree(unstructured_run.run_dir, tmp_path / "run")
     (run / "summary.json").unlink()
-    (run / "final.npz").unlink()  # as a run stopped before its end leaves it
+    (run / "final.npz").unlink()
+    log = (run / "rounds.jsonl").read_text()
+    (run / "rounds.jsonl").write_text(log.splitlines(keepends=True)[0])  # stopped before its first checkpoint
     assert main(["export", str(run), "--repeats", "1"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"{run} holds a run that has not finished (it has no summary.json yet)" in err
     assert f"mpfl run --resume {run}), then export it" in err and not (run / "export").exists()
+    (run / "rounds.jsonl").write_text(log)  # rounds that no checkpoint holds: a resume would refuse them
+    assert main(["export", str(run), "--repeats", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "it cannot be resumed either: " in err and "has no checkpoint.npz" in err and "--resume" not in err
 
 
 @pytest.mark.parametrize("rounds", [0, 2])

@@ -432,3 +432,13 @@ def test_plug_in_methods_get_colours_of_their_own_and_built_in_methods_keep_thei
     assert len(set(shown)) == len(methods)
     assert colors["mpfl"] == to_hex("C0") and colors["ssfl"] == to_hex("C7")
     assert (colors["alpha-plugin"], colors["zeta-plugin"]) == (to_hex("C8"), to_hex("C9"))  # in turn by name
+
+
+def test_an_unfinished_run_that_resume_would_refuse_is_not_sent_to_resume(runs, tmp_path, capsys):
+    run = shutil.copytree(next(p for p in runs.iterdir() if (p / "summary.json").is_file()), tmp_path / "left")
+    (run / "summary.json").unlink()  # a finished run keeps no checkpoint, so nothing can continue these rounds
+    assert main(["report", str(run), str(runs), "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr()
+    out = " ".join((printed.err + printed.out).split())
+    assert f"skipped {run}: unfinished (" in out and "and cannot be resumed: " in out and "has no checkpoint.npz" in out
+    assert "mpfl run --resume" not in out

@@ -382,6 +382,22 @@ def test_a_lost_run_json_is_rebuilt_from_the_checkpoint(tmp_path, reference):
     _same_as(out, reference)
 
 
+def test_a_refused_resume_rebuilds_no_run_json_from_a_checkpoint_it_did_not_accept(tmp_path, reference, capsys):
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _interrupted(ours, 2)
+    _interrupted(theirs, 4)  # the same config, so only the log tells the checkpoints apart
+    checkpoint = (ours / "checkpoint.npz").read_bytes()
+    (ours / "run.json").unlink()
+    (ours / "checkpoint.npz").write_bytes((theirs / "checkpoint.npz").read_bytes())
+    before = _snapshot(ours)
+    assert main(["run", "--resume", str(ours), "--quiet"]) == 2
+    assert "the log was cut or edited" in capsys.readouterr().err
+    assert _snapshot(ours) == before  # no run.json naming the other run
+    (ours / "checkpoint.npz").write_bytes(checkpoint)  # the user puts the right one back
+    assert main(["run", "--resume", str(ours), "--quiet"]) == 0
+    _same_as(ours, reference)
+
+
 def _rewrite_meta(path: Path, change) -> None:
     """Rewrite the checkpoint with its metadata changed by `change(meta)` (what a crafted file holds)."""
     with np.load(path) as f:

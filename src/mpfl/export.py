@@ -50,6 +50,7 @@ from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .models import build_model
 from .records import CONFIG, SUMMARY
+from .resume import refusal
 
 EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
 FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
@@ -162,8 +163,10 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     if not (run / CONFIG).is_file():
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
     if not (run / FINAL).exists() and not (run / SUMMARY).exists():
-        raise ExportError(f"{run} holds a run that has not finished (it has no {SUMMARY} yet); finish it (a "
-                          f"simulator run with mpfl run --resume {run}), then export it")
+        why = refusal(run)
+        raise ExportError(f"{run} holds a run that has not finished (it has no {SUMMARY} yet); "
+                          + (f"it cannot be resumed either: {why}" if why else
+                             f"finish it (a simulator run with mpfl run --resume {run}), then export it"))
     cfg = Config.from_toml(run / CONFIG)
     final = load_final(run)
     try:

@@ -51,6 +51,7 @@ from .locks import refuse_if_locked
 from .methods import METHODS
 from .partition import PARTITIONS
 from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, is_flower_run, is_run_record, read_rounds, read_summary
+from .resume import refusal
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller
@@ -232,6 +233,8 @@ def _unfinished(path: Path) -> str:
         return f"unfinished, and cannot be read ({type(damage).__name__}: {damage})"
     if is_flower_run(records):
         return f"unfinished Flower run ({done} rounds recorded, no summary.json), which cannot be resumed"
+    if (why := refusal(path)) is not None:
+        return f"unfinished ({done} rounds recorded, no summary.json), and cannot be resumed: {why}"
     return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
 
 

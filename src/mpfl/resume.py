@@ -25,7 +25,7 @@ import tomli_w
 from .checkpoint import CHECKPOINT, damaged, int_in, load_checkpoint, read_meta
 from .config import SECTIONS, Config
 from .core.params import ParamSpec
-from .errors import RunDirError
+from .errors import MpflError, RunDirError
 from .files import atomic_write
 from .node import NodeState
 from .plugins import fingerprints
@@ -175,9 +175,17 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
         raise RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
                           f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}, or "
                           "start a new run with --out NEW_DIR")
-    if identity is None:  # lost: the checkpoint, written with this very config, names the run
-        write_identity(folder, {k: run[k] for k in _IDENTITY_KEYS})
     return meta
+
+
+def refusal(folder: Path) -> str | None:
+    """Why ``mpfl run --resume folder`` would be refused by its first checks (None: they pass), so that
+    a report or export never suggests a resume that fails. Cheap: no arrays are read."""
+    try:
+        check_resumable(folder, Config.from_toml(folder / CONFIG))
+    except MpflError as exc:
+        return str(exc)
+    return None
 
 
 def restart(folder: Path, cfg: Config) -> dict:
@@ -217,4 +225,7 @@ def load_resumed(folder: Path, cfg: Config, spec: ParamSpec, meta: dict, steps: 
     server, nodes = load_checkpoint(folder, spec, steps=steps, nodes=cfg.nodes)
     run = _run_info(folder, meta)
     records = recover_records(folder, run, server.next_step)
-    return server, nodes, records, {k: run[k] for k in _IDENTITY_KEYS}
+    identity = {k: run[k] for k in _IDENTITY_KEYS}
+    if read_identity(folder) is None:  # lost: the checkpoint, now accepted with the log, names the run
+        write_identity(folder, identity)
+    return server, nodes, records, identity
