@@ -287,6 +287,28 @@ def test_unwritable_places_are_one_line_errors(tmp_path, capsys):
     assert "choose another path" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_full_disk_mid_run_says_to_free_space_and_resume(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mpfl import sim
+
+    save, saved = sim.save_checkpoint, []
+
+    def filling(folder, *args, **kwargs):
+        if saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "checkpoint.npz"))
+        saved.append(save(folder, *args, **kwargs))
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(sim, "save_checkpoint", filling)
+    assert main(["run", *SMALL, "--out", str(out)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == (f"error: cannot use '{out / 'checkpoint.npz'}': No space left on device; free some space, then "
+                   f"continue with: mpfl run --resume {out}")
+    monkeypatch.setattr(sim, "save_checkpoint", save)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+
+
 # --------------------------------------------------------------------------- output
 
 

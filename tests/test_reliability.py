@@ -16,6 +16,7 @@ from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
+from mpfl.config import Config
 from mpfl.cli import main
 from mpfl.core.aggregate import robust_average
 from mpfl.core.masks import jaccard
@@ -265,6 +266,25 @@ def test_a_killed_worker_process_stops_the_run_with_one_line_and_the_run_resumes
     resumed = subprocess.run([sys.executable, "-m", "mpfl", "run", "--resume", str(out), "--quiet"],
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_run_resumes(tmp_path):
+    """`kill`, `docker stop` and a batch system's pre-emption send SIGTERM: the run stops between rounds,
+    says how to resume, and the resumed run ends as an uninterrupted one would."""
+    out = tmp_path / "run"
+    loud = [a for a in CLI_RUN if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "mpfl", "run", *loud, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rounds(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and stdout == "" and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == f"interrupted; continue with: mpfl run --resume {out}"
+    assert (out / "checkpoint.npz").exists() and not (out / "summary.json").exists()
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    reference = simulate(Config.from_toml(out / "config.toml"))
+    assert [r["accuracy"] for r in read_rounds(out)] == [r["accuracy"] for r in reference.records]
 
 
 def test_ctrl_c_while_the_workers_start_is_one_line(tmp_path):

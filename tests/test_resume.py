@@ -213,7 +213,6 @@ def test_a_last_line_a_crash_cut_is_put_back_from_the_checkpoint(stopped):
 @pytest.mark.parametrize("log", [
     [record(1), record(3)],  # a round lost in the middle
     [record(2)],
-    [record(1), record(2), {**record(3), "accuracy": 0.9}],  # the last round edited
     [record(1), record(1), record(2), record(3)],  # a round twice
 ])
 def test_a_log_cut_or_edited_elsewhere_is_refused(stopped, log):
@@ -221,6 +220,14 @@ def test_a_log_cut_or_edited_elsewhere_is_refused(stopped, log):
     write_log(folder, log)
     with pytest.raises(RunDirError, match=r"rounds before step 4, but checkpoint.npz was written after 3 \(the last "
                                           r"one at step 3\): the log was cut or edited"):
+        recover_records(folder, run, next_step=4)
+
+
+def test_an_edited_last_round_is_named_against_the_checkpoints_copy(stopped):
+    folder, run = stopped
+    write_log(folder, [record(1), record(2), {**record(3), "accuracy": 0.9}])
+    with pytest.raises(RunDirError, match=r"rounds.jsonl: the record of step 3 \(line 3\) differs from the copy in "
+                                          r"checkpoint.npz, so the log was edited"):
         recover_records(folder, run, next_step=4)
 
 

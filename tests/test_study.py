@@ -62,6 +62,15 @@ def test_a_report_file_of_the_user_in_the_study_folder_is_refused_before_any_cel
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
 
 
+@pytest.mark.parametrize("record", ["config.toml", "summary.json"])
+def test_a_run_directory_is_refused_as_a_study_folder_before_any_cell_runs(tmp_path, monkeypatch, record):
+    (tmp_path / record).write_text("{}\n")
+    calls = counting(monkeypatch)
+    with pytest.raises(ConfigError, match=f"{tmp_path} is a run directory .*; a study needs a folder of its own"):
+        run_study(CELLS, tmp_path, quiet=True)
+    assert calls == [] and [p.name for p in tmp_path.iterdir()] == [record]
+
+
 def test_an_unfinished_cell_is_moved_aside_and_run_again(tmp_path):
     cell = CELLS[0]
     path = tmp_path / cell_name(cell.config())

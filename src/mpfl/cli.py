@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from .config import (
     split_items,
 )
 from .errors import ConfigError, MethodError, MpflError, WorkerError
+from .interrupts import sigterm_as_interrupt
 from .progress import LOG_FORMATS
 from .protocol import RoundRecord
 
@@ -224,6 +226,10 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     except MethodError as exc:  # a plug-in broke its contract: once it is fixed, the run goes on
         hint = _resume_hint(out)
         raise MethodError(f"{exc}; once it is fixed, {hint}" if hint else str(exc)) from None
+    except OSError as exc:  # a full disk, a file made read-only: once that is fixed, the run goes on
+        if hint := _resume_hint(out):
+            exc.add_note(hint)
+        raise
     except Exception as exc:  # a plug-in's own error (or a bug), shown with its traceback: the same
         if not isinstance(exc, MpflError) and (hint := _resume_hint(out)):
             exc.add_note(f"the run stopped on this error; once it is fixed, {hint}")
@@ -570,6 +576,18 @@ def _notice(event: str, text: str, log_format: str) -> None:
         console.print(("[red]error:[/] " if event == "error" else "") + escape(text), soft_wrap=True, highlight=False)
 
 
+def _os_error_text(exc: OSError) -> str:
+    """What a failed file operation tells the user: the file, the system's reason and the fix, which
+    for a run that had started is to fix the cause and resume it (its checkpoint stays good)."""
+    where = f" {str(exc.filename)!r}" if exc.filename else ""
+    hint = next((note for note in getattr(exc, "__notes__", ()) if note.startswith("continue with")), None)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space"
+    else:
+        fix = "make it writable" if hint else "choose another path"
+    return f"cannot use{where}: {exc.strerror or exc}; {fix}" + (f", then {hint}" if hint else "")
+
+
 def _error(text: str, log_format: str) -> int:
     """Print a one-line error; return the exit code of a refused command."""
     _notice("error", text, log_format)
@@ -581,15 +599,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     log_format = getattr(args, "log_format", "auto")
     try:
-        return args.func(args)
+        with sigterm_as_interrupt():
+            return args.func(args)
     except MpflError as exc:
         return _error(name_flags(" ".join(str(exc).split()), _given(args)), log_format)
     except BrokenPipeError:  # what reads the output stopped (`mpfl partition | head`): end quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail too
         return 128 + signal.SIGPIPE
     except OSError as exc:
-        where = f" {str(exc.filename)!r}" if exc.filename else ""
-        return _error(f"cannot use{where}: {exc.strerror or exc}; choose another path", log_format)
+        return _error(_os_error_text(exc), log_format)
     except KeyboardInterrupt:
         _notice("interrupted", "interrupted", log_format)
         return INTERRUPTED

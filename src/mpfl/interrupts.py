@@ -1,4 +1,4 @@
-"""Ctrl-C without half-written records: SIGINT is held back while a round is being recorded."""
+"""Ctrl-C without half-written records: SIGINT (and SIGTERM) is held back while a round is being recorded."""
 
 from __future__ import annotations
 
@@ -10,16 +10,35 @@ from contextlib import contextmanager
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Delay SIGINT until the block ends, so an interrupt lands between rounds and leaves the round
-    logs and the checkpoint consistent (only the main thread can handle signals; elsewhere a no-op)."""
+    """Delay SIGINT and SIGTERM until the block ends, so an interrupt lands between rounds and leaves the
+    round logs and the checkpoint consistent (only the main thread can handle signals; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum)) for signum in HELD}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            signal.raise_signal(signal.SIGINT)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+HELD = (signal.SIGINT, signal.SIGTERM)
+"""The signals that stop a run: Ctrl-C, and `kill`, `docker stop` or a batch system's pre-emption."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops the command as Ctrl-C does (a KeyboardInterrupt: between rounds,
+    with the line saying how to resume) instead of ending the process where it stands (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

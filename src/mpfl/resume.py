@@ -212,7 +212,10 @@ def recover_records(folder: Path, run: dict, next_step: int) -> list[dict]:
     last = run["last_record"]
     if len(records) == run["records"] - 1 and all(r["step"] < last["step"] for r in records):
         records.append(last)
-    if len(records) != run["records"] or json.dumps(records[-1]) != json.dumps(last):
+    if len(records) == run["records"] and records and json.dumps(records[-1]) != json.dumps(last):
+        raise RunDirError(f"{path}: the record of step {last['step']} (line {len(records)}) differs from the copy in "
+                          f"{CHECKPOINT}, so the log was edited; restore it, or start a new run with --out NEW_DIR")
+    if len(records) != run["records"]:
         raise RunDirError(f"{path} holds {len(records)} rounds before step {next_step}, but {CHECKPOINT} was written "
                           f"after {run['records']} (the last one at step {last['step']}): the log was cut or "
                           "edited; restore it, or start a new run with --out NEW_DIR")

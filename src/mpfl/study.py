@@ -71,7 +71,7 @@ from .errors import ConfigError, DataError, MpflError, WorkerError
 from .files import atomic_write
 from .methods import method_of, plan
 from .parallel import forkserver_available, refuse_in_a_starting_worker
-from .records import SUMMARY, read_summary
+from .records import CONFIG, SUMMARY, read_summary
 
 if TYPE_CHECKING:
     from .sim import RunResult
@@ -302,6 +302,9 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     refuse_in_a_starting_worker()  # a script without a __main__ guard, re-imported by a pool process
     console = console or Console(stderr=True)
     out = Path(out)
+    if (out / CONFIG).exists() or (out / SUMMARY).exists():
+        raise ConfigError(f"{out} is a run directory (it holds {CONFIG}); a study needs a folder of its own (its cells "
+                          "are run directories inside it): choose another --out")
     planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
     _check_datasets({cfg.data.dataset for _, cfg, path in planned if cell_status(path) != "done"}, data_dir)
     if report:
