@@ -168,6 +168,18 @@ def test_partition_help_shows_only_its_own_flags(capsys):
     assert "--lr" not in out and "--sparsity" not in out and "--attack" not in out
 
 
+@pytest.mark.parametrize("argv", [["run", "--out", ""], ["run", "--config", ""], ["run", "--data-dir", ""],
+                                  ["run", "--resume", ""], ["export", "x", "--out", ""], ["report", "x", "--json", ""]])
+def test_an_empty_path_is_refused_before_anything_runs(argv, tmp_path, capsys, monkeypatch):
+    """An unset shell variable gives "": it would mean the current folder (an export into it) or the default."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    flag = argv[argv.index("") - 1]
+    assert exc.value.code == 2 and f"{flag} is empty; give a path, or leave the flag out" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_version_and_python_dash_m(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
@@ -561,6 +573,10 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
         assert idle_flags(mpfl.with_overrides({"method": method, "mask_rounds": 3}), ["mask_rounds"]) == [
             f"--mask-rounds has no effect with --method {method}, which finds its mask in one round"]
     assert idle_flags(mpfl.with_overrides({"mask_rounds": 3}), ["mask_rounds"]) == []
+    few = {"nodes": 4, "fraction": 0.5}
+    assert idle_flags(mpfl.with_overrides({**few, "min_nodes": 3}), ["fraction"]) == [
+        "--fraction 0.5 of 4 nodes is fewer than --min-nodes 3, so every round asks 3 nodes"]
+    assert idle_flags(mpfl.with_overrides({**few, "min_nodes": 2}), ["fraction"]) == []
     assert idle_flags(mpfl.with_overrides({"method": "ssfl", "mask_rounds": 1}), ["mask_rounds"]) == []
     assert main(["run", *SMALL, "--method", "fedavg", "--alpha", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert "note: --alpha has no effect with --partition iid" not in capsys.readouterr().err  # --quiet: no start line

@@ -1,6 +1,7 @@
 """Config: defaults, TOML and flag overrides, and errors that name the problem and the fix."""
 
 import json
+import re
 
 import pytest
 
@@ -65,6 +66,7 @@ def test_every_field_is_a_unique_flag():
         ({"nodes": 2, "min_nodes": 3}, "min_nodes = 3 is larger than nodes = 2"),
         ({"prune": {"rewind": "init"}}, "only exist with rewind = 'none'; with rewind = 'init' also set train_init"),
         ({"data": {"partition": "dirichlet", "alpha": -1.0}}, "alpha = -1.0 must be > 0"),
+        ({"data": {"partition": "dirichlet", "alpha": 1e308}}, "alpha = 1e\\+308 must be <= 1000000.0"),
         ({"train": {"init": "/no/such/file.pt"}}, "no such file"),
         ({"train": {"init": "/"}}, "init = '/': is a folder; pass the path of a saved state_dict"),
         ({"train": 3}, r"\[train\] must be a table"),
@@ -180,3 +182,30 @@ def test_an_unknown_name_a_plug_in_could_register_points_to_plugins():
         Config().with_overrides({"criterion": "magnitud"})
     with pytest.raises(ConfigError, match="scope = 'xyz' is not one of layer, global.$"):
         Config().with_overrides({"scope": "xyz"})
+
+
+def test_a_quoted_number_or_boolean_in_a_config_file_is_refused_unless_a_flag_replaces_it(tmp_path, capsys):
+    from mpfl.cli import main
+
+    path = tmp_path / "run.toml"
+    for text, says in (('nodes = " 4 "\n', "nodes = ' 4 ' is text; write it without quotes (a TOML number)"),
+                       ('[prune]\nearly_stop = "no"\n', "[prune] early_stop = 'no' is text; write it without quotes "
+                                                        "(a TOML boolean)"),
+                       ('[prune]\nsparsity = "0.9"\n', "[prune] sparsity = '0.9' is text")):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            Config.from_toml(path)
+    path.write_text('nodes = "4"\n[data]\ntrain_samples = "none"\n')  # TOML has no null: "none" stays allowed
+    assert main(["run", "--config", str(path), "--nodes", "2", "--train-samples", "300", "--test-samples", "100",
+                 "--mask-rounds", "1", "--rounds", "0", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert Config.from_toml(tmp_path / "run" / "config.toml").nodes == 2
+
+
+def test_config_file_mistakes_that_are_not_settings_say_what_they_are(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_bytes(b"\xef\xbb\xbfnodes = 4\n")
+    with pytest.raises(ConfigError, match="starts with a byte order mark: save it as UTF-8 without one"):
+        Config.from_toml(path)
+    path.write_text('out = "runs/x"\n')
+    with pytest.raises(ConfigError, match=r"^out is not a config setting but a flag of the command \(--out\)"):
+        Config.from_toml(path)

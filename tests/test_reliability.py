@@ -16,8 +16,8 @@ from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
-from mpfl.config import Config
 from mpfl.cli import main
+from mpfl.config import Config
 from mpfl.core.aggregate import robust_average
 from mpfl.core.masks import jaccard
 from mpfl.experiment import Experiment

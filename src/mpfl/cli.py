@@ -35,6 +35,7 @@ from .config import (
     field_types,
     mentioned,
     overridden,
+    refuse_quoted_values,
     split_items,
 )
 from .errors import ConfigError, MethodError, MpflError, WorkerError
@@ -73,7 +74,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
                       command_defaults: dict[str, object] | None = None) -> None:
     """A flag for each config field in `names` (default: all), with its description, default and choices;
     `command_defaults` are the command's own defaults where they differ from the config's."""
-    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML file with the base configuration")
+    parser.add_argument("--config", metavar="FILE", help="TOML file with the base configuration")
     group = parser.add_argument_group("configuration", "Each flag overrides the --config file, where it is the key "
                                       "of the same name (with _ for -), in the [section] shown.")
     defaults, choices, texts, types = Config(), field_choices(), field_help(), field_types()
@@ -105,6 +106,8 @@ def config_from_args(args: argparse.Namespace, command_defaults: dict[str, objec
         if isinstance(value, list):
             overrides[name] = split_items(name, value)
     try:
+        if args.config:
+            refuse_quoted_values(data, replaced=overrides)
         return Config.from_dict(overridden(data, overrides))
     except ConfigError as exc:
         if args.config and _names_file_value(str(exc), data, overrides):
@@ -157,7 +160,7 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
         raise type(exc)(f"{exc}{_relative_paths_hint(out / CONFIG, 'resume')}") from None
 
 
-def _relative_paths_hint(path: Path, action: str) -> str:
+def _relative_paths_hint(path: str | Path, action: str) -> str:
     """A hint for a config file whose relative file paths (--init, --plugins files) do not resolve from
     here: they are read from the folder a command runs in, not from the file's folder."""
     data = Config.read_toml(path)
@@ -280,6 +283,9 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
             notes.append(f"{_flag(name)} has no effect with --partition {cfg.data.partition}")
         elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:
             notes.append(f"{_flag(name)} has no effect with --method {cfg.method}, which does not prune")
+        elif name == "fraction" and cfg.train.fraction < 1 and round(cfg.train.fraction * cfg.nodes) < cfg.min_nodes:
+            notes.append(f"--fraction {cfg.train.fraction:g} of {cfg.nodes} nodes is fewer than --min-nodes "
+                         f"{cfg.min_nodes}, so every round asks {min(cfg.min_nodes, cfg.nodes)} nodes")
         elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method_of(cfg).plan())) != \
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
@@ -462,7 +468,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", nargs="+", choices=_ExportFormats(), default=None, metavar="FORMAT",
                    help="files to write, one or more of %(choices)s (default: state_dict torchscript for filter "
                         "masks, sparse otherwise; state_dict or sparse is always among them)")
-    p.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/export)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/export)")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier export in the output directory: its files (model.*, mask.bin, export.json) "
                         "that this export does not write are removed, other files stay")
@@ -555,15 +561,23 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+PATH_FLAGS = ("out", "config", "resume", "data_dir", "init", "json")
+"""Flags that name a file or folder, which an empty value cannot."""
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse a command line; unknown flags are refused by the subcommand with a suggestion."""
     parser = build_parser()
     tokens = _join_negative_values(sys.argv[1:] if argv is None else argv)
     _Parser.json_errors = json_log_requested(tokens)
     args, unknown = parser.parse_known_args(tokens)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
     if unknown:
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
         sub.error(f"unrecognized arguments: {' '.join(unknown)}.{_suggest(sub, unknown)}")
+    empty = [f"--{name.replace('_', '-')}" for name in PATH_FLAGS
+             if "" in (getattr(args, name, None), getattr(args, f"cfg_{name}", None))]
+    if empty:  # an unset shell variable, say: "" would otherwise mean the current folder or the default
+        sub.error(f"{empty[0]} is empty; give a path, or leave the flag out for its default")
     return args
 
 

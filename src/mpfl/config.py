@@ -80,6 +80,11 @@ def _choice(name: str, value: str) -> None:
         raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
 
+MAX_ALPHA = 1e6
+"""The largest Dirichlet concentration: at 1e6 every node's class shares are those of the data to within
+a thousandth, and numpy's Dirichlet sampler overflows for very large ones."""
+
+
 def _range(name: str, value: float, lo: float | None = None, hi: float | None = None, *,
            lo_open: bool = False, hi_open: bool = False) -> None:
     if lo is not None and (value < lo or (lo_open and value == lo)):
@@ -163,7 +168,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _choice("partition", self.partition)
-        _range("alpha", self.alpha, 0, lo_open=True)
+        _range("alpha", self.alpha, 0, MAX_ALPHA, lo_open=True)
         _range("shards", self.shards, 1)
         _range("val_fraction", self.val_fraction, 0, 1, hi_open=True)
         for name in ("train_samples", "test_samples"):
@@ -473,20 +478,25 @@ class Config:
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:
         """Read a TOML config file."""
-        return cls.from_dict(cls.read_toml(path))
+        data = cls.read_toml(path)
+        refuse_quoted_values(data)
+        return cls.from_dict(data)
 
     @staticmethod
     def read_toml(path: str | Path) -> dict[str, Any]:
         """The nested dict of a TOML config file, not yet checked (see `from_dict`)."""
         path = Path(path)
         try:
-            return tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
         except IsADirectoryError:
             raise ConfigError(f"config file {str(path)!r} is a folder; give the path of a .toml file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+            bom = " (it starts with a byte order mark: save it as UTF-8 without one)" if path.read_bytes()[:3] == \
+                b"\xef\xbb\xbf" else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}{bom}") from None
+        return data
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""
@@ -523,11 +533,17 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+COMMAND_FLAGS = ("out", "resume", "config", "quiet")
+"""Flags of `mpfl run` that are not part of a run's config (so not keys of its file)."""
+
+
 def _unknown(name: str, known: Any) -> str:
     prefix, _, bare = name.rpartition(".")
     if bare in FIELD_SECTIONS and FIELD_SECTIONS[bare] != prefix:
         home = f"[{FIELD_SECTIONS[bare]}]" if FIELD_SECTIONS[bare] else "the top level, before any [section]"
         return f"config key {name!r} is in the wrong place: {bare} belongs in {home}"
+    if bare in COMMAND_FLAGS:
+        return f"{bare} is not a config setting but a flag of the command (--{bare}); give it on the command line"
     owner = next((f for f, names in field_aliases().items() if bare in names), None)
     hint = [f"{FIELD_SECTIONS[owner]}.{owner}" if prefix and FIELD_SECTIONS[owner] else owner] if owner else []
     hint = hint or difflib.get_close_matches(name, list(known), n=1)
@@ -623,6 +639,21 @@ def mentioned(name: str) -> str:
     """A regex of the field `name` as validators name it in a message: ``[section.]name = ...`` or
     ``... must``, so that a runner can rename it as its user typed it (a flag, a run-config key)."""
     return rf"(?<![\w.-]){SECTION_PREFIX}{re.escape(name)}(?= = | must )"
+
+
+def refuse_quoted_values(data: dict[str, Any], replaced: Iterable[str] = ()) -> None:
+    """TOML has numbers and booleans of its own: a quoted one ("4", "yes") for a number or boolean field
+    is a mistake the file's reader should see, as `4.0` for a whole number is (flags, being text, may).
+    Fields in `replaced` (set by flags too) are left to the flags."""
+    types, replaced = field_types(), set(replaced)
+    tables = [("", data), *((f"[{name}] ", table) for name, table in data.items() if isinstance(table, dict))]
+    for where, table in tables:
+        for key, value in table.items():
+            kind = "" if key in replaced else str(types.get(key, ""))
+            if isinstance(value, str) and re.match(r"(<class ')?(int|float|bool)\b", kind) and not (
+                    "None" in kind and value.strip().lower() == "none"):
+                raise ConfigError(f"{where}{key} = {value!r} is text; write it without quotes (a TOML "
+                                  f"{'boolean' if 'bool' in kind else 'number'})")
 
 
 @functools.cache
