@@ -130,6 +130,8 @@ def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_ru
     assert {p.name for p in out.iterdir()} == {"model.pt", "model.ts", "mask.bin", "export.json"}
     assert "FLOPs" in capsys.readouterr().out
     assert main(["export", str(tmp_path), "--repeats", "2"]) == 2
+    assert main(["export", str(tmp_path / "nope"), "--repeats", "2"]) == 2
+    assert f"{tmp_path / 'nope'} does not exist; give the folder of a finished run" in capsys.readouterr().err
     if importlib.util.find_spec("onnx") is None:
         with pytest.raises(ExportError, match="onnx"):
             export_run(structured_run.run_dir, out, formats=["onnx"], repeats=2)

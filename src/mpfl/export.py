@@ -159,6 +159,8 @@ def _refuse_running(run: Path) -> None:
 
 def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, list[np.ndarray]]:
     """The run's config, final arrays, full-size model holding the masked final weights, its spec and mask."""
+    if not run.exists():
+        raise ExportError(f"{run} does not exist; give the folder of a finished run")
     _refuse_running(run)
     if not (run / CONFIG).is_file():
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
