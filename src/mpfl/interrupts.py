@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 
 @contextmanager
@@ -31,14 +31,20 @@ HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM stops the command as Ctrl-C does (a KeyboardInterrupt: between rounds,
-    with the line saying how to resume) instead of ending the process where it stands (main thread only)."""
+def signal_handled(signum: int, handler: Callable | int) -> Iterator[None]:
+    """`handler` for signal `signum` within the block, the earlier one after it (only the main thread
+    may change a handler; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
+
+
+def sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """Within the block, SIGTERM stops the command as Ctrl-C does (a KeyboardInterrupt: between rounds,
+    with the line saying how to resume) instead of ending the process where it stands."""
+    return signal_handled(signal.SIGTERM, signal.default_int_handler)

@@ -22,10 +22,8 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import threading
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
 from typing import Any
@@ -38,6 +36,7 @@ from .data import Dataset
 from .devices import resolve_device
 from .errors import ConfigError, MpflError, WorkerError
 from .experiment import Experiment
+from .interrupts import signal_handled
 from .node import Node, NodeState, build_nodes, deliver
 from .plugins import load_plugins
 from .protocol import Reply
@@ -135,21 +134,6 @@ def _stopped(worker: int, code: int | None) -> str:
             "`if __name__ == \"__main__\":`")
 
 
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored in this process for a moment (only the main thread may change it): processes
-    started meanwhile inherit that, so Ctrl-C reaches the run's own process alone, which stops them.
-    A Ctrl-C within the moment itself (the few milliseconds of starting the forkserver) is lost."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 class NodePool:
     """The nodes of a run spread over worker processes; `exchange` runs every worker's share at once."""
 
@@ -159,7 +143,10 @@ class NodePool:
                               "platform lacks; run with --workers 1")
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
-        with _sigint_ignored():  # inherited by the forkserver while it imports torch, and by every worker
+        # SIGINT ignored for a moment is inherited by the forkserver while it imports torch, and by every
+        # worker, so Ctrl-C reaches the run's own process alone, which stops them (a Ctrl-C within the few
+        # milliseconds of starting the forkserver is lost).
+        with signal_handled(signal.SIGINT, signal.SIG_IGN):
             forkserver.ensure_running()
         self.ids, self.plugins = list(range(cfg.nodes)), cfg.plugins
         self.workers = max(1, min(workers, cfg.nodes))
