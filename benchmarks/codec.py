@@ -230,8 +230,9 @@ def main() -> None:
     w0_bits = 8 * len(codec.encode_dense(Kind.WEIGHTS, [np.zeros(total, np.float32)], round=1)) / weights
     print(f"mask phase per node: {phase_total['up_bits_per_weight']:.3f} bits per weight up + "
           f"{phase_total['down_bits_per_weight']:.3f} down over {MASK_ROUNDS} rounds, against 32 each way for every "
-          f"round of dense FedAvg; plus the initial weights once ({w0_bits:.2f} bits per prunable weight, "
-          f"all {total:,} parameters in float32)")
+          f"round of dense FedAvg. The initial weights travel as a 36-byte seed reference; only a node without "
+          f"the run's --init file gets them as weights, once ({w0_bits:.2f} bits per prunable weight, all {total:,} "
+          f"parameters in float32)")
     values = value_rows(reps)
     show(f"Values: the cnn's initial weights, {total:,} parameters", values)
 

@@ -142,9 +142,10 @@ def main() -> None:
     extra = deployment["round_seconds"] - rows[0]["round_seconds"]
     print(f"a deployment's training round costs {extra:.2f} s more than an in-process one (target: at most "
           f"{TARGET_S:g} s); Flower alone takes {rows[-1]['round_seconds']:.2f} s per round")
-    if args.json is not None:
-        args.json.write_text(json.dumps({"runners": [{c: r.get(c) for c in COLUMNS} for r in rows],
-                                         "deployment_profile": parts, "extra_round_s": extra}, indent=2) + "\n")
+    if args.json is not None:  # one list of rows, each naming its table, as the other benchmarks write
+        table = [{"table": "runners", **{c: r.get(c) for c in COLUMNS}} for r in rows]
+        table.append({"table": "deployment_profile", **parts, "extra_round_s": extra})
+        args.json.write_text(json.dumps(table, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,15 @@ def test_partition_summary(capsys):
     assert "node" in out and len([line for line in out.splitlines() if line.strip()]) >= 5
 
 
+def test_partition_names_flags_without_effect_as_run_does(tmp_path, capsys):
+    assert main(["partition", "--nodes", "2", "--train-samples", "100", "--alpha", "0.3", "--data-dir",
+                 str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    err = " ".join(printed.err.split())
+    assert "note: --alpha has no effect with --partition iid" in err
+    assert f"note: --data-dir {tmp_path} does not hold the mnist files" in err and "note" not in printed.out
+
+
 def test_run_help_lists_each_flag_with_its_description_default_and_choices(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit):

@@ -389,6 +389,9 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
     ({b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": [0] * 3}, "4 images"),
     ({b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 10]}, "labels outside 0..9"),
     ({b"data": np.zeros((4, 3072), dtype=np.uint8)}, "must be a list of ints"),
+    ({b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": [0.5] * 4}, "must be a list of ints"),
+    ({b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": ["1"] * 4}, "must be a list of ints"),
+    ({b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": 7}, "must be a list of ints"),
 ])
 def test_malformed_cifar_batch(tmp_path: Path, batch, phrase: str) -> None:
     write_cifar(tmp_path, "cifar10")

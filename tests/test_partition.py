@@ -204,3 +204,12 @@ def test_dirichlet_with_a_tiny_alpha_deals_no_class_to_a_node_already_full() -> 
         counts = [np.bincount(labels[t], minlength=3) for t in p.train]
         full = int(np.argmax([c[0] for c in counts]))
         assert counts[full][0] > 500 and counts[full][1:].tolist() == [0, 0], (seed, counts)
+
+
+@pytest.mark.parametrize("alpha, raise_alpha", [(1e9, False), (0.01, True)])
+def test_a_dirichlet_split_that_cannot_give_every_node_enough_says_what_would(alpha, raise_alpha):
+    labels = np.repeat(np.arange(10), 40)  # 400 samples: exactly 10 for each of 40 nodes, which no draw gives
+    with pytest.raises(DataError, match=r"fewer than 10 samples \(the least a node may hold\) in \d+ draws of 400 "
+                                        r"samples over 40 nodes; use fewer nodes \(nodes = 40\) or more samples") as err:
+        make_partition(labels, 40, "dirichlet", alpha=alpha, seed=0)
+    assert ("raise alpha" in str(err.value)) == raise_alpha

@@ -345,6 +345,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from .partition import format_summary, make_partition, summarize
 
     cfg = config_from_args(args)
+    for note in idle_flags(cfg, _given(args)):  # on stderr, as mpfl run gives them: the split stays on stdout
+        _notice("note", f"note: {note}", "text")
     data_cfg = cfg.data
     data = load_dataset(data_cfg.dataset, data_cfg.data_dir).take(data_cfg.train_samples, data_cfg.test_samples)
     part = make_partition(data.y_train.numpy(), cfg.nodes, data_cfg.partition, alpha=data_cfg.alpha,

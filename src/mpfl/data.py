@@ -493,10 +493,10 @@ def _read_cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.
     data, labels = batch.get("data"), batch.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path} is not a CIFAR batch: 'data' must be a uint8 array of shape [n, 3072]")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"{path} is not a CIFAR batch: {label_key!r} must be a list of ints") from None
+    raw = np.asarray(labels) if isinstance(labels, (list, tuple, np.ndarray)) else np.asarray([None])
+    if raw.size and raw.dtype.kind not in "iu":  # a cast would turn 0.5 into class 0 and "3" into an error later
+        raise DataError(f"{path} is not a CIFAR batch: {label_key!r} must be a list of ints")
+    labels = raw.astype(np.int64)
     if labels.shape != (len(data),):
         raise DataError(f"{path} is not a CIFAR batch: {len(data)} images but {label_key!r} has shape {labels.shape}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):

@@ -137,8 +137,10 @@ def _dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, min_samples: in
                 sizes[node] += len(chunk)
         if sizes.min() >= min_samples:
             return [np.concatenate(p) for p in parts]
+    more = " or raise alpha (less skew)" if alpha < 10 else ""  # beyond, the split is as even as it gets
     raise DataError(f"dirichlet partition with alpha = {alpha} left a node with fewer than {min_samples} samples "
-                    f"in {_DIRICHLET_ATTEMPTS} draws; use fewer nodes (nodes = {num_nodes}) or raise alpha")
+                    f"(the least a node may hold) in {_DIRICHLET_ATTEMPTS} draws of {len(labels)} samples over "
+                    f"{num_nodes} nodes; use fewer nodes (nodes = {num_nodes}) or more samples{more}")
 
 
 def _shards(labels: np.ndarray, num_nodes: int, shards_per_node: int, rng: np.random.Generator) -> list[np.ndarray]:
