@@ -388,7 +388,10 @@ def test_notes_are_json_events_in_a_json_log(tmp_path):
 def test_a_tensorboard_path_that_cannot_be_a_folder_is_refused_before_the_run_starts(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     (tmp_path / "afile").write_text("mine\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.toml").write_text("nodes = 3\n")
     for bad, says in [(tmp_path / "afile", "is a file; give a folder for the event files"),
+                      (tmp_path / "other", "is a run directory; give a folder of its own"),
                       (tmp_path / "afile" / "tb", f"cannot write in {tmp_path / 'afile'}; choose another folder")]:
         assert main(["run", *SMALL, "--tensorboard", str(bad), "--out", str(tmp_path / "run")]) == 2
         assert says in capsys.readouterr().err

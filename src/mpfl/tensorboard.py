@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .records import CONFIG
 
 TENSORBOARD_DIR = "tensorboard"
 SCALARS = {  # record key -> TensorBoard tag
@@ -39,6 +40,9 @@ def check_folder(path: Path) -> None:
     or a place this process cannot write (the writer only opens it at the first round)."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--tensorboard {path} is a file; give a folder for the event files")
+    if (path / CONFIG).is_file():  # event files there would mix into that run's records
+        raise ConfigError(f"--tensorboard {path} is a run directory; give a folder of its own (by default "
+                          "RUN_DIR/tensorboard)")
     ancestor = next(p for p in (path, *path.parents) if p.exists())
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"--tensorboard {path}: cannot write in {ancestor}; choose another folder")
