@@ -38,7 +38,7 @@ def emit(title: str, rows: Sequence[dict], json_path: Path | None, columns: Sequ
     columns = list(columns or (rows[0].keys() if rows else []))
     table = Table(title=title)
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", overflow="fold")  # a narrow column shows its whole name, folded
     for r in rows:
         table.add_row(*(_fmt(r.get(c)) for c in columns))
     Console(width=200).print(table)
