@@ -435,6 +435,10 @@ def test_a_plug_ins_own_error_keeps_its_type_from_a_worker_and_is_one_json_objec
         main([*args, "--out", str(tmp_path / "text")])
     assert raised.value.__notes__[-1] == ("the run stopped on this error; once it is fixed, continue with: mpfl run "
                                           f"--resume {tmp_path / 'text'}")
+    with pytest.raises(ValueError, match="broken on purpose") as raised:  # given options, it may be their value
+        main([*args, "--options", "keep=abc", "--out", str(tmp_path / "options")])
+    assert raised.value.__notes__[-1] == ("(if the fix is another --options value, start a new run with --out NEW_DIR "
+                                          "instead: a resumed run keeps its options)")
     args.extend(["--log-format", "json"])
     assert main([*args, "--out", str(tmp_path / "run")]) == 1
     (line,) = capsys.readouterr().err.splitlines()

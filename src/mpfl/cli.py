@@ -236,6 +236,9 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     except Exception as exc:  # a plug-in's own error (or a bug), shown with its traceback: the same
         if not isinstance(exc, MpflError) and (hint := _resume_hint(out)):
             exc.add_note(f"the run stopped on this error; once it is fixed, {hint}")
+            if cfg.options:  # a plug-in's error may be about the value it was given, which a resume keeps
+                exc.add_note("(if the fix is another --options value, start a new run with --out NEW_DIR instead: "
+                             "a resumed run keeps its options)")
         raise
     except KeyboardInterrupt:
         hint = _resume_hint(out)
