@@ -442,3 +442,12 @@ def test_an_unfinished_run_that_resume_would_refuse_is_not_sent_to_resume(runs, 
     out = " ".join((printed.err + printed.out).split())
     assert f"skipped {run}: unfinished (" in out and "and cannot be resumed: " in out and "has no checkpoint.npz" in out
     assert "mpfl run --resume" not in out
+
+
+def test_a_finished_run_missing_its_round_log_is_skipped_saying_which_file(runs, tmp_path, capsys):
+    run = shutil.copytree(next(p for p in runs.iterdir() if (p / "summary.json").is_file()), tmp_path / "nolog")
+    (run / "rounds.jsonl").unlink()
+    assert main(["report", str(run), str(runs), "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr()
+    out = " ".join((printed.err + printed.out).split())
+    assert f"skipped {run}: cannot be read: {run / 'rounds.jsonl'} is missing; restore it from a copy" in out

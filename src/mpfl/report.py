@@ -258,6 +258,8 @@ def scan_runs(paths: Iterable[str | Path]) -> Scan:
             continue
         try:
             scan.runs.append(_finished_run(path))
+        except FileNotFoundError as exc:
+            scan.skipped[path] = f"cannot be read: {exc.filename} is missing; restore it from a copy"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             scan.skipped[path] = f"cannot be read ({type(exc).__name__}: {exc})"
     return scan
