@@ -451,3 +451,7 @@ def test_a_finished_run_missing_its_round_log_is_skipped_saying_which_file(runs,
     printed = capsys.readouterr()
     out = " ".join((printed.err + printed.out).split())
     assert f"skipped {run}: cannot be read: {run / 'rounds.jsonl'} is missing; restore it from a copy" in out
+
+
+def test_a_variant_names_unset_values_in_words():
+    assert format_variant({"train_samples": None, "init": None, "nodes": 5}) == "train_samples=all, init=none, nodes=5"

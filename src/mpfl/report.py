@@ -271,7 +271,9 @@ def load_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 
 def format_variant(variant: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in variant.items())
+    """`key=value, ...`; an unset sample count reads `all` (every sample), another unset value `none`."""
+    return ", ".join(f"{k}={('all' if k.endswith('_samples') else 'none') if v is None else v}"
+                     for k, v in variant.items())
 
 
 def _group_key(run: Run) -> str:
