@@ -37,11 +37,12 @@ def emit(title: str, rows: Sequence[dict], json_path: Path | None, columns: Sequ
     """Print rows as a table and, if asked, write them as JSON keyed like the columns."""
     columns = list(columns or (rows[0].keys() if rows else []))
     table = Table(title=title)
-    for c in columns:
-        table.add_column(c, justify="right", overflow="fold")  # a narrow column shows its whole name, folded
-    for r in rows:
-        table.add_row(*(_fmt(r.get(c)) for c in columns))
-    Console(width=200).print(table)
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    for i, c in enumerate(columns):  # a narrow column shows its whole name, folded, and every value whole
+        table.add_column(c, justify="right", overflow="fold", min_width=max((len(row[i]) for row in cells), default=1))
+    for row in cells:
+        table.add_row(*row)
+    Console(width=200).print(table, crop=False)
     if json_path is not None:
         json_path.write_text(json.dumps([{c: r.get(c) for c in columns} for r in rows], indent=2) + "\n")
 

@@ -185,8 +185,19 @@ def test_an_empty_path_is_refused_before_anything_runs(argv, tmp_path, capsys, m
     with pytest.raises(SystemExit) as exc:
         main(argv)
     flag = argv[argv.index("") - 1]
-    assert exc.value.code == 2 and f"{flag} is empty; give a path, or leave the flag out" in capsys.readouterr().err
+    assert exc.value.code == 2 and f"{flag} is empty; give a path" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["report", ""], ["report", "runs", ""], ["export", ""]])
+def test_an_empty_run_dir_is_refused_before_anything_runs(argv, tmp_path, capsys, monkeypatch):
+    """`mpfl report "$RUN"` with RUN unset wrote a report into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and "a RUN_DIR is empty; give the path of a run directory" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["runs"]
 
 
 def test_version_and_python_dash_m(capsys):

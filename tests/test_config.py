@@ -189,8 +189,12 @@ def test_a_quoted_number_or_boolean_in_a_config_file_is_refused_unless_a_flag_re
 
     path = tmp_path / "run.toml"
     for text, says in (('nodes = " 4 "\n', "nodes = ' 4 ' is text; write it without quotes (a TOML number)"),
-                       ('[prune]\nearly_stop = "no"\n', "[prune] early_stop = 'no' is text; write it without quotes "
-                                                        "(a TOML boolean)"),
+                       ('[prune]\nearly_stop = "no"\n', "[prune] early_stop = 'no' is text; write true or false, "
+                                                        "without quotes"),
+                       ('[prune]\nearly_stop = "true"\n', "early_stop = 'true' is text; write it without quotes (a TOML "
+                                                          "boolean)"),
+                       ('[data]\ntrain_samples = "all"\n', "train_samples = 'all' is text; write a number, without "
+                                                           "quotes, or leave the key out for the default"),
                        ('[prune]\nsparsity = "0.9"\n', "[prune] sparsity = '0.9' is text")):
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(says)):

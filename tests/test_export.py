@@ -263,10 +263,20 @@ def test_files_by_an_exports_names_that_no_export_there_lists_are_the_users_and_
     (earlier_export / "model.onnx").write_text("my onnx\n")  # beside an export that did not write it
     for out, theirs in ((mine, "mask.bin, model.pt, model.onnx"), (earlier_export, "model.onnx")):
         before = snapshot(out)
-        assert main(["export", str(structured_run.run_dir), "--out", str(out), "--repeats", "1", "--force"]) == 2
-        err = " ".join(capsys.readouterr().err.split())
-        assert f"{out} holds {theirs}, which no export there lists (in its export.json)" in err
-        assert "even with --force" in err and snapshot(out) == before
+        for force in ([], ["--force"]):  # named at once, not after a --force that cannot help
+            assert main(["export", str(structured_run.run_dir), "--out", str(out), "--repeats", "1", *force]) == 2
+            err = " ".join(capsys.readouterr().err.split())
+            assert f"{out} holds {theirs}, which no export there lists (in its export.json)" in err
+            assert "even with --force" in err and snapshot(out) == before
+
+
+def test_a_run_directory_is_refused_as_an_export_folder(structured_run, unstructured_run, capsys):
+    out = unstructured_run.run_dir
+    before = snapshot(out)
+    for force in ([], ["--force"]):
+        assert main(["export", str(structured_run.run_dir), "--out", str(out), "--repeats", "1", *force]) == 2
+        assert f"{out} is a run directory; an export needs a folder of its own" in capsys.readouterr().err
+    assert snapshot(out) == before
 
 
 def test_a_run_still_going_is_refused_with_when_to_export_it(structured_run, tmp_path, capsys):

@@ -138,6 +138,10 @@ def test_a_config_edited_since_the_checkpoint_is_refused_naming_the_field(stoppe
     with pytest.raises(RunDirError, match=r"differs from the one its checkpoint.npz was written with: seed = 5 "
                                           r"\(checkpoint: 0\)"):
         check_resumable(folder, CFG.with_overrides({"seed": 5}))
+    (folder / RUN_JSON).unlink()  # without the run's identity the checkpoint may as well be another run's
+    with pytest.raises(RunDirError, match=r"undo the edit to .*config.toml \(or, if checkpoint.npz is another run's, "
+                                          r"put this run's back\), or start a new run"):
+        check_resumable(folder, CFG.with_overrides({"seed": 5}))
 
 
 MALFORMED = {

@@ -69,6 +69,7 @@ def test_a_run_directory_is_refused_as_a_study_folder_before_any_cell_runs(tmp_p
     with pytest.raises(ConfigError, match=f"{tmp_path} is a run directory .*; a study needs a folder of its own"):
         run_study(CELLS, tmp_path, quiet=True)
     assert calls == [] and [p.name for p in tmp_path.iterdir()] == [record]
+    assert main(["study", "--out", str(tmp_path), "--dry-run", "--datasets", "mnist"]) == 2  # says so as a real one
 
 
 def test_an_unfinished_cell_is_moved_aside_and_run_again(tmp_path):

@@ -398,6 +398,22 @@ def test_a_refused_resume_rebuilds_no_run_json_from_a_checkpoint_it_did_not_acce
     _same_as(ours, reference)
 
 
+def test_report_and_export_send_no_run_to_resume_whose_log_resume_would_refuse(tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted(out, 2)
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    lines[-1] = json.dumps({**json.loads(lines[-1]), "accuracy": 0.99})  # the checkpointed round, edited
+    (out / "rounds.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["run", "--resume", str(out), "--quiet"]) == 2
+    refused = " ".join(capsys.readouterr().err.split())
+    assert "differs from the copy in checkpoint.npz" in refused
+    assert main(["export", str(out)]) == 2
+    assert "it cannot be resumed either: " in capsys.readouterr().err
+    assert main(["report", str(out), "--out", str(tmp_path / "r")]) == 2  # no finished run to report on
+    err = " ".join(capsys.readouterr().err.split())
+    assert "and cannot be resumed: " in err and "differs from the copy in checkpoint.npz" in err and "--resume" not in err
+
+
 def _rewrite_meta(path: Path, change) -> None:
     """Rewrite the checkpoint with its metadata changed by `change(meta)` (what a crafted file holds)."""
     with np.load(path) as f:
@@ -568,7 +584,7 @@ def test_export_refuses_a_folder_with_files_unless_forced(finished, tmp_path, ca
     before = _snapshot(out)
     capsys.readouterr()
     assert main(["export", str(finished), "--out", str(out), "--repeats", "1"]) == 2
-    assert "already holds files (an earlier export?); pass --force" in capsys.readouterr().err
+    assert "holds an earlier export; pass --force to replace it (other files there stay)" in capsys.readouterr().err
     assert _snapshot(out) == before
     assert main(["export", str(finished), "--out", str(out), "--repeats", "1", "--force"]) == 0
 
@@ -581,7 +597,9 @@ def test_export_never_writes_through_a_link(finished, tmp_path, capsys, name):
     out.mkdir()
     (out / name).symlink_to(victim)
     assert main(["export", str(finished), "--out", str(out), "--repeats", "1"]) == 2
-    assert "already holds files" in capsys.readouterr().err
+    first = capsys.readouterr().err
+    assert (f"already holds files ({name}); pass --force" if name.startswith(".") else
+            f"{out / name} is a symbolic link") in " ".join(first.split())
     code = main(["export", str(finished), "--out", str(out), "--repeats", "1", "--force"])
     err = capsys.readouterr().err
     assert victim.read_text() == "keep me" and (out / name).is_symlink()

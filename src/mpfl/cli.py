@@ -378,7 +378,7 @@ MAX_STUDY_JOBS = 8
 
 def cmd_study(args: argparse.Namespace) -> int:
     from .parallel import available_cores
-    from .study import PRESETS, missing_datasets, preset_cells, print_plan, run_study
+    from .study import PRESETS, check_study_folder, missing_datasets, preset_cells, print_plan, run_study
 
     if args.jobs < 0:
         raise ConfigError(f"--jobs = {args.jobs} must be >= 0 (0: one cell per CPU core at a time, at most 8)")
@@ -388,6 +388,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(f"[bold]mpfl study[/] preset={args.preset} ({PRESETS[args.preset].about}) -> {out}")
     if args.dry_run:
+        check_study_folder(out)
         print_plan(cells, out, Console(), args.data_dir, jobs)
         missing = missing_datasets(cells, args.data_dir)
         present = sorted({cell.overrides["dataset"] for cell in cells} - set(missing))
@@ -469,7 +470,7 @@ class _ExportFormats:
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     """Register the `export` subcommand."""
     p = sub.add_parser("export", help="write a run's final model in compact form, with its size, FLOPs and latency")
-    p.add_argument("run_dir", type=Path, help="a finished run directory")
+    p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", nargs="+", choices=_ExportFormats(), default=None, metavar="FORMAT",
                    help="files to write, one or more of %(choices)s (default: state_dict torchscript for filter "
                         "masks, sparse otherwise; state_dict or sparse is always among them)")
@@ -582,7 +583,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     empty = [f"--{name.replace('_', '-')}" for name in PATH_FLAGS
              if "" in (getattr(args, name, None), getattr(args, f"cfg_{name}", None))]
     if empty:  # an unset shell variable, say: "" would otherwise mean the current folder or the default
-        sub.error(f"{empty[0]} is empty; give a path, or leave the flag out for its default")
+        sub.error(f"{empty[0]} is empty; give a path" + ("" if empty[0] in ("--resume", "--config") else
+                                                           ", or leave the flag out for its default"))
+    if "" in (getattr(args, "run_dir", None), *getattr(args, "paths", ())):
+        sub.error("a RUN_DIR is empty; give the path of a run directory")
     return args
 
 

@@ -652,8 +652,19 @@ def refuse_quoted_values(data: dict[str, Any], replaced: Iterable[str] = ()) -> 
             kind = "" if key in replaced else str(types.get(key, ""))
             if isinstance(value, str) and re.match(r"(<class ')?(int|float|bool)\b", kind) and not (
                     "None" in kind and value.strip().lower() == "none"):
-                raise ConfigError(f"{where}{key} = {value!r} is text; write it without quotes (a TOML "
-                                  f"{'boolean' if 'bool' in kind else 'number'})")
+                raise ConfigError(f"{where}{key} = {value!r} is text; {_unquoted(value, kind)}")
+
+
+def _unquoted(value: str, kind: str) -> str:
+    """How to write a quoted number or boolean as TOML's own: unquoted, when that reads as one."""
+    if "bool" in kind:
+        return ("write it without quotes (a TOML boolean)" if value.strip() in ("true", "false")
+                else "write true or false, without quotes")
+    try:
+        float(value)
+    except ValueError:
+        return f"write a number, without quotes{', or leave the key out for the default' if 'None' in kind else ''}"
+    return "write it without quotes (a TOML number)"
 
 
 @functools.cache

@@ -197,9 +197,21 @@ def export_folder(out: Path, *, force: bool = False) -> Path:
         raise ExportError(f"{out} is a symbolic link to a missing folder; create that folder or choose another --out")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(not _is_scratch(p) for p in out.iterdir()) and not force:
-        raise ExportError(f"{out} already holds files (an earlier export?); pass --force to replace them, "
-                          "or choose another --out")
+    if (out / CONFIG).is_file():
+        raise ExportError(f"{out} is a run directory; an export needs a folder of its own (by default RUN_DIR/export)")
+    for name in OWNED:
+        refuse_link(out / name)
+    held = sorted(p.name for p in out.iterdir() if not _is_scratch(p)) if out.is_dir() else []
+    listed = _listed(out)
+    theirs = [name for name in OWNED if name in held and name not in listed]
+    if theirs:
+        raise ExportError(f"{out} holds {', '.join(theirs)}, which no export there lists (in its {EXPORT_JSON}), so "
+                          "the export will not replace them, even with --force; move them or choose another --out")
+    if held and not force:
+        raise ExportError(f"{out} holds an earlier export; pass --force to replace it (other files there stay), or "
+                          "choose another --out" if listed else f"{out} already holds files ({', '.join(held[:5])}"
+                          f"{', ...' if len(held) > 5 else ''}); pass --force to write the export beside them, or "
+                          "choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -227,9 +239,9 @@ def _listed(out: Path) -> set[str]:
 
 
 def _earlier_files(out: Path) -> list[str]:
-    """The files of an earlier export in `out`, export.json first. A file by an export's name that no export.json
-    there lists is the user's (their own model.pt, say): it is refused, as is a link or folder by such a name."""
-    found, listed = [], _listed(out)
+    """The files of an earlier export in `out` (those its export.json lists: `export_folder` refused any other
+    file by an export's name), export.json first; a link or folder by such a name is refused."""
+    found = []
     for name in OWNED:
         path = out / name
         refuse_link(path)
@@ -237,10 +249,6 @@ def _earlier_files(out: Path) -> list[str]:
             raise ExportError(f"{path} is not a file, so the export cannot replace it; remove it or choose another --out")
         if path.exists():
             found.append(name)
-    theirs = [name for name in found if name not in listed]
-    if theirs:
-        raise ExportError(f"{out} holds {', '.join(theirs)}, which no export there lists (in its {EXPORT_JSON}), so "
-                          "the export will not replace them, even with --force; move them or choose another --out")
     return found
 
 

@@ -172,9 +172,10 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
                           f"{folder / RUN_JSON} names {identity['run_id'][:12]}); put this run's checkpoint back, "
                           "or start a new run with --out NEW_DIR")
     if run["config_sha256"] != config_sha256(cfg):
+        foreign = "" if identity is not None else f" (or, if {CHECKPOINT} is another run's, put this run's back)"
         raise RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
-                          f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}, or "
-                          "start a new run with --out NEW_DIR")
+                          f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}{foreign}, "
+                          "or start a new run with --out NEW_DIR")
     return meta
 
 
@@ -182,7 +183,9 @@ def refusal(folder: Path) -> str | None:
     """Why ``mpfl run --resume folder`` would be refused by its first checks (None: they pass), so that
     a report or export never suggests a resume that fails. Cheap: no arrays are read."""
     try:
-        check_resumable(folder, Config.from_toml(folder / CONFIG))
+        meta = check_resumable(folder, Config.from_toml(folder / CONFIG))
+        if meta is not None and isinstance(meta.get("next_step"), int):
+            recover_records(folder, _run_info(folder, meta), meta["next_step"])
     except MpflError as exc:
         return str(exc)
     return None

@@ -292,6 +292,14 @@ def _check_datasets(names: set[str], data_dir: str | None) -> None:
             raise DataError(f"{exc} To run the study without it: --datasets {others}") from None
 
 
+def check_study_folder(out: Path) -> None:
+    """Refuse a run directory as a study's folder: its cells are run directories inside it, which a report of
+    the folder would not look into."""
+    if (out / CONFIG).exists() or (out / SUMMARY).exists():
+        raise ConfigError(f"{out} is a run directory (it holds {CONFIG}); a study needs a folder of its own (its cells "
+                          "are run directories inside it): choose another --out")
+
+
 def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = None, console: Console | None = None,
               quiet: bool = False, report: bool = True, force: bool = False, jobs: int = 1) -> StudyResult:
     """Run every cell not yet done into `out/<cell name>`, then write the study's report into `out` (a report.md
@@ -302,9 +310,7 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     refuse_in_a_starting_worker()  # a script without a __main__ guard, re-imported by a pool process
     console = console or Console(stderr=True)
     out = Path(out)
-    if (out / CONFIG).exists() or (out / SUMMARY).exists():
-        raise ConfigError(f"{out} is a run directory (it holds {CONFIG}); a study needs a folder of its own (its cells "
-                          "are run directories inside it): choose another --out")
+    check_study_folder(out)
     planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
     _check_datasets({cfg.data.dataset for _, cfg, path in planned if cell_status(path) != "done"}, data_dir)
     if report:
