@@ -403,6 +403,7 @@ def test_a_tensorboard_path_that_cannot_be_a_folder_is_refused_before_the_run_st
     (tmp_path / "other" / "config.toml").write_text("nodes = 3\n")
     for bad, says in [(tmp_path / "afile", "is a file; give a folder for the event files"),
                       (tmp_path / "other", "is a run directory; give a folder of its own"),
+                      (tmp_path / "other" / "tensorboard", f"is inside the run directory {tmp_path / 'other'}; give"),
                       (tmp_path / "afile" / "tb", f"cannot write in {tmp_path / 'afile'}; choose another folder")]:
         assert main(["run", *SMALL, "--tensorboard", str(bad), "--out", str(tmp_path / "run")]) == 2
         assert says in capsys.readouterr().err

@@ -215,7 +215,7 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
                         "of one per core, so that the run fits in the memory available", args.log_format)
             cfg, estimate = fitted, estimate_run(fitted)
         check_memory(estimate, available)
-    board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR) if args.tensorboard is not None else None
+    board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR, out) if args.tensorboard is not None else None
     if not args.quiet:
         _print_start(cfg, out, args.log_format, resume_notes(out, cfg) if args.resume else idle_flags(cfg, _given(args)))
     try:

@@ -35,14 +35,16 @@ def summary_writer_class() -> Any:
     return SummaryWriter
 
 
-def check_folder(path: Path) -> None:
+def check_folder(path: Path, run_dir: Path | None = None) -> None:
     """Refuse, before the run starts, a --tensorboard path where no folder of event files can be: a file,
-    or a place this process cannot write (the writer only opens it at the first round)."""
+    a place this process cannot write (the writer only opens it at the first round), or a folder in
+    another run's directory than `run_dir`, whose event files would mix with that run's."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--tensorboard {path} is a file; give a folder for the event files")
-    if (path / CONFIG).is_file():  # event files there would mix into that run's records
-        raise ConfigError(f"--tensorboard {path} is a run directory; give a folder of its own (by default "
-                          "RUN_DIR/tensorboard)")
+    owner = next((p for p in (path, *path.parents) if (p / CONFIG).is_file()), None)
+    if owner is not None and (run_dir is None or owner.resolve() != Path(run_dir).resolve()):
+        where = "is a run directory" if owner == path else f"is inside the run directory {owner}"
+        raise ConfigError(f"--tensorboard {path} {where}; give a folder of its own (by default RUN_DIR/tensorboard)")
     ancestor = next(p for p in (path, *path.parents) if p.exists())
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"--tensorboard {path}: cannot write in {ancestor}; choose another folder")
@@ -51,11 +53,11 @@ def check_folder(path: Path) -> None:
 class TensorBoardLog:
     """Writes each round's figures as scalars to an event file in `log_dir`."""
 
-    def __init__(self, log_dir: str | Path) -> None:
+    def __init__(self, log_dir: str | Path, run_dir: str | Path | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.writer_class = summary_writer_class()
         self.writer: Any = None
-        check_folder(self.log_dir)
+        check_folder(self.log_dir, None if run_dir is None else Path(run_dir))
 
     def __call__(self, record: dict) -> None:
         """Add one round's scalars (the first one this process writes purges later events of an earlier run)."""
