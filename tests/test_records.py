@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,13 +72,16 @@ def test_a_run_may_write_to_a_new_or_empty_folder_or_resume_its_own(tmp_path):
     (lambda p: p.write_text("x"), "exists and is not a directory"),
     (lambda p: p.symlink_to(p.with_name("gone")), "is a symbolic link to a missing folder ('"),
     (lambda p: (p.mkdir(), (p / "notes.txt").write_text("x")), "already holds files; choose another --out"),
-    (lambda p: (p.mkdir(), (p / CONFIG).write_text("")), "holds an unfinished run; continue it with mpfl run --resume"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / ROUNDS_JSONL).write_text("{}\n")),
+     "holds an unfinished run; continue it with mpfl run --resume"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text("")),  # a resume would only repeat what stopped it
+     "holds a run that stopped before its first round (nothing was recorded); remove that folder to start there"),
     (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / SUMMARY).write_text("{}")), "already holds files"),
 ])
 def test_a_folder_that_is_not_free_for_a_new_run_is_refused(tmp_path, make, message):
     out = tmp_path / "run"
     make(out)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         check_run_dir(out)
 
 

@@ -184,6 +184,11 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
     refuse_if_locked(path)
     if not resume and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         if (path / CONFIG).is_file() and not (path / SUMMARY).is_file():
+            log = path / ROUNDS_JSONL
+            if not (path / CHECKPOINT).exists() and not (log.is_file() and log.stat().st_size):
+                raise ConfigError(f"run directory {str(path)!r} holds a run that stopped before its first round "
+                                  "(nothing was recorded); remove that folder to start there again, or choose "
+                                  "another --out")
             raise ConfigError(f"run directory {str(path)!r} holds an unfinished run; continue it with "
                               f"mpfl run --resume {path}, or choose another --out")
         raise ConfigError(f"run directory {str(path)!r} already holds files; choose another --out")
