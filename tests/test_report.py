@@ -455,3 +455,18 @@ def test_a_finished_run_missing_its_round_log_is_skipped_saying_which_file(runs,
 
 def test_a_variant_names_unset_values_in_words():
     assert format_variant({"train_samples": None, "init": None, "nodes": 5}) == "train_samples=all, init=none, nodes=5"
+
+
+def test_a_report_runs_no_plug_in_code_named_by_an_unfinished_runs_config(runs, tmp_path, capsys):
+    run = shutil.copytree(next(p for p in runs.iterdir() if (p / "summary.json").is_file()), tmp_path / "plugged")
+    (run / "summary.json").unlink()
+    plugin = tmp_path / "marker.py"
+    plugin.write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    config = (run / "config.toml").read_text()
+    assert "plugins = []\n" in config
+    (run / "config.toml").write_text(config.replace("plugins = []\n", f"plugins = [{str(plugin)!r}]\n", 1))
+    assert main(["report", str(run), str(runs), "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr()
+    out = " ".join((printed.err + printed.out).split())
+    assert f"skipped {run}: unfinished (" in out and "and cannot be resumed: " in out  # the log needs no config
+    assert not (tmp_path / "imported").exists()

@@ -233,7 +233,7 @@ def _unfinished(path: Path) -> str:
         return f"unfinished, and cannot be read ({type(damage).__name__}: {damage})"
     if is_flower_run(records):
         return f"unfinished Flower run ({done} rounds recorded, no summary.json), which cannot be resumed"
-    if (why := refusal(path)) is not None:
+    if (why := refusal(path, plugins=False)) is not None:  # a report runs no plug-in's code
         return f"unfinished ({done} rounds recorded, no summary.json), and cannot be resumed: {why}"
     return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
 

@@ -151,14 +151,17 @@ def _short(digest: str | None) -> str:
     return digest[:12] if digest else "none"
 
 
-def check_resumable(folder: Path, cfg: Config) -> dict | None:
+def check_resumable(folder: Path, cfg: Config | None) -> dict | None:
     """The checkpoint's metadata once it is known to be this run's and written with this config; None
-    when there is no checkpoint yet (the run starts again from step 1). Cheap: no arrays are read."""
+    when there is no checkpoint yet (the run starts again from step 1). Cheap: no arrays are read.
+    Without `cfg`, the checks that compare configs are left out (building one imports its plug-ins)."""
     if not (folder / CHECKPOINT).exists():
         recorded = read_rounds(folder) if (folder / ROUNDS_JSONL).exists() else []
         if len(recorded) > 1:
             raise RunDirError(f"{folder / ROUNDS_JSONL} holds {len(recorded)} rounds but {folder} has no {CHECKPOINT} "
                               "(removed?), so the run cannot continue from them; start a new run with --out NEW_DIR")
+        if cfg is None:
+            return None
         saved, asked = result_config(Config.from_toml(folder / CONFIG)), result_config(cfg)
         if saved != asked:
             raise RunDirError(f"the run in {folder} was started with another config: {changes(saved, asked, CONFIG)}; "
@@ -171,7 +174,7 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
         raise RunDirError(f"{folder / CHECKPOINT} belongs to another run (run id {run['run_id'][:12]}, but "
                           f"{folder / RUN_JSON} names {identity['run_id'][:12]}); put this run's checkpoint back, "
                           "or start a new run with --out NEW_DIR")
-    if run["config_sha256"] != config_sha256(cfg):
+    if cfg is not None and run["config_sha256"] != config_sha256(cfg):
         foreign = "" if identity is not None else f" (or, if {CHECKPOINT} is another run's, put this run's back)"
         raise RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
                           f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}{foreign}, "
@@ -179,11 +182,13 @@ def check_resumable(folder: Path, cfg: Config) -> dict | None:
     return meta
 
 
-def refusal(folder: Path) -> str | None:
-    """Why ``mpfl run --resume folder`` would be refused by its first checks (None: they pass), so that
-    a report or export never suggests a resume that fails. Cheap: no arrays are read."""
+def refusal(folder: Path, *, plugins: bool = True) -> str | None:
+    """Why ``mpfl run --resume folder`` would be refused by its first checks (None: they pass), so that a
+    report or export never suggests a resume that fails. Without `plugins`, a run whose config names
+    plug-ins is checked without its config, whose reading would run their code. Cheap: no arrays are read."""
     try:
-        meta = check_resumable(folder, Config.from_toml(folder / CONFIG))
+        skip = not plugins and bool(Config.read_toml(folder / CONFIG).get("plugins"))
+        meta = check_resumable(folder, None if skip else Config.from_toml(folder / CONFIG))
         if meta is not None and isinstance(meta.get("next_step"), int):
             recover_records(folder, _run_info(folder, meta), meta["next_step"])
     except MpflError as exc:
