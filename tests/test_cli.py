@@ -580,6 +580,21 @@ def test_a_data_dir_without_the_dataset_is_named_with_the_folder_the_data_come_f
     assert f"note: --data-dir {typo} does not hold the mnist files" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_data_dir_whose_files_are_not_the_published_ones_is_noted(tmp_path, data_env):
+    import gzip
+    import shutil
+
+    from mpfl.cli import idle_flags
+
+    raw = tmp_path / "data" / "MNIST" / "raw"  # the right names, but another content (here: re-packed labels)
+    shutil.copytree(Path(mpfl.__file__).parent / "_data" / "MNIST" / "raw", raw)
+    labels = raw / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes()), mtime=0))
+    assert idle_flags(Config().with_overrides({"data_dir": str(tmp_path / "data")}), ["data_dir"]) == [
+        f"--data-dir {tmp_path / 'data'}: the md5 of train-labels-idx1-ubyte.gz is not the published one for mnist; "
+        "check that the folder holds mnist"]
+
+
 def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_start(tmp_path, capsys):
     from mpfl.cli import idle_flags
 

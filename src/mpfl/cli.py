@@ -272,7 +272,7 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     """Notes on the flags in `given` that the rest of `cfg` leaves without effect, so that a setting
     a run ignores is said rather than silently recorded (a plug-in rule may read --tau or
     --percentile, so those are only named under the built-in rules that do not)."""
-    from .data import dataset_root
+    from .data import dataset_root, unpublished_files
     from .methods import method_of
 
     notes = []
@@ -282,6 +282,9 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
             if root is not None and root != Path(cfg.data.data_dir).expanduser():
                 notes.append(f"--data-dir {cfg.data.data_dir} does not hold the {cfg.data.dataset} files, so they are "
                              f"read from {root}; check the path if you meant your own copy")
+            elif root is not None and (odd := unpublished_files(cfg.data.dataset, root)):
+                notes.append(f"--data-dir {cfg.data.data_dir}: the md5 of {', '.join(odd)} is not the published "
+                             f"one for {cfg.data.dataset}; check that the folder holds {cfg.data.dataset}")
         elif name == "alpha" and cfg.data.partition != "dirichlet" or name == "shards" and cfg.data.partition != "shards":
             notes.append(f"{_flag(name)} has no effect with --partition {cfg.data.partition}")
         elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:

@@ -190,6 +190,17 @@ def dataset_root(name: str, data_dir: str | Path | None = None) -> Path | None:
     return next((root for root in roots if _has_files(root, key)), None)
 
 
+def unpublished_files(name: str, root: Path) -> list[str]:
+    """The gzip files of a built-in MNIST-family dataset under data root `root` whose md5 is not the published
+    one: another dataset's files in its folder (Fashion-MNIST's under MNIST/raw reads as MNIST), or damaged
+    ones. Unpacked IDX files have no published sums and are not checked."""
+    key = DATASETS.canonical(name)
+    if key not in _SPECS or key in _CIFAR_TRAIN:
+        return []
+    folder = root / _SPECS[key].folder
+    return [file for file, md5 in _MD5SUMS[key].items() if (folder / file).is_file() and _md5(folder / file) != md5]
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True) -> Dataset:
     """Load a dataset by name from the first data root holding its files, downloading them if allowed."""
     loader = DATASETS.get(name)
