@@ -38,7 +38,7 @@ from .config import (
     refuse_quoted_values,
     split_items,
 )
-from .errors import ConfigError, MethodError, MpflError, WorkerError
+from .errors import ConfigError, MethodError, MpflError, PathError, WorkerError
 from .interrupts import sigterm_as_interrupt
 from .progress import LOG_FORMATS
 from .protocol import RoundRecord
@@ -230,9 +230,9 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         hint = _resume_hint(out)
         raise MethodError(f"{exc}; once it is fixed, {hint}" if hint else str(exc)) from None
     except OSError as exc:  # a full disk, a file made read-only: once that is fixed, the run goes on
-        if hint := _resume_hint(out):
-            exc.add_note(hint)
-        raise
+        if not (hint := _resume_hint(out)):
+            raise
+        raise PathError(_os_error_text(exc, hint)) from None
     except Exception as exc:  # a plug-in's own error (or a bug), shown with its traceback: the same
         if not isinstance(exc, MpflError) and (hint := _resume_hint(out)):
             exc.add_note(f"the run stopped on this error; once it is fixed, {hint}")
@@ -602,11 +602,10 @@ def _notice(event: str, text: str, log_format: str) -> None:
         console.print(("[red]error:[/] " if event == "error" else "") + escape(text), soft_wrap=True, highlight=False)
 
 
-def _os_error_text(exc: OSError) -> str:
+def _os_error_text(exc: OSError, hint: str | None = None) -> str:
     """What a failed file operation tells the user: the file, the system's reason and the fix, which
-    for a run that had started is to fix the cause and resume it (its checkpoint stays good)."""
+    for a run that had started (`hint`: how to resume it) is to fix the cause and resume."""
     where = f" {str(exc.filename)!r}" if exc.filename else ""
-    hint = next((note for note in getattr(exc, "__notes__", ()) if note.startswith("continue with")), None)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free some space"
     else:

@@ -7,6 +7,7 @@ exactly the same partition, model and initial weights from the same config and s
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,12 +108,17 @@ class Experiment:
         nodes train the shrunk model, so everything a dropped filter owns (its bias, BatchNorm entries
         and the next layer's inputs from it) is zero; the server's model, clearing the same entries,
         computes what the nodes' and the exported model compute. Otherwise `weights` unchanged."""
-        if not (method_of(self.cfg).structured and compactable(self.model)):
+        if not self._trains_shrunk:
             return weights
         key = mask_key(mask)
         if self._shrunk is None or self._shrunk[0] != key:
             self._shrunk = (key, CompactModel(self.model, self.spec, mask))
         return self._shrunk[1].clear(weights)
+
+    @functools.cached_property
+    def _trains_shrunk(self) -> bool:
+        """Whether the nodes train the shrunk model (`node.make_trainer`'s choice of CompactTrainer)."""
+        return method_of(self.cfg).structured and compactable(self.model)
 
     def evaluate(self, weights: Weights) -> tuple[float, float]:
         """Accuracy and loss of `weights` on the test set."""

@@ -240,11 +240,10 @@ def _listed(out: Path) -> set[str]:
 
 def _earlier_files(out: Path) -> list[str]:
     """The files of an earlier export in `out` (those its export.json lists: `export_folder` refused any other
-    file by an export's name), export.json first; a link or folder by such a name is refused."""
+    file by an export's name, and links), export.json first; a folder by such a name is refused."""
     found = []
     for name in OWNED:
         path = out / name
-        refuse_link(path)
         if path.exists() and not path.is_file():
             raise ExportError(f"{path} is not a file, so the export cannot replace it; remove it or choose another --out")
         if path.exists():

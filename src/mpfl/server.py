@@ -24,6 +24,7 @@ from .core import masks
 from .core.aggregate import robust_average
 from .core.contract import checked_arrays
 from .core.history import MaskHistory
+from .core.memo import complement
 from .core.params import Mask, ParamSpec, Weights
 from .errors import MethodError, PayloadError, RoundError
 from .methods import method_of
@@ -182,7 +183,7 @@ class Server:
                     "wherever server.state.mask prunes (server.spec.apply(weights, mask) makes it so)")
         weights = checked_arrays(state.weights, spec.shapes, "f", contract)
         for name, i, kept in zip(spec.prunable_names, spec.prunable, state.mask):
-            alive = int(np.count_nonzero(weights[i][~kept]))
+            alive = int(np.count_nonzero(weights[i][complement(kept)]))
             if alive:
                 raise MethodError(f"{contract}; {name} holds {alive} nonzero values where the mask prunes")
 
