@@ -274,6 +274,7 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     --percentile, so those are only named under the built-in rules that do not)."""
     from .data import dataset_root, unpublished_files
     from .methods import method_of
+    from .plugins import installed_plugins
 
     notes = []
     for name in given:
@@ -296,6 +297,9 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
                          f"{'one round' if found == 1 else f'{found} rounds'}")
+        elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
+            notes.append(f"--options {', '.join(cfg.plugin_options)} has no effect: only plug-ins read options, and this run "
+                         "loads none (name them with --plugins)")
         elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
                                              ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
             notes.append(f"{_flag(name)} has no effect with --consensus {cfg.prune.consensus}")
