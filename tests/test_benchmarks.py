@@ -77,3 +77,18 @@ def test_the_bare_loop_trains_a_mask_rounds_epochs_in_mask_rounds_and_a_training
         calls.clear()
         bare_round(model, exp, 1, [0], exp.w0, phase)
         assert len(calls) == epochs * batches and sum(calls) == epochs * exp.node_data(0).num_samples
+
+
+def test_the_momentum_benchmark_reads_its_figures_from_the_training_rounds_of_the_run():
+    from conftest import tiny_config
+    from mpfl.sim import simulate
+
+    momentum = benchmark_module("momentum")
+    setting = {"nodes": 2, "train_samples": 400, "test_samples": 200, "mask_rounds": 1, "rounds": 3}
+    row = momentum.run(setting, 0.9)
+    records = simulate(tiny_config(**setting, server_momentum=0.9)).records
+    training = [r for r in records if r["phase"] == "train"]
+    assert row["final_accuracy"] == training[-1]["accuracy"]
+    assert row["best_accuracy"] == max(r["accuracy"] for r in training)
+    assert training[row["best_round"] - 1]["accuracy"] == row["best_accuracy"]
+    assert row["lowest_loss"] == min(r["loss"] for r in training) <= row["final_loss"] == training[-1]["loss"]
