@@ -635,3 +635,38 @@ def test_output_into_a_pipe_its_reader_closed_ends_quietly_as_cat_does():
               "from mpfl.cli import main\nsys.exit(main(['partition', '--nodes', '20', '--train-samples', '600']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+def _record(phase: str, round_: int, accuracy: float | None) -> dict:
+    return {"phase": phase, "round": round_, "accuracy": accuracy}
+
+
+def test_a_final_accuracy_well_below_the_runs_best_is_noted_with_the_best_round():
+    from mpfl.cli import end_notes
+
+    records = [_record("mask", 1, None), _record("mask", 2, 0.90), _record("train", 1, 0.92),
+               _record("train", 2, 0.95), _record("train", 3, 0.80)]
+    fell = {"limited_counts": {}, "final_accuracy": 0.80, "best_accuracy": 0.95}
+    momentum, plain = Config(), Config().with_overrides({"server_momentum": 0.0})
+    [note] = end_notes(momentum, records, fell)
+    assert note.startswith("the final accuracy, 80.00%, is 15.0 points below the run's best, 95.00% after train "
+                           "round 2; final.npz and mpfl export hold the last round's weights. Server momentum (0.9)")
+    assert end_notes(plain, records, fell) == [note.split(". Server momentum")[0]]
+    early = [_record("mask", 1, 0.95), *records[2:3], _record("train", 2, 0.80)]
+    assert "momentum" not in end_notes(momentum, early, fell)[0]  # the best was before momentum stepped
+    assert end_notes(momentum, records, {**fell, "final_accuracy": 0.91}) == []  # 4 points: within a run's swing
+    limited = end_notes(momentum, records[:4], {"limited_counts": {"2": 5000}, "final_accuracy": 0.95,
+                                                "best_accuracy": 0.95})
+    assert [n.split(" claimed")[0] for n in limited] == ["1 of 10 nodes"]
+
+
+def test_mpfl_run_prints_its_end_notes_on_stderr_after_the_summary(tmp_path, capsys, monkeypatch):
+    import mpfl.cli
+
+    monkeypatch.setattr(mpfl.cli, "FALL_FROM_BEST", -1.0)  # every run's final accuracy is "below" its best
+    assert main(["run", *_without(SMALL, "--quiet"), "--out", str(tmp_path / "r")]) == 0
+    out, err = capsys.readouterr()
+    assert "final accuracy" in out and "note: the final accuracy" not in out
+    assert "note: the final accuracy" in err
+    assert main(["run", *SMALL, "--out", str(tmp_path / "q")]) == 0
+    assert "note:" not in capsys.readouterr().err

@@ -253,12 +253,38 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
         if board is not None:
             board.close()
     _print_summary(result.summary, out, args.log_format)
-    if (limited := result.summary["limited_counts"]) and not args.quiet and args.log_format != "json":
-        console.print(f"note: {len(limited)} of {cfg.nodes} nodes claimed more than --count-limit "
-                      f"({cfg.robust.count_limit:g}) times the median node's training samples and weighed as holding "
-                      "that many (summary.json: limited_counts); for honest nodes of an uneven split, raise "
-                      "--count-limit to weigh them by their own counts", highlight=False)
+    if not args.quiet:
+        for note in end_notes(cfg, result.records, result.summary):
+            _notice("note", f"note: {note}", args.log_format)
     return 0
+
+
+FALL_FROM_BEST = 0.05
+"""How far the final accuracy may lie below the run's best before the end of the run says so."""
+
+
+def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> list[str]:
+    """Notes on a finished run's figures that a user would otherwise read past: nodes whose sample
+    counts were limited, and a final accuracy well below the run's best (the saved model is the last
+    round's; with server momentum, the sign of a run overshooting or diverging)."""
+    notes = []
+    if limited := summary["limited_counts"]:
+        notes.append(f"{len(limited)} of {cfg.nodes} nodes claimed more than --count-limit "
+                     f"({cfg.robust.count_limit:g}) times the median node's training samples and weighed as holding "
+                     "that many (summary.json: limited_counts); for honest nodes of an uneven split, raise "
+                     "--count-limit to weigh them by their own counts")
+    final, best = summary["final_accuracy"], summary["best_accuracy"]
+    if final is not None and best - final > FALL_FROM_BEST:
+        at = next(r for r in records if r["accuracy"] == best)
+        note = (f"the final accuracy, {final:.2%}, is {100 * (best - final):.1f} points below the run's best, "
+                f"{best:.2%} after {at['phase']} round {at['round']}; final.npz and mpfl export hold the last round's "
+                "weights")
+        if cfg.train.server_momentum and at["phase"] == "train":
+            note += (f". Server momentum ({cfg.train.server_momentum:g}) can overshoot in a run's last rounds and "
+                     "diverge over long runs: a lower --server-momentum is steadier (docs/benchmarks.md, \"Server "
+                     "momentum over long runs\")")
+        notes.append(note)
+    return notes
 
 
 def _resume_hint(out: Path) -> str | None:
