@@ -262,7 +262,10 @@ def test_a_round_left_without_replies_by_simulated_faults_says_which_and_warns_n
         assert main(["run", *SMALL, "--dropout", "1", "--out", str(tmp_path / "r")]) == 2
     assert [str(w.message) for w in caught] == []
     err = capsys.readouterr().err
-    assert "only 0 valid replies" in err and "simulates faults (--dropout = 1): lower them or --min-nodes" in err
+    assert "only 0 valid replies" in err and "simulates faults (--dropout = 1): lower them" in err
+    assert "--min-nodes" not in err  # already at its lowest, 1
+    assert main(["run", *SMALL, "--dropout", "1", "--min-nodes", "2", "--out", str(tmp_path / "s")]) == 2
+    assert "simulates faults (--dropout = 1): lower them or --min-nodes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])  # an error in a worker process reaches the user as it is

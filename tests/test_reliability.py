@@ -20,6 +20,7 @@ from mpfl.cli import main
 from mpfl.config import Config
 from mpfl.core.aggregate import robust_average
 from mpfl.core.masks import jaccard
+from mpfl.errors import RoundError
 from mpfl.experiment import Experiment
 from mpfl.node import Node, make_trainer
 from mpfl.records import read_rounds, read_summary
@@ -156,6 +157,17 @@ def test_faults_are_seeded_and_logged_with_their_reason():
     reasons = " ".join(v for r in a.records for v in r["dropped"].values())
     for word in ("dropped out", "deadline", "checksum", "reply bod"):
         assert word in reasons
+
+
+@pytest.mark.parametrize("fault, reason", [("corrupt", "checksum mismatch"), ("duplicate", "expected 3 reply bodies, got 6")])
+def test_a_fault_on_every_reply_of_a_three_body_round_is_named_and_so_is_its_setting(fault, reason):
+    """A one-round mask phase is its last round, whose reply holds a mask, a core and the kept values: a
+    corrupted reply keeps all three bodies (the server's checksum must catch the flipped byte), a
+    duplicated one sends them twice."""
+    with pytest.raises(RoundError) as failed:
+        simulate(tiny_config(mask_rounds=1, rounds=1, **{fault: 1.0}))
+    message = str(failed.value)
+    assert message.count(reason) == 3 and f"faults ({fault} = 1): lower them" in message
 
 
 # --------------------------------------------------------------------------- crash and resume

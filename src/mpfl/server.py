@@ -282,11 +282,12 @@ class Server:
     def _fault_hint(self) -> str:
         """What to change when simulated faults left a round too few replies (nothing when none are set)."""
         faults = self.cfg.faults
-        rates = {"dropout": faults.dropout, "straggler": faults.straggler, "corrupt": faults.corrupt}
+        rates = {"dropout": faults.dropout, "straggler": faults.straggler, "corrupt": faults.corrupt,
+                 "duplicate": faults.duplicate}
         set_rates = ", ".join(f"{name} = {rate:g}" for name, rate in rates.items() if rate > 0)
         if not set_rates:
             return ""
-        return f"The run simulates faults ({set_rates}): lower them or --min-nodes"
+        return f"The run simulates faults ({set_rates}): lower them" + (" or --min-nodes" if self.cfg.min_nodes > 1 else "")
 
     def check_values(self, body: codec.Body) -> None:
         """Refuse checksum-valid values no honest node sends: beyond ±robust.value_limit."""

@@ -79,7 +79,7 @@ class FaultyTransport(InProcessTransport):
             elif corrupt < faults.corrupt:
                 body = bytearray(replies[n][0])
                 body[int(where * len(body))] ^= 0xFF
-                replies[n] = [bytes(body)]
+                replies[n] = [bytes(body), *replies[n][1:]]
             elif duplicate < faults.duplicate:
                 replies[n] = list(replies[n]) * 2
         return replies
