@@ -11,6 +11,7 @@ from mpfl.core.masks import keep_count
 from mpfl.experiment import Experiment
 from mpfl.node import Node, make_trainer
 from mpfl.protocol import NodeFailure
+from mpfl.sim import simulate
 
 
 def malicious(attack: str, **overrides) -> tuple[Node, Experiment]:
@@ -133,3 +134,20 @@ def test_a_silent_node_withholds_every_reply():
     node = malicious_node("silent")
     reply = node.handle("train", 1, [])
     assert isinstance(reply, NodeFailure) and "silent" in reply.reason
+
+
+@pytest.mark.parametrize("aggregator, bounded", [("mean", False), ("median", True), ("trimmed-mean", True),
+                                                 ("krum", True)])
+def test_forged_values_of_a_mask_round_reach_its_average_and_a_robust_aggregator_bounds_them(aggregator, bounded):
+    """A one-round mask phase averages the kept values its nodes send; a value attacker forges those
+    too, which the mean takes in and every robust aggregator leaves out."""
+    cfg = tiny_config(nodes=5, malicious=1, attack="large-values", aggregator=aggregator, mask_rounds=1, rounds=0)
+    largest = max(float(np.abs(w).max()) for w in simulate(cfg).weights)
+    assert (largest < 1.0) if bounded else largest == cfg.robust.value_limit / 2
+
+
+def test_top_k_nodes_forge_the_update_they_send():
+    clean = simulate(tiny_config(method="topk", nodes=4, rounds=1)).weights
+    forged = simulate(tiny_config(method="topk", nodes=4, rounds=1, malicious=1, attack="large-values")).weights
+    assert max(float(np.abs(w).max()) for w in clean) < 1.0
+    assert max(float(np.abs(w).max()) for w in forged) > 100.0  # a quarter of half the value limit, where kept

@@ -457,7 +457,7 @@ def test_an_aggregator_that_breaks_its_contract_mid_run_leaves_a_checkpoint_the_
     def mean_until_broken(tensors, weights, **_):
         calls["n"] += 1
         out = weighted_average(tensors, weights)
-        return out[:-1] if calls["broken"] and calls["n"] == 2 else out
+        return out[:-1] if calls["broken"] and calls["n"] == 3 else out  # the last mask round's average, then training
 
     register_aggregator("breaks-test", mean_until_broken)
     cfg = tiny_config(aggregator="breaks-test", rounds=3)

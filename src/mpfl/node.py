@@ -352,7 +352,8 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         scores = movement_scores(node.spec.pick(node.state.w0), node.spec.pick(kept), prune.extrapolate)
         out.append(codec.encode_mask(core_of(scores, new, prune.core_share), new, **coding))
     if node.method.averages(plan_step):
-        out.append(codec.encode_values(kept, node.spec.supports(new), round=step, base=node.state.version,
+        sent = node.forge_values(kept, start, step)
+        out.append(codec.encode_values(sent, node.spec.supports(new), round=step, base=node.state.version,
                                        num_samples=node.claimed_samples, dtype=node.value_dtype, exact=node.spec.statistics))
     return out
 
@@ -420,6 +421,7 @@ def topk_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         raise PayloadError("a top-k round needs the global weights")
     spec = node.spec
     trained, _ = node.trainer.train(weights, None, node.data, node.cfg.train.epochs, generator(*node.key(step)))
+    trained = node.forge_values(trained, weights, step)
     update = [t - w for t, w in zip(trained, weights)]
     residual = node.state.residual or [np.zeros(s, dtype=np.float32) for s in spec.prunable_shapes]
     density = node.steps[step].density

@@ -21,7 +21,7 @@ from . import codec
 from .codec import Kind
 from .config import Config
 from .core import masks
-from .core.aggregate import robust_average
+from .core.aggregate import holder_average, holder_robust_average, robust_average
 from .core.contract import checked_arrays
 from .core.history import MaskHistory
 from .core.memo import complement
@@ -420,3 +420,14 @@ class Server:
         robust = self.cfg.robust
         return robust_average([b.tensors for b in exchanged.replies.values()], exchanged.weights(), robust.aggregator,
                               trim=robust.trim, byzantine=robust.byzantine)
+
+    def average_held(self, kept: Sequence[Sequence[np.ndarray]], holds: Sequence[Mask], weights: Sequence[float],
+                     keep: Mask) -> Weights:
+        """The configured aggregate of values the nodes sent over their own masks (`holds`), on the
+        entries of `keep`: by default the weighted mean over each entry's holders; under a robust
+        aggregator, that aggregator, with the current weights standing in where a node holds nothing."""
+        robust = self.cfg.robust
+        if robust.aggregator == "mean":
+            return holder_average(kept, holds, weights, keep, self.state.weights)
+        return holder_robust_average(kept, holds, weights, keep, self.state.weights, robust.aggregator,
+                                     trim=robust.trim, byzantine=robust.byzantine)

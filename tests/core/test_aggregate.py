@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from mpfl.core.aggregate import checked_aggregate, normalise, register_aggregator, robust_average, weighted_average
+from mpfl.core.aggregate import (
+    checked_aggregate,
+    holder_average,
+    holder_robust_average,
+    normalise,
+    register_aggregator,
+    robust_average,
+    weighted_average,
+)
 from mpfl.errors import ConfigError, MethodError
 
 
@@ -67,3 +75,17 @@ def test_a_registered_aggregator_runs_by_name_and_one_with_the_wrong_parameters_
     assert out[0].tolist() == pytest.approx([0.25 * 1 + 0.75 * 0.5, 0.25 * -0.5 + 0.75 * -1])
     with pytest.raises(ConfigError, match=r"aggregator 'short-test'.*cannot be called as rule\(tensors, weights"):
         register_aggregator("short-test", lambda tensors: tensors[0])
+
+
+def test_a_robust_average_of_held_values_fills_what_a_node_does_not_hold_with_the_fallback():
+    """Hand-worked: three nodes' values over their own masks, the median of the filled-in tensors."""
+    holds = [[np.array([True, True, True, False])], [np.array([True, True, False, False])],
+             [np.array([True, False, False, True])]]
+    kept = [[np.array([1.0, 2.0, 3.0], dtype=np.float32)], [np.array([1.5, 100.0], dtype=np.float32)],
+            [np.array([2.0, 7.0], dtype=np.float32)]]
+    fallback = [np.full(4, 0.5, dtype=np.float32)]
+    keep = [np.array([True, True, True, False])]
+    # filled in: [1, 2, 3, .5], [1.5, 100, .5, .5], [2, .5, .5, 7]; medians [1.5, 2, .5, .5]; entry 3 not kept
+    got = holder_robust_average(kept, holds, [1.0, 1.0, 1.0], keep, fallback, "median")
+    np.testing.assert_array_equal(got[0], np.array([1.5, 2.0, 0.5, 0.0], dtype=np.float32))
+    assert holder_average(kept, holds, [1.0, 1.0, 1.0], keep, fallback)[0][1] == np.float32(51.0)  # its holders: (2 + 100) / 2

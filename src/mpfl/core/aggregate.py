@@ -55,6 +55,25 @@ def holder_average(kept: Sequence[Sequence[np.ndarray]], holds: Sequence[Sequenc
     return out
 
 
+def holder_robust_average(kept: Sequence[Sequence[np.ndarray]], holds: Sequence[Sequence[np.ndarray]],
+                          weights: Sequence[float], keep: Sequence[np.ndarray], fallback: Sequence[np.ndarray],
+                          rule: str, *, trim: float = 0.2, byzantine: int = 1) -> list[np.ndarray]:
+    """`holder_average` under a robust aggregator `rule`: each node stands for its own values where it
+    holds an entry and for `fallback` elsewhere, and `rule` combines those full tensors; entries outside
+    `keep` are 0. Averaged over its holders only, an entry that few nodes hold would take whatever
+    they sent; here it leans on `fallback` unless enough nodes agree on another value."""
+    full = []
+    for node, held in zip(kept, holds):
+        tensors = []
+        for values, where, previous in zip(node, held, fallback):
+            tensor = np.array(previous, dtype=np.float32)
+            tensor[where] = values
+            tensors.append(tensor)
+        full.append(tensors)
+    combined = robust_average(full, weights, rule, trim=trim, byzantine=byzantine)
+    return [np.where(k, c, np.float32(0)) for k, c in zip(keep, combined)]
+
+
 Aggregator = Callable[..., list[np.ndarray]]
 AGGREGATORS: Registry[Aggregator] = registry("aggregator")
 """Rules `rule(tensors, weights, *, trim, byzantine) -> tensors` that combine the nodes' values."""

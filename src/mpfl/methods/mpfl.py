@@ -31,7 +31,6 @@ import numpy as np
 
 from .. import codec
 from ..core import adapt, masks
-from ..core.aggregate import holder_average
 from ..core.consensus import VoteContext, agreement_weights, consensus, tally, trimmed_tally, with_cores
 from ..protocol import TASK_ADAPT, TASK_MASK, Round, Step
 from .base import MaskedMethod
@@ -135,9 +134,9 @@ class Mpfl(MaskedMethod):
         new = consensus(votes, support, prune.consensus, ctx)
         if averaging:
             counted = [(n, w) for n, w in zip(voted, weights) if w > 0]
-            state.weights = holder_average([extras[n]["values"] for n, _ in counted],
-                                        [extras[n]["holds"] for n, _ in counted],
-                                        [w for _, w in counted], server.spec.supports(new), state.weights)
+            state.weights = server.average_held([extras[n]["values"] for n, _ in counted],
+                                                [extras[n]["holds"] for n, _ in counted],
+                                                [w for _, w in counted], server.spec.supports(new))
         agreement = float(np.mean([masks.agreement(m, new, support) for m in local]))
         shares = np.asarray(weights) / np.sum(weights)
         return exchanged, new, {"agreement": agreement,
