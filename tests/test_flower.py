@@ -229,7 +229,7 @@ class LoopbackGrid:
         try:
             reply = client_app.app(msg, self.contexts[node])
         except Exception as exc:  # the SuperNode turns a ClientApp exception into an error reply
-            reply = Message(Error(code=2, reason=str(exc)), reply_to=msg)
+            reply = Message(Error(code=2, reason=str(type(exc)) + ":<'" + str(exc) + "'>"), reply_to=msg)  # as Flower
         if train and node in self.garble and reply.has_content():
             bodies = [b[:-1] + bytes([b[-1] ^ 1]) for b in unpack(reply.content)]
             reply = Message(pack(bodies), reply_to=msg)
@@ -646,3 +646,12 @@ def test_sampled_mask_rounds_on_the_apps_ask_the_nodes_the_simulator_asks(tmp_pa
     assert all(len(r["nodes"]) == 2 for r in sim.records)
     types = [m.metadata.message_type for m in grid.sent]
     assert types.count("train.mask") == 2 * 3
+
+
+def test_a_client_apps_exception_reads_as_its_type_and_message():
+    from mpfl.flower.transport import error_reason
+
+    flower = "<class 'mpfl.errors.ConfigError'>:<'partition-id = 7 is outside 0..2'>"
+    assert error_reason(flower) == "ConfigError: partition-id = 7 is outside 0..2"
+    assert error_reason("<class 'ValueError'>:<'two\nlines'>") == "ValueError: two\nlines"
+    assert error_reason("node unavailable") == "node unavailable"  # Flower's own reasons stay as they are

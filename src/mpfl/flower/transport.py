@@ -15,6 +15,7 @@ with the others if at least ``min_nodes`` remain.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from logging import INFO, WARNING
@@ -58,6 +59,16 @@ def _pull(grid: Grid, ids: set[str], timeout: float) -> dict[str, Message]:
     return replies
 
 
+CLIENT_APP_EXCEPTION = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+"""How Flower reports an exception its ClientApp raised: ``<class 'ZeroDivisionError'>:<'division by zero'>``."""
+
+
+def error_reason(reason: str) -> str:
+    """An error reply's reason as a log line reads it: a ClientApp's exception as ``Type: message``."""
+    raised = CLIENT_APP_EXCEPTION.fullmatch(reason.strip())
+    return f"{raised[1]}: {raised[2]}" if raised else reason
+
+
 def send(grid: Grid, messages: Mapping[K, Message], timeout: float) -> dict[K, Message | NodeFailure]:
     """Send `messages` and wait up to `timeout` seconds; map each key to its reply or the failure."""
     keys, sent = list(messages), list(messages.values())
@@ -73,7 +84,7 @@ def send(grid: Grid, messages: Mapping[K, Message], timeout: float) -> dict[K, M
         elif reply is None:
             out[key] = NodeFailure(f"no reply within {timeout:g} s")
         elif reply.has_error():
-            out[key] = NodeFailure(f"error reply (Flower code {reply.error.code}): {reply.error.reason}")
+            out[key] = NodeFailure(f"error reply (Flower code {reply.error.code}): {error_reason(reply.error.reason)}")
         else:
             out[key] = reply
     return out
