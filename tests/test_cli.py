@@ -673,3 +673,36 @@ def test_mpfl_run_prints_its_end_notes_on_stderr_after_the_summary(tmp_path, cap
     assert "note: the final accuracy" in err
     assert main(["run", *SMALL, "--out", str(tmp_path / "q")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_named():
+    from mpfl.cli import idle_flags
+
+    def notes(given: list[str], **overrides) -> list[str]:
+        return idle_flags(Config().with_overrides(overrides), given)
+
+    assert notes(["attack"], method="fedavg", malicious=1, attack="inverted-mask") == [
+        "--attack inverted-mask has no effect with --method fedavg: it forges the masks nodes vote with, and this "
+        "method takes no votes"]
+    assert notes(["attack"], malicious=1, attack="inverted-mask") == []  # mpfl's nodes vote
+    assert notes(["attack"], method="fedavg", malicious=1, attack="sign-flip") == []  # every method sends values
+    assert notes(["attack_scale"], malicious=1, attack="sign-flip", attack_scale=3) == [
+        "--attack-scale has no effect with --attack sign-flip (only --attack scale reads it)"]
+    assert notes(["attack_samples"], attack_samples=100) == [
+        "--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
+    assert notes(["trim"], trim=0.3) == ["--trim has no effect with --aggregator mean"]
+    assert notes(["trim"], trim=0.3, vote_weighting="trimmed") == []  # the votes are trimmed
+    assert notes(["byzantine"], byzantine=2, aggregator="median") == ["--byzantine has no effect with --aggregator median"]
+    assert notes(["vote_weighting"], method="fedavg", vote_weighting="samples") == [
+        "--vote-weighting has no effect with --method fedavg, which takes no mask votes"]
+    # int(0.2 x 4) = 0: neither the trimmed mean nor trimmed votes leave anyone out of 4 nodes
+    none_trimmed = ["--trim 0.2 of the 4 nodes of a round trims none (int(trim x nodes) from each end); raise --trim "
+                    "to at least 0.25 or ask more nodes"]
+    assert notes(["aggregator"], nodes=4, aggregator="trimmed-mean") == none_trimmed
+    assert notes(["vote_weighting", "trim"], nodes=4, vote_weighting="trimmed") == none_trimmed
+    assert notes(["aggregator"], nodes=5, aggregator="trimmed-mean") == []
+    assert notes(["aggregator", "byzantine"], nodes=5, aggregator="krum", byzantine=2) == [
+        "Krum withstands --byzantine 2 malicious nodes only with at least 7 replies a round, and a round here asks 5"]
+    assert notes(["aggregator", "byzantine"], nodes=10, fraction=0.5, aggregator="krum", byzantine=2) == [
+        "Krum withstands --byzantine 2 malicious nodes only with at least 7 replies a round, and a round here asks 5"]
+    assert notes(["aggregator", "byzantine"], nodes=10, aggregator="krum", byzantine=3) == []

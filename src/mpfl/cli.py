@@ -326,9 +326,50 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
         elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
             notes.append(f"--options {', '.join(cfg.plugin_options)} has no effect: only plug-ins read options, and this run "
                          "loads none (name them with --plugins)")
+        elif name in ("attack", "attack_scale", "attack_samples", "trim", "byzantine", "vote_weighting", "aggregator"):
+            notes += [note for note in _idle_trust_flag(cfg, name) if note not in notes]
         elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
                                              ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
             notes.append(f"{_flag(name)} has no effect with --consensus {cfg.prune.consensus}")
+    return notes
+
+
+BUILT_IN_AGGREGATORS_WITHOUT = {"trim": ("mean", "median", "krum"), "byzantine": ("mean", "trimmed-mean", "median")}
+"""The built-in aggregators that ignore --trim or --byzantine (a plug-in aggregator is given both)."""
+
+
+def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
+    """Notes on an attack or robustness flag the run leaves without effect, or with less than it
+    seems: a mask attack where no node votes, a trim that rounds to no node, Krum with too few replies."""
+    from .attacks import ATTACKS
+    from .methods import method_of
+    from .methods.mpfl import Mpfl
+
+    faults, robust, method = cfg.faults, cfg.robust, method_of(cfg)
+    asked = min(cfg.nodes, max(cfg.min_nodes, round(cfg.train.fraction * cfg.nodes)))
+    votes = isinstance(method, Mpfl)
+    no_votes = not votes and type(method).__module__.startswith("mpfl.")  # a plug-in method may take votes
+    trims_votes = votes and robust.vote_weighting == "trimmed"
+    if name == "attack" and ATTACKS.get(faults.attack).kind == "mask" and no_votes:
+        return [f"--attack {faults.attack} has no effect with --method {cfg.method}: it forges the masks nodes vote "
+                "with, and this method takes no votes"]
+    if name == "attack_scale" and faults.attack != "scale":
+        return [f"--attack-scale has no effect with --attack {faults.attack} (only --attack scale reads it)"]
+    if name == "attack_samples" and not faults.malicious:
+        return ["--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
+    if name == "vote_weighting" and no_votes:
+        return [f"--vote-weighting has no effect with --method {cfg.method}, which takes no mask votes"]
+    if name in BUILT_IN_AGGREGATORS_WITHOUT and robust.aggregator in BUILT_IN_AGGREGATORS_WITHOUT[name] and \
+            not (name == "trim" and trims_votes):
+        return [f"{_flag(name)} has no effect with --aggregator {robust.aggregator}"]
+    notes = []
+    if name in ("trim", "aggregator", "vote_weighting") and (robust.aggregator == "trimmed-mean" or trims_votes) and \
+            int(robust.trim * asked) == 0:
+        notes.append(f"--trim {robust.trim:g} of the {asked} nodes of a round trims none (int(trim x nodes) from each "
+                     f"end); raise --trim to at least {1 / asked:.2g} or ask more nodes")
+    if name in ("byzantine", "aggregator") and robust.aggregator == "krum" and asked < 2 * robust.byzantine + 3:
+        notes.append(f"Krum withstands --byzantine {robust.byzantine} malicious nodes only with at least "
+                     f"{2 * robust.byzantine + 3} replies a round, and a round here asks {asked}")
     return notes
 
 
