@@ -706,3 +706,17 @@ def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_n
     assert notes(["aggregator", "byzantine"], nodes=10, fraction=0.5, aggregator="krum", byzantine=2) == [
         "Krum withstands --byzantine 2 malicious nodes only with at least 7 replies a round, and a round here asks 5"]
     assert notes(["aggregator", "byzantine"], nodes=10, aggregator="krum", byzantine=3) == []
+
+
+def test_report_and_export_send_a_run_that_recorded_nothing_to_a_new_start_not_to_a_resume(tmp_path, capsys):
+    """Faults on every node stop the run at its first round; a resume would only repeat that."""
+    runs = tmp_path / "runs"
+    assert main(["run", *SMALL, "--dropout", "1", "--out", str(runs / "faulty")]) == 2
+    assert main(["run", *SMALL, "--out", str(runs / "fine")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert "faulty" in err and "stopped before its first round (nothing was recorded); remove that folder" in err
+    assert "--resume" not in err
+    assert main(["export", str(runs / "faulty"), "--out", str(tmp_path / "export")]) == 2
+    assert "stopped before its first round (nothing was recorded)" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_device_costs_follow_the_final_mask(runs, report):
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """cnn FedAvg and MPFL beside mlp MPFL, a repeat of one seed, a run without training rounds
-    (so without accuracy) and a run interrupted before its first round."""
+    (so without accuracy) and a run interrupted after its first round."""
     root = tmp_path_factory.mktemp("mixed")
     small = {"nodes": 2, "train_samples": 600, "test_samples": 200, "mask_rounds": 1, "rounds": 1}
     simulate(tiny_config(**small, model="cnn", method="fedavg"), root / "cnn-fedavg")
@@ -214,9 +214,13 @@ def mixed(tmp_path_factory):
     simulate(tiny_config(**small), root / "mlp-mpfl")
     simulate(tiny_config(**small), root / "mlp-mpfl-repeat")
     simulate(tiny_config(**{**small, "rounds": 0}), root / "mlp-no-training")
-    (root / "unfinished").mkdir()
-    (root / "unfinished" / "config.toml").write_text((root / "mlp-mpfl" / "config.toml").read_text())
+    with pytest.raises(KeyboardInterrupt):
+        simulate(tiny_config(**small), root / "unfinished", on_round=_interrupt)
     return root
+
+
+def _interrupt(record: dict) -> None:
+    raise KeyboardInterrupt
 
 
 def test_runs_of_different_models_are_reported_apart(mixed, tmp_path):
@@ -263,7 +267,7 @@ def test_a_run_still_going_is_skipped_as_running_not_as_one_to_resume(mixed, tmp
         os.close(fd)
         os.unlink(mixed / "unfinished" / ".lock")
     err = capsys.readouterr().err
-    assert "still running (0 rounds recorded so far); report on it once it has finished" in err
+    assert "still running (1 round recorded so far); report on it once it has finished" in err
     assert "--resume" not in err
 
 

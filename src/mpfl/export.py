@@ -49,7 +49,7 @@ from .files import atomic_write, refuse_link, sync_folder
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .models import build_model
-from .records import CONFIG, SUMMARY
+from .records import CONFIG, STOPPED_BEFORE_ROUND_1, SUMMARY, recorded_nothing
 from .resume import refusal
 
 EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
@@ -165,6 +165,8 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     if not (run / CONFIG).is_file():
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
     if not (run / FINAL).exists() and not (run / SUMMARY).exists():
+        if recorded_nothing(run):
+            raise ExportError(f"{run} holds a run that {STOPPED_BEFORE_ROUND_1}; there is nothing to export")
         why = refusal(run)
         raise ExportError(f"{run} holds a run that has not finished (it has no {SUMMARY} yet); "
                           + (f"it cannot be resumed either: {why}" if why else

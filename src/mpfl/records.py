@@ -173,6 +173,16 @@ def is_run_record(path: Path) -> bool:
     return path.name in RUN_FILES and (path.parent / CONFIG).is_file()
 
 
+STOPPED_BEFORE_ROUND_1 = "stopped before its first round (nothing was recorded); remove that folder to start there again"
+
+
+def recorded_nothing(path: Path) -> bool:
+    """Whether the run in `path` stopped before its first round: no checkpoint and an empty or missing
+    log (a resume would only repeat what stopped it, such as a missing option or faults on every node)."""
+    log = path / ROUNDS_JSONL
+    return not (path / CHECKPOINT).exists() and not (log.is_file() and log.stat().st_size)
+
+
 def check_run_dir(path: Path, *, resume: bool = False) -> None:
     """Refuse a run directory that is a file, a dangling link, in use by another process or already holds
     results (unless resuming it)."""
@@ -184,10 +194,8 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
     refuse_if_locked(path)
     if not resume and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         if (path / CONFIG).is_file() and not (path / SUMMARY).is_file():
-            log = path / ROUNDS_JSONL
-            if not (path / CHECKPOINT).exists() and not (log.is_file() and log.stat().st_size):
-                raise ConfigError(f"run directory {str(path)!r} holds a run that stopped before its first round "
-                                  "(nothing was recorded); remove that folder to start there again, or choose "
+            if recorded_nothing(path):
+                raise ConfigError(f"run directory {str(path)!r} holds a run that {STOPPED_BEFORE_ROUND_1}, or choose "
                                   "another --out")
             raise ConfigError(f"run directory {str(path)!r} holds an unfinished run; continue it with "
                               f"mpfl run --resume {path}, or choose another --out")

@@ -50,7 +50,18 @@ from .files import atomic_write, refuse_link
 from .locks import refuse_if_locked
 from .methods import METHODS
 from .partition import PARTITIONS
-from .records import CONFIG, ROUNDS_JSONL, RUNNER, SUMMARY, is_flower_run, is_run_record, read_rounds, read_summary
+from .records import (
+    CONFIG,
+    ROUNDS_JSONL,
+    RUNNER,
+    STOPPED_BEFORE_ROUND_1,
+    SUMMARY,
+    is_flower_run,
+    is_run_record,
+    read_rounds,
+    read_summary,
+    recorded_nothing,
+)
 from .resume import refusal
 
 FIGSIZE, DPI = (7.0, 4.5), 120
@@ -224,18 +235,20 @@ def _unfinished(path: Path) -> str:
         records, damage = [], None
     except (OSError, ValueError) as exc:
         records, damage = [], exc
-    done = len(records)
+    recorded = f"{len(records)} round{'' if len(records) == 1 else 's'} recorded"
     try:
         refuse_if_locked(path)
     except RunDirError:
-        return f"still running ({done} rounds recorded so far); report on it once it has finished"
+        return f"still running ({recorded} so far); report on it once it has finished"
     if damage is not None:
         return f"unfinished, and cannot be read ({type(damage).__name__}: {damage})"
+    if recorded_nothing(path):
+        return f"unfinished: it {STOPPED_BEFORE_ROUND_1}"
     if is_flower_run(records):
-        return f"unfinished Flower run ({done} rounds recorded, no summary.json), which cannot be resumed"
+        return f"unfinished Flower run ({recorded}, no summary.json), which cannot be resumed"
     if (why := refusal(path, plugins=False)) is not None:  # a report runs no plug-in's code
-        return f"unfinished ({done} rounds recorded, no summary.json), and cannot be resumed: {why}"
-    return f"unfinished ({done} rounds recorded, no summary.json); finish it with mpfl run --resume {path}"
+        return f"unfinished ({recorded}, no summary.json), and cannot be resumed: {why}"
+    return f"unfinished ({recorded}, no summary.json); finish it with mpfl run --resume {path}"
 
 
 def _finished_run(path: Path) -> Run:
