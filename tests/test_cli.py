@@ -660,7 +660,10 @@ def test_a_final_accuracy_well_below_the_runs_best_is_noted_with_the_best_round(
     assert end_notes(momentum, records, {**fell, "final_accuracy": 0.91}) == []  # 4 points: within a run's swing
     limited = end_notes(momentum, records[:4], {"limited_counts": {"2": 5000}, "final_accuracy": 0.95,
                                                 "best_accuracy": 0.95})
-    assert [n.split(" claimed")[0] for n in limited] == ["1 of 10 nodes"]
+    assert [n.split(" claimed")[0] for n in limited] == ["1 of 10 nodes"] and "raise --count-limit" in limited[0]
+    forged = end_notes(momentum, records[:4], {"limited_counts": {"2": 5000}, "malicious_nodes": [2, 7],
+                                               "final_accuracy": 0.95, "best_accuracy": 0.95})
+    assert forged[0].endswith("(summary.json: limited_counts); all of them the run's malicious nodes")
 
 
 def test_mpfl_run_prints_its_end_notes_on_stderr_after_the_summary(tmp_path, capsys, monkeypatch):

@@ -269,10 +269,12 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> lis
     round's; with server momentum, the sign of a run overshooting or diverging)."""
     notes = []
     if limited := summary["limited_counts"]:
+        attackers = {str(n) for n in summary.get("malicious_nodes", [])}
+        advice = ("all of them the run's malicious nodes" if set(limited) <= attackers else
+                  "for honest nodes of an uneven split, raise --count-limit to weigh them by their own counts")
         notes.append(f"{len(limited)} of {cfg.nodes} nodes claimed more than --count-limit "
                      f"({cfg.robust.count_limit:g}) times the median node's training samples and weighed as holding "
-                     "that many (summary.json: limited_counts); for honest nodes of an uneven split, raise "
-                     "--count-limit to weigh them by their own counts")
+                     f"that many (summary.json: limited_counts); {advice}")
     final, best = summary["final_accuracy"], summary["best_accuracy"]
     if final is not None and best - final > FALL_FROM_BEST:
         at = next(r for r in records if r["accuracy"] == best)
