@@ -474,3 +474,15 @@ def test_a_report_runs_no_plug_in_code_named_by_an_unfinished_runs_config(runs, 
     out = " ".join((printed.err + printed.out).split())
     assert f"skipped {run}: unfinished (" in out and "and cannot be resumed: " in out  # the log needs no config
     assert not (tmp_path / "imported").exists()
+
+
+def test_an_ablation_baseline_that_is_not_the_package_default_names_its_settings(tmp_path):
+    """Two runs at lr 0.1 and one at the default 0.05: the variant-less row is the lr 0.1 one, and its
+    label says so instead of reading as the package's defaults."""
+    from mpfl.report import ablation_labels
+
+    small = {"nodes": 2, "train_samples": 400, "test_samples": 100, "mask_rounds": 1, "rounds": 1}
+    for name, lr, seed in (("a", 0.1, 0), ("b", 0.1, 1), ("c", 0.05, 0)):
+        simulate(tiny_config(**small, lr=lr, seed=seed), tmp_path / name)
+    groups = group_runs(load_runs([tmp_path]))
+    assert sorted(ablation_labels(groups)) == ["mpfl: baseline (lr=0.1)", "mpfl: lr=0.05"]

@@ -634,9 +634,8 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
 def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
     """Final accuracy of each variant against its method's baseline (dashed), mean ± std over seeds."""
     fig, ax = _figure(f"Variants: {title}", "final test accuracy (%)", "")
-    several = len({g.first.summary["sparsity"] for g in groups if not g.first.reference}) > 1
     y = np.arange(len(groups))[::-1]
-    labels, colors = [], _palette(groups)
+    colors = _palette(groups)
     for yi, g in zip(y, groups):
         mean, std = _mean_std(g.per_seed("final_accuracy"))
         color = colors[g.first.method]
@@ -644,15 +643,27 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
             ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
         ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,
                     markerfacecolor="white" if not g.variant else color)
-        where = f" @ {g.first.summary['sparsity']:g}" if several and not g.first.reference else ""
-        labels.append(textwrap.fill(f"{g.first.method}{where}: {format_variant(g.variant) or 'baseline'}",
-                                    ABLATION_LABEL_WIDTH))
+    labels = ablation_labels(groups)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(-0.7, len(groups) - 0.3)
     label_lines = sum(label.count("\n") + 1 for label in labels)
     fig.set_size_inches(FIGSIZE[0], max(FIGSIZE[1], ABLATION_INCHES_PER_LINE * label_lines + 1.5))
     fig.savefig(path)
     return path
+
+
+def ablation_labels(groups: Sequence[Group]) -> list[str]:
+    """Each group's line in the ablation plot: its method and variant, or "baseline", which names the
+    settings it shares with the other rows where they are not the package's defaults."""
+    several = len({g.first.summary["sparsity"] for g in groups if not g.first.reference}) > 1
+    unnamed = unnamed_settings(groups)
+    baseline = f"baseline ({', '.join(unnamed)})" if unnamed else "baseline"
+    labels = []
+    for g in groups:
+        where = f" @ {g.first.summary['sparsity']:g}" if several and not g.first.reference else ""
+        labels.append(textwrap.fill(f"{g.first.method}{where}: {format_variant(g.variant) or baseline}",
+                                    ABLATION_LABEL_WIDTH))
+    return labels
 
 
 def _ablation_groups(groups: Sequence[Group]) -> list[Group]:
