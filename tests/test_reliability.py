@@ -431,3 +431,12 @@ def test_robust_consensus_keeps_the_mask_close_to_the_clean_run():
     bad = {str(n) for n in malicious_ids(tiny_config(**base, malicious=2, attack="inverted-mask"))}
     assert max(weights[n] for n in bad) < min(w for n, w in weights.items() if n not in bad) / 5
     assert json.dumps(robust.summary["malicious_nodes"]) == json.dumps(sorted(int(n) for n in bad))
+
+
+def test_a_round_whose_replies_all_pass_the_value_limit_says_to_raise_it():
+    with pytest.raises(RoundError, match=r"values beyond ±0\.05 .*If honest nodes' values reach ±0\.05 .*raise "
+                                         r"--value-limit"):
+        simulate(tiny_config(method="fedavg", rounds=1, value_limit=0.05))
+    with pytest.raises(RoundError) as faults_only:
+        simulate(tiny_config(method="fedavg", rounds=1, dropout=1.0))
+    assert "value-limit" not in str(faults_only.value)

@@ -110,6 +110,10 @@ class ServerState:
     """The server's momentum in the training phase (`train.server_momentum`), on the current mask; None before its first step."""
 
 
+VALUE_LIMIT = "robust.value_limit"
+"""The setting a reply refused for its values' size is named by (`Server.check_values`)."""
+
+
 class Server:
     """Drives a whole run, one step at a time, through the hooks of the configured method.
     After every round, `clear` (`Experiment.cleared`) gives the global weights the form the nodes train them in."""
@@ -274,7 +278,8 @@ class Server:
             detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
                              f"than min_nodes = {self.cfg.min_nodes}" + "".join(f". {part}" for part in
-                                                                              (detail, self._fault_hint()) if part))
+                                                                              (detail, self._fault_hint(),
+                                                                               self._limit_hint(exchanged)) if part))
         cap = self.count_cap()
         exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
         return exchanged
@@ -289,13 +294,20 @@ class Server:
             return ""
         return f"The run simulates faults ({set_rates}): lower them" + (" or --min-nodes" if self.cfg.min_nodes > 1 else "")
 
+    def _limit_hint(self, exchanged: Round) -> str:
+        """What to change when replies were refused for values beyond the limit (nothing otherwise)."""
+        if not any(VALUE_LIMIT in reason for reason in exchanged.dropped.values()):
+            return ""
+        return (f"If honest nodes' values reach ±{self.cfg.robust.value_limit:g} (a large learning rate, an "
+                "unnormalised model), raise --value-limit")
+
     def check_values(self, body: codec.Body) -> None:
         """Refuse checksum-valid values no honest node sends: beyond ±robust.value_limit."""
         if body.kind == Kind.MASK:
             return
         limit = self.cfg.robust.value_limit
         if any(t.size and float(np.abs(t).max()) > limit for t in body.tensors):
-            raise PayloadError(f"values beyond ±{limit:g} (robust.value_limit)")
+            raise PayloadError(f"values beyond ±{limit:g} ({VALUE_LIMIT})")
 
     def adopt_mask(self, step: Step, mask: Mask) -> None:
         """Make `mask` the current mask, as version `step.step` (the step that produced it)."""
