@@ -159,3 +159,11 @@ def test_round_records_and_the_summary_have_the_keys_their_contracts_name_with_t
     assert {"hamming", "agreement", "vote_weights"} <= set(written[0])
     assert set(result.summary) <= set(typing.get_type_hints(RunSummary)) and summary_problem(result.summary) is None
     assert any("swapped" in r for r in written if r["phase"] == "train")  # an adaptation round
+
+
+def test_a_rounds_dropped_nodes_name_each_reason_once_in_the_order_first_seen():
+    from mpfl.progress import round_text
+
+    dropped = {"0": "no reply within 60 s", "2": "rejected: checksum mismatch", "3": "no reply within 60 s"}
+    assert round_text(_record(1, "train", 1.0, dropped=dropped), 2, None).endswith(
+        "  dropped nodes 0, 3: no reply within 60 s; node 2: rejected: checksum mismatch")

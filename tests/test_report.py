@@ -325,7 +325,8 @@ def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):
         flower = tmp_path / f"flower-{seed}"
         shutil.copytree(runs / f"mpfl-{seed}", flower)
         summary = read_summary(flower)
-        summary.update(runner="flower-deployment", lost_nodes=[lost] if seed else [], bytes_eval_down=1_593_792,
+        summary.update(runner="flower-deployment", lost_nodes=[lost, {**lost, "node": 2}] if seed else [],
+                       bytes_eval_down=1_593_792,
                        bytes_eval_up=48, final_accuracy=summary["final_accuracy"] - 0.1)
         (flower / "summary.json").write_text(json.dumps(summary))
     out = tmp_path / "report"
@@ -341,8 +342,8 @@ def test_runs_of_different_runners_are_never_averaged_together(runs, tmp_path):
     text = (out / "report.md").read_text()
     assert "| Eval down (MB) | Eval up (B) |" in text and "| 1.59 | 48 |" in text
     assert "| – | – |" in text  # the simulator's row: it has no federated evaluation, not one of 0 bytes
-    assert (f"- `{tmp_path / 'flower-1'}` (flower-deployment): node 1 from step 3 (train): "
-            "SuperNode 42 is no longer connected") in text
+    assert (f"- `{tmp_path / 'flower-1'}` (flower-deployment): node 1, node 2 from step 3 (train): "
+            "SuperNode 42 is no longer connected") in text  # one line for the nodes lost alike
 
 
 @pytest.mark.parametrize("name", ["report.md", PLOTS[0], "rows.json"])

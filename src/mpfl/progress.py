@@ -17,7 +17,7 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .protocol import Step
+from .protocol import Step, dropped_text
 
 LOG_FORMATS = ("auto", "text", "json")
 
@@ -63,7 +63,7 @@ def round_text(record: dict, total: int, eta: float | None) -> str:
             f"density {record['density']:.3f}  {mb:8.2f} MB  {record.get('time') or 0:5.1f} s  "
             f"eta {format_seconds(eta)}")
     if record.get("dropped"):
-        text += "  dropped " + ", ".join(f"node {n}: {why}" for n, why in record["dropped"].items())
+        text += "  dropped " + dropped_text(record["dropped"])
     return text
 
 

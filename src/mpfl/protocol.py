@@ -159,6 +159,16 @@ class Round:
         return [self.counts[node] for node in self.replies]
 
 
+def dropped_text(dropped: Mapping[Any, str]) -> str:
+    """A round's dropped nodes as one line, each reason once with the nodes it dropped
+    (``nodes 0, 2: no reply within 60 s; node 3: rejected: ...``), in the order first seen."""
+    by_reason: dict[str, list[str]] = {}
+    for node, reason in dropped.items():
+        by_reason.setdefault(reason, []).append(str(node))
+    return "; ".join(f"node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}: {reason}"
+                     for reason, nodes in by_reason.items())
+
+
 def bytes_sent(requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> int:
     """The bytes of the requests that actually left: all but those the transport reports as never sent."""
     return sum(len(body) for node, bodies in requests.items()

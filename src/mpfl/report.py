@@ -707,8 +707,13 @@ def _section_plots(groups: Sequence[Group], out: Path,
 
 def _lost_nodes(runs: Sequence[Run]) -> list[str]:
     """Markdown lines listing the nodes each run lost or left out, with the step and the reason (none if no run lost any)."""
-    lines = [f"- `{r.path}` ({r.flat['runner']}): {_node_name(e)} from step {e['step']} ({e['phase']}): {e['reason']}"
-             for r in runs for e in r.summary.get("lost_nodes", [])]
+    lines = []
+    for r in runs:
+        same: dict[tuple, list[str]] = {}  # nodes lost at one step for one reason share a line
+        for e in r.summary.get("lost_nodes", []):
+            same.setdefault((e["step"], e["phase"], e["reason"]), []).append(_node_name(e))
+        lines += [f"- `{r.path}` ({r.flat['runner']}): {', '.join(names)} from step {step} ({phase}): {reason}"
+                  for (step, phase, reason), names in same.items()]
     return ["## Lost nodes", "", *lines, ""] if lines else []
 
 

@@ -37,6 +37,7 @@ from .protocol import (
     Step,
     Transport,
     bytes_sent,
+    dropped_text,
     mistyped,
     type_hints,
 )
@@ -275,7 +276,7 @@ class Server:
             except PayloadError as exc:
                 exchanged.dropped[node] = f"rejected: {exc}"
         if len(exchanged.replies) < self.cfg.min_nodes:
-            detail = "; ".join(f"node {n}: {r}" for n, r in sorted(exchanged.dropped.items()))
+            detail = dropped_text(dict(sorted(exchanged.dropped.items())))
             raise RoundError(f"step {step.step} ({step.phase}): only {len(exchanged.replies)} valid replies, fewer "
                              f"than min_nodes = {self.cfg.min_nodes}" + "".join(f". {part}" for part in
                                                                               (detail, self._fault_hint(),
