@@ -691,6 +691,10 @@ def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_n
     assert notes(["attack"], method="fedavg", malicious=1, attack="sign-flip") == []  # every method sends values
     assert notes(["attack_scale"], malicious=1, attack="sign-flip", attack_scale=3) == [
         "--attack-scale has no effect with --attack sign-flip (only --attack scale reads it)"]
+    assert notes(["malicious"], nodes=4, malicious=2, attack="sign-flip") == [
+        "--malicious 2 of 4 nodes leaves no honest majority, which every robust rule needs to tell the honest nodes "
+        "apart (docs/trust.md)"]
+    assert notes(["malicious"], nodes=5, malicious=2, attack="sign-flip") == []
     assert notes(["attack_samples"], attack_samples=100) == [
         "--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
     assert notes(["trim"], trim=0.3) == ["--trim has no effect with --aggregator mean"]

@@ -328,7 +328,8 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
         elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
             notes.append(f"--options {', '.join(cfg.plugin_options)} has no effect: only plug-ins read options, and this run "
                          "loads none (name them with --plugins)")
-        elif name in ("attack", "attack_scale", "attack_samples", "trim", "byzantine", "vote_weighting", "aggregator"):
+        elif name in ("attack", "attack_scale", "attack_samples", "malicious", "trim", "byzantine", "vote_weighting",
+                      "aggregator"):
             notes += [note for note in _idle_trust_flag(cfg, name) if note not in notes]
         elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
                                              ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
@@ -357,6 +358,9 @@ def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
                 "with, and this method takes no votes"]
     if name == "attack_scale" and faults.attack != "scale":
         return [f"--attack-scale has no effect with --attack {faults.attack} (only --attack scale reads it)"]
+    if name == "malicious" and 2 * faults.malicious >= cfg.nodes:
+        return [f"--malicious {faults.malicious} of {cfg.nodes} nodes leaves no honest majority, which every "
+                "robust rule needs to tell the honest nodes apart (docs/trust.md)"]
     if name == "attack_samples" and not faults.malicious:
         return ["--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
     if name == "vote_weighting" and no_votes:
