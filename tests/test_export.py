@@ -302,3 +302,45 @@ def test_a_scratch_folder_left_by_a_killed_export_neither_blocks_nor_stays(struc
     (out / ".export-killed.tmp" / "model.pt").write_bytes(b"half")
     export_run(structured_run.run_dir, out, formats=["state_dict"], repeats=2)
     assert {p.name for p in out.iterdir()} == {"model.pt", "mask.bin", "export.json"}
+
+
+def test_a_run_that_pruned_nothing_exports_its_dense_state_dict(tmp_path, test_batch):
+    """Sparse tensors of an unpruned model would only add indices: twice the dense bytes, called pruned."""
+    run = simulate(tiny_config(**{**SMALL, "method": "fedavg"}), tmp_path / "fedavg")
+    info = export_run(run.run_dir, tmp_path / "export", repeats=1)
+    assert info["formats"] == ["state_dict"] and info["primary"] == "state_dict" and info["density"] == 1.0
+    assert info["pruned"]["bytes"] == info["dense"]["bytes"] and info["pruned"]["latency_note"] is None
+    reference = logits(masked_model(run, False), test_batch)
+    torch.testing.assert_close(logits(load_export(tmp_path / "export"), test_batch), reference, rtol=0, atol=0)
+
+
+def test_a_filter_runs_sparse_export_reports_the_full_size_model_it_holds(structured_run, tmp_path):
+    """Asked for sparse tensors only, the figures are those of the masked full-size model in the file,
+    not of the shrunk model no file holds."""
+    info = export_run(structured_run.run_dir, tmp_path, formats=["sparse"], repeats=1)
+    dense, kept = info["dense"], sum(int(m.sum()) for m in structured_run.mask)
+    spec = param_spec(build_model("mlp", (1, 28, 28), 10), structured=True)
+    assert info["primary"] == "sparse"
+    assert info["pruned"]["parameters"] == dense["parameters"] - (int(spec.prunable_sizes.sum()) - kept)
+    assert info["pruned"]["flops"] == sum(layer["pruned_flops"] for layer in info["layers"]) < dense["flops"]
+    assert info["pruned"]["latency_note"].startswith("dense kernels")
+
+
+def test_loading_an_export_of_a_plug_in_model_says_to_import_the_plug_in_first(unstructured_run, tmp_path):
+    export_run(unstructured_run.run_dir, tmp_path, repeats=1)
+    info = json.loads((tmp_path / "export.json").read_text())
+    (tmp_path / "export.json").write_text(json.dumps({**info, "model": "users-own-net", "plugins": ["nets.py"]}))
+    with pytest.raises(ExportError, match=r"'users-own-net' comes from a plug-in of the run \(nets\.py\): import it "
+                                          r"first .* or load the TorchScript file with torch\.jit\.load"):
+        load_export(tmp_path)
+
+
+def test_a_file_of_a_run_or_the_run_folder_given_for_its_export_names_the_folder_to_give(unstructured_run, tmp_path,
+                                                                                          capsys):
+    run = tmp_path / "run"
+    shutil.copytree(unstructured_run.run_dir, run)
+    assert main(["export", str(run / "config.toml"), "--out", str(run.parent / "x")]) == 2
+    assert f"{run / 'config.toml'} is a file; give the folder of a finished run ({run})" in capsys.readouterr().err
+    export_run(run, repeats=1, force=True)
+    with pytest.raises(ExportError, match=f"has no export.json; the run's own export is {run / 'export'}"):
+        load_export(run)

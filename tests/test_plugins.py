@@ -58,11 +58,16 @@ def test_the_example_method_runs_in_worker_processes_with_the_same_results(tmp_p
     assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
 
 
-def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys):
+def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     assert main(["run", "--plugins", str(tmp_path / "missing.py"), *SMALL, "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "missing.py" in err and "could not be imported" in err and "Pass a module name" in err
+    assert "relative path" not in err  # an absolute path was given
     assert not (tmp_path / "r").exists()
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--plugins", "missing.py", *SMALL, "--out", str(tmp_path / "r")]) == 2
+    assert (f"(a relative path is read from the folder mpfl runs in, here {tmp_path}: run from the folder the run was "
+            "started in, or give an absolute path)") in capsys.readouterr().err
     for module, text in (("nosuchmodule_xyz", "could not be imported: ModuleNotFoundError"),
                          ("mpfl.core.nosuchmodule_xyz", "could not be imported: ModuleNotFoundError")):
         assert main(["run", "--plugins", module, *SMALL, "--out", str(tmp_path / "r")]) == 2

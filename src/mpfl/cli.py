@@ -556,8 +556,9 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                         "masks, sparse otherwise; state_dict or sparse is always among them)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export)")
     p.add_argument("--force", action="store_true",
-                   help="replace an earlier export in the output directory: its files (model.*, mask.bin, export.json) "
-                        "that this export does not write are removed, other files stay")
+                   help="replace an earlier export in the output directory: the files its export.json lists that this "
+                        "export does not write are removed, other files stay (a model.* or mask.bin it does not list "
+                        "is refused)")
     p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement (1 to 4096)")
     p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (at least 1)")

@@ -48,7 +48,7 @@ from .errors import ExportError, RunDirError
 from .files import atomic_write, refuse_link, sync_folder
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
-from .models import build_model
+from .models import MODELS, build_model
 from .records import CONFIG, STOPPED_BEFORE_ROUND_1, SUMMARY, recorded_nothing
 from .resume import refusal
 
@@ -130,6 +130,10 @@ def _load_torch(path: Path) -> Any:
 
 def _rebuild(info: dict) -> tuple[nn.Module, ParamSpec]:
     """The full-size model and spec an export was made from (weights not loaded)."""
+    if info["model"] not in MODELS and info.get("plugins"):
+        raise ExportError(f"the exported model {info['model']!r} comes from a plug-in of the run "
+                          f"({', '.join(info['plugins'])}): import it first (mpfl.plugins.load_plugins([...])), or "
+                          "load the TorchScript file with torch.jit.load, which needs no plug-in")
     model = build_model(info["model"], tuple(info["input_shape"]), info["num_classes"])
     base = param_spec(model)
     chosen = set(info["prunable"])
@@ -161,6 +165,9 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
     """The run's config, final arrays, full-size model holding the masked final weights, its spec and mask."""
     if not run.exists():
         raise ExportError(f"{run} does not exist; give the folder of a finished run")
+    if not run.is_dir():
+        raise ExportError(f"{run} is a file; give the folder of a finished run" +
+                          (f" ({run.parent})" if (run.parent / CONFIG).is_file() else ""))
     _refuse_running(run)
     if not (run / CONFIG).is_file():
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
@@ -207,8 +214,9 @@ def export_folder(out: Path, *, force: bool = False) -> Path:
     listed = _listed(out)
     theirs = [name for name in OWNED if name in held and name not in listed]
     if theirs:
+        them = "them" if len(theirs) > 1 else "it"
         raise ExportError(f"{out} holds {', '.join(theirs)}, which no export there lists (in its {EXPORT_JSON}), so "
-                          "the export will not replace them, even with --force; move them or choose another --out")
+                          f"the export will not replace {them}, even with --force; move {them} or choose another --out")
     if held and not force:
         raise ExportError(f"{out} holds an earlier export; pass --force to replace it (other files there stay), or "
                           "choose another --out" if listed else f"{out} already holds files ({', '.join(held[:5])}"
@@ -324,18 +332,23 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     cfg, final, model, spec, mask = _model_from_run(run)
     structured = method_of(cfg).structured
     compact = structured and compactable(model)
-    formats = list(dict.fromkeys(formats or (["state_dict", "torchscript"] if compact else ["sparse"])))
+    dropped = sum(int(m.size - m.sum()) for m in mask)
+    dense = not dropped  # nothing pruned (fedavg, topk): sparse tensors would only add their indices
+    formats = list(dict.fromkeys(formats or (["state_dict", "torchscript"] if compact else
+                                             ["state_dict"] if dense else ["sparse"])))
     unknown = [f for f in formats if f not in FILES]
     if unknown:
         raise ExportError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     if "onnx" in formats:
         _check_onnx()
-    smallest = "state_dict" if compact else "sparse"  # the shrunk model, or the sparse tensors of a masked one
+    smallest = "state_dict" if compact or dense else "sparse"  # the shrunk model, or a masked one's sparse tensors
     if not {"state_dict", "sparse"} & set(formats):
         formats.insert(0, smallest)
     primary = smallest if smallest in formats else next(f for f in formats if f in ("state_dict", "sparse"))
     small = shrink(model, spec, mask) if compact else None
     pruned = small.model if small is not None else model
+    shrunk = compact and primary == "state_dict"  # export.json's figures describe the main file's model
+    described = pruned if shrunk else model
     example = torch.zeros(1, *final.input_shape)
 
     with _staged(Path(out) if out is not None else run / "export", force) as stage:
@@ -350,11 +363,10 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
             files[fmt] = FILES[fmt]
             sizes[fmt] = path.stat().st_size
 
-        dropped = sum(int(m.size - m.sum()) for m in mask)
         dense_layers = {f.layer: f for f in layer_flops(model, final.input_shape)}
-        pruned_layers = {f.layer: f for f in layer_flops(pruned, final.input_shape)}
+        pruned_layers = {f.layer: f for f in layer_flops(described, final.input_shape)}
         info = {
-            "run": str(run), "model": cfg.train.model, "input_shape": list(final.input_shape),
+            "run": str(run), "model": cfg.train.model, "plugins": list(cfg.plugins), "input_shape": list(final.input_shape),
             "num_classes": final.num_classes, "prunable": spec.prunable_names, "structured": structured,
             "compact": compact, "not_compact_because": None if compact or not structured else unsupported(model),
             "density": 1 - dropped / max(1, int(spec.prunable_sizes.sum())), "formats": formats, "primary": primary,
@@ -366,13 +378,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
                 "latency_ms": latency_ms(model, final.input_shape, batch=batch, repeats=repeats, threads=threads),
             },
             "pruned": {
-                "parameters": parameter_count(pruned) - (0 if compact else dropped), "bytes": sizes[primary],
-                "flops": flops(pruned, final.input_shape, nonzero=not compact),
-                "latency_ms": latency_ms(pruned, final.input_shape, batch=batch, repeats=repeats, threads=threads),
-                "latency_note": None if compact else "dense kernels: unstructured sparsity needs sparse kernels to run faster",
+                "parameters": parameter_count(described) - (0 if shrunk else dropped), "bytes": sizes[primary],
+                "flops": flops(described, final.input_shape, nonzero=not shrunk),
+                "latency_ms": latency_ms(described, final.input_shape, batch=batch, repeats=repeats, threads=threads),
+                "latency_note": None if shrunk or dense else
+                "dense kernels: unstructured sparsity needs sparse kernels to run faster",
             },
             "layers": [{"layer": name, "type": f.kind, "dense_flops": f.flops,
-                        "pruned_flops": (pruned_layers[name].flops if compact else f.nonzero_flops)}
+                        "pruned_flops": (pruned_layers[name].flops if shrunk else f.nonzero_flops)}
                        for name, f in dense_layers.items()],
         }
         x = torch.randn(16, *final.input_shape, generator=torch.Generator().manual_seed(0))
@@ -388,7 +401,8 @@ def load_export(out: str | Path, fmt: str | None = None, info: dict | None = Non
     if info is None:
         path = out / EXPORT_JSON
         if not path.is_file():
-            raise ExportError(f"{out} is not an export directory: it has no {EXPORT_JSON}")
+            inside = f"; the run's own export is {out / 'export'}" if (out / "export" / EXPORT_JSON).is_file() else ""
+            raise ExportError(f"{out} is not an export directory: it has no {EXPORT_JSON}{inside}")
         info = json.loads(path.read_text())
     fmt = fmt or info["primary"]
     if fmt not in info["files"]:
