@@ -487,3 +487,22 @@ def test_an_ablation_baseline_that_is_not_the_package_default_names_its_settings
         simulate(tiny_config(**small, lr=lr, seed=seed), tmp_path / name)
     groups = group_runs(load_runs([tmp_path]))
     assert sorted(ablation_labels(groups)) == ["mpfl: baseline (lr=0.1)", "mpfl: lr=0.05"]
+
+
+@pytest.mark.parametrize("name", ["report.md", PLOTS[0]])
+def test_a_json_path_that_is_one_of_the_reports_own_files_is_refused(runs, tmp_path, capsys, name):
+    out = tmp_path / "report"
+    assert main(["report", str(runs), "--out", str(out), "--json", str(out / name)]) == 2
+    assert f"--json {out / name} is a file the report itself writes" in capsys.readouterr().err
+    assert not (out / name).exists()
+
+
+def test_a_study_cells_attempt_moved_aside_is_not_sent_to_resume(runs, tmp_path, capsys):
+    aside = tmp_path / "fedavg-mnist-iid-n3-s0-abc.incomplete-1"
+    with pytest.raises(KeyboardInterrupt):
+        simulate(tiny_config(method="fedavg", nodes=2, train_samples=600, test_samples=200, rounds=2), aside,
+                 on_round=_interrupt)
+    assert main(["report", str(runs), str(aside), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert ("an unfinished attempt at a study cell, moved aside when the study ran the cell again "
+            "(fedavg-mnist-iid-n3-s0-abc); delete it once that cell has finished") in err and "--resume" not in err

@@ -1,6 +1,8 @@
 """The study runner on a tiny grid: runs cells, resumes without rerunning, keeps unfinished attempts aside."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -346,3 +348,46 @@ def test_ctrl_c_keeps_the_finished_cells_and_says_how_to_go_on(tmp_path, capsys,
     monkeypatch.setattr(mpfl.sim, "simulate", real)
     assert main(["study", "--quiet", "--jobs", "1", "--out", str(out)]) == 0
     assert "ran 1, already done 1, failed 0" in capsys.readouterr().out
+
+
+def test_a_second_study_on_a_folder_a_study_is_running_in_is_refused_and_touches_nothing(tmp_path, monkeypatch):
+    """Two studies on one folder would each move the other's running cells aside and run them again,
+    writing both into one cell's records."""
+    from mpfl.locks import RunLock
+
+    aside = tmp_path / cell_name(CELLS[0].config())
+    aside.mkdir()
+    (aside / "rounds.jsonl").write_text('{"step": 1}\n')
+    calls = counting(monkeypatch)
+    with RunLock(tmp_path, kind="study"), pytest.raises(RunDirError, match=f"study folder '{tmp_path}' is in use by "
+                                                                            r"process \d+ \(an mpfl study running there\)"):
+        run_study(CELLS, tmp_path, quiet=True)
+    assert calls == [] and (aside / "rounds.jsonl").is_file() and not list(tmp_path.glob("*.incomplete-*"))
+
+
+def test_an_unfinished_cell_an_mpfl_run_is_writing_is_not_moved_aside(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    cell = tmp_path / cell_name(CELLS[0].config())
+    cell.mkdir()
+    (cell / "config.toml").write_text("")
+    calls = counting(monkeypatch)
+    fd = os.open(cell / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(RunDirError, match="is in use by"):
+            run_study([CELLS[0]], tmp_path, quiet=True)
+    finally:
+        os.close(fd)
+    assert calls == [] and cell.is_dir() and not list(tmp_path.glob("*.incomplete-*"))
+
+
+def test_a_finished_cell_whose_records_disagree_is_named_in_the_studys_report(study, tmp_path, capsys):
+    out = tmp_path / "study"
+    shutil.copytree(study[0], out)
+    damaged = out / cell_name(CELLS[0].config())
+    log = damaged / "rounds.jsonl"
+    log.write_text(log.read_text() * 2)  # two processes' records interleaved in one cell
+    run_study(CELLS, out)
+    assert f"left out of the report: {damaged.name}: " in capsys.readouterr().err
+    text = (out / "report.md").read_text()
+    assert damaged.name in text and "1 run in 1 group" in text

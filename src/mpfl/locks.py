@@ -33,11 +33,16 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _in_use(folder: Path, pid: int | None) -> RunDirError:
-    """The error for a run directory another process holds."""
+HOLDERS = {"run": ("run directory", "an mpfl run writing there"), "study": ("study folder", "an mpfl study running there")}
+"""What a lock's folder is called and what holds it, by the kind of command that takes the lock."""
+
+
+def _in_use(folder: Path, pid: int | None, kind: str = "run") -> RunDirError:
+    """The error for a folder another process holds."""
     holder = f"process {pid}" if pid is not None else "another process"
-    return RunDirError(f"run directory {str(folder)!r} is in use by {holder} (an mpfl run writing there); wait for "
-                       "it to finish or stop it, then try again")
+    called, doing = HOLDERS[kind]
+    return RunDirError(f"{called} {str(folder)!r} is in use by {holder} ({doing}); wait for it to finish or stop it, "
+                       "then try again")
 
 
 def refuse_if_locked(folder: Path) -> None:
@@ -63,11 +68,12 @@ def refuse_if_locked(folder: Path) -> None:
 
 
 class RunLock:
-    """The exclusive lock on one run directory, held from `acquire` to `release` (or as a `with` block).
-    `stale` is the process id of a killed holder whose lock file was taken over, if any."""
+    """The exclusive lock on one run directory (or, with `kind` "study", a study's folder), held from
+    `acquire` to `release` (or as a `with` block). `stale` is the process id of a killed holder whose
+    lock file was taken over, if any."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, kind: str = "run") -> None:
+        self.folder, self.kind = Path(folder), kind
         self.path = self.folder / LOCK
         self.fd: int | None = None
         self.stale: int | None = None
@@ -88,7 +94,7 @@ class RunLock:
             except BlockingIOError:
                 pid = _read_pid(fd)
                 os.close(fd)
-                raise _in_use(self.folder, pid) from None
+                raise _in_use(self.folder, pid, self.kind) from None
             if self._still_there(fd):
                 break
             os.close(fd)  # the previous holder removed the file while we waited for it: lock the new one

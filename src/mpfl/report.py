@@ -63,6 +63,7 @@ from .records import (
     recorded_nothing,
 )
 from .resume import refusal
+from .study import MOVED_ASIDE
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller
@@ -242,6 +243,9 @@ def _unfinished(path: Path) -> str:
         return f"still running ({recorded} so far); report on it once it has finished"
     if damage is not None:
         return f"unfinished, and cannot be read ({type(damage).__name__}: {damage})"
+    if MOVED_ASIDE in path.name:
+        return (f"an unfinished attempt at a study cell, moved aside when the study ran the cell again "
+                f"({path.name.split(MOVED_ASIDE)[0]}); delete it once that cell has finished")
     if recorded_nothing(path):
         return f"unfinished: it {STOPPED_BEFORE_ROUND_1}"
     if is_flower_run(records):
@@ -799,12 +803,15 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
         _check_json_path(json_path)
     rows = table(runs)
     text, plots = _markdown(runs, rows, out, skipped)
+    own = [out / REPORT_MD, *(png for png, _ in plots)]
+    if json_path is not None and json_path.resolve() in {p.resolve() for p in own}:
+        raise ConfigError(f"--json {json_path} is a file the report itself writes; choose another path for the table")
     targets = _folder_targets(out, [png for png, _ in plots])
     _check_targets(targets + ([(json_path, _is_table_json, "--json path")] if json_path is not None else []), force)
     for _, draw in plots:
         draw()
     atomic_write(out / REPORT_MD, text)
-    written = [out / REPORT_MD, *(png for png, _ in plots)]
+    written = own
     if json_path is not None:
         atomic_write(json_path, json.dumps(rows, indent=2) + "\n")
         written.append(json_path)

@@ -63,12 +63,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import Config
 from .data import available_datasets, data_search_path, dataset_available, load_dataset
 from .errors import ConfigError, DataError, MpflError, WorkerError
 from .files import atomic_write
+from .locks import RunLock, refuse_if_locked
 from .methods import method_of, plan
 from .parallel import forkserver_available, refuse_in_a_starting_worker
 from .records import CONFIG, SUMMARY, read_summary
@@ -221,6 +223,10 @@ def estimate_seconds(cfg: Config) -> float:
     return total
 
 
+MOVED_ASIDE = ".incomplete-"
+"""A cell folder that held an unfinished attempt is renamed `<cell>.incomplete-<n>` before the cell runs again."""
+
+
 def cell_status(path: Path) -> str:
     """done (has a summary), incomplete (has files but no summary) or todo."""
     if (path / SUMMARY).is_file():
@@ -236,10 +242,11 @@ def prepare_cell(path: Path, cfg: Config) -> bool:
             raise ConfigError(f"{str(path)!r} holds a run of another config; move it away or choose another --out")
         return False
     if status == "incomplete":
+        refuse_if_locked(path)  # an mpfl run of its own may be writing there
         n = 1
-        while path.with_name(f"{path.name}.incomplete-{n}").exists():
+        while path.with_name(f"{path.name}{MOVED_ASIDE}{n}").exists():
             n += 1
-        path.rename(path.with_name(f"{path.name}.incomplete-{n}"))
+        path.rename(path.with_name(f"{path.name}{MOVED_ASIDE}{n}"))
     return True
 
 
@@ -305,7 +312,7 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     """Run every cell not yet done into `out/<cell name>`, then write the study's report into `out` (a report.md
     or plot there that mpfl report did not write is refused before any cell runs, unless `force`). With `jobs`
     above 1, that many cells run at once in a pool of processes (`run_in_processes`)."""
-    from .report import check_report_folder, load_runs, write_report
+    from .report import check_report_folder
 
     refuse_in_a_starting_worker()  # a script without a __main__ guard, re-imported by a pool process
     console = console or Console(stderr=True)
@@ -316,6 +323,15 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     if report:
         check_report_folder(out, force=force)
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out, kind="study"):  # a second study on the folder would move aside and rerun the cells this one runs
+        return _run_locked(planned, out, console=console, quiet=quiet, report=report, force=force, jobs=jobs)
+
+
+def _run_locked(planned: Sequence[tuple[Cell, Config, Path]], out: Path, *, console: Console, quiet: bool, report: bool,
+                force: bool, jobs: int) -> StudyResult:
+    """`run_study` once it holds the study folder's lock."""
+    from .report import scan_runs, write_report
+
     atomic_write(out / "study.json", json.dumps(
         [{"name": path.name, "group": cell.group, "overrides": cell.overrides} for cell, _, path in planned], indent=2))
     result = StudyResult()
@@ -336,7 +352,10 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
         console.print(f"[red]{len(result.failed)} cells failed:[/] " + ", ".join(p.name for p in result.failed))
     finished = [path for _, _, path in planned if cell_status(path) == "done"]
     if report and finished:
-        result.report = write_report(load_runs(finished), out, force=force)
+        scan = scan_runs(finished)  # a cell whose files do not agree is listed in the report, not left out unsaid
+        for path, why in scan.skipped.items():
+            console.print(f"[yellow]left out of the report:[/] {path.name}: {escape(why)}")
+        result.report = write_report(scan.runs, out, skipped=scan.skipped, force=force)
         console.print(f"report: {result.report[0]}")
     return result
 
