@@ -74,12 +74,16 @@ def _serialize(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+CSR_BETA = "Sparse CSR tensor support is in beta"
+"""torch's warning on every CSR tensor made or loaded, which says nothing about the export."""
+
+
 def _sparse(t: torch.Tensor, layout: str) -> torch.Tensor:
     """A weight tensor as COO (its own shape) or CSR over its rows (int32 indices, shape restored on load)."""
     if layout == "coo":
         return t.to_sparse_coo()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message=CSR_BETA)
         csr = t.reshape(t.shape[0], -1).to_sparse_csr()
         return torch.sparse_csr_tensor(csr.crow_indices().int(), csr.col_indices().int(), csr.values(), csr.shape,
                                        check_invariants=True)
@@ -121,7 +125,8 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def _load_torch(path: Path) -> Any:
     """torch.load without pickled code, checking sparse tensors' indices before use."""
-    with torch.sparse.check_sparse_tensor_invariants(enable=True):
+    with torch.sparse.check_sparse_tensor_invariants(enable=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=CSR_BETA)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
