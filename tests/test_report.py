@@ -164,12 +164,13 @@ def test_entries_beside_the_runs_that_are_no_runs_are_skipped_with_the_reason(ru
     (runs / "notes.txt").write_text("mine\n")
     (runs / "report").mkdir()
     paths = sorted(str(p) for p in runs.iterdir())  # what the shell makes of runs/*
-    assert main(["report", *paths, "--out", str(tmp_path / "r")]) == 0
+    assert main(["report", *paths, str(runs / "typo"), "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr()
     out = " ".join((printed.err + printed.out).split())
     assert f"skipped {runs / 'notes.txt'}: not a run directory nor a folder of run directories" in out
     assert f"skipped {runs / 'report'}: a folder without run directories" in out
-    assert "(2 skipped)" in out
+    assert f"skipped {runs / 'typo'}: missing (no such file or folder)" in out
+    assert "(3 skipped)" in out
 
 
 def test_an_unfinished_run_whose_log_is_damaged_is_skipped_as_unreadable_not_as_resumable(runs, tmp_path, capsys):

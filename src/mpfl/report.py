@@ -208,6 +208,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> tuple[list[Path], dict[Path, s
         path = Path(raw)
         if _is_run_dir(path):
             found[path.resolve()] = None
+        elif not path.exists():
+            strays[path] = "missing (no such file or folder)"
         elif not path.is_dir():
             strays[path] = "not a run directory nor a folder of run directories"
         elif runs := sorted({p.parent.resolve() for name in (SUMMARY, CONFIG) for p in path.rglob(name)}):

@@ -356,7 +356,8 @@ def _run_locked(planned: Sequence[tuple[Cell, Config, Path]], out: Path, *, cons
         for path, why in scan.skipped.items():
             console.print(f"[yellow]left out of the report:[/] {path.name}: {escape(why)}")
         result.report = write_report(scan.runs, out, skipped=scan.skipped, force=force)
-        console.print(f"report: {result.report[0]}")
+        if not quiet:
+            console.print(f"report: {result.report[0]}")
     return result
 
 
