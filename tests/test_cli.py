@@ -569,7 +569,7 @@ def test_rerunning_a_saved_config_elsewhere_names_its_relative_plug_in_path(tmp_
 
 
 def test_a_data_dir_without_the_dataset_is_named_with_the_folder_the_data_come_from(tmp_path, data_env, capsys):
-    from mpfl.cli import idle_flags
+    from mpfl.notes import idle_flags
 
     typo = tmp_path / "dat"  # missing: MNIST comes from the next root that holds it, the copy in the package
     shipped = Path(mpfl.__file__).parent / "_data"
@@ -583,11 +583,44 @@ def test_a_data_dir_without_the_dataset_is_named_with_the_folder_the_data_come_f
     assert f"note: --data-dir {typo} does not hold the mnist files" in " ".join(capsys.readouterr().err.split())
 
 
+def test_output_into_a_pipe_its_reader_closed_ends_quietly_as_cat_does():
+    """`mpfl partition | head -1`: once head has exited, a write fails with a broken pipe; that is no error
+    of the user's to report, so mpfl ends at once with SIGPIPE's exit code and says nothing."""
+    script = ("import os, sys\nread, write = os.pipe()\nos.close(read)\nos.dup2(write, 1)\n"
+              "from mpfl.cli import main\nsys.exit(main(['partition', '--nodes', '20', '--train-samples', '600']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
+def test_mpfl_run_prints_its_end_notes_on_stderr_after_the_summary(tmp_path, capsys, monkeypatch):
+    import mpfl.notes
+
+    monkeypatch.setattr(mpfl.notes, "FALL_FROM_BEST", -1.0)  # every run's final accuracy is "below" its best
+    assert main(["run", *_without(SMALL, "--quiet"), "--out", str(tmp_path / "r")]) == 0
+    out, err = capsys.readouterr()
+    assert "final accuracy" in out and "note: the final accuracy" not in out
+    assert "note: the final accuracy" in err
+    assert main(["run", *SMALL, "--out", str(tmp_path / "q")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_report_and_export_send_a_run_that_recorded_nothing_to_a_new_start_not_to_a_resume(tmp_path, capsys):
+    """Faults on every node stop the run at its first round; a resume would only repeat that."""
+    runs = tmp_path / "runs"
+    assert main(["run", *SMALL, "--dropout", "1", "--out", str(runs / "faulty")]) == 2
+    assert main(["run", *SMALL, "--out", str(runs / "fine")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert "faulty" in err and "stopped before its first round (nothing was recorded); remove that folder" in err
+    assert "--resume" not in err
+    assert main(["export", str(runs / "faulty"), "--out", str(tmp_path / "export")]) == 2
+    assert "stopped before its first round (nothing was recorded)" in capsys.readouterr().err
 def test_a_data_dir_whose_files_are_not_the_published_ones_is_noted(tmp_path, data_env):
     import gzip
     import shutil
 
-    from mpfl.cli import idle_flags
+    from mpfl.notes import idle_flags
 
     raw = tmp_path / "data" / "MNIST" / "raw"  # the right names, but another content (here: re-packed labels)
     shutil.copytree(Path(mpfl.__file__).parent / "_data" / "MNIST" / "raw", raw)
@@ -599,7 +632,7 @@ def test_a_data_dir_whose_files_are_not_the_published_ones_is_noted(tmp_path, da
 
 
 def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_start(tmp_path, capsys):
-    from mpfl.cli import idle_flags
+    from mpfl.notes import idle_flags
 
     fedavg = Config().with_overrides({"method": "fedavg", "partition": "iid"})
     assert idle_flags(fedavg, ["alpha", "shards", "sparsity", "adapt_every", "lr"]) == [
@@ -631,21 +664,12 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
     assert "note: --alpha has no effect with --partition iid" in capsys.readouterr().err
 
 
-def test_output_into_a_pipe_its_reader_closed_ends_quietly_as_cat_does():
-    """`mpfl partition | head -1`: once head has exited, a write fails with a broken pipe; that is no error
-    of the user's to report, so mpfl ends at once with SIGPIPE's exit code and says nothing."""
-    script = ("import os, sys\nread, write = os.pipe()\nos.close(read)\nos.dup2(write, 1)\n"
-              "from mpfl.cli import main\nsys.exit(main(['partition', '--nodes', '20', '--train-samples', '600']))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stderr) == (141, "")
-
-
 def _record(phase: str, round_: int, accuracy: float | None) -> dict:
     return {"phase": phase, "round": round_, "accuracy": accuracy}
 
 
 def test_a_final_accuracy_well_below_the_runs_best_is_noted_with_the_best_round():
-    from mpfl.cli import end_notes
+    from mpfl.notes import end_notes
 
     records = [_record("mask", 1, None), _record("mask", 2, 0.90), _record("train", 1, 0.92),
                _record("train", 2, 0.95), _record("train", 3, 0.80)]
@@ -666,20 +690,8 @@ def test_a_final_accuracy_well_below_the_runs_best_is_noted_with_the_best_round(
     assert forged[0].endswith("(summary.json: limited_counts); all of them the run's malicious nodes")
 
 
-def test_mpfl_run_prints_its_end_notes_on_stderr_after_the_summary(tmp_path, capsys, monkeypatch):
-    import mpfl.cli
-
-    monkeypatch.setattr(mpfl.cli, "FALL_FROM_BEST", -1.0)  # every run's final accuracy is "below" its best
-    assert main(["run", *_without(SMALL, "--quiet"), "--out", str(tmp_path / "r")]) == 0
-    out, err = capsys.readouterr()
-    assert "final accuracy" in out and "note: the final accuracy" not in out
-    assert "note: the final accuracy" in err
-    assert main(["run", *SMALL, "--out", str(tmp_path / "q")]) == 0
-    assert "note:" not in capsys.readouterr().err
-
-
 def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_named():
-    from mpfl.cli import idle_flags
+    from mpfl.notes import idle_flags
 
     def notes(given: list[str], **overrides) -> list[str]:
         return idle_flags(Config().with_overrides(overrides), given)
@@ -715,15 +727,3 @@ def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_n
     assert notes(["aggregator", "byzantine"], nodes=10, aggregator="krum", byzantine=3) == []
 
 
-def test_report_and_export_send_a_run_that_recorded_nothing_to_a_new_start_not_to_a_resume(tmp_path, capsys):
-    """Faults on every node stop the run at its first round; a resume would only repeat that."""
-    runs = tmp_path / "runs"
-    assert main(["run", *SMALL, "--dropout", "1", "--out", str(runs / "faulty")]) == 2
-    assert main(["run", *SMALL, "--out", str(runs / "fine")]) == 0
-    capsys.readouterr()
-    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
-    err = capsys.readouterr().err
-    assert "faulty" in err and "stopped before its first round (nothing was recorded); remove that folder" in err
-    assert "--resume" not in err
-    assert main(["export", str(runs / "faulty"), "--out", str(tmp_path / "export")]) == 2
-    assert "stopped before its first round (nothing was recorded)" in capsys.readouterr().err

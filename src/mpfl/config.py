@@ -498,6 +498,10 @@ class Config:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}{bom}") from None
         return data
 
+    def asked(self, fraction: float) -> int:
+        """The nodes a round asks when it samples `fraction` of them: at least `min_nodes`, at most all."""
+        return min(self.nodes, max(self.min_nodes, round(fraction * self.nodes)))
+
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""
         if not isinstance(overrides, Mapping):

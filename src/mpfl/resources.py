@@ -102,7 +102,7 @@ def holding_nodes(cfg: Config) -> int:
     in round t with mask sampling q (2N when every round asks every node)."""
     mask_fraction = cfg.mask_round_fraction
     fractions = [cfg.train.fraction, mask_fraction]
-    asked = min(cfg.nodes, max(cfg.min_nodes, max(round(q * cfg.nodes) if q < 1 else cfg.nodes for q in fractions)))
+    asked = max(cfg.asked(q) for q in fractions)
     if asked >= cfg.nodes:
         return 2 * cfg.nodes
     method = method_of(cfg)

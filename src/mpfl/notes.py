@@ -1,0 +1,129 @@
+"""What `mpfl run` says besides its rounds: notes at the start on the flags the rest of the config
+leaves without effect (or weaker than they look), and notes at the end on figures a user would
+otherwise read past. Notes never stop a run; errors do (`config.Config.validate`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .config import FIELD_SECTIONS, Config
+from .protocol import RoundRecord
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--" + name.replace("_", "-")
+
+
+def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
+    """Notes on the flags in `given` that the rest of `cfg` leaves without effect, so that a setting
+    a run ignores is said rather than silently recorded (a plug-in rule may read --tau or
+    --percentile, so those are only named under the built-in rules that do not)."""
+    from .data import dataset_root, unpublished_files
+    from .methods import method_of
+    from .plugins import installed_plugins
+
+    notes = []
+    for name in given:
+        if name == "data_dir":
+            root = dataset_root(cfg.data.dataset, cfg.data.data_dir)
+            if root is not None and root != Path(cfg.data.data_dir).expanduser():
+                notes.append(f"--data-dir {cfg.data.data_dir} does not hold the {cfg.data.dataset} files, so they are "
+                             f"read from {root}; check the path if you meant your own copy")
+            elif root is not None and (odd := unpublished_files(cfg.data.dataset, root)):
+                notes.append(f"--data-dir {cfg.data.data_dir}: the md5 of {', '.join(odd)} is not the published "
+                             f"one for {cfg.data.dataset}; check that the folder holds {cfg.data.dataset}")
+        elif name == "alpha" and cfg.data.partition != "dirichlet" or name == "shards" and cfg.data.partition != "shards":
+            notes.append(f"{flag(name)} has no effect with --partition {cfg.data.partition}")
+        elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:
+            notes.append(f"{flag(name)} has no effect with --method {cfg.method}, which does not prune")
+        elif name == "fraction" and cfg.train.fraction < 1 and round(cfg.train.fraction * cfg.nodes) < cfg.min_nodes:
+            notes.append(f"--fraction {cfg.train.fraction:g} of {cfg.nodes} nodes is fewer than --min-nodes "
+                         f"{cfg.min_nodes}, so every round asks {cfg.asked(cfg.train.fraction)} nodes")
+        elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method_of(cfg).plan())) != \
+                cfg.prune.mask_rounds:
+            notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
+                         f"{'one round' if found == 1 else f'{found} rounds'}")
+        elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
+            notes.append(f"--options {', '.join(cfg.plugin_options)} has no effect: only plug-ins read options, and this run "
+                         "loads none (name them with --plugins)")
+        elif name in ("attack", "attack_scale", "attack_samples", "malicious", "trim", "byzantine", "vote_weighting",
+                      "aggregator"):
+            notes += [note for note in _idle_trust_flag(cfg, name) if note not in notes]
+        elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
+                                             ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
+            notes.append(f"{flag(name)} has no effect with --consensus {cfg.prune.consensus}")
+    return notes
+
+
+BUILT_IN_AGGREGATORS_WITHOUT = {"trim": ("mean", "median", "krum"), "byzantine": ("mean", "trimmed-mean", "median")}
+"""The built-in aggregators that ignore --trim or --byzantine (a plug-in aggregator is given both)."""
+
+
+def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
+    """Notes on an attack or robustness flag the run leaves without effect, or with less than it
+    seems: a mask attack where no node votes, a trim that rounds to no node, Krum with too few replies."""
+    from .attacks import ATTACKS
+    from .methods import method_of
+    from .methods.mpfl import Mpfl
+
+    faults, robust, method = cfg.faults, cfg.robust, method_of(cfg)
+    asked = cfg.asked(cfg.train.fraction)
+    votes = isinstance(method, Mpfl)
+    no_votes = not votes and type(method).__module__.startswith("mpfl.")  # a plug-in method may take votes
+    trims_votes = votes and robust.vote_weighting == "trimmed"
+    if name == "attack" and ATTACKS.get(faults.attack).kind == "mask" and no_votes:
+        return [f"--attack {faults.attack} has no effect with --method {cfg.method}: it forges the masks nodes vote "
+                "with, and this method takes no votes"]
+    if name == "attack_scale" and faults.attack != "scale":
+        return [f"--attack-scale has no effect with --attack {faults.attack} (only --attack scale reads it)"]
+    if name == "malicious" and 2 * faults.malicious >= cfg.nodes:
+        return [f"--malicious {faults.malicious} of {cfg.nodes} nodes leaves no honest majority, which every "
+                "robust rule needs to tell the honest nodes apart (docs/trust.md)"]
+    if name == "attack_samples" and not faults.malicious:
+        return ["--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
+    if name == "vote_weighting" and no_votes:
+        return [f"--vote-weighting has no effect with --method {cfg.method}, which takes no mask votes"]
+    if name in BUILT_IN_AGGREGATORS_WITHOUT and robust.aggregator in BUILT_IN_AGGREGATORS_WITHOUT[name] and \
+            not (name == "trim" and trims_votes):
+        return [f"{flag(name)} has no effect with --aggregator {robust.aggregator}"]
+    notes = []
+    if name in ("trim", "aggregator", "vote_weighting") and (robust.aggregator == "trimmed-mean" or trims_votes) and \
+            int(robust.trim * asked) == 0:
+        notes.append(f"--trim {robust.trim:g} of the {asked} nodes of a round trims none (int(trim x nodes) from each "
+                     f"end); raise --trim to at least {1 / asked:.2g} or ask more nodes")
+    if name in ("byzantine", "aggregator") and robust.aggregator == "krum" and asked < 2 * robust.byzantine + 3:
+        notes.append(f"Krum withstands --byzantine {robust.byzantine} malicious nodes only with at least "
+                     f"{2 * robust.byzantine + 3} replies a round, and a round here asks {asked}")
+    return notes
+
+
+FALL_FROM_BEST = 0.05
+"""How far the final accuracy may lie below the run's best before the end of the run says so."""
+
+
+def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> list[str]:
+    """Notes on a finished run's figures that a user would otherwise read past: nodes whose sample
+    counts were limited, and a final accuracy well below the run's best (the saved model is the last
+    round's; with server momentum, the sign of a run overshooting or diverging)."""
+    notes = []
+    if limited := summary["limited_counts"]:
+        attackers = {str(n) for n in summary.get("malicious_nodes", [])}
+        advice = ("all of them the run's malicious nodes" if set(limited) <= attackers else
+                  "for honest nodes of an uneven split, raise --count-limit to weigh them by their own counts")
+        notes.append(f"{len(limited)} of {cfg.nodes} nodes claimed more than --count-limit "
+                     f"({cfg.robust.count_limit:g}) times the median node's training samples and weighed as holding "
+                     f"that many (summary.json: limited_counts); {advice}")
+    final, best = summary["final_accuracy"], summary["best_accuracy"]
+    if final is not None and best - final > FALL_FROM_BEST:
+        at = next(r for r in records if r["accuracy"] == best)
+        note = (f"the final accuracy, {final:.2%}, is {100 * (best - final):.1f} points below the run's best, "
+                f"{best:.2%} after {at['phase']} round {at['round']}; final.npz and mpfl export hold the last round's "
+                "weights")
+        if cfg.train.server_momentum and at["phase"] == "train":
+            note += (f". Server momentum ({cfg.train.server_momentum:g}) can overshoot in a run's last rounds and "
+                     "diverge over long runs: a lower --server-momentum is steadier (docs/benchmarks.md, \"Server "
+                     "momentum over long runs\")")
+        notes.append(note)
+    return notes
