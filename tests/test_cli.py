@@ -707,6 +707,7 @@ def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_n
         "--malicious 2 of 4 nodes leaves no honest majority, which every robust rule needs to tell the honest nodes "
         "apart (docs/trust.md)"]
     assert notes(["malicious"], nodes=5, malicious=2, attack="sign-flip") == []
+    assert notes(["malicious"], nodes=4, malicious=2, attack="silent") == []  # silent nodes leave honest replies only
     assert notes(["attack_samples"], attack_samples=100) == [
         "--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
     assert notes(["trim"], trim=0.3) == ["--trim has no effect with --aggregator mean"]
@@ -715,15 +716,26 @@ def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_n
     assert notes(["vote_weighting"], method="fedavg", vote_weighting="samples") == [
         "--vote-weighting has no effect with --method fedavg, which takes no mask votes"]
     # int(0.2 x 4) = 0: neither the trimmed mean nor trimmed votes leave anyone out of 4 nodes
-    none_trimmed = ["--trim 0.2 of the 4 nodes of a round trims none (int(trim x nodes) from each end); raise --trim "
+    none_trimmed = ["--trim 0.2 trims none of the 4 nodes a round asks (int(trim x nodes) from each end); raise --trim "
                     "to at least 0.25 or ask more nodes"]
     assert notes(["aggregator"], nodes=4, aggregator="trimmed-mean") == none_trimmed
     assert notes(["vote_weighting", "trim"], nodes=4, vote_weighting="trimmed") == none_trimmed
     assert notes(["aggregator"], nodes=5, aggregator="trimmed-mean") == []
+    # int(0.33 x 3) = 0 too, so the advice rounds up; of 2 nodes no --trim below 0.5 trims any
+    assert notes(["trim"], nodes=6, fraction=0.5, aggregator="trimmed-mean", trim=0.33)[0].endswith(
+        "raise --trim to at least 0.34 or ask more nodes")
+    assert notes(["aggregator"], nodes=4, fraction=0.5, aggregator="trimmed-mean")[0].endswith(
+        "ask more nodes (no --trim below 0.5 trims any of 2)")
+    # the trimmed votes and an averaged mask round ask every node: trimming there has an effect
+    sampled = {"nodes": 6, "fraction": 0.5, "mask_fraction": 1.0}
+    assert notes(["trim"], **sampled, consensus="threshold", vote_weighting="trimmed") == []
+    assert notes(["aggregator"], **sampled, aggregator="trimmed-mean") == []
     assert notes(["aggregator", "byzantine"], nodes=5, aggregator="krum", byzantine=2) == [
-        "Krum withstands --byzantine 2 malicious nodes only with at least 7 replies a round, and a round here asks 5"]
-    assert notes(["aggregator", "byzantine"], nodes=10, fraction=0.5, aggregator="krum", byzantine=2) == [
-        "Krum withstands --byzantine 2 malicious nodes only with at least 7 replies a round, and a round here asks 5"]
+        "Krum withstands 2 malicious nodes (--byzantine) only with at least 7 replies a round, and a training round "
+        "here asks 5"]
+    assert notes(["aggregator"], **sampled, aggregator="krum") == [
+        "Krum withstands 1 malicious node (--byzantine) only with at least 5 replies a round, and a training round here "
+        "asks 3"]
     assert notes(["aggregator", "byzantine"], nodes=10, aggregator="krum", byzantine=3) == []
 
 

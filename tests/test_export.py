@@ -331,7 +331,11 @@ def test_loading_an_export_of_a_plug_in_model_says_to_import_the_plug_in_first(u
     info = json.loads((tmp_path / "export.json").read_text())
     (tmp_path / "export.json").write_text(json.dumps({**info, "model": "users-own-net", "plugins": ["nets.py"]}))
     with pytest.raises(ExportError, match=r"'users-own-net' comes from a plug-in of the run \(nets\.py\): import it "
-                                          r"first .* or load the TorchScript file with torch\.jit\.load"):
+                                          r"first .* or export it with --format torchscript too"):
+        load_export(tmp_path)  # the default export of a magnitude run holds no TorchScript file
+    info = {**info, "files": {**info["files"], "torchscript": "model.ts"}}
+    (tmp_path / "export.json").write_text(json.dumps({**info, "model": "users-own-net", "plugins": ["nets.py"]}))
+    with pytest.raises(ExportError, match=r"or load its TorchScript file with torch\.jit\.load, which needs no plug-in"):
         load_export(tmp_path)
 
 

@@ -66,8 +66,8 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, 
     assert not (tmp_path / "r").exists()
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--plugins", "missing.py", *SMALL, "--out", str(tmp_path / "r")]) == 2
-    assert (f"(a relative path is read from the folder mpfl runs in, here {tmp_path}: run from the folder the run was "
-            "started in, or give an absolute path)") in capsys.readouterr().err
+    assert (f"(a relative path is read from the folder mpfl runs in, here {tmp_path}; for a recorded run, that is the "
+            "folder it was started in; or give an absolute path)") in capsys.readouterr().err
     for module, text in (("nosuchmodule_xyz", "could not be imported: ModuleNotFoundError"),
                          ("mpfl.core.nosuchmodule_xyz", "could not be imported: ModuleNotFoundError")):
         assert main(["run", "--plugins", module, *SMALL, "--out", str(tmp_path / "r")]) == 2

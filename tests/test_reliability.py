@@ -440,3 +440,10 @@ def test_a_round_whose_replies_all_pass_the_value_limit_says_to_raise_it():
     with pytest.raises(RoundError) as faults_only:
         simulate(tiny_config(method="fedavg", rounds=1, dropout=1.0))
     assert "value-limit" not in str(faults_only.value)
+
+
+def test_no_higher_value_limit_is_advised_when_only_malicious_nodes_passed_it():
+    cfg = tiny_config(method="fedavg", rounds=1, malicious=1, attack="scale", attack_scale=1e7, min_nodes=3)
+    with pytest.raises(RoundError, match=r"values beyond ±10000") as refused:
+        simulate(cfg)
+    assert "raise --value-limit" not in str(refused.value)

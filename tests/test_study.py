@@ -244,9 +244,11 @@ def test_a_failing_cell_does_not_stop_the_others(tmp_path, monkeypatch):
         return real(cfg, out, **kw)
 
     monkeypatch.setattr(mpfl.sim, "simulate", flaky)
-    result = run_study(CELLS, tmp_path, quiet=True, report=False)
+    result = run_study(CELLS, tmp_path, quiet=True)
     assert [p.name for p in result.failed] == [cell_name(CELLS[0].config())]
     assert [p.name for p in result.ran] == [cell_name(CELLS[1].config())]
+    report = (tmp_path / "report.md").read_text()  # the report says which cell it lacks, and why
+    assert f"{cell_name(CELLS[0].config())}`: failed: no node replied" in report
 
 
 def test_presets_cover_the_grid_and_fit_their_time_budgets():

@@ -437,7 +437,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a finished run directory")
     p.add_argument("--format", nargs="+", choices=_ExportFormats(), default=None, metavar="FORMAT",
                    help="files to write, one or more of %(choices)s (default: state_dict torchscript for filter "
-                        "masks, sparse otherwise; state_dict or sparse is always among them)")
+                        "masks, state_dict for a run that pruned nothing, sparse otherwise; state_dict or sparse is "
+                        "always among them)")
     p.add_argument("--out", help="output directory (default: RUN_DIR/export)")
     p.add_argument("--force", action="store_true",
                    help="replace an earlier export in the output directory: the files its export.json lists that this "

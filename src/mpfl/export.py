@@ -136,9 +136,11 @@ def _load_torch(path: Path) -> Any:
 def _rebuild(info: dict) -> tuple[nn.Module, ParamSpec]:
     """The full-size model and spec an export was made from (weights not loaded)."""
     if info["model"] not in MODELS and info.get("plugins"):
+        without = ("load its TorchScript file with torch.jit.load, which needs no plug-in" if "torchscript" in
+                   info["files"] else "export it with --format torchscript too, for a file that loads without it")
         raise ExportError(f"the exported model {info['model']!r} comes from a plug-in of the run "
                           f"({', '.join(info['plugins'])}): import it first (mpfl.plugins.load_plugins([...])), or "
-                          "load the TorchScript file with torch.jit.load, which needs no plug-in")
+                          f"{without}")
     model = build_model(info["model"], tuple(info["input_shape"]), info["num_classes"])
     base = param_spec(model)
     chosen = set(info["prunable"])

@@ -4,6 +4,7 @@ otherwise read past. Notes never stop a run; errors do (`config.Config.validate`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -69,7 +70,6 @@ def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
     from .methods.mpfl import Mpfl
 
     faults, robust, method = cfg.faults, cfg.robust, method_of(cfg)
-    asked = cfg.asked(cfg.train.fraction)
     votes = isinstance(method, Mpfl)
     no_votes = not votes and type(method).__module__.startswith("mpfl.")  # a plug-in method may take votes
     trims_votes = votes and robust.vote_weighting == "trimmed"
@@ -78,7 +78,7 @@ def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
                 "with, and this method takes no votes"]
     if name == "attack_scale" and faults.attack != "scale":
         return [f"--attack-scale has no effect with --attack {faults.attack} (only --attack scale reads it)"]
-    if name == "malicious" and 2 * faults.malicious >= cfg.nodes:
+    if name == "malicious" and 2 * faults.malicious >= cfg.nodes and ATTACKS.get(faults.attack).kind != "silent":
         return [f"--malicious {faults.malicious} of {cfg.nodes} nodes leaves no honest majority, which every "
                 "robust rule needs to tell the honest nodes apart (docs/trust.md)"]
     if name == "attack_samples" and not faults.malicious:
@@ -88,14 +88,28 @@ def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
     if name in BUILT_IN_AGGREGATORS_WITHOUT and robust.aggregator in BUILT_IN_AGGREGATORS_WITHOUT[name] and \
             not (name == "trim" and trims_votes):
         return [f"{flag(name)} has no effect with --aggregator {robust.aggregator}"]
+    # the rounds the aggregator combines replies in, by the nodes each asks; trimmed votes are the mask rounds'
+    aggregated = {"training": cfg.asked(cfg.train.fraction)}
+    if any(method.averages(step) for step in method.plan()):
+        aggregated["averaged mask"] = cfg.asked(cfg.mask_round_fraction)
+    trimmed = dict(aggregated) if robust.aggregator == "trimmed-mean" else {}
+    if trims_votes:
+        trimmed["mask"] = cfg.asked(cfg.mask_round_fraction)
     notes = []
-    if name in ("trim", "aggregator", "vote_weighting") and (robust.aggregator == "trimmed-mean" or trims_votes) and \
-            int(robust.trim * asked) == 0:
-        notes.append(f"--trim {robust.trim:g} of the {asked} nodes of a round trims none (int(trim x nodes) from each "
-                     f"end); raise --trim to at least {1 / asked:.2g} or ask more nodes")
-    if name in ("byzantine", "aggregator") and robust.aggregator == "krum" and asked < 2 * robust.byzantine + 3:
-        notes.append(f"Krum withstands --byzantine {robust.byzantine} malicious nodes only with at least "
-                     f"{2 * robust.byzantine + 3} replies a round, and a round here asks {asked}")
+    if name in ("trim", "aggregator", "vote_weighting") and trimmed and \
+            all(int(robust.trim * asked) == 0 for asked in trimmed.values()):
+        most = max(trimmed.values())
+        least = math.ceil(100 / most) / 100  # the smallest --trim that leaves one node out at each end
+        fix = f"raise --trim to at least {least:g} or ask more nodes" if least < 0.5 else \
+            "ask more nodes (no --trim below 0.5 trims any of 2)"
+        notes.append(f"--trim {robust.trim:g} trims none of the {most} nodes a round asks (int(trim x nodes) from each "
+                     f"end); {fix}")
+    byzantine = robust.byzantine
+    if name in ("byzantine", "aggregator") and robust.aggregator == "krum" and \
+            (few := {kind: asked for kind, asked in aggregated.items() if asked < 2 * byzantine + 3}):
+        kind, asked = min(few.items(), key=lambda item: item[1])
+        notes.append(f"Krum withstands {byzantine} malicious node{'' if byzantine == 1 else 's'} (--byzantine) only "
+                     f"with at least {2 * byzantine + 3} replies a round, and a {kind} round here asks {asked}")
     return notes
 
 

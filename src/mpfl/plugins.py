@@ -136,8 +136,8 @@ def _import(name: str) -> bytes | None:
     except Exception as exc:
         if isinstance(exc, FileNotFoundError) or (isinstance(exc, ModuleNotFoundError) and exc.name == name):
             relative = _is_path(name) and not Path(name).expanduser().is_absolute()
-            where = (f" (a relative path is read from the folder mpfl runs in, here {Path.cwd()}: run from the folder "
-                     "the run was started in, or give an absolute path)" if relative else "")
+            where = (f" (a relative path is read from the folder mpfl runs in, here {Path.cwd()}; for a recorded "
+                     "run, that is the folder it was started in; or give an absolute path)" if relative else "")
             raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
                               f"name on the Python path or the path of a .py file{where}") from exc
         where = traceback.extract_tb(exc.__traceback__)[-1]

@@ -238,7 +238,7 @@ def _unfinished(path: Path) -> str:
         records, damage = [], None
     except (OSError, ValueError) as exc:
         records, damage = [], exc
-    recorded = f"{len(records)} round{'' if len(records) == 1 else 's'} recorded"
+    recorded = f"{counted(len(records), 'round')} recorded"
     try:
         refuse_if_locked(path)
     except RunDirError:

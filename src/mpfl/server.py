@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from . import codec
+from .attacks import malicious_ids
 from .codec import Kind
 from .config import Config
 from .core import masks
@@ -297,7 +298,8 @@ class Server:
 
     def _limit_hint(self, exchanged: Round) -> str:
         """What to change when replies were refused for values beyond the limit (nothing otherwise)."""
-        if not any(VALUE_LIMIT in reason for reason in exchanged.dropped.values()):
+        refused = {node for node, reason in exchanged.dropped.items() if VALUE_LIMIT in reason}
+        if not refused or refused <= set(malicious_ids(self.cfg)):  # the limit stopped what it is there to stop
             return ""
         return (f"If honest nodes' values reach ±{self.cfg.robust.value_limit:g} (a large learning rate, an "
                 "unnormalised model), raise --value-limit")

@@ -355,7 +355,8 @@ def _run_locked(planned: Sequence[tuple[Cell, Config, Path]], out: Path, *, cons
         scan = scan_runs(finished)  # a cell whose files do not agree is listed in the report, not left out unsaid
         for path, why in scan.skipped.items():
             console.print(f"[yellow]left out of the report:[/] {path.name}: {escape(why)}")
-        result.report = write_report(scan.runs, out, skipped=scan.skipped, force=force)
+        left_out = {**{path: f"failed: {why}" for path, why in result.failed.items()}, **scan.skipped}
+        result.report = write_report(scan.runs, out, skipped=left_out, force=force)
         if not quiet:
             console.print(f"report: {result.report[0]}")
     return result
