@@ -7,7 +7,8 @@
 The study's sizing: mlp, 10 nodes, the first 20,000 training images, the full test set, 5 mask
 and 20 training rounds, sparsity 0.9, the package's default settings, one torch thread per run.
 MNIST and Fashion-MNIST x {iid, dirichlet 0.5, dirichlet 0.1, shards 2} x {mpfl, centralized,
-fedavg, fedavg-prune, ssfl, topk} x seeds 0, 1, 2. --quick runs MNIST and seed 0 only.
+fedavg, fedavg-prune, ssfl, topk} x seeds 0, 1, 2. --quick runs MNIST and seed 0 only, unless
+--datasets or --seeds say otherwise.
 --ablations adds the label-skew ablation rows (each MPFL option on every partition). --set changes
 a setting for every run, baselines included (e.g. ``--set server_momentum=0`` for plain FedAvg steps).
 
@@ -57,6 +58,8 @@ ABLATIONS: dict[str, dict] = {
     "rewind = init, train_init = rewind": {"rewind": "init", "train_init": "rewind"},
     "server_momentum = 0 (plain FedAvg steps in training)": {"server_momentum": 0.0},
 }
+GRID_KEYS = {"dataset", "partition", "alpha", "shards", "method", "seed"}
+"""What the grid sets per row, so that `--set` may not: the row would keep a label it no longer has."""
 GAP_TARGET = {"iid": 1.0, "dir0.5": 1.0, "dir0.1": 3.0, "shards2": 3.0}
 TRAFFIC_TARGET = 0.04
 
@@ -136,16 +139,21 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each on one torch thread (default 1)")
     p.add_argument("--data-dir", help="where FashionMNIST/raw/ is (MNIST ships with the package)")
     p.add_argument("--cache", type=Path, help="JSON-lines file of finished cells, reused and appended to")
-    p.add_argument("--datasets", default="mnist,fashion-mnist")
-    p.add_argument("--partitions", default=",".join(PARTITIONS))
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--datasets", help="comma-separated, of mnist, fashion-mnist (default: both; --quick: mnist)")
+    p.add_argument("--partitions", default=",".join(PARTITIONS), help=f"comma-separated, of {', '.join(PARTITIONS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names (fedavg always runs)")
+    p.add_argument("--seeds", type=int, help="seeds 0 .. N-1 (default 3; --quick: 1)")
     p.add_argument("--ablations", action="store_true", help="also run the label-skew ablation of MPFL's options")
     p.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for every run, baselines included (repeatable)")
     args = p.parse_args()
-    datasets = ["mnist"] if args.quick else args.datasets.split(",")
-    seeds = 1 if args.quick else args.seeds
+    datasets = args.datasets.split(",") if args.datasets else ["mnist"] if args.quick else ["mnist", "fashion-mnist"]
+    seeds = args.seeds or (1 if args.quick else 3)
+    if unknown := [part for part in args.partitions.split(",") if part not in PARTITIONS]:
+        p.error(f"unknown partition {', '.join(unknown)}; choose from {', '.join(PARTITIONS)}")
+    if axes := sorted(set(dict(args.set)) & GRID_KEYS):
+        p.error(f"--set {', '.join(axes)} would relabel the grid's rows; choose them with --datasets, --partitions, "
+                "--methods and --seeds")
     methods = list(dict.fromkeys(args.methods.split(",") + ["fedavg"]))
     todo = cells(datasets, args.partitions.split(","), methods, seeds, args.data_dir, args.ablations, dict(args.set))
     done = {}

@@ -92,3 +92,13 @@ def test_the_momentum_benchmark_reads_its_figures_from_the_training_rounds_of_th
     assert row["best_accuracy"] == max(r["accuracy"] for r in training)
     assert training[row["best_round"] - 1]["accuracy"] == row["best_accuracy"]
     assert row["lowest_loss"] == min(r["loss"] for r in training) <= row["final_loss"] == training[-1]["loss"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--partitions", "shards"], "unknown partition shards; choose from iid, dir0.5, dir0.1, shards2"),
+    (["--set", "alpha=0.05"], "--set alpha would relabel the grid's rows"),
+])
+def test_the_label_skew_benchmark_refuses_names_it_would_misread_before_running(args, message):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "noniid.py"), "--quick", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
