@@ -653,6 +653,14 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
         "--fraction 0.5 of 4 nodes is fewer than --min-nodes 3, so every round asks 3 nodes"]
     assert idle_flags(mpfl.with_overrides({**few, "min_nodes": 2}), ["fraction"]) == []
     assert idle_flags(mpfl.with_overrides({"method": "ssfl", "mask_rounds": 1}), ["mask_rounds"]) == []
+    label_skew = {"core_share": 0.2, "mask_average_from": 1}  # options of MPFL's own mask vote
+    assert idle_flags(mpfl.with_overrides({**label_skew, "method": "centralized"}), list(label_skew)) == [
+        "--core-share has no effect with --method centralized: no mask round of this run sends cores",
+        "--mask-average-from has no effect with --method centralized, whose mask rounds average no values"]
+    assert idle_flags(mpfl.with_overrides({"criterion": "filter", "core_share": 0.5}), ["core_share"]) == [
+        "--core-share has no effect with filter masks: no mask round of this run sends cores"]
+    assert idle_flags(mpfl.with_overrides(label_skew), list(label_skew)) == []
+    assert idle_flags(mpfl.with_overrides({"core_share": 0.0, "mask_average_from": 0}), list(label_skew)) == []
     assert idle_flags(mpfl.with_overrides({"options": ["layers=1,3", "tau=2"]}), ["options"]) == [
         "--options layers, tau has no effect: only plug-ins read options, and this run loads none (name them with "
         "--plugins)"]

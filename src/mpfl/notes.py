@@ -46,6 +46,15 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
                          f"{'one round' if found == 1 else f'{found} rounds'}")
+        elif name == "core_share" and cfg.prune.core_share > 0 and \
+                not any(method_of(cfg).sends_cores(step) for step in method_of(cfg).plan()):
+            why = ("filter masks" if method_of(cfg).structured else "--vote-weighting trimmed" if
+                   cfg.robust.vote_weighting == "trimmed" else f"--method {cfg.method}")
+            notes.append(f"--core-share has no effect with {why}: no mask round of this run sends cores")
+        elif name == "mask_average_from" and cfg.prune.mask_average_from != 0 and \
+                not any(method_of(cfg).averages(step) for step in method_of(cfg).plan()):
+            notes.append(f"--mask-average-from has no effect with --method {cfg.method}, whose mask rounds average no "
+                         "values")
         elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
             notes.append(f"--options {', '.join(cfg.plugin_options)} has no effect: only plug-ins read options, and this run "
                          "loads none (name them with --plugins)")
