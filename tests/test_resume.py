@@ -222,7 +222,7 @@ def test_a_last_line_a_crash_cut_is_put_back_from_the_checkpoint(stopped):
 def test_a_log_cut_or_edited_elsewhere_is_refused(stopped, log):
     folder, run = stopped
     write_log(folder, log)
-    with pytest.raises(RunDirError, match=r"rounds before step 4, but checkpoint.npz was written after 3 \(the last "
+    with pytest.raises(RunDirError, match=r"rounds? before step 4, but checkpoint.npz was written after 3 \(the last "
                                           r"one at step 3\): the log was cut or edited"):
         recover_records(folder, run, next_step=4)
 

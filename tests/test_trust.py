@@ -454,7 +454,7 @@ DAMAGE = {
     "duplicated rounds": ("rounds.jsonl", lambda p: p.write_text(p.read_text() * 2),
                           "rounds.jsonl holds 4 rounds before step 3"),
     "lost rounds": ("rounds.jsonl", lambda p: p.write_text(p.read_text().split("\n", 1)[1]),
-                    "rounds.jsonl holds 1 rounds before step 3"),
+                    "rounds.jsonl holds 1 round before step 3"),
     "binary log": ("rounds.jsonl", lambda p: p.write_bytes(b"\xff\xfe" * 50), "rounds.jsonl is damaged"),
     "damaged run.json": ("run.json", lambda p: p.write_text("{not json"), "run.json is damaged"),
     "damaged config": ("config.toml", lambda p: p.write_text("method = \n"), "config.toml' is not valid TOML"),

@@ -323,7 +323,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import counted, scan_runs, write_report
+    from .records import counted
+    from .report import scan_runs, write_report
 
     scan = scan_runs(args.paths)
     for path, why in scan.skipped.items() if scan.runs else ():

@@ -173,6 +173,11 @@ def is_run_record(path: Path) -> bool:
     return path.name in RUN_FILES and (path.parent / CONFIG).is_file()
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless n is 1: "1 run", "3 runs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 STOPPED_BEFORE_ROUND_1 = "stopped before its first round (nothing was recorded); remove that folder to start there again"
 
 

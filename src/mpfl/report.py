@@ -56,6 +56,7 @@ from .records import (
     RUNNER,
     STOPPED_BEFORE_ROUND_1,
     SUMMARY,
+    counted,
     is_flower_run,
     is_run_record,
     read_rounds,
@@ -90,11 +91,6 @@ DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
     "method": "Method", "variant": "Variant", "sparsity": "Target sparsity", "params_kept": "Params kept",
     "model_bytes": "Model (kB)", "flops_per_sample": "MFLOPs / sample", "train_time_vs_dense": "Train round vs FedAvg",
 }
-
-
-def counted(n: int, noun: str) -> str:
-    """`n` and the noun, plural unless n is 1: "1 run", "3 runs"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:

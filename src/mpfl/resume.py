@@ -29,7 +29,7 @@ from .errors import MpflError, RunDirError
 from .files import atomic_write
 from .node import NodeState
 from .plugins import fingerprints
-from .records import CONFIG, ROUNDS_JSONL, read_rounds
+from .records import CONFIG, ROUNDS_JSONL, counted, read_rounds
 from .server import ServerState
 
 RUN_JSON = "run.json"
@@ -224,7 +224,7 @@ def recover_records(folder: Path, run: dict, next_step: int) -> list[dict]:
         raise RunDirError(f"{path}: the record of step {last['step']} (line {len(records)}) differs from the copy in "
                           f"{CHECKPOINT}, so the log was edited; restore it, or start a new run with --out NEW_DIR")
     if len(records) != run["records"]:
-        raise RunDirError(f"{path} holds {len(records)} rounds before step {next_step}, but {CHECKPOINT} was written "
+        raise RunDirError(f"{path} holds {counted(len(records), 'round')} before step {next_step}, but {CHECKPOINT} was written "
                           f"after {run['records']} (the last one at step {last['step']}): the log was cut or "
                           "edited; restore it, or start a new run with --out NEW_DIR")
     return records
