@@ -660,6 +660,13 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
     assert idle_flags(mpfl.with_overrides({"criterion": "filter", "core_share": 0.5}), ["core_share"]) == [
         "--core-share has no effect with filter masks: no mask round of this run sends cores"]
     assert idle_flags(mpfl.with_overrides(label_skew), list(label_skew)) == []
+    search = {"extrapolate": 10.0, "mask_epochs": 3}  # MPFL's nodes' local mask search
+    assert idle_flags(mpfl.with_overrides({**search, "method": "centralized"}), list(search)) == [
+        f"--{flag} has no effect with --method centralized, whose nodes search no masks of their own"
+        for flag in ("extrapolate", "mask-epochs")]
+    assert idle_flags(mpfl.with_overrides({**search, "criterion": "saliency"}), list(search)) == [
+        "--mask-epochs has no effect with --criterion saliency, which scores the weights instead of training them"]
+    assert idle_flags(mpfl.with_overrides(search), list(search)) == []
     assert idle_flags(mpfl.with_overrides({"core_share": 0.0, "mask_average_from": 0}), list(label_skew)) == []
     assert idle_flags(mpfl.with_overrides({"options": ["layers=1,3", "tau=2"]}), ["options"]) == [
         "--options layers, tau has no effect: only plug-ins read options, and this run loads none (name them with "

@@ -46,6 +46,8 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
                          f"{'one round' if found == 1 else f'{found} rounds'}")
+        elif name in ("extrapolate", "mask_epochs") and (why := _no_local_training(cfg, name)):
+            notes.append(f"{flag(name)} has no effect with {why}")
         elif name == "core_share" and cfg.prune.core_share > 0 and \
                 not any(method_of(cfg).sends_cores(step) for step in method_of(cfg).plan()):
             why = ("filter masks" if method_of(cfg).structured else "--vote-weighting trimmed" if
@@ -65,6 +67,22 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
                                              ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
             notes.append(f"{flag(name)} has no effect with --consensus {cfg.prune.consensus}")
     return notes
+
+
+def _no_local_training(cfg: Config, name: str) -> str | None:
+    """Why --extrapolate or --mask-epochs does nothing in this run (None if it may): they shape the
+    local mask search of MPFL's nodes, which the built-in baselines do not run, and a scoring criterion
+    does not train in it (so its nodes train no mask epochs)."""
+    from .core.masks import CRITERIA
+    from .methods import method_of
+    from .methods.mpfl import Mpfl
+
+    method = method_of(cfg)
+    if not isinstance(method, Mpfl) and type(method).__module__.startswith("mpfl."):
+        return f"--method {cfg.method}, whose nodes search no masks of their own"
+    if name == "mask_epochs" and CRITERIA.get(cfg.prune.criterion).needs_scores:
+        return f"--criterion {cfg.prune.criterion}, which scores the weights instead of training them"
+    return None
 
 
 BUILT_IN_AGGREGATORS_WITHOUT = {"trim": ("mean", "median", "krum"), "byzantine": ("mean", "trimmed-mean", "median")}
