@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import struct
 import warnings
@@ -507,3 +508,15 @@ def test_a_study_cells_attempt_moved_aside_is_not_sent_to_resume(runs, tmp_path,
     err = capsys.readouterr().err
     assert ("an unfinished attempt at a study cell, moved aside when the study ran the cell again "
             "(fedavg-mnist-iid-n3-s0-abc); delete it once that cell has finished") in err and "--resume" not in err
+
+
+def test_a_refreshed_report_removes_the_plots_of_its_earlier_version_it_no_longer_draws(mixed, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(mixed / "cnn-mpfl"), str(mixed / "mlp-mpfl"), "--out", str(out)]) == 0
+    cnn_plots = sorted(p.name for p in out.glob("*-cnn.png"))
+    assert cnn_plots
+    (out / "mine.png").write_bytes((out / cnn_plots[0]).read_bytes())  # a user's file, shown by no report
+    assert main(["report", str(mixed / "mlp-mpfl"), "--out", str(out)]) == 0
+    assert not list(out.glob("*-cnn.png")) and (out / "mine.png").is_file()
+    shown = set(re.findall(r"\]\(([^)]+\.png)\)", (out / "report.md").read_text()))
+    assert shown == {p.name for p in out.glob("*.png")} - {"mine.png"}

@@ -30,6 +30,7 @@ final federated evaluation (Flower runs) is reported apart, and the nodes a run 
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -780,6 +781,17 @@ def check_report_folder(out: str | Path, *, force: bool = False) -> None:
                    force)
 
 
+def _earlier_plots(out: Path) -> set[str]:
+    """The plots in `out` that the report.md an earlier mpfl report wrote there shows (and that are still
+    its plain PNG files), so that a refreshed report leaves none of them behind undescribed."""
+    md = out / REPORT_MD
+    if not md.is_file() or not _is_report_md(md):
+        return set()
+    shown = re.findall(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)", md.read_text(encoding="utf-8", errors="replace"))
+    return {name for name in shown if name.split("-")[0] in PLOT_NAMES and (out / name).is_file()
+            and not (out / name).is_symlink() and _is_png(out / name)}
+
+
 def _folder_targets(out: Path, pngs: Sequence[Path]) -> list[tuple[Path, Callable[[Path], bool], str]]:
     """The report's files in `out` (report.md and the given plots), each with how to tell one mpfl report wrote."""
     return [(out / REPORT_MD, _is_report_md, "--out"), *((png, _is_png, "--out") for png in pngs)]
@@ -806,9 +818,12 @@ def write_report(runs: Sequence[Run], out: str | Path, *, json_path: str | Path 
         raise ConfigError(f"--json {json_path} is a file the report itself writes; choose another path for the table")
     targets = _folder_targets(out, [png for png, _ in plots])
     _check_targets(targets + ([(json_path, _is_table_json, "--json path")] if json_path is not None else []), force)
+    earlier = _earlier_plots(out)
     for _, draw in plots:
         draw()
     atomic_write(out / REPORT_MD, text)
+    for stale in earlier - {png.name for png, _ in plots}:  # the earlier report's plots this one does not draw
+        (out / stale).unlink(missing_ok=True)
     written = own
     if json_path is not None:
         atomic_write(json_path, json.dumps(rows, indent=2) + "\n")
