@@ -7,9 +7,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import FIELD_SECTIONS, Config
 from .protocol import RoundRecord
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 
 def flag(name: str) -> str:
@@ -25,7 +29,7 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     from .methods import method_of
     from .plugins import installed_plugins
 
-    notes = []
+    method, notes = method_of(cfg), []
     for name in given:
         if name == "data_dir":
             root = dataset_root(cfg.data.dataset, cfg.data.data_dir)
@@ -37,24 +41,24 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
                              f"one for {cfg.data.dataset}; check that the folder holds {cfg.data.dataset}")
         elif name == "alpha" and cfg.data.partition != "dirichlet" or name == "shards" and cfg.data.partition != "shards":
             notes.append(f"{flag(name)} has no effect with --partition {cfg.data.partition}")
-        elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method_of(cfg).prunes:
+        elif FIELD_SECTIONS.get(name) in ("prune", "adapt") and not method.prunes:
             notes.append(f"{flag(name)} has no effect with --method {cfg.method}, which does not prune")
         elif name == "fraction" and cfg.train.fraction < 1 and round(cfg.train.fraction * cfg.nodes) < cfg.min_nodes:
             notes.append(f"--fraction {cfg.train.fraction:g} of {cfg.nodes} nodes is fewer than --min-nodes "
                          f"{cfg.min_nodes}, so every round asks {cfg.asked(cfg.train.fraction)} nodes")
-        elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method_of(cfg).plan())) != \
+        elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method.plan())) != \
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
                          f"{'one round' if found == 1 else f'{found} rounds'}")
-        elif name in ("extrapolate", "mask_epochs") and (why := _no_local_training(cfg, name)):
+        elif name in ("extrapolate", "mask_epochs") and (why := _no_local_training(cfg, method, name)):
             notes.append(f"{flag(name)} has no effect with {why}")
         elif name == "core_share" and cfg.prune.core_share > 0 and \
-                not any(method_of(cfg).sends_cores(step) for step in method_of(cfg).plan()):
-            why = ("filter masks" if method_of(cfg).structured else "--vote-weighting trimmed" if
+                not any(method.sends_cores(step) for step in method.plan()):
+            why = ("filter masks" if method.structured else "--vote-weighting trimmed" if
                    cfg.robust.vote_weighting == "trimmed" else f"--method {cfg.method}")
             notes.append(f"--core-share has no effect with {why}: no mask round of this run sends cores")
         elif name == "mask_average_from" and cfg.prune.mask_average_from != 0 and \
-                not any(method_of(cfg).averages(step) for step in method_of(cfg).plan()):
+                not any(method.averages(step) for step in method.plan()):
             notes.append(f"--mask-average-from has no effect with --method {cfg.method}, whose mask rounds average no "
                          "values")
         elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
@@ -62,44 +66,47 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
                          "loads none (name them with --plugins)")
         elif name in ("attack", "attack_scale", "attack_samples", "malicious", "trim", "byzantine", "vote_weighting",
                       "aggregator"):
-            notes += [note for note in _idle_trust_flag(cfg, name) if note not in notes]
+            notes += [note for note in _idle_trust_flag(cfg, method, name) if note not in notes]
         elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
                                              ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
             notes.append(f"{flag(name)} has no effect with --consensus {cfg.prune.consensus}")
     return notes
 
 
-def _no_local_training(cfg: Config, name: str) -> str | None:
+def _no_local_training(cfg: Config, method: Method, name: str) -> str | None:
     """Why --extrapolate or --mask-epochs does nothing in this run (None if it may): they shape the
     local mask search of MPFL's nodes, which the built-in baselines do not run, and a scoring criterion
     does not train in it (so its nodes train no mask epochs)."""
     from .core.masks import CRITERIA
-    from .methods import method_of
-    from .methods.mpfl import Mpfl
 
-    method = method_of(cfg)
-    if not isinstance(method, Mpfl) and type(method).__module__.startswith("mpfl."):
+    if _built_in_without_votes(method):
         return f"--method {cfg.method}, whose nodes search no masks of their own"
     if name == "mask_epochs" and CRITERIA.get(cfg.prune.criterion).needs_scores:
         return f"--criterion {cfg.prune.criterion}, which scores the weights instead of training them"
     return None
 
 
+def _built_in_without_votes(method: Method) -> bool:
+    """Whether `method` is one of mpfl's baselines, whose nodes send no mask votes (a plug-in method
+    may take votes in a way no note can tell)."""
+    from .methods.mpfl import Mpfl
+
+    return not isinstance(method, Mpfl) and type(method).__module__.startswith("mpfl.")
+
+
 BUILT_IN_AGGREGATORS_WITHOUT = {"trim": ("mean", "median", "krum"), "byzantine": ("mean", "trimmed-mean", "median")}
 """The built-in aggregators that ignore --trim or --byzantine (a plug-in aggregator is given both)."""
 
 
-def _idle_trust_flag(cfg: Config, name: str) -> list[str]:
+def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
     """Notes on an attack or robustness flag the run leaves without effect, or with less than it
     seems: a mask attack where no node votes, a trim that rounds to no node, Krum with too few replies."""
     from .attacks import ATTACKS
-    from .methods import method_of
     from .methods.mpfl import Mpfl
 
-    faults, robust, method = cfg.faults, cfg.robust, method_of(cfg)
-    votes = isinstance(method, Mpfl)
-    no_votes = not votes and type(method).__module__.startswith("mpfl.")  # a plug-in method may take votes
-    trims_votes = votes and robust.vote_weighting == "trimmed"
+    faults, robust = cfg.faults, cfg.robust
+    no_votes = _built_in_without_votes(method)
+    trims_votes = isinstance(method, Mpfl) and robust.vote_weighting == "trimmed"
     if name == "attack" and ATTACKS.get(faults.attack).kind == "mask" and no_votes:
         return [f"--attack {faults.attack} has no effect with --method {cfg.method}: it forges the masks nodes vote "
                 "with, and this method takes no votes"]
