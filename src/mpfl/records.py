@@ -178,6 +178,11 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+MOVED_ASIDE = ".incomplete-"
+"""A study cell's folder that held an unfinished attempt is renamed `<cell>.incomplete-<n>` before the
+cell runs again (`study.prepare_cell`); a report tells such a folder apart by this part of its name."""
+
+
 STOPPED_BEFORE_ROUND_1 = "stopped before its first round (nothing was recorded); remove that folder to start there again"
 
 

@@ -53,6 +53,7 @@ from .methods import METHODS
 from .partition import PARTITIONS
 from .records import (
     CONFIG,
+    MOVED_ASIDE,
     ROUNDS_JSONL,
     RUNNER,
     STOPPED_BEFORE_ROUND_1,
@@ -65,7 +66,6 @@ from .records import (
     recorded_nothing,
 )
 from .resume import refusal
-from .study import MOVED_ASIDE
 
 FIGSIZE, DPI = (7.0, 4.5), 120
 ABLATION_LABEL_WIDTH, ABLATION_INCHES_PER_LINE = 44, 0.16  # variant labels wrap; a plot of many grows taller

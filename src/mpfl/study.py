@@ -73,7 +73,7 @@ from .files import atomic_write
 from .locks import RunLock, refuse_if_locked
 from .methods import method_of, plan
 from .parallel import forkserver_available, refuse_in_a_starting_worker
-from .records import CONFIG, SUMMARY, read_summary
+from .records import CONFIG, MOVED_ASIDE, SUMMARY, read_summary
 
 if TYPE_CHECKING:
     from .sim import RunResult
@@ -221,10 +221,6 @@ def estimate_seconds(cfg: Config) -> float:
         elif step.phase == "warmup":
             total += per_round
     return total
-
-
-MOVED_ASIDE = ".incomplete-"
-"""A cell folder that held an unfinished attempt is renamed `<cell>.incomplete-<n>` before the cell runs again."""
 
 
 def cell_status(path: Path) -> str:
