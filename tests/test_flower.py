@@ -284,6 +284,14 @@ def test_a_supernode_that_cannot_prepare_the_run_replies_with_the_reason():
     assert reply.reason.startswith("node could not prepare the run: ") and "partition-id" in reply.reason
 
 
+@pytest.mark.parametrize("task", ["mask", "evaluate"])
+def test_a_malformed_request_gets_the_nodes_reason_not_flowers_generic_error(task):
+    """Two bodies where one is due: the node replies with what was wrong, for tasks and evaluation alike."""
+    reply, _ = handle(run_config(), {"partition-id": 0, "num-partitions": 2}, RecordDict(), task,
+                      pack([b"x", b"y"], 1))
+    assert isinstance(reply, NodeFailure) and reply.reason.startswith("node rejected the request: ")
+
+
 def test_mask_adaptation_in_training_runs_on_the_apps_as_in_the_simulator(tmp_path, in_process):
     """Averaged mask rounds, cores and regrow votes with swaps travel through the Flower apps (and
     the server's momentum steps the same)."""

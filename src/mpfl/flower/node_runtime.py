@@ -107,13 +107,16 @@ def _task(prepared: Prepared, pid: int, task: str, content: RecordDict, state: R
     return reply if isinstance(reply, NodeFailure) else pack(reply)
 
 
-def _evaluate(prepared: Prepared, pid: int, content: RecordDict) -> RecordDict:
+def _evaluate(prepared: Prepared, pid: int, content: RecordDict) -> RecordDict | NodeFailure:
     """Accuracy and loss of the weights in the request on partition `pid`'s validation split."""
     exp = prepared.exp
-    bodies = unpack(content)
-    if len(bodies) != 1:
-        raise PayloadError(f"an evaluation request carries 1 body, got {len(bodies)}")
-    weights = codec.decode_sparse(bodies[0], exp.spec.shapes, round=step_of(content)).tensors
+    try:
+        bodies = unpack(content)
+        if len(bodies) != 1:
+            raise PayloadError(f"an evaluation request carries 1 body, got {len(bodies)}")
+        weights = codec.decode_sparse(bodies[0], exp.spec.shapes, round=step_of(content)).tensors
+    except PayloadError as exc:  # as for a task: the reason reaches the server, not Flower's generic error
+        return NodeFailure(f"node rejected the request: {exc}")
     data = exp.node_data(pid)
     accuracy, loss = evaluate_weights(exp.model, exp.spec, weights, data.x[data.val], data.y[data.val])
     return RecordDict({METRICS: MetricRecord({"accuracy": accuracy, "loss": loss, "num-examples": int(data.val.numel())})})
