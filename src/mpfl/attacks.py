@@ -12,6 +12,7 @@ applies its hooks, on the simulator and on Flower alike.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from .seeds import Stream, rng
 
 if TYPE_CHECKING:
     from .core.params import Weights
+    from .config import Config
     from .core.training import LocalData
     from .node import Node
 
@@ -57,14 +59,20 @@ def attacks_of_kind(kind: str) -> list[str]:
     return [name for name in ATTACKS.names() if ATTACKS.get(name).kind == kind]
 
 
-def malicious_ids(cfg) -> list[int]:
+def malicious_ids(cfg: Config) -> list[int]:
     """Which nodes are malicious: a seeded choice of `faults.malicious` of them."""
-    return sorted(rng(cfg.seed, Stream.MALICIOUS).choice(cfg.nodes, size=cfg.faults.malicious, replace=False).tolist())
+    return sorted(_malicious(cfg.seed, cfg.nodes, cfg.faults.malicious))
 
 
-def attack_of(cfg, node_id: int) -> Attack | None:
+@functools.lru_cache(maxsize=8)
+def _malicious(seed: int, nodes: int, count: int) -> frozenset[int]:
+    """The draw behind `malicious_ids`, made once per run rather than once per node built."""
+    return frozenset(rng(seed, Stream.MALICIOUS).choice(nodes, size=count, replace=False).tolist())
+
+
+def attack_of(cfg: Config, node_id: int) -> Attack | None:
     """The attack node `node_id` runs, or None for an honest node."""
-    if not cfg.faults.malicious or node_id not in malicious_ids(cfg):
+    if not cfg.faults.malicious or node_id not in _malicious(cfg.seed, cfg.nodes, cfg.faults.malicious):
         return None
     return ATTACKS.get(cfg.faults.attack)
 
