@@ -8,7 +8,6 @@ import hashlib
 import math
 import re
 import struct
-import time
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -871,17 +870,15 @@ def _forgeable() -> dict[str, tuple[bytes, int, Callable[[bytes], codec.Body]]]:
 
 @pytest.mark.parametrize("name", sorted(_forgeable()))
 def test_huge_claims_do_not_allocate(name):
-    """A body claiming 2**31 entries against a 10-entry expectation fails fast and small."""
+    """A body claiming 2**31 entries against a 10-entry expectation fails before allocating for them."""
     body, offset, decode = _forgeable()[name]
     forged = patch_values(body, offset, struct.pack("<I", 2**31))
     tracemalloc.start()
-    start = time.perf_counter()
     with pytest.raises(PayloadError):
         decode(forged)
-    elapsed = time.perf_counter() - start
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert peak < 64 * 1024 and elapsed < 0.5
+    assert peak < 64 * 1024
 
 
 def test_header_length_claim_does_not_allocate(weights_body):

@@ -197,7 +197,10 @@ def test_device_costs_follow_the_final_mask(runs, report):
     summary = read_summary(runs / "mpfl-0")
     assert summary["params_dense"] == dense and summary["params_kept"] == dense - pruned
     assert summary["flops_per_sample_dense"] == 2 * (784 * 200 + 200 * 200 + 200 * 10)
-    assert summary["flops_per_sample"] <= 2 * (dense - pruned)
+    mask_bits = sum(m.size for m in final.mask.values())
+    assert summary["model_bytes"] == 4 * (dense - pruned) + (mask_bits + 7) // 8  # kept float32 values and 1-bit mask
+    weights = {name: w * final.mask.get(name, True) for name, w in final.weights.items()}
+    assert summary["flops_per_sample"] == 2 * sum(int(np.count_nonzero(w)) for w in weights.values() if w.ndim == 2)
     assert rows["mpfl"]["params_kept"] == pytest.approx(np.mean([read_summary(runs / f"mpfl-{s}")["params_kept"] for s in SEEDS]))
     times = [read_summary(runs / f"{m}-{s}")["train_round_time"] for m in ("mpfl", "fedavg") for s in SEEDS]
     want = np.mean([times[i] / times[2 + i] for i in range(2)])

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -117,12 +116,15 @@ def test_gradient_only_masking_and_plain_sgd_give_the_textbook_loops_weights(mni
     assert bits(got) == bits(want)
 
 
-def test_eval_every_and_test_samples_set_what_is_evaluated():
+def test_eval_every_and_test_samples_set_what_is_evaluated(mnist):
     every = simulate(tiny_config(method="fedavg", rounds=4, eval_every=2, train_samples=300, test_samples=100))
     assert [r["accuracy"] is not None for r in every.records] == [False, True, False, True]
     end = simulate(tiny_config(method="fedavg", rounds=3, eval_every=0, train_samples=300, test_samples=100))
     assert [r["accuracy"] is not None for r in end.records] == [False, False, True]
-    assert all(abs(100 * r["accuracy"] - round(100 * r["accuracy"])) < 1e-9 for r in every.records + end.records if r["accuracy"])
+    model = build_model("mlp", mnist.input_shape, 10)
+    for run in (every, end):  # the first 100 test images, no more and no others
+        accuracy, loss = evaluate(model, param_spec(model), run.weights, mnist.x_test[:100], mnist.y_test[:100])
+        assert (run.records[-1]["accuracy"], run.records[-1]["loss"]) == pytest.approx((accuracy, loss))
 
 
 def test_channels_last_evaluation_matches_plain_evaluation_and_restores_the_layout(mnist):
@@ -142,10 +144,9 @@ def test_channels_last_evaluation_matches_plain_evaluation_and_restores_the_layo
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="the simulation extra is installed")
 def test_a_benchmark_part_that_needs_a_missing_extra_says_so_at_once_and_a_run_of_every_part_skips_it(tmp_path,
                                                                                                        capsys):
-    started = time.perf_counter()
     done = subprocess.run([sys.executable, str(BENCHMARKS / "speed.py"), "--quick", "--only", "flower"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode != 0 and time.perf_counter() - started < 60
+    assert done.returncode != 0 and done.stdout == ""  # refused before any part ran
     assert "needs the 'simulation' extra" in done.stderr and "--only overhead --only memory" in done.stderr
     assert list(tmp_path.iterdir()) == []
     speed = benchmark_module("speed")

@@ -21,7 +21,7 @@ from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config, field_types
 from mpfl.core.masks import jaccard
-from mpfl.errors import ConfigError, PayloadError, RunDirError
+from mpfl.errors import ConfigError, PathError, PayloadError, RunDirError
 from mpfl.experiment import Experiment
 from mpfl.files import atomic_write, remove_stale_temps
 from mpfl.locks import LOCK, RunLock
@@ -546,7 +546,7 @@ def test_atomic_write_refuses_a_link_at_its_target(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     (tmp_path / "out.json").symlink_to(victim)
-    with pytest.raises(Exception, match="is a symbolic link; mpfl does not write through links"):
+    with pytest.raises(PathError, match="is a symbolic link; mpfl does not write through links"):
         atomic_write(tmp_path / "out.json", "new")
     assert victim.read_text() == "keep me"
 

@@ -126,18 +126,39 @@ def test_filter_mask_only_keeps_rows_still_in_the_mask():
     assert new[:, 0].tolist() == [False, True, True, False]
 
 
-@settings(max_examples=60, deadline=None)
+LAYER = arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.floats(-5, 5, width=32))
+
+
+@settings(max_examples=80, deadline=None)
 @given(
-    w=arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.floats(-5, 5, width=32)),
+    layers=st.lists(LAYER, min_size=1, max_size=3),
     density=st.floats(0.0, 1.0),
     scope=st.sampled_from(["layer", "global"]),
+    floor=st.sampled_from([0.0, 0.01, 0.3]),
     seed=st.integers(0, 10),
 )
-def test_new_masks_are_subsets_of_the_current_mask(w, density, scope, seed):
-    current = np.random.default_rng(seed).random(w.shape) < 0.6
-    new = masks.magnitude_mask([w], [current], density, scope=scope)[0]
-    assert not (new & ~current).any()
-    assert new.sum() <= current.sum()
+def test_new_masks_are_subsets_of_the_current_mask_with_the_promised_counts(layers, density, scope, floor, seed):
+    """Within the current mask, the kept entries number what `keep_count` promises and none weighs less than a
+    dropped one (under global scope, apart from the largest entries each layer keeps as its floor)."""
+    rng = np.random.default_rng(seed)
+    current = [rng.random(w.shape) < 0.6 for w in layers]
+    new = masks.magnitude_mask(layers, current, density, scope=scope, floor=floor)
+    assert all(not (n & ~c).any() for n, c in zip(new, current))
+    if scope == "layer":
+        reserved = [0] * len(layers)
+        assert [int(n.sum()) for n in new] == [min(int(c.sum()), masks.keep_count(c.size, density)) for c in current]
+    else:
+        reserved = [min(int(c.sum()), masks.keep_count(c.size, floor)) for c in current]
+        total = masks.keep_count(sum(c.size for c in current), density)
+        assert sum(int(n.sum()) for n in new) == max(sum(reserved), min(total, sum(int(c.sum()) for c in current)))
+        assert all(n.sum() >= r for n, r in zip(new, reserved))
+    chosen = [np.sort(np.abs(w[n]))[: int(n.sum()) - r] for w, n, r in zip(layers, new, reserved)]
+    dropped = [np.abs(w[c & ~n]) for w, n, c in zip(layers, new, current)]
+    if scope == "layer":
+        assert all(k.min() >= d.max() for k, d in zip(chosen, dropped) if k.size and d.size)
+    else:
+        kept, lost = np.concatenate(chosen), np.concatenate(dropped)
+        assert not (kept.size and lost.size) or kept.min() >= lost.max()
 
 
 def test_mask_statistics_by_hand():
