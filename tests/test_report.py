@@ -123,6 +123,32 @@ def test_each_plot_is_a_png_of_the_expected_size(report, name):
     assert matplotlib.image.imread(out / name).shape[:2] == (height, width)
 
 
+def test_curves_plot_the_steps_every_seed_evaluated_with_mean_traffic_and_accuracy(runs, tmp_path, monkeypatch):
+    """Two seeds' hand-made rounds: seed 0 evaluates steps 2 and 4, seed 1 steps 1, 2 and 4."""
+    import dataclasses
+
+    import matplotlib.figure
+
+    from mpfl.report import plot_accuracy_vs_bytes, plot_accuracy_vs_round
+
+    run = load_runs([runs / "mpfl-0"])[0]
+    seed0 = [round_record(1, bytes_up=100, bytes_down=1), round_record(2, bytes_up=100, bytes_down=1, accuracy=0.5),
+             round_record(3, bytes_up=100, bytes_down=1), round_record(4, bytes_up=100, bytes_down=1, accuracy=0.7)]
+    seed1 = [round_record(1, bytes_up=300, bytes_down=3, accuracy=0.1),
+             round_record(2, bytes_up=300, bytes_down=3, accuracy=0.6), round_record(3, bytes_up=300, bytes_down=3),
+             round_record(4, bytes_up=300, bytes_down=3, accuracy=0.9)]
+    group = Group([dataclasses.replace(run, rounds=seed0), dataclasses.replace(run, rounds=seed1)], {})
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path: drawn.append(fig))
+    plot_accuracy_vs_round([group], tmp_path / "a.png", "t")
+    plot_accuracy_vs_bytes([group], tmp_path / "b.png", "t")
+    by_round, by_bytes = (fig.axes[0].lines[0].get_xydata() for fig in drawn)
+    accuracy = [100 * (0.5 + 0.6) / 2, 100 * (0.7 + 0.9) / 2]
+    np.testing.assert_allclose(by_round, [[2, accuracy[0]], [4, accuracy[1]]])
+    traffic = [(2 * 101 + 2 * 303) / 2 / 1e6, (4 * 101 + 4 * 303) / 2 / 1e6]  # cumulative up + down, in MB
+    np.testing.assert_allclose(by_bytes, np.column_stack([traffic, accuracy]))
+
+
 @pytest.mark.parametrize("variants, height", [(3, 540), (30, None)])
 def test_an_ablation_plot_grows_with_its_variants_and_keeps_every_label(runs, tmp_path, variants, height):
     run = load_runs([runs / "mpfl-0"])[0]
