@@ -111,7 +111,9 @@ def test_thousands_of_mutated_replies_never_reach_the_model():
 
 
 def _fedavg_of(cfg, exp, survivors) -> list[np.ndarray]:
-    """One FedAvg round from w0 over `survivors` only, computed node by node (the reference)."""
+    """One FedAvg round from w0 over `survivors` only, computed node by node (the reference): the
+    float64 mean of their trained weights weighted by their training-set sizes, which must differ
+    (with equal sizes a plain mean would pass for the weighted one)."""
     trainer = make_trainer(cfg, exp.model, exp.spec)
     full = exp.spec.supports(exp.spec.full_mask())
     request = [codec.encode_values(exp.w0, full, round=1)]
@@ -120,11 +122,13 @@ def _fedavg_of(cfg, exp, survivors) -> list[np.ndarray]:
         node = Node(n, cfg, trainer, exp.node_data(n), w0=exp.w0)
         tensors.append(codec.decode_values(node.handle("train", 1, request)[0], full).tensors)
         sizes.append(len(exp.partition.train[n]))
+    assert len(set(sizes)) > 1, f"the survivors' sizes {sizes} are equal: use a split that makes them differ"
     return [sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes) for per_node in zip(*tensors)]
 
 
 def test_dropout_aggregates_exactly_the_survivors():
-    cfg = tiny_config(method="fedavg", nodes=6, rounds=1, dropout=0.4, seed=4)
+    # a label-skewed split: the six nodes hold 117, 175, 265, 238, 300 and 256 training samples
+    cfg = tiny_config(method="fedavg", nodes=6, rounds=1, dropout=0.4, seed=4, partition="dirichlet", alpha=0.1)
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
     nodes = [Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(cfg.nodes)]
@@ -140,7 +144,9 @@ def test_dropout_aggregates_exactly_the_survivors():
 
 
 def test_silent_nodes_are_left_out_of_every_round_and_logged():
-    cfg = tiny_config(method="fedavg", nodes=5, rounds=1, malicious=2, attack="silent")
+    # a label-skewed split: the honest nodes 0, 2 and 4 hold 214, 298 and 168 training samples
+    cfg = tiny_config(method="fedavg", nodes=5, rounds=1, malicious=2, attack="silent", seed=2, partition="dirichlet",
+                      alpha=0.1)
     bad = malicious_ids(cfg)
     result = simulate(cfg)
     record = result.records[0]
@@ -175,13 +181,16 @@ def test_a_fault_on_every_reply_of_a_three_body_round_is_named_and_so_is_its_set
 
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
+    """Killed once its second round is logged: inside the mask phase (3 rounds), whose nodes keep their own
+    weights (rewind none) for the next round, so the checkpoint must carry node state too. A fixed point,
+    so that a failure repeats; the rounds it had logged when killed are in every message."""
     reference = tmp_path / "reference"
     assert main(["run", *CLI_RUN, "--out", str(reference)]) == 0
     killed = tmp_path / "killed"
+    target = 2
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "mpfl.cli", "run", *CLI_RUN, "--out", str(killed)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    target = np.random.default_rng(int(time.time())).integers(2, 7)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         lines = (killed / "rounds.jsonl").read_text().count("\n") if (killed / "rounds.jsonl").exists() else 0
@@ -190,15 +199,17 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
-    assert main(["run", "--resume", str(killed), "--quiet"]) == 0
-    assert comparable(read_rounds(killed)) == comparable(read_rounds(reference))
+    logged = (killed / "rounds.jsonl").read_text().count("\n") if (killed / "rounds.jsonl").exists() else 0
+    at = f"killed at target {target}, with {logged} rounds logged"
+    assert not (killed / "summary.json").exists(), f"the run finished before it could be killed ({at})"
+    assert main(["run", "--resume", str(killed), "--quiet"]) == 0, at
+    assert comparable(read_rounds(killed)) == comparable(read_rounds(reference)), at
     a, b = load_final(killed), load_final(reference)
-    assert a.weights.keys() == b.weights.keys()
-    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights)
-    assert all(np.array_equal(a.mask[k], b.mask[k]) for k in a.mask)
+    assert a.weights.keys() == b.weights.keys(), at
+    assert all(np.array_equal(a.weights[k], b.weights[k]) for k in a.weights), at
+    assert all(np.array_equal(a.mask[k], b.mask[k]) for k in a.mask), at
     csv_rows = (killed / "rounds.csv").read_text().strip().splitlines()
-    assert len(csv_rows) == 1 + len(read_rounds(reference))
+    assert len(csv_rows) == 1 + len(read_rounds(reference)), at
 
 
 @pytest.mark.slow
@@ -387,15 +398,25 @@ def test_a_corrupt_dataset_stops_before_any_work(tmp_path, capsys):
 
 
 def test_robust_aggregators_against_numpy():
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(6)
     nodes = [[rng.standard_normal((4, 3)).astype(np.float32)] for _ in range(7)]
     nodes.append([np.full((4, 3), 1000.0, np.float32)])
     stack = np.stack([n[0] for n in nodes])
     np.testing.assert_allclose(robust_average(nodes, [1] * 8, "median")[0], np.median(stack, axis=0), rtol=1e-6)
     s = np.sort(stack, axis=0)[1:-1]  # trim 1 of 8 from each end (0.125 * 8 = 1)
     np.testing.assert_allclose(robust_average(nodes, [1] * 8, "trimmed-mean", trim=0.125)[0], s.mean(axis=0), rtol=1e-6)
-    krum = robust_average(nodes, [1] * 8, "krum", byzantine=1)[0]
-    assert any(np.array_equal(krum, n[0]) for n in nodes[:7])
+    # Krum (Blanchard et al. 2017): each candidate's score is the sum of its squared distances to its
+    # n - f - 2 nearest others; the candidate of the least score is returned as it is. With this draw
+    # f = 1 and f = 2 choose different nodes, neither at an end of the list, each by a clear margin.
+    flat = stack.reshape(8, -1).astype(np.float64)
+    squared = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(axis=2)
+    for byzantine, want in ((1, 3), (2, 5)):
+        scores = [np.sort(np.delete(squared[i], i))[: 8 - byzantine - 2].sum() for i in range(8)]
+        chosen = int(np.argmin(scores))
+        assert chosen == want and sorted(scores)[0] < 0.99 * sorted(scores)[1], (byzantine, scores)
+        krum = robust_average(nodes, [1] * 8, "krum", byzantine=byzantine)[0]
+        np.testing.assert_array_equal(krum, stack[chosen], err_msg=f"f = {byzantine}: Krum must return node {chosen} "
+                                                                   f"(scores {scores})")
 
 
 def test_malicious_nodes_are_chosen_by_seed_and_forge_what_they_send():

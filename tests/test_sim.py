@@ -9,7 +9,6 @@ import torch
 from conftest import tiny_config
 from mpfl import codec
 from mpfl.core import masks
-from mpfl.core.aggregate import weighted_average
 from mpfl.errors import ConfigError, PayloadError, RoundError, RunDirError
 from mpfl.experiment import Experiment
 from mpfl.methods import plan
@@ -34,6 +33,16 @@ class Recording(InProcessTransport):
         return replies
 
 
+UNEVEN = {"partition": "dirichlet", "alpha": 0.05, "seed": 1}
+"""A label-skewed split of tiny_config's 1500 samples whose three nodes hold 545, 248 and 557 training samples."""
+
+
+def weighted_mean(tensors, sizes):
+    """The sample-weighted mean sum(s * t) / sum(s) of each tensor, in float64 (the reference)."""
+    assert len(set(sizes)) > 1, f"the node sizes {sizes} are equal: a plain mean would pass for the weighted one"
+    return [sum(s * t.astype(np.float64) for s, t in zip(sizes, per_node)) / sum(sizes) for per_node in zip(*tensors)]
+
+
 def build(cfg, fail=()):
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
@@ -46,8 +55,9 @@ def build(cfg, fail=()):
 
 @pytest.fixture(scope="module")
 def mpfl_run():
-    """Plain FedAvg steps (no server momentum), so the server's weights are the last round's average."""
-    cfg = tiny_config(mask_rounds=3, sparsity=0.8, server_momentum=0.0)
+    """Plain FedAvg steps (no server momentum), so the server's weights are the last round's average; a
+    skewed split gives the nodes clearly unequal sample counts, so a weighted and a plain mean differ."""
+    cfg = tiny_config(mask_rounds=3, sparsity=0.8, server_momentum=0.0, **UNEVEN)
     exp, server, transport, records = build(cfg)
     server.run()
     return cfg, exp, server, transport, records
@@ -81,6 +91,7 @@ def test_pruned_weights_are_zero_in_the_global_model_and_every_reply(mpfl_run):
 
 def test_bytes_counted_equal_the_encoded_message_lengths(mpfl_run):
     _, _, _, transport, records = mpfl_run
+    assert [step for _, step, _, _ in transport.log] == [r["step"] for r in records]  # one exchange per round, all recorded
     for (_task, step, requests, replies), r in zip(transport.log, records):
         assert r["step"] == step
         assert r["bytes_down"] == sum(len(b) for bodies in requests.values() for b in bodies)
@@ -95,8 +106,7 @@ def test_aggregate_is_the_sample_weighted_average_of_the_replies(mpfl_run):
     bodies = [codec.decode_values(replies[n][0], supports) for n in sorted(replies)]
     sizes = [len(exp.partition.train[n]) for n in sorted(replies)]
     assert [b.num_samples for b in bodies] == sizes
-    expected = [sum(s * b.tensors[i].astype(np.float64) for s, b in zip(sizes, bodies)) / sum(sizes)
-                for i in range(len(supports))]
+    expected = weighted_mean([b.tensors for b in bodies], sizes)
     for got, want in zip(server.state.weights, expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
@@ -154,8 +164,156 @@ def test_topk_uploads_are_density_matched_sparse_updates():
             assert np.count_nonzero(body.tensors[i]) <= masks.keep_count(int(size), 0.1)
 
 
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def _mask_before(server, step):
+    """The consensus mask a round of step `step` starts from."""
+    history = server.state.history
+    return history[max(v for v in history if v < step)]
+
+
+def test_fedavg_prune_prunes_the_sample_weighted_aggregate_by_magnitude():
+    """Each mask round's new mask is the magnitude mask (masks' selection rule) of the sample-weighted mean of the
+    nodes' replies, computed here, not of w0 nor of one node's weights."""
+    cfg = tiny_config(method="fedavg-prune", sparsity=0.75, mask_rounds=2, rounds=1, **UNEVEN)
+    exp, server, transport, _ = build(cfg)
+    server.run()
+    spec, prune = exp.spec, cfg.prune
+    log = {step: (task, replies) for task, step, _, replies in transport.log}
+    mask_steps = [s for s in plan(cfg) if s.phase == "mask"]
+    assert len(mask_steps) == 2
+    for s in mask_steps:
+        task, replies = log[s.step]
+        previous = _mask_before(server, s.step)
+        supports = spec.supports(previous)
+        assert task == "train" and sorted(replies) == [0, 1, 2]
+        tensors = [codec.decode_values(replies[n][0], supports).tensors for n in sorted(replies)]
+        aggregate = [a.astype(np.float32) for a in weighted_mean(tensors, [len(exp.partition.train[n]) for n in sorted(replies)])]
+
+        def pruned_by(weights, s=s, previous=previous):
+            return masks.magnitude_mask(spec.pick(weights), previous, s.density, scope=prune.scope, floor=prune.layer_floor)
+
+        new = server.state.history[s.step]
+        assert _same(new, pruned_by(aggregate)), f"step {s.step}: not the magnitude mask of the aggregate"
+        assert not _same(new, pruned_by(exp.w0)) and not _same(new, pruned_by(tensors[0]))  # the test tells them apart
+
+
+def test_ssfl_keeps_the_top_of_the_sample_weighted_sum_of_the_nodes_scores():
+    """SSFL's one mask round: every node sends dense scores; the mask is masks.select of their sample-weighted
+    mean (the sum over the total count: the same order), computed here."""
+    cfg = tiny_config(method="ssfl", sparsity=0.75, rounds=1, **UNEVEN)
+    exp, server, transport, _ = build(cfg)
+    server.run()
+    spec, prune = exp.spec, cfg.prune
+    (step,) = [s for s in plan(cfg) if s.phase == "mask"]
+    task, logged_step, _, replies = transport.log[0]
+    assert (task, logged_step) == ("scores", step.step) and sorted(replies) == [0, 1, 2]
+    scores = [codec.decode_dense(replies[n][0], codec.Kind.SCORES, spec.prunable_shapes).tensors for n in sorted(replies)]
+    total = [t.astype(np.float32) for t in weighted_mean(scores, [len(exp.partition.train[n]) for n in sorted(replies)])]
+
+    def chosen_by(values):
+        return masks.select(values, spec.full_mask(), step.density, prune.scope, prune.layer_floor)
+
+    new = server.state.history[step.step]
+    assert _same(new, chosen_by(total))
+    assert sum(int(m.sum()) for m in new) == masks.keep_count(sum(m.size for m in new), step.density)
+    assert not any(_same(new, chosen_by(node_scores)) for node_scores in scores)  # no single node's scores give it
+
+
+def test_local_asks_only_the_first_node_for_masks_and_adopts_its_mask():
+    cfg = tiny_config(method="local", sparsity=0.75, mask_rounds=2, rounds=1)
+    exp, server, transport, _ = build(cfg)
+    server.run()
+    mask_log = [entry for entry in transport.log if entry[0] == "mask"]
+    assert [step for _, step, _, _ in mask_log] == [s.step for s in plan(cfg) if s.phase == "mask"] == [1, 2]
+    for _, step, requests, replies in mask_log:
+        assert list(requests) == [0] and list(replies) == [0], f"step {step}: other nodes were asked for masks"
+        previous = _mask_before(server, step)
+        own = codec.decode_mask(replies[0][0], previous).tensors
+        assert _same(server.state.history[step], own), f"step {step}: the mask is not node 0's"
+        assert not _same(own, previous)  # it did prune
+    train = [entry for entry in transport.log if entry[0] == "train"]
+    assert len(train) == 1 and sorted(train[0][2]) == [0, 1, 2]  # every node trains on it
+
+
+def test_centralized_searches_its_masks_on_every_nodes_training_data(monkeypatch):
+    """The pooled oracle's mask search (node.find_mask, as the simulator's oracle calls it) gets exactly the
+    union of all nodes' training indices, in every mask round."""
+    import mpfl.sim
+
+    searched = []
+    original = mpfl.sim.find_mask
+
+    def recording(cfg, trainer, data, *args, **kwargs):
+        searched.append((data.train.numpy().copy(), data.val.numpy().copy()))
+        return original(cfg, trainer, data, *args, **kwargs)
+
+    monkeypatch.setattr(mpfl.sim, "find_mask", recording)
+    cfg = tiny_config(method="centralized", sparsity=0.75, mask_rounds=2, rounds=1, **UNEVEN)
+    exp = Experiment.from_config(cfg)
+    result = simulate(cfg, experiment=exp)
+    assert [r["phase"] for r in result.records] == ["mask", "mask", "train"]
+    every_train = np.sort(np.concatenate(exp.partition.train))
+    every_val = np.sort(np.concatenate(exp.partition.val))
+    assert len(np.unique(every_train)) == len(every_train) == sum(len(t) for t in exp.partition.train)
+    assert len(searched) == 2
+    for train, val in searched:
+        np.testing.assert_array_equal(np.sort(train), every_train)
+        np.testing.assert_array_equal(np.sort(val), every_val)
+
+
+def test_topk_keeps_what_it_did_not_send_as_error_feedback_and_sends_it_later():
+    """Node 0 over two top-k rounds, against its update recomputed here: what it sends plus what it keeps
+    is exactly update + the residual it kept before (float32 values travel exactly), the sent entries are
+    the keep_count largest |update + residual|, and the second round's selection owes something to the first
+    round's residual."""
+    from mpfl.core.training import generator
+
+    cfg = tiny_config(method="topk", sparsity=0.9, rounds=2, value_dtype="float32")
+    exp, server, transport, _ = build(cfg)
+    spec, node = exp.spec, transport.nodes[0]
+    kept_after = []  # node 0's residual after each round
+
+    def keep(record):
+        residual = node.state.residual
+        kept_after.append(None if residual is None else [r.copy() for r in residual])
+
+    server.on_round = keep
+    server.run()
+    assert [(task, step) for task, step, _, _ in transport.log] == [("topk", 1), ("topk", 2)]
+    full_supports = spec.supports(spec.full_mask())
+    previous = [np.zeros(shape, np.float32) for shape in spec.prunable_shapes]
+    for (_, step, requests, replies), residual in zip(transport.log, kept_after):
+        assert residual is not None, f"round {step}: the node kept no residual (no error feedback)"
+        received = codec.decode_values(requests[0][0], full_supports).tensors
+        trained, _ = node.trainer.train(received, None, node.data, cfg.train.epochs, generator(*node.key(step)))
+        update = [t - w for t, w in zip(trained, received)]
+        sent = codec.decode_sparse(replies[0][0], spec.shapes).tensors
+        density = plan(cfg)[step - 1].density
+        changed_by_residual = False
+        for j, i in enumerate(spec.prunable):
+            owed = update[i] + previous[j]
+            np.testing.assert_array_equal(sent[i] + residual[j], owed, err_msg=f"round {step}, tensor {i}")
+            magnitude, k = np.abs(owed), masks.keep_count(owed.size, density)
+            kth, next_ = np.sort(magnitude, axis=None)[[-k, -k - 1]]
+            assert kth > next_ > 0, f"round {step}, tensor {i}: a tie at the k-th largest |value|"  # one top k
+            chosen = sent[i] != 0
+            assert int(chosen.sum()) == k
+            assert magnitude[chosen].min() > magnitude[~chosen].max()  # the largest went out ...
+            np.testing.assert_array_equal(sent[i][chosen], owed[chosen])  # ... exactly, and nothing of them is kept
+            assert not residual[j][chosen].any()
+            alone = np.abs(update[i])
+            changed_by_residual |= not np.array_equal(chosen, alone >= np.sort(alone, axis=None)[-int(chosen.sum())])
+        for i in set(range(len(spec.shapes))) - set(spec.prunable):
+            np.testing.assert_array_equal(sent[i], update[i])  # tensors that are never pruned go out whole
+        assert changed_by_residual == (step > 1)  # round 1 owes nothing; round 2 sends some of round 1's rest
+        previous = residual
+
+
 def test_fedavg_matches_a_hand_computed_round():
-    cfg = tiny_config(method="fedavg", rounds=1, server_momentum=0.0)  # plain FedAvg: the step is the average
+    cfg = tiny_config(method="fedavg", rounds=1, server_momentum=0.0, **UNEVEN)  # plain FedAvg: the step is the average
     exp, server, transport, _ = build(cfg)
     server.run()
     trainer = make_trainer(cfg, exp.model, exp.spec)
@@ -165,8 +323,8 @@ def test_fedavg_matches_a_hand_computed_round():
         body = codec.decode_values(node.handle("train", 1, transport.log[0][2][n])[0], exp.spec.supports(exp.spec.full_mask()))
         locals_.append(body.tensors)
         sizes.append(len(exp.partition.train[n]))
-    for got, want in zip(server.state.weights, weighted_average(locals_, sizes)):
-        np.testing.assert_array_equal(got, want)
+    for got, want in zip(server.state.weights, weighted_mean(locals_, sizes)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_a_failed_node_is_dropped_and_recorded():
