@@ -88,9 +88,9 @@ def test_registered_counts_refuse_every_other_claim():
 def test_counts_are_bounded_by_a_multiple_of_the_median():
     server, _, _ = _server(tiny_config(method="fedavg", nodes=4))
     server.state.counts = {0: 100, 1: 120, 2: 90, 3: 10**6}
-    assert [server.bounded_count(n) for n in range(4)] == [100.0, 120.0, 90.0, 275.0]  # median 110, limit 2.5
+    assert server.bounded_counts(range(4)) == {0: 100.0, 1: 120.0, 2: 90.0, 3: 275.0}  # median 110, limit 2.5
     server.cfg = server.cfg.with_overrides({"count_limit": 1.0})
-    assert server.bounded_count(1) == 110.0
+    assert server.bounded_counts([1]) == {1: 110.0}
 
 
 def test_forged_counts_give_an_attacker_at_most_count_limit_times_a_node():

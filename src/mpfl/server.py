@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +20,7 @@ import numpy as np
 from . import codec
 from .attacks import malicious_ids
 from .codec import Kind
-from .config import Config
+from .config import Config, sample_size
 from .core import masks
 from .core.aggregate import holder_average, holder_robust_average, robust_average
 from .core.contract import checked_arrays
@@ -234,7 +234,7 @@ class Server:
         nodes = self.node_ids()
         if fraction >= 1.0 or not nodes:
             return nodes
-        count = min(len(nodes), max(self.cfg.min_nodes, int(round(fraction * len(nodes)))))
+        count = sample_size(fraction, len(nodes), self.cfg.min_nodes)
         stream = Stream.MASK_SAMPLE if mask else Stream.SAMPLE
         return sorted(rng(self.cfg.seed, step.step, stream).choice(nodes, size=count, replace=False).tolist())
 
@@ -282,8 +282,7 @@ class Server:
                              f"than min_nodes = {self.cfg.min_nodes}" + "".join(f". {part}" for part in
                                                                               (detail, self._fault_hint(),
                                                                                self._limit_hint(exchanged)) if part))
-        cap = self.count_cap()
-        exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
+        exchanged.counts = self.bounded_counts(exchanged.replies)
         return exchanged
 
     def _fault_hint(self) -> str:
@@ -332,11 +331,12 @@ class Server:
                 raise RoundError(f"node {node}: a registered sample count must be positive, got {count}")
             self.state.counts[node] = int(count)
 
-    def bounded_count(self, node: int) -> float:
-        """The weight a node's count may give it: its fixed count, clipped to `robust.count_limit`
+    def bounded_counts(self, nodes: Iterable[int]) -> dict[int, float]:
+        """The weight each node's count may give it: its fixed count, clipped to `robust.count_limit`
         times the median of all fixed counts, so that a few nodes claiming huge datasets stay a few
         nodes (honest counts within the limit are used exactly)."""
-        return float(min(self.state.counts[node], self.count_cap()))
+        cap = self.count_cap()
+        return {node: float(min(self.state.counts[node], cap)) for node in nodes}
 
     def limited_counts(self) -> dict[str, int]:
         """The nodes whose fixed count is above `count_cap` (ids as text, as records hold them), with
@@ -386,11 +386,11 @@ class Server:
         digest, asking = None, []
         for node in requests:
             reply = replies.get(node)
-            if not isinstance(reply, list) or len(reply) != 1:
+            if isinstance(reply, NodeFailure) or malformed(reply) is not None or len(reply) != 1:
                 continue
             try:
                 ref = codec.decode_init(reply[0])
-            except (PayloadError, TypeError):
+            except PayloadError:
                 continue
             digest = digest or codec.weights_digest(self.state.w0)
             if ref.source == "request" and ref.digest == digest:
