@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
 from mpfl import codec
@@ -73,6 +74,23 @@ def test_a_node_count_is_fixed_at_its_first_claim_and_a_changed_claim_is_dropped
     assert [r["nodes"] for r in records] == [[0, 1, 2], [0, 2], [0, 1, 2]]
     assert records[1]["dropped"] == {"1": f"rejected: reply claims 1000 training samples, but this node's count is "
                                           f"fixed at {sizes[1]}"}
+
+
+def test_a_request_for_the_initial_weights_is_served_only_in_answer_to_their_reference(tmp_path):
+    """With --init, a node may answer the first round's INIT reference by asking for the weights; the same
+    request in answer to a training round is refused as a reply, and nothing is sent to it twice."""
+    cfg = tiny_config(method="fedavg", rounds=2)
+    exp = Experiment.from_config(cfg)
+    torch.save(exp.model.state_dict(), tmp_path / "init.pt")
+    cfg = cfg.with_overrides({"init": str(tmp_path / "init.pt")})
+    ask = codec.encode_init_request(codec.InitRef(2, "request", cfg.seed, codec.weights_digest(exp.w0)))
+    server, records, _ = _server(cfg, lambda step, bodies: [ask] if step == 2 else bodies)
+    sent_per_round = []
+    exchange = server.transport.exchange
+    server.transport.exchange = lambda task, step, requests: sent_per_round.append(step) or exchange(task, step, requests)
+    server.run()
+    assert sent_per_round == [1, 2] and records[1]["nodes"] == [0, 2]
+    assert records[1]["dropped"] == {"1": "rejected: expected a VALUES body, got INIT"}
 
 
 def test_registered_counts_refuse_every_other_claim():

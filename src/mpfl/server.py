@@ -246,7 +246,7 @@ class Server:
         may keep what the others carry. Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
-        asking = self._asking_for_w0(requests, replies)
+        asking = self._asking_for_w0(step, requests, replies)
         if asking:
             exchanged.bytes_up += sum(len(replies[node][0]) for node in asking)
             weights = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
@@ -379,17 +379,22 @@ class Server:
             cache["w0"] = codec.encode_init(self.state.w0, source=source, seed=self.cfg.seed, round=step.step)
         return [cache["w0"]]
 
-    def _asking_for_w0(self, requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> list[int]:
-        """The nodes whose reply is a request for the `init` file's weights, which they hold no copy of."""
+    def _asking_for_w0(self, step: Step, requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]
+                       ) -> list[int]:
+        """The nodes whose reply to this round's reference to the `init` file's weights asks for them
+        (they hold no copy). A request in answer to anything else is not served: it is refused as the
+        reply it is, so no node can have a round's requests sent twice."""
         if self.cfg.train.init is None:
             return []
         digest, asking = None, []
-        for node in requests:
+        for node, sent in requests.items():
             reply = replies.get(node)
             if isinstance(reply, NodeFailure) or malformed(reply) is not None or len(reply) != 1:
                 continue
+            if not any(codec.peek(body).kind == Kind.INIT for body in sent):
+                continue
             try:
-                ref = codec.decode_init(reply[0])
+                ref = codec.decode_init(reply[0], round=step.step)
             except PayloadError:
                 continue
             digest = digest or codec.weights_digest(self.state.w0)
