@@ -769,6 +769,27 @@ def test_int8_out_of_range_is_rejected():
         codec.decode_dense(patch_values(body, 4, struct.pack("<f", 3e37)), Kind.WEIGHTS, [(3,)])
 
 
+def test_int8_records_the_encoder_never_writes_are_refused():
+    body = codec.encode_dense(Kind.WEIGHTS, [np.array([1, -2, 3], np.float32)], round=1, dtype="int8")
+    q = struct.unpack_from("<3b", body, HEADER_SIZE + 8)
+    assert q == (42, -85, 127)  # scale 3 / 127: the peak takes all 127 steps
+    with pytest.raises(PayloadError, match="largest int8 value is 126, not 127"):
+        codec.decode_dense(patch_values(body, 8, struct.pack("<3b", 42, -85, 126)), Kind.WEIGHTS, [(3,)])
+    zeros = codec.encode_dense(Kind.WEIGHTS, [np.zeros(3, np.float32)], round=1, dtype="int8")
+    assert struct.unpack_from("<f", zeros, HEADER_SIZE + 4) == (1.0,)
+    with pytest.raises(PayloadError, match="holds only zeros but its int8 scale is 0.5, not 1"):
+        codec.decode_dense(patch_values(zeros, 4, struct.pack("<f", 0.5)), Kind.WEIGHTS, [(3,)])
+    tiny = np.array([3e-45, -1e-45], np.float32)  # a subnormal scale: the peak may take fewer steps
+    assert same(codec.decode_dense(codec.encode_dense(Kind.WEIGHTS, [tiny], round=1, dtype="int8"), Kind.WEIGHTS,
+                                   [(2,)]).tensors, [tiny])
+
+
+def test_a_strided_view_is_refused_as_not_contiguous_bytes():
+    body = codec.encode_dense(Kind.WEIGHTS, [np.ones(3, np.float32)], round=1)
+    with pytest.raises(PayloadError, match="a body must be contiguous bytes"):
+        codec.peek(memoryview(body + body)[::2])
+
+
 def test_mask_outside_the_previous_support_is_refused_at_encode():
     base = [np.array([True, True, False, True])]
     with pytest.raises(PayloadError, match="not a subset"):
@@ -806,10 +827,13 @@ def test_inconsistent_mask_records_are_rejected():
     cases = {
         "claims 21 ones over only 20": struct.pack("<III", 20, 21, len(data)) + data,
         "constant but carries": struct.pack("<III", 20, 0, len(data)) + data,
-        "invalid coded length": struct.pack("<III", 20, 5, len(data) - 1) + data[:-1],
-        "invalid coded length of 100": struct.pack("<III", 20, 5, 100) + bytes(100),
+        f"coded length of {len(data) - 1} bytes; .* a multiple of 4 bytes, at most 67":
+            struct.pack("<III", 20, 5, len(data) - 1) + data[:-1],
+        "coded length of 100 bytes": struct.pack("<III", 20, 5, 100) + bytes(100),
         # words the range decoder itself refuses (found by trying: constriction raises on them)
         "not a valid range-coded stream": struct.pack("<IIIIII", 20, 5, 12, 2**32 - 1, 2**32 - 1, 0),
+        # decodable, with the right count of ones, but not what the encoder writes for those bits
+        "not the range coder's encoding": struct.pack("<III", 20, 5, len(data) + 8) + data + bytes(8),
     }
     for message, payload in cases.items():
         with pytest.raises(PayloadError, match=message):
@@ -820,6 +844,50 @@ def test_inconsistent_mask_records_are_rejected():
         codec.decode_mask(reframe(packed, struct.pack("<III", 20, 6, 3) + bits), base)
     with pytest.raises(PayloadError, match="carries 2 packed bytes, expected 3"):
         codec.decode_mask(reframe(packed, struct.pack("<III", 20, 5, 2) + packed[HEADER_SIZE + 12 : -1]), base)
+
+
+@pytest.mark.parametrize("kind", ["mask", "sparse"])
+def test_a_range_coded_bitmap_decodes_only_from_the_encoders_own_bytes(kind):
+    """Every bitmap has one encoding: a stream that decodes (right count of ones and all) is accepted
+    only if encoding what it decodes to gives it back, whether bits were flipped, words cut or added,
+    or the stream is random."""
+    rng = np.random.default_rng(0)
+    base, bits = [np.ones(200, dtype=bool)], rng.random(200) < 0.3
+    if kind == "mask":
+        body = codec.encode_mask([bits], base, round=1)
+
+        def encode(got):
+            return codec.encode_mask(got.tensors, base, round=1)
+
+        def decode(b):
+            return codec.decode_mask(b, base, round=1)
+    else:
+        body = codec.encode_sparse([np.where(bits, 1.5, 0).astype(np.float32)], round=1)
+
+        def encode(got):
+            return codec.encode_sparse(got.tensors, round=1)
+
+        def decode(b):
+            return codec.decode_sparse(b, [(200,)], round=1)
+    n, ones, length = struct.unpack_from("<III", body, HEADER_SIZE)
+    data, rest = body[HEADER_SIZE + 12 : HEADER_SIZE + 12 + length], body[HEADER_SIZE + 12 + length :]
+
+    def with_stream(stream: bytes) -> bytes:
+        return reframe(body, struct.pack("<III", n, ones, len(stream)) + stream + rest)
+
+    streams = [bytes(data[:i]) + bytes([data[i] ^ 1 << bit]) + bytes(data[i + 1 :]) for i in range(length)
+               for bit in range(8)]
+    streams += [data[:-4], data + bytes(4), data + b"\xff" * 8, bytes(4) + data]
+    streams += [rng.integers(0, 256, length, dtype=np.uint8).tobytes() for _ in range(1000)]
+    accepted = 0
+    for stream in streams:
+        try:
+            got = decode(with_stream(stream))
+        except PayloadError:
+            continue
+        accepted += 1
+        assert encode(got) == with_stream(stream)
+    assert decode(body) and accepted < len(streams)
 
 
 def test_sparse_limits_and_zero_values():
@@ -1002,10 +1070,13 @@ def test_version_2_bodies_still_read_as_they_always_did():
 def test_a_float32_mark_is_refused_where_the_spec_does_not_allow_it():
     x = np.array([1.0, -0.5, 0.25], dtype=np.float32)
     marked = struct.pack("<I", 3 | 1 << 31) + x.astype("<f4").tobytes()
-    with pytest.raises(PayloadError, match="marked as float32 values, which only a VALUES body of float16 or int8"):
+    only = "marked as float32 values .bit 31., which only a VALUES body of float16 or int8 in format version 3"
+    with pytest.raises(PayloadError, match=only):
         codec.decode_values(by_hand(3, 0, marked), [np.ones(3, bool)])  # a float32 VALUES body
-    with pytest.raises(PayloadError, match="marked as float32 values"):
+    with pytest.raises(PayloadError, match=only):
         codec.decode_dense(by_hand(Kind.WEIGHTS.value, 2, marked), Kind.WEIGHTS, [(3,)])
+    with pytest.raises(PayloadError, match=only):  # version 2 had no marks
+        codec.decode_values(by_hand(3, 2, marked, version=2), [np.ones(3, bool)])
     assert np.array_equal(codec.decode_values(by_hand(3, 2, marked), [np.ones(3, bool)]).tensors[0], x)
 
 

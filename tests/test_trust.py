@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
 from mpfl import codec
@@ -75,6 +76,23 @@ def test_a_node_count_is_fixed_at_its_first_claim_and_a_changed_claim_is_dropped
                                           f"fixed at {sizes[1]}"}
 
 
+def test_a_request_for_the_initial_weights_is_served_only_in_answer_to_their_reference(tmp_path):
+    """With --init, a node may answer the first round's INIT reference by asking for the weights; the same
+    request in answer to a training round is refused as a reply, and nothing is sent to it twice."""
+    cfg = tiny_config(method="fedavg", rounds=2)
+    exp = Experiment.from_config(cfg)
+    torch.save(exp.model.state_dict(), tmp_path / "init.pt")
+    cfg = cfg.with_overrides({"init": str(tmp_path / "init.pt")})
+    ask = codec.encode_init_request(codec.InitRef(2, "request", cfg.seed, codec.weights_digest(exp.w0)))
+    server, records, _ = _server(cfg, lambda step, bodies: [ask] if step == 2 else bodies)
+    sent_per_round = []
+    exchange = server.transport.exchange
+    server.transport.exchange = lambda task, step, requests: sent_per_round.append(step) or exchange(task, step, requests)
+    server.run()
+    assert sent_per_round == [1, 2] and records[1]["nodes"] == [0, 2]
+    assert records[1]["dropped"] == {"1": "rejected: expected a VALUES body, got INIT"}
+
+
 def test_registered_counts_refuse_every_other_claim():
     cfg = tiny_config(method="fedavg", rounds=2)
     server, records, exp = _server(cfg)
@@ -88,9 +106,9 @@ def test_registered_counts_refuse_every_other_claim():
 def test_counts_are_bounded_by_a_multiple_of_the_median():
     server, _, _ = _server(tiny_config(method="fedavg", nodes=4))
     server.state.counts = {0: 100, 1: 120, 2: 90, 3: 10**6}
-    assert [server.bounded_count(n) for n in range(4)] == [100.0, 120.0, 90.0, 275.0]  # median 110, limit 2.5
+    assert server.bounded_counts(range(4)) == {0: 100.0, 1: 120.0, 2: 90.0, 3: 275.0}  # median 110, limit 2.5
     server.cfg = server.cfg.with_overrides({"count_limit": 1.0})
-    assert server.bounded_count(1) == 110.0
+    assert server.bounded_counts([1]) == {1: 110.0}
 
 
 def test_forged_counts_give_an_attacker_at_most_count_limit_times_a_node():

@@ -24,8 +24,8 @@ from .registry import Registry, registry
 from .seeds import Stream, rng
 
 if TYPE_CHECKING:
-    from .core.params import Weights
     from .config import Config
+    from .core.params import Weights
     from .core.training import LocalData
     from .node import Node
 

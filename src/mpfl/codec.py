@@ -27,7 +27,8 @@ Payload records, one per tensor, by kind (``k`` = number of values in the record
   packed with the first bit in the highest bit of the first byte, zero padded; the range coder
   codes these bytes): ``12 + L`` bytes. ``L`` is 0 for an all-zero or all-one mask,
   ``ceil(n / 8)`` with ``packbits``, and a multiple of 4 near ``n * H(ones / n) / 8`` with the
-  range coder. A structured mask spends one bit per output filter.
+  range coder, which must be exactly the encoder's bytes for the bits they decode to (so, as
+  every bitmap here, a mask has one encoding). A structured mask spends one bit per output filter.
 - ``SPARSE``: tensor size (u32), non-zeros (u32), coded length (u32), the coded position
   bitmap (which costs no more than optimally coded index gaps), then a values record of the
   non-zeros. A coded position never carries a zero value, so each tensor has one encoding.
@@ -43,7 +44,9 @@ at most 2**-25 in float16's subnormal range); values beyond float16's range are 
 int8 is symmetric per tensor: ``q = round(x / scale)`` with ``scale = max|x| / 127`` in float32
 (where that is subnormal and rounds down so far that ``max|x| / scale >= 127.5``, the next
 float32 up, until it is not), so the error is at most ``scale / 2`` (plus the float32 rounding of
-``q * scale``).
+``q * scale``). A decoder refuses int8 records the encoder never writes: a ``q`` of -128, a scale
+other than 1 over all-zero values, and, where the scale is a normal float32, a largest ``|q|``
+other than 127.
 :func:`quantization_error` measures both on actual data.
 
 Decoding is strict: the receiver states what it expects (kind, round, shapes, supports)
@@ -140,6 +143,7 @@ class _Header:
     """The header fields a decoder still needs once :func:`_unpack` has checked the rest."""
 
     kind: Kind
+    version: int
     encoding: int
     round: int
     base: int
@@ -150,7 +154,10 @@ def _bytes_view(buf: object) -> memoryview:
     """The body as unsigned bytes; anything but bytes (a str, a number, None, a list) is a PayloadError."""
     if not isinstance(buf, (bytes, bytearray, memoryview)):
         raise PayloadError(f"a body must be bytes, got {type(buf).__name__}")
-    return memoryview(buf).cast("B")
+    try:
+        return memoryview(buf).cast("B")
+    except TypeError as exc:  # a strided or multi-dimensional view: not a byte string
+        raise PayloadError(f"a body must be contiguous bytes: {exc}") from None
 
 
 def _unpack(
@@ -187,7 +194,7 @@ def _unpack(
         raise PayloadError(f"body is coded over mask version {got_base}, but the receiver holds version {base}")
     if got_count != count:
         raise PayloadError(f"body holds {got_count} tensors, expected {count}")
-    header = _Header(Kind(got_kind), encoding, got_round, got_base, num_samples)
+    header = _Header(Kind(got_kind), version, encoding, got_round, got_base, num_samples)
     return header, view[HEADER_SIZE:]
 
 
@@ -300,8 +307,8 @@ def _decode_values(reader: _Reader, dtype: str, expected: int, index: int, *, ma
     (count,) = reader.unpack(_U32, f"the count of tensor {index}")
     if count & _EXACT:
         if not may_be_exact or dtype == "float32":
-            raise PayloadError(f"tensor {index} is marked as float32 values, which only a VALUES body of float16 "
-                               f"or int8 may hold")
+            raise PayloadError(f"tensor {index} claims {count:,} values, or is marked as float32 values (bit 31), "
+                               f"which only a VALUES body of float16 or int8 in format version 3 may hold")
         count, dtype = count & ~_EXACT, "float32"
     if count != expected:
         raise PayloadError(f"tensor {index} holds {count} values, expected {expected}")
@@ -312,12 +319,25 @@ def _decode_values(reader: _Reader, dtype: str, expected: int, index: int, *, ma
             raise PayloadError(f"tensor {index} has an invalid int8 scale {scale}")
     dt = VALUE_DTYPES[dtype][1]
     raw = np.frombuffer(reader.take(count * dt.itemsize, f"the values of tensor {index}"), dtype=dt)
-    if dtype == "int8" and raw.size and raw.min() < -127:
-        raise PayloadError(f"tensor {index} holds the int8 value -128, which the encoder never writes")
+    if dtype == "int8":
+        _check_int8(raw, scale, index)
     out = _dequantize(raw, scale)
     if not np.isfinite(out).all():
         raise PayloadError(f"tensor {index} contains NaN, Inf or out-of-range values")
     return out
+
+
+def _check_int8(raw: np.ndarray, scale: np.float32, index: int) -> None:
+    """Refuse int8 records the encoder never writes, so each tensor has one encoding: -128, a scale
+    other than 1 for all-zero values, and (for a normal float32 scale, i.e. max|x| / 127 exact to
+    2**-24) a largest |q| other than 127."""
+    peak = max(int(raw.max(initial=0)), -int(raw.min(initial=0)))
+    if raw.size and raw.min() < -127:
+        raise PayloadError(f"tensor {index} holds the int8 value -128, which the encoder never writes")
+    if peak == 0 and scale != 1:
+        raise PayloadError(f"tensor {index} holds only zeros but its int8 scale is {scale:g}, not 1")
+    if peak and scale >= np.finfo(np.float32).tiny and peak != 127:
+        raise PayloadError(f"tensor {index}'s largest int8 value is {peak}, not 127 as its scale {scale:g} requires")
 
 
 def quantization_error(x: np.ndarray, dtype: str) -> dict[str, float]:
@@ -410,7 +430,8 @@ def decode_kept_values(
     header, payload = _unpack(buf, Kind.VALUES, round, base, len(counts))
     dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
-    tensors = [_decode_values(reader, dtype, int(count), i, may_be_exact=True) for i, count in enumerate(counts)]
+    marks = header.version >= 3  # version 2 predates the float32 marks
+    tensors = [_decode_values(reader, dtype, int(count), i, may_be_exact=marks) for i, count in enumerate(counts)]
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, tensors)
 
@@ -460,42 +481,52 @@ def _code_bits(bits: np.ndarray, coder: str) -> bytes:
     packed = np.packbits(bits)
     if coder == "packbits":
         return packed.tobytes()
-    encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode(packed.astype(np.int32), _byte_model(ones, bits.size))
-    data = encoder.get_compressed().astype("<u4").tobytes()
+    data = _range_code(packed, ones, bits.size)
     if len(data) > _max_coded(bits.size):
         raise PayloadError(f"range coding a {bits.size}-bit mask took {len(data)} bytes; use the packbits coder")
     return data
 
 
-def _decode_bits(data: memoryview, coder: str, n: int, ones: int, index: int) -> np.ndarray:
-    """Decode n bits with exactly ``ones`` set, rejecting malformed streams and padding."""
+def _range_code(packed: np.ndarray, ones: int, n: int) -> bytes:
+    """The range coder's bytes for the packed bitmap of n bits with `ones` set."""
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(packed.astype(np.int32), _byte_model(ones, n))
+    return encoder.get_compressed().astype("<u4").tobytes()
+
+
+def _decode_bits(data: memoryview, coder: str, n: int, ones: int, what: str) -> np.ndarray:
+    """Decode n bits with exactly ``ones`` set, refusing every byte string but the encoder's for
+    them (malformed streams, padding, and range-coded streams that decode but were not so coded)."""
     if ones > n:
-        raise PayloadError(f"mask {index} claims {ones} ones over only {n} positions")
+        raise PayloadError(f"{what} claims {ones} ones over only {n} positions")
     if ones in (0, n):
         if len(data):
-            raise PayloadError(f"mask {index} is constant but carries {len(data)} coded bytes")
+            raise PayloadError(f"{what} is constant but carries {len(data)} coded bytes")
         return np.full(n, ones == n, dtype=bool)
     nbytes = (n + 7) // 8
     if coder == "packbits":
         if len(data) != nbytes:
-            raise PayloadError(f"mask {index} carries {len(data)} packed bytes, expected {nbytes}")
+            raise PayloadError(f"{what} carries {len(data)} packed bytes, expected {nbytes}")
         packed = np.frombuffer(data, dtype=np.uint8)
     else:
         if len(data) % 4 or len(data) > _max_coded(n):
-            raise PayloadError(f"mask {index} has an invalid coded length of {len(data)} bytes")
+            raise PayloadError(f"{what} has a coded length of {len(data)} bytes; a range-coded bitmap of {n} bits "
+                               f"takes a multiple of 4 bytes, at most {_max_coded(n)}")
         try:
             decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
             packed = decoder.decode(_byte_model(ones, n), nbytes).astype(np.uint8)
         except Exception as exc:  # the coder rejects malformed streams in its own way
-            raise PayloadError(f"mask {index} is not a valid range-coded stream: {exc}") from None
+            raise PayloadError(f"{what} is not a valid range-coded stream: {exc}") from None
     bits = np.unpackbits(packed)
     if bits[n:].any():
-        raise PayloadError(f"mask {index} has non-zero padding bits")
+        raise PayloadError(f"{what} has non-zero padding bits")
     bits = bits[:n].astype(bool)
     got = int(np.count_nonzero(bits))
     if got != ones:
-        raise PayloadError(f"mask {index} decodes to {got} ones but its header says {ones}")
+        raise PayloadError(f"{what} decodes to {got} ones but its header says {ones}")
+    if coder == "range" and _range_code(packed, ones, n) != data:  # padded, cut or altered, yet decodable
+        raise PayloadError(f"{what} is not the range coder's encoding of the bits it decodes to (padded, cut short "
+                           "or altered)")
     return bits
 
 
@@ -571,7 +602,7 @@ def decode_mask(
         if n != where.size:
             raise PayloadError(f"mask {i} is coded over {n} positions but the previous support has {where.size}")
         flat = np.zeros(support.size, dtype=bool)
-        flat[where] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, i)
+        flat[where] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, f"mask {i}")
         if structured:
             flat = np.broadcast_to(flat[:, None], _filters(prev).shape)
         masks.append(np.ascontiguousarray(flat).reshape(prev.shape))
@@ -634,7 +665,8 @@ def decode_sparse(
             raise PayloadError(f"sparse tensor {i} has {n} positions, expected {size}")
         if max_ones is not None and ones > max_ones[i]:
             raise PayloadError(f"sparse tensor {i} has {ones} non-zeros, more than the allowed {max_ones[i]}")
-        bits = _decode_bits(reader.take(length, f"the positions of sparse tensor {i}"), coder, n, ones, i)
+        bits = _decode_bits(reader.take(length, f"the positions of sparse tensor {i}"), coder, n, ones,
+                            f"the positions of sparse tensor {i}")
         values = _decode_values(reader, dtype, ones, i)
         if not values.all():
             raise PayloadError(f"sparse tensor {i} carries a zero value at a coded position")

@@ -389,6 +389,11 @@ class Options(dict):
                             f"--out NEW_DIR --options {key}=VALUE (in a config file, options = [\"{key}=VALUE\"])")
 
 
+def sample_size(fraction: float, available: int, min_nodes: int) -> int:
+    """The nodes a round asks when it samples `fraction` of `available` ones: at least `min_nodes`, at most all."""
+    return min(available, max(min_nodes, round(fraction * available)))
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything that determines a run; saved with its results so it can be reproduced."""
@@ -499,8 +504,8 @@ class Config:
         return data
 
     def asked(self, fraction: float) -> int:
-        """The nodes a round asks when it samples `fraction` of them: at least `min_nodes`, at most all."""
-        return min(self.nodes, max(self.min_nodes, round(fraction * self.nodes)))
+        """The nodes a round asks when it samples `fraction` of all of them (`sample_size`)."""
+        return sample_size(fraction, self.nodes, self.min_nodes)
 
     def with_overrides(self, overrides: dict[str, Any]) -> Config:
         """A copy with flat `field = value` overrides applied to whichever section owns the field."""

@@ -155,7 +155,7 @@ class Round:
 
     def weights(self) -> list[float]:
         """Each reply's sample count as the server weighs it, in reply order (FedAvg's and the vote's
-        weights): the node's fixed count, bounded (`Server.bounded_count`), never a raw claim."""
+        weights): the node's fixed count, bounded (`Server.bounded_counts`), never a raw claim."""
         return [self.counts[node] for node in self.replies]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -20,7 +20,7 @@ import numpy as np
 from . import codec
 from .attacks import malicious_ids
 from .codec import Kind
-from .config import Config
+from .config import Config, sample_size
 from .core import masks
 from .core.aggregate import holder_average, holder_robust_average, robust_average
 from .core.contract import checked_arrays
@@ -234,7 +234,7 @@ class Server:
         nodes = self.node_ids()
         if fraction >= 1.0 or not nodes:
             return nodes
-        count = min(len(nodes), max(self.cfg.min_nodes, int(round(fraction * len(nodes)))))
+        count = sample_size(fraction, len(nodes), self.cfg.min_nodes)
         stream = Stream.MASK_SAMPLE if mask else Stream.SAMPLE
         return sorted(rng(self.cfg.seed, step.step, stream).choice(nodes, size=count, replace=False).tolist())
 
@@ -246,7 +246,7 @@ class Server:
         may keep what the others carry. Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
-        asking = self._asking_for_w0(requests, replies)
+        asking = self._asking_for_w0(step, requests, replies)
         if asking:
             exchanged.bytes_up += sum(len(replies[node][0]) for node in asking)
             weights = codec.encode_dense(Kind.WEIGHTS, self.state.w0, round=step.step)
@@ -282,8 +282,7 @@ class Server:
                              f"than min_nodes = {self.cfg.min_nodes}" + "".join(f". {part}" for part in
                                                                               (detail, self._fault_hint(),
                                                                                self._limit_hint(exchanged)) if part))
-        cap = self.count_cap()
-        exchanged.counts = {node: float(min(self.state.counts[node], cap)) for node in exchanged.replies}
+        exchanged.counts = self.bounded_counts(exchanged.replies)
         return exchanged
 
     def _fault_hint(self) -> str:
@@ -332,11 +331,12 @@ class Server:
                 raise RoundError(f"node {node}: a registered sample count must be positive, got {count}")
             self.state.counts[node] = int(count)
 
-    def bounded_count(self, node: int) -> float:
-        """The weight a node's count may give it: its fixed count, clipped to `robust.count_limit`
+    def bounded_counts(self, nodes: Iterable[int]) -> dict[int, float]:
+        """The weight each node's count may give it: its fixed count, clipped to `robust.count_limit`
         times the median of all fixed counts, so that a few nodes claiming huge datasets stay a few
         nodes (honest counts within the limit are used exactly)."""
-        return float(min(self.state.counts[node], self.count_cap()))
+        cap = self.count_cap()
+        return {node: float(min(self.state.counts[node], cap)) for node in nodes}
 
     def limited_counts(self) -> dict[str, int]:
         """The nodes whose fixed count is above `count_cap` (ids as text, as records hold them), with
@@ -379,18 +379,23 @@ class Server:
             cache["w0"] = codec.encode_init(self.state.w0, source=source, seed=self.cfg.seed, round=step.step)
         return [cache["w0"]]
 
-    def _asking_for_w0(self, requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]) -> list[int]:
-        """The nodes whose reply is a request for the `init` file's weights, which they hold no copy of."""
+    def _asking_for_w0(self, step: Step, requests: Mapping[int, Sequence[bytes]], replies: Mapping[int, Reply]
+                       ) -> list[int]:
+        """The nodes whose reply to this round's reference to the `init` file's weights asks for them
+        (they hold no copy). A request in answer to anything else is not served: it is refused as the
+        reply it is, so no node can have a round's requests sent twice."""
         if self.cfg.train.init is None:
             return []
         digest, asking = None, []
-        for node in requests:
+        for node, sent in requests.items():
             reply = replies.get(node)
-            if not isinstance(reply, list) or len(reply) != 1:
+            if isinstance(reply, NodeFailure) or malformed(reply) is not None or len(reply) != 1:
+                continue
+            if not any(codec.peek(body).kind == Kind.INIT for body in sent):
                 continue
             try:
-                ref = codec.decode_init(reply[0])
-            except (PayloadError, TypeError):
+                ref = codec.decode_init(reply[0], round=step.step)
+            except PayloadError:
                 continue
             digest = digest or codec.weights_digest(self.state.w0)
             if ref.source == "request" and ref.digest == digest:

@@ -105,7 +105,7 @@ class RunResult:
     mask: Mask
     run_dir: Path | None = None
     masks: Mapping[int, Mask] = field(default_factory=MaskHistory)
-    """The consensus mask of every step that changed it (0: nothing pruned), by step."""
+    """The consensus mask after every mask and adaptation round (0: nothing pruned), by step, changed or not."""
 
 
 def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[RoundRecord], None] | None = None,

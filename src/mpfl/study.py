@@ -31,7 +31,7 @@ time in a pool of processes (``mpfl study``'s default: one per CPU core); every 
 torch thread, so its results are the same either way. As with a run's worker processes, a script
 that runs a study with `jobs` above 1 must do so under ``if __name__ == "__main__":``.
 
-Sizing, measured on this 2-core machine with one torch thread per run, runs one after the
+Sizing, measured on a 2-core x86 machine with one torch thread per run, runs one after the
 other: mlp, 10 nodes, one local epoch. A
 round costs about 22 us per training sample (x1.5 in mask-search rounds, x1.6 with 50 nodes)
 plus about 1.5 s per run to load data and build the model; cnn rounds cost ~35x more, so

@@ -203,9 +203,13 @@ def test_agreement_weighting_scales_a_node_beyond_the_cut_by_its_distance():
 
 def test_tallies_refuse_what_leaves_no_vote():
     masks = [[np.array([True, False])], [np.array([False, True])]]
-    with pytest.raises(ValueError, match="positive weight"):
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
         tally(masks, [0.0, 0.0])
-    with pytest.raises(ValueError, match="positive weight"):
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        tally(masks, [2.0, -1.0])  # would push the second mask's entries below zero votes
+    with pytest.raises(ValueError, match="one weight per mask"):
+        tally(masks, [1.0])
+    with pytest.raises(ValueError, match="at least one mask"):
         tally([], [])
     with pytest.raises(ValueError, match="leaves none"):
         trimmed_tally(masks, 0.5)  # one of two votes cut from each end

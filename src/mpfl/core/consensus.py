@@ -13,18 +13,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..registry import Registry, check_callable, registry
+from .aggregate import normalise
 from .masks import Mask, checked_mask, expand_rows, rows, select
 
 _EPS = 1e-9
 
 
 def tally(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> list[np.ndarray]:
-    """Weighted votes per entry; `weights` are normalised to sum to 1 (alpha_n = |D_n| / sum |D|)."""
-    w = np.asarray(weights, dtype=np.float64)
-    if len(masks) == 0 or w.sum() <= 0:
-        raise ValueError("consensus needs at least one mask with a positive weight")
-    w = w / w.sum()
-    return [sum(wn * np.asarray(m[i], dtype=np.float64) for wn, m in zip(w, masks)) for i in range(len(masks[0]))]
+    """Weighted votes per entry, in float64; `weights` are normalised as aggregation weights are
+    (non-negative, summing to 1: alpha_n = |D_n| / sum |D|)."""
+    if len(masks) == 0 or len(masks) != len(weights):
+        raise ValueError(f"consensus needs one weight per mask and at least one mask, got {len(masks)} masks and "
+                         f"{len(weights)} weights")
+    alpha = normalise(weights)
+    return [sum(a * np.asarray(m[i], dtype=np.float64) for a, m in zip(alpha, masks)) for i in range(len(masks[0]))]
 
 
 def trimmed_tally(masks: Sequence[Sequence[np.ndarray]], trim: float) -> list[np.ndarray]:

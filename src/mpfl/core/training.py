@@ -158,7 +158,7 @@ class LocalTrainer:
 
 def evaluate(model: nn.Module, spec: ParamSpec, weights: Sequence[np.ndarray], x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 128) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy of `weights` on (x, y) under inference mode, in batches of 128 and
+    """Accuracy and mean cross-entropy of `weights` on (x, y) under inference mode, in batches of `batch_size` and
     with convolutions in channels-last layout (both measured fastest on CPU); the layout is restored after."""
     set_weights(model, spec, weights)
     model.eval()

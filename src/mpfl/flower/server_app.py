@@ -3,7 +3,7 @@
 It builds the run's `Experiment` from the run config (for the model, the initial weights
 and the server-side test set), waits for the SuperNodes, runs the Server through a
 `FlowerTransport`, and writes the same run directory as `mpfl run` (``out-dir`` in the run
-config), plus ``masks.npz`` with the consensus mask of every step.
+config), plus ``masks.npz`` with the consensus mask after every mask and adaptation round.
 """
 
 from __future__ import annotations
@@ -142,7 +142,8 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
 
 
 def _save_masks(path: Path, spec: ParamSpec, history: Mapping[int, Mask]) -> None:
-    """The consensus mask of every step (0 = nothing pruned) as ``<step>/<tensor name>`` arrays, compressed
-    (boolean arrays, a byte per entry), each unpacked from the history only as it is written."""
+    """The consensus mask after every mask and adaptation round (0 = nothing pruned) as
+    ``<step>/<tensor name>`` arrays, compressed (boolean arrays, a byte per entry), each unpacked from
+    the history only as it is written."""
     write_groups(path / MASKS, ((str(step), dict(zip(spec.prunable_names, history[step]))) for step in history),
                  compress=True)

@@ -5,7 +5,7 @@ validates replies, keeps mask versions and state, samples and aggregates) and ca
 method's hooks at fixed points of a run:
 
     plan()                      the rounds: (phase, index, target density) per step
-    mask_round(server, step)    a mask-phase round: exchange what it needs, return the new mask
+    mask_round(server, step, prev_density)  a mask-phase round: exchange what it needs, return the new mask
     after_mask(server, step, mask)  the global weights once a new mask is agreed
     start_training(server)      the global weights the training phase starts from
     train_round(server, step)   a warm-up or training round: exchange, then set the global weights
