@@ -539,6 +539,59 @@ def test_a_node_that_missed_swaps_catches_up_to_exactly_the_current_mask(adapted
     assert latest and all(all(np.array_equal(a, b) for a, b in zip(n.mask, server.state.mask)) for n in latest)
 
 
+def test_with_node_drop_votes_the_swap_drops_the_kept_weights_most_nodes_vote_to_drop():
+    """adapt_drop = votes: each adaptation reply adds a third body, the node's drop votes over the mask;
+    the server drops, layer by layer, as many kept positions as it regrows, none with fewer sample-weighted
+    drop votes (tallied here) than a position it keeps, and regrows only positions some node voted for."""
+    cfg = tiny_config(mask_rounds=2, rounds=3, adapt_every=1, adapt_until=1.0, sparsity=0.8, adapt_drop="votes",
+                      **UNEVEN)
+    exp, server, transport, _ = build(cfg)
+    server.run()
+    adapted = [entry for entry in transport.log if entry[0] == "adapt"]
+    assert adapted
+    for _, step, _, replies in adapted:
+        before, after = _mask_before(server, step), server.state.history[step]
+        assert all(len(bodies) == 3 for bodies in replies.values())
+        nodes = sorted(replies)
+        drops = [codec.decode_mask(replies[n][2], before).tensors for n in nodes]
+        regrows = [codec.decode_mask(replies[n][1], [~m for m in before]).tensors for n in nodes]
+        votes = weighted_mean(drops, [len(exp.partition.train[n]) for n in nodes])
+        for layer, (old, new, tally) in enumerate(zip(before, after, votes)):
+            dropped, kept, grown = old & ~new, old & new, new & ~old
+            assert dropped.sum() == grown.sum(), f"step {step}, layer {layer}: density changed"
+            if dropped.any():
+                assert tally[dropped].min() >= tally[kept].max(), f"step {step}, layer {layer}"
+            assert not (grown & ~np.any([r[layer] for r in regrows], axis=0)).any()
+
+
+def test_warm_up_rounds_train_the_dense_model_and_the_mask_search_starts_from_their_weights():
+    """Dense FedAvg rounds first (density 1, no mask messages); then the first mask round sends every node
+    the warmed-up global weights to search from, where without warm-up it sends only the INIT reference."""
+    cfg = tiny_config(warmup_rounds=2, mask_rounds=2, rounds=1, value_dtype="float32")  # exact, to compare
+    exp, server, transport, records = build(cfg)
+    weights_after, log = {}, server.on_round
+
+    def keep(record):
+        weights_after[record["step"]] = [w.copy() for w in server.state.weights]
+        log(record)
+
+    server.on_round = keep
+    server.run()
+    assert [r["phase"] for r in records] == ["warmup", "warmup", "mask", "mask", "train"]
+    assert [r["density"] for r in records[:2]] == [1.0, 1.0] and records[2]["density"] < 1.0
+    assert not any(codec.peek(b).kind == codec.Kind.MASK for _, _, requests, _ in transport.log[:2]
+                   for bodies in requests.values() for b in bodies)
+    assert not all(np.array_equal(a, b) for a, b in zip(weights_after[2], exp.w0))  # the warm-up trained
+    full = exp.spec.supports(exp.spec.full_mask())
+    for bodies in transport.log[2][2].values():
+        shared = [b for b in bodies if codec.peek(b).kind == codec.Kind.VALUES]
+        assert len(shared) == 1
+        assert all(np.array_equal(a, b) for a, b in zip(codec.decode_values(shared[0], full).tensors, weights_after[2]))
+    _, cold, cold_transport, _ = build(tiny_config(mask_rounds=2, rounds=1))
+    cold.run()
+    assert all([codec.peek(b).kind for b in bodies] == [codec.Kind.INIT] for bodies in cold_transport.log[0][2].values())
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_resume_right_after_a_swap_ends_bit_for_bit_as_an_uninterrupted_run(tmp_path, momentum):
     """With server momentum its velocity is part of the checkpoint, or the resumed rounds would differ."""
