@@ -30,7 +30,7 @@ from .errors import ConfigError, PayloadError
 from .methods import method_of
 from .protocol import TASK_ADAPT, TASK_MASK, TASK_SCORES, TASK_TOPK, TASK_TRAIN, NodeFailure, Reply, Step
 from .registry import Registry, registry
-from .seeds import Stream, rng
+from .seeds import SETUP, Stream, rng
 
 if TYPE_CHECKING:
     from .experiment import Experiment
@@ -178,7 +178,7 @@ class Node:
         self.attack = attack_of(cfg, node_id)
         self.built_w0 = w0
         if self.attack is not None and self.attack.poison is not None:
-            data = self.attack.poison(data, (cfg.seed, node_id, Stream.POISON))
+            data = self.attack.poison(data, (cfg.seed, SETUP, node_id, Stream.POISON))
         self.id, self.cfg, self.trainer, self.data = node_id, cfg, trainer, data
         self.spec = trainer.spec
         self.state = state or NodeState()

@@ -1,9 +1,21 @@
-"""Named random streams: every random draw of a run comes from (seed, [step, node,] stream).
+"""Named random streams: every random draw of a run comes from a key of small integers.
 
 Keeping each purpose on its own stream makes draws independent of the order in which they
 happen, so the simulator, its worker processes and Flower draw the same numbers, and a new
 kind of draw never shifts an old one. The values are part of the results' identity: never
 renumber one, only add new ones.
+
+Three key layouts, so that no two purposes share a generator's key:
+
+* a node's local training and scoring (torch): ``(seed, step, node)``;
+* any other draw of a node or made for one (torch or numpy): ``(seed, step, node, stream)``,
+  with step `SETUP` for draws made once before the first round;
+* the server's draws (numpy): ``(seed, step, stream)``, or ``(seed, stream)`` once per run.
+  These may equal a node's training key as integers, but numpy's PCG64 and torch's Mersenne
+  Twister turn a key into unrelated sequences.
+
+A key's trailing zeros do not count (numpy's SeedSequence pads keys with zeros), which is why
+streams are numbered from 1.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ class Stream(IntEnum):
     MASK_SAMPLE = 8     # which nodes a mask round asks (server)
     CRITERION = 9       # a plug-in criterion's own draws (its `rng`, node)
 
+
+SETUP = 0
+"""The step of a draw made once, before the first round (rounds count from 1)."""
 
 POOLED = 2**31 - 1
 """The node id of the server's pooled-data search (`centralized`), distinct from every real node."""
