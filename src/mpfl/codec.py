@@ -67,6 +67,7 @@ from enum import IntEnum
 import constriction
 import numpy as np
 
+from .core.masks import rows, whole_filters
 from .core.memo import positions
 from .errors import PayloadError
 
@@ -530,17 +531,10 @@ def _decode_bits(data: memoryview, coder: str, n: int, ones: int, what: str) -> 
     return bits
 
 
-def _filters(mask: np.ndarray) -> np.ndarray:
-    """A mask as a (filters, entries per filter) matrix; output filters / neurons lie on axis 0."""
-    shape = mask.shape or (1,)
-    return mask.reshape(shape[0], int(np.prod(shape[1:], dtype=np.int64)))
-
-
 def _filter_flags(mask: np.ndarray, index: int) -> np.ndarray:
     """One flag per output filter of a structured mask (checking that whole filters are kept or dropped)."""
-    grid = _filters(mask)
-    flags = grid.any(axis=1)
-    if not (grid == flags[:, None]).all():
+    flags = whole_filters(mask)
+    if flags is None:
         raise PayloadError(f"structured mask {index} does not keep or drop whole filters")
     return flags
 
@@ -604,7 +598,7 @@ def decode_mask(
         flat = np.zeros(support.size, dtype=bool)
         flat[where] = _decode_bits(reader.take(length, f"the bits of mask {i}"), coder, n, ones, f"mask {i}")
         if structured:
-            flat = np.broadcast_to(flat[:, None], _filters(prev).shape)
+            flat = np.broadcast_to(flat[:, None], rows(prev).shape)
         masks.append(np.ascontiguousarray(flat).reshape(prev.shape))
     reader.finish()
     return Body(header.kind, header.round, header.base, header.num_samples, masks, flags)

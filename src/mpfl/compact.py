@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core.masks import rows
+from .core.masks import whole_filters
 from .core.params import ParamSpec, Weights
 from .errors import ModelError
 
@@ -70,9 +70,8 @@ def filter_flags(spec: ParamSpec, mask: Sequence[np.ndarray]) -> dict[str, np.nd
     """The kept output filters of each prunable tensor; the mask must keep or drop whole rows."""
     out = {}
     for name, m in zip(spec.prunable_names, mask):
-        r = rows(np.asarray(m, dtype=bool))
-        flags = r.any(axis=1)
-        if not (r == flags[:, None]).all():
+        flags = whole_filters(np.asarray(m, dtype=bool))
+        if flags is None:
             raise ModelError(f"the mask of {name} does not keep or drop whole filters; only filter masks can be shrunk")
         if not flags.any():
             raise ModelError(f"the mask drops every filter of {name}; keep at least one")

@@ -358,9 +358,13 @@ class FaultConfig:
     attack_scale: float = _field(10.0, "factor by which --attack scale multiplies an update")
     attack_samples: float = _field(1.0, "malicious nodes claim this many times their training samples")
 
+    def rates(self) -> dict[str, float]:
+        """The simulated faults' probabilities by name (dropout, straggler, corrupt, duplicate)."""
+        return {name: getattr(self, name) for name in ("dropout", "straggler", "corrupt", "duplicate")}
+
     def validate(self) -> None:
-        for name in ("dropout", "straggler", "corrupt", "duplicate"):
-            _range(name, getattr(self, name), 0, 1)
+        for name, rate in self.rates().items():
+            _range(name, rate, 0, 1)
         _range("malicious", self.malicious, 0)
         _range("attack_samples", self.attack_samples, 0, lo_open=True)
         _choice("attack", self.attack)
@@ -388,6 +392,17 @@ class Options(dict):
         raise MissingOption(f"a plug-in reads the option {key}, which this run was not given; start a new run with "
                             f"--out NEW_DIR --options {key}=VALUE (in a config file, options = [\"{key}=VALUE\"])")
 
+
+def flatten(config: Mapping[str, Any], *, prefixed: bool = False) -> dict[str, Any]:
+    """A config dict as `Config.to_dict` writes it, with its sections' fields at the top level: as
+    ``field`` (names are unique across sections) or, with `prefixed`, as ``section.field``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{name}" if prefixed else name: v for name, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 def sample_size(fraction: float, available: int, min_nodes: int) -> int:
     """The nodes a round asks when it samples `fraction` of `available` ones: at least `min_nodes`, at most all."""

@@ -296,16 +296,18 @@ def read_idx(path: str | Path, *, expected_magic: int | None = None) -> np.ndarr
             raise DataError(f"cannot read {path}: corrupt or truncated gzip data ({exc}); "
                             "delete the file and download it again") from exc
     if len(raw) < 4:
-        raise DataError(f"{path} is too short ({len(raw)} bytes) to be an IDX file")
+        raise DataError(f"{path} is too short ({len(raw)} bytes) to be an IDX file; delete the file and download it "
+                        "again")
     magic, ndim = int.from_bytes(raw[:4], "big"), raw[3]
     if raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or ndim == 0:
-        raise DataError(f"{path} is not an IDX file: bad magic 0x{magic:08x}")
+        raise DataError(f"{path} is not an IDX file: bad magic 0x{magic:08x}; if it should be one, delete the file "
+                        "and download it again")
     if expected_magic is not None and magic != expected_magic:
         raise DataError(f"{path} has IDX magic {magic} (0x{magic:08x}), expected {expected_magic} "
                         f"(0x{expected_magic:08x}); check that this is the right file (images 2051, labels 2049)")
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its IDX header")
+        raise DataError(f"{path} is truncated inside its IDX header; delete the file and download it again")
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
@@ -464,12 +466,14 @@ def _read_idx_pair(folder: Path, prefix: str, num_classes: int) -> tuple[np.ndar
     images = read_idx(images_path, expected_magic=2051)
     labels = read_idx(labels_path, expected_magic=2049)
     if images.shape[1:] != (28, 28):
-        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, expected 28x28")
+        raise DataError(f"{images_path} holds {images.shape[1]}x{images.shape[2]} images, expected 28x28; it is from "
+                        "another dataset: use the original file")
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
                         "the counts must match, so one of the files is from another dataset or corrupt")
     if len(labels) and labels.max() >= num_classes:
-        raise DataError(f"{labels_path} has label {labels.max()}, expected labels 0..{num_classes - 1}")
+        raise DataError(f"{labels_path} has label {labels.max()}, expected labels 0..{num_classes - 1}; it is from "
+                        "another dataset or corrupt: use the original file")
     return images[:, None], labels.astype(np.int64)
 
 

@@ -30,7 +30,7 @@ import torch
 from ._version import __version__
 from .attacks import malicious_ids
 from .checkpoint import CHECKPOINT, FINAL, save_final
-from .config import SECTIONS, Config, field_types
+from .config import SECTIONS, Config, field_types, flatten
 from .core.params import Mask, Weights
 from .costs import model_stats
 from .devices import describe
@@ -119,8 +119,7 @@ def summary_problem(summary: object) -> str | None:
     sections = [k for k in SECTIONS if not isinstance(config.get(k, {}), dict)]
     if sections:
         return f"config.{sections[0]} is not a table"
-    flat = {**{k: v for k, v in config.items() if k not in SECTIONS},
-            **{k: v for section in SECTIONS for k, v in config.get(section, {}).items()}}
+    flat = flatten(config)
     missing = [k for k in SUMMARY_CONFIG_FIELDS if k not in flat]
     return f"config: no {', '.join(missing)}" if missing else mistyped(flat, hints, "config: ")
 

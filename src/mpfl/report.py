@@ -44,7 +44,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from .config import Config
+from .config import Config, flatten
 from .data import DATASETS
 from .errors import ConfigError, PathError, RunDirError
 from .files import atomic_write, refuse_link
@@ -94,18 +94,10 @@ DEVICE_COLUMNS = {  # the pruned model on a device, relative to the dense model
 }
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    """A config dict with its sections' fields at the top level (field names are unique)."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        flat.update(value if isinstance(value, dict) else {key: value})
-    return flat
-
-
 @cache
 def _defaults() -> dict[str, Any]:
     """The package's default config, flattened, and the default runner."""
-    return {**_flatten(Config().to_dict()), "runner": RUNNER}
+    return {**flatten(Config().to_dict()), "runner": RUNNER}
 
 
 @dataclass
@@ -119,7 +111,7 @@ class Run:
     sections: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.flat = {**_flatten(self.summary["config"]), "runner": self.summary.get("runner", RUNNER)}
+        self.flat = {**flatten(self.summary["config"]), "runner": self.summary.get("runner", RUNNER)}
         if self.flat["dataset"] in DATASETS:  # recorded by an alias or in another case before configs spelled it
             self.flat["dataset"] = DATASETS.canonical(self.flat["dataset"])
         self.sections = {}

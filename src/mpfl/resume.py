@@ -23,7 +23,7 @@ from pathlib import Path
 import tomli_w
 
 from .checkpoint import CHECKPOINT, damaged, int_in, load_checkpoint, read_meta
-from .config import SECTIONS, Config
+from .config import Config, flatten
 from .core.params import ParamSpec
 from .errors import MpflError, RunDirError
 from .files import atomic_write
@@ -97,21 +97,10 @@ def plugin_changes(meta: dict | None, cfg: Config) -> list[dict]:
         for name in sorted(before.keys() | now.keys()) if before.get(name) != now.get(name)]
 
 
-def _flat(config: dict) -> dict:
-    """A config dict with its sections' fields as ``section.field`` keys."""
-    flat = {}
-    for key, value in config.items():
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
-
-
 def changes(saved: dict, current: dict, source: str = "checkpoint") -> str:
     """The fields on which two config dicts differ, as ``field = now (checkpoint: before)``, naming where
     the saved config comes from."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved, prefixed=True), flatten(current, prefixed=True)
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     shown = [f"{k} = {new.get(k, 'unset')!r} ({source}: {old.get(k, 'unset')!r})" for k in keys[:5]]
     return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "") if keys else "no field"

@@ -287,10 +287,7 @@ class Server:
 
     def _fault_hint(self) -> str:
         """What to change when simulated faults left a round too few replies (nothing when none are set)."""
-        faults = self.cfg.faults
-        rates = {"dropout": faults.dropout, "straggler": faults.straggler, "corrupt": faults.corrupt,
-                 "duplicate": faults.duplicate}
-        set_rates = ", ".join(f"{name} = {rate:g}" for name, rate in rates.items() if rate > 0)
+        set_rates = ", ".join(f"{name} = {rate:g}" for name, rate in self.cfg.faults.rates().items() if rate > 0)
         if not set_rates:
             return ""
         return f"The run simulates faults ({set_rates}): lower them" + (" or --min-nodes" if self.cfg.min_nodes > 1 else "")
@@ -347,6 +344,16 @@ class Server:
     def count_cap(self) -> float:
         """The largest count a node may weigh with: `robust.count_limit` times the median fixed count."""
         return self.cfg.robust.count_limit * float(np.median(list(self.state.counts.values())))
+
+    def requests(self, nodes: Iterable[int], bodies: Sequence[bytes] = (), *, w0: Step | None = None
+                 ) -> dict[int, list[bytes]]:
+        """Each node's request: with `w0` (the round's step), the reference to the initial weights
+        where the node has not had it yet; the mask updates the node missed; then `bodies`. What
+        nodes share (a reference, a mask update over the same held version) is encoded once."""
+        sent_w0: dict[str, bytes] = {}
+        updates: dict[int, list[bytes]] = {}
+        return {n: (self.w0_body(n, w0, sent_w0) if w0 is not None else []) + self.mask_update(n, updates) + list(bodies)
+                for n in nodes}
 
     def mask_update(self, node: int, cache: dict[int, list[bytes]]) -> list[bytes]:
         """The current mask coded over the version the node holds (nothing if it is up to date): the

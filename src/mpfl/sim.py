@@ -61,7 +61,7 @@ class FaultyTransport(InProcessTransport):
 
     def exchange(self, task: str, step: int, requests: Mapping[int, Sequence[bytes]]) -> dict[int, Reply]:
         faults = self.faults
-        if not (faults.dropout or faults.straggler or faults.corrupt or faults.duplicate):
+        if not any(faults.rates().values()):
             return super().exchange(task, step, requests)  # no faults: no draws
         # five uniform draws per node asked, from its own stream: drop-out, straggling, corruption,
         # duplication, and where in its first body a corrupted byte lies

@@ -8,7 +8,7 @@ new consensus is always a subset of it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -57,6 +57,8 @@ def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[f
     dist = np.array([sum(int(np.count_nonzero((a != b) & s)) for a, b, s in zip(m, majority, support)) for m in masks],
                     dtype=np.float64)
     median = np.median(dist)
+    # at least 1% of the median distance and one entry: with few nodes the MAD can be 0, which
+    # would put an honest node one flipped entry above the median beyond the cut
     sigma = max(1.4826 * np.median(np.abs(dist - median)), 0.01 * median, 1.0)
     cut = median + max(cutoff * sigma, tolerance * median)
     factor = np.exp(-np.maximum(dist - cut, 0.0) / sigma)
@@ -96,7 +98,7 @@ def _on_rows(rule: Callable[..., Mask], votes: Sequence[np.ndarray], support: Se
     row_votes = [rows(v).mean(axis=1) for v in votes]
     row_support = [rows(s).any(axis=1) for s in support]
     ties = None if ctx.tiebreak is None else [np.linalg.norm(rows(t), axis=1) for t in ctx.tiebreak]
-    flat = rule(row_votes, row_support, VoteContext(**{**ctx.__dict__, "structured": False, "tiebreak": ties}))
+    flat = rule(row_votes, row_support, replace(ctx, structured=False, tiebreak=ties))
     return [expand_rows(f, s.shape) for f, s in zip(flat, support)]
 
 

@@ -126,8 +126,16 @@ def _split(flat: np.ndarray, like: Sequence[np.ndarray]) -> Mask:
 
 
 def rows(a: np.ndarray) -> np.ndarray:
-    """A tensor viewed as one row per output filter / neuron (dim 0)."""
-    return a.reshape(a.shape[0], -1)
+    """A tensor viewed as one row per output filter / neuron (dim 0); a scalar is one row of one."""
+    shape = a.shape or (1,)
+    return a.reshape(shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+
+
+def whole_filters(mask: np.ndarray) -> np.ndarray | None:
+    """One flag per output filter of a mask that keeps or drops whole filters; None if it keeps part of one."""
+    grid = rows(mask)
+    flags = grid.any(axis=1)
+    return flags if (grid == flags[:, None]).all() else None
 
 
 def expand_rows(flags: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -207,7 +215,7 @@ def checked_mask(mask: object, current: Sequence[np.ndarray], what: str, *, stru
     for i, (m, c) in enumerate(zip(out, current)):
         if (m > c).any():
             raise MethodError(f"{contract}; item {i} keeps entries the current mask has pruned")
-        if structured and m.ndim and not ((filters := rows(m)) == filters[:, :1]).all():
+        if structured and whole_filters(m) is None:
             raise MethodError(f"{what} must keep or drop whole output filters (rows along the first axis), as its "
                               f"source is structured, but item {i} keeps part of a filter")
     return out

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .masks import Mask
+
 Weights = list[np.ndarray]
-Mask = list[np.ndarray]
 
 _PRUNABLE_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

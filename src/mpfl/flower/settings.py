@@ -19,8 +19,6 @@ from ..config import FIELD_SECTIONS, Config, mentioned
 from ..errors import ConfigError
 
 ConfigValue = bool | int | float | str
-INJECTED_FAULTS = ("dropout", "straggler", "corrupt", "duplicate")
-
 
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 
@@ -84,7 +82,7 @@ def from_run_config(run_config: Mapping[str, ConfigValue]) -> tuple[Config, Runn
         cfg = Config.from_dict(data)
     except ConfigError as exc:  # named as the run config names them: faults.attack, not attack
         raise ConfigError(_run_config_keys(str(exc))) from None
-    injected = [f"faults.{name} = {getattr(cfg.faults, name)}" for name in INJECTED_FAULTS if getattr(cfg.faults, name)]
+    injected = [f"faults.{name} = {rate}" for name, rate in cfg.faults.rates().items() if rate]
     if injected:
         raise ConfigError(f"{', '.join(injected)}: the in-process simulator injects dropouts, stragglers and "
                           "corrupt or duplicated replies; on Flower they happen for real, so set these to 0")

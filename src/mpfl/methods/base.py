@@ -16,6 +16,7 @@ rest of the package needs to know about it, so no module ever compares a method'
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -81,6 +82,11 @@ class Method:
                 steps.append(Step(len(steps) + 1, phase, index, density))
         return steps
 
+    @functools.cached_property
+    def steps(self) -> tuple[Step, ...]:
+        """`plan()`, made once: the hooks below consult it for every node of every round."""
+        return tuple(self.plan())
+
     def has_global_model(self, step: Step) -> bool:
         """Whether the server holds a model worth evaluating after `step` (not during a mask search)."""
         return step.phase != "mask"
@@ -111,10 +117,10 @@ class Method:
         prune = self.cfg.prune
         if prune.rewind != "none" or step.phase == "train":
             return False
-        later = [s for s in self.plan() if s.step > step.step]
+        later = [s for s in self.steps if s.step > step.step]
         if any(s.phase == "mask" and not self.shares_start(s) for s in later):
             return True
-        averaged = any(s.phase == "mask" and self.averages(s) for s in self.plan() if s.step <= step.step)
+        averaged = any(s.phase == "mask" and self.averages(s) for s in self.steps if s.step <= step.step)
         return prune.train_init == "local" and not averaged and any(s.phase == "train" for s in later)
 
     # ------------------------------------------------------------------ rounds
@@ -137,6 +143,13 @@ class Method:
         """The training phase starts from w0 masked by the final mask."""
         server.state.weights = server.spec.apply(server.state.w0, server.state.mask)
 
+    def weights_body(self, server: Server, step: Step, supports: Mask) -> bytes:
+        """The global weights inside `supports` as a VALUES body of this method's value dtype, coded
+        over the server's mask version (a model's running statistics travel as float32)."""
+        state = server.state
+        return codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype,
+                                   exact=server.spec.statistics)
+
     def sends_weights(self, server: Server, step: Step, nodes: Sequence[int]) -> bool:
         """Whether a training round sends the global weights (else nodes start from their own)."""
         return True
@@ -147,10 +160,8 @@ class Method:
         state = server.state
         supports = server.spec.supports(state.mask)
         nodes = server.sample(step)
-        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype,
-                                      exact=server.spec.statistics)] if self.sends_weights(server, step, nodes) else []
-        mask_bodies: dict[int, list[bytes]] = {}
-        requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
+        values = [self.weights_body(server, step, supports)] if self.sends_weights(server, step, nodes) else []
+        requests = server.requests(nodes, values)
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             return codec.decode_values(reply[0], supports, round=step.step, base=state.version)

@@ -38,8 +38,7 @@ class TopK(Method):
 
     def train_round(self, server: Server, step: Step) -> Round:
         state, spec = server.state, server.spec
-        body = codec.encode_values(state.weights, spec.supports(spec.full_mask(shared=True)), round=step.step,
-                                   dtype=self.value_dtype, exact=spec.statistics)
+        body = self.weights_body(server, step, spec.supports(spec.full_mask(shared=True)))
         limits = [int(np.prod(s)) for s in spec.shapes]
         for i, size in zip(spec.prunable, spec.prunable_sizes):
             limits[i] = masks.keep_count(int(size), step.density)
@@ -125,8 +124,7 @@ class Ssfl(OneShotMethod):
         return False
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
-        w0: dict[str, bytes] = {}
-        requests = {n: server.w0_body(n, step, w0) for n in server.sample(step)}
+        requests = server.requests(server.sample(step), w0=step)
         shapes = server.spec.prunable_shapes
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:

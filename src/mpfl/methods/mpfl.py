@@ -25,6 +25,7 @@ asked", says what this changes).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +38,16 @@ from .base import MaskedMethod
 
 if TYPE_CHECKING:
     from ..server import Server
+
+
+@dataclass
+class _MaskExtras:
+    """What a mask reply carries besides the mask: the node's core, and its kept values with the
+    supports they lie on (each only in the rounds that ask for it)."""
+
+    core: masks.Mask | None = None
+    holds: masks.Mask | None = None
+    values: list[np.ndarray] | None = None
 
 
 class Mpfl(MaskedMethod):
@@ -89,30 +100,26 @@ class Mpfl(MaskedMethod):
         """Voters train and send local masks over the current support (with their cores and kept
         values when asked); the server tallies the (robustly weighted) votes, lets the cores
         outrank plain votes, applies the consensus rule and averages the kept values."""
-        state, prune, robust = server.state, self.cfg.prune, self.cfg.robust
+        state, prune = server.state, self.cfg.prune
         cores, averaging = self.sends_cores(step), self.averages(step)
         support = state.mask
-        start = [codec.encode_values(state.weights, server.spec.supports(support), round=step.step, base=state.version,
-                                     dtype=self.value_dtype, exact=server.spec.statistics)] if self.shares_start(step) else []
-        mask_bodies: dict[int, list[bytes]] = {}
-        w0: dict[str, bytes] = {}
-        requests = {n: server.w0_body(n, step, w0) + server.mask_update(n, mask_bodies) + start
-                    for n in self.voters(server, step)}
-        extras: dict[int, dict] = {}
+        start = [self.weights_body(server, step, server.spec.supports(support))] if self.shares_start(step) else []
+        requests = server.requests(self.voters(server, step), start, w0=step)
+        extras: dict[int, _MaskExtras] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             body = codec.decode_mask(reply[0], support, round=step.step, base_version=state.version,
                                      structured=self.structured)
-            rest, extra = list(reply[1:]), {}
+            rest, extra = list(reply[1:]), _MaskExtras()
             if cores:
-                extra["core"] = codec.decode_mask(rest.pop(0), body.tensors, round=step.step,
-                                                  base_version=state.version).tensors
+                extra.core = codec.decode_mask(rest.pop(0), body.tensors, round=step.step,
+                                               base_version=state.version).tensors
             if averaging:
-                extra["holds"] = server.spec.supports(body.tensors)
-                counts = [int(np.count_nonzero(s)) for s in extra["holds"]]
+                extra.holds = server.spec.supports(body.tensors)
+                counts = [int(np.count_nonzero(s)) for s in extra.holds]
                 values = codec.decode_kept_values(rest.pop(0), counts, round=step.step, base=state.version)
                 server.check_values(values)
-                extra["values"] = values.tensors
+                extra.values = values.tensors
             extras[node] = extra
             return body
 
@@ -123,24 +130,31 @@ class Mpfl(MaskedMethod):
         ctx = VoteContext(density=step.density, prev_density=prev_density, num_nodes=len(local), scope=prune.scope,
                           floor=prune.layer_floor, tau=prune.tau, percentile=prune.percentile, structured=self.structured,
                           tiebreak=[np.abs(w) for w in server.spec.pick(state.w0)], options=self.cfg.plugin_options)
-        weights = exchanged.weights()
-        if robust.vote_weighting == "agreement":
-            weights = list(agreement_weights(local, weights, support))
-        elif robust.vote_weighting == "trimmed":
-            weights = [1.0] * len(local)  # trimmed votes count every node alike, whatever it claims
-        votes = trimmed_tally(local, robust.trim) if robust.vote_weighting == "trimmed" else tally(local, weights)
+        votes, vote_weights = self.votes(local, exchanged.weights(), support)
         if cores:
-            votes = with_cores(votes, [extras[n]["core"] for n, w in zip(voted, weights) if w > 0])
+            votes = with_cores(votes, [extras[n].core for n, w in zip(voted, vote_weights) if w > 0])
         new = consensus(votes, support, prune.consensus, ctx)
         if averaging:
-            counted = [(n, w) for n, w in zip(voted, weights) if w > 0]
-            state.weights = server.average_held([extras[n]["values"] for n, _ in counted],
-                                                [extras[n]["holds"] for n, _ in counted],
+            counted = [(n, w) for n, w in zip(voted, vote_weights) if w > 0]
+            state.weights = server.average_held([extras[n].values for n, _ in counted],
+                                                [extras[n].holds for n, _ in counted],
                                                 [w for _, w in counted], server.spec.supports(new))
         agreement = float(np.mean([masks.agreement(m, new, support) for m in local]))
-        shares = np.asarray(weights) / np.sum(weights)
+        shares = np.asarray(vote_weights) / np.sum(vote_weights)
         return exchanged, new, {"agreement": agreement,
-                          "vote_weights": {str(n): round(float(w), 6) for n, w in zip(voted, shares)}}
+                                "vote_weights": {str(n): round(float(w), 6) for n, w in zip(voted, shares)}}
+
+    def votes(self, local: Sequence[masks.Mask], counts: Sequence[float], support: masks.Mask
+              ) -> tuple[list[np.ndarray], list[float]]:
+        """The votes per entry from the voters' local masks, and each voter's weight in them: its
+        (bounded) sample count, that scaled by its agreement with the majority (`agreement`), or
+        the same for all (`trimmed`, a per-entry trimmed mean whatever the nodes claim)."""
+        robust = self.cfg.robust
+        if robust.vote_weighting == "trimmed":
+            return trimmed_tally(local, robust.trim), [1.0] * len(local)
+        if robust.vote_weighting == "agreement":
+            counts = list(agreement_weights(local, counts, support))
+        return tally(local, counts), list(counts)
 
     def after_mask(self, server: Server, step: Step, mask: masks.Mask) -> None:
         """After an averaging round the global weights are the nodes' average (already masked)."""
@@ -149,7 +163,7 @@ class Mpfl(MaskedMethod):
 
     def _averaged(self, server: Server) -> bool:
         """Whether some mask round of this run averaged the nodes' values (the training start is then theirs)."""
-        return any(self.averages(s) and s.step in server.state.history for s in self.plan() if s.phase == "mask")
+        return any(self.averages(s) and s.step in server.state.history for s in self.steps if s.phase == "mask")
 
     def start_training(self, server: Server) -> None:
         """Training continues from the last average of the mask phase, if there was one; else w0 masked."""
@@ -176,10 +190,7 @@ class Mpfl(MaskedMethod):
         supports = server.spec.supports(state.mask)
         pruned = [~m for m in state.mask]
         nodes = server.sample(step)
-        values = [codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype,
-                                      exact=server.spec.statistics)]
-        mask_bodies: dict[int, list[bytes]] = {}
-        requests = {n: server.mask_update(n, mask_bodies) + values for n in nodes}
+        requests = server.requests(nodes, [self.weights_body(server, step, supports)])
         node_votes = self.cfg.adapt.adapt_drop == "votes"
         regrow: dict[int, list[np.ndarray]] = {}
         drop: dict[int, list[np.ndarray]] = {}
