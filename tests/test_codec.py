@@ -977,6 +977,10 @@ def test_encoder_argument_errors():
         codec.encode_dense(Kind.WEIGHTS, x, round=2**32)
     with pytest.raises(PayloadError, match="32 bits"):
         codec.encode_mask([], [], round=1, base_version=-1)
+    for odd in (1.5, True, "1"):  # the header's fields are whole numbers: nothing is rounded or coerced
+        with pytest.raises(PayloadError, match=f"round {odd!r}, .* must be integers that fit in 32 bits"):
+            codec.encode_dense(Kind.WEIGHTS, x, round=odd)
+    assert codec.peek(codec.encode_dense(Kind.WEIGHTS, x, round=np.int64(7))).round == 7
 
 
 def test_peek_reads_the_header_only():

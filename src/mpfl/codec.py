@@ -132,8 +132,10 @@ class Body:
 
 
 def _pack(kind: Kind, encoding: int, flags: int, round: int, base: int, num_samples: int, count: int, payload: bytes) -> bytes:
-    if not all(0 <= v < 2**32 for v in (round, base, num_samples)):
-        raise PayloadError(f"round {round}, base {base} and num_samples {num_samples} must fit in 32 bits")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2**32
+               for v in (round, base, num_samples)):
+        raise PayloadError(f"round {round!r}, base {base!r} and num_samples {num_samples!r} must be integers that "
+                           "fit in 32 bits")
     head = _HEADER.pack(MAGIC, VERSION, int(kind), encoding, flags, round, base, num_samples, count, len(payload))
     crc = zlib.crc32(payload, zlib.crc32(head))
     return b"".join((head, _CRC.pack(crc), payload))
@@ -495,6 +497,13 @@ def _range_code(packed: np.ndarray, ones: int, n: int) -> bytes:
     return encoder.get_compressed().astype("<u4").tobytes()
 
 
+def _bitmap_record(bits: np.ndarray, data: bytes) -> bytes:
+    """A coded bitmap's record: its size, its ones and its coded length (u32 each), then the code."""
+    if bits.size >= 2**32:
+        raise PayloadError(f"a bitmap of {bits.size:,} positions is too large for one record (at most 2**32 - 1)")
+    return _MASK_META.pack(bits.size, int(np.count_nonzero(bits)), len(data)) + data
+
+
 def _decode_bits(data: memoryview, coder: str, n: int, ones: int, what: str) -> np.ndarray:
     """Decode n bits with exactly ``ones`` set, refusing every byte string but the encoder's for
     them (malformed streams, padding, and range-coded streams that decode but were not so coded)."""
@@ -567,7 +576,7 @@ def encode_mask(
             mask, prev = _filter_flags(mask, i), _filter_flags(prev, i)
         bits = mask.reshape(-1)[positions(prev)]
         data = _code_bits(bits, coder)
-        parts.append(_MASK_META.pack(bits.size, int(np.count_nonzero(bits)), len(data)) + data)
+        parts.append(_bitmap_record(bits, data))
     flags = (_STRUCTURED if structured else 0) | (_GROW if grow else 0)
     return _pack(Kind.MASK, MASK_CODERS[coder], flags, round, base_version, num_samples, len(masks), b"".join(parts))
 
@@ -620,7 +629,7 @@ def _sparse_record(tensor: np.ndarray, dtype: str, coder: str) -> bytes:
     bits = np.zeros(flat.size, dtype=bool)
     bits[nonzero[sent]] = True
     data = _code_bits(bits, coder)
-    return _MASK_META.pack(flat.size, int(np.count_nonzero(sent)), len(data)) + data + _values_record(raw[sent], scale)
+    return _bitmap_record(bits, data) + _values_record(raw[sent], scale)
 
 
 def encode_sparse(
