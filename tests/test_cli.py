@@ -374,6 +374,18 @@ def test_more_threads_than_cores_gets_a_note(tmp_path):
     assert f"note: --threads {cores + 1} is more than the {cores} cores" in " ".join(done.stderr.split())
 
 
+def test_more_worker_threads_than_cores_get_a_note(tmp_path, capsys, monkeypatch):
+    import mpfl.parallel
+
+    monkeypatch.setattr(mpfl.parallel, "available_cores", lambda: 2)
+    loud = [a for a in _without(SMALL, "--workers") if a != "--quiet"]
+    assert main(["run", *loud, "--workers", "3", "--rounds", "0", "--mask-rounds", "1", "--out", str(tmp_path / "a")]) == 0
+    assert ("note: 3 worker processes x 1 torch thread is more than the 2 cores this process may use: the extra "
+            "processes only take turns on them (--workers 2 gives the same results)") in " ".join(capsys.readouterr().err.split())
+    assert main(["run", *loud, "--workers", "2", "--rounds", "0", "--mask-rounds", "1", "--out", str(tmp_path / "b")]) == 0
+    assert "worker processes x" not in capsys.readouterr().err
+
+
 def test_json_log_format_for_machines(tmp_path):
     loud = [a for a in SMALL if a != "--quiet"]
     done = _run("run", *loud, "--log-format", "json", "--out", str(tmp_path / "run"))
@@ -494,6 +506,11 @@ def test_automatic_workers_lowered_to_fit_in_memory_are_said(tmp_path, capsys, m
     assert "note: 1 worker process instead of one per core, so that the run fits in the memory available" in \
         " ".join(capsys.readouterr().err.split())
     assert Config.from_toml(tmp_path / "run" / "config.toml").workers == 1
+    monkeypatch.setattr(mpfl.resources, "available_memory", lambda: fits_one - 2**20)  # not even with one worker
+    assert main(["run", *args, "--out", str(tmp_path / "refused")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "of memory" in err and "worker process instead" not in err  # refused, without a note that it fits
+    assert "ask a share of the nodes per round (--fraction, and --mask-fraction for mask rounds)" in err
 
 
 def _without(args: list[str], flag: str) -> list[str]:

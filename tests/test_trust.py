@@ -371,10 +371,10 @@ def test_resume_may_change_the_number_of_worker_processes(tmp_path, reference, c
     assert Config.from_toml(flag / "config.toml").workers == cfg["workers"]  # the saved config stays as it was
     capsys.readouterr()
     assert main(["run", "--resume", str(flag), "--workers", "2", "--lr", "0.1"]) == 2
-    assert ("--resume continues a run with its own saved config; leave out --lr (of the config flags it takes only "
-            "--workers, which only changes the speed)") in " ".join(capsys.readouterr().err.split())
+    assert ("--resume continues a run in its own folder with its own saved config; leave out --lr (of the run's "
+            "settings it takes only --workers, which changes only the speed)") in " ".join(capsys.readouterr().err.split())
     assert main(["run", "--resume", str(flag), "--nodes", "4", "--out", str(tmp_path / "elsewhere")]) == 2
-    assert "leave out --nodes, --out (of the config flags" in " ".join(capsys.readouterr().err.split())
+    assert "leave out --nodes, --out (of the run's settings" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -146,9 +146,9 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     others = [flag(name) for name in _given(args) if name not in RUNTIME_FIELDS]
     others += [flag for flag, given in (("--config", args.config), ("--out", args.out)) if given]
     if others:
-        raise ConfigError(f"--resume continues a run with its own saved config; leave out {', '.join(others)} (of "
-                          f"the config flags it takes only {', '.join(flag(n) for n in sorted(RUNTIME_FIELDS))}, "
-                          "which only changes the speed)")
+        raise ConfigError(f"--resume continues a run in its own folder with its own saved config; leave out "
+                          f"{', '.join(others)} (of the run's settings it takes only "
+                          f"{', '.join(flag(n) for n in sorted(RUNTIME_FIELDS))}, which changes only the speed)")
     out = Path(args.resume)
     check_resumable_dir(out)
     try:
@@ -206,12 +206,13 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
 
     if not args.no_memory_check and (estimate := estimate_run(cfg)) is not None:
         available = available_memory()
-        if (fitted := fit_workers(cfg, estimate, available)) is not cfg:
+        fitted = fit_workers(cfg, estimate, available)
+        check_memory(estimate if fitted is cfg else estimate_run(fitted), available)  # no note on a run refused
+        if fitted is not cfg:
             if not args.quiet:
                 _notice("note", f"note: {fitted.workers} worker process{'es' if fitted.workers > 1 else ''} instead "
                         "of one per core, so that the run fits in the memory available", args.log_format)
-            cfg, estimate = fitted, estimate_run(fitted)
-        check_memory(estimate, available)
+            cfg = fitted
     board = TensorBoardLog(args.tensorboard or out / TENSORBOARD_DIR, out) if args.tensorboard is not None else None
     if not args.quiet:
         _print_start(cfg, out, args.log_format, resume_notes(out, cfg) if args.resume else idle_flags(cfg, _given(args)))
@@ -268,8 +269,9 @@ def _print_start(cfg: Config, out: Path, log_format: str, notes: Sequence[str] =
     so that every line a JSON log holds parses."""
     from .parallel import available_cores, worker_count
 
+    cores, workers = available_cores(), worker_count(cfg)
     shown = {"method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "nodes": cfg.nodes,
-             "seed": cfg.seed, "threads": cfg.threads or "all", "workers": worker_count(cfg)}
+             "seed": cfg.seed, "threads": cfg.threads or "all", "workers": workers}
     if cfg.train.device is not None:  # where `auto` lands, and the GPU's name
         from .devices import describe, resolve_device
 
@@ -279,10 +281,13 @@ def _print_start(cfg: Config, out: Path, log_format: str, notes: Sequence[str] =
     else:
         text = " ".join(f"{k}={v}" for k, v in shown.items()) + f" -> {out}"
         console.print("[bold]mpfl run[/] " + escape(text), highlight=False)
-    cores = available_cores()
     if cfg.threads > cores:
         notes = [f"--threads {cfg.threads} is more than the {cores} cores this process may use; torch slows down "
                  "sharply when its threads outnumber the cores", *notes]
+    elif cfg.threads and workers > 1 and workers * cfg.threads > cores:
+        notes = [f"{workers} worker processes x {cfg.threads} torch thread{'s' if cfg.threads > 1 else ''} is more "
+                 f"than the {cores} cores this process may use: the extra processes only take turns on them "
+                 f"(--workers {max(1, cores // cfg.threads)} gives the same results)", *notes]
     for note in notes:
         _notice("note", f"note: {note}", log_format)
 

@@ -191,7 +191,8 @@ class TrainConfig:
     weight_decay: float = _field(0.0, "L2 weight decay of the local optimizer", aliases=("l2", "wd"))
     epochs: int = _field(1, "local epochs per round", aliases=("local_epochs", "num_epochs"))
     batch_size: int = _field(32, "local minibatch size", aliases=("bs", "batchsize"))
-    fraction: float = _field(1.0, "share of the nodes sampled in each training round",
+    fraction: float = _field(1.0, "share of the nodes sampled in each round (mask rounds too, unless "
+                                  "--mask-fraction says otherwise)",
                              aliases=("fraction_fit", "client_fraction"))
     server_momentum: float = _field(0.9, "momentum of the server's step in each training round (FedAvgM): the "
                                          "global weights move by v = server_momentum * v + (average - weights); "

@@ -45,7 +45,8 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
             notes.append(f"{flag(name)} has no effect with --method {cfg.method}, which does not prune")
         elif name == "fraction" and cfg.train.fraction < 1 and round(cfg.train.fraction * cfg.nodes) < cfg.min_nodes:
             notes.append(f"--fraction {cfg.train.fraction:g} of {cfg.nodes} nodes is fewer than --min-nodes "
-                         f"{cfg.min_nodes}, so every round asks {cfg.asked(cfg.train.fraction)} nodes")
+                         f"{cfg.min_nodes}, so every round asks {cfg.asked(cfg.train.fraction)} "
+                         f"node{'' if cfg.asked(cfg.train.fraction) == 1 else 's'}")
         elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method.plan())) != \
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "

@@ -179,4 +179,5 @@ def check_memory(estimate: MemoryEstimate, available: int | None) -> None:
                             f"--mask-fraction: at most {fits:,} copies fit), or --no-memory-check to run anyway")
     raise ResourceError(f"this run needs about {_size(estimate.total)} of memory ({estimate.nodes:,} nodes x "
                         f"{_size(estimate.per_node)} + {_size(estimate.fixed)}) but {_size(available)} is available; "
-                        f"use at most --nodes {fits:,}, or --no-memory-check to run anyway")
+                        f"use at most --nodes {fits:,}, or ask a share of the nodes per round (--fraction, and "
+                        f"--mask-fraction for mask rounds), or --no-memory-check to run anyway")
