@@ -313,21 +313,29 @@ def main() -> None:
         emit(title, found, None)
         rows.extend({"part": part, **row} for row in found)
 
+    def measuring(part: str) -> None:  # a part takes minutes and prints its table only when done
+        print(f"measuring the {part} part ...", file=sys.stderr, flush=True)
+
     if "overhead" in parts:
+        measuring("overhead")
         report("overhead", "Overhead: in-process simulator vs the same steps in a bare torch loop (target cnn <= 1.10, "
                "mlp <= 1.25)", [overhead(m, args.quick, args.threads) for m in ("cnn", "mlp")])
     if "flower" in parts:
+        measuring("flower")
         report("flower", "mlp, 10 nodes: Flower simulation engine vs the in-process simulator on the same cores, end "
                "to end (target >= 3x)", flower(args.quick))
     if "memory" in parts:
+        measuring("memory")
         report("memory", "Peak resident memory, cnn on MNIST (fresh process per run)", memory(args.quick))
     if "device" in parts:
+        measuring("device")
         models = args.models or (["mlp"] if args.quick else ["mlp", "cnn"])
         try:
             found = [device_speed(m, d, args.quick, args.threads, args.data_dir) for d in args.device or ["cpu"]
                      for m in models]
         except ConfigError as exc:
-            sys.exit(f"speed.py --device: {exc}")
+            print(f"speed.py --device: {exc}", file=sys.stderr)
+            sys.exit(2)  # as mpfl run does for a config error
         report("device", "Rounds and local training samples per second by device", found)
     rows.append({"part": "machine", "when": "after", "quick": args.quick, **machine()})
     if args.json is not None:
