@@ -779,6 +779,10 @@ def test_int8_records_the_encoder_never_writes_are_refused():
     assert struct.unpack_from("<f", zeros, HEADER_SIZE + 4) == (1.0,)
     with pytest.raises(PayloadError, match="holds only zeros but its int8 scale is 0.5, not 1"):
         codec.decode_dense(patch_values(zeros, 4, struct.pack("<f", 0.5)), Kind.WEIGHTS, [(3,)])
+    unreachable = np.float32(1.9910402e-09)  # max|x| / 127 rounds to its neighbours, never to it
+    forged = patch_values(body, 4, struct.pack("<f", unreachable))
+    with pytest.raises(PayloadError, match=re.escape("int8 scale 1.9910402e-09 is not max|x| / 127 for any float32")):
+        codec.decode_dense(forged, Kind.WEIGHTS, [(3,)])
     tiny = np.array([3e-45, -1e-45], np.float32)  # a subnormal scale: the peak may take fewer steps
     assert same(codec.decode_dense(codec.encode_dense(Kind.WEIGHTS, [tiny], round=1, dtype="int8"), Kind.WEIGHTS,
                                    [(2,)]).tensors, [tiny])

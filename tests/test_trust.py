@@ -76,21 +76,36 @@ def test_a_node_count_is_fixed_at_its_first_claim_and_a_changed_claim_is_dropped
                                           f"fixed at {sizes[1]}"}
 
 
-def test_a_request_for_the_initial_weights_is_served_only_in_answer_to_their_reference(tmp_path):
-    """With --init, a node may answer the first round's INIT reference by asking for the weights; the same
-    request in answer to a training round is refused as a reply, and nothing is sent to it twice."""
-    cfg = tiny_config(method="fedavg", rounds=2)
+@pytest.mark.parametrize("step, asked_round, served", [(1, 1, True), (1, 9, False), (2, 2, False)])
+def test_a_request_for_the_initial_weights_is_served_only_in_answer_to_this_rounds_reference(tmp_path, step,
+                                                                                           asked_round, served):
+    """With --init, the first mask round sends a reference to the initial weights; a node that answers it
+    by asking for them, naming this round, is sent them in a second exchange. A request naming another
+    round, or answering a training round, is refused as the reply it is, and nothing is sent twice."""
+    cfg = tiny_config(mask_rounds=1, rounds=2)
     exp = Experiment.from_config(cfg)
     torch.save(exp.model.state_dict(), tmp_path / "init.pt")
     cfg = cfg.with_overrides({"init": str(tmp_path / "init.pt")})
-    ask = codec.encode_init_request(codec.InitRef(2, "request", cfg.seed, codec.weights_digest(exp.w0)))
-    server, records, _ = _server(cfg, lambda step, bodies: [ask] if step == 2 else bodies)
-    sent_per_round = []
+    ask = codec.encode_init_request(codec.InitRef(asked_round, "request", cfg.seed, codec.weights_digest(exp.w0)))
+    rewritten = []
+
+    def once(at, bodies):  # only the node's first reply of that step asks
+        if at != step or rewritten:
+            return bodies
+        rewritten.append(at)
+        return [ask]
+
+    server, records, _ = _server(cfg, once)
+    exchanges = []
     exchange = server.transport.exchange
-    server.transport.exchange = lambda task, step, requests: sent_per_round.append(step) or exchange(task, step, requests)
+    server.transport.exchange = lambda task, at, requests: exchanges.append(at) or exchange(task, at, requests)
     server.run()
-    assert sent_per_round == [1, 2] and records[1]["nodes"] == [0, 2]
-    assert records[1]["dropped"] == {"1": "rejected: expected a VALUES body, got INIT"}
+    assert exchanges == ([1, 1, 2, 3] if served else [1, 2, 3])
+    if served:
+        assert records[0]["nodes"] == [0, 1, 2] and records[0]["bytes_up"] > 0
+    else:
+        refused = "expected 3 reply bodies, got 1" if step == 1 else "expected a VALUES body, got INIT"
+        assert records[step - 1]["dropped"] == {"1": f"rejected: {refused}"}
 
 
 def test_registered_counts_refuse_every_other_claim():

@@ -322,25 +322,38 @@ def _decode_values(reader: _Reader, dtype: str, expected: int, index: int, *, ma
             raise PayloadError(f"tensor {index} has an invalid int8 scale {scale}")
     dt = VALUE_DTYPES[dtype][1]
     raw = np.frombuffer(reader.take(count * dt.itemsize, f"the values of tensor {index}"), dtype=dt)
-    if dtype == "int8":
-        _check_int8(raw, scale, index)
     out = _dequantize(raw, scale)
     if not np.isfinite(out).all():
         raise PayloadError(f"tensor {index} contains NaN, Inf or out-of-range values")
+    if dtype == "int8":
+        _check_int8(raw, scale, index)
     return out
 
 
 def _check_int8(raw: np.ndarray, scale: np.float32, index: int) -> None:
     """Refuse int8 records the encoder never writes, so each tensor has one encoding: -128, a scale
-    other than 1 for all-zero values, and (for a normal float32 scale, i.e. max|x| / 127 exact to
-    2**-24) a largest |q| other than 127."""
+    other than 1 for all-zero values, and, where the scale is a normal float32 (``max|x| / 127``
+    then rounds to it with a relative error of at most 2**-24), a largest |q| other than 127 or a
+    scale that no float32 peak rounds to (the encoder's is within two float32 steps of 127 x scale)."""
     peak = max(int(raw.max(initial=0)), -int(raw.min(initial=0)))
     if raw.size and raw.min() < -127:
         raise PayloadError(f"tensor {index} holds the int8 value -128, which the encoder never writes")
     if peak == 0 and scale != 1:
         raise PayloadError(f"tensor {index} holds only zeros but its int8 scale is {scale:g}, not 1")
-    if peak and scale >= np.finfo(np.float32).tiny and peak != 127:
+    if not peak or scale < np.finfo(np.float32).tiny:
+        return
+    if peak != 127:
         raise PayloadError(f"tensor {index}'s largest int8 value is {peak}, not 127 as its scale {scale:g} requires")
+    near = np.float32(127) * scale
+    candidates = [near]
+    for direction in (np.float32(np.inf), np.float32(-np.inf)):
+        step = near
+        for _ in range(2):
+            step = np.nextafter(step, direction)
+            candidates.append(step)
+    if not any(np.isfinite(c) and np.float32(float(c) / 127) == scale for c in candidates):
+        raise PayloadError(f"tensor {index}'s int8 scale {float(scale):.9g} is not max|x| / 127 for any float32 "
+                           "max|x|")
 
 
 def quantization_error(x: np.ndarray, dtype: str) -> dict[str, float]:

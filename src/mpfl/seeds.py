@@ -1,4 +1,4 @@
-"""Named random streams: every random draw of a run comes from a key of small integers.
+"""Named random streams: every random draw of a round comes from a key of small integers.
 
 Keeping each purpose on its own stream makes draws independent of the order in which they
 happen, so the simulator, its worker processes and Flower draw the same numbers, and a new
@@ -14,8 +14,10 @@ Three key layouts, so that no two purposes share a generator's key:
   These may equal a node's training key as integers, but numpy's PCG64 and torch's Mersenne
   Twister turn a key into unrelated sequences.
 
-A key's trailing zeros do not count (numpy's SeedSequence pads keys with zeros), which is why
-streams are numbered from 1.
+numpy's SeedSequence pads a key shorter than four 32-bit words with zeros, so ``(seed, 3)`` is
+``(seed, 3, 0)``: that is why streams are numbered from 1. Before the first round, the data split
+(`mpfl.partition`, a generator of the seed alone) and the initial model (``torch.manual_seed(seed)``)
+are drawn once.
 """
 
 from __future__ import annotations

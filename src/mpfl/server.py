@@ -129,7 +129,7 @@ class Server:
         self.on_round = on_round or (lambda record: None)
         self.method = method_of(cfg)
         self.structured = self.method.structured
-        self.plan = self.method.plan()
+        self.plan = self.method.planned
         full = spec.full_mask()
         self.state = state or ServerState(weights=list(w0), w0=list(w0), mask=full, history=MaskHistory({0: full}))
         if self.method.needs_pooled_data and oracle is None:

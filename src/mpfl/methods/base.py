@@ -83,8 +83,9 @@ class Method:
         return steps
 
     @functools.cached_property
-    def steps(self) -> tuple[Step, ...]:
-        """`plan()`, made once: the hooks below consult it for every node of every round."""
+    def planned(self) -> tuple[Step, ...]:
+        """`plan()`, made once (a method's config does not change): the server runs it, and the hooks
+        below consult it for every node of every round."""
         return tuple(self.plan())
 
     def has_global_model(self, step: Step) -> bool:
@@ -117,10 +118,10 @@ class Method:
         prune = self.cfg.prune
         if prune.rewind != "none" or step.phase == "train":
             return False
-        later = [s for s in self.steps if s.step > step.step]
+        later = [s for s in self.planned if s.step > step.step]
         if any(s.phase == "mask" and not self.shares_start(s) for s in later):
             return True
-        averaged = any(s.phase == "mask" and self.averages(s) for s in self.steps if s.step <= step.step)
+        averaged = any(s.phase == "mask" and self.averages(s) for s in self.planned if s.step <= step.step)
         return prune.train_init == "local" and not averaged and any(s.phase == "train" for s in later)
 
     # ------------------------------------------------------------------ rounds

@@ -46,7 +46,7 @@ class TopK(Method):
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             return codec.decode_sparse(reply[0], spec.shapes, max_ones=limits, round=step.step)
 
-        exchanged = server.exchange(TASK_TOPK, step, {n: [body] for n in server.sample(step)}, decode)
+        exchanged = server.exchange(TASK_TOPK, step, server.requests(server.sample(step), [body]), decode)
         state.weights = server.advance(step, [w + u for w, u in zip(state.weights, server.aggregate(exchanged))])
         return exchanged
 

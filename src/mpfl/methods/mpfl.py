@@ -163,7 +163,7 @@ class Mpfl(MaskedMethod):
 
     def _averaged(self, server: Server) -> bool:
         """Whether some mask round of this run averaged the nodes' values (the training start is then theirs)."""
-        return any(self.averages(s) and s.step in server.state.history for s in self.steps if s.phase == "mask")
+        return any(self.averages(s) and s.step in server.state.history for s in self.planned if s.phase == "mask")
 
     def start_training(self, server: Server) -> None:
         """Training continues from the last average of the mask phase, if there was one; else w0 masked."""
