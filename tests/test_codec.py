@@ -71,7 +71,7 @@ def filter_mask(shape: tuple[int, ...], density: float, seed: int) -> np.ndarray
     return np.broadcast_to(flags.reshape((rows,) + (1,) * max(len(shape) - 1, 0)), shape or (1,)).reshape(shape).copy()
 
 
-def whole_filters(mask: np.ndarray) -> bool:
+def keeps_whole_filters(mask: np.ndarray) -> bool:
     """Whether every output filter (axis 0) of a mask is either wholly kept or wholly dropped."""
     grid = mask.reshape(mask.shape[0], int(np.prod(mask.shape[1:])))
     return bool((grid == grid[:, :1]).all())
@@ -479,7 +479,7 @@ def _mask_case(coder: str, structured: bool) -> Case:
 
     def valid(ts):
         ok = _shape_ok(ts, [b.shape for b in bases], np.bool_) and all(not (t & ~b).any() for t, b in zip(ts, bases))
-        return ok and (not structured or all(whole_filters(t) for t in ts))
+        return ok and (not structured or all(keeps_whole_filters(t) for t in ts))
 
     return Case(f"mask-{coder}-{'structured' if structured else 'flat'}", body, decode, masks, valid)
 

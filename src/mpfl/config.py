@@ -405,6 +405,7 @@ def flatten(config: Mapping[str, Any], *, prefixed: bool = False) -> dict[str, A
             flat[key] = value
     return flat
 
+
 def sample_size(fraction: float, available: int, min_nodes: int) -> int:
     """The nodes a round asks when it samples `fraction` of `available` ones: at least `min_nodes`, at most all."""
     return min(available, max(min_nodes, round(fraction * available)))
