@@ -254,17 +254,17 @@ def _to_float16(flat: np.ndarray) -> np.ndarray:
     return half
 
 
-def _to_int8(flat: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """Symmetric per-tensor quantization; the scale is float32 and never underflows to 0."""
-    peak = float(np.abs(flat).max()) if flat.size else 0.0
+def _to_int8(flat: np.ndarray, peak: float) -> tuple[np.ndarray, np.float32]:
+    """Symmetric per-tensor quantization of finite values whose largest magnitude is `peak`; the
+    scale is float32 and never underflows to 0."""
     scale = max(np.float32(peak / 127), _MIN_SCALE) if peak > 0 else np.float32(1)
     while peak / float(scale) >= 127.5:  # a subnormal scale can round far below peak / 127; never clip the peak
         scale = np.nextafter(scale, np.float32(np.inf))
-    scaled = flat.astype(np.float64)
-    scaled /= float(scale)
-    q = np.clip(np.rint(scaled, out=scaled), -127, 127, out=scaled).astype(VALUE_DTYPES["int8"][1])
+    # |x| / scale <= peak / scale < 127.5 in float64, so every q lies in [-127, 127] and the peak's is the largest
+    scaled = np.divide(flat, float(scale), dtype=np.float64)
+    q = np.rint(scaled, out=scaled).astype(VALUE_DTYPES["int8"][1])
     with np.errstate(over="ignore"):
-        top = np.float32(max(int(q.max(initial=0)), -int(q.min(initial=0)))) * scale
+        top = np.float32(np.rint(peak / float(scale))) * scale
     if not np.isfinite(top):
         raise PayloadError(f"a value of magnitude {peak:g} is too close to the float32 limit for int8 with a float32 scale")
     return q, scale
@@ -272,14 +272,15 @@ def _to_int8(flat: np.ndarray) -> tuple[np.ndarray, np.float32]:
 
 def _quantize(flat: np.ndarray, dtype: str) -> tuple[np.ndarray, np.float32 | None]:
     """float32 values in their wire form: (array in the wire dtype, int8 scale or None)."""
-    if not np.isfinite(flat).all():
+    peak = float(np.abs(flat).max()) if flat.size else 0.0  # NaN or Inf exactly when a value is
+    if not np.isfinite(peak):
         raise PayloadError("refusing to encode NaN or Inf values (or values beyond the float32 range); weights "
                            "like these mean training diverged: lower the learning rate (--lr) or --server-momentum, "
                            "or, if some nodes may send forged values, use a robust --aggregator (median, trimmed-mean)")
     if dtype == "float16":
         return _to_float16(flat), None
     if dtype == "int8":
-        return _to_int8(flat)
+        return _to_int8(flat, peak)
     return flat.astype(VALUE_DTYPES["float32"][1], copy=False), None
 
 
@@ -352,7 +353,7 @@ def _check_int8(raw: np.ndarray, scale: np.float32, index: int) -> None:
             step = np.nextafter(step, direction)
             candidates.append(step)
     if not any(np.isfinite(c) and np.float32(float(c) / 127) == scale for c in candidates):
-        raise PayloadError(f"tensor {index}'s int8 scale {float(scale):.9g} is not max|x| / 127 for any float32 "
+        raise PayloadError(f"tensor {index}'s int8 scale {scale!s} is not max|x| / 127 for any float32 "
                            "max|x|")
 
 
