@@ -161,6 +161,19 @@ def test_an_ablation_plot_grows_with_its_variants_and_keeps_every_label(runs, tm
     assert width == 840 and (got == height if height else got > 540)
 
 
+def test_runs_named_one_by_one_report_into_report_and_a_folder_of_runs_into_itself(runs, tmp_path, monkeypatch):
+    """`mpfl report runs/*` writes to report/ whether the glob finds one run or several, never into a run."""
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "study"
+    shutil.copytree(runs / "mpfl-0", folder / "mpfl-0")
+    before = sorted(p.name for p in (folder / "mpfl-0").iterdir())
+    assert main(["report", str(folder / "mpfl-0")]) == 0
+    assert (tmp_path / "report" / "report.md").is_file()
+    assert sorted(p.name for p in (folder / "mpfl-0").iterdir()) == before
+    assert main(["report", str(folder)]) == 0
+    assert (folder / "report.md").is_file()
+
+
 def test_a_single_run_directory_and_python_api(runs, tmp_path, capsys):
     assert main(["report", str(runs / "mpfl-0"), "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith(f"1 run -> {tmp_path / 'report.md'} and ")

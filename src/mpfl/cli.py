@@ -329,12 +329,14 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .records import counted
-    from .report import scan_runs, write_report
+    from .report import is_run_dir, scan_runs, write_report
 
     scan = scan_runs(args.paths)
     for path, why in scan.skipped.items() if scan.runs else ():
         console.print(f"skipped {path}: {why}", highlight=False)
-    out = Path(args.out) if args.out else Path(args.paths[0]) if len(args.paths) == 1 else Path("report")
+    # a folder of runs (a study's) holds its report; runs named one by one, even one, share report/
+    folder = len(args.paths) == 1 and not is_run_dir(Path(args.paths[0]))
+    out = Path(args.out) if args.out else Path(args.paths[0]) if folder else Path("report")
     written = write_report(scan.runs, out, json_path=args.json, skipped=scan.skipped, force=args.force)
     plots = counted(sum(p.suffix == ".png" for p in written), "plot")
     print(f"{counted(len(scan.runs), 'run')} -> {written[0]} and {plots} in {out}"
@@ -468,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(sub)
     report = sub.add_parser("report", help="compare run directories: a markdown table and PNG plots")
     report.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
-    report.add_argument("--out", help="where to write report.md and the plots (default: the one RUN_DIR, else report/)")
+    report.add_argument("--out", help="where to write report.md and the plots (default: the folder, when one "
+                        "folder of runs is given, such as a study's; else report/)")
     report.add_argument("--json", metavar="PATH", help="also write the table rows as a JSON list")
     report.add_argument("--force", action="store_true",
                         help="replace a report.md, plot or JSON file that mpfl report did not write")

@@ -183,7 +183,8 @@ class Group:
         return self.first.method + (f" · {format_variant(self.variant)}" if self.variant else "")
 
 
-def _is_run_dir(path: Path) -> bool:
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` is one run's directory (it holds a summary, a config or round records)."""
     return any((path / name).is_file() for name in (SUMMARY, CONFIG, ROUNDS_JSONL))
 
 
@@ -195,7 +196,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> tuple[list[Path], dict[Path, s
     strays: dict[Path, str] = {}
     for raw in paths:
         path = Path(raw)
-        if _is_run_dir(path):
+        if is_run_dir(path):
             found[path.resolve()] = None
         elif not path.exists():
             strays[path] = "missing (no such file or folder)"

@@ -82,10 +82,11 @@ class FedAvgPrune(MaskedMethod):
 
 
 class Centralized(MaskedMethod):
-    """The mask-quality upper bound: iterative pruning on all nodes' data pooled at the server."""
+    """The pooled-data reference: iterative pruning on all nodes' data pooled at the server, the mask one
+    machine holding all the data would find (MPFL's votes can beat it under label skew)."""
 
     name = "centralized"
-    description = "iterative magnitude pruning on the pooled data (upper bound on mask quality)"
+    description = "iterative magnitude pruning on the pooled data (the mask one machine holding all the data would find)"
     needs_pooled_data = True
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
