@@ -390,6 +390,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
                             ("latency_ms", "latency ms", ".3f")):
         print(f"{label:<12}{dense[key]:>14{fmt}}{pruned[key]:>14{fmt}}{pruned[key] / dense[key]:>8.3f}")
+    if pruned["latency_note"]:  # the same dense kernels run both: the ratio is timing noise, not a speed-up
+        print(f"note: latency: {pruned['latency_note']}; the ratio is run-to-run noise")
     if info["max_abs_diff"] > 1e-4:
         print(f"note: the exported model differs from the masked model by up to {info['max_abs_diff']:.3g} in its outputs: "
               "the run's final weights give dropped filters nonzero biases (as runs of earlier mpfl versions did), "
@@ -452,10 +454,12 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help="replace an earlier export in the output directory: the files its export.json lists that this "
                         "export does not write are removed, other files stay (a model.* or mask.bin it does not list "
                         "is refused)")
-    p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the latency measurement (1 to 4096)")
-    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (at least 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the latency measurement (0: torch's default)")
+    p.add_argument("--layout", choices=("csr", "coo"), default="csr", help="sparse tensor layout (default: csr)")
+    p.add_argument("--latency-batch", type=int, default=1,
+                   help="batch size of the latency measurement (1 to 4096; default 1)")
+    p.add_argument("--repeats", type=int, default=50, help="timed forward passes per model (at least 1; default 50)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the latency measurement (0: torch's default; default 1)")
     p.set_defaults(func=cmd_export)
 
 
@@ -464,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mpfl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
-    part = sub.add_parser("partition", help="show how the data is split over the nodes")
+    part = sub.add_parser("partition", help="show how the data is split over the nodes",
+                          description="Show how the training data is split over the nodes: each node's sample "
+                                      "count and label histogram, as a run with the same flags would split it.")
     _add_config_flags(part, PARTITION_FIELDS)
     part.set_defaults(func=cmd_partition)
     _add_export_parser(sub)

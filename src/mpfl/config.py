@@ -151,7 +151,8 @@ class DataConfig:
 
     dataset: str = _field("mnist", "dataset to train on: mnist, fashion-mnist, cifar10, cifar100 or a registered one")
     data_dir: str | None = _field(None, "folder holding the datasets; none = $MPFL_DATA, then the user cache "
-                                        "(missing files are downloaded)", aliases=("root",))
+                                        "(missing files are downloaded; MNIST also ships with the package)",
+                                  aliases=("root",))
     partition: str = _field("iid", "how the training data is split over the nodes", aliases=("split",))
     alpha: float = _field(0.5, "Dirichlet concentration of --partition dirichlet; smaller means stronger label skew",
                           aliases=("dirichlet_alpha",))

@@ -73,7 +73,7 @@ from .files import atomic_write
 from .locks import RunLock, refuse_if_locked
 from .methods import method_of, plan
 from .parallel import forkserver_available, refuse_in_a_starting_worker
-from .records import CONFIG, MOVED_ASIDE, SUMMARY, read_summary
+from .records import CONFIG, MOVED_ASIDE, SUMMARY, counted, read_summary
 
 if TYPE_CHECKING:
     from .sim import RunResult
@@ -271,9 +271,9 @@ def print_plan(cells: Sequence[Cell], out: str | Path, console: Console, data_di
         per_group[cell.group] = (n + 1, t + est)
         todo += 0.0 if status == "done" else est
     for group, (n, t) in per_group.items():
-        console.print(f"  {group:<20} {n:>4} cells  {t / 60:6.1f} min")
+        console.print(f"  {group:<20} {n:>4} cell{'' if n == 1 else 's'}  {t / 60:6.1f} min")
     at_once = f"{jobs} cells at a time" if jobs > 1 else "one cell at a time"
-    console.print(f"{len(cells)} cells, estimated {sum(t for _, t in per_group.values()) / 60:.1f} min in all on one "
+    console.print(f"{counted(len(cells), 'cell')}, estimated {sum(t for _, t in per_group.values()) / 60:.1f} min in all on one "
                   f"core; still to run: about {todo / 60 / jobs:.1f} min ({at_once}, one torch thread each)")
     return todo
 
@@ -345,7 +345,7 @@ def _run_locked(planned: Sequence[tuple[Cell, Config, Path]], out: Path, *, cons
                 _run_cell(cfg, path, progress, result)
                 progress.advance(overall, estimate_seconds(cfg))
     if result.failed:
-        console.print(f"[red]{len(result.failed)} cells failed:[/] " + ", ".join(p.name for p in result.failed))
+        console.print(f"[red]{counted(len(result.failed), 'cell')} failed:[/] " + ", ".join(p.name for p in result.failed))
     finished = [path for _, _, path in planned if cell_status(path) == "done"]
     if report and finished:
         scan = scan_runs(finished)  # a cell whose files do not agree is listed in the report, not left out unsaid
