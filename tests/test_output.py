@@ -45,6 +45,8 @@ def test_round_lines_and_json_events():
     assert "acc 91.23%  loss 0.2500" in lines[1] and lines[1].endswith("eta 0 s")
     assert [json.loads(line)["eta_s"] for line in events.getvalue().splitlines()] == [2.0, 0]
     assert round_text(_record(1, "mask", 0.5), 2, None).endswith("eta ?")
+    assert lines[0].index("density") == lines[1].index("density")  # the columns line up with and without accuracy
+    assert lines[0].index(" MB so far") == lines[1].index(" MB so far")
     assert [format_seconds(s) for s in (4.4, 65, 7300)] == ["4 s", "1 min 05 s", "2 h 01 min"]
 
 

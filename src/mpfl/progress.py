@@ -55,12 +55,13 @@ class Eta:
 
 
 def round_text(record: dict, total: int, eta: float | None) -> str:
-    """One round as a line: position, phase, accuracy, loss, density, traffic, time and ETA."""
+    """One round as a line, its columns aligned whether or not the round was evaluated: position,
+    phase, accuracy, loss, density, the run's traffic so far (up + down), the round's time and ETA."""
     acc = "acc    -  " if record.get("accuracy") is None else f"acc {100 * record['accuracy']:5.2f}%"
-    loss = "" if record.get("loss") is None else f"  loss {record['loss']:.4f}"
+    loss = f"loss {record['loss']:.4f}" if record.get("loss") is not None else f"{'loss    -':<11}"
     mb = (record["cum_bytes_up"] + record["cum_bytes_down"]) / 1e6
-    text = (f"round {record['step']:>3}/{total} {record['phase']:>6} {record['round']:>3}  {acc}{loss}  "
-            f"density {record['density']:.3f}  {mb:8.2f} MB  {record.get('time') or 0:5.1f} s  "
+    text = (f"round {record['step']:>3}/{total} {record['phase']:>6} {record['round']:>3}  {acc}  {loss}  "
+            f"density {record['density']:.3f}  {mb:8.2f} MB so far  {record.get('time') or 0:5.1f} s  "
             f"eta {format_seconds(eta)}")
     if record.get("dropped"):
         text += "  dropped " + dropped_text(record["dropped"])
