@@ -121,12 +121,12 @@ def test_dense_float32_round_trip_is_bit_exact(tensors, kind, round_):
 def test_values_round_trip_inside_supports(data):
     tensors = data.draw(tensor_lists())
     supports = [random_mask(t.shape, data.draw(densities), data.draw(seeds)) for t in tensors]
-    body = codec.encode_values(tensors, supports, round=3, base=2)
-    out = codec.decode_values(body, supports, round=3, base=2)
+    body = codec.encode_values(tensors, supports, round=3, base_version=2)
+    out = codec.decode_values(body, supports, round=3, base_version=2)
     assert same(out.tensors, [np.where(s, t, np.float32(0)) for t, s in zip(tensors, supports)])
-    kept = codec.decode_kept_values(body, [int(s.sum()) for s in supports], round=3, base=2)
+    kept = codec.decode_kept_values(body, [int(s.sum()) for s in supports], round=3, base_version=2)
     assert same(kept.tensors, [t[s] for t, s in zip(tensors, supports)])
-    assert (kept.kind, kept.round, kept.base) == (out.kind, out.round, out.base)
+    assert (kept.kind, kept.round, kept.base_version) == (out.kind, out.round, out.base_version)
 
 
 def test_kept_values_must_have_the_counts_the_receiver_expects():
@@ -459,8 +459,8 @@ def _values_case(dtype: str) -> Case:
     rng = np.random.default_rng(4)
     tensors = [rng.normal(size=(5, 4)).astype(np.float32), rng.normal(size=(6,)).astype(np.float32)]
     supports = [rng.random(t.shape) < 0.5 for t in tensors]
-    body = codec.encode_values(tensors, supports, round=3, base=1, dtype=dtype)
-    decode = lambda b: codec.decode_values(b, supports, round=3, base=1)  # noqa: E731
+    body = codec.encode_values(tensors, supports, round=3, base_version=1, dtype=dtype)
+    decode = lambda b: codec.decode_values(b, supports, round=3, base_version=1)  # noqa: E731
 
     def valid(ts):
         return _shape_ok(ts, [s.shape for s in supports], np.float32) and all(
@@ -612,7 +612,7 @@ def test_random_single_byte_changes_of_random_masks(pair, coder, data):
 
 @pytest.fixture
 def weights_body() -> bytes:
-    return codec.encode_dense(Kind.WEIGHTS, [np.arange(6, dtype=np.float32).reshape(2, 3)], round=3, base=1)
+    return codec.encode_dense(Kind.WEIGHTS, [np.arange(6, dtype=np.float32).reshape(2, 3)], round=3, base_version=1)
 
 
 def decode_weights(body: bytes, **kw) -> codec.Body:
@@ -636,7 +636,7 @@ def decode_weights(body: bytes, **kw) -> codec.Body:
 )
 def test_header_mismatches(weights_body, fields, message):
     with pytest.raises(PayloadError, match=message):
-        decode_weights(reframe(weights_body, **fields), round=3, base=1)
+        decode_weights(reframe(weights_body, **fields), round=3, base_version=1)
 
 
 def test_length_field_must_match(weights_body):
@@ -660,7 +660,7 @@ def test_checksum_and_framing(weights_body):
         decode_weights(reframe(weights_body, weights_body[HEADER_SIZE:-2]))
     needed, left = map(int, re.search(r"\((\d+) bytes needed, (\d+) left\)", str(short.value)).groups())
     assert needed - left == 2
-    assert decode_weights(weights_body, round=None, base=None).round == 3
+    assert decode_weights(weights_body, round=None, base_version=None).round == 3
 
 
 def test_count_and_shape_mismatches(weights_body):
@@ -990,7 +990,7 @@ def test_encoder_argument_errors():
 def test_peek_reads_the_header_only():
     body = codec.encode_mask([np.ones(3, bool)], [np.ones(3, bool)], round=7, base_version=6, num_samples=5)
     head = codec.peek(body)
-    assert (head.kind, head.round, head.base, head.num_samples, head.tensors) == (Kind.MASK, 7, 6, 5, [])
+    assert (head.kind, head.round, head.base_version, head.num_samples, head.tensors) == (Kind.MASK, 7, 6, 5, [])
     for bad, message in [(body[:20], "too short"), (b"XXXX" + body[4:], "bad magic"),
                          (reframe(body, version=1), "format version"), (reframe(body, kind=0), "unknown body kind 0")]:
         with pytest.raises(PayloadError, match=message):
@@ -1035,7 +1035,7 @@ def test_kinds_and_value_encodings_are_the_numbers_of_the_spec():
     for code, dtype in enumerate(("float32", "float16", "int8")):
         for kind in (Kind.WEIGHTS, Kind.SCORES):
             assert codec.encode_dense(kind, [x], round=1, dtype=dtype) == by_hand(kind.value, code, records[dtype])
-        assert codec.encode_values([x], [np.ones(3, bool)], round=4, base=2, num_samples=9, dtype=dtype) == \
+        assert codec.encode_values([x], [np.ones(3, bool)], round=4, base_version=2, num_samples=9, dtype=dtype) == \
             by_hand(3, code, records[dtype], round_=4, base=2, num_samples=9)
     assert codec.encode_values([x], [np.ones(3, bool)], round=4) == by_hand(3, 0, records["float32"], round_=4)
 

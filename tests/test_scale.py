@@ -78,7 +78,7 @@ def test_a_node_that_skipped_rounds_catches_up_to_exactly_the_current_mask(thous
                 assert not updates
                 continue
             (update,) = updates
-            assert codec.peek(update).base == held.get(node, 0)
+            assert codec.peek(update).base_version == held.get(node, 0)
             decoded = codec.decode_mask(update, history[held.get(node, 0)]).tensors
             assert all(np.array_equal(d, m) for d, m in zip(decoded, history[current]))
             caught_up += 0 < held.get(node, 0) < max(v for v in history if v < current)

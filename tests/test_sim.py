@@ -413,7 +413,7 @@ def test_local_start_sends_no_weights_and_trains_from_each_nodes_own_weights():
     for node in transport.nodes.values():
         start = exp.spec.apply(own[node.id], mask)
         trained, _ = node.trainer.train(start, mask, node.data, 1, generator(cfg.seed, step, node.id))
-        expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base=server.state.version,
+        expected = codec.encode_values(trained, exp.spec.supports(mask), round=step, base_version=server.state.version,
                                        num_samples=node.data.num_samples, dtype=node.value_dtype)
         assert replies[node.id][0] == expected
 

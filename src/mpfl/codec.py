@@ -117,7 +117,7 @@ class Body:
 
     kind: Kind
     round: int
-    base: int
+    base_version: int
     num_samples: int
     tensors: list[np.ndarray]
     flags: int = 0
@@ -131,12 +131,13 @@ class Body:
 # --------------------------------------------------------------------------- header
 
 
-def _pack(kind: Kind, encoding: int, flags: int, round: int, base: int, num_samples: int, count: int, payload: bytes) -> bytes:
+def _pack(kind: Kind, encoding: int, flags: int, round: int, base_version: int, num_samples: int, count: int,
+          payload: bytes) -> bytes:
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2**32
-               for v in (round, base, num_samples)):
-        raise PayloadError(f"round {round!r}, base {base!r} and num_samples {num_samples!r} must be integers that "
-                           "fit in 32 bits")
-    head = _HEADER.pack(MAGIC, VERSION, int(kind), encoding, flags, round, base, num_samples, count, len(payload))
+               for v in (round, base_version, num_samples)):
+        raise PayloadError(f"round {round!r}, base version {base_version!r} and num_samples {num_samples!r} must be "
+                           "integers that fit in 32 bits")
+    head = _HEADER.pack(MAGIC, VERSION, int(kind), encoding, flags, round, base_version, num_samples, count, len(payload))
     crc = zlib.crc32(payload, zlib.crc32(head))
     return b"".join((head, _CRC.pack(crc), payload))
 
@@ -149,7 +150,7 @@ class _Header:
     version: int
     encoding: int
     round: int
-    base: int
+    base_version: int
     num_samples: int
 
 
@@ -164,7 +165,7 @@ def _bytes_view(buf: object) -> memoryview:
 
 
 def _unpack(
-    buf: bytes, kind: Kind, round: int | None, base: int | None, count: int, flags: int = 0
+    buf: bytes, kind: Kind, round: int | None, base_version: int | None, count: int, flags: int = 0
 ) -> tuple[_Header, memoryview]:
     """Check the header against what the receiver expects; return it and the payload.
 
@@ -193,8 +194,8 @@ def _unpack(
         raise PayloadError(f"body has flags {got_flags:#04x}, expected {flags:#04x}")
     if round is not None and got_round != round:
         raise PayloadError(f"body is for round {got_round}, expected round {round}")
-    if base is not None and got_base != base:
-        raise PayloadError(f"body is coded over mask version {got_base}, but the receiver holds version {base}")
+    if base_version is not None and got_base != base_version:
+        raise PayloadError(f"body is coded over mask version {got_base}, but the receiver holds version {base_version}")
     if got_count != count:
         raise PayloadError(f"body holds {got_count} tensors, expected {count}")
     header = _Header(Kind(got_kind), version, encoding, got_round, got_base, num_samples)
@@ -372,26 +373,26 @@ def quantization_error(x: np.ndarray, dtype: str) -> dict[str, float]:
 
 
 def encode_dense(
-    kind: Kind, tensors: Sequence[np.ndarray], *, round: int, base: int = 0, num_samples: int = 0, dtype: str = "float32"
+    kind: Kind, tensors: Sequence[np.ndarray], *, round: int, base_version: int = 0, num_samples: int = 0, dtype: str = "float32"
 ) -> bytes:
     """Encode whole tensors (initial weights, dense FedAvg, saliency scores)."""
     if kind not in _DENSE_KINDS:
         raise PayloadError(f"{kind.name} is not a dense kind")
     code = _value_dtype(dtype)[0]
     payload = b"".join(_encode_values(t, dtype) for t in tensors)
-    return _pack(kind, code, 0, round, base, num_samples, len(tensors), payload)
+    return _pack(kind, code, 0, round, base_version, num_samples, len(tensors), payload)
 
 
 def decode_dense(
-    buf: bytes, kind: Kind, shapes: Sequence[tuple[int, ...]], *, round: int | None = None, base: int | None = None
+    buf: bytes, kind: Kind, shapes: Sequence[tuple[int, ...]], *, round: int | None = None, base_version: int | None = None
 ) -> Body:
     """Decode whole tensors, checking each count against the expected shape."""
-    header, payload = _unpack(buf, kind, round, base, len(shapes))
+    header, payload = _unpack(buf, kind, round, base_version, len(shapes))
     dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
     tensors = [_decode_values(reader, dtype, int(np.prod(shape)), i).reshape(shape) for i, shape in enumerate(shapes)]
     reader.finish()
-    return Body(header.kind, header.round, header.base, header.num_samples, tensors)
+    return Body(header.kind, header.round, header.base_version, header.num_samples, tensors)
 
 
 def encode_values(
@@ -399,7 +400,7 @@ def encode_values(
     supports: Sequence[np.ndarray],
     *,
     round: int,
-    base: int = 0,
+    base_version: int = 0,
     num_samples: int = 0,
     dtype: str = "float32",
     exact: Collection[int] = (),
@@ -418,15 +419,15 @@ def encode_values(
         where = positions(support)
         kept = tensor.reshape(-1)[where] if where.size < tensor.size else tensor
         parts.append(_encode_values(kept, dtype, exact=i in exact and dtype != "float32"))
-    return _pack(Kind.VALUES, code, 0, round, base, num_samples, len(tensors), b"".join(parts))
+    return _pack(Kind.VALUES, code, 0, round, base_version, num_samples, len(tensors), b"".join(parts))
 
 
 def decode_values(
-    buf: bytes, supports: Sequence[np.ndarray], *, round: int | None = None, base: int | None = None
+    buf: bytes, supports: Sequence[np.ndarray], *, round: int | None = None, base_version: int | None = None
 ) -> Body:
     """Decode kept values into full-shape tensors that are exactly zero outside each support."""
     where = [positions(np.asarray(support, dtype=bool)) for support in supports]
-    kept = decode_kept_values(buf, [w.size for w in where], round=round, base=base)
+    kept = decode_kept_values(buf, [w.size for w in where], round=round, base_version=base_version)
     tensors = []
     for support, at, values in zip(supports, where, kept.tensors):
         if at.size == np.size(support):  # a whole tensor (dense FedAvg, unpruned layers): nothing to scatter
@@ -435,22 +436,22 @@ def decode_values(
         full = np.zeros(np.size(support), dtype=np.float32)
         full[at] = values
         tensors.append(full.reshape(np.shape(support)))
-    return Body(kept.kind, kept.round, kept.base, kept.num_samples, tensors)
+    return Body(kept.kind, kept.round, kept.base_version, kept.num_samples, tensors)
 
 
 def decode_kept_values(
-    buf: bytes, counts: Sequence[int], *, round: int | None = None, base: int | None = None
+    buf: bytes, counts: Sequence[int], *, round: int | None = None, base_version: int | None = None
 ) -> Body:
     """Decode kept values as they travel: per tensor a 1-D array of exactly `counts[i]` values, the
     entries inside its support in row-major order. A fraction of the full tensors' memory, for a
     receiver that holds many replies (the server of a mask round)."""
-    header, payload = _unpack(buf, Kind.VALUES, round, base, len(counts))
+    header, payload = _unpack(buf, Kind.VALUES, round, base_version, len(counts))
     dtype = _dtype_name(header.encoding)
     reader = _Reader(payload)
     marks = header.version >= 3  # version 2 predates the float32 marks
     tensors = [_decode_values(reader, dtype, int(count), i, may_be_exact=marks) for i, count in enumerate(counts)]
     reader.finish()
-    return Body(header.kind, header.round, header.base, header.num_samples, tensors)
+    return Body(header.kind, header.round, header.base_version, header.num_samples, tensors)
 
 
 # --------------------------------------------------------------------------- masks
@@ -624,7 +625,7 @@ def decode_mask(
             flat = np.broadcast_to(flat[:, None], rows(prev).shape)
         masks.append(np.ascontiguousarray(flat).reshape(prev.shape))
     reader.finish()
-    return Body(header.kind, header.round, header.base, header.num_samples, masks, flags)
+    return Body(header.kind, header.round, header.base_version, header.num_samples, masks, flags)
 
 
 # --------------------------------------------------------------------------- sparse updates
@@ -650,7 +651,7 @@ def encode_sparse(
     tensors: Sequence[np.ndarray],
     *,
     round: int,
-    base: int = 0,
+    base_version: int = 0,
     num_samples: int = 0,
     dtype: str = "float32",
     coder: str = "range",
@@ -659,7 +660,7 @@ def encode_sparse(
     _check_coder(coder)
     encoding = _value_dtype(dtype)[0] | MASK_CODERS[coder] << 4
     payload = b"".join(_sparse_record(t, dtype, coder) for t in tensors)
-    return _pack(Kind.SPARSE, encoding, 0, round, base, num_samples, len(tensors), payload)
+    return _pack(Kind.SPARSE, encoding, 0, round, base_version, num_samples, len(tensors), payload)
 
 
 def decode_sparse(
@@ -668,10 +669,10 @@ def decode_sparse(
     *,
     max_ones: Sequence[int] | None = None,
     round: int | None = None,
-    base: int | None = None,
+    base_version: int | None = None,
 ) -> Body:
     """Decode sparse tensors into full shape; ``max_ones`` caps the non-zeros per tensor."""
-    header, payload = _unpack(buf, Kind.SPARSE, round, base, len(shapes))
+    header, payload = _unpack(buf, Kind.SPARSE, round, base_version, len(shapes))
     dtype, coder = _dtype_name(header.encoding & 0x0F), _coder_name(header.encoding >> 4)
     reader = _Reader(payload)
     tensors = []
@@ -691,7 +692,7 @@ def decode_sparse(
         flat[bits] = values
         tensors.append(flat.reshape(shape))
     reader.finish()
-    return Body(header.kind, header.round, header.base, header.num_samples, tensors)
+    return Body(header.kind, header.round, header.base_version, header.num_samples, tensors)
 
 
 # --------------------------------------------------------------------------- initial weights
@@ -744,13 +745,13 @@ def decode_init(buf: bytes, *, round: int | None = None) -> InitRef:
 
 
 def peek(buf: bytes) -> Body:
-    """A body's header fields (kind, round, base, num_samples) without decoding its payload, for dispatch."""
+    """A body's header fields (kind, round, base version, num_samples) without decoding its payload, for dispatch."""
     view = _bytes_view(buf)
     if len(view) < HEADER_SIZE or bytes(view[:4]) != MAGIC:
         raise PayloadError("not an mpfl message: too short or bad magic")
-    _, version, kind, _, flags, round, base, num_samples, _, _ = _HEADER.unpack_from(view)
+    _, version, kind, _, flags, round, base_version, num_samples, _, _ = _HEADER.unpack_from(view)
     if version not in READABLE_VERSIONS:
         raise PayloadError(f"format version {version} is not supported (expected {VERSION}); upgrade mpfl on both sides")
     if kind not in Kind._value2member_map_:
         raise PayloadError(f"unknown body kind {kind}")
-    return Body(Kind(kind), round, base, num_samples, [], flags)
+    return Body(Kind(kind), round, base_version, num_samples, [], flags)

@@ -252,7 +252,7 @@ class Node:
             self.state.mask = [m | g for m, g in zip(self.mask, grown.tensors)]
             return None
         if head.kind == Kind.MASK:
-            version = 0 if head.base == 0 else self.state.version
+            version = 0 if head.base_version == 0 else self.state.version
             decoded = self._decode((Kind.MASK, body, version), lambda: codec.decode_mask(
                 body, self.spec.full_mask() if version == 0 else self.mask, base_version=version,
                 structured=self.structured))
@@ -260,7 +260,7 @@ class Node:
             return None
         if head.kind == Kind.VALUES:
             return self._decode((Kind.VALUES, body, step, self.state.version), lambda: codec.decode_values(
-                body, self.spec.supports(self.mask), round=step, base=self.state.version)).tensors
+                body, self.spec.supports(self.mask), round=step, base_version=self.state.version)).tensors
         raise PayloadError(f"a node does not accept {head.kind.name} bodies")
 
     # ------------------------------------------------------------------ tasks
@@ -353,7 +353,7 @@ def mask_task(node: Node, step: int, weights: Weights | None) -> list[bytes]:
         out.append(codec.encode_mask(core_of(scores, new, prune.core_share), new, **coding))
     if node.method.averages(plan_step):
         sent = node.forge_values(kept, start, step)
-        out.append(codec.encode_values(sent, node.spec.supports(new), round=step, base=node.state.version,
+        out.append(codec.encode_values(sent, node.spec.supports(new), round=step, base_version=node.state.version,
                                        num_samples=node.claimed_samples, dtype=node.value_dtype, exact=node.spec.statistics))
     return out
 
@@ -382,7 +382,7 @@ def local_training(node: Node, step: int, weights: Weights | None) -> Weights:
 
 def encode_trained(node: Node, step: int, trained: Weights) -> bytes:
     """A node's kept values as a VALUES body over its mask."""
-    return codec.encode_values(trained, node.spec.supports(node.mask), round=step, base=node.state.version,
+    return codec.encode_values(trained, node.spec.supports(node.mask), round=step, base_version=node.state.version,
                                num_samples=node.claimed_samples, dtype=node.value_dtype, exact=node.spec.statistics)
 
 

@@ -148,7 +148,7 @@ class Method:
         """The global weights inside `supports` as a VALUES body of this method's value dtype, coded
         over the server's mask version (a model's running statistics travel as float32)."""
         state = server.state
-        return codec.encode_values(state.weights, supports, round=step.step, base=state.version, dtype=self.value_dtype,
+        return codec.encode_values(state.weights, supports, round=step.step, base_version=state.version, dtype=self.value_dtype,
                                    exact=server.spec.statistics)
 
     def sends_weights(self, server: Server, step: Step, nodes: Sequence[int]) -> bool:
@@ -165,7 +165,7 @@ class Method:
         requests = server.requests(nodes, values)
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
-            return codec.decode_values(reply[0], supports, round=step.step, base=state.version)
+            return codec.decode_values(reply[0], supports, round=step.step, base_version=state.version)
 
         exchanged = server.exchange(TASK_TRAIN, step, requests, decode)
         server.acknowledge(exchanged)

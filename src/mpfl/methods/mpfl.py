@@ -117,7 +117,7 @@ class Mpfl(MaskedMethod):
             if averaging:
                 extra.holds = server.spec.supports(body.tensors)
                 counts = [int(np.count_nonzero(s)) for s in extra.holds]
-                values = codec.decode_kept_values(rest.pop(0), counts, round=step.step, base=state.version)
+                values = codec.decode_kept_values(rest.pop(0), counts, round=step.step, base_version=state.version)
                 server.check_values(values)
                 extra.values = values.tensors
             extras[node] = extra
@@ -196,7 +196,7 @@ class Mpfl(MaskedMethod):
         drop: dict[int, list[np.ndarray]] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
-            body = codec.decode_values(reply[0], supports, round=step.step, base=state.version)
+            body = codec.decode_values(reply[0], supports, round=step.step, base_version=state.version)
             regrow[node] = codec.decode_mask(reply[1], pruned, round=step.step, base_version=state.version).tensors
             if node_votes:
                 drop[node] = codec.decode_mask(reply[2], state.mask, round=step.step, base_version=state.version).tensors
