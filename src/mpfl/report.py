@@ -629,7 +629,7 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
 
 def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
     """Final accuracy of each variant against its method's baseline (dashed), mean ± std over seeds."""
-    fig, ax = _figure(f"Variants: {title}", "final test accuracy (%)", "")
+    fig, ax = _figure(f"Variants: {title}", "final test accuracy (%); dashed: each method's baseline", "")
     y = np.arange(len(groups))[::-1]
     colors = _palette(groups)
     for yi, g in zip(y, groups):
