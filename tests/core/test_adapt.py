@@ -81,7 +81,7 @@ def test_a_class_aware_tally_keeps_what_one_nodes_core_needs():
     cores = [[np.array([1, 0, 0, 0, 0, 0], bool)], [np.array([1, 0, 0, 0, 0, 0], bool)],
              [np.array([0, 0, 0, 0, 0, 1], bool)]]
     boosted = with_cores(votes, cores)
-    np.testing.assert_allclose(boosted[0], [2, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 4 / 3])
+    np.testing.assert_allclose(boosted[0], [3, 2 / 3, 1 / 3, 1 / 3, 1 / 3, 7 / 3])
     assert consensus(boosted, support, "vote", ctx)[0].tolist() == [True, True, False, False, False, True]
     assert [c.tolist() for c in core_of([np.array([3.0, -5, 1, 0, 0, 0])], [masks[0][0]], 0.34)] == \
         [[False, True, False, False, False, False]]
@@ -131,3 +131,65 @@ def test_holder_average_is_the_mean_over_holders_of_full_tensors(seed, nodes):
         kept = [[f[j][h[j]] for j in range(len(shapes))] for f, h in zip(full, holds)]
         got = holder_average(kept, holds, weights, keep, fallback)[i]
         assert got.shape == want.shape and got.tobytes() == want.tobytes()
+
+
+def ties_sorted(positions, *keys):
+    """`positions` sorted by the given per-position keys, then by position (the lower index first)."""
+    return sorted(positions, key=lambda i: tuple(k[i] for k in keys) + (i,))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), fraction=st.floats(0.0, 1.0), density=st.floats(0.1, 0.9),
+       node_drops=st.booleans())
+def test_swaps_regrow_the_top_voted_and_drop_the_top_scored_positions_with_the_documented_tie_breaks(
+        seed, fraction, density, node_drops):
+    """Against a sorted reference, per layer, with many ties (equal voters, |w| from a few values):
+    k' = min(k, pruned positions with a vote); regrown = the first k' pruned positions by (-vote, index);
+    dropped = the first k' kept positions by (-drop score, |w|, index), the drop scores being the
+    server's (-|w|) or the nodes' tallied drop votes."""
+    rng = np.random.default_rng(seed)
+    shapes = [(5, 6), (17,)]
+    mask = [rng.random(s) < density for s in shapes]
+    weights = [np.where(m, rng.integers(-2, 3, m.shape) * 0.5, 0).astype(np.float32) for m in mask]
+    counts = swap_counts(mask, fraction)
+    nodes = int(rng.integers(1, 4))
+    regrow = tally([[(rng.random(s) < 0.3) & ~m for s, m in zip(shapes, mask)] for _ in range(nodes)], [1] * nodes)
+    if node_drops:
+        drop = tally([[(rng.random(s) < 0.3) & m for s, m in zip(shapes, mask)] for _ in range(nodes)], [1] * nodes)
+    else:
+        drop = server_drop(weights, mask)
+    new, grown, dropped = swap(mask, regrow, drop, counts, weights)
+    for m, n, g, d, r, s, w, k in zip(mask, new, grown, dropped, regrow, drop, weights, counts):
+        m, r, s, w = m.reshape(-1), r.reshape(-1), s.reshape(-1), np.abs(w.reshape(-1)).astype(np.float64)
+        voted = [i for i in np.flatnonzero(~m) if r[i] > 0]
+        k = min(k, len(voted))
+        want_grown = np.zeros(m.size, bool)
+        want_grown[ties_sorted(voted, -r)[:k]] = True
+        want_dropped = np.zeros(m.size, bool)
+        want_dropped[ties_sorted(list(np.flatnonzero(m)), -s, w)[:k]] = True
+        assert np.array_equal(g.reshape(-1), want_grown) and np.array_equal(d.reshape(-1), want_dropped)
+        assert np.array_equal(n.reshape(-1), (m & ~want_dropped) | want_grown)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), fraction=st.floats(0.0, 1.0))
+def test_a_nodes_regrow_and_drop_votes_and_the_swap_counts_against_a_sorted_reference(seed, fraction):
+    """swap_counts: round(fraction x kept) (half up), at most the pruned count; regrow vote: the k pruned
+    positions with the largest |gradient|; drop vote: the k kept positions with the smallest |w|; ties
+    to the lower index (values from a few levels, of both signs, so ties happen)."""
+    rng = np.random.default_rng(seed)
+    shapes = [(4, 7), (19,), (2, 3, 3)]
+    mask = [rng.random(s) < rng.uniform(0.1, 0.9) for s in shapes]
+    counts = swap_counts(mask, fraction)
+    for m, k in zip(mask, counts):
+        assert k == min(int(np.floor(fraction * m.sum() + 0.5)), m.size - int(m.sum()))
+    grads = [rng.integers(-3, 4, s) * 0.25 for s in shapes]
+    weights = [rng.integers(-3, 4, s).astype(np.float32) * 0.5 for s in shapes]
+    votes, drops = regrow_votes(grads, mask, counts), drop_votes(weights, mask, counts)
+    for m, k, g, w, v, d in zip(mask, counts, grads, weights, votes, drops):
+        flat_m = m.reshape(-1)
+        up = ties_sorted(list(np.flatnonzero(~flat_m)), -np.abs(g.reshape(-1)))[:k]
+        down = ties_sorted(list(np.flatnonzero(flat_m)), np.abs(w.reshape(-1)))[:k]
+        assert v.shape == m.shape and d.shape == m.shape
+        assert sorted(np.flatnonzero(v.reshape(-1))) == sorted(up)
+        assert sorted(np.flatnonzero(d.reshape(-1))) == sorted(down)

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mpfl.core.aggregate import (
     checked_aggregate,
@@ -89,3 +91,118 @@ def test_a_robust_average_of_held_values_fills_what_a_node_does_not_hold_with_th
     got = holder_robust_average(kept, holds, [1.0, 1.0, 1.0], keep, fallback, "median")
     np.testing.assert_array_equal(got[0], np.array([1.5, 2.0, 0.5, 0.0], dtype=np.float32))
     assert holder_average(kept, holds, [1.0, 1.0, 1.0], keep, fallback)[0][1] == np.float32(51.0)  # its holders: (2 + 100) / 2
+
+
+# --------------------------------------------------------------------------- robust rules against numpy references
+
+SHAPES = [(3, 4), (5,), (2, 1, 3)]
+
+
+def reference(rule, tensors, weights, trim, byzantine):
+    """The rules written out on stacked float64 copies: the weighted mean; per coordinate the middle
+    of the sorted values (the mean of the two middle ones for an even count) or the mean of the sorted
+    values without int(trim x n) at each end; Krum: the node whose n - f - 2 (at least 1) nearest
+    other nodes, by squared distance over all tensors, are nearest in sum (ties to the first node)."""
+    n = len(tensors)
+    stacked = [np.stack([np.asarray(node[i], np.float64) for node in tensors]) for i in range(len(tensors[0]))]
+    if rule == "mean":
+        alpha = np.asarray(weights, np.float64) / np.sum(weights)
+        return [np.tensordot(alpha, s, axes=1) for s in stacked]
+    if rule == "median":
+        middle = [np.sort(s, axis=0) for s in stacked]
+        return [(s[(n - 1) // 2] + s[n // 2]) / 2 for s in middle]
+    if rule == "trimmed-mean":
+        cut = int(trim * n)
+        return [np.sort(s, axis=0)[cut:n - cut].mean(axis=0) for s in stacked]
+    flat = np.stack([np.concatenate([np.ravel(t) for t in node]).astype(np.float64) for node in tensors])
+    dist = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(axis=2)
+    nearest = max(1, n - byzantine - 2)
+    scores = [sum(sorted(np.delete(dist[i], i))[:nearest]) for i in range(n)]
+    return [s[int(np.argmin(scores))] for s in stacked]
+
+
+def random_nodes(rng, n):
+    """Node tensors with a few outliers (large values) among draws from one distribution."""
+    nodes = []
+    for _ in range(n):
+        scale = 50.0 if rng.random() < 0.2 else 1.0
+        nodes.append([(scale * rng.standard_normal(s)).astype(np.float32) for s in SHAPES])
+    return nodes
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rule=st.sampled_from(["mean", "median", "trimmed-mean", "krum"]),
+       n=st.integers(1, 8), trim=st.floats(0.0, 0.45), byzantine=st.integers(0, 3))
+def test_every_built_in_aggregator_agrees_with_a_numpy_reference_and_the_robust_ones_ignore_sample_counts(
+        seed, rule, n, trim, byzantine):
+    rng = np.random.default_rng(seed)
+    nodes = random_nodes(rng, n)
+    weights = rng.uniform(0.2, 40.0, n)  # fractional counts (agreement-scaled) too
+    got = robust_average(nodes, weights, rule, trim=trim, byzantine=byzantine)
+    want = reference(rule, nodes, weights, trim, byzantine)
+    assert [g.shape for g in got] == SHAPES and all(g.dtype == np.float32 for g in got)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    if rule != "mean":  # a robust rule: the claimed sample counts change nothing
+        other = robust_average(nodes, rng.permutation(weights) * 7.0, rule, trim=trim, byzantine=byzantine)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got, other))
+    # copies of one tensor: every rule gives that tensor back
+    copies = robust_average([nodes[0]] * n, weights, rule, trim=trim, byzantine=byzantine)
+    assert all(np.allclose(c, t, rtol=1e-6, atol=0) for c, t in zip(copies, nodes[0]))
+
+
+def test_krum_picks_a_node_of_the_tight_cluster_and_honours_the_allowed_number_of_attackers():
+    """Hand-worked, one scalar per node, squared distances: nodes 0-2 at 0, 1, 2; nodes 3, 4 at 10, 11.
+    With f = 0 each node sums its n - f - 2 = 3 nearest: 0 -> 1 + 4 + 100 = 105, 1 -> 1 + 1 + 81 = 83,
+    2 -> 1 + 4 + 64 = 69, 3 -> 1 + 64 + 81 = 146, 4 -> 1 + 81 + 100 = 182: node 2 (value 2).
+    With f = 2 only the nearest counts: 1, 1, 1, 1, 1, a tie that goes to the first node (value 0)."""
+    nodes = [[np.array([v], np.float32)] for v in (0.0, 1.0, 2.0, 10.0, 11.0)]
+    assert robust_average(nodes, [1] * 5, "krum", byzantine=0)[0].tolist() == [2.0]
+    assert robust_average(nodes, [1] * 5, "krum", byzantine=2)[0].tolist() == [0.0]
+    # sample counts do not buy a node the choice
+    assert robust_average(nodes, [1, 1, 1, 1000, 1000], "krum", byzantine=0)[0].tolist() == [2.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rule=st.sampled_from(["median", "trimmed-mean", "krum"]),
+       n=st.integers(1, 8), trim=st.floats(0.0, 0.45), byzantine=st.integers(0, 3))
+def test_holder_robust_average_is_the_rule_over_tensors_filled_in_with_the_fallback(seed, rule, n, trim, byzantine):
+    """Each node's full tensor is its sent values (row-major) where it holds an entry and the fallback
+    elsewhere; the rule (a numpy reference) combines those; entries outside `keep` are exactly 0."""
+    rng = np.random.default_rng(seed)
+    holds = [[rng.random(s) < 0.6 for s in SHAPES] for _ in range(n)]
+    fallback = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    keep = [rng.random(s) < 0.7 for s in SHAPES]
+    values = [[(5.0 * rng.standard_normal(int(h.sum()))).astype(np.float32) for h in node] for node in holds]
+    full = []
+    for node, held in zip(values, holds):
+        tensors = []
+        for v, h, f in zip(node, held, fallback):
+            t = f.astype(np.float64).copy()
+            t[np.unravel_index(np.flatnonzero(h), h.shape)] = v
+            tensors.append(t)
+        full.append(tensors)
+    want = reference(rule, full, None, trim, byzantine)
+    got = holder_robust_average(values, holds, rng.uniform(1, 9, n), keep, fallback, rule, trim=trim,
+                                byzantine=byzantine)
+    for g, w, k in zip(got, want, keep):
+        assert g.shape == k.shape and g.dtype == np.float32
+        np.testing.assert_allclose(g, np.where(k, w, 0.0), rtol=1e-5, atol=1e-6)
+        assert (g[~k] == 0).all()
+
+
+def test_holder_robust_average_passes_the_trim_and_the_number_of_attackers_on_to_its_rule():
+    """Five nodes, one entry each holds (the fallback never shows) and one nobody holds: the
+    values 0, 1, 2, 10, 11 (Krum by hand in the test above: node 2 with f = 0, node 0 with f = 2)
+    and 0, 1, 2, 10, 100 (trimmed mean: (1 + 2 + 10) / 3 trimming one at each end, 113 / 5 trimming none)."""
+    holds = [[np.array([True, False])]] * 5
+    fallback, keep = [np.array([-4.0, 6.0], np.float32)], [np.ones(2, bool)]
+
+    def run(values, rule, **kw):
+        kept = [[np.array([v], np.float32)] for v in values]
+        return holder_robust_average(kept, holds, [1.0] * 5, keep, fallback, rule, **kw)[0].tolist()
+
+    assert run([0, 1, 2, 10, 11], "krum", byzantine=0) == [2.0, 6.0]
+    assert run([0, 1, 2, 10, 11], "krum", byzantine=2) == [0.0, 6.0]
+    assert run([0, 1, 2, 10, 100], "trimmed-mean", trim=0.2) == pytest.approx([13 / 3, 6.0])
+    assert run([0, 1, 2, 10, 100], "trimmed-mean", trim=0.0) == pytest.approx([22.6, 6.0])

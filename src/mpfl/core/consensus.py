@@ -1,6 +1,6 @@
 """Consensus rules: the parameter server's mask from the nodes' weighted votes.
 
-Votes v_i = sum_n alpha_n m_{n,i} lie in [0, 1] (MPFL adds 1 where some node's core holds the
+Votes v_i = sum_n alpha_n m_{n,i} lie in [0, 1] (MPFL adds 2 where some node's core holds the
 entry: `with_cores`). Every rule only keeps entries of the previous consensus (`support`), so the
 new consensus is always a subset of it.
 """
@@ -69,11 +69,14 @@ def agreement_weights(masks: Sequence[Sequence[np.ndarray]], weights: Sequence[f
 
 def with_cores(votes: Sequence[np.ndarray], cores: Sequence[Sequence[np.ndarray]]) -> list[np.ndarray]:
     """Class-aware votes: an entry in any node's core (the best share of its own mask) scores
-    1 + its vote, so it outranks every entry that is in no core. Under label skew an entry that
-    matters to the classes of one or two nodes gets few votes; its node's core keeps it."""
+    2 + its vote, so it outranks every entry that is in no core (votes lie in [0, 1]; 2, not 1,
+    because a trimmed tally can cut a core entry's vote to 0, which would tie with a unanimous
+    entry). Under label skew an entry that matters to the classes of one or two nodes gets few
+    votes; its node's core keeps it."""
     if not cores:
         return [np.asarray(v, dtype=np.float64) for v in votes]
-    return [np.asarray(v, dtype=np.float64) + np.logical_or.reduce([c[i] for c in cores]) for i, v in enumerate(votes)]
+    return [np.asarray(v, dtype=np.float64) + 2.0 * np.logical_or.reduce([c[i] for c in cores])
+            for i, v in enumerate(votes)]
 
 
 @dataclass(frozen=True)
