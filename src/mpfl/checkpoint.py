@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,82 @@ DAMAGE = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfil
 """What reading a damaged (truncated, overwritten, hand-edited) `.npz` file or its JSON can raise."""
 
 
+@dataclass(frozen=True)
+class NodeMeta:
+    """What a checkpoint says of one node's state; the arrays it names are stored beside it."""
+
+    version: int
+    """The mask version the node holds (its mask is that entry of the server's history)."""
+    has_mask: bool
+    has_w0: bool
+    local: bool
+    """Whether the node's own weights are stored (as `kept_values` on its mask)."""
+    residual: bool
+    """Whether its top-k error feedback is stored."""
+    kept: bool = False
+    """Own weights stored as kept values: every checkpoint written since they were; older ones held
+    full tensors (and no such key)."""
+    from_w0: int = 0
+    """The mask round whose training from w0 gave the node's own weights, which resume rebuilds by
+    training again (0: none)."""
+
+    @classmethod
+    def of(cls, node: NodeState) -> NodeMeta:
+        stored = node.local is not None and not node.local_from_w0
+        return cls(node.version, node.mask is not None, node.w0 is not None, stored, node.residual is not None,
+                   kept=True, from_w0=node.local_from_w0)
+
+    @classmethod
+    def from_json(cls, data: dict) -> NodeMeta:
+        """A node's entry as `check_meta` has checked it (missing keys of older files take their defaults)."""
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's metadata (its ``meta`` array, JSON): the server's counters and versions, each
+    node's `NodeMeta`, and the run's identity (`run`, see `mpfl.resume`); the arrays lie beside it."""
+
+    version: int
+    history: list[int]
+    """The mask versions the history holds (one per mask and adaptation round, and 0)."""
+    next_step: int
+    mask_done: bool
+    bytes_up: int
+    bytes_down: int
+    node_version: dict[int, int]
+    w0_sent: list[int]
+    counts: dict[int, int]
+    nodes: dict[int, NodeMeta]
+    run: dict | None = None
+    history_bits: bool = False
+    """The history stored as packed bits in one array (every checkpoint written since; older ones
+    held a boolean array per version and tensor, and no such key)."""
+
+    @classmethod
+    def of(cls, server: ServerState, nodes: dict[int, NodeState], run: dict | None) -> CheckpointMeta:
+        return cls(server.version, sorted(server.history), server.next_step, server.mask_done, server.bytes_up,
+                   server.bytes_down, dict(server.node_version), sorted(server.w0_sent), dict(server.counts),
+                   {n: NodeMeta.of(node) for n, node in nodes.items() if not node.fresh}, run, history_bits=True)
+
+    def to_json(self) -> dict:
+        """The metadata as JSON holds it (node ids as text)."""
+        data = asdict(self)
+        for key in ("node_version", "counts", "nodes"):
+            data[key] = {str(k): v for k, v in data[key].items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict, steps: int, nodes: int) -> CheckpointMeta:
+        """Metadata read from a file, refused (ValueError) unless a run of `steps` rounds on `nodes` nodes wrote it."""
+        check_meta(data, steps, nodes)
+        return cls(data["version"], data["history"], data["next_step"], data["mask_done"], data["bytes_up"],
+                   data["bytes_down"], {int(k): v for k, v in data["node_version"].items()}, data["w0_sent"],
+                   {int(k): v for k, v in data["counts"].items()},
+                   {int(k): NodeMeta.from_json(m) for k, m in data["nodes"].items()}, data.get("run"),
+                   history_bits=data.get("history_bits", False))
+
+
 def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeState], run: dict | None = None, *,
                     spec: ParamSpec) -> None:
     """Write the server's and the nodes' state atomically to `run_dir/checkpoint.npz`; `run` (the run's
@@ -44,25 +120,15 @@ def save_checkpoint(run_dir: Path, server: ServerState, nodes: dict[int, NodeSta
     groups["history"] = numbered([server.history.rows()])
     if server.velocity is not None:
         groups["velocity"] = numbered(server.velocity)
-    node_meta = {}
-    held = _masks(server.history, [n.version for n in nodes.values() if n.local is not None and not n.local_from_w0])
-    for node_id, node in nodes.items():
-        if node.fresh:
-            continue
-        if node.local is not None and not node.local_from_w0:
+    meta = CheckpointMeta.of(server, nodes, run)
+    held = _masks(server.history, [m.version for m in meta.nodes.values() if m.local])
+    for node_id, node_meta in meta.nodes.items():
+        node = nodes[node_id]
+        if node_meta.local:
             groups[f"node/{node_id}/local"] = numbered(kept_values(spec, node.local, held[node.version]))
-        if node.residual is not None:
+        if node_meta.residual:
             groups[f"node/{node_id}/residual"] = numbered(node.residual)
-        node_meta[str(node_id)] = {"version": node.version, "has_mask": node.mask is not None, "has_w0": node.w0 is not None,
-                                   "local": node.local is not None and not node.local_from_w0,
-                                   "residual": node.residual is not None, "kept": True, "from_w0": node.local_from_w0}
-    meta = {
-        "version": server.version, "history": sorted(server.history), "history_bits": True, "next_step": server.next_step,
-        "mask_done": server.mask_done, "bytes_up": server.bytes_up, "bytes_down": server.bytes_down,
-        "node_version": {str(k): v for k, v in server.node_version.items()}, "w0_sent": sorted(server.w0_sent),
-        "counts": {str(k): v for k, v in server.counts.items()}, "nodes": node_meta, "run": run,
-    }
-    groups[""] = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    groups[""] = {"meta": np.frombuffer(json.dumps(meta.to_json()).encode(), dtype=np.uint8)}
     write_groups(run_dir / CHECKPOINT, groups)
 
 
@@ -167,34 +233,32 @@ def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int) -
         raise ConfigError(f"{str(run_dir)!r} has no {CHECKPOINT}; it cannot be resumed (was it written by mpfl run?)")
     try:
         groups = read_groups(path)
-        meta = json.loads(groups[""]["meta"].tobytes())
-        check_meta(meta, steps, nodes)
+        meta = CheckpointMeta.from_json(json.loads(groups[""]["meta"].tobytes()), steps, nodes)
         return _states(groups, meta, spec)
     except DAMAGE as exc:
         raise damaged(path, exc) from None
 
 
-def _states(groups: dict, meta: dict, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:
+def _states(groups: dict, meta: CheckpointMeta, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:
     """The server and node states held by a checkpoint's arrays and checked metadata."""
     n_all, n_prunable = len(spec.names), len(spec.prunable)
     shapes, prunable_shapes = spec.shapes, spec.prunable_shapes
-    history = _history(groups, meta["history"], prunable_shapes, meta.get("history_bits", False))
-    held = _masks(history, [meta["version"], *(m["version"] for m in meta["nodes"].values())])
+    history = _history(groups, meta.history, prunable_shapes, meta.history_bits)
+    held = _masks(history, [meta.version, *(m.version for m in meta.nodes.values())])
     float32 = np.dtype(np.float32)
     weights, w0 = _arrays(groups, "weights", n_all, shapes, float32), _arrays(groups, "w0", n_all, shapes, float32)
-    server = ServerState(weights=weights, w0=w0, mask=held[meta["version"]], version=meta["version"], history=history,
-                         node_version={int(k): v for k, v in meta["node_version"].items()}, w0_sent=set(meta["w0_sent"]),
-                         next_step=meta["next_step"], mask_done=meta["mask_done"], bytes_up=meta["bytes_up"],
-                         bytes_down=meta["bytes_down"], counts={int(k): v for k, v in meta["counts"].items()},
+    server = ServerState(weights=weights, w0=w0, mask=held[meta.version], version=meta.version, history=history,
+                         node_version=meta.node_version, w0_sent=set(meta.w0_sent), next_step=meta.next_step,
+                         mask_done=meta.mask_done, bytes_up=meta.bytes_up, bytes_down=meta.bytes_down,
+                         counts=meta.counts,
                          velocity=_arrays(groups, "velocity", n_all, shapes, float32) if "velocity" in groups else None)
     nodes = {}
-    for key, m in meta["nodes"].items():
-        n = int(key)
+    for n, m in meta.nodes.items():
         nodes[n] = NodeState(
-            w0=w0 if m["has_w0"] else None, mask=held[m["version"]] if m["has_mask"] else None, version=m["version"],
-            local=_local(groups, n, m, spec, held[m["version"]]) if m["local"] else None,
-            residual=_arrays(groups, f"node/{n}/residual", n_prunable, prunable_shapes, float32) if m["residual"] else None,
-            local_from_w0=m.get("from_w0", 0),
+            w0=w0 if m.has_w0 else None, mask=held[m.version] if m.has_mask else None, version=m.version,
+            local=_local(groups, n, m, spec, held[m.version]) if m.local else None,
+            residual=_arrays(groups, f"node/{n}/residual", n_prunable, prunable_shapes, float32) if m.residual else None,
+            local_from_w0=m.from_w0,
         )
     return server, nodes
 
@@ -215,10 +279,10 @@ def _history(groups: dict, versions: Sequence[int], shapes: Sequence[tuple[int, 
     return MaskHistory.from_rows(shapes, versions, rows)
 
 
-def _local(groups: dict, node: int, meta: dict, spec: ParamSpec, mask: Sequence[np.ndarray]) -> list[np.ndarray]:
+def _local(groups: dict, node: int, meta: NodeMeta, spec: ParamSpec, mask: Sequence[np.ndarray]) -> list[np.ndarray]:
     """A node's own weights: kept values on its mask, or (checkpoints written before those) full tensors."""
     name = f"node/{node}/local"
-    if meta.get("kept", False):
+    if meta.kept:
         return from_kept(spec, in_order(groups[name], len(spec.names)), mask)
     return _arrays(groups, name, len(spec.names), spec.shapes, np.dtype(np.float32))
 
