@@ -328,6 +328,23 @@ def _model_bytes(fmt: str, model: nn.Module, example: torch.Tensor) -> bytes:
         return path.read_bytes()
 
 
+def _choose_formats(asked: Sequence[str] | None, compact: bool, dense: bool) -> tuple[list[str], str]:
+    """The formats to write (`asked`, else the defaults) and the main one, whose model export.json
+    describes: the smallest of the state_dict (a shrunk model, or a dense one) and the sparse
+    tensors (a masked one), which is added when `asked` holds neither."""
+    formats = list(dict.fromkeys(asked or (["state_dict", "torchscript"] if compact else
+                                           ["state_dict"] if dense else ["sparse"])))
+    unknown = [f for f in formats if f not in FILES]
+    if unknown:
+        raise ExportError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
+    if "onnx" in formats:
+        _check_onnx()
+    smallest = "state_dict" if compact or dense else "sparse"
+    if not {"state_dict", "sparse"} & set(formats):
+        formats.insert(0, smallest)
+    return formats, smallest if smallest in formats else next(f for f in formats if f in ("state_dict", "sparse"))
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: Sequence[str] | None = None,
                layout: str = "csr", batch: int = 1, repeats: int = 50, threads: int = 1, force: bool = False) -> dict:
     """Write a run's final model in compact form plus `export.json`, and return what export.json holds.
@@ -341,17 +358,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
     compact = structured and compactable(model)
     dropped = sum(int(m.size - m.sum()) for m in mask)
     dense = not dropped  # nothing pruned (fedavg, topk): sparse tensors would only add their indices
-    formats = list(dict.fromkeys(formats or (["state_dict", "torchscript"] if compact else
-                                             ["state_dict"] if dense else ["sparse"])))
-    unknown = [f for f in formats if f not in FILES]
-    if unknown:
-        raise ExportError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if "onnx" in formats:
-        _check_onnx()
-    smallest = "state_dict" if compact or dense else "sparse"  # the shrunk model, or a masked one's sparse tensors
-    if not {"state_dict", "sparse"} & set(formats):
-        formats.insert(0, smallest)
-    primary = smallest if smallest in formats else next(f for f in formats if f in ("state_dict", "sparse"))
+    formats, primary = _choose_formats(formats, compact, dense)
     small = shrink(model, spec, mask) if compact else None
     pruned = small.model if small is not None else model
     shrunk = compact and primary == "state_dict"  # export.json's figures describe the main file's model
