@@ -696,6 +696,29 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
     assert "note: --alpha has no effect with --partition iid" in capsys.readouterr().err
 
 
+def test_mask_flag_notes_follow_what_a_method_declares_about_mask_votes(monkeypatch):
+    """A method that says its nodes send no mask votes gets the notes a built-in baseline gets; one that
+    does not say (a plug-in's default) gets none, since no note can tell what it does."""
+    from mpfl.methods import METHODS
+    from mpfl.methods.base import MaskedMethod
+    from mpfl.notes import idle_flags
+
+    class Undeclared(MaskedMethod):
+        name = "undeclared-test"
+
+    class Voteless(Undeclared):
+        name = "voteless-test"
+        votes_on_masks = False
+
+    for cls in (Undeclared, Voteless):
+        monkeypatch.setitem(METHODS._entries, cls.name, cls)
+    flags = {"extrapolate": 10.0, "vote_weighting": "samples"}
+    assert idle_flags(Config().with_overrides({**flags, "method": "undeclared-test"}), list(flags)) == []
+    assert idle_flags(Config().with_overrides({**flags, "method": "voteless-test"}), list(flags)) == [
+        "--extrapolate has no effect with --method voteless-test, whose nodes search no masks of their own",
+        "--vote-weighting has no effect with --method voteless-test, which takes no mask votes"]
+
+
 def _record(phase: str, round_: int, accuracy: float | None) -> dict:
     return {"phase": phase, "round": round_, "accuracy": accuracy}
 

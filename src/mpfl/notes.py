@@ -80,19 +80,11 @@ def _no_local_training(cfg: Config, method: Method, name: str) -> str | None:
     does not train in it (so its nodes train no mask epochs)."""
     from .core.masks import CRITERIA
 
-    if _built_in_without_votes(method):
+    if method.votes_on_masks is False:
         return f"--method {cfg.method}, whose nodes search no masks of their own"
     if name == "mask_epochs" and CRITERIA.get(cfg.prune.criterion).needs_scores:
         return f"--criterion {cfg.prune.criterion}, which scores the weights instead of training them"
     return None
-
-
-def _built_in_without_votes(method: Method) -> bool:
-    """Whether `method` is one of mpfl's baselines, whose nodes send no mask votes (a plug-in method
-    may take votes in a way no note can tell)."""
-    from .methods.mpfl import Mpfl
-
-    return not isinstance(method, Mpfl) and type(method).__module__.startswith("mpfl.")
 
 
 BUILT_IN_AGGREGATORS_WITHOUT = {"trim": ("mean", "median", "krum"), "byzantine": ("mean", "trimmed-mean", "median")}
@@ -103,11 +95,10 @@ def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
     """Notes on an attack or robustness flag the run leaves without effect, or with less than it
     seems: a mask attack where no node votes, a trim that rounds to no node, Krum with too few replies."""
     from .attacks import ATTACKS
-    from .methods.mpfl import Mpfl
 
     faults, robust = cfg.faults, cfg.robust
-    no_votes = _built_in_without_votes(method)
-    trims_votes = isinstance(method, Mpfl) and robust.vote_weighting == "trimmed"
+    no_votes = method.votes_on_masks is False
+    trims_votes = bool(method.votes_on_masks) and robust.vote_weighting == "trimmed"
     if name == "attack" and ATTACKS.get(faults.attack).kind == "mask" and no_votes:
         return [f"--attack {faults.attack} has no effect with --method {cfg.method}: it forges the masks nodes vote "
                 "with, and this method takes no votes"]

@@ -43,6 +43,10 @@ class Method:
     """Whether the server needs every node's data (only the simulator has it)."""
     trains_in_mask_rounds: ClassVar[bool] = False
     """Whether its mask rounds train locally (what a mask round costs, for run-time estimates)."""
+    votes_on_masks: ClassVar[bool | None] = None
+    """Whether its nodes search masks of their own (MPFL's local search: `--extrapolate`,
+    `--mask-epochs`) and send them as votes (`--vote-weighting`, mask attacks): True or False where
+    declared; None, where a method does not say, lets no start-of-run note claim either."""
     default_value_dtype: ClassVar[str] = "int8"
     """How values travel when `codec.value_dtype` is "auto" (measured: int8 costs MPFL under 0.1 point)."""
 

@@ -23,6 +23,7 @@ class FedAvg(Method):
     """Dense FedAvg: the reference every other method's accuracy and bytes are compared with."""
 
     name = "fedavg"
+    votes_on_masks = False
     description = "dense weights both ways, no mask"
     prunes = False
     reference = True
@@ -34,6 +35,7 @@ class TopK(Method):
     the rest as error feedback. The density matches the masked methods' final density."""
 
     name = "topk"
+    votes_on_masks = False
     description = "dense weights down, top-k updates with coded positions up (error feedback)"
 
     def train_round(self, server: Server, step: Step) -> Round:
@@ -56,6 +58,7 @@ class FedAvgPrune(MaskedMethod):
     (the reference implementation's baseline)."""
 
     name = "fedavg-prune"
+    votes_on_masks = False
     description = "the server prunes the FedAvg aggregate by magnitude on the schedule"
 
     def has_global_model(self, step: Step) -> bool:
@@ -86,6 +89,7 @@ class Centralized(MaskedMethod):
     machine holding all the data would find (MPFL's votes can beat it under label skew)."""
 
     name = "centralized"
+    votes_on_masks = False
     description = "iterative magnitude pruning on the pooled data (the mask one machine holding all the data would find)"
     needs_pooled_data = True
 
@@ -99,6 +103,7 @@ class Random(OneShotMethod):
     """A seeded random mask with the target density in every layer (no messages)."""
 
     name = "random"
+    votes_on_masks = False
     description = "random, same per-layer density"
 
     def mask_round(self, server: Server, step: Step, prev_density: float) -> tuple[Round, masks.Mask, dict]:
@@ -117,6 +122,7 @@ class Ssfl(OneShotMethod):
     keeps the top entries."""
 
     name = "ssfl"
+    votes_on_masks = False
     description = "top-k of the nodes' summed SNIP scores, sent dense once"
 
     @property

@@ -54,6 +54,7 @@ class Mpfl(MaskedMethod):
     """Masked pruning over FL: local masks up and consensus masks down, then kept values."""
 
     name = "mpfl"
+    votes_on_masks = True
     description = "vote of the nodes' local masks, pruned further each round; repaired by vote in training"
 
     def voters(self, server: Server, step: Step) -> list[int]:
