@@ -7,7 +7,7 @@ only in having no float32 marks in VALUES records, is still read, e.g. an older 
 ``mask.bin``), kind (u8), encoding (u8: the
 value dtype or the mask coder; ``SPARSE``: dtype | coder << 4), flags (u8: bit 0 = structured
 mask, bit 1 = a mask's grown positions, coded over the complement of the receiver's mask),
-round (u32), base (u32: the version of the support the body is coded over, so sender and
+round (u32), base_version (u32: the version of the support the body is coded over, so sender and
 receiver can check they agree on it), num_samples (u32), tensor count (u32), payload length
 (u32), CRC-32 of everything else (u32). Kinds: ``WEIGHTS`` 1, ``MASK`` 2, ``VALUES`` 3,
 ``SCORES`` 4, ``SPARSE`` 5, ``INIT`` 6; value dtypes: float32 0, float16 1, int8 2; mask
@@ -46,7 +46,7 @@ int8 is symmetric per tensor: ``q = round(x / scale)`` with ``scale = max|x| / 1
 float32 up, until it is not), so the error is at most ``scale / 2`` (plus the float32 rounding of
 ``q * scale``). A decoder refuses int8 records the encoder never writes: a ``q`` of -128, a scale
 other than 1 over all-zero values, and, where the scale is a normal float32, a largest ``|q|``
-other than 127.
+other than 127 or a scale that no float32 ``max|x|`` gives as ``max|x| / 127``.
 :func:`quantization_error` measures both on actual data.
 
 Decoding is strict: the receiver states what it expects (kind, round, shapes, supports)

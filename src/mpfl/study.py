@@ -19,7 +19,8 @@ The grid (every preset):
   0.9, same seeds;
 * ablations on mnist iid at 0.9, seed 0, of mpfl: consensus rule, mask criterion (magnitude
   per layer / global, filter, saliency), rewind (init, or none with local training init); and
-  of mpfl and fedavg: the number of nodes (5, 10, 20, 50 sharing the same training samples);
+  of mpfl and fedavg: the number of nodes (5, 10, 20, 50 sharing the same training samples) and
+  plain FedAvg steps (server_momentum = 0);
 * label-skew ablation on mnist dirichlet 0.1 and shards at 0.9, seed 0, of mpfl: averaging from
   the second mask round, each of the options that make the mask hold under label skew switched
   off alone, and all of them together.

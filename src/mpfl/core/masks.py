@@ -168,7 +168,7 @@ def saliency_mask(scores: Sequence[np.ndarray], current: Sequence[np.ndarray], d
 
 EXTRAS = ("options", "rng")
 """Keywords a criterion gets only if it names them (or takes **kwargs): the run's `options` and a
-numpy Generator seeded by (seed, round, node), for criteria that draw at random."""
+numpy Generator seeded by (seed, step, node, `Stream.CRITERION`), for criteria that draw at random."""
 
 
 @dataclass(frozen=True)
