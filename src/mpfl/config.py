@@ -420,7 +420,8 @@ class Config:
     seed: int = _field(0, "seed of every random choice: data split, initial weights, batches, faults")
     nodes: int = _field(10, "number of nodes the training data is split over",
                         aliases=("num_nodes", "n_nodes", "clients", "num_clients"))
-    rounds: int = _field(10, "federated training rounds after the mask search", aliases=("num_rounds", "train_rounds"))
+    rounds: int = _field(10, "federated training rounds after the mask search (the progress line and summary.json's "
+                             "rounds also count the mask rounds)", aliases=("num_rounds", "train_rounds"))
     min_nodes: int = _field(1, "fewest valid replies a round needs to go on", aliases=("min_clients",))
     eval_every: int = _field(1, "evaluate the global model every k-th round of a phase (0: only after the last)")
     threads: int = _field(1, "torch threads per training process; 1 stays fast beside other work (--workers "
