@@ -137,6 +137,19 @@ def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_ru
             export_run(structured_run.run_dir, out, formats=["onnx"], repeats=2)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs the onnx package")
+def test_an_onnx_export_is_one_file_that_holds_its_weights(structured_run, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    info = export_run(structured_run.run_dir, tmp_path / "exp", formats=["onnx"], repeats=1)
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["export.json", "mask.bin", "model.onnx",
+                                                                     "model.pt"]
+    graph = onnx.load(str(tmp_path / "exp" / "model.onnx")).graph
+    stored = sum(numpy_helper.to_array(t).size for t in graph.initializer)
+    assert stored >= info["pruned"]["parameters"] > 0 and info["file_bytes"]["onnx"] > 4 * info["pruned"]["parameters"]
+
+
 def test_a_final_file_naming_an_input_no_model_can_take_is_an_export_error(unstructured_run, tmp_path, capsys):
     run = shutil.copytree(unstructured_run.run_dir, tmp_path / "run")
     with np.load(run / "final.npz") as f:

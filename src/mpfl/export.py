@@ -119,8 +119,10 @@ def _check_onnx() -> None:
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """The model as an ONNX graph for a batch of one."""
-    torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"])
+    """The model as one self-contained ONNX file for a batch of one: its weights inside the file (the
+    exporter's default puts them in a separate `.data` file, which one exported file cannot carry)."""
+    torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
+                      external_data=False)
 
 
 def _load_torch(path: Path) -> Any:
