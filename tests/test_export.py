@@ -361,3 +361,21 @@ def test_a_file_of_a_run_or_the_run_folder_given_for_its_export_names_the_folder
     export_run(run, repeats=1, force=True)
     with pytest.raises(ExportError, match=f"has no export.json; the run's own export is {run / 'export'}"):
         load_export(run)
+
+
+def test_export_says_why_a_filter_mask_was_not_shrunk_and_what_its_latency_ratio_means(tmp_path, capsys, monkeypatch):
+    """A filter mask on a model `compact` cannot shrink (resnet18's residual blocks) is stored as sparse
+    tensors: the printed summary says why, and that its latency ratio is noise."""
+    import mpfl.export
+
+    figures = {"parameters": 10, "bytes": 100, "flops": 1000, "latency_ms": 1.0}
+    info = {"dense": figures, "pruned": {**figures, "latency_ms": 0.5,
+                                         "latency_note": "dense kernels: a model that is not shrunk runs no faster"},
+            "files": {"sparse": "model.sparse.pt"}, "primary": "sparse", "max_abs_diff": 0.0,
+            "not_compact_because": "layer 3 (BasicBlock) is not a Linear, Conv, BatchNorm, pooling or activation"}
+    monkeypatch.setattr(mpfl.export, "export_run", lambda *args, **kwargs: info)
+    assert main(["export", str(tmp_path), "--repeats", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("note: the filter mask's model was not shrunk, so it is stored as sparse tensors: layer 3 (BasicBlock) "
+            "is not a Linear") in out
+    assert "note: latency: dense kernels: a model that is not shrunk runs no faster; the ratio is run-to-run noise" in out

@@ -390,6 +390,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     for key, label, fmt in (("parameters", "parameters", ",d"), ("bytes", "bytes", ",d"), ("flops", "FLOPs", ",d"),
                             ("latency_ms", "latency ms", ".3f")):
         print(f"{label:<12}{dense[key]:>14{fmt}}{pruned[key]:>14{fmt}}{pruned[key] / dense[key]:>8.3f}")
+    if info["not_compact_because"]:
+        print(f"note: the filter mask's model was not shrunk, so it is stored as sparse tensors: "
+              f"{info['not_compact_because']}")
     if pruned["latency_note"]:  # the same dense kernels run both: the ratio is timing noise, not a speed-up
         print(f"note: latency: {pruned['latency_note']}; the ratio is run-to-run noise")
     if info["max_abs_diff"] > 1e-4:

@@ -398,6 +398,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None, *, formats: S
                 "flops": flops(described, final.input_shape, nonzero=not shrunk),
                 "latency_ms": latency_ms(described, final.input_shape, batch=batch, repeats=repeats, threads=threads),
                 "latency_note": None if shrunk or dense else
+                "dense kernels: a model that is not shrunk runs no faster for its zeros" if structured else
                 "dense kernels: unstructured sparsity needs sparse kernels to run faster",
             },
             "layers": [{"layer": name, "type": f.kind, "dense_flops": f.flops,
