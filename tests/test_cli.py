@@ -745,6 +745,21 @@ def test_a_final_accuracy_well_below_the_runs_best_is_noted_with_the_best_round(
     assert forged[0].endswith("(summary.json: limited_counts); all of them the run's malicious nodes")
 
 
+def test_a_density_far_from_the_share_of_the_model_kept_under_exclude_is_noted():
+    from mpfl.notes import end_notes
+
+    records = [_record("train", 1, 0.9)]
+    summary = {"limited_counts": {}, "final_accuracy": 0.9, "best_accuracy": 0.9, "final_density": 0.1,
+               "params_kept": 197_410, "params_dense": 199_210}
+    excluded = Config().with_overrides({"exclude": ["1.weight"]})
+    assert end_notes(excluded, records, summary) == [
+        "density 0.100 is that of the prunable weights; with the layers --exclude keeps dense the model keeps 99.1% "
+        "of its parameters (197,410 of 199,210: summary.json's params_kept)"]
+    assert end_notes(Config(), records, summary) == []  # without --exclude the density is the share of the model
+    assert end_notes(excluded, records, {**summary, "params_kept": 30_000}) == []  # 15 %: within twice the density
+
+
+
 def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_named():
     from mpfl.notes import idle_flags
 

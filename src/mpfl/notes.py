@@ -145,8 +145,9 @@ FALL_FROM_BEST = 0.05
 
 def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> list[str]:
     """Notes on a finished run's figures that a user would otherwise read past: nodes whose sample
-    counts were limited, and a final accuracy well below the run's best (the saved model is the last
-    round's; with server momentum, the sign of a run overshooting or diverging)."""
+    counts were limited, a final accuracy well below the run's best (the saved model is the last
+    round's; with server momentum, the sign of a run overshooting or diverging), and a density that
+    `--exclude` makes far from the share of the model kept."""
     notes = []
     if limited := summary["limited_counts"]:
         attackers = {str(n) for n in summary.get("malicious_nodes", [])}
@@ -166,4 +167,9 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> lis
                      "diverge over long runs: a lower --server-momentum is steadier (docs/benchmarks.md, \"Server "
                      "momentum over long runs\")")
         notes.append(note)
+    kept, dense, density = summary.get("params_kept"), summary.get("params_dense"), summary.get("final_density")
+    if cfg.prune.exclude and kept and dense and density is not None and kept / dense > 2 * density:
+        notes.append(f"density {density:.3f} is that of the prunable weights; with the layers --exclude keeps dense "
+                     f"the model keeps {kept / dense:.1%} of its parameters ({kept:,} of {dense:,}: summary.json's "
+                     "params_kept)")
     return notes
