@@ -268,6 +268,7 @@ def _print_start(cfg: Config, out: Path, log_format: str, notes: Sequence[str] =
     """The run's first line on stderr: what runs where, as text or (--log-format json) one JSON object,
     so that every line a JSON log holds parses."""
     from .parallel import available_cores, worker_count
+    from .records import counted
 
     cores, workers = available_cores(), worker_count(cfg)
     shown = {"method": cfg.method, "dataset": cfg.data.dataset, "model": cfg.train.model, "nodes": cfg.nodes,
@@ -285,7 +286,7 @@ def _print_start(cfg: Config, out: Path, log_format: str, notes: Sequence[str] =
         notes = [f"--threads {cfg.threads} is more than the {cores} cores this process may use; torch slows down "
                  "sharply when its threads outnumber the cores", *notes]
     elif cfg.threads and workers > 1 and workers * cfg.threads > cores:
-        notes = [f"{workers} worker processes x {cfg.threads} torch thread{'s' if cfg.threads > 1 else ''} is more "
+        notes = [f"{workers} worker processes x {counted(cfg.threads, 'torch thread')} is more "
                  f"than the {cores} cores this process may use: the extra processes only take turns on them "
                  f"(--workers {max(1, cores // cfg.threads)} gives the same results)", *notes]
     for note in notes:

@@ -28,6 +28,7 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     from .data import dataset_root, unpublished_files
     from .methods import method_of
     from .plugins import installed_plugins
+    from .records import counted
 
     method, notes = method_of(cfg), []
     for name in given:
@@ -45,21 +46,20 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
             notes.append(f"{flag(name)} has no effect with --method {cfg.method}, which does not prune")
         elif name == "fraction" and cfg.train.fraction < 1 and round(cfg.train.fraction * cfg.nodes) < cfg.min_nodes:
             notes.append(f"--fraction {cfg.train.fraction:g} of {cfg.nodes} nodes is fewer than --min-nodes "
-                         f"{cfg.min_nodes}, so every round asks {cfg.asked(cfg.train.fraction)} "
-                         f"node{'' if cfg.asked(cfg.train.fraction) == 1 else 's'}")
-        elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method.plan())) != \
+                         f"{cfg.min_nodes}, so every round asks {counted(cfg.asked(cfg.train.fraction), 'node')}")
+        elif name == "mask_rounds" and (found := sum(s.phase == "mask" for s in method.planned)) != \
                 cfg.prune.mask_rounds:
             notes.append(f"--mask-rounds has no effect with --method {cfg.method}, which finds its mask in "
                          f"{'one round' if found == 1 else f'{found} rounds'}")
         elif name in ("extrapolate", "mask_epochs") and (why := _no_local_training(cfg, method, name)):
             notes.append(f"{flag(name)} has no effect with {why}")
         elif name == "core_share" and cfg.prune.core_share > 0 and \
-                not any(method.sends_cores(step) for step in method.plan()):
+                not any(method.sends_cores(step) for step in method.planned):
             why = ("filter masks" if method.structured else "--vote-weighting trimmed" if
                    cfg.robust.vote_weighting == "trimmed" else f"--method {cfg.method}")
             notes.append(f"--core-share has no effect with {why}: no mask round of this run sends cores")
         elif name == "mask_average_from" and cfg.prune.mask_average_from != 0 and \
-                not any(method.averages(step) for step in method.plan()):
+                not any(method.averages(step) for step in method.planned):
             notes.append(f"--mask-average-from has no effect with --method {cfg.method}, whose mask rounds average no "
                          "values")
         elif name == "options" and cfg.options and not cfg.plugins and not installed_plugins():
@@ -95,6 +95,7 @@ def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
     """Notes on an attack or robustness flag the run leaves without effect, or with less than it
     seems: a mask attack where no node votes, a trim that rounds to no node, Krum with too few replies."""
     from .attacks import ATTACKS
+    from .records import counted
 
     faults, robust = cfg.faults, cfg.robust
     no_votes = method.votes_on_masks is False
@@ -116,7 +117,7 @@ def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
         return [f"{flag(name)} has no effect with --aggregator {robust.aggregator}"]
     # the rounds the aggregator combines replies in, by the nodes each asks; trimmed votes are the mask rounds'
     aggregated = {"training": cfg.asked(cfg.train.fraction)}
-    if any(method.averages(step) for step in method.plan()):
+    if any(method.averages(step) for step in method.planned):
         aggregated["averaged mask"] = cfg.asked(cfg.mask_round_fraction)
     trimmed = dict(aggregated) if robust.aggregator == "trimmed-mean" else {}
     if trims_votes:
@@ -134,7 +135,7 @@ def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
     if name in ("byzantine", "aggregator") and robust.aggregator == "krum" and \
             (few := {kind: asked for kind, asked in aggregated.items() if asked < 2 * byzantine + 3}):
         kind, asked = min(few.items(), key=lambda item: item[1])
-        notes.append(f"Krum withstands {byzantine} malicious node{'' if byzantine == 1 else 's'} (--byzantine) only "
+        notes.append(f"Krum withstands {counted(byzantine, 'malicious node')} (--byzantine) only "
                      f"with at least {2 * byzantine + 3} replies a round, and a {kind} round here asks {asked}")
     return notes
 

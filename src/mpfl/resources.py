@@ -91,7 +91,7 @@ def mask_versions(cfg: Config) -> int:
     """How many masks the server's history holds at the end of the run: the initial one, and one per round
     that may change the mask (mask rounds and adaptation rounds)."""
     method = method_of(cfg)
-    return 1 + sum(1 for s in method.plan() if s.phase == "mask" or method.swap_fraction(s) > 0)
+    return 1 + sum(1 for s in method.planned if s.phase == "mask" or method.swap_fraction(s) > 0)
 
 
 def holding_nodes(cfg: Config) -> int:
@@ -106,7 +106,7 @@ def holding_nodes(cfg: Config) -> int:
     if asked >= cfg.nodes:
         return 2 * cfg.nodes
     method = method_of(cfg)
-    kept = sum(1 - (1 - mask_fraction) ** (s.index - 1) for s in method.plan()
+    kept = sum(1 - (1 - mask_fraction) ** (s.index - 1) for s in method.planned
                if s.phase == "mask" and method.keeps_own_weights(s))
     own = min(cfg.nodes, asked + math.ceil(asked * kept)) if cfg.prune.rewind == "none" else 0
     return asked + own
