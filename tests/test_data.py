@@ -362,6 +362,27 @@ def test_cifar_legacy_numpy_module_names(tmp_path: Path) -> None:
     np.testing.assert_array_equal(x_test.reshape(4, -1), batches["test_batch"][0])
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2])
+def test_cifar_batch_resaved_with_an_old_protocol(tmp_path: Path, protocol: int) -> None:
+    # Python 3 pickles bytes under protocols 0 to 2 as calls to _codecs.encode(text, "latin1")
+    batches = write_cifar(tmp_path, "cifar10")
+    data, labels = batches["test_batch"]
+    blob = pickle.dumps({b"batch_label": b"testing batch 1 of 1", b"data": data, b"labels": labels}, protocol=protocol)
+    assert b"_codecs" in blob
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    x_train, y_train, x_test, y_test = read_cifar(tmp_path, "cifar10")
+    np.testing.assert_array_equal(x_test.reshape(len(data), -1), data)
+    assert y_test.tolist() == list(labels)
+
+
+def test_an_encoding_other_than_latin1_is_refused(tmp_path: Path) -> None:
+    write_cifar(tmp_path, "cifar10")
+    blob = pickle.dumps({b"data": b"x"}, protocol=2).replace(b"latin1", b"rot_13")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    with pytest.raises(DataError, match="encoding 'rot_13'"):
+        read_cifar(tmp_path, "cifar10")
+
+
 class RunsCommand:
     """Unpickling this would run a shell command."""
 

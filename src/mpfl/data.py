@@ -477,14 +477,23 @@ def _read_idx_pair(folder: Path, prefix: str, num_classes: int) -> tuple[np.ndar
     return images[:, None], labels.astype(np.int64)
 
 
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What pickle protocols 0 to 2 call (as `_codecs.encode`) to rebuild a Python 3 bytes object;
+    only the latin-1 encoding they write is accepted."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing to call _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that can only rebuild numpy arrays, so a hostile file cannot run code."""
+    """An unpickler that can only rebuild numpy arrays and bytes, so a hostile file cannot run code."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,
     }
 
     def find_class(self, module: str, name: str) -> object:
