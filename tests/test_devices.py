@@ -43,6 +43,11 @@ def test_device_names_are_checked_with_the_config(device):
         tiny_config(device=device)
 
 
+@pytest.mark.parametrize("spelled, device", [("CPU", "cpu"), (" Cuda:1 ", "cuda:1"), ("AUTO", "auto"), ("MPS", "mps")])
+def test_device_names_are_read_in_any_case_and_recorded_in_lower_case(spelled, device):
+    assert tiny_config(device=spelled).train.device == device
+
+
 @needs_cuda
 def test_a_gpu_index_past_the_last_gpu_names_the_gpus_there_are():
     with pytest.raises(ConfigError, match=r"CUDA GPU\(s\): cuda:0 to"):

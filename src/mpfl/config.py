@@ -102,8 +102,9 @@ def _finite(cfg: Any) -> None:
                 raise ConfigError(f"{f.name} = {value} must be a finite number")
 
 
-NAMES_ANY_CASE = ("model", "dataset")
-"""Names of registries that `mpfl.config` cannot import without torch; theirs are lower-case (`registry.normalise`)."""
+NAMES_ANY_CASE = ("model", "dataset", "device")
+"""Fields whose names are read in any case but have no option list here: the registries `mpfl.config` cannot
+import without torch (`registry.normalise` spells theirs in lower case) and torch's device names (`CUDA:1`)."""
 
 DATASET_ALIASES = {"fashion-mnist": ("fashionmnist", "fmnist", "fashion_mnist"), "cifar10": ("cifar-10",),
                    "cifar100": ("cifar-100",)}
