@@ -745,7 +745,7 @@ def test_a_final_accuracy_well_below_the_runs_best_is_noted_with_the_best_round(
     assert forged[0].endswith("(summary.json: limited_counts); all of them the run's malicious nodes")
 
 
-def test_a_density_far_from_the_share_of_the_model_kept_under_exclude_is_noted():
+def test_a_density_far_from_the_share_of_the_model_kept_is_noted():
     from mpfl.notes import end_notes
 
     records = [_record("train", 1, 0.9)]
@@ -755,8 +755,15 @@ def test_a_density_far_from_the_share_of_the_model_kept_under_exclude_is_noted()
     assert end_notes(excluded, records, summary) == [
         "density 0.100 is that of the prunable weights; with the layers --exclude keeps dense the model keeps 99.1% "
         "of its parameters (197,410 of 199,210: summary.json's params_kept)"]
-    assert end_notes(Config(), records, summary) == []  # without --exclude the density is the share of the model
+    assert end_notes(Config(), records, summary)[0].startswith(
+        "density 0.100 is that of the prunable weights; with the layers the method leaves dense")
     assert end_notes(excluded, records, {**summary, "params_kept": 30_000}) == []  # 15 %: within twice the density
+    assert end_notes(excluded, records, {**summary, "params_kept": 10_000}) == []  # 5 %: within half the density
+    filters = {**summary, "final_density": 0.095, "params_kept": 20_492, "params_dense": 1_663_370}
+    assert end_notes(Config().with_overrides({"criterion": "filter"}), records, filters) == [
+        "density 0.095 is the share of the filters' weights kept; a dropped filter also drops the weights of the next "
+        "layer that read its output, so the shrunk model keeps 1.2% of its parameters (20,492 of 1,663,370: "
+        "summary.json's params_kept); a lower --sparsity keeps more"]
 
 
 

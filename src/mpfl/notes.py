@@ -147,8 +147,9 @@ FALL_FROM_BEST = 0.05
 def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> list[str]:
     """Notes on a finished run's figures that a user would otherwise read past: nodes whose sample
     counts were limited, a final accuracy well below the run's best (the saved model is the last
-    round's; with server momentum, the sign of a run overshooting or diverging), and a density that
-    `--exclude` makes far from the share of the model kept."""
+    round's; with server momentum, the sign of a run overshooting or diverging), and a density far from the
+    share of the model kept (layers left dense; a filter mask's dropped filters, which take the next layer's
+    inputs with them)."""
     notes = []
     if limited := summary["limited_counts"]:
         attackers = {str(n) for n in summary.get("malicious_nodes", [])}
@@ -169,8 +170,14 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> lis
                      "momentum over long runs\")")
         notes.append(note)
     kept, dense, density = summary.get("params_kept"), summary.get("params_dense"), summary.get("final_density")
-    if cfg.prune.exclude and kept and dense and density is not None and kept / dense > 2 * density:
-        notes.append(f"density {density:.3f} is that of the prunable weights; with the layers --exclude keeps dense "
-                     f"the model keeps {kept / dense:.1%} of its parameters ({kept:,} of {dense:,}: summary.json's "
-                     "params_kept)")
+    if kept and dense and density:
+        share, figures = kept / dense, f"({kept:,} of {dense:,}: summary.json's params_kept)"
+        if share > 2 * density:
+            left = "--exclude keeps" if cfg.prune.exclude else "the method leaves"
+            notes.append(f"density {density:.3f} is that of the prunable weights; with the layers {left} dense the "
+                         f"model keeps {share:.1%} of its parameters {figures}")
+        elif share < density / 2:
+            notes.append(f"density {density:.3f} is the share of the filters' weights kept; a dropped filter also "
+                         f"drops the weights of the next layer that read its output, so the shrunk model keeps "
+                         f"{share:.1%} of its parameters {figures}; a lower --sparsity keeps more")
     return notes
