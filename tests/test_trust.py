@@ -76,6 +76,21 @@ def test_a_node_count_is_fixed_at_its_first_claim_and_a_changed_claim_is_dropped
                                           f"fixed at {sizes[1]}"}
 
 
+@pytest.mark.parametrize("body", [1, 2])
+def test_a_reply_whose_later_bodies_claim_another_count_is_dropped(body):
+    cfg = tiny_config(mask_rounds=1, rounds=1)
+
+    def claim_more(step, bodies):
+        return [_claiming(b, 999) if i == body else b for i, b in enumerate(bodies)]
+
+    server, records, exp = _server(cfg, lambda step, bodies: claim_more(step, bodies) if step == 1 else bodies)
+    server.run()
+    size = len(exp.partition.train[1])
+    assert records[0]["dropped"] == {"1": f"rejected: reply's bodies claim different training sample counts ({size} "
+                                          "and 999); a later body claims the first one's count or none (0)"}
+    assert records[1]["nodes"] == [0, 1, 2]
+
+
 @pytest.mark.parametrize("step, asked_round, served", [(1, 1, True), (1, 9, False), (2, 2, False)])
 def test_a_request_for_the_initial_weights_is_served_only_in_answer_to_this_rounds_reference(tmp_path, step,
                                                                                            asked_round, served):

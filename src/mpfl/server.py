@@ -242,8 +242,8 @@ class Server:
                  decode: Callable[[int, Sequence[bytes]], codec.Body], *, bodies: int = 1) -> Round:
         """Send, collect and validate; invalid or missing replies are dropped with a reason, and a
         round with fewer than `min_nodes` valid replies is a RoundError. Each reply must hold
-        `bodies` bodies; `decode` returns the first decoded (its sample count weighs the node) and
-        may keep what the others carry. Bytes down count only the requests the transport sent."""
+        `bodies` bodies, the later ones claiming the first one's sample count or none (0); `decode`
+        returns the first decoded (its count weighs the node) and may keep what the others carry. Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
         asking = self._asking_for_w0(step, requests, replies)
@@ -271,6 +271,10 @@ class Server:
                 body = decode(node, reply)
                 if body.num_samples <= 0:
                     raise PayloadError("reply claims no training samples")
+                if claims := sorted({codec.peek(b).num_samples for b in reply[1:]} - {0, body.num_samples}):
+                    raise PayloadError(f"reply's bodies claim different training sample counts ({body.num_samples} "
+                                       f"and {', '.join(map(str, claims))}); a later body claims the first one's "
+                                       "count or none (0)")
                 self.check_values(body)
                 self._fix_count(node, body.num_samples)
                 exchanged.replies[node] = body
