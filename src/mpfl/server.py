@@ -243,7 +243,8 @@ class Server:
         """Send, collect and validate; invalid or missing replies are dropped with a reason, and a
         round with fewer than `min_nodes` valid replies is a RoundError. Each reply must hold
         `bodies` bodies, the later ones claiming the first one's sample count or none (0); `decode`
-        returns the first decoded (its count weighs the node) and may keep what the others carry. Bytes down count only the requests the transport sent."""
+        returns the first decoded (its count weighs the node) and may keep what the others carry.
+        Bytes down count only the requests the transport sent."""
         replies = self.transport.exchange(task, step.step, requests)
         exchanged = Round(bytes_down=bytes_sent(requests, replies))
         asking = self._asking_for_w0(step, requests, replies)
