@@ -205,6 +205,46 @@ def test_a_node_task_needs_a_name_flower_can_route(name):
     assert "my_task_2" in NODE_TASKS
 
 
+def test_a_plug_in_rule_or_aggregator_that_says_what_it_reads_gets_the_idle_flag_notes():
+    from mpfl.core.aggregate import register_aggregator, weighted_average
+    from mpfl.core.consensus import register_rule
+    from mpfl.notes import idle_flags
+
+    def keep(votes, support, ctx):
+        return [s.copy() for s in support]
+
+    def mean(tensors, weights, **_):
+        return weighted_average(tensors, weights)
+
+    register_rule("reads-tau-test", keep, reads=("tau",))
+    register_rule("silent-test", keep)
+    register_aggregator("reads-trim-test", mean, reads=["trim"])
+    register_aggregator("silent-agg-test", mean)
+    said = Config().with_overrides({"consensus": "reads-tau-test", "aggregator": "reads-trim-test"})
+    unsaid = Config().with_overrides({"consensus": "silent-test", "aggregator": "silent-agg-test"})
+    flags = ["tau", "percentile", "trim", "byzantine"]
+    assert idle_flags(said, flags) == ["--percentile has no effect with --consensus reads-tau-test",
+                                       "--byzantine has no effect with --aggregator reads-trim-test"]
+    assert idle_flags(unsaid, flags) == []
+
+
+@pytest.mark.parametrize("register, reads, phrase", [
+    ("rule", ("tua",), r"consensus rule 'typo-test': reads = 'tua' is not a setting it is given; name some of .*tau"),
+    ("aggregator", ("trim", "lr"), r"aggregator 'typo-test': reads = 'lr' is not a setting it is given; name some of "
+                                   r"byzantine, trim"),
+])
+def test_a_plug_in_naming_a_setting_it_is_not_given_is_refused_as_it_registers(register, reads, phrase):
+    from mpfl.core.aggregate import register_aggregator
+    from mpfl.core.consensus import RULES, register_rule
+
+    with pytest.raises(ConfigError, match=phrase):
+        if register == "rule":
+            register_rule("typo-test", lambda votes, support, ctx: support, reads=reads)
+        else:
+            register_aggregator("typo-test", lambda tensors, weights, **_: tensors[0], reads=reads)
+    assert "typo-test" not in RULES
+
+
 def test_registrations_are_undone_between_tests_part_one():
     from mpfl.core.consensus import RULES, register_rule
 

@@ -14,6 +14,7 @@ from .protocol import RoundRecord
 
 if TYPE_CHECKING:
     from .methods import Method
+    from .registry import Registry
 
 
 def flag(name: str) -> str:
@@ -23,8 +24,9 @@ def flag(name: str) -> str:
 
 def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     """Notes on the flags in `given` that the rest of `cfg` leaves without effect, so that a setting
-    a run ignores is said rather than silently recorded (a plug-in rule may read --tau or
-    --percentile, so those are only named under the built-in rules that do not)."""
+    a run ignores is said rather than silently recorded (--tau and --percentile only under a rule
+    registered as not reading them)."""
+    from .core.consensus import RULES
     from .data import dataset_root, unpublished_files
     from .methods import method_of
     from .plugins import installed_plugins
@@ -68,10 +70,15 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
         elif name in ("attack", "attack_scale", "attack_samples", "malicious", "trim", "byzantine", "vote_weighting",
                       "aggregator"):
             notes += [note for note in _idle_trust_flag(cfg, method, name) if note not in notes]
-        elif (name, cfg.prune.consensus) in {("tau", "vote"), ("tau", "dynamic"), ("tau", "histogram"),
-                                             ("percentile", "vote"), ("percentile", "dynamic"), ("percentile", "threshold")}:
+        elif name in ("tau", "percentile") and _ignores(RULES, cfg.prune.consensus, name):
             notes.append(f"{flag(name)} has no effect with --consensus {cfg.prune.consensus}")
     return notes
+
+
+def _ignores(entries: Registry, entry: str, setting: str) -> bool:
+    """Whether a registered rule is known not to read `setting` (a plug-in that does not say may)."""
+    reads = entries.reads(entry)
+    return reads is not None and setting not in reads
 
 
 def _no_local_training(cfg: Config, method: Method, name: str) -> str | None:
@@ -87,14 +94,11 @@ def _no_local_training(cfg: Config, method: Method, name: str) -> str | None:
     return None
 
 
-BUILT_IN_AGGREGATORS_WITHOUT = {"trim": ("mean", "median", "krum"), "byzantine": ("mean", "trimmed-mean", "median")}
-"""The built-in aggregators that ignore --trim or --byzantine (a plug-in aggregator is given both)."""
-
-
 def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
     """Notes on an attack or robustness flag the run leaves without effect, or with less than it
     seems: a mask attack where no node votes, a trim that rounds to no node, Krum with too few replies."""
     from .attacks import ATTACKS
+    from .core.aggregate import AGGREGATORS, SETTINGS
     from .records import counted
 
     faults, robust = cfg.faults, cfg.robust
@@ -112,8 +116,7 @@ def _idle_trust_flag(cfg: Config, method: Method, name: str) -> list[str]:
         return ["--attack-samples has no effect without --malicious: only malicious nodes forge their counts"]
     if name == "vote_weighting" and no_votes:
         return [f"--vote-weighting has no effect with --method {cfg.method}, which takes no mask votes"]
-    if name in BUILT_IN_AGGREGATORS_WITHOUT and robust.aggregator in BUILT_IN_AGGREGATORS_WITHOUT[name] and \
-            not (name == "trim" and trims_votes):
+    if name in SETTINGS and _ignores(AGGREGATORS, robust.aggregator, name) and not (name == "trim" and trims_votes):
         return [f"{flag(name)} has no effect with --aggregator {robust.aggregator}"]
     # the rounds the aggregator combines replies in, by the nodes each asks; trimmed votes are the mask rounds'
     aggregated = {"training": cfg.asked(cfg.train.fraction)}

@@ -38,9 +38,12 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
+        self._reads: dict[str, frozenset[str]] = {}
 
-    def register(self, name: str, entry: T, *, aliases: tuple[str, ...] = (), replace: bool = False) -> T:
-        """Add `entry` under `name` (and `aliases`); an existing name is refused unless `replace`."""
+    def register(self, name: str, entry: T, *, aliases: tuple[str, ...] = (), replace: bool = False,
+                 reads: Iterable[str] | None = None) -> T:
+        """Add `entry` under `name` (and `aliases`); an existing name is refused unless `replace`.
+        `reads` names the run settings the entry uses (see `reads`)."""
         key = normalise(name)
         if not replace and (key in self._entries or key in self._aliases):
             raise ConfigError(f"a {self.kind} named {key!r} is already registered; choose another name "
@@ -48,7 +51,16 @@ class Registry(Generic[T]):
         self._entries[key] = entry
         for alias in aliases:
             self._aliases[normalise(alias)] = key
+        if reads is None:
+            self._reads.pop(key, None)
+        else:
+            self._reads[key] = frozenset(reads)
         return entry
+
+    def reads(self, name: str) -> frozenset[str] | None:
+        """The run settings entry `name` was registered as using (e.g. a consensus rule's `tau`), so
+        `mpfl run` can say when a flag has no effect; None where its registration did not say."""
+        return self._reads.get(self.canonical(name))
 
     def canonical(self, name: str) -> str:
         """The registered name `name` stands for; UnknownNameError if none."""
@@ -79,13 +91,13 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def snapshot(self) -> tuple[dict[str, T], dict[str, str]]:
+    def snapshot(self) -> tuple[dict[str, T], dict[str, str], dict[str, frozenset[str]]]:
         """The current entries, to `restore` later (tests undo their registrations with it)."""
-        return dict(self._entries), dict(self._aliases)
+        return dict(self._entries), dict(self._aliases), dict(self._reads)
 
-    def restore(self, snapshot: tuple[dict[str, T], dict[str, str]]) -> None:
+    def restore(self, snapshot: tuple[dict[str, T], dict[str, str], dict[str, frozenset[str]]]) -> None:
         """Return to the entries of an earlier `snapshot`."""
-        self._entries, self._aliases = dict(snapshot[0]), dict(snapshot[1])
+        self._entries, self._aliases, self._reads = (dict(part) for part in snapshot)
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self._entries)})"
@@ -105,6 +117,18 @@ def check_callable(fn: Callable, kind: str, name: str, form: str, *args: Any, **
     except TypeError as exc:
         raise ConfigError(f"{kind} {name!r}: {getattr(fn, '__name__', type(fn).__name__)}{signature} cannot be called as "
                           f"{form} ({exc}); give it those parameters") from None
+
+
+def checked_reads(reads: Iterable[str] | None, settings: Iterable[str], kind: str, name: str) -> frozenset[str] | None:
+    """A plug-in's declared `reads` as a set, once each is one of the `settings` it is given; None stays None
+    (it did not say)."""
+    if reads is None:
+        return None
+    declared = frozenset([reads] if isinstance(reads, str) else reads)
+    if unknown := sorted(map(repr, declared - set(settings))):
+        raise ConfigError(f"{kind} {name!r}: reads = {', '.join(unknown)} is not a setting it is given; name some of "
+                          f"{', '.join(sorted(settings))}")
+    return declared
 
 
 def accepted_keywords(fn: Callable, names: Iterable[str]) -> list[str]:

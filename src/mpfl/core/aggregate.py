@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..errors import MethodError
-from ..registry import Registry, check_callable, registry
+from ..registry import Registry, check_callable, checked_reads, registry
 from .contract import checked_arrays
 
 
@@ -98,18 +98,21 @@ def _flower_rule(name: str) -> Aggregator:
     return rule
 
 
-AGGREGATORS.register("mean", lambda tensors, weights, **_: weighted_average(tensors, weights))
-for _name in ("trimmed-mean", "median", "krum"):
-    AGGREGATORS.register(_name, _flower_rule(_name))
+SETTINGS = ("trim", "byzantine")
+"""The run settings every aggregator is given as keywords."""
+AGGREGATORS.register("mean", lambda tensors, weights, **_: weighted_average(tensors, weights), reads=())
+for _name, _reads in (("trimmed-mean", ("trim",)), ("median", ()), ("krum", ("byzantine",))):
+    AGGREGATORS.register(_name, _flower_rule(_name), reads=_reads)
 
 
-def register_aggregator(name: str, rule: Aggregator) -> None:
+def register_aggregator(name: str, rule: Aggregator, *, reads: Sequence[str] | None = None) -> None:
     """Add an aggregation rule `rule(tensors, weights, *, trim, byzantine) -> tensors`: `tensors[n][i]`
     is node n's tensor i (full shape, float32), `weights[n]` its sample count; it returns one
-    finite float array per tensor, of that tensor's shape."""
+    finite float array per tensor, of that tensor's shape. `reads` names the settings of `SETTINGS`
+    it uses: `mpfl run` then says when --trim or --byzantine has no effect on it (left unsaid, it never does)."""
     check_callable(rule, "aggregator", name, "rule(tensors, weights, *, trim, byzantine)", [], [], trim=0.2,
                    byzantine=1)
-    AGGREGATORS.register(name, rule)
+    AGGREGATORS.register(name, rule, reads=checked_reads(reads, SETTINGS, "aggregator", name))
 
 
 def checked_aggregate(out: object, like: Sequence[np.ndarray], rule: str) -> list[np.ndarray]:

@@ -8,11 +8,11 @@ new consensus is always a subset of it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
-from ..registry import Registry, check_callable, registry
+from ..registry import Registry, check_callable, checked_reads, registry
 from .aggregate import normalise
 from .masks import Mask, checked_mask, expand_rows, rows, select
 
@@ -152,14 +152,17 @@ def histogram(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], ctx: V
 
 Rule = Callable[[Sequence[np.ndarray], Sequence[np.ndarray], VoteContext], Mask]
 RULES: Registry[Rule] = registry("consensus rule")
-for _name, _rule in (("vote", vote), ("threshold", threshold), ("dynamic", dynamic), ("histogram", histogram)):
-    RULES.register(_name, _rule)
+for _name, _rule, _reads in (("vote", vote, ()), ("threshold", threshold, ("tau",)), ("dynamic", dynamic, ()),
+                             ("histogram", histogram, ("percentile",))):
+    RULES.register(_name, _rule, reads=_reads)
 
 
-def register_rule(name: str, rule: Rule) -> None:
-    """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`)."""
+def register_rule(name: str, rule: Rule, *, reads: Sequence[str] | None = None) -> None:
+    """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`). `reads`
+    names the `VoteContext` fields it uses, such as ``("tau",)``: `mpfl run` then says when --tau or
+    --percentile has no effect on it (left unsaid, it never does)."""
     check_callable(rule, "consensus rule", name, "rule(votes, support, ctx)", None, None, None)
-    RULES.register(name, rule)
+    RULES.register(name, rule, reads=checked_reads(reads, [f.name for f in fields(VoteContext)], "consensus rule", name))
 
 
 def consensus(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], rule: str, ctx: VoteContext) -> Mask:
