@@ -14,7 +14,7 @@ import pytest
 from conftest import round_record, tiny_config
 from mpfl.cli import main
 from mpfl.records import read_rounds, read_summary
-from mpfl.report import DPI, FIGSIZE, Group, format_variant, group_runs, load_runs, plot_ablation, precision_groups
+from mpfl.report import DPI, FIGSIZE, Group, Row, format_variant, group_runs, load_runs, plot_ablation, precision_groups
 from mpfl.sim import simulate
 
 SEEDS = (0, 1)
@@ -47,6 +47,7 @@ def test_rows_match_the_run_records(runs, report):
     _, rows = report
     assert set(rows) == {"mpfl", "fedavg"}
     for method, row in rows.items():
+        assert set(row) == set(Row.__annotations__)  # the JSON rows hold exactly the keys `Row` documents
         dirs = [runs / f"{method}-{seed}" for seed in SEEDS]
         summaries = [read_summary(d) for d in dirs]
         final = [s["final_accuracy"] for s in summaries]

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from matplotlib import colormaps
@@ -417,10 +417,51 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
 
-def table(runs: Sequence[Run]) -> list[dict]:
-    """One row per group: means over seeds keyed like `COLUMNS` (rounds split by phase), `_std` spreads, seeds, paths."""
+class Row(TypedDict):
+    """One group's row of the report's table (and of `mpfl report --json`): figures are means over
+    the group's runs, `_std` their sample standard deviations over seeds (None for one seed)."""
+
+    method: str
+    model: str
+    variant: str  # the settings that set the group apart in its section ("" for none)
+    dataset: str
+    partition: str  # with its alpha or shards, e.g. dirichlet(0.1)
+    sparsity: float  # the target sparsity
+    n: int  # distinct seeds
+    n_runs: int  # runs (a repeated seed is averaged first)
+    final_accuracy: float | None
+    final_accuracy_std: float | None
+    best_accuracy: float | None
+    best_accuracy_std: float | None
+    warmup_rounds: float
+    mask_rounds: float
+    train_rounds: float
+    bytes_up: float
+    bytes_down: float
+    bytes_vs_fedavg: float | None  # (up + down) over the matching dense FedAvg run's
+    bytes_vs_fedavg_std: float | None
+    bytes_vs_fedavg_runs: int  # runs that have a matching FedAvg run
+    bits_per_param_up: float | None
+    bits_per_param_down: float | None
+    megabytes_total: float | None
+    wall_time: float
+    bytes_eval_down: float | None  # a final federated evaluation's traffic (Flower runs; None: the simulator's)
+    bytes_eval_up: float | None
+    params_kept: float | None  # the final model on a device, and the dense model's figures (mpfl.costs)
+    params_dense: float | None
+    model_bytes: float | None
+    model_bytes_dense: float | None
+    flops_per_sample: float | None
+    flops_per_sample_dense: float | None
+    train_time_vs_dense: float | None  # a training round's wall time over the matching FedAvg run's
+    seeds: list[int]
+    runs: list[str]  # the run directories
+
+
+def table(runs: Sequence[Run]) -> list[Row]:
+    """One row per group of runs (`Row`), in the report's order."""
     fedavg, fedavg_time = _fedavg_bytes(runs), _fedavg_round_time(runs)
-    rows = []
+    rows: list[Row] = []
     for g in group_runs(runs):
         r, rs = g.first, g.runs
         final, final_std = _mean_std(g.per_seed("final_accuracy"))
