@@ -138,16 +138,21 @@ def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_ru
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs the onnx package")
-def test_an_onnx_export_is_one_file_that_holds_its_weights(structured_run, tmp_path):
+def test_an_onnx_export_is_one_file_that_holds_its_weights_and_takes_any_batch(structured_run, tmp_path, capfd):
     import onnx
     from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
 
     info = export_run(structured_run.run_dir, tmp_path / "exp", formats=["onnx"], repeats=1)
+    assert "[torch.onnx]" not in "".join(capfd.readouterr())  # the exporter's progress lines are not printed
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["export.json", "mask.bin", "model.onnx",
                                                                      "model.pt"]
-    graph = onnx.load(str(tmp_path / "exp" / "model.onnx")).graph
-    stored = sum(numpy_helper.to_array(t).size for t in graph.initializer)
+    model = onnx.load(str(tmp_path / "exp" / "model.onnx"))
+    stored = sum(numpy_helper.to_array(t).size for t in model.graph.initializer)
     assert stored >= info["pruned"]["parameters"] > 0 and info["file_bytes"]["onnx"] > 4 * info["pruned"]["parameters"]
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    [out] = ReferenceEvaluator(model).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(out, logits(load_export(tmp_path / "exp"), x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_final_file_naming_an_input_no_model_can_take_is_an_export_error(unstructured_run, tmp_path, capsys):

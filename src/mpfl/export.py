@@ -6,7 +6,7 @@ turns them into files a device can load:
     <out>/model.pt          state_dict: the shrunk dense model (filter masks) or the masked one
     <out>/model.sparse.pt   sparse: prunable weights as torch sparse CSR (int32 indices) or COO tensors
     <out>/model.ts          torchscript: the exported model, traced
-    <out>/model.onnx        onnx: the exported model (needs the onnx and onnxscript packages)
+    <out>/model.onnx        onnx: the exported model, batch size free (needs the onnx and onnxscript packages)
     <out>/mask.bin          the final mask in the codec's MASK format, coded over the full model
     <out>/export.json       what was written, parameters, bytes, FLOPs and latency, dense vs pruned
 
@@ -25,6 +25,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -119,10 +120,20 @@ def _check_onnx() -> None:
 
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """The model as one self-contained ONNX file for a batch of one: its weights inside the file (the
-    exporter's default puts them in a separate `.data` file, which one exported file cannot carry)."""
-    torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
-                      external_data=False)
+    """The model as one self-contained ONNX file for batches of any size: its weights inside the file
+    (the exporter's default puts them in a separate `.data` file, which one exported file cannot carry).
+    The exporter's progress lines, and its warnings about operators of packages the model does not
+    use (torchvision's), would bury the export's own summary, so they are silenced."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), external_data=False, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
 
 
 def _load_torch(path: Path) -> Any:
