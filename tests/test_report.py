@@ -563,3 +563,44 @@ def test_a_refreshed_report_removes_the_plots_of_its_earlier_version_it_no_longe
     assert not list(out.glob("*-cnn.png")) and (out / "mine.png").is_file()
     shown = set(re.findall(r"\]\(([^)]+\.png)\)", (out / "report.md").read_text()))
     assert shown == {p.name for p in out.glob("*.png")} - {"mine.png"}
+
+
+def _seeded(run, seed: int, accuracies, sparsity: float = 0.9):
+    """`run` as if it had run with `seed` and `sparsity` and evaluated `accuracies` in its rounds (the last one final)."""
+    import dataclasses
+
+    rounds = [round_record(i + 1, bytes_up=100_000, bytes_down=0, accuracy=a) for i, a in enumerate(accuracies)]
+    summary = {**run.summary, "final_accuracy": accuracies[-1], "sparsity": sparsity,
+               "config": {**run.summary["config"], "seed": seed}}
+    return dataclasses.replace(run, rounds=rounds, summary=summary)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the report's plots draw (their PNGs still written), so that their axes can be read."""
+    import matplotlib.figure
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    return figures
+
+
+def _logit(p: float) -> float:
+    return float(np.log(p / (1 - p)))
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.9, 0.99])
+def test_a_single_sparsity_is_a_marker_in_the_middle_of_the_sparsity_axis(runs, tmp_path, drawn, sparsity):
+    """Runs at one sparsity only: the point and its tick stand in the middle of the axis, not at its edge."""
+    from mpfl.report import plot_accuracy_vs_sparsity
+
+    run = load_runs([runs / "mpfl-0"])[0]
+    plot_accuracy_vs_sparsity([Group([_seeded(run, 0, [0.6], sparsity)], {})], tmp_path / "s.png", "t")
+    ax = drawn[0].axes[0]
+    (bars,) = ax.containers
+    line = bars.lines[0]
+    np.testing.assert_allclose(line.get_xydata(), [[sparsity, 60.0]])
+    assert line.get_marker() == "o"
+    lo, hi = ax.get_xlim()
+    assert _logit(sparsity) - _logit(lo) == pytest.approx(_logit(hi) - _logit(sparsity)) == pytest.approx(1.0)
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{sparsity:g}"]

@@ -661,11 +661,20 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[method], label=mine[0].label)
     if ticks:
         ax.set_xscale("logit")
+        ax.set_xlim(*_sparsity_limits(sorted(ticks)))
         ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
         ax.minorticks_off()
     ax.legend(fontsize=8, loc="best")
     fig.savefig(path)
     return path
+
+
+def _sparsity_limits(sparsities: Sequence[float]) -> tuple[float, float]:
+    """The logit sparsity axis' limits: a 5 % margin around the sparsities, or a logit unit each side of a
+    single one (which matplotlib would put at, or past, the axes' right edge)."""
+    lo, hi = (float(np.log(s / (1 - s))) for s in (min(sparsities), max(sparsities)))
+    pad = 0.05 * (hi - lo) or 1.0
+    return float(1 / (1 + np.exp(pad - lo))), float(1 / (1 + np.exp(-hi - pad)))
 
 
 def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
