@@ -577,6 +577,12 @@ def _figure(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Any]:
     return fig, ax
 
 
+def _percent_range(lo: float, hi: float) -> tuple[float, float]:
+    """An accuracy axis' limits kept within 0-100 %: autoscaling pads past the data (and a ±1 std band or bar
+    can reach past it), which would show accuracies no run can have."""
+    return max(lo, 0.0), min(hi, 100.0)
+
+
 def _mean_curve(group: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Steps evaluated in every seed, with the mean cumulative bytes and the mean and std of accuracy."""
     curves = [r.curve() for r in group.runs]
@@ -614,6 +620,7 @@ def plot_accuracy_vs_round(groups: Sequence[Group], path: Path, title: str) -> P
         steps, _, acc, std = _mean_curve(g)
         ax.plot(steps, 100 * acc, marker=".", color=colors[g.first.method], label=g.label)
         ax.fill_between(steps, 100 * (acc - std), 100 * (acc + std), color=colors[g.first.method], alpha=0.15)
+    ax.set_ylim(*_percent_range(*ax.get_ylim()))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8, loc="best", ncol=2)
     fig.savefig(path)
@@ -634,6 +641,7 @@ def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> P
         _, cum, acc, _ = _mean_curve(g)
         style = PRECISION_STYLES.get(g.variant.get("value_dtype"), "-")
         ax.plot(cum / 1e6, 100 * acc, marker=".", linestyle=style, color=colors[g.first.method], label=g.label)
+    ax.set_ylim(*_percent_range(*ax.get_ylim()))
     ax.set_xscale("log")
     lo, hi = ax.get_xlim()
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
@@ -659,6 +667,7 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
         x = [g.first.summary["sparsity"] for g in mine]
         ticks.update(x)
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[method], label=mine[0].label)
+    ax.set_ylim(*_percent_range(*ax.get_ylim()))
     if ticks:
         ax.set_xscale("logit")
         ax.set_xlim(*_sparsity_limits(sorted(ticks)))
@@ -689,6 +698,7 @@ def plot_ablation(groups: Sequence[Group], path: Path, title: str) -> Path:
             ax.axvline(100 * mean, color=color, linestyle="--", linewidth=1, alpha=0.6)
         ax.errorbar(100 * mean, yi, xerr=100 * (std or 0.0), fmt="o", capsize=3, color=color,
                     markerfacecolor="white" if not g.variant else color)
+    ax.set_xlim(*_percent_range(*ax.get_xlim()))
     labels = ablation_labels(groups)
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_ylim(-0.7, len(groups) - 0.3)
