@@ -565,11 +565,12 @@ def test_a_refreshed_report_removes_the_plots_of_its_earlier_version_it_no_longe
     assert shown == {p.name for p in out.glob("*.png")} - {"mine.png"}
 
 
-def _seeded(run, seed: int, accuracies, sparsity: float = 0.9):
-    """`run` as if it had run with `seed` and `sparsity` and evaluated `accuracies` in its rounds (the last one final)."""
+def _seeded(run, seed: int, accuracies, sparsity: float = 0.9, bytes_per_round: int = 100_000):
+    """`run` as if it had run with `seed` and `sparsity` and evaluated `accuracies` in its rounds (the last one
+    final), each round sending `bytes_per_round`."""
     import dataclasses
 
-    rounds = [round_record(i + 1, bytes_up=100_000, bytes_down=0, accuracy=a) for i, a in enumerate(accuracies)]
+    rounds = [round_record(i + 1, bytes_up=bytes_per_round, bytes_down=0, accuracy=a) for i, a in enumerate(accuracies)]
     summary = {**run.summary, "final_accuracy": accuracies[-1], "sparsity": sparsity,
                "config": {**run.summary["config"], "seed": seed}}
     return dataclasses.replace(run, rounds=rounds, summary=summary)
@@ -620,3 +621,23 @@ def test_accuracy_axes_end_at_100_and_begin_at_0_percent(runs, tmp_path, drawn):
     limits = [fig.axes[0].get_ylim() for fig in drawn[:3]] + [drawn[3].axes[0].get_xlim()]
     assert [hi for _, hi in limits] == [100.0] * 4
     assert [lo for lo, _ in limits[:2]] == [0.0] * 2 and min(lo for lo, _ in limits[2:]) > 80
+
+
+def _shown_tick_labels(axis) -> dict[float, str]:
+    """The major tick labels an axis shows (those within its limits), by position."""
+    lo, hi = sorted(axis.get_view_interval())
+    return {float(x): t.get_text() for x, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= x <= hi}
+
+
+@pytest.mark.parametrize("bytes_per_round", [20, 100_000, 100_000_000_000])
+def test_the_traffic_axis_reads_plain_numbers_of_megabytes(runs, tmp_path, drawn, bytes_per_round):
+    """20 rounds of 20 B, 100 kB or 100 GB each: 0.00002 to 2,000,000 MB, with no exponent to decode."""
+    from mpfl.report import plot_accuracy_vs_bytes
+
+    run = load_runs([runs / "mpfl-0"])[0]
+    plot_accuracy_vs_bytes([Group([_seeded(run, 0, [0.5] * 20, bytes_per_round=bytes_per_round)], {})],
+                           tmp_path / "b.png", "t")
+    shown = _shown_tick_labels(drawn[0].axes[0].xaxis)
+    assert len(shown) >= 3
+    assert all(float(label.replace(",", "")) == pytest.approx(x) for x, label in shown.items()), shown
+    assert all(re.fullmatch(r"\d{1,3}(,\d{3})*(\.\d+)?", label) for label in shown.values()), shown

@@ -35,12 +35,14 @@ import textwrap
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cache, partial
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -78,7 +80,7 @@ SHOWN = {"method", "dataset", "partition", "alpha", "shards", "sparsity", "model
          "workers"}
 NOT_GROUPED = {"seed", "data_dir", "threads", "workers"}
 METHOD_OPTIONS = {"prune", "codec", "robust"}  # config sections whose fields are compared within a method
-_PLAIN = FuncFormatter(lambda x, _: f"{x:g}")
+_PLAIN = FuncFormatter(lambda x, _: format(Decimal(f"{x:.6g}"), ",f"))  # 0.00002, 0.5, 2,000,000: never 1e+06
 COLUMNS = {  # JSON key -> markdown header
     "method": "Method", "model": "Model", "variant": "Variant", "dataset": "Dataset", "partition": "Partition",
     "sparsity": "Target sparsity", "n": "n", "final_accuracy": "Final acc. (%)", "best_accuracy": "Best acc. (%)",
@@ -643,13 +645,19 @@ def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> P
         ax.plot(cum / 1e6, 100 * acc, marker=".", linestyle=style, color=colors[g.first.method], label=g.label)
     ax.set_ylim(*_percent_range(*ax.get_ylim()))
     ax.set_xscale("log")
-    lo, hi = ax.get_xlim()
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
-    ax.xaxis.set_major_formatter(_PLAIN)
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    plain_log_ticks(ax.xaxis)
     ax.legend(fontsize=8, loc="best", ncol=2)
     fig.savefig(path)
     return path
+
+
+def plain_log_ticks(axis: Axis) -> None:
+    """Label a log axis with plain numbers at 1, 2 and 5 times each power of ten (at the powers alone over more
+    than three decades), where matplotlib would write exponents (1e+06, 10^2, 2x10^-1)."""
+    lo, hi = sorted(axis.get_view_interval())
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
+    axis.set_major_formatter(_PLAIN)
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -> Path:
