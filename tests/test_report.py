@@ -629,13 +629,14 @@ def _shown_tick_labels(axis) -> dict[float, str]:
     return {float(x): t.get_text() for x, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= x <= hi}
 
 
-@pytest.mark.parametrize("bytes_per_round", [20, 100_000, 100_000_000_000])
-def test_the_traffic_axis_reads_plain_numbers_of_megabytes(runs, tmp_path, drawn, bytes_per_round):
-    """20 rounds of 20 B, 100 kB or 100 GB each: 0.00002 to 2,000,000 MB, with no exponent to decode."""
+@pytest.mark.parametrize("rounds, bytes_per_round", [(20, 20), (20, 100_000), (20, 100_000_000_000), (3, 100_000)])
+def test_the_traffic_axis_reads_plain_numbers_of_megabytes(runs, tmp_path, drawn, rounds, bytes_per_round):
+    """20 rounds of 20 B, 100 kB or 100 GB each (0.00002 to 2,000,000 MB) with no exponent to decode, and
+    0.1 to 0.3 MB, within a decade, with more than a label or two."""
     from mpfl.report import plot_accuracy_vs_bytes
 
     run = load_runs([runs / "mpfl-0"])[0]
-    plot_accuracy_vs_bytes([Group([_seeded(run, 0, [0.5] * 20, bytes_per_round=bytes_per_round)], {})],
+    plot_accuracy_vs_bytes([Group([_seeded(run, 0, [0.5] * rounds, bytes_per_round=bytes_per_round)], {})],
                            tmp_path / "b.png", "t")
     shown = _shown_tick_labels(drawn[0].axes[0].xaxis)
     assert len(shown) >= 3

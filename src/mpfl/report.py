@@ -44,7 +44,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axis import Axis
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.ticker import AutoLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from .config import Config, flatten
 from .data import DATASETS
@@ -653,9 +653,11 @@ def plot_accuracy_vs_bytes(groups: Sequence[Group], path: Path, title: str) -> P
 
 def plain_log_ticks(axis: Axis) -> None:
     """Label a log axis with plain numbers at 1, 2 and 5 times each power of ten (at the powers alone over more
-    than three decades), where matplotlib would write exponents (1e+06, 10^2, 2x10^-1)."""
+    than three decades, at evenly spaced values within one), where matplotlib would write exponents (1e+06,
+    10^2, 2x10^-1) or leave a narrow range with a single label."""
     lo, hi = sorted(axis.get_view_interval())
-    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)))
+    subs = (1.0, 2.0, 5.0) if hi / lo <= 1000 else (1.0,)
+    axis.set_major_locator(AutoLocator() if hi / lo < 10 else LogLocator(subs=subs))
     axis.set_major_formatter(_PLAIN)
     axis.set_minor_formatter(NullFormatter())
 
