@@ -29,7 +29,7 @@ Reported per run:
   rounds (``--method fedavg``: whole float32 models both ways, no masks), the share of the ratio
   that any method pays for sending, checking, decoding and averaging each node's model.
 
---plot writes time per round and peak memory against N as a PNG (docs/scale.png in the docs).
+--plot writes time per round, peak memory and the largest checkpoint against N as a PNG (docs/scale.png in the docs).
 --mask-coder packbits sends masks as plain bits instead of range-coded ones (what the mask code
 costs). --workers runs the nodes in W worker processes (the bare loop stays one process, so ``vs_bare``
 then says how much the extra cores buy).
@@ -168,23 +168,30 @@ def in_fresh_process(overrides: dict, bare: bool) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Time per round and peak memory against the number of nodes (log scale), as a PNG."""
+    """Time per round, peak memory and the largest checkpoint against the number of nodes (log scale), as a
+    PNG; the checkpoint has an axis of its own, as its few MB would lie flat along hundreds of MiB of memory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mpfl.report import plain_log_ticks  # here, so that a measured run's memory holds no matplotlib
+
     nodes = [r["nodes"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
-    left.plot(nodes, [r["round_s"] for r in rows], "o-", label="per round")
-    left.plot(nodes, [r["setup_s"] for r in rows], "s--", label="set-up")
-    left.set(xscale="log", yscale="log", xlabel="nodes (a tenth asked per round)", ylabel="seconds",
-             title="Time")
-    left.legend()
-    right.plot(nodes, [r["peak_rss_mib"] for r in rows], "o-", label="peak RSS")
-    right.plot(nodes, [r["checkpoint_mb"] for r in rows], "s--", label="largest checkpoint (MB)")
-    right.set(xscale="log", xlabel="nodes (a tenth asked per round)", ylabel="MiB", title="Memory", ylim=(0, None))
-    right.legend()
+    fig, (seconds, memory, checkpoint) = plt.subplots(1, 3, figsize=(12, 3.4))
+    seconds.plot(nodes, [r["round_s"] for r in rows], "o-", label="per round")
+    seconds.plot(nodes, [r["setup_s"] for r in rows], "s--", label="set-up")
+    seconds.set(yscale="log", ylabel="seconds", title="Time")
+    seconds.legend()
+    for ax, key, unit, title in ((memory, "peak_rss_mib", "MiB", "Peak memory (RSS)"),
+                                 (checkpoint, "checkpoint_mb", "MB", "Largest checkpoint")):
+        values = [r[key] for r in rows]
+        ax.plot(nodes, values, "o-")
+        ax.set(ylabel=unit, title=title, ylim=(0, 1.1 * max(values)))
+    for ax in (seconds, memory, checkpoint):
+        ax.set(xscale="log", xlabel="nodes (a tenth asked per round)")
+        plain_log_ticks(ax.xaxis)
+    plain_log_ticks(seconds.yaxis)
     fig.suptitle(f"MPFL, mlp on MNIST, {rows[0]['mask_rounds']} mask + {rows[0]['rounds']} training rounds")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

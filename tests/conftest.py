@@ -150,6 +150,12 @@ def round_record(step: int, phase: str = "train", *, nodes=(0, 1), dropped=None,
             "cum_bytes_down": 20 * step, "nodes": list(nodes), "dropped": dropped or {}, **fields}
 
 
+def shown_tick_labels(axis) -> dict[float, str]:
+    """The major tick labels a matplotlib axis shows (those within its limits), by position."""
+    lo, hi = sorted(axis.get_view_interval())
+    return {float(x): t.get_text() for x, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= x <= hi}
+
+
 def comparable(records: list[dict]) -> list[dict]:
     """Round records without their timings: what a resumed run must repeat exactly."""
     return [{k: v for k, v in r.items() if k not in ("time", "elapsed")} for r in records]

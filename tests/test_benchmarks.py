@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import BENCHMARKS, benchmark_module
+from conftest import BENCHMARKS, benchmark_module, shown_tick_labels
 from mpfl.config import Config
 
 
@@ -102,3 +102,30 @@ def test_the_label_skew_benchmark_refuses_names_it_would_misread_before_running(
     done = subprocess.run([sys.executable, str(BENCHMARKS / "noniid.py"), "--quick", *args], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr
+
+
+def test_the_scale_plot_gives_the_checkpoint_an_axis_of_its_own_and_reads_plain_numbers(tmp_path, monkeypatch):
+    """The rows of docs/performance.md's table: a checkpoint of 5-6 MB drawn beside 650-1,600 MiB of memory
+    lay flat along zero, and the log axes read 10^4 and 2x10^-1."""
+    import matplotlib.figure
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    measured = ((10, 0.37, 0.21, 648, 5.0), (100, 0.92, 0.27, 648, 5.0), (1000, 1.17, 0.60, 673, 5.1),
+                (10000, 1.74, 4.44, 1614, 6.4))
+    rows = [{"nodes": n, "mask_rounds": 5, "rounds": 20, "setup_s": setup, "round_s": per_round, "peak_rss_mib": rss,
+             "checkpoint_mb": checkpoint} for n, setup, per_round, rss, checkpoint in measured]
+    benchmark_module("scale").plot(rows, tmp_path / "scale.png")
+    (fig,) = figures
+
+    def axes_of(key):
+        (ax,) = [ax for ax in fig.axes for line in ax.lines if list(line.get_ydata()) == [r[key] for r in rows]]
+        return ax
+
+    checkpoint, memory, seconds = axes_of("checkpoint_mb"), axes_of("peak_rss_mib"), axes_of("round_s")
+    assert checkpoint is not memory and (checkpoint.get_ylabel(), memory.get_ylabel()) == ("MB", "MiB")
+    assert checkpoint.get_ylim()[0] == 0 and 6.4 < checkpoint.get_ylim()[1] < 2 * 6.4
+    for ax in fig.axes:
+        assert list(shown_tick_labels(ax.xaxis).values()) == ["10", "100", "1,000", "10,000"]
+    assert all(float(label) == pytest.approx(y) for y, label in shown_tick_labels(seconds.yaxis).items())
+    assert len(shown_tick_labels(seconds.yaxis)) >= 3

@@ -11,7 +11,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from conftest import round_record, tiny_config
+from conftest import round_record, shown_tick_labels, tiny_config
 from mpfl.cli import main
 from mpfl.records import read_rounds, read_summary
 from mpfl.report import DPI, FIGSIZE, Group, Row, format_variant, group_runs, load_runs, plot_ablation, precision_groups
@@ -623,12 +623,6 @@ def test_accuracy_axes_end_at_100_and_begin_at_0_percent(runs, tmp_path, drawn):
     assert [lo for lo, _ in limits[:2]] == [0.0] * 2 and min(lo for lo, _ in limits[2:]) > 80
 
 
-def _shown_tick_labels(axis) -> dict[float, str]:
-    """The major tick labels an axis shows (those within its limits), by position."""
-    lo, hi = sorted(axis.get_view_interval())
-    return {float(x): t.get_text() for x, t in zip(axis.get_majorticklocs(), axis.get_majorticklabels()) if lo <= x <= hi}
-
-
 @pytest.mark.parametrize("rounds, bytes_per_round", [(20, 20), (20, 100_000), (20, 100_000_000_000), (3, 100_000)])
 def test_the_traffic_axis_reads_plain_numbers_of_megabytes(runs, tmp_path, drawn, rounds, bytes_per_round):
     """20 rounds of 20 B, 100 kB or 100 GB each (0.00002 to 2,000,000 MB) with no exponent to decode, and
@@ -638,7 +632,7 @@ def test_the_traffic_axis_reads_plain_numbers_of_megabytes(runs, tmp_path, drawn
     run = load_runs([runs / "mpfl-0"])[0]
     plot_accuracy_vs_bytes([Group([_seeded(run, 0, [0.5] * rounds, bytes_per_round=bytes_per_round)], {})],
                            tmp_path / "b.png", "t")
-    shown = _shown_tick_labels(drawn[0].axes[0].xaxis)
+    shown = shown_tick_labels(drawn[0].axes[0].xaxis)
     assert len(shown) >= 3
     assert all(float(label.replace(",", "")) == pytest.approx(x) for x, label in shown.items()), shown
     assert all(re.fullmatch(r"\d{1,3}(,\d{3})*(\.\d+)?", label) for label in shown.values()), shown
