@@ -607,6 +607,20 @@ def test_a_single_sparsity_is_a_marker_in_the_middle_of_the_sparsity_axis(runs, 
     assert [t.get_text() for t in ax.get_xticklabels()] == [f"{sparsity:g}"]
 
 
+def test_a_sparsity_of_0_leaves_the_sparsity_axis_to_the_others(runs, tmp_path, drawn):
+    import warnings
+
+    from mpfl.report import plot_accuracy_vs_sparsity
+
+    run = load_runs([runs / "mpfl-0"])[0]
+    groups = [Group([_seeded(run, 0, [0.9], sparsity)], {"sparsity": sparsity}) for sparsity in (0.0, 0.5, 0.9)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log(0) in the axis limits warned
+        plot_accuracy_vs_sparsity(groups, tmp_path / "s.png", "t")
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "0.9"] and 0 < ax.get_xlim()[0] < 0.5
+
+
 def test_accuracy_axes_end_at_100_and_begin_at_0_percent(runs, tmp_path, drawn):
     """Curves from 0 % to 99 % with a ±1 std band past both ends, and final accuracies of 99 % and 90 % (a mean
     of 94.5 ± 6.4): autoscaling would pad the axes to accuracies no run can have."""

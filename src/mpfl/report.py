@@ -678,10 +678,10 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
         ticks.update(x)
         ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[method], label=mine[0].label)
     ax.set_ylim(*_percent_range(*ax.get_ylim()))
-    if ticks:
+    if placed := sorted(t for t in ticks if t > 0):  # a logit axis has no place for sparsity 0 (no pruning)
         ax.set_xscale("logit")
-        ax.set_xlim(*_sparsity_limits(sorted(ticks)))
-        ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+        ax.set_xlim(*_sparsity_limits(placed))
+        ax.set_xticks(placed, [f"{t:g}" for t in placed])
         ax.minorticks_off()
     ax.legend(fontsize=8, loc="best")
     fig.savefig(path)
