@@ -816,3 +816,12 @@ def test_attack_and_robustness_flags_the_run_leaves_without_effect_or_weak_are_n
     assert notes(["aggregator", "byzantine"], nodes=10, aggregator="krum", byzantine=3) == []
 
 
+def test_paths_and_messages_are_printed_as_given_not_read_as_rich_markup_or_emoji_codes(tmp_path, capsys):
+    """A path holding ":x:" (an emoji code to rich) or "[/]" (a closing tag) is printed as typed: not as
+    an emoji, not dropped, and not as a rich.errors.MarkupError traceback instead of the command's own line."""
+    odd = tmp_path / "a:x:b"
+    assert main(["report", str(odd)]) == 2
+    assert capsys.readouterr().err == f"error: no run directory found: '{odd}' is missing (no such file or folder)\n"
+    study = tmp_path / "s[" / "]x"  # the path s[/]x
+    assert main(["study", "--dry-run", "--out", str(study), "--datasets", "mnist"]) == 0
+    assert f"-> {study}\n" in capsys.readouterr().err

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
@@ -41,10 +40,10 @@ from .config import (
 from .errors import ConfigError, MethodError, MpflError, PathError, WorkerError
 from .interrupts import sigterm_as_interrupt
 from .notes import end_notes, flag, idle_flags
-from .progress import LOG_FORMATS
+from .progress import LOG_FORMATS, plain_console
 from .protocol import RoundRecord
 
-console = Console(stderr=True, soft_wrap=True)
+console = plain_console()
 PARTITION_FIELDS = ("seed", "nodes", "plugins", *(name for name, section in FIELD_SECTIONS.items() if section == "data"))
 RUN_DEFAULTS = {"workers": 0}
 """Where `mpfl run` departs from the Python API's defaults: it trains the nodes in one process per core
@@ -334,7 +333,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     scan = scan_runs(args.paths)
     for path, why in scan.skipped.items() if scan.runs else ():
-        console.print(f"skipped {path}: {why}", highlight=False)
+        console.print(escape(f"skipped {path}: {why}"), highlight=False)
     # a folder of runs (a study's) holds its report; runs named one by one, even one, share report/
     folder = len(args.paths) == 1 and not is_run_dir(Path(args.paths[0]))
     out = Path(args.out) if args.out else Path(args.paths[0]) if folder else Path("report")
@@ -359,10 +358,10 @@ def cmd_study(args: argparse.Namespace) -> int:
     cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
     if not args.quiet:
-        console.print(f"[bold]mpfl study[/] preset={args.preset} ({PRESETS[args.preset].about}) -> {out}")
+        console.print("[bold]mpfl study[/] " + escape(f"preset={args.preset} ({PRESETS[args.preset].about}) -> {out}"))
     if args.dry_run:
         check_study_folder(out)
-        print_plan(cells, out, Console(), args.data_dir, jobs)
+        print_plan(cells, out, plain_console(stderr=False), args.data_dir, jobs)
         missing = missing_datasets(cells, args.data_dir)
         present = sorted({cell.overrides["dataset"] for cell in cells} - set(missing))
         for name, where in missing.items():
@@ -373,8 +372,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         result = run_study(cells, out, data_dir=args.data_dir, console=console, quiet=args.quiet, force=args.force,
                            jobs=jobs)
     except KeyboardInterrupt:
-        console.print(f"interrupted; the finished cells are kept in {out}: run the same mpfl study command again "
-                      "to continue with the rest", highlight=False)
+        console.print(escape(f"interrupted; the finished cells are kept in {out}: run the same mpfl study command again "
+                             "to continue with the rest"), highlight=False)
         return INTERRUPTED
     print(f"ran {len(result.ran)}, already done {len(result.skipped)}, failed {len(result.failed)}")
     return 1 if result.failed else 0

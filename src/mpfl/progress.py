@@ -68,6 +68,13 @@ def round_text(record: dict, total: int, eta: float | None) -> str:
     return text
 
 
+def plain_console(*, stderr: bool = True) -> Console:
+    """A console for mpfl's own lines: no emoji codes (a path or message may hold ":x:") and no wrapping
+    of its own (a long path stays one line to copy). Text that is not markup must still go through
+    `rich.markup.escape`, or a "[/]" in a path would be read as a closing tag."""
+    return Console(stderr=stderr, soft_wrap=True, emoji=False)
+
+
 class RoundLog:
     """Shows each finished round on stderr: lines above a live bar on a terminal (``auto``), plain
     lines (``text``, or ``auto`` without a terminal) or JSON objects (``json``); nothing if quiet."""
@@ -75,7 +82,7 @@ class RoundLog:
     def __init__(self, plan: Sequence[Step], done: int = 0, *, log_format: str = "auto", quiet: bool = False,
                  console: Console | None = None, stream: TextIO | None = None) -> None:
         self.total, self.eta = len(plan), Eta(plan)
-        self.console = console or Console(stderr=True, soft_wrap=True)
+        self.console = console or plain_console()
         self.stream = stream or sys.stderr
         self.mode = "off" if quiet else log_format
         if self.mode == "auto":

@@ -74,6 +74,7 @@ from .files import atomic_write
 from .locks import RunLock, refuse_if_locked
 from .methods import method_of, plan
 from .parallel import forkserver_available, refuse_in_a_starting_worker
+from .progress import plain_console
 from .records import CONFIG, MOVED_ASIDE, SUMMARY, counted, read_summary
 
 if TYPE_CHECKING:
@@ -312,7 +313,7 @@ def run_study(cells: Sequence[Cell], out: str | Path, *, data_dir: str | None = 
     from .report import check_report_folder
 
     refuse_in_a_starting_worker()  # a script without a __main__ guard, re-imported by a pool process
-    console = console or Console(stderr=True)
+    console = console or plain_console()
     out = Path(out)
     check_study_folder(out)
     planned = [(cell, cfg, out / cell_name(cfg)) for cell in cells for cfg in [cell.config(data_dir)]]
@@ -346,16 +347,17 @@ def _run_locked(planned: Sequence[tuple[Cell, Config, Path]], out: Path, *, cons
                 _run_cell(cfg, path, progress, result)
                 progress.advance(overall, estimate_seconds(cfg))
     if result.failed:
-        console.print(f"[red]{counted(len(result.failed), 'cell')} failed:[/] " + ", ".join(p.name for p in result.failed))
+        console.print(f"[red]{counted(len(result.failed), 'cell')} failed:[/] "
+                      + escape(", ".join(p.name for p in result.failed)))
     finished = [path for _, _, path in planned if cell_status(path) == "done"]
     if report and finished:
         scan = scan_runs(finished)  # a cell whose files do not agree is listed in the report, not left out unsaid
         for path, why in scan.skipped.items():
-            console.print(f"[yellow]left out of the report:[/] {path.name}: {escape(why)}")
+            console.print("[yellow]left out of the report:[/] " + escape(f"{path.name}: {why}"))
         left_out = {**{path: f"failed: {why}" for path, why in result.failed.items()}, **scan.skipped}
         result.report = write_report(scan.runs, out, skipped=left_out, force=force)
         if not quiet:
-            console.print(f"report: {result.report[0]}")
+            console.print(escape(f"report: {result.report[0]}"))
     return result
 
 
@@ -414,7 +416,7 @@ def _record(cfg: Config, outcome: dict, progress: Progress, result: StudyResult)
     path = Path(outcome["path"])
     if "error" in outcome:
         result.failed[path] = outcome["error"]
-        progress.console.print(f"[red]failed[/] {path.name}: {outcome['error']}", highlight=False)
+        progress.console.print("[red]failed[/] " + escape(f"{path.name}: {outcome['error']}"), highlight=False)
         if "traceback" in outcome:
             progress.console.print(outcome["traceback"], highlight=False, markup=False)
         return
