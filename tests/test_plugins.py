@@ -68,6 +68,11 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, 
     assert main(["run", "--plugins", "missing.py", *SMALL, "--out", str(tmp_path / "r")]) == 2
     assert (f"(a relative path is read from the folder mpfl runs in, here {tmp_path}; for a recorded run, that is the "
             "folder it was started in; or give an absolute path)") in capsys.readouterr().err
+    (tmp_path / "beside_xyz.py").write_text("")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    assert main(["run", "--plugins", "beside_xyz", *SMALL, "--out", str(tmp_path / "r")]) == 2
+    assert ("(beside_xyz.py is in the folder mpfl runs in, which is not on the Python path of the mpfl command: pass "
+            "--plugins beside_xyz.py)") in capsys.readouterr().err
     for module, text in (("nosuchmodule_xyz", "could not be imported: ModuleNotFoundError"),
                          ("mpfl.core.nosuchmodule_xyz", "could not be imported: ModuleNotFoundError")):
         assert main(["run", "--plugins", module, *SMALL, "--out", str(tmp_path / "r")]) == 2

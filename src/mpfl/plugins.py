@@ -138,6 +138,9 @@ def _import(name: str) -> bytes | None:
             relative = _is_path(name) and not Path(name).expanduser().is_absolute()
             where = (f" (a relative path is read from the folder mpfl runs in, here {Path.cwd()}; for a recorded "
                      "run, that is the folder it was started in; or give an absolute path)" if relative else "")
+            if not _is_path(name) and Path(f"{name}.py").is_file():  # `python -m mpfl` would find it, `mpfl` does not
+                where = (f" ({name}.py is in the folder mpfl runs in, which is not on the Python path of the mpfl "
+                         f"command: pass --plugins {name}.py)")
             raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
                               f"name on the Python path or the path of a .py file{where}") from exc
         where = traceback.extract_tb(exc.__traceback__)[-1]
