@@ -561,6 +561,7 @@ def test_with_json_logs_errors_and_refusals_are_json_too(tmp_path, capsys):
             assert main(argv) == 2
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and json.loads(lines[0])["event"] == "error", argv
+        assert not json.loads(lines[0])["message"].startswith(("error", "mpfl")), argv  # the event names it an error
     assert "holds a finished run" in json.loads(lines[0])["message"]
 
 

@@ -530,10 +530,10 @@ class _Parser(argparse.ArgumentParser):
     json_errors = False
 
     def error(self, message: str) -> NoReturn:
-        text = f"{self.prog}: error: {message} (see {self.prog} --help)"
-        if self.json_errors:
-            text = json.dumps({"event": "error", "message": text})
-        self.exit(2, text + "\n")
+        text = f"{message} (see {self.prog} --help)"
+        if self.json_errors:  # the event says it is an error, as in every other error's JSON line
+            self.exit(2, json.dumps({"event": "error", "message": text}) + "\n")
+        self.exit(2, f"{self.prog}: error: {text}\n")
 
 
 _NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.IGNORECASE)
