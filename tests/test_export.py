@@ -18,7 +18,7 @@ from mpfl.cli import main
 from mpfl.core.params import param_spec, set_weights
 from mpfl.data import load_dataset
 from mpfl.errors import ExportError
-from mpfl.export import export_run, load_export
+from mpfl.export import _write_onnx, export_run, load_export
 from mpfl.models import build_model
 from mpfl.sim import simulate
 
@@ -132,9 +132,16 @@ def test_export_command_writes_files_and_refuses_what_it_cannot_do(structured_ru
     assert main(["export", str(tmp_path), "--repeats", "2"]) == 2
     assert main(["export", str(tmp_path / "nope"), "--repeats", "2"]) == 2
     assert f"{tmp_path / 'nope'} does not exist; give the folder of a finished run" in capsys.readouterr().err
-    if importlib.util.find_spec("onnx") is None:
-        with pytest.raises(ExportError, match="onnx"):
-            export_run(structured_run.run_dir, out, formats=["onnx"], repeats=2)
+
+
+def test_onnx_without_its_packages_is_refused_before_anything_is_written(structured_run, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "onnxscript" else
+                        find_spec(name, *args))
+    with pytest.raises(ExportError, match=r"ONNX export needs the onnxscript package\(s\), which are not installed "
+                                          r"\(pip install onnxscript"):
+        export_run(structured_run.run_dir, tmp_path / "exp", formats=["onnx"], repeats=2)
+    assert not (tmp_path / "exp").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs the onnx package")
@@ -153,6 +160,27 @@ def test_an_onnx_export_is_one_file_that_holds_its_weights_and_takes_any_batch(s
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     [out] = ReferenceEvaluator(model).run(None, {"input": x.numpy()})
     np.testing.assert_allclose(out, logits(load_export(tmp_path / "exp"), x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs the onnx package")
+@pytest.mark.parametrize("name, shape", [("cnn", (1, 28, 28)), ("resnet18", (3, 32, 32))])
+@pytest.mark.parametrize("dynamo", [True, False], ids=["torch.export exporter", "TorchScript exporter"])
+def test_an_onnx_model_computes_what_the_torch_model_does_at_any_batch_size(name, shape, dynamo, tmp_path):
+    """With either of torch's exporters (the TorchScript one is torch's default before 2.9)."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    torch.manual_seed(0)
+    model = build_model(name, shape, 10).eval()
+    _write_onnx(model, torch.zeros(1, *shape), tmp_path / "model.onnx", dynamo=dynamo)
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert sum(t.ByteSize() for t in graph.initializer) > 3 * sum(p.numel() for p in model.parameters())  # in the file
+    session = ReferenceEvaluator(onnx.load(str(tmp_path / "model.onnx")))
+    for batch in (1, 3):
+        x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+        [out] = session.run(None, {"input": x.numpy()})
+        np.testing.assert_allclose(out, logits(model, x).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_final_file_naming_an_input_no_model_can_take_is_an_export_error(unstructured_run, tmp_path, capsys):

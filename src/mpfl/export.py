@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 import json
 import logging
@@ -116,22 +117,35 @@ def _check_onnx() -> None:
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"ONNX export needs the {' and '.join(missing)} package(s), which are not installed "
-                          f"(pip install {' '.join(missing)}); --format torchscript works without them")
+                          f"(pip install {' '.join(missing)}, or pip install -e \".[onnx]\" in a checkout); --format torchscript "
+                          "works without them")
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """The model as one self-contained ONNX file for batches of any size: its weights inside the file
-    (the exporter's default puts them in a separate `.data` file, which one exported file cannot carry).
-    The exporter's progress lines, and its warnings about operators of packages the model does not
-    use (torchvision's), would bury the export's own summary, so they are silenced."""
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, dynamo: bool | None = None) -> None:
+    """The model as one self-contained ONNX file for batches of any size. `dynamo` picks torch's exporter
+    (None: torch's default, the torch.export-based one from torch 2.9 on, the TorchScript one before);
+    each is told in its own terms that the batch dimension is free and the weights go inside the file
+    (the torch.export-based exporter would put them in a `.data` file beside it, which one exported
+    file cannot carry). The exporter's progress lines, and its warnings about operators of packages
+    the model does not use (torchvision's), would bury the export's own summary, so they are silenced."""
+    parameters = inspect.signature(torch.onnx.export).parameters
+    if dynamo is None:
+        dynamo = "dynamo" in parameters and parameters["dynamo"].default is True
+    if dynamo:
+        options: dict[str, Any] = {"dynamo": True, "dynamic_shapes": ({0: "batch"},), "external_data": False}
+    else:
+        options = {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
+        if "dynamo" in parameters:
+            options["dynamo"] = False
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's, in torch 2.9 on
             torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), external_data=False, verbose=False)
+                              verbose=False, **options)
     finally:
         exporter_log.setLevel(level)
 
