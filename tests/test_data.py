@@ -362,17 +362,25 @@ def test_cifar_legacy_numpy_module_names(tmp_path: Path) -> None:
     np.testing.assert_array_equal(x_test.reshape(4, -1), batches["test_batch"][0])
 
 
-@pytest.mark.parametrize("protocol", [0, 1, 2])
-def test_cifar_batch_resaved_with_an_old_protocol(tmp_path: Path, protocol: int) -> None:
-    # Python 3 pickles bytes under protocols 0 to 2 as calls to _codecs.encode(text, "latin1")
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar_batch_resaved_with_any_protocol(tmp_path: Path, protocol: int) -> None:
+    # Python 3 pickles bytes under protocols 0 to 2 as calls to _codecs.encode(text, "latin1"), and numpy
+    # arrays under protocol 5 as calls to numpy's _frombuffer
     batches = write_cifar(tmp_path, "cifar10")
     data, labels = batches["test_batch"]
     blob = pickle.dumps({b"batch_label": b"testing batch 1 of 1", b"data": data, b"labels": labels}, protocol=protocol)
-    assert b"_codecs" in blob
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
     x_train, y_train, x_test, y_test = read_cifar(tmp_path, "cifar10")
     np.testing.assert_array_equal(x_test.reshape(len(data), -1), data)
     assert y_test.tolist() == list(labels)
+
+
+def test_a_protocol_5_array_of_python_objects_is_refused(tmp_path: Path) -> None:
+    write_cifar(tmp_path, "cifar10")
+    blob = pickle.dumps({b"data": np.zeros(3, dtype=np.uint8)}, protocol=5).replace(b"u1", b"O8")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    with pytest.raises(DataError, match="refusing to rebuild an array of dtype"):
+        read_cifar(tmp_path, "cifar10")
 
 
 def test_an_encoding_other_than_latin1_is_refused(tmp_path: Path) -> None:

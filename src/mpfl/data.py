@@ -480,9 +480,17 @@ def _read_idx_pair(folder: Path, prefix: str, num_classes: int) -> tuple[np.ndar
 def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     """What pickle protocols 0 to 2 call (as `_codecs.encode`) to rebuild a Python 3 bytes object;
     only the latin-1 encoding they write is accepted."""
-    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+    if type(encoding) is not str or encoding not in ("latin1", "latin-1") or not isinstance(text, str):
         raise pickle.UnpicklingError(f"refusing to call _codecs.encode with encoding {encoding!r}")
     return text.encode("latin1")
+
+
+def _array_from_buffer(buffer: bytes | bytearray, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+    """What pickle protocol 5 calls (as numpy's `_frombuffer`) to rebuild an array: of numbers only (a pickled
+    dtype's flags are the file's to set, so its kind, not `hasobject`, tells an array of Python objects)."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf":
+        raise pickle.UnpicklingError(f"refusing to rebuild an array of dtype {dtype!r}")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -491,13 +499,15 @@ class _ArrayUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _array_from_buffer,
+        ("numpy._core.numeric", "_frombuffer"): _array_from_buffer,
         ("numpy", "ndarray"): np.ndarray,
         ("numpy", "dtype"): np.dtype,
         ("_codecs", "encode"): _latin1_bytes,
     }
 
     def find_class(self, module: str, name: str) -> object:
-        """Resolve only the numpy names array pickles use."""
+        """Resolve only the names that pickles of numpy arrays and bytes use."""
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
