@@ -619,6 +619,11 @@ def test_a_sparsity_of_0_leaves_the_sparsity_axis_to_the_others(runs, tmp_path, 
         plot_accuracy_vs_sparsity(groups, tmp_path / "s.png", "t")
     ax = drawn[0].axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "0.9"] and 0 < ax.get_xlim()[0] < 0.5
+    [level] = [line for line in ax.get_lines() if line.get_label() == "mpfl at sparsity 0"]  # shown as a level
+    assert set(level.get_ydata()) == {90.0}
+    plot_accuracy_vs_sparsity(groups[:1], tmp_path / "only0.png", "t")
+    only = drawn[1].axes[0]
+    assert only.get_xscale() == "linear" and only.get_xlabel() == "" and list(only.get_xticks()) == []
 
 
 def test_accuracy_axes_end_at_100_and_begin_at_0_percent(runs, tmp_path, drawn):

@@ -674,15 +674,22 @@ def plot_accuracy_vs_sparsity(groups: Sequence[Group], path: Path, title: str) -
         if mine[0].first.reference:
             ax.axhline(mean.mean(), color=colors[method], linestyle="--", label="fedavg (dense)")
             continue
-        x = [g.first.summary["sparsity"] for g in mine]
-        ticks.update(x)
-        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colors[method], label=mine[0].label)
+        x = np.array([g.first.summary["sparsity"] for g in mine])
+        for level in mean[x == 0]:  # a logit axis has no place for sparsity 0: a reference line, as dense FedAvg's
+            ax.axhline(level, color=colors[method], linestyle=":", label=f"{method} at sparsity 0")
+        if (x > 0).any():
+            ticks.update(x[x > 0].tolist())
+            ax.errorbar(x[x > 0], mean[x > 0], yerr=std[x > 0], marker="o", capsize=3, color=colors[method],
+                        label=mine[0].label)
     ax.set_ylim(*_percent_range(*ax.get_ylim()))
-    if placed := sorted(t for t in ticks if t > 0):  # a logit axis has no place for sparsity 0 (no pruning)
+    if ticks:
+        placed = sorted(ticks)
         ax.set_xscale("logit")
         ax.set_xlim(*_sparsity_limits(placed))
         ax.set_xticks(placed, [f"{t:g}" for t in placed])
         ax.minorticks_off()
+    else:
+        ax.set(xlabel="", xticks=[])
     ax.legend(fontsize=8, loc="best")
     fig.savefig(path)
     return path
