@@ -221,7 +221,7 @@ def test_a_plug_in_rule_or_aggregator_that_says_what_it_reads_gets_the_idle_flag
     def mean(tensors, weights, **_):
         return weighted_average(tensors, weights)
 
-    register_rule("reads-tau-test", keep, reads=("tau",))
+    register_rule("reads-tau-test", keep, reads="tau")  # one name as a string
     register_rule("silent-test", keep)
     register_aggregator("reads-trim-test", mean, reads=["trim"])
     register_aggregator("silent-agg-test", mean)
@@ -234,7 +234,9 @@ def test_a_plug_in_rule_or_aggregator_that_says_what_it_reads_gets_the_idle_flag
 
 
 @pytest.mark.parametrize("register, reads, phrase", [
-    ("rule", ("tua",), r"consensus rule 'typo-test': reads = 'tua' is not a setting it is given; name some of .*tau"),
+    ("rule", ("tua",), r"consensus rule 'typo-test': reads = 'tua' is not a setting it is given; name some of "
+                       r"percentile, tau"),
+    ("rule", 5, r"consensus rule 'typo-test': reads = 5 must be setting names"),
     ("aggregator", ("trim", "lr"), r"aggregator 'typo-test': reads = 'lr' is not a setting it is given; name some of "
                                    r"byzantine, trim"),
 ])

@@ -54,7 +54,7 @@ class Registry(Generic[T]):
         if reads is None:
             self._reads.pop(key, None)
         else:
-            self._reads[key] = frozenset(reads)
+            self._reads[key] = _names(reads, f"{self.kind} {key!r}")
         return entry
 
     def reads(self, name: str) -> frozenset[str] | None:
@@ -119,12 +119,23 @@ def check_callable(fn: Callable, kind: str, name: str, form: str, *args: Any, **
                           f"{form} ({exc}); give it those parameters") from None
 
 
+def _names(reads: Iterable[str] | str, owner: str) -> frozenset[str]:
+    """`reads` as a set of names (one name given as a string is that name, not its letters)."""
+    try:
+        names = frozenset([reads] if isinstance(reads, str) else reads)
+    except TypeError:
+        names = frozenset([reads])
+    if not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{owner}: reads = {reads!r} must be setting names, such as ('tau',)")
+    return names
+
+
 def checked_reads(reads: Iterable[str] | None, settings: Iterable[str], kind: str, name: str) -> frozenset[str] | None:
     """A plug-in's declared `reads` as a set, once each is one of the `settings` it is given; None stays None
     (it did not say)."""
     if reads is None:
         return None
-    declared = frozenset([reads] if isinstance(reads, str) else reads)
+    declared = _names(reads, f"{kind} {name!r}")
     if unknown := sorted(map(repr, declared - set(settings))):
         raise ConfigError(f"{kind} {name!r}: reads = {', '.join(unknown)} is not a setting it is given; name some of "
                           f"{', '.join(sorted(settings))}")

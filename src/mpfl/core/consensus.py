@@ -8,7 +8,7 @@ new consensus is always a subset of it.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -157,12 +157,16 @@ for _name, _rule, _reads in (("vote", vote, ()), ("threshold", threshold, ("tau"
     RULES.register(_name, _rule, reads=_reads)
 
 
+SETTINGS = ("tau", "percentile")
+"""The `VoteContext` settings a rule declares it reads, as `reads` (the rest are every rule's to use)."""
+
+
 def register_rule(name: str, rule: Rule, *, reads: Sequence[str] | None = None) -> None:
-    """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`). `reads`
-    names the `VoteContext` fields it uses, such as ``("tau",)``: `mpfl run` then says when --tau or
-    --percentile has no effect on it (left unsaid, it never does)."""
+    """Add a consensus rule `rule(votes, support, ctx) -> mask` (a subset of `support`). `reads` names
+    those of `SETTINGS` it uses, such as ``("tau",)``: `mpfl run` then says when --tau or --percentile
+    has no effect on it (left unsaid, it never does)."""
     check_callable(rule, "consensus rule", name, "rule(votes, support, ctx)", None, None, None)
-    RULES.register(name, rule, reads=checked_reads(reads, [f.name for f in fields(VoteContext)], "consensus rule", name))
+    RULES.register(name, rule, reads=checked_reads(reads, SETTINGS, "consensus rule", name))
 
 
 def consensus(votes: Sequence[np.ndarray], support: Sequence[np.ndarray], rule: str, ctx: VoteContext) -> Mask:
