@@ -71,8 +71,16 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, 
     (tmp_path / "beside_xyz.py").write_text("")
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     assert main(["run", "--plugins", "beside_xyz", *SMALL, "--out", str(tmp_path / "r")]) == 2
-    assert ("(beside_xyz.py is in the folder mpfl runs in, which is not on the Python path of the mpfl command: pass "
+    assert ("(beside_xyz is in the folder mpfl runs in, which is not on the Python path of the mpfl command: pass "
             "--plugins beside_xyz.py)") in capsys.readouterr().err
+    (tmp_path / "pkg_xyz").mkdir()
+    (tmp_path / "pkg_xyz" / "__init__.py").write_text("")
+    for name in ("pkg_xyz", "pkg_xyz.sub"):  # a package: its name cannot be given as a file
+        assert main(["run", "--plugins", name, *SMALL, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert f"plug-in {name!r} could not be imported: ModuleNotFoundError" in err, err
+        assert "(pkg_xyz is in the folder mpfl runs in, which is not on the Python path of the mpfl command: run " \
+               "PYTHONPATH=. mpfl ... or python -m mpfl ...)" in err
     for module, text in (("nosuchmodule_xyz", "could not be imported: ModuleNotFoundError"),
                          ("mpfl.core.nosuchmodule_xyz", "could not be imported: ModuleNotFoundError")):
         assert main(["run", "--plugins", module, *SMALL, "--out", str(tmp_path / "r")]) == 2

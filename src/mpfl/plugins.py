@@ -134,13 +134,18 @@ def _import(name: str) -> bytes | None:
     except ConfigError as exc:  # a registration the plug-in made was refused: say which plug-in made it
         raise type(exc)(f"{exc} (while importing plug-in {name!r})") from None
     except Exception as exc:
-        if isinstance(exc, FileNotFoundError) or (isinstance(exc, ModuleNotFoundError) and exc.name == name):
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and \
+            (name == exc.name or name.startswith(exc.name + "."))  # the plug-in itself, or a package above it
+        if isinstance(exc, FileNotFoundError) or missing:
             relative = _is_path(name) and not Path(name).expanduser().is_absolute()
             where = (f" (a relative path is read from the folder mpfl runs in, here {Path.cwd()}; for a recorded "
                      "run, that is the folder it was started in; or give an absolute path)" if relative else "")
-            if not _is_path(name) and Path(f"{name}.py").is_file():  # `python -m mpfl` would find it, `mpfl` does not
-                where = (f" ({name}.py is in the folder mpfl runs in, which is not on the Python path of the mpfl "
-                         f"command: pass --plugins {name}.py)")
+            top = name.split(".")[0]
+            if not _is_path(name) and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file()):
+                # `python -m mpfl` imports from the folder it runs in, the `mpfl` command does not
+                fix = f"pass --plugins {name}.py" if "." not in name and Path(f"{name}.py").is_file() else \
+                    "run PYTHONPATH=. mpfl ... or python -m mpfl ..."
+                where = f" ({top} is in the folder mpfl runs in, which is not on the Python path of the mpfl command: {fix})"
             raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
                               f"name on the Python path or the path of a .py file{where}") from exc
         where = traceback.extract_tb(exc.__traceback__)[-1]
