@@ -202,7 +202,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--nodes", type=int, action="append", help="node counts to run (repeatable; default 10 to 10,000)")
-    p.add_argument("--plot", type=Path, metavar="PNG", help="write the time and memory plot here")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write the time, memory and checkpoint plot here")
     p.add_argument("--workers", type=int, default=1, help="worker processes of each run (default 1)")
     p.add_argument("--mask-coder", choices=("range", "packbits"), default="range",
                    help="how masks are coded (default range; packbits sends plain bits, with nothing to decode)")

@@ -150,6 +150,16 @@ def round_record(step: int, phase: str = "train", *, nodes=(0, 1), dropped=None,
             "cum_bytes_down": 20 * step, "nodes": list(nodes), "dropped": dropped or {}, **fields}
 
 
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures plots draw (their PNGs still written), so that their axes can be read."""
+    import matplotlib.figure
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
+    return figures
+
+
 def shown_tick_labels(axis) -> dict[float, str]:
     """The major tick labels a matplotlib axis shows (those within its limits), by position."""
     lo, hi = sorted(axis.get_view_interval())

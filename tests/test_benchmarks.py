@@ -104,19 +104,15 @@ def test_the_label_skew_benchmark_refuses_names_it_would_misread_before_running(
     assert done.returncode == 2 and message in done.stderr
 
 
-def test_the_scale_plot_gives_the_checkpoint_an_axis_of_its_own_and_reads_plain_numbers(tmp_path, monkeypatch):
-    """The rows of docs/performance.md's table: a checkpoint of 5-6 MB drawn beside 650-1,600 MiB of memory
+def test_the_scale_plot_gives_the_checkpoint_an_axis_of_its_own_and_reads_plain_numbers(tmp_path, drawn):
+    """Rows of an earlier run of the benchmark: a checkpoint of 5-6 MB drawn beside 650-1,600 MiB of memory
     lay flat along zero, and the log axes read 10^4 and 2x10^-1."""
-    import matplotlib.figure
-
-    figures, save = [], matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
     measured = ((10, 0.37, 0.21, 648, 5.0), (100, 0.92, 0.27, 648, 5.0), (1000, 1.17, 0.60, 673, 5.1),
                 (10000, 1.74, 4.44, 1614, 6.4))
     rows = [{"nodes": n, "mask_rounds": 5, "rounds": 20, "setup_s": setup, "round_s": per_round, "peak_rss_mib": rss,
              "checkpoint_mb": checkpoint} for n, setup, per_round, rss, checkpoint in measured]
     benchmark_module("scale").plot(rows, tmp_path / "scale.png")
-    (fig,) = figures
+    (fig,) = drawn
 
     def axes_of(key):
         (ax,) = [ax for ax in fig.axes for line in ax.lines if list(line.get_ydata()) == [r[key] for r in rows]]

@@ -576,16 +576,6 @@ def _seeded(run, seed: int, accuracies, sparsity: float = 0.9, bytes_per_round: 
     return dataclasses.replace(run, rounds=rounds, summary=summary)
 
 
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the report's plots draw (their PNGs still written), so that their axes can be read."""
-    import matplotlib.figure
-
-    figures, save = [], matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig) or save(fig, *a, **k))
-    return figures
-
-
 def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 

@@ -393,3 +393,18 @@ def test_a_finished_cell_whose_records_disagree_is_named_in_the_studys_report(st
     assert f"left out of the report: {damaged.name}: " in capsys.readouterr().err
     text = (out / "report.md").read_text()
     assert damaged.name in text and "1 run in 1 group" in text
+
+
+def test_the_plan_prints_a_registered_name_that_reads_as_markup_as_it_is(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from mpfl.data import register_dataset
+    from mpfl.study import print_plan
+
+    register_dataset("odd[/]set", lambda data_dir: None)  # the plan only names it
+    cells = [cell for cell in preset_cells("quick", datasets=["odd[/]set"]) if cell.group == "main"][:1]
+    out = io.StringIO()
+    print_plan(cells, tmp_path, Console(file=out, width=300))
+    assert "odd[/]set" in out.getvalue() and cell_name(cells[0].config()) in out.getvalue()

@@ -358,7 +358,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
     out = Path(args.out) if args.out else Path("studies") / args.preset
     if not args.quiet:
-        console.print("[bold]mpfl study[/] " + escape(f"preset={args.preset} ({PRESETS[args.preset].about}) -> {out}"))
+        console.print("[bold]mpfl study[/] " + escape(f"preset={args.preset} ({PRESETS[args.preset].about}) -> {out}"),
+                      highlight=False)
     if args.dry_run:
         check_study_folder(out)
         print_plan(cells, out, plain_console(stderr=False), args.data_dir, jobs)

@@ -421,7 +421,8 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
 
 class Row(TypedDict):
     """One group's row of the report's table (and of `mpfl report --json`): figures are means over
-    the group's runs, `_std` their sample standard deviations over seeds (None for one seed)."""
+    the group's runs, `_std` their sample standard deviations (accuracies' over seeds, the bytes ratio's
+    over the runs that have one; None for a single value)."""
 
     method: str
     model: str

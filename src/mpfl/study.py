@@ -268,12 +268,13 @@ def print_plan(cells: Sequence[Cell], out: str | Path, console: Console, data_di
         cfg = cell.config(data_dir)
         name, est = cell_name(cfg), estimate_seconds(cfg)
         status = cell_status(Path(out) / name)
-        console.print(f"{i:>4}  {cell.group:<20} {len(plan(cfg)):>6} {est:>7.1f}  {status:<10} {name}", soft_wrap=True)
+        console.print(f"{i:>4}  {cell.group:<20} {len(plan(cfg)):>6} {est:>7.1f}  {status:<10} {name}", soft_wrap=True,
+                      markup=False)
         n, t = per_group.get(cell.group, (0, 0.0))
         per_group[cell.group] = (n + 1, t + est)
         todo += 0.0 if status == "done" else est
     for group, (n, t) in per_group.items():
-        console.print(f"  {group:<20} {n:>4} cell{'' if n == 1 else 's'}  {t / 60:6.1f} min")
+        console.print(f"  {group:<20} {n:>4} cell{'' if n == 1 else 's'}  {t / 60:6.1f} min", markup=False)
     at_once = f"{jobs} cells at a time" if jobs > 1 else "one cell at a time"
     console.print(f"{counted(len(cells), 'cell')}, estimated {sum(t for _, t in per_group.values()) / 60:.1f} min in all on one "
                   f"core; still to run: about {todo / 60 / jobs:.1f} min ({at_once}, one torch thread each)")
@@ -374,8 +375,8 @@ class RoundLines:
         if path not in self.tasks:
             self.tasks[path] = self.progress.add_task("", total=len(plan(self.cells[path])))
         acc = "acc    -  " if accuracy is None else f"acc {100 * accuracy:5.2f}%"
-        name = Path(path).name
-        self.progress.update(self.tasks[path], advance=1, description=f"  {name[:48]:<48} {phase:>6} {round:>3} {acc}")
+        name = escape(f"{Path(path).name[:48]:<48}")  # a registered name may hold "[", which the line reads as markup
+        self.progress.update(self.tasks[path], advance=1, description=f"  {name} {phase:>6} {round:>3} {acc}")
 
     def finish(self, path: str) -> None:
         """Remove the line of a cell that has ended."""
@@ -426,7 +427,7 @@ def _record(cfg: Config, outcome: dict, progress: Progress, result: StudyResult)
         return
     acc = "n/a" if summary["final_accuracy"] is None else f"{100 * summary['final_accuracy']:.2f}%"
     progress.console.print(f"done {path.name}: accuracy {acc}, {summary['wall_time']:.1f} s "
-                           f"(estimated {estimate_seconds(cfg):.1f} s)")
+                           f"(estimated {estimate_seconds(cfg):.1f} s)", markup=False)
 
 
 def run_in_processes(todo: Sequence[tuple[Config, Path]], jobs: int, progress: Progress, overall: TaskID,
