@@ -302,6 +302,8 @@ def test_datasets_option_keeps_the_grid_on_the_named_datasets(capsys):
     assert {c.group for c in mnist_only} == {c.group for c in preset_cells("quick")}
     fashion_only = preset_cells("quick", datasets=["fashion-mnist"])
     assert {c.group for c in fashion_only} == {"main", "averaging"}
+    assert preset_cells("quick", datasets=["FMNIST", "MNIST"]) == preset_cells("quick", datasets=["fashion-mnist",
+                                                                                                 "mnist"])
     with pytest.raises(ConfigError, match="--datasets mnst: choose from mnist"):
         preset_cells("quick", datasets=["mnst"])
 

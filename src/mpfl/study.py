@@ -68,6 +68,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .config import Config
+from .data import DATASETS as DATASET_REGISTRY
 from .data import available_datasets, data_search_path, dataset_available, load_dataset
 from .errors import ConfigError, DataError, MpflError, WorkerError
 from .files import atomic_write
@@ -179,9 +180,10 @@ def preset_cells(name: str, seeds: int | None = None, datasets: Sequence[str] | 
     if seeds is not None and not 1 <= seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds must be between 1 and {MAX_SEEDS} (each seed repeats the grid's runs), got {seeds}")
     if datasets is not None:
-        unknown = [d for d in datasets if d not in available_datasets()]
+        unknown = [d for d in datasets if d not in DATASET_REGISTRY]
         if unknown or not datasets:
             raise ConfigError(f"--datasets {','.join(unknown)}: choose from {', '.join(available_datasets())}")
+        datasets = [DATASET_REGISTRY.canonical(d) for d in datasets]  # any case, or another name (fmnist), as mpfl run
     return grid(preset.base, seeds or preset.seeds, tuple(dict.fromkeys(datasets)) if datasets else DATASETS)
 
 
