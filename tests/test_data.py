@@ -369,10 +369,33 @@ def test_cifar_batch_resaved_with_any_protocol(tmp_path: Path, protocol: int) ->
     batches = write_cifar(tmp_path, "cifar10")
     data, labels = batches["test_batch"]
     blob = pickle.dumps({b"batch_label": b"testing batch 1 of 1", b"data": data, b"labels": labels}, protocol=protocol)
+    assert (b"_codecs" in blob) == (protocol <= 2) and (b"_frombuffer" in blob) == (protocol == 5)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
     x_train, y_train, x_test, y_test = read_cifar(tmp_path, "cifar10")
     np.testing.assert_array_equal(x_test.reshape(len(data), -1), data)
     assert y_test.tolist() == list(labels)
+
+
+class _SubArrayBuffer:
+    """Pickles (protocol 5) as numpy's _frombuffer over one image's bytes with a uint8 dtype whose state gives
+    each item `items` bytes: numpy would read that many times the buffer, past its end."""
+
+    def __init__(self, items: int) -> None:
+        self.dtype = np.dtype("u1", False, True)
+        self.dtype.__setstate__((3, "|", (np.dtype("u1"), (items,)), None, None, -1, -1, 0))
+
+    def __reduce__(self):
+        from numpy._core.numeric import _frombuffer
+
+        return _frombuffer, (bytearray(3072), self.dtype, (-1, 3072), "C")
+
+
+def test_a_protocol_5_dtype_that_would_read_past_its_buffer_is_refused(tmp_path: Path) -> None:
+    write_cifar(tmp_path, "cifar10")
+    blob = pickle.dumps({b"data": _SubArrayBuffer(4), b"labels": [0] * 4}, protocol=5)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(blob)
+    with pytest.raises(DataError, match="refusing to rebuild an array of dtype"):
+        read_cifar(tmp_path, "cifar10")
 
 
 def test_a_protocol_5_array_of_python_objects_is_refused(tmp_path: Path) -> None:

@@ -486,11 +486,12 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
 
 
 def _array_from_buffer(buffer: bytes | bytearray, dtype: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
-    """What pickle protocol 5 calls (as numpy's `_frombuffer`) to rebuild an array: of numbers only (a pickled
-    dtype's flags are the file's to set, so its kind, not `hasobject`, tells an array of Python objects)."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf":
+    """What pickle protocol 5 calls (as numpy's `_frombuffer`) to rebuild an array: of plain numbers only. A
+    pickled dtype's state is the file's to set (flags that hide Python objects, a sub-array shape that makes
+    each item read past the buffer), so the dtype is rebuilt from its type code alone."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or dtype.subdtype is not None or dtype.names:
         raise pickle.UnpicklingError(f"refusing to rebuild an array of dtype {dtype!r}")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+    return np.frombuffer(buffer, dtype=np.dtype(dtype.str)).reshape(shape, order=order)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
