@@ -162,6 +162,24 @@ def test_an_onnx_export_is_one_file_that_holds_its_weights_and_takes_any_batch(s
     np.testing.assert_allclose(out, logits(load_export(tmp_path / "exp"), x).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_an_onnx_export_that_fails_is_one_error_line_and_leaves_the_folder_as_it_was(structured_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.setattr("mpfl.export._check_onnx", lambda: None)
+    assert main(["export", str(structured_run.run_dir), "--out", str(tmp_path / "exp"), "--repeats", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "exp").iterdir()}
+    capsys.readouterr()
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("unsupported operator aten::foo\n" + "a page of graph dump\n" * 50)
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    assert main(["export", str(structured_run.run_dir), "--out", str(tmp_path / "exp"), "--repeats", "1", "--format",
+                 "onnx", "--force"]) == 2
+    assert capsys.readouterr().err == ("error: torch's ONNX exporter could not export the model (RuntimeError: "
+                                       "unsupported operator aten::foo); --format torchscript or state_dict may work\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "exp").iterdir()} == before
+
+
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="needs the onnx package")
 @pytest.mark.parametrize("name, shape", [("cnn", (1, 28, 28)), ("resnet18", (3, 32, 32))])
 @pytest.mark.parametrize("dynamo", [True, False], ids=["torch.export exporter", "TorchScript exporter"])

@@ -121,13 +121,18 @@ def _check_onnx() -> None:
                           "works without them")
 
 
+EXPORTER_LOGS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes")
+"""Loggers of torch's ONNX exporters, silenced during an export: progress, warnings about operators of packages the
+model does not use (torchvision's), and graph dumps when export fails."""
+
+
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, dynamo: bool | None = None) -> None:
     """The model as one self-contained ONNX file for batches of any size. `dynamo` picks torch's exporter
     (None: torch's default, the torch.export-based one from torch 2.9 on, the TorchScript one before);
     each is told in its own terms that the batch dimension is free and the weights go inside the file
     (the torch.export-based exporter would put them in a `.data` file beside it, which one exported
-    file cannot carry). The exporter's progress lines, and its warnings about operators of packages
-    the model does not use (torchvision's), would bury the export's own summary, so they are silenced."""
+    file cannot carry). What the exporters log (`EXPORTER_LOGS`) would bury the export's own summary, so it is
+    silenced; a failed export is an ExportError of one line."""
     parameters = inspect.signature(torch.onnx.export).parameters
     if dynamo is None:
         dynamo = "dynamo" in parameters and parameters["dynamo"].default is True
@@ -137,17 +142,23 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, dynamo: 
         options = {"dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
         if "dynamo" in parameters:
             options["dynamo"] = False
-    exporter_log = logging.getLogger("torch.onnx")
-    level = exporter_log.level
-    exporter_log.setLevel(logging.ERROR)
+    logs = {name: logging.getLogger(name) for name in EXPORTER_LOGS}
+    levels = {name: log.level for name, log in logs.items()}
+    for log in logs.values():
+        log.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's, in torch 2.9 on
             torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
                               verbose=False, **options)
+    except Exception as exc:  # the exporters raise many types, some with pages of graph dumps
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"torch's ONNX exporter could not export the model ({type(exc).__name__}: {first}); "
+                          "--format torchscript or state_dict may work") from exc
     finally:
-        exporter_log.setLevel(level)
+        for name, log in logs.items():
+            log.setLevel(levels[name])
 
 
 def _load_torch(path: Path) -> Any:
