@@ -73,6 +73,9 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, 
     assert main(["run", "--plugins", "beside_xyz", *SMALL, "--out", str(tmp_path / "r")]) == 2
     assert ("(beside_xyz is in the folder mpfl runs in, which is not on the Python path of the mpfl command: pass "
             "--plugins beside_xyz.py)") in capsys.readouterr().err
+    for name in (".rel", "pkg.", "two..dots", "has space"):
+        assert main(["run", "--plugins", name, *SMALL, "--out", str(tmp_path / "r")]) == 2
+        assert f"plug-in {name!r} is neither a module name" in capsys.readouterr().err
     (tmp_path / "pkg_xyz").mkdir()
     (tmp_path / "pkg_xyz" / "__init__.py").write_text("")
     for name in ("pkg_xyz", "pkg_xyz.sub"):  # a package: its name cannot be given as a file
@@ -81,6 +84,10 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, 
         assert f"plug-in {name!r} could not be imported: ModuleNotFoundError" in err, err
         assert "(pkg_xyz is in the folder mpfl runs in, which is not on the Python path of the mpfl command: run " \
                "PYTHONPATH=. mpfl ... or python -m mpfl ...)" in err
+    monkeypatch.syspath_prepend(str(tmp_path))  # the folder on the path: only the sub-module is missing
+    assert main(["run", "--plugins", "pkg_xyz.nosub", *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "No module named 'pkg_xyz.nosub'" in err and "PYTHONPATH" not in err
     for module, text in (("nosuchmodule_xyz", "could not be imported: ModuleNotFoundError"),
                          ("mpfl.core.nosuchmodule_xyz", "could not be imported: ModuleNotFoundError")):
         assert main(["run", "--plugins", module, *SMALL, "--out", str(tmp_path / "r")]) == 2
@@ -245,6 +252,7 @@ def test_a_plug_in_rule_or_aggregator_that_says_what_it_reads_gets_the_idle_flag
     ("rule", ("tua",), r"consensus rule 'typo-test': reads = 'tua' is not a setting it is given; name some of "
                        r"percentile, tau"),
     ("rule", 5, r"consensus rule 'typo-test': reads = 5 must be setting names"),
+    ("aggregator", [["trim"]], r"aggregator 'typo-test': reads = \[\['trim'\]\] must be setting names"),
     ("aggregator", ("trim", "lr"), r"aggregator 'typo-test': reads = 'lr' is not a setting it is given; name some of "
                                    r"byzantine, trim"),
 ])

@@ -410,3 +410,19 @@ def test_the_plan_prints_a_registered_name_that_reads_as_markup_as_it_is(tmp_pat
     out = io.StringIO()
     print_plan(cells, tmp_path, Console(file=out, width=300))
     assert "odd[/]set" in out.getvalue() and cell_name(cells[0].config()) in out.getvalue()
+
+
+def test_a_cells_progress_line_shows_a_name_that_reads_as_markup_as_it_is(tmp_path):
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress, TextColumn
+
+    from mpfl.study import RoundLines
+
+    out = io.StringIO()
+    path = str(tmp_path / "mpfl-odd[red]set-sp0.9")
+    with Progress(TextColumn("{task.description}"), console=Console(file=out, width=200)) as progress:
+        RoundLines(progress, {path: Config()}).show(path, "mask", 1, None)
+        progress.refresh()
+    assert "mpfl-odd[red]set-sp0.9" in out.getvalue()

@@ -27,6 +27,7 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
     a run ignores is said rather than silently recorded (--tau and --percentile only under a rule
     registered as not reading them)."""
     from .core.consensus import RULES
+    from .core.consensus import SETTINGS as RULE_SETTINGS
     from .data import dataset_root, unpublished_files
     from .methods import method_of
     from .plugins import installed_plugins
@@ -70,7 +71,7 @@ def idle_flags(cfg: Config, given: Iterable[str]) -> list[str]:
         elif name in ("attack", "attack_scale", "attack_samples", "malicious", "trim", "byzantine", "vote_weighting",
                       "aggregator"):
             notes += [note for note in _idle_trust_flag(cfg, method, name) if note not in notes]
-        elif name in ("tau", "percentile") and _ignores(RULES, cfg.prune.consensus, name):
+        elif name in RULE_SETTINGS and _ignores(RULES, cfg.prune.consensus, name):
             notes.append(f"{flag(name)} has no effect with --consensus {cfg.prune.consensus}")
     return notes
 

@@ -108,6 +108,9 @@ def _source(module: ModuleType) -> bytes | None:
 def _import(name: str) -> bytes | None:
     """Import a module by name, or a `.py` file by path, turning any failure into a ConfigError; return the
     source file's bytes (None for a module without a file)."""
+    if not _is_path(name) and not all(part.isidentifier() for part in name.split(".")):
+        raise ConfigError(f"plug-in {name!r} is neither a module name (Python identifiers joined by dots, such as "
+                          "my_plugins.rules) nor the path of a .py file")
     try:
         if not _is_path(name):
             if name not in sys.modules and (module := _run_as_path(name)) is not None:
@@ -141,7 +144,7 @@ def _import(name: str) -> bytes | None:
             where = (f" (a relative path is read from the folder mpfl runs in, here {Path.cwd()}; for a recorded "
                      "run, that is the folder it was started in; or give an absolute path)" if relative else "")
             top = name.split(".")[0]
-            if not _is_path(name) and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file()):
+            if not _is_path(name) and exc.name == top and (Path(f"{top}.py").is_file() or Path(top, "__init__.py").is_file()):
                 # `python -m mpfl` imports from the folder it runs in, the `mpfl` command does not
                 fix = f"pass --plugins {name}.py" if "." not in name and Path(f"{name}.py").is_file() else \
                     "run PYTHONPATH=. mpfl ... or python -m mpfl ..."

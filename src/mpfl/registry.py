@@ -123,9 +123,9 @@ def _names(reads: Iterable[str] | str, owner: str) -> frozenset[str]:
     """`reads` as a set of names (one name given as a string is that name, not its letters)."""
     try:
         names = frozenset([reads] if isinstance(reads, str) else reads)
-    except TypeError:
-        names = frozenset([reads])
-    if not all(isinstance(n, str) for n in names):
+    except TypeError:  # not iterable, or holding something unhashable
+        names = None
+    if names is None or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{owner}: reads = {reads!r} must be setting names, such as ('tau',)")
     return names
 
