@@ -76,6 +76,10 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(tmp_path, capsys, 
     for name in (".rel", "pkg.", "two..dots", "has space"):
         assert main(["run", "--plugins", name, *SMALL, "--out", str(tmp_path / "r")]) == 2
         assert f"plug-in {name!r} is neither a module name" in capsys.readouterr().err
+    (tmp_path / "json.py").write_text("import mpfl\n")  # hidden behind the standard library's json
+    assert main(["run", "--plugins", "json", *SMALL, "--out", str(tmp_path / "r")]) == 2
+    assert ("plug-in 'json' names a module of Python's standard library, which registers nothing; rename your module, "
+            "or pass the path of its file (--plugins ./json.py)") in capsys.readouterr().err
     (tmp_path / "pkg_xyz").mkdir()
     (tmp_path / "pkg_xyz" / "__init__.py").write_text("")
     for name in ("pkg_xyz", "pkg_xyz.sub"):  # a package: its name cannot be given as a file
@@ -266,6 +270,15 @@ def test_a_plug_in_naming_a_setting_it_is_not_given_is_refused_as_it_registers(r
         else:
             register_aggregator("typo-test", lambda tensors, weights, **_: tensors[0], reads=reads)
     assert "typo-test" not in RULES
+
+
+@pytest.mark.parametrize("name", ["my/model", "back\\slash"])
+def test_a_name_that_would_split_a_folder_name_is_refused(name):
+    from mpfl.models import register_model
+
+    with pytest.raises(ConfigError) as info:
+        register_model(name, lambda input_shape, num_classes: None)
+    assert str(info.value) == f"a model name cannot hold '/' or '\\' ({name!r}): run and study folders are named after it"
 
 
 def test_registrations_are_undone_between_tests_part_one():

@@ -405,11 +405,11 @@ def test_the_plan_prints_a_registered_name_that_reads_as_markup_as_it_is(tmp_pat
     from mpfl.data import register_dataset
     from mpfl.study import print_plan
 
-    register_dataset("odd[/]set", lambda data_dir: None)  # the plan only names it
-    cells = [cell for cell in preset_cells("quick", datasets=["odd[/]set"]) if cell.group == "main"][:1]
+    register_dataset("odd[red]set", lambda data_dir: None)  # the plan only names it
+    cells = [cell for cell in preset_cells("quick", datasets=["odd[red]set"]) if cell.group == "main"][:1]
     out = io.StringIO()
     print_plan(cells, tmp_path, Console(file=out, width=300))
-    assert "odd[/]set" in out.getvalue() and cell_name(cells[0].config()) in out.getvalue()
+    assert "odd[red]set" in out.getvalue() and cell_name(cells[0].config()) in out.getvalue()
 
 
 def test_a_cells_progress_line_shows_a_name_that_reads_as_markup_as_it_is(tmp_path):

@@ -111,6 +111,9 @@ def _import(name: str) -> bytes | None:
     if not _is_path(name) and not all(part.isidentifier() for part in name.split(".")):
         raise ConfigError(f"plug-in {name!r} is neither a module name (Python identifiers joined by dots, such as "
                           "my_plugins.rules) nor the path of a .py file")
+    if not _is_path(name) and name.split(".")[0] in sys.stdlib_module_names:  # imported instead of a file of that name
+        raise ConfigError(f"plug-in {name!r} names a module of Python's standard library, which registers nothing; "
+                          f"rename your module, or pass the path of its file (--plugins ./{name.replace('.', '/')}.py)")
     try:
         if not _is_path(name):
             if name not in sys.modules and (module := _run_as_path(name)) is not None:

@@ -45,6 +45,9 @@ class Registry(Generic[T]):
         """Add `entry` under `name` (and `aliases`); an existing name is refused unless `replace`.
         `reads` names the run settings the entry uses (see `reads`)."""
         key = normalise(name)
+        if any(sep in key for sep in ("/", "\\")):
+            raise ConfigError(f"a {self.kind} name cannot hold '/' or '\\' ({key!r}): run and study folders are named "
+                              "after it")
         if not replace and (key in self._entries or key in self._aliases):
             raise ConfigError(f"a {self.kind} named {key!r} is already registered; choose another name "
                               f"(or pass replace=True to swap it for yours)")
