@@ -689,7 +689,7 @@ def test_flags_the_rest_of_the_config_leaves_without_effect_are_named_at_the_sta
     assert idle_flags(mpfl.with_overrides({"options": ["layers=1,3", "tau=2"]}), ["options"]) == [
         "--options layers, tau has no effect: only plug-ins read options, and this run loads none (name them with "
         "--plugins)"]
-    assert idle_flags(mpfl.with_overrides({"options": ["tau=2"], "plugins": ["json"]}), ["options"]) == []
+    assert idle_flags(mpfl.with_overrides({"options": ["tau=2"], "plugins": ["numpy"]}), ["options"]) == []
     assert main(["run", *SMALL, "--method", "fedavg", "--alpha", "0.1", "--out", str(tmp_path / "r")]) == 0
     assert "note: --alpha has no effect with --partition iid" not in capsys.readouterr().err  # --quiet: no start line
     assert main(["run", *_without(SMALL, "--quiet"), "--method", "fedavg", "--alpha", "0.1", "--out",
