@@ -826,3 +826,21 @@ def test_paths_and_messages_are_printed_as_given_not_read_as_rich_markup_or_emoj
     study = tmp_path / "s[" / "]x"  # the path s[/]x
     assert main(["study", "--dry-run", "--out", str(study), "--datasets", "mnist"]) == 0
     assert f"-> {study}\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, wanted", [
+    (["run", "--log-format", "json"], True), (["run", "--log-format=json"], True), (["run", "--log", "json"], True),
+    (["run", "--log-form=json"], True), (["run", "--log-format", "json", "--log-format", "text"], False),
+    (["run", "--log-format", "text", "--log", "json"], True), (["run", "--lo", "json"], False), (["run"], False),
+    (["run", "--log-format"], False),
+])
+def test_json_errors_follow_the_log_flag_as_argparse_reads_it(argv, wanted):
+    from mpfl._launch import json_log_requested
+
+    assert json_log_requested(argv) is wanted
+
+
+def test_an_argument_error_under_a_shortened_log_flag_is_json(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--log", "json", "--bogus"])
+    assert json.loads(capsys.readouterr().err)["event"] == "error"
