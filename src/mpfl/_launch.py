@@ -13,15 +13,12 @@ INTERRUPTED = 130
 def json_log_requested(argv: Sequence[str]) -> bool:
     """Whether a command line asks for JSON logs (``--log-format json`` or ``--log-format=json``, the flag
     perhaps shortened to ``--log``, as argparse reads it), the last such flag deciding, as argparse's does."""
-    def log_flag(token: str) -> bool:
-        return len(token) >= len("--log") and "--log-format".startswith(token)
-
-    asked = None
+    wanted = False
     for token, after in zip(argv, [*argv[1:], None]):
         flag, equals, value = token.partition("=")
-        if log_flag(flag):
-            asked = (value if equals else after) == "json"
-    return bool(asked)
+        if len(flag) >= len("--log") and "--log-format".startswith(flag):
+            wanted = (value if equals else after) == "json"
+    return wanted
 
 
 def main() -> int:

@@ -153,7 +153,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, *, dynamo: 
             torch.onnx.export(model.eval(), (example,), str(path), input_names=["input"], output_names=["logits"],
                               verbose=False, **options)
     except Exception as exc:  # the exporters raise many types, some with pages of graph dumps
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise ExportError(f"torch's ONNX exporter could not export the model ({type(exc).__name__}: {first}); "
                           "--format torchscript or state_dict may work") from exc
     finally:

@@ -19,8 +19,8 @@ two float32 copies of the model (its own weights between rounds and its decoded 
 server), 1.4-1.6 MiB for ``mlp`` and 13 MiB for ``cnn``. When rounds ask a sample of the nodes
 (`--fraction`, `--mask-fraction`), only the nodes asked hold weights: the replies of one round,
 and own weights of at most the nodes asked over the mask rounds; every other node costs a few
-KiB (its data indices and node object). With 10 % sampling, 1,000 ``mlp`` nodes peaked at 673 MiB
-and 10,000 at 1,614 MiB (docs/performance.md, "Cross-device scale"; estimates: 837 and 2,296 MiB).
+KiB (its data indices and node object). With 10 % sampling, 1,000 ``mlp`` nodes peaked at 669 MiB
+and 10,000 at 1,568 MiB (docs/performance.md, "Cross-device scale"; estimates: 837 and 2,296 MiB).
 The server also keeps every consensus mask of the run, a bit per weight each (`core.history`): one
 per mask round and one per adaptation round, about 380 in a 1,000-round run (0.5 GB for resnet18).
 """
