@@ -133,12 +133,23 @@ def test_registered_counts_refuse_every_other_claim():
     assert all("fixed at" in r["dropped"]["2"] for r in records)
 
 
-def test_counts_are_bounded_by_a_multiple_of_the_median():
+def test_counts_are_bounded_by_a_multiple_of_the_lower_median():
     server, _, _ = _server(tiny_config(method="fedavg", nodes=4))
     server.state.counts = {0: 100, 1: 120, 2: 90, 3: 10**6}
-    assert server.bounded_counts(range(4)) == {0: 100.0, 1: 120.0, 2: 90.0, 3: 275.0}  # median 110, limit 2.5
+    assert server.bounded_counts(range(4)) == {0: 100.0, 1: 120.0, 2: 90.0, 3: 250.0}  # lower median 100, limit 2.5
     server.cfg = server.cfg.with_overrides({"count_limit": 1.0})
-    assert server.bounded_counts([1]) == {1: 110.0}
+    assert server.bounded_counts([1]) == {1: 100.0}
+
+
+@pytest.mark.parametrize("counts", [{0: 500, 1: 4 * 10**9}, {0: 500, 1: 480, 2: 4 * 10**9, 3: 4 * 10**9}])
+def test_half_of_the_nodes_forging_counts_stay_bounded_by_an_honest_count(counts):
+    """With an even number of fixed counts, half of them forged (two nodes sampled in a round, one
+    lying; or 2 of 4), the mean of the two middle counts would be half a forged one and bound nothing."""
+    server, _, _ = _server(tiny_config(method="fedavg", nodes=len(counts)))
+    server.state.counts = dict(counts)
+    honest_max = max(c for c in counts.values() if c < 10**9)
+    assert server.count_cap() <= 2.5 * honest_max
+    assert set(server.limited_counts()) == {str(n) for n, c in counts.items() if c >= 10**9}
 
 
 def test_forged_counts_give_an_attacker_at_most_count_limit_times_a_node():
@@ -158,7 +169,8 @@ def test_forged_counts_give_an_attacker_at_most_count_limit_times_a_node():
         tensors.append(codec.decode_values(reply[0], full).tensors)
         sizes.append(len(exp.partition.train[n]))
     bounded = list(sizes)
-    bounded[bad] = min(1000 * sizes[bad], 2.5 * float(np.median([1000 * s if i == bad else s for i, s in enumerate(sizes)])))
+    claimed = sorted(1000 * s if i == bad else s for i, s in enumerate(sizes))
+    bounded[bad] = min(1000 * sizes[bad], 2.5 * claimed[1])  # the lower median of 4 counts
     want = [sum(w * t.astype(np.float64) for w, t in zip(bounded, per_node)) / sum(bounded) for per_node in zip(*tensors)]
     for got, expected in zip(result.weights, want):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

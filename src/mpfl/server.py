@@ -335,7 +335,7 @@ class Server:
 
     def bounded_counts(self, nodes: Iterable[int]) -> dict[int, float]:
         """The weight each node's count may give it: its fixed count, clipped to `robust.count_limit`
-        times the median of all fixed counts, so that a few nodes claiming huge datasets stay a few
+        times the lower median of all fixed counts, so that a few nodes claiming huge datasets stay a few
         nodes (honest counts within the limit are used exactly)."""
         cap = self.count_cap()
         return {node: float(min(self.state.counts[node], cap)) for node in nodes}
@@ -347,8 +347,11 @@ class Server:
         return {str(node): count for node, count in sorted(self.state.counts.items()) if count > cap}
 
     def count_cap(self) -> float:
-        """The largest count a node may weigh with: `robust.count_limit` times the median fixed count."""
-        return self.cfg.robust.count_limit * float(np.median(list(self.state.counts.values())))
+        """The largest count a node may weigh with: `robust.count_limit` times the lower median of the
+        fixed counts. The lower median is a count some node claimed, and an honest one while at most
+        half of the nodes lie (the mean of the two middle counts of an even number is half a liar's)."""
+        counts = sorted(self.state.counts.values())
+        return self.cfg.robust.count_limit * float(counts[(len(counts) - 1) // 2])
 
     def requests(self, nodes: Iterable[int], bodies: Sequence[bytes] = (), *, w0: Step | None = None
                  ) -> dict[int, list[bytes]]:
