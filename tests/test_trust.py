@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,12 +22,14 @@ from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config, field_types
+from mpfl.core import adapt
 from mpfl.core.masks import jaccard
 from mpfl.errors import ConfigError, PathError, PayloadError, RunDirError
 from mpfl.experiment import Experiment
 from mpfl.files import atomic_write, remove_stale_temps
 from mpfl.locks import LOCK, RunLock
 from mpfl.node import Node, make_trainer
+from mpfl.protocol import TASK_ADAPT
 from mpfl.records import read_rounds
 from mpfl.server import Server
 from mpfl.sim import InProcessTransport, simulate
@@ -216,6 +219,81 @@ def test_trimmed_votes_record_the_equal_weights_they_use():
     result = simulate(tiny_config(nodes=5, mask_rounds=1, rounds=0, vote_weighting="trimmed", **{
         "malicious": 1, "attack": "inverted-mask", "attack_samples": 1000}))
     assert result.records[0]["vote_weights"] == {str(n): 0.2 for n in range(5)}
+
+
+ADAPT = dict(nodes=5, mask_rounds=1, rounds=2, adapt_every=1, adapt_until=1.0, sparsity=0.8)
+
+
+def _forged_votes(monkeypatch, cfg, vote, body: int = 1) -> tuple[list[dict], list, list]:
+    """Run `cfg` with node 1 claiming 1000x its samples and sending `vote(honest vote, positions)` as
+    its regrow vote (`body` 1, over the pruned positions) or drop vote (2, over the kept ones) in the
+    adaptation round (round 2). Returns the records, the other nodes' votes and the positions the
+    server regrew."""
+    exp = Experiment.from_config(cfg)
+    trainer = make_trainer(cfg, exp.model, exp.spec)
+    honest, grown = [], []
+    forged_count = 1000 * len(exp.partition.train[1])
+
+    class Forging(InProcessTransport):
+        def exchange(self, task, step, requests):
+            replies = super().exchange(task, step, requests)
+            bodies = replies[1]
+            bodies[0] = _claiming(bodies[0], forged_count)
+            if task == TASK_ADAPT:
+                state = server.state
+                over = [~m for m in state.mask] if body == 1 else state.mask
+                honest.extend(codec.decode_mask(replies[n][body], over).tensors for n in replies if n != 1)
+                bodies[body] = codec.encode_mask(vote(honest[0], over), over, round=step, base_version=state.version)
+            return replies
+
+    def recording_swap(*args):
+        out = swap(*args)
+        grown.append(out[1])
+        return out
+
+    swap = adapt.swap
+    monkeypatch.setattr(adapt, "swap", recording_swap)
+    records: list[dict] = []
+    transport = Forging([Node(i, cfg, trainer, exp.node_data(i), w0=exp.w0) for i in range(cfg.nodes)])
+    server = Server(cfg, exp.spec, exp.w0, transport, on_round=records.append)
+    server.run()
+    return records, honest, grown[0] if grown else []
+
+
+def _random_vote(like: list[np.ndarray], pruned: list[np.ndarray]) -> list[np.ndarray]:
+    """As many pruned positions per tensor as an honest vote names, drawn at random."""
+    rng = np.random.default_rng(0)
+    out = []
+    for layer, candidates in zip(like, pruned):
+        vote = np.zeros(candidates.size, dtype=bool)
+        vote[rng.choice(np.flatnonzero(candidates), int(layer.sum()), replace=False)] = True
+        out.append(vote.reshape(candidates.shape))
+    return out
+
+
+@pytest.mark.parametrize("weighting", ["samples", "agreement", "trimmed"])
+def test_regrow_votes_are_weighed_by_the_rule_of_the_mask_votes(monkeypatch, weighting):
+    """A node claiming 1000x its samples votes for random pruned positions in an adaptation round.
+    Under `samples` its bounded count (2.5x a node) regrows positions no honest node voted for; the
+    robust rules of the mask votes, now applied to these votes too, leave it nothing of its own."""
+    records, honest, grown = _forged_votes(monkeypatch, tiny_config(**ADAPT, vote_weighting=weighting), _random_vote)
+    assert records[1]["nodes"] == [0, 1, 2, 3, 4] and records[1]["swapped"] > 0
+    voted_by_honest = [np.logical_or.reduce(layers) for layers in zip(*honest)]
+    forger_alone = sum(int(np.count_nonzero(g & ~h)) for g, h in zip(grown, voted_by_honest))
+    assert (forger_alone > 0) == (weighting == "samples")
+
+
+@pytest.mark.parametrize("body, kind", [(1, "regrow"), (2, "drop")])
+def test_a_swap_vote_naming_more_positions_than_the_swap_count_is_dropped(monkeypatch, body, kind):
+    """A vote for every position it may name would weigh as many nodes' votes: each vote must name
+    exactly the swap count of each tensor, as every honest node's does."""
+    records, honest, _ = _forged_votes(monkeypatch, tiny_config(**ADAPT, adapt_drop="votes"),
+                                       lambda like, positions: positions, body)
+    k = int(honest[0][0].sum())
+    assert records[1]["nodes"] == [0, 2, 3, 4] and list(records[1]["dropped"]) == ["1"]
+    named = re.fullmatch(rf"rejected: the {kind} vote names (\d+) positions of prunable tensor 0, not its swap count {k}",
+                         records[1]["dropped"]["1"])
+    assert named and int(named[1]) > k > 0
 
 
 # --------------------------------------------------------------------------- malformed replies

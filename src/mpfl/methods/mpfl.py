@@ -33,6 +33,7 @@ import numpy as np
 from .. import codec
 from ..core import adapt, masks
 from ..core.consensus import VoteContext, agreement_weights, consensus, tally, trimmed_tally, with_cores
+from ..errors import PayloadError
 from ..protocol import TASK_ADAPT, TASK_MASK, Round, Step
 from .base import MaskedMethod
 
@@ -193,14 +194,15 @@ class Mpfl(MaskedMethod):
         nodes = server.sample(step)
         requests = server.requests(nodes, [self.weights_body(server, step, supports)])
         node_votes = self.cfg.adapt.adapt_drop == "votes"
+        counts = adapt.swap_counts(state.mask, fraction)
         regrow: dict[int, list[np.ndarray]] = {}
         drop: dict[int, list[np.ndarray]] = {}
 
         def decode(node: int, reply: Sequence[bytes]) -> codec.Body:
             body = codec.decode_values(reply[0], supports, round=step.step, base_version=state.version)
-            regrow[node] = codec.decode_mask(reply[1], pruned, round=step.step, base_version=state.version).tensors
+            regrow[node] = _swap_vote("regrow", reply[1], pruned, counts, step, state.version)
             if node_votes:
-                drop[node] = codec.decode_mask(reply[2], state.mask, round=step.step, base_version=state.version).tensors
+                drop[node] = _swap_vote("drop", reply[2], state.mask, counts, step, state.version)
             return body
 
         exchanged = server.exchange(TASK_ADAPT, step, requests, decode, bodies=2 + node_votes)
@@ -208,13 +210,28 @@ class Mpfl(MaskedMethod):
         state.weights = server.advance(step, server.aggregate(exchanged))
         voted, weights = list(exchanged.replies), exchanged.weights()
         kept = server.spec.pick(state.weights)
-        drop_scores = tally([drop[n] for n in voted], weights) if node_votes else adapt.server_drop(kept, state.mask)
-        counts = adapt.swap_counts(state.mask, fraction)
-        new, grown, _ = adapt.swap(state.mask, tally([regrow[n] for n in voted], weights), drop_scores, counts, kept)
+        if node_votes:
+            drop_scores, _ = self.votes([drop[n] for n in voted], weights, state.mask)
+        else:
+            drop_scores = adapt.server_drop(kept, state.mask)
+        regrow_scores, _ = self.votes([regrow[n] for n in voted], weights, pruned)
+        new, grown, _ = adapt.swap(state.mask, regrow_scores, drop_scores, counts, kept)
         server.adopt_mask(step, new)
         state.weights = server.spec.apply(state.weights, new)
         exchanged.metrics.update({"swap_fraction": round(fraction, 6), "swapped": int(sum(int(g.sum()) for g in grown))})
         return exchanged
+
+
+def _swap_vote(kind: str, body: bytes, over: masks.Mask, counts: Sequence[int], step: Step, version: int
+               ) -> list[np.ndarray]:
+    """A node's regrow or drop vote, which must name exactly the swap count of each layer, as every
+    node's does: a vote for more positions would weigh as several nodes' votes."""
+    vote = codec.decode_mask(body, over, round=step.step, base_version=version).tensors
+    for i, (layer, k) in enumerate(zip(vote, counts)):
+        if int(np.count_nonzero(layer)) != k:
+            raise PayloadError(f"the {kind} vote names {int(np.count_nonzero(layer))} positions of prunable tensor "
+                               f"{i}, not its swap count {k}")
+    return vote
 
 
 class Local(Mpfl):
