@@ -663,3 +663,63 @@ def test_a_client_apps_exception_reads_as_its_type_and_message():
     assert error_reason(flower) == "ConfigError: partition-id = 7 is outside 0..2"
     assert error_reason("<class 'ValueError'>:<'two\nlines'>") == "ValueError: two\nlines"
     assert error_reason("node unavailable") == "node unavailable"  # Flower's own reasons stay as they are
+
+
+def test_a_long_or_controlling_error_reason_is_cut_and_made_printable():
+    from mpfl.flower.transport import REASON_CHARS, error_reason
+
+    assert error_reason("bad\x1b[2J\x07 news\nsecond line") == "bad [2J  news\nsecond line"
+    long = error_reason("x" * 50_000)
+    assert long == "x" * REASON_CHARS + "... (50000 characters)"
+    assert error_reason(None) == "no reason given"
+
+
+def test_a_nodes_timing_is_kept_only_as_finite_seconds_of_the_parts_nodes_report():
+    from flwr.app import MetricRecord
+
+    from mpfl.flower.payload import TIMING, timing_of
+
+    honest = client_app.reply_timing(0.5, {"setup": 0.125, "node": 0.25, "import_node": 0.0625})
+    assert timing_of(RecordDict({TIMING: honest})) == {"setup": 0.125, "node": 0.25, "import_node": 0.0625,
+                                                         "handler": 0.5, "process": honest["process"]}
+    for forged in ({"setup": float("nan")}, {"node": float("inf")}, {"setup": -1.0}, {"node": [0.1, 0.2]},
+                   {"setup": 0.1, "padding": 1.0}):
+        assert timing_of(RecordDict({TIMING: MetricRecord(forged)})) is None
+    assert timing_of(RecordDict()) is None
+
+
+class ForgedEvaluation(LoopbackGrid):
+    """A LoopbackGrid whose SuperNodes in `forged` answer the federated evaluation with those metrics."""
+
+    def __init__(self, rc: dict, partitions: list[int], forged: dict[int, dict]) -> None:
+        super().__init__(rc, partitions)
+        self.forged = forged
+
+    def _reply(self, msg: Message) -> Message | None:
+        from flwr.app import MetricRecord
+
+        from mpfl.flower.payload import METRICS
+
+        node = msg.metadata.dst_node_id
+        if msg.metadata.message_type == "evaluate" and node in self.forged:
+            return Message(RecordDict({METRICS: MetricRecord(self.forged[node])}), reply_to=msg)
+        return super()._reply(msg)
+
+
+def test_federated_evaluation_refuses_malformed_metrics_and_bounds_claimed_examples(tmp_path, in_process):
+    """A node's evaluation is its own claim: metrics out of range leave it out with the reason, and a
+    huge number of examples weighs at most count-limit (2.5) times the lower median, as training counts do."""
+    rc = run_config(nodes=3, out_dir=str(tmp_path / "run"), method="fedavg", rounds=1)
+    grid = ForgedEvaluation(rc, [0, 1, 2], {101: {"accuracy": 1.0, "loss": 0.0, "num-examples": 10**9},
+                                            102: {"accuracy": 7.0, "loss": 0.1, "num-examples": 50}})
+    serve(grid, rc)
+    summary = read_summary(tmp_path / "run")
+    nodes = summary["federated_eval"]["nodes"]
+    assert set(nodes) == {"0", "1"}
+    honest = nodes["0"]
+    want = (honest["num-examples"] * honest["accuracy"] + 2.5 * honest["num-examples"] * 1.0) / (
+        3.5 * honest["num-examples"])
+    assert summary["federated_eval"]["accuracy"] == pytest.approx(want, rel=1e-12)
+    lost = [entry for entry in summary["lost_nodes"] if entry["phase"] == "evaluate"]
+    assert [entry["node"] for entry in lost] == [2]
+    assert lost[0]["reason"].startswith("malformed evaluation reply: evaluation metrics need an accuracy of at most 1")

@@ -22,7 +22,7 @@ from .attacks import malicious_ids
 from .codec import Kind
 from .config import Config, sample_size
 from .core import masks
-from .core.aggregate import holder_average, holder_robust_average, robust_average
+from .core.aggregate import count_cap, holder_average, holder_robust_average, robust_average
 from .core.contract import checked_arrays
 from .core.history import MaskHistory
 from .core.memo import complement
@@ -347,11 +347,8 @@ class Server:
         return {str(node): count for node, count in sorted(self.state.counts.items()) if count > cap}
 
     def count_cap(self) -> float:
-        """The largest count a node may weigh with: `robust.count_limit` times the lower median of the
-        fixed counts. The lower median is a count some node claimed, and an honest one while at most
-        half of the nodes lie (the mean of the two middle counts of an even number is half a liar's)."""
-        counts = sorted(self.state.counts.values())
-        return self.cfg.robust.count_limit * float(counts[(len(counts) - 1) // 2])
+        """The largest count a node may weigh with: `robust.count_limit` times the lower median of the fixed counts."""
+        return count_cap(list(self.state.counts.values()), self.cfg.robust.count_limit)
 
     def requests(self, nodes: Iterable[int], bodies: Sequence[bytes] = (), *, w0: Step | None = None
                  ) -> dict[int, list[bytes]]:

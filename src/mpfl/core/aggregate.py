@@ -19,6 +19,14 @@ def normalise(weights: Sequence[float]) -> np.ndarray:
     return w / w.sum()
 
 
+def count_cap(counts: Sequence[int], limit: float) -> float:
+    """The largest count a node may weigh with: `limit` times the lower median of `counts`. The
+    lower median is a count some node claimed, and an honest one while at most half of the nodes
+    lie (the mean of the two middle counts of an even number is half a liar's)."""
+    ordered = sorted(counts)
+    return limit * float(ordered[(len(ordered) - 1) // 2])
+
+
 def weighted_average(tensors: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> list[np.ndarray]:
     """sum_n alpha_n x_n per tensor, accumulated in float64 and returned as float32."""
     alpha = normalise(weights)

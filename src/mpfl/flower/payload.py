@@ -10,6 +10,7 @@ forwards messages stays light.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -23,6 +24,8 @@ STEP = "step"
 QUERY_PARTITION = "query.partition"
 NODE, PARTITION_ID = "node", "partition-id"
 EVALUATE, METRICS = "evaluate", "metrics"
+TIMING_PARTS = ("setup", "node", "import_node", "handler", "process")
+"""The parts of a reply's ``timing`` (`mpfl.flower.client_app.reply_timing`)."""
 
 
 def message_type(task: str) -> str:
@@ -62,6 +65,41 @@ def step_of(content: RecordDict) -> int:
     if not isinstance(step, int) or isinstance(step, bool):
         raise PayloadError(f"request carries no integer step number (got {step!r})")
     return step
+
+
+def _non_negative(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def timing_of(content: RecordDict) -> dict[str, float] | None:
+    """A reply's ``timing``, the node's own account of its seconds, kept for the round's record only:
+    None (left out of the record) unless it holds only `TIMING_PARTS`, each a finite number >= 0."""
+    timing = content.metric_records.get(TIMING)
+    if timing is None or not set(timing) <= set(TIMING_PARTS) or not all(map(_non_negative, timing.values())):
+        return None
+    return {part: float(seconds) for part, seconds in timing.items()}
+
+
+def metrics_of(content: RecordDict) -> dict[str, float]:
+    """A federated evaluation's ``metrics``: an accuracy in [0, 1], a finite loss >= 0 and a whole
+    number of validation examples >= 0; anything else is a PayloadError."""
+    metrics = content.metric_records.get(METRICS)
+    if metrics is None:
+        raise PayloadError("evaluation reply without metrics")
+    if set(metrics) != {"accuracy", "loss", "num-examples"} or not all(map(_non_negative, metrics.values())):
+        raise PayloadError(f"evaluation metrics must be accuracy, loss and num-examples, each a finite number >= 0; "
+                           f"got {_shown(dict(metrics))}")
+    if metrics["accuracy"] > 1 or not isinstance(metrics["num-examples"], int):
+        raise PayloadError(f"evaluation metrics need an accuracy of at most 1 and a whole num-examples; "
+                           f"got {_shown(dict(metrics))}")
+    return {"accuracy": float(metrics["accuracy"]), "loss": float(metrics["loss"]),
+            "num-examples": metrics["num-examples"]}
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """`value`'s repr, cut to `limit` characters: a node chooses what it sends."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def partition_reply(message: Message, partition_id: int) -> Message:

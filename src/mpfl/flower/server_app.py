@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from .. import codec
 from ..config import Config
+from ..core.aggregate import count_cap
 from ..core.params import Mask, ParamSpec
 from ..errors import MpflError, RoundError
 from ..experiment import Experiment
@@ -121,10 +122,12 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
     summary's ``federated_eval`` with its traffic (``bytes_eval_down``: the weights, to each node
     they were sent to; ``bytes_eval_up``: the numbers each node returned), and the nodes that gave
     no result. The weights travel as a SPARSE body, exact float32 values at coded positions, so a
-    pruned model costs its kept weights (a node may not hold the final mask to send values over)."""
+    pruned model costs its kept weights (a node may not hold the final mask to send values over).
+    Each node's number of examples weighs at most `robust.count_limit` times the lower median of them
+    (as training counts do: a node names its own)."""
     step = server.plan[-1].step
     body = codec.encode_sparse(server.state.weights, round=step)
-    per_node, total, correct, down, up, failed = {}, 0, 0.0, 0, 0, []
+    per_node, down, up, failed = {}, 0, 0, []
     for pid, result in sorted(transport.evaluate(body, step).items()):
         if isinstance(result, NodeFailure):
             log(WARNING, "federated evaluation: node %d left out: %s", pid, result.reason)
@@ -134,9 +137,11 @@ def _evaluate_on_nodes(transport: FlowerTransport, server: Server) -> tuple[dict
         per_node[str(pid)] = result
         down += len(body)
         up += METRIC_BYTES * len(result)
-        total += int(result["num-examples"])
-        correct += result["accuracy"] * result["num-examples"]
-    accuracy = correct / total if total else None
+    examples = [result["num-examples"] for result in per_node.values()]
+    cap = count_cap(examples, server.cfg.robust.count_limit) if examples else 0.0
+    weights = [min(n, cap) for n in examples]
+    total = sum(weights)
+    accuracy = sum(w * r["accuracy"] for w, r in zip(weights, per_node.values())) / total if total else None
     return {"federated_eval": {"accuracy": accuracy, "nodes": per_node}, "bytes_eval_down": down,
             "bytes_eval_up": up}, failed
 

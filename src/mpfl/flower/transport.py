@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from ..errors import PayloadError, RoundError
 from ..protocol import NodeFailure, Reply
-from .payload import EVALUATE, METRICS, QUERY_PARTITION, TIMING, message_type, pack, partition_of, unpack
+from .payload import EVALUATE, QUERY_PARTITION, message_type, metrics_of, pack, partition_of, timing_of, unpack
 
 K = TypeVar("K")
 POLL_S = 0.2
@@ -63,10 +63,17 @@ CLIENT_APP_EXCEPTION = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", re.D
 """How Flower reports an exception its ClientApp raised: ``<class 'ZeroDivisionError'>:<'division by zero'>``."""
 
 
-def error_reason(reason: str) -> str:
-    """An error reply's reason as a log line reads it: a ClientApp's exception as ``Type: message``."""
-    raised = CLIENT_APP_EXCEPTION.fullmatch(reason.strip())
-    return f"{raised[1]}: {raised[2]}" if raised else reason
+REASON_CHARS = 1000
+"""The most of an error reply's reason a record and the log keep: the node chooses what it sends."""
+
+
+def error_reason(reason: str | None) -> str:
+    """An error reply's reason as a log line reads it: a ClientApp's exception as ``Type: message``,
+    on one line of printable characters, at most `REASON_CHARS` of them."""
+    raised = CLIENT_APP_EXCEPTION.fullmatch((reason or "").strip())
+    text = f"{raised[1]}: {raised[2]}" if raised else (reason or "no reason given")
+    text = "".join(char if char.isprintable() or char == "\n" else " " for char in text)  # no terminal controls
+    return text if len(text) <= REASON_CHARS else f"{text[:REASON_CHARS]}... ({len(text)} characters)"
 
 
 def send(grid: Grid, messages: Mapping[K, Message], timeout: float) -> dict[K, Message | NodeFailure]:
@@ -171,8 +178,8 @@ class FlowerTransport:
                 replies[pid] = unpack(reply.content)
             except PayloadError as exc:
                 replies[pid] = NodeFailure(f"malformed reply: {exc}")
-            if (timing := reply.content.metric_records.get(TIMING)) is not None:
-                self.timing[pid] = dict(timing)
+            if (timing := timing_of(reply.content)) is not None:
+                self.timing[pid] = timing
         return replies
 
     def evaluate(self, body: bytes, step: int) -> dict[int, dict[str, float] | NodeFailure]:
@@ -182,10 +189,11 @@ class FlowerTransport:
         for pid, reply in send(self.grid, messages, self.timeout).items():
             if isinstance(reply, NodeFailure):
                 results[pid] = reply
-            elif (metrics := reply.content.metric_records.get(METRICS)) is None:
-                results[pid] = NodeFailure("evaluation reply without metrics")
-            else:
-                results[pid] = dict(metrics)
+                continue
+            try:
+                results[pid] = metrics_of(reply.content)
+            except PayloadError as exc:
+                results[pid] = NodeFailure(f"malformed evaluation reply: {exc}")
         return results
 
     def _messages(self, mtype: str, step: int, requests: Mapping[int, Sequence[bytes]]
