@@ -146,6 +146,9 @@ def test_a_supernode_uses_its_own_copy_of_the_init_file_or_none(tmp_path):
     assert with_local_init({"train.init": elsewhere}, {})["train.init"] == ""  # not here: the node asks
     assert with_local_init({"train.init": elsewhere}, {"init": str(copy)})["train.init"] == str(copy)
     assert with_local_init({"train.init": "", "method": "mpfl"}, {}) == {"train.init": "", "method": "mpfl"}
+    # a node's init setting stays for the runs after: one built from the seed ignores it
+    assert with_local_init({"train.init": "", "method": "mpfl"}, {"init": str(copy)}) == {"train.init": "",
+                                                                                          "method": "mpfl"}
     assert from_run_config(with_local_init({"train.init": elsewhere}, {}))[0].train.init is None
     with pytest.raises(ConfigError, match="init must be a quoted path"):
         with_local_init({"train.init": elsewhere}, {"init": 3})
@@ -371,7 +374,7 @@ def test_below_min_nodes_the_run_stops_with_a_clear_message_and_keeps_its_rounds
     rc = {**run_config(min_nodes=2, out_dir=str(tmp_path / "run")), "round-timeout": 2.0}
     grid = LoopbackGrid(rc, [0, 1])
     grid.silent = {101}
-    with pytest.raises(RoundError, match=r"step 1 \(mask\): only 1 valid replies, fewer than min_nodes = 2. "
+    with pytest.raises(RoundError, match=r"step 1 \(mask\): only 1 valid replies, fewer than min-nodes = 2. "
                                          r"node 1: no reply within 2 s"):
         serve(grid, rc)
     assert (tmp_path / "run" / "config.toml").is_file() and not (tmp_path / "run" / "summary.json").exists()
@@ -401,7 +404,7 @@ def test_flowers_simulation_engine_without_ray_is_refused_before_anything_starts
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match=r'needs Ray, which is not installed: pip install "mpfl\[simulation\]"'):
+    with pytest.raises(ModuleNotFoundError, match=r'needs Ray, which is not installed: pip install "flwr\[simulation\]"'):
         LocalFederation(tmp_path / "fed", 2, simulation=True)
     assert not (tmp_path / "fed").exists()
 
@@ -723,3 +726,19 @@ def test_federated_evaluation_refuses_malformed_metrics_and_bounds_claimed_examp
     lost = [entry for entry in summary["lost_nodes"] if entry["phase"] == "evaluate"]
     assert [entry["node"] for entry in lost] == [2]
     assert lost[0]["reason"].startswith("malformed evaluation reply: evaluation metrics need an accuracy of at most 1")
+
+
+def test_the_serverapp_log_names_a_nodes_reason_once_and_then_refers_to_it(caplog):
+    """A missing dataset's reason, with its list of files, would otherwise fill every round's log."""
+    import logging
+
+    from conftest import round_record
+
+    missing = "node could not prepare the run: no Fashion-MNIST in /data (looked for 4 files: ...)"
+    said: dict = {}
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        for step, reason in ((1, missing), (2, missing), (3, "no reply within 5 s"), (4, missing)):
+            server_app._log_round(round_record(step, dropped={"1": reason}), said)
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"step 1: node 1 left out: {missing}", "step 2: node 1 left out: as at step 1",
+        "step 3: node 1 left out: no reply within 5 s", f"step 4: node 1 left out: {missing}"]

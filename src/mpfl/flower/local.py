@@ -108,7 +108,7 @@ class LocalFederation:
     def __init__(self, workdir: str | Path, nodes: int, *, simulation: bool = False, secure: bool = False) -> None:
         if simulation and importlib.util.find_spec("ray") is None:  # else every run fails with "unknown error"
             raise ModuleNotFoundError('Flower\'s simulation engine needs Ray, which is not installed: pip install '
-                                      '"mpfl[simulation]"', name="ray")
+                                      '"flwr[simulation]" (from a checkout of mpfl: pip install -e ".[simulation]")', name="ray")
         self.workdir, self.nodes, self.simulation, self.secure = Path(workdir), nodes, simulation, secure
         self.port = free_port()
         self.link: subprocess.Popen | None = None

@@ -59,13 +59,14 @@ def _run_in(grid: Grid, cfg: Config, opts: RunnerOptions, out: Path) -> None:
     exp = Experiment.from_config(cfg)
     transport = FlowerTransport(grid, opts.round_timeout)
     records: list[RoundRecord] = []
+    said: dict[str, tuple[str, int]] = {}
 
     def on_round(record: RoundRecord) -> None:
         record["elapsed"] = time.perf_counter() - started
         record["flower"] = transport.take_timing()
         records.append(record)
         run_dir.log(record)
-        _log_round(record)
+        _log_round(record, said)
 
     # Built before any node is contacted, so a method Flower cannot run fails at once.
     server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, on_round=on_round,
@@ -76,7 +77,7 @@ def _run_in(grid: Grid, cfg: Config, opts: RunnerOptions, out: Path) -> None:
     try:
         server.run()
     except RoundError as exc:
-        log(ERROR, "the run stopped: %s (rounds so far are in %s)", exc, run_dir.path.resolve())
+        log(ERROR, "the run stopped: %s (rounds so far are in %s)", flower_wording(str(exc)), run_dir.path.resolve())
         raise
     partitions = {str(p): n for p, n in sorted(transport.flower_ids.items())}
     evaluation, failed = _evaluate_on_nodes(transport, server) if opts.federated_eval else ({}, [])
@@ -88,13 +89,19 @@ def _run_in(grid: Grid, cfg: Config, opts: RunnerOptions, out: Path) -> None:
     log(INFO, "%s", summary_line(summary, run_dir.path.resolve()))
 
 
-def _log_round(record: dict) -> None:
-    """One line per round on the ServerApp's log (``flwr log``), and one per node left out."""
+def _log_round(record: dict, said: dict[str, tuple[str, int]]) -> None:
+    """One line per round on the ServerApp's log (``flwr log``), and one per node left out; a reason
+    already logged for that node (in `said`: node -> (reason, step)) is referred to, not repeated (a
+    missing dataset's reason, with its list of files, would fill every round)."""
     acc = "-" if record["accuracy"] is None else f"{100 * record['accuracy']:.2f}%"
     log(INFO, "step %d (%s %d): accuracy %s, density %.4f, %d B up, %d B down, nodes %s", record["step"],
         record["phase"], record["round"], acc, record["density"], record["bytes_up"], record["bytes_down"],
         record["nodes"])
     for node, reason in record["dropped"].items():
+        if node in said and said[node][0] == reason:
+            log(WARNING, "step %d: node %s left out: as at step %d", record["step"], node, said[node][1])
+            continue
+        said[node] = (reason, record["step"])
         log(WARNING, "step %d: node %s left out: %s", record["step"], node, reason)
 
 

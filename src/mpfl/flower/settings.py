@@ -24,9 +24,10 @@ _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 
 
 def flower_wording(message: str, *, node: bool = False) -> str:
-    """An error message written for `mpfl run` with each flag named as Flower knows it: a config field
-    as its run-config key (``--mask-rounds`` -> ``prune.mask-rounds``), ``--out`` as ``out-dir``, and
-    on a SuperNode (`node`) ``--data-dir`` as its node config's ``data-dir``."""
+    """An error message written for `mpfl run` with each flag and field named as Flower knows it: a
+    config field as its run-config key (``--mask-rounds`` or ``min_nodes = 2`` -> ``prune.mask-rounds``,
+    ``min-nodes = 2``), ``--out`` as ``out-dir``, and on a SuperNode (`node`) ``--data-dir`` as its
+    node config's ``data-dir``."""
 
     def key(match: re.Match) -> str:
         flag = match[1]
@@ -39,7 +40,7 @@ def flower_wording(message: str, *, node: bool = False) -> str:
             return match[0]
         return f"{section}.{flag}" if section else flag
 
-    return _FLAG.sub(key, message)
+    return _FLAG.sub(key, _run_config_keys(message))
 
 
 @dataclass(frozen=True)
@@ -142,14 +143,15 @@ def node_settings(node_config: Mapping[str, ConfigValue], cfg: Config) -> NodeSe
 
 
 def with_local_init(run_config: Mapping[str, ConfigValue], node_config: Mapping[str, ConfigValue]) -> dict:
-    """The run config as a SuperNode sees it: ``train.init`` names the node's own copy of the
-    ``--init`` file (node config ``init``, else the run's path where that exists on this machine),
-    or nothing; a node without a copy asks the server for the initial weights."""
+    """The run config as a SuperNode sees it: in a run with an ``--init`` file, ``train.init`` names
+    the node's own copy (node config ``init``, else the run's path where that exists on this
+    machine), or nothing, and a node without a copy asks the server for the initial weights. A run
+    without one builds them from the seed, whatever the node config says: it outlives the run."""
     own = node_config.get("init") or ""
     if not isinstance(own, str):
         raise ConfigError(f"init must be a quoted path, as in --node-config 'init=\"/data/w0.pt\"'; got {own!r}")
     keys = [k for k in run_config if k.replace("-", "_") in ("train.init", "init")]
-    if not own and not any(run_config[k] for k in keys):
+    if not any(run_config[k] for k in keys):
         return dict(run_config)
     path = own or next(str(run_config[k]) for k in keys if run_config[k])
     local = path if Path(path).is_file() else ""
