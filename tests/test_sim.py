@@ -425,7 +425,7 @@ def test_saliency_masks_need_no_training_and_start_training_from_w0():
     assert result.summary["final_accuracy"] > 0.3
 
 
-def test_nodes_rebuild_the_seeded_initial_weights_bit_for_bit_and_refuse_a_wrong_digest():
+def test_nodes_rebuild_the_seeded_initial_weights_bit_for_bit_and_refuse_a_wrong_digest(tmp_path):
     cfg = tiny_config(rounds=1, mask_rounds=1)
     exp = Experiment.from_config(cfg)
     trainer = make_trainer(cfg, exp.model, exp.spec)
@@ -438,6 +438,10 @@ def test_nodes_rebuild_the_seeded_initial_weights_bit_for_bit_and_refuse_a_wrong
     stranger = Node(0, cfg, trainer, exp.node_data(0), w0=other.w0)
     with pytest.raises(PayloadError, match="differ from the server's.*torch version"):
         stranger.handle("mask", 1, [body])
+    (tmp_path / "w0.pt").write_bytes(b"weights")
+    loaded = Node(0, cfg.with_overrides({"init": str(tmp_path / "w0.pt")}), trainer, exp.node_data(0), w0=other.w0)
+    with pytest.raises(PayloadError, match="from seed 0, but this node loaded them from '.*w0.pt': run both with the"):
+        loaded.handle("mask", 1, [body])
     with pytest.raises(PayloadError, match="did not build them"):
         Node(0, cfg, trainer, exp.node_data(0)).handle("mask", 1, [body])
     file_ref = codec.encode_init(exp.w0, source="file", seed=cfg.seed, round=1)

@@ -292,6 +292,9 @@ class Node:
             raise MissingInit(ref)
         if self.built_w0 is None:
             raise PayloadError("the server sent a reference to the initial weights, but this node did not build them")
+        if not matches and self.cfg.train.init:
+            raise PayloadError(f"the server built the initial weights from seed {ref.seed}, but this node loaded them "
+                               f"from {self.cfg.train.init!r}: run both with the same --init, or neither")
         if not matches:
             import torch
 
