@@ -2,14 +2,15 @@
 
 import numpy as np
 
-from mpfl.seeds import POOLED, Stream, rng
+from mpfl.seeds import POOLED, SETUP, Stream, plugin_rng, rng
 
 
 def test_stream_numbers_are_fixed():
     """A renumbered stream would change every run that draws from it (which nodes are asked, which are
     malicious, every injected fault) without any error: runs of older versions could no longer be repeated."""
     assert {s.name: int(s) for s in Stream} == {"SAMPLE": 1, "RANDOM_MASK": 2, "MALICIOUS": 3, "FAULTS": 4, "POISON": 5,
-                                               "FORGED_MASK": 6, "REGROW": 7, "MASK_SAMPLE": 8, "CRITERION": 9}
+                                               "FORGED_MASK": 6, "REGROW": 7, "MASK_SAMPLE": 8, "CRITERION": 9,
+                                               "PLUGIN": 10}
     assert POOLED == 2**31 - 1
 
 
@@ -20,6 +21,19 @@ def test_a_draw_depends_on_its_key_only():
     assert np.array_equal(np.random.default_rng([0, 3, 1]).random(4), first)
     assert not np.array_equal(rng(0, 3, Stream.FAULTS).random(4), first)
     assert not np.array_equal(rng(1, 3, Stream.SAMPLE).random(4), first)
+
+
+def test_a_plugin_draws_from_a_stream_of_its_own_name():
+    """Plug-ins key their draws by name: one plug-in's draws repeat with its inputs, and neither another
+    plug-in's nor a built-in stream's draws are its own (its key is pinned: it is part of its runs' results)."""
+    first = plugin_rng("random-vote", 0, 3, 1).random(4)
+    assert np.array_equal(plugin_rng("random-vote", 0, 3, 1).random(4), first)
+    assert np.array_equal(rng(0, 3, 1, Stream.PLUGIN, 0xAA9772D5).random(4), first)
+    assert np.array_equal(plugin_rng("random-vote", 0, 3).random(4), rng(0, 3, Stream.PLUGIN, 0xAA9772D5).random(4))
+    others = [plugin_rng("random-votes", 0, 3, 1), plugin_rng("random-vote", 0, 3), plugin_rng("random-vote", 1, 3, 1),
+              plugin_rng("random-vote", 0, SETUP, 1), plugin_rng("random-vote", 0, 3, 2),
+              *(rng(0, 3, 1, stream) for stream in Stream)]
+    assert not any(np.array_equal(other.random(4), first) for other in others)
 
 
 def test_no_two_purposes_draw_from_the_same_key(monkeypatch):
