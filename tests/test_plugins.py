@@ -445,6 +445,26 @@ def test_a_method_class_needs_a_name_of_its_own_and_the_decorator_may_replace_on
     assert METHODS.get("mpfl") is Replacement
 
 
+def test_a_method_that_only_trains_claims_no_sparsity_in_its_records_or_notes(tmp_path):
+    """A plain `Method` subclass trains dense weights by FedAvg: its summary, round records and start-of-run
+    notes say it does not prune, while every built-in method but fedavg still does."""
+    from mpfl.methods import Method, register_method
+    from mpfl.notes import idle_flags
+
+    @register_method
+    class Plain(Method):
+        name = "plain-test"
+
+    cfg = tiny_config(method="plain-test", rounds=2, sparsity=0.9, mask_rounds=3)
+    result = simulate(cfg, tmp_path / "run")
+    assert result.summary["sparsity"] == 0.0 and result.summary["final_density"] == 1.0
+    assert [r["target_density"] for r in read_rounds(tmp_path / "run")] == [1.0, 1.0]
+    assert idle_flags(cfg, ["sparsity", "mask_rounds"]) == [
+        "--sparsity has no effect with --method plain-test, which does not prune",
+        "--mask-rounds has no effect with --method plain-test, which does not prune"]
+    assert [name for name in METHODS if not METHODS.get(name).prunes] == ["fedavg", "plain-test"]
+
+
 def test_a_plug_in_registered_only_in_the_running_script_fails_in_worker_processes_before_any_file_is_written(tmp_path):
     from mpfl.core.masks import magnitude_mask, register_criterion
 

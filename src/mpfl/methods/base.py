@@ -35,8 +35,9 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    prunes: ClassVar[bool] = True
-    """Whether the final model is pruned to `prune.sparsity` (False: a dense model, sparsity 0)."""
+    prunes: ClassVar[bool] = False
+    """Whether the final model is pruned to `prune.sparsity` (False: a dense model, sparsity 0): True on
+    `MaskedMethod`, False on a `Method` that only trains, so that its records claim no target sparsity."""
     reference: ClassVar[bool] = False
     """Whether this is the dense baseline that reports compare accuracy and bytes with."""
     needs_pooled_data: ClassVar[bool] = False
@@ -181,6 +182,7 @@ class MaskedMethod(Method):
     """A method that agrees on a mask before training on it: dense warm-up rounds, mask rounds
     pruning on the schedule down to the target density, then masked FedAvg."""
 
+    prunes = True
     trains_in_mask_rounds = True
 
     def mask_densities(self) -> list[float]:

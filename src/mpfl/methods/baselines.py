@@ -25,7 +25,6 @@ class FedAvg(Method):
     name = "fedavg"
     votes_on_masks = False
     description = "dense weights both ways, no mask"
-    prunes = False
     reference = True
     default_value_dtype = "float32"
 
@@ -37,6 +36,7 @@ class TopK(Method):
     name = "topk"
     votes_on_masks = False
     description = "dense weights down, top-k updates with coded positions up (error feedback)"
+    prunes = True  # its top-k updates keep 1 - sparsity of the weights
 
     def train_round(self, server: Server, step: Step) -> Round:
         state, spec = server.state, server.spec
