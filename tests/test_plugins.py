@@ -115,6 +115,10 @@ def test_a_plugin_whose_own_code_fails_is_told_where_and_not_to_change_its_path(
     err = " ".join(capsys.readouterr().err.split())
     assert f"plug-in '{plugin}' failed while it was imported: " in err and f"(at {plugin}:3); fix the plug-in" in err
     assert "Pass a module name" not in err and not (tmp_path / "r").exists()
+    plugin.write_text("import mpfl\n\ndef rule(votes, support, ctx:\n    return support\n")  # the compiler's error
+    assert main(["run", "--plugins", str(plugin), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"failed while it was imported: SyntaxError: '(' was never closed (at {plugin}:3); fix the plug-in" in err
 
 
 def test_a_config_names_its_plugins_so_the_method_is_known_when_it_is_built(tmp_path):

@@ -154,6 +154,10 @@ def _import(name: str) -> bytes | None:
                 where = f" ({top} is in the folder mpfl runs in, which is not on the Python path of the mpfl command: {fix})"
             raise ConfigError(f"plug-in {name!r} could not be imported: {type(exc).__name__}: {exc}. Pass a module "
                               f"name on the Python path or the path of a .py file{where}") from exc
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        raise ConfigError(f"plug-in {name!r} failed while it was imported: {type(exc).__name__}: {exc} (at "
-                          f"{where.filename}:{where.lineno}); fix the plug-in") from exc
+        if isinstance(exc, SyntaxError):  # raised by the compiler, so no frame of the traceback is in the bad file
+            detail, where = exc.msg, f"{exc.filename}:{exc.lineno}"
+        else:
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            detail, where = str(exc), f"{frame.filename}:{frame.lineno}"
+        raise ConfigError(f"plug-in {name!r} failed while it was imported: {type(exc).__name__}: {detail} (at {where}); "
+                          "fix the plug-in") from exc
