@@ -575,6 +575,21 @@ def test_an_aggregator_that_breaks_its_contract_mid_run_leaves_a_checkpoint_the_
     assert comparable(resumed.records) == comparable(fresh.records)
 
 
+def test_an_aggregators_values_where_the_mask_prunes_are_cleared_with_or_without_server_momentum():
+    """An aggregator returns full tensors; the global weights keep its values on the mask only, in
+    training rounds with server momentum (its step is taken on the mask) and without (the aggregate itself)."""
+    from mpfl.core.aggregate import register_aggregator, weighted_average
+    from mpfl.experiment import Experiment
+
+    register_aggregator("shifted-test", lambda tensors, weights, **_: [w + 1 for w in weighted_average(tensors, weights)])
+    for momentum in (0.0, 0.9):
+        cfg = tiny_config(aggregator="shifted-test", server_momentum=momentum, mask_rounds=1, rounds=2)
+        result = simulate(cfg)
+        pruned = Experiment.from_config(cfg).spec.pick(result.weights)
+        assert all(not w[~m].any() for w, m in zip(pruned, result.mask)) and masks.density(result.mask) < 0.2
+        assert all((w[m] != 0).all() for w, m in zip(pruned, result.mask))  # the shift reached every kept value
+
+
 def test_a_consensus_rule_that_narrows_the_current_mask_in_place_is_stopped_not_obeyed():
     """Every consensus mask is read-only once the server adopts it, so a rule that changes `support`
     in place (which would also change the history and make the round look converged) stops the run."""
