@@ -614,3 +614,28 @@ def test_an_option_the_plug_in_reads_but_the_run_was_not_given_is_a_one_line_err
     err = capsys.readouterr().err.strip()
     assert err == ("error: a plug-in reads the option keep, which this run was not given; start a new run with "
                    '--out NEW_DIR --options keep=VALUE (in a config file, options = ["keep=VALUE"])')
+
+
+def test_options_no_plug_in_read_are_named_at_the_end_of_the_run_with_those_read(tmp_path, capsys):
+    """A misspelt key is read by nothing: the end of the run names it with the keys the plug-ins read, those
+    read in worker processes too, and a likely meant one; a plug-in that lists the options reads them all."""
+    from mpfl.config import Options
+    from mpfl.notes import end_notes
+
+    plugin = tmp_path / "opts.py"
+    plugin.write_text("import mpfl\nfrom mpfl.core.masks import magnitude_mask\n\n"
+                      "def at_least(votes, support, ctx):\n"
+                      "    return [s & (v >= float(ctx.options.get('thr', '0.5'))) for v, s in zip(votes, support)]\n\n"
+                      "def keep(weights, current, density, *, options, **_):\n"
+                      "    return magnitude_mask(weights, current, density * float(options['keep']))\n\n"
+                      "mpfl.register_rule('at-least-opt', at_least)\nmpfl.register_criterion('keep-opt', keep)\n")
+    args = ["run", "--plugins", str(plugin), "--consensus", "at-least-opt", "--criterion", "keep-opt", *SMALL[:-1],
+            "--workers", "2", "--options", "thx=0.9,keep=1,batch=2"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert ("note: no plug-in read --options thx, batch, so they had no effect; the plug-ins read keep, thr (did you "
+            "mean thr for thx?)") in " ".join(capsys.readouterr().err.split())
+    cfg = Config().with_overrides({"options": ("thr=0.9",)})
+    assert end_notes(cfg, [], {"limited_counts": {}, "final_accuracy": None, "best_accuracy": None}, {"thr"}) == []
+    assert end_notes(cfg, [], {"limited_counts": {}, "final_accuracy": None, "best_accuracy": None}, None) == []
+    Options.read.clear()
+    assert dict(cfg.plugin_options.items()) == {"thr": "0.9"} and Options.read == {"thr"}

@@ -251,7 +251,7 @@ def _run_in(args: argparse.Namespace, cfg: Config, out: Path) -> int:
             board.close()
     _print_summary(result.summary, out, args.log_format)
     if not args.quiet:
-        for note in end_notes(cfg, result.records, result.summary):
+        for note in end_notes(cfg, result.records, result.summary, result.options_read):
             _notice("note", f"note: {note}", args.log_format)
     return 0
 

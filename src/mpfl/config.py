@@ -12,11 +12,11 @@ import functools
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from .attacks import ATTACKS
 from .codec import MASK_CODERS, VALUE_DTYPES
@@ -390,7 +390,40 @@ class MissingOption(ConfigError, KeyError):
 
 class Options(dict):
     """The run's `options` (``--options KEY=VALUE``) as plug-ins read them: a dict whose missing key
-    says how to give it, where a plain KeyError would only name the key."""
+    says how to give it, where a plain KeyError would only name the key. Every key a plug-in looks up
+    (``options[key]``, ``get``, ``in``) is noted in `read`, and listing the options (iterating, ``items()``)
+    notes them all, so that the end of a run can name an option nothing read (a misspelt key)."""
+
+    read: ClassVar[set[str]] = set()
+    """The keys looked up in this process since a run cleared it (`mpfl.sim`; worker processes report theirs)."""
+
+    def __getitem__(self, key: str) -> str:
+        Options.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        Options.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        Options.read.add(key)
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        Options.read.update(dict.keys(self))
+        return super().__iter__()
+
+    def keys(self) -> KeysView[str]:
+        Options.read.update(dict.keys(self))
+        return super().keys()
+
+    def values(self) -> ValuesView[str]:
+        Options.read.update(dict.keys(self))
+        return super().values()
+
+    def items(self) -> ItemsView[str, str]:
+        Options.read.update(dict.keys(self))
+        return super().items()
 
     def __missing__(self, key: str) -> str:
         raise MissingOption(f"a plug-in reads the option {key}, which this run was not given; start a new run with "

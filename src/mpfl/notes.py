@@ -4,8 +4,9 @@ otherwise read past. Notes never stop a run; errors do (`config.Config.validate`
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,13 +149,22 @@ FALL_FROM_BEST = 0.05
 """How far the final accuracy may lie below the run's best before the end of the run says so."""
 
 
-def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict) -> list[str]:
+def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict,
+              options_read: Collection[str] | None = None) -> list[str]:
     """Notes on a finished run's figures that a user would otherwise read past: nodes whose sample
     counts were limited, a final accuracy well below the run's best (the saved model is the last
-    round's; with server momentum, the sign of a run overshooting or diverging), and a density far from the
+    round's; with server momentum, the sign of a run overshooting or diverging), a density far from the
     share of the model kept (layers left dense; a filter mask's dropped filters, which take the next layer's
-    inputs with them)."""
+    inputs with them), and options that no plug-in read (`options_read`, the keys the run's plug-ins looked
+    up, where known: `mpfl.sim.RunResult.options_read`), a misspelt key left silently unused otherwise."""
     notes = []
+    if options_read is not None and (unread := [key for key in dict.keys(cfg.plugin_options) if key not in options_read]):
+        read = sorted(map(str, options_read))
+        guesses = [guess[0] if len(unread) == 1 else f"{guess[0]} for {key}" for key in unread
+                   if (guess := difflib.get_close_matches(key, read, n=1))]
+        notes.append(f"no plug-in read --options {', '.join(unread)}, so {'it' if len(unread) == 1 else 'they'} had no "
+                     f"effect; the plug-ins read {', '.join(read) if read else 'no option'}"
+                     + (f" (did you mean {', '.join(guesses)}?)" if guesses else ""))
     if limited := summary["limited_counts"]:
         attackers = {str(n) for n in summary.get("malicious_nodes", [])}
         advice = ("all of them the run's malicious nodes" if set(limited) <= attackers else

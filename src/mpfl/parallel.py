@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from .config import Config
+from .config import Config, Options
 from .data import Dataset
 from .devices import resolve_device
 from .errors import ConfigError, MpflError, WorkerError
@@ -100,11 +100,14 @@ def _serve(conn: Connection, cfg: Config, threads: int, dataset: Dataset, ids: l
 
 def _answer(conn: Connection, nodes: dict[int, Node]) -> None:
     """Answer the run's process until it sends None: ("exchange", task, step, requests) with the
-    nodes' replies, ("states",) with the states of the nodes that have taken part."""
+    nodes' replies, ("options",) with the option keys its plug-ins read, ("states",) with the states
+    of the nodes that have taken part."""
     while (message := conn.recv()) is not None:
         try:
             if message[0] == "exchange":
                 result = deliver(nodes, *message[1:])
+            elif message[0] == "options":
+                result = set(Options.read)
             else:
                 result = {i: n.state for i, n in nodes.items() if not n.state.fresh}
             conn.send(("ok", result))
@@ -217,6 +220,11 @@ class NodePool:
         for w in range(self.workers):
             out.update(self._receive(w)[1])
         return {n: out[n] for n in self.ids if n in out}
+
+    def options_read(self) -> set[str]:
+        """The option keys the plug-ins of every worker have read (`mpfl.config.Options.read`)."""
+        self._send({w: ("options",) for w in range(self.workers)})
+        return set().union(*(self._receive(w)[1] for w in range(self.workers)))
 
     def terminate(self) -> None:
         """Stop the workers at once, whatever they are doing."""

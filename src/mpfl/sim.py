@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CHECKPOINT, save_checkpoint
-from .config import Config, FaultConfig
+from .config import Config, FaultConfig, Options
 from .core.history import MaskHistory
 from .core.params import Mask, Weights
 from .errors import ConfigError
@@ -106,6 +106,9 @@ class RunResult:
     run_dir: Path | None = None
     masks: Mapping[int, Mask] = field(default_factory=MaskHistory)
     """The consensus mask after every mask and adaptation round (0: nothing pruned), by step, changed or not."""
+    options_read: frozenset[str] | None = None
+    """The option keys (``--options``) the run's plug-ins looked up, in every process; None for a run resumed
+    from a checkpoint, whose earlier rounds' lookups are not known."""
 
 
 def simulate(cfg: Config, out: str | Path | None = None, *, on_round: Callable[[RoundRecord], None] | None = None,
@@ -147,6 +150,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
               resume: bool, keep_checkpoint: bool) -> RunResult:
     """`simulate` once the run directory (if any) is locked."""
     started = time.perf_counter()
+    Options.read.clear()  # the option keys this run's plug-ins look up, from here on
     meta = check_resumable(out, cfg) if resume else None
     exp = experiment or Experiment.from_config(cfg)
     steps = len(method_of(cfg).plan())
@@ -186,6 +190,8 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
         server = Server(cfg, exp.spec, exp.w0, transport, evaluate=exp.evaluate, oracle=oracle, on_round=record,
                         state=server_state, clear=exp.cleared)
         server.run()
+        if pool is not None:
+            Options.read.update(pool.options_read())
     finally:
         if pool is not None:
             pool.close()
@@ -195,4 +201,5 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
     if run_dir is not None and not keep_checkpoint:
         (run_dir.path / CHECKPOINT).unlink(missing_ok=True)
     state = server.state
-    return RunResult(records, summary, state.weights, state.mask, run_dir.path if run_dir else None, state.history)
+    return RunResult(records, summary, state.weights, state.mask, run_dir.path if run_dir else None, state.history,
+                     frozenset(Options.read) if meta is None else None)
