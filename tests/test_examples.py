@@ -4,10 +4,12 @@ import runpy
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from mpfl.checkpoint import load_final
 from mpfl.cli import main
 from mpfl.config import Config
-from mpfl.records import read_summary
+from mpfl.records import read_rounds, read_summary
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
@@ -50,3 +52,25 @@ def test_the_example_config_runs_and_flags_override_it(tmp_path):
                  "--test-samples", "200", "--mask-rounds", "1", "--rounds", "1", "--quiet", "--out", str(out)]) == 0
     saved = Config.from_toml(out / "config.toml")
     assert saved.seed == 1 and saved.data.alpha == 0.5 and saved.train.model == "mlp"
+
+
+@pytest.mark.slow
+def test_random_vote_example_runs_as_its_docstring_says_with_the_same_masks_in_worker_processes(tmp_path, monkeypatch):
+    """A method with node work of its own: each docstring command (one process, then worker processes) runs,
+    prunes on the schedule, and draws the same proposals, since they come from the plug-in's seeded stream."""
+    source = (EXAMPLES / "random_vote.py").read_text()
+    commands = [line.split("mpfl run ", 1)[1].split() for line in source.split('"""')[1].splitlines() if "mpfl run " in line]
+    small = ["--nodes", "3", "--mask-rounds", "2", "--rounds", "1", "--train-samples", "1500", "--test-samples", "300",
+             "--threads", "1", "--quiet"]
+    monkeypatch.chdir(EXAMPLES.parent)
+    outs = [tmp_path / str(i) for i in range(len(commands))]
+    for command, out in zip(commands, outs):
+        assert main(["run", *command, *small, "--out", str(out)]) == 0
+    assert len(outs) == 2 and read_summary(outs[1])["config"]["workers"] == 2
+    records = [read_rounds(out) for out in outs]
+    assert [r["phase"] for r in records[0]] == ["mask", "mask", "train"]
+    assert records[0][-1]["density"] == pytest.approx(0.1, abs=0.001)
+    keys = ("step", "accuracy", "target_density", "density", "bytes_up", "bytes_down")
+    assert [{k: r[k] for k in keys} for r in records[0]] == [{k: r[k] for k in keys} for r in records[1]]
+    one, two = load_final(outs[0]).mask, load_final(outs[1]).mask
+    assert all(np.array_equal(one[name], two[name]) for name in one)

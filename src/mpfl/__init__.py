@@ -23,6 +23,8 @@ _EXPORTS = {
     "RunResult": "sim",
     "simulate": "sim",
     "Method": "methods",
+    "MaskedMethod": "methods",
+    "OneShotMethod": "methods",
     "register_method": "methods",
     "register_aggregator": "core.aggregate",
     "register_attack": "attacks",

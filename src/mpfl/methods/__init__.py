@@ -1,7 +1,8 @@
 """Federated methods as registered classes; `method_of(cfg)` is the one a config names.
 
 Add your own with `register_method(MyMethod)` (see `mpfl.methods.base.Method` for the hooks
-and examples/custom_method.py for a complete plug-in).
+and examples/custom_method.py for a complete plug-in, examples/random_vote.py for one whose nodes
+do work of their own).
 """
 
 from __future__ import annotations
