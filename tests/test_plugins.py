@@ -637,5 +637,10 @@ def test_options_no_plug_in_read_are_named_at_the_end_of_the_run_with_those_read
     cfg = Config().with_overrides({"options": ("thr=0.9",)})
     assert end_notes(cfg, [], {"limited_counts": {}, "final_accuracy": None, "best_accuracy": None}, {"thr"}) == []
     assert end_notes(cfg, [], {"limited_counts": {}, "final_accuracy": None, "best_accuracy": None}, None) == []
+    # without plug-ins the start of the run already said that options do nothing: not again at its end
+    assert end_notes(cfg, [], {"limited_counts": {}, "final_accuracy": None, "best_accuracy": None}, set()) == []
+    with_plugin = cfg.with_overrides({"plugins": (str(plugin),)})
+    assert end_notes(with_plugin, [], {"limited_counts": {}, "final_accuracy": None, "best_accuracy": None},
+                     set()) == ["no plug-in read --options thr, so it had no effect; the plug-ins read no option"]
     Options.read.clear()
     assert dict(cfg.plugin_options.items()) == {"thr": "0.9"} and Options.read == {"thr"}

@@ -158,7 +158,11 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict,
     inputs with them), and options that no plug-in read (`options_read`, the keys the run's plug-ins looked
     up, where known: `mpfl.sim.RunResult.options_read`), a misspelt key left silently unused otherwise."""
     notes = []
-    if options_read is not None and (unread := [key for key in dict.keys(cfg.plugin_options) if key not in options_read]):
+    from .plugins import installed_plugins
+
+    loads_plugins = bool(cfg.plugins or installed_plugins())  # else the start of the run said the options do nothing
+    unread = [key for key in dict.keys(cfg.plugin_options) if key not in (options_read or ())]
+    if options_read is not None and loads_plugins and unread:
         read = sorted(map(str, options_read))
         guesses = [guess[0] if len(unread) == 1 else f"{guess[0]} for {key}" for key in unread
                    if (guess := difflib.get_close_matches(key, read, n=1))]
