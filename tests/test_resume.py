@@ -13,6 +13,7 @@ import tomli_w
 
 from conftest import round_record, tiny_config
 from mpfl.checkpoint import CHECKPOINT
+from mpfl.cli import main
 from mpfl.errors import RunDirError
 from mpfl.records import CONFIG, ROUNDS_JSONL
 from mpfl.resume import (
@@ -23,8 +24,10 @@ from mpfl.resume import (
     config_sha256,
     new_identity,
     plugin_changes,
+    read_config,
     read_identity,
     recover_records,
+    refusal,
     restart,
     result_config,
     resume_notes,
@@ -142,6 +145,21 @@ def test_a_config_edited_since_the_checkpoint_is_refused_naming_the_field(stoppe
     with pytest.raises(RunDirError, match=r"undo the edit to .*config.toml \(or, if checkpoint.npz is another run's, "
                                           r"put this run's back\), or start a new run"):
         check_resumable(folder, CFG.with_overrides({"seed": 5}))
+
+
+def test_a_plug_in_an_edit_to_the_config_names_is_refused_before_its_code_runs(stopped, capsys):
+    folder, _ = stopped
+    assert read_config(folder) == CFG
+    plugin = folder / "edit.py"
+    plugin.write_text("from pathlib import Path\nPath(__file__).with_name('ran').write_text('plug-in code ran')\n")
+    (folder / CONFIG).write_text(tomli_w.dumps({**CFG.to_dict(), "plugins": [str(plugin)], "seed": 5}))
+    named = f"was written with: plugins = ['{plugin}'] (checkpoint: []), seed = 5 (checkpoint: 0); undo the edit"
+    assert main(["run", "--resume", str(folder), "--quiet"]) == 2
+    assert named in capsys.readouterr().err
+    assert named in refusal(folder)  # what mpfl export says of an unfinished run
+    with pytest.raises(RunDirError, match="differs from the one its checkpoint.npz was written with: plugins"):
+        read_config(folder)
+    assert not (folder / "ran").exists()
 
 
 MALFORMED = {

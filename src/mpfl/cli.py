@@ -139,7 +139,7 @@ def name_flags(message: str, names: Iterable[str]) -> str:
 def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     """The saved config and directory of the run `--resume` names."""
     from .records import CONFIG, check_resumable_dir
-    from .resume import RUNTIME_FIELDS
+    from .resume import RUNTIME_FIELDS, read_config
 
     speed = {name: value for name, value in _given(args).items() if name in RUNTIME_FIELDS}
     others = [flag(name) for name in _given(args) if name not in RUNTIME_FIELDS]
@@ -151,7 +151,7 @@ def _resume_target(args: argparse.Namespace) -> tuple[Config, Path]:
     out = Path(args.resume)
     check_resumable_dir(out)
     try:
-        return Config.from_toml(out / CONFIG).with_overrides(speed), out
+        return read_config(out).with_overrides(speed), out
     except ConfigError as exc:
         raise type(exc)(f"{exc}{_relative_paths_hint(out / CONFIG, 'resume')}") from None
 

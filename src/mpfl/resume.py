@@ -23,7 +23,7 @@ from pathlib import Path
 import tomli_w
 
 from .checkpoint import CHECKPOINT, damaged, int_in, load_checkpoint, read_meta
-from .config import Config, flatten
+from .config import Config, flatten, refuse_quoted_values
 from .core.params import ParamSpec
 from .errors import MpflError, RunDirError
 from .files import atomic_write
@@ -164,11 +164,29 @@ def check_resumable(folder: Path, cfg: Config | None) -> dict | None:
                           f"{folder / RUN_JSON} names {identity['run_id'][:12]}); put this run's checkpoint back, "
                           "or start a new run with --out NEW_DIR")
     if cfg is not None and run["config_sha256"] != config_sha256(cfg):
-        foreign = "" if identity is not None else f" (or, if {CHECKPOINT} is another run's, put this run's back)"
-        raise RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
-                          f"{changes(run['config'], result_config(cfg))}; undo the edit to {folder / CONFIG}{foreign}, "
-                          "or start a new run with --out NEW_DIR")
+        raise _edited(folder, run["config"], result_config(cfg))
     return meta
+
+
+def _edited(folder: Path, saved: dict, current: dict) -> RunDirError:
+    """The error for a config that differs from the one the folder's checkpoint was written with."""
+    foreign = "" if (folder / RUN_JSON).exists() else f" (or, if {CHECKPOINT} is another run's, put this run's back)"
+    return RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
+                       f"{changes(saved, current)}; undo the edit to {folder / CONFIG}{foreign}, or start a new run "
+                       "with --out NEW_DIR")
+
+
+def read_config(folder: Path) -> Config:
+    """The saved config of the run in `folder`. Building a config imports the plug-ins it names, that is, runs
+    their code, so the plug-ins named in `config.toml` are first compared, as the file holds them, with those
+    the checkpoint was written with (`check_resumable`'s checks without a config): an edit naming another
+    plug-in is refused before any plug-in is imported."""
+    data = Config.read_toml(folder / CONFIG)
+    meta = check_resumable(folder, None)
+    if meta is not None and data.get("plugins", []) != meta["run"]["config"].get("plugins", []):
+        raise _edited(folder, meta["run"]["config"], {k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
+    refuse_quoted_values(data)
+    return Config.from_dict(data)
 
 
 def refusal(folder: Path, *, plugins: bool = True) -> str | None:
@@ -177,7 +195,7 @@ def refusal(folder: Path, *, plugins: bool = True) -> str | None:
     plug-ins is checked without its config, whose reading would run their code. Cheap: no arrays are read."""
     try:
         skip = not plugins and bool(Config.read_toml(folder / CONFIG).get("plugins"))
-        meta = check_resumable(folder, None if skip else Config.from_toml(folder / CONFIG))
+        meta = check_resumable(folder, None if skip else read_config(folder))
         if meta is not None and isinstance(meta.get("next_step"), int):
             recover_records(folder, _run_info(folder, meta), meta["next_step"])
     except MpflError as exc:
