@@ -3,7 +3,11 @@ metadata no run writes refused, each problem named."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import threading
+import zipfile
 
 import numpy as np
 import pytest
@@ -317,6 +321,98 @@ def test_arrays_that_are_not_the_models_are_damage_not_a_wrong_state(tmp_path, c
     rewrite(tmp_path / CHECKPOINT, change)
     with pytest.raises(RunDirError, match="checkpoint.npz is damaged"):
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npy_header(shape: tuple[int, ...]) -> bytes:
+    """A float32 .npy header claiming `shape`, with no values after it."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def with_member(name: str, data: bytes):
+    """A change to the checkpoint's zip file: member `name` added, or replaced, by `data` (stored as np.savez stores)."""
+    def change(path):
+        with zipfile.ZipFile(path) as archive:
+            members = {n: archive.read(n) for n in archive.namelist()}
+        members[f"{name}.npy"] = data
+        with zipfile.ZipFile(path, "w") as archive:
+            for n, content in members.items():
+                archive.writestr(n, content)
+    return change
+
+
+def compressed(path):
+    with np.load(path) as f:
+        arrays = {name: f[name] for name in f.files}
+    np.savez_compressed(path, **arrays)
+
+
+LARGEST = 4 * 4 * 3
+"""The largest array of SPEC's checkpoints: its (4, 3) float32 tensor (the history is 3 versions of 3 bytes)."""
+
+CRAFTED = {
+    "a header claiming 4 TiB": (with_member("weights/0", npy_header((2**40,))),
+                                f"its member weights/0 claims an array of {4 * 2**40:,} bytes (float32, shape "
+                                f"({2**40},)), more than the {LARGEST} it may hold"),
+    "values beyond the model's largest tensor": (with_member("w0/1", npy(np.zeros(LARGEST // 4 + 1, np.float32))),
+                                                 f"its member w0/1 claims an array of {LARGEST + 4} bytes"),
+    "a member no checkpoint holds": (with_member("junk/0", npy(np.zeros(3, np.float32))),
+                                     "it holds junk/0, which no checkpoint of this run holds"),
+    "a node's array for a node without one": (with_member("node/4/local/0", npy(np.zeros(3, np.float32))),
+                                              "it holds node/4/local/0, which no checkpoint of this run holds"),
+    "compressed members": (compressed, "its member meta is compressed"),
+    "metadata nested 100,000 deep": (with_member("meta", npy(np.frombuffer(b"[" * 100_000, np.uint8))), "RecursionError"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_a_crafted_container_is_damage_refused_before_its_arrays_are_read(tmp_path, case):
+    change, cause = CRAFTED[case]
+    saved(tmp_path)
+    change(tmp_path / CHECKPOINT)
+    with pytest.raises(RunDirError) as refused:
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+    assert "checkpoint.npz is damaged (" in str(refused.value) and cause in str(refused.value)
+
+
+def test_an_array_that_does_not_fit_in_memory_is_damage_not_a_crash(tmp_path, monkeypatch):
+    saved(tmp_path)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 4.00 TiB")
+
+    monkeypatch.setattr(np.lib.format, "read_array", out_of_memory)
+    with pytest.raises(RunDirError, match=r"checkpoint.npz is damaged \(MemoryError: Unable to allocate 4.00 TiB\)"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def test_a_fifo_in_place_of_the_checkpoint_is_refused_without_waiting_for_a_writer(tmp_path):
+    path = tmp_path / CHECKPOINT
+    os.mkfifo(path)
+    with pytest.raises(RunDirError, match=r"checkpoint.npz is damaged \(ValueError: it is not a regular file\)"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+    refusals = []
+
+    def read():
+        try:
+            read_meta(tmp_path)
+        except RunDirError as exc:
+            refusals.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():  # blocked until a writer opens the FIFO: open it, so the reader ends
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert refusals and "checkpoint.npz is damaged (ValueError: it is not a regular file)" in refusals[0]
 
 
 def test_metadata_of_another_run_size_is_refused_on_load(tmp_path):

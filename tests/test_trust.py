@@ -587,6 +587,8 @@ DAMAGE = {
     "no identity": ("checkpoint.npz", lambda p: _rewrite_meta(p, lambda m: m.pop("run")), "carries no run identity"),
     "wrong array shape": ("checkpoint.npz", lambda p: _replace_array(p, "weights/0", np.zeros((3, 3), np.float32)),
                           "do not have the shapes or type of the run's model"),
+    "an extra array": ("checkpoint.npz", lambda p: _replace_array(p, "junk", np.zeros(3, np.float32)),
+                       "it holds junk, which no checkpoint of this run holds"),
     "damaged log line": ("rounds.jsonl", lambda p: p.write_text(p.read_text().replace('"step": 1', '"step": 1,,', 1)),
                          "rounds.jsonl line 1 is damaged"),
     "duplicated rounds": ("rounds.jsonl", lambda p: p.write_text(p.read_text() * 2),

@@ -15,6 +15,7 @@ file.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -26,13 +27,14 @@ import numpy as np
 from .core.history import MaskHistory
 from .core.params import ParamSpec
 from .errors import ConfigError, ExportError, RunDirError
-from .files import in_order, numbered, read_groups, write_groups
+from .files import StoredArrays, in_order, numbered, read_groups, write_groups
 from .node import NodeState
 from .server import ServerState
 
 CHECKPOINT, FINAL = "checkpoint.npz", "final.npz"
-DAMAGE = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile)
-"""What reading a damaged (truncated, overwritten, hand-edited) `.npz` file or its JSON can raise."""
+DAMAGE = (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile, MemoryError, RecursionError)
+"""What reading a damaged (truncated, overwritten, hand-edited) `.npz` file or its JSON can raise (an array too
+large for the memory left, JSON nested thousands deep)."""
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,8 @@ def read_meta(run_dir: Path) -> dict:
     """The checkpoint's metadata alone (cheap: the arrays are not read)."""
     path = run_dir / CHECKPOINT
     try:
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(f["meta"].tobytes())
+        with StoredArrays(path) as f:
+            meta = json.loads(f.read("meta").tobytes())
     except DAMAGE as exc:
         raise damaged(path, exc) from None
     if not isinstance(meta, dict):
@@ -229,16 +231,41 @@ def _arrays(groups: dict, name: str, count: int, shapes: Sequence[tuple[int, ...
 
 def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int) -> tuple[ServerState, dict[int, NodeState]]:
     """Read a checkpoint written by `save_checkpoint` for a run of `steps` rounds on `nodes` nodes with the
-    model `spec` describes; a file that does not hold such a state is reported as damaged (RunDirError)."""
+    model `spec` describes; a file that does not hold such a state is reported as damaged (RunDirError).
+    Only the arrays its metadata names are read, each no larger than the model's largest (`StoredArrays`);
+    any other member is damage."""
     path = run_dir / CHECKPOINT
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{str(run_dir)!r} has no {CHECKPOINT}; it cannot be resumed (was it written by mpfl run?)")
     try:
-        groups = read_groups(path)
-        meta = CheckpointMeta.from_json(json.loads(groups[""]["meta"].tobytes()), steps, nodes)
+        with StoredArrays(path) as f:
+            meta = CheckpointMeta.from_json(json.loads(f.read("meta").tobytes()), steps, nodes)
+            names = _members(meta, spec)
+            if unknown := sorted(f.names - names):
+                raise ValueError(f"it holds {', '.join(unknown[:3])}{' and more' if len(unknown) > 3 else ''}, which no "
+                                 "checkpoint of this run holds")
+            groups = f.read_groups(names - {"meta"}, _largest(meta, spec))
         return _states(groups, meta, spec)
     except DAMAGE as exc:
         raise damaged(path, exc) from None
+
+
+def _members(meta: CheckpointMeta, spec: ParamSpec) -> set[str]:
+    """The names of the arrays a checkpoint with `meta` may hold (velocity only under server momentum)."""
+    n_all, n_prunable = range(len(spec.names)), range(len(spec.prunable))
+    names = {"meta", *(f"{group}/{i}" for group in ("weights", "w0", "velocity") for i in n_all)}
+    names |= {"history/0"} if meta.history_bits else {f"history/{v}/{i}" for v in meta.history for i in n_prunable}
+    for n, m in meta.nodes.items():
+        names |= {f"node/{n}/local/{i}" for i in n_all} if m.local else set()
+        names |= {f"node/{n}/residual/{i}" for i in n_prunable} if m.residual else set()
+    return names
+
+
+def _largest(meta: CheckpointMeta, spec: ParamSpec) -> int:
+    """The bytes of the largest array a checkpoint with `meta` holds: a tensor of the model (float32), or the
+    mask history as packed bits (one row per version)."""
+    return max(4 * max(math.prod(s) for s in spec.shapes),
+               len(meta.history) * ((sum(math.prod(s) for s in spec.prunable_shapes) + 7) // 8))
 
 
 def _states(groups: dict, meta: CheckpointMeta, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:

@@ -1,14 +1,16 @@
 """Writing files safely: a reader sees either the old or the new content, never half of it; no
 write goes through a symbolic link; and named groups of arrays share one `.npz` layout
-(``<group>/<key>`` entries, no pickles)."""
+(``<group>/<key>`` entries, no pickles); `StoredArrays` reads such a file that nothing in it is trusted."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import secrets
+import stat
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -120,3 +122,59 @@ def read_groups(path: Path) -> Groups:
             group, _, key = name.rpartition("/")
             groups.setdefault(group, {})[key] = f[name]
     return groups
+
+
+class StoredArrays:
+    """A `.npz` file that `write_groups` wrote uncompressed, read with nothing in it trusted (a checkpoint that
+    may have been edited): only a regular file is opened, since a FIFO in its place would block the reader
+    forever; only named members are read; a member must be stored as written, not compressed (a deflated
+    member of 3.4 MB can unpack to a gigabyte); and its `.npy` header is checked before any memory is taken
+    for it: an array of at most `limit` bytes, and never more than the file holds (a header can claim 4 TiB)."""
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        self._file = os.fdopen(fd, "rb")
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError("it is not a regular file")
+            self.size = info.st_size
+            self._zip = zipfile.ZipFile(self._file)
+        except BaseException:
+            self._file.close()
+            raise
+        self.names = {name.removesuffix(".npy") for name in self._zip.namelist()}
+        """The members' names, as `write_groups` names them (``<group>/<key>``, or a top-level key)."""
+
+    def __enter__(self) -> StoredArrays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._zip.close()
+        self._file.close()
+
+    def read(self, name: str, limit: int | None = None) -> np.ndarray:
+        """The array `name`, once its header shows it holds at most `limit` bytes (ValueError otherwise)."""
+        info = self._zip.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"its member {name} is compressed; these files are written uncompressed")
+        with self._zip.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"its member {name} is a .npy file of version {version}, not 1.0 or 2.0")
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(member)
+        size, bound = math.prod(shape) * dtype.itemsize, self.size if limit is None else min(limit, self.size)
+        if size > bound:
+            raise ValueError(f"its member {name} claims an array of {size:,} bytes ({dtype}, shape {shape}), more "
+                             f"than the {bound:,} it may hold")
+        with self._zip.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+
+    def read_groups(self, names: Collection[str], limit: int) -> Groups:
+        """The members of `names` the file holds (each at most `limit` bytes), as groups (see `read_groups`)."""
+        groups: Groups = {}
+        for name in sorted(self.names & set(names)):
+            group, _, key = name.rpartition("/")
+            groups.setdefault(group, {})[key] = self.read(name, limit)
+        return groups
