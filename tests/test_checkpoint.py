@@ -323,6 +323,47 @@ def test_arrays_that_are_not_the_models_are_damage_not_a_wrong_state(tmp_path, c
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
 
 
+def _set_entry(name: str, index: int, value: float):
+    """A change to one entry of the array `name` (as a hand edit makes it)."""
+    def change(arrays):
+        arrays[name] = arrays[name].copy()
+        arrays[name].flat[index] = value
+    return change
+
+
+@pytest.mark.parametrize("change, cause", [
+    (_set_entry("weights/0", 0, np.nan), "the arrays of 'weights' hold NaN or Inf values"),
+    (_set_entry("w0/1", 2, np.inf), "the arrays of 'w0' hold NaN or Inf values"),
+    (_set_entry("velocity/3", 1, -np.inf), "the arrays of 'velocity' hold NaN or Inf values"),
+], ids=["NaN in the weights", "Inf in w0", "-Inf in the momentum"])
+def test_values_no_run_continues_from_are_damage(tmp_path, change, cause):
+    saved(tmp_path)
+    rewrite(tmp_path / CHECKPOINT, change)
+    with pytest.raises(RunDirError, match=rf"checkpoint.npz is damaged \(ValueError: {cause}\)"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def test_weights_where_the_mask_prunes_are_damage_and_weights_it_keeps_are_read_as_they_are(tmp_path):
+    server, _ = saved(tmp_path)
+    pruned, kept = np.flatnonzero(~server.mask[1]), np.flatnonzero(server.mask[1])  # tensor 2 ("1.weight")
+    rewrite(tmp_path / CHECKPOINT, _set_entry("weights/2", int(kept[0]), 0.5))
+    assert load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[0].weights[2].flat[kept[0]] == np.float32(0.5)
+    rewrite(tmp_path / CHECKPOINT, _set_entry("weights/2", int(pruned[0]), 0.5))
+    with pytest.raises(RunDirError, match=r"damaged \(ValueError: the weights are not zero where its mask \(version 4\) "
+                                          r"prunes\)"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
+
+
+def test_initial_weights_other_than_the_runs_are_damage(tmp_path):
+    server, _ = saved(tmp_path)
+    assert same_arrays(load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES, w0=server.w0)[0].w0, server.w0)
+    other = [w.copy() for w in server.w0]
+    other[3].flat[0] = np.nextafter(other[3].flat[0], np.float32(np.inf))  # one value, one step of float32 away
+    with pytest.raises(RunDirError, match=r"damaged \(ValueError: its initial weights \(w0\) are not those the run's "
+                                          r"config builds"):
+        load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES, w0=other)
+
+
 def npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)

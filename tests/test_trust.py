@@ -574,6 +574,13 @@ def _replace_array(path: Path, key: str, value: np.ndarray) -> None:
     np.savez(path, **arrays)
 
 
+def _edit_array(path: Path, key: str, edit) -> None:
+    """Rewrite the checkpoint with array `key` replaced by `edit(array)` (a hand edit)."""
+    with np.load(path) as f:
+        value = f[key]
+    _replace_array(path, key, edit(value))
+
+
 DAMAGE = {
     "truncated checkpoint": ("checkpoint.npz", _truncate, "BadZipFile"),
     "empty checkpoint": ("checkpoint.npz", lambda p: p.write_bytes(b""), "checkpoint.npz is damaged"),
@@ -587,6 +594,10 @@ DAMAGE = {
     "no identity": ("checkpoint.npz", lambda p: _rewrite_meta(p, lambda m: m.pop("run")), "carries no run identity"),
     "wrong array shape": ("checkpoint.npz", lambda p: _replace_array(p, "weights/0", np.zeros((3, 3), np.float32)),
                           "do not have the shapes or type of the run's model"),
+    "NaN in the weights": ("checkpoint.npz", lambda p: _edit_array(p, "weights/1", lambda w: np.full_like(w, np.nan)),
+                           "the arrays of 'weights' hold NaN or Inf values"),
+    "edited w0": ("checkpoint.npz", lambda p: _edit_array(p, "w0/0", lambda w: w + np.float32(1e-3)),
+                  "its initial weights (w0) are not those the run's config builds"),
     "an extra array": ("checkpoint.npz", lambda p: _replace_array(p, "junk", np.zeros(3, np.float32)),
                        "it holds junk, which no checkpoint of this run holds"),
     "damaged log line": ("rounds.jsonl", lambda p: p.write_text(p.read_text().replace('"step": 1', '"step": 1,,', 1)),

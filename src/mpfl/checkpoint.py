@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .codec import weights_digest
 from .core.history import MaskHistory
 from .core.params import ParamSpec
 from .errors import ConfigError, ExportError, RunDirError
@@ -229,11 +230,12 @@ def _arrays(groups: dict, name: str, count: int, shapes: Sequence[tuple[int, ...
     return arrays
 
 
-def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int) -> tuple[ServerState, dict[int, NodeState]]:
+def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int, w0: Sequence[np.ndarray] | None = None
+                    ) -> tuple[ServerState, dict[int, NodeState]]:
     """Read a checkpoint written by `save_checkpoint` for a run of `steps` rounds on `nodes` nodes with the
-    model `spec` describes; a file that does not hold such a state is reported as damaged (RunDirError).
-    Only the arrays its metadata names are read, each no larger than the model's largest (`StoredArrays`);
-    any other member is damage."""
+    model `spec` describes and, if given, the initial weights `w0` (those the run's config builds); a file
+    that does not hold such a state is reported as damaged (RunDirError). Only the arrays its metadata names
+    are read, each no larger than the model's largest (`StoredArrays`); any other member is damage."""
     path = run_dir / CHECKPOINT
     if not path.exists():
         raise ConfigError(f"{str(run_dir)!r} has no {CHECKPOINT}; it cannot be resumed (was it written by mpfl run?)")
@@ -245,7 +247,9 @@ def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int) -
                 raise ValueError(f"it holds {', '.join(unknown[:3])}{' and more' if len(unknown) > 3 else ''}, which no "
                                  "checkpoint of this run holds")
             groups = f.read_groups(names - {"meta"}, _largest(meta, spec))
-        return _states(groups, meta, spec)
+        state = _states(groups, meta, spec)
+        _check_values(state[0], spec, w0)
+        return state
     except DAMAGE as exc:
         raise damaged(path, exc) from None
 
@@ -266,6 +270,18 @@ def _largest(meta: CheckpointMeta, spec: ParamSpec) -> int:
     mask history as packed bits (one row per version)."""
     return max(4 * max(math.prod(s) for s in spec.shapes),
                len(meta.history) * ((sum(math.prod(s) for s in spec.prunable_shapes) + 7) // 8))
+
+
+def _check_values(server: ServerState, spec: ParamSpec, w0: Sequence[np.ndarray] | None) -> None:
+    """Refuse server arrays no run continues from: NaN or Inf in the weights, w0 or momentum; weights that are not
+    zero where the mask prunes (every round leaves them so, `Server.run_step`); initial weights other than `w0`."""
+    for name, arrays in (("weights", server.weights), ("w0", server.w0), ("velocity", server.velocity or [])):
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise ValueError(f"the arrays of {name!r} hold NaN or Inf values")
+    if any(np.any(server.weights[i][~kept]) for i, kept in zip(spec.prunable, server.mask)):
+        raise ValueError(f"the weights are not zero where its mask (version {server.version}) prunes")
+    if w0 is not None and weights_digest(server.w0) != weights_digest(w0):
+        raise ValueError("its initial weights (w0) are not those the run's config builds (from its seed, or its init file)")
 
 
 def _states(groups: dict, meta: CheckpointMeta, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:

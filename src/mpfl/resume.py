@@ -24,7 +24,7 @@ import tomli_w
 
 from .checkpoint import CHECKPOINT, damaged, int_in, load_checkpoint, read_meta
 from .config import Config, flatten, refuse_quoted_values
-from .core.params import ParamSpec
+from .core.params import ParamSpec, Weights
 from .errors import MpflError, RunDirError
 from .files import atomic_write
 from .node import NodeState
@@ -237,10 +237,11 @@ def recover_records(folder: Path, run: dict, next_step: int) -> list[dict]:
     return records
 
 
-def load_resumed(folder: Path, cfg: Config, spec: ParamSpec, meta: dict, steps: int
+def load_resumed(folder: Path, cfg: Config, spec: ParamSpec, w0: Weights, meta: dict, steps: int
                  ) -> tuple[ServerState, dict[int, NodeState], list[dict], dict]:
-    """The server and node states, the records so far and the identity of a run `check_resumable` accepted."""
-    server, nodes = load_checkpoint(folder, spec, steps=steps, nodes=cfg.nodes)
+    """The server and node states, the records so far and the identity of a run `check_resumable` accepted;
+    `w0` are the initial weights its config builds, which the checkpoint must hold."""
+    server, nodes = load_checkpoint(folder, spec, steps=steps, nodes=cfg.nodes, w0=w0)
     run = _run_info(folder, meta)
     records = recover_records(folder, run, server.next_step)
     identity = {k: run[k] for k in _IDENTITY_KEYS}

@@ -157,7 +157,7 @@ def _simulate(cfg: Config, out: Path | None, on_round: Callable[[RoundRecord], N
     server_state, node_states, records, identity = None, {}, [], {}
     changed = plugin_changes(meta, cfg)
     if meta is not None:
-        server_state, node_states, records, identity = load_resumed(out, cfg, exp.spec, meta, steps)
+        server_state, node_states, records, identity = load_resumed(out, cfg, exp.spec, exp.w0, meta, steps)
     pool, workers = None, worker_count(cfg)
     if workers > 1:  # started before anything is written, so that a worker's set-up error leaves no run behind
         pool = NodePool(cfg, exp.dataset.to(torch.device("cpu")), node_states, workers)  # data on the host, shared
