@@ -630,10 +630,24 @@ def test_report_and_export_send_a_run_that_recorded_nothing_to_a_new_start_not_t
     capsys.readouterr()
     assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
     err = capsys.readouterr().err
-    assert "faulty" in err and "stopped before its first round (nothing was recorded); remove that folder" in err
+    assert "faulty" in err and "stopped before its first round (nothing was recorded); a new run may start there" in err
     assert "--resume" not in err
     assert main(["export", str(runs / "faulty"), "--out", str(tmp_path / "export")]) == 2
     assert "stopped before its first round (nothing was recorded)" in capsys.readouterr().err
+
+
+def test_the_folder_of_a_run_that_recorded_nothing_takes_a_new_run(tmp_path, capsys):
+    """Once what stopped it at its first round is fixed, the same command runs again in the same
+    folder: the stopped run left only its settings and identity, which the new run replaces."""
+    from mpfl.records import CONFIG, RUN_JSON
+
+    out = tmp_path / "run"
+    assert main(["run", *SMALL, "--dropout", "1", "--out", str(out)]) == 2
+    stopped = (out / RUN_JSON).read_text()
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG, RUN_JSON]
+    assert main(["run", *SMALL, "--out", str(out)]) == 0
+    assert "dropout = 0.0" in (out / CONFIG).read_text() and (out / RUN_JSON).read_text() != stopped
+    assert (out / "summary.json").is_file()
 def test_a_data_dir_whose_files_are_not_the_published_ones_is_noted(tmp_path, data_env):
     import gzip
     import shutil

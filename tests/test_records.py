@@ -19,6 +19,7 @@ from mpfl.records import (
     CSV_COLUMNS,
     ROUNDS_CSV,
     ROUNDS_JSONL,
+    RUN_JSON,
     SUMMARY,
     RunDir,
     check_resumable_dir,
@@ -74,8 +75,10 @@ def test_a_run_may_write_to_a_new_or_empty_folder_or_resume_its_own(tmp_path):
     (lambda p: (p.mkdir(), (p / "notes.txt").write_text("x")), "already holds files; choose another --out"),
     (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / ROUNDS_JSONL).write_text("{}\n")),
      "holds an unfinished run; continue it with mpfl run --resume"),
-    (lambda p: (p.mkdir(), (p / CONFIG).write_text("")),  # a resume would only repeat what stopped it
-     "holds a run that stopped before its first round (nothing was recorded); remove that folder to start there"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text("")),  # no run.json: the user's own config, not a run's
+     "already holds files; choose another --out"),
+    (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / RUN_JSON).write_text("{}"), (p / "notes.txt").write_text("x")),
+     "already holds files; choose another --out"),
     (lambda p: (p.mkdir(), (p / CONFIG).write_text(""), (p / SUMMARY).write_text("{}")), "already holds files"),
 ])
 def test_a_folder_that_is_not_free_for_a_new_run_is_refused(tmp_path, make, message):

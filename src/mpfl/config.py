@@ -328,10 +328,9 @@ class CodecConfig:
 class RobustConfig:
     """How the parameter server defends against bad nodes: vote weighting and value aggregation."""
 
-    vote_weighting: str = _field("agreement", "weight of each node's mask vote (and regrow and drop votes): "
-                                              "samples = its (bounded) share of the data; agreement = the same, but "
-                                              "nodes far from the majority are left out; trimmed = equal votes, "
-                                              "extremes trimmed")
+    vote_weighting: str = _field("agreement", "weight of a node's mask, regrow and drop votes: samples = its "
+                                              "(bounded) share of the data; agreement = the same, nodes far from the "
+                                              "majority left out; trimmed = equal, extremes trimmed")
     trim: float = _field(0.2, "share trimmed at each end by trimmed votes and --aggregator trimmed-mean")
     aggregator: str = _field("mean", "how the server combines the nodes' values: mean (FedAvg) or a robust rule",
                              aliases=("aggregation",))

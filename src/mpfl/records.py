@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from .experiment import Experiment
 
 CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY = "config.toml", "rounds.jsonl", "rounds.csv", "summary.json"
+RUN_JSON = "run.json"
+"""The run's identity (`mpfl.resume`): a random id and the hash of the config that decides its results."""
 RUN_FILES = frozenset({CONFIG, ROUNDS_JSONL, ROUNDS_CSV, SUMMARY, FINAL, CHECKPOINT})
 """The files a run directory's records are made of (the layout above)."""
 CSV_COLUMNS = ("step", "phase", "round", "method", "seed", "accuracy", "loss", "target_density", "density", "hamming",
@@ -182,7 +184,7 @@ MOVED_ASIDE = ".incomplete-"
 cell runs again (`study.prepare_cell`); a report tells such a folder apart by this part of its name."""
 
 
-STOPPED_BEFORE_ROUND_1 = "stopped before its first round (nothing was recorded); remove that folder to start there again"
+STOPPED_BEFORE_ROUND_1 = "stopped before its first round (nothing was recorded); a new run may start there again"
 
 
 def recorded_nothing(path: Path) -> bool:
@@ -194,7 +196,9 @@ def recorded_nothing(path: Path) -> bool:
 
 def check_run_dir(path: Path, *, resume: bool = False) -> None:
     """Refuse a run directory that is a file, a dangling link, in use by another process or already holds
-    results (unless resuming it)."""
+    results (unless resuming it). A folder holding only the settings and identity of a run that stopped
+    before its first round is free: a new run replaces them (the same command again, once what stopped
+    it is fixed)."""
     if path.is_symlink() and not path.exists():
         raise ConfigError(f"run directory {str(path)!r} is a symbolic link to a missing folder "
                           f"({str(path.readlink())!r}); create that folder or choose another --out")
@@ -202,10 +206,10 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
         raise ConfigError(f"run directory {str(path)!r} exists and is not a directory; choose another --out")
     refuse_if_locked(path)
     if not resume and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
-        if (path / CONFIG).is_file() and not (path / SUMMARY).is_file():
-            if recorded_nothing(path):
-                raise ConfigError(f"run directory {str(path)!r} holds a run that {STOPPED_BEFORE_ROUND_1}, or choose "
-                                  "another --out")
+        if recorded_nothing(path) and (path / RUN_JSON).is_file() and \
+                {p.name for p in path.iterdir()} <= {LOCK, CONFIG, RUN_JSON, ROUNDS_JSONL}:
+            return  # only what a run that stopped before its first round wrote (run.json too: not a config of the user's)
+        if (path / CONFIG).is_file() and not (path / SUMMARY).is_file() and not recorded_nothing(path):
             raise ConfigError(f"run directory {str(path)!r} holds an unfinished run; continue it with "
                               f"mpfl run --resume {path}, or choose another --out")
         raise ConfigError(f"run directory {str(path)!r} already holds files; choose another --out")

@@ -29,10 +29,9 @@ from .errors import MpflError, RunDirError
 from .files import atomic_write
 from .node import NodeState
 from .plugins import fingerprints
-from .records import CONFIG, ROUNDS_JSONL, counted, read_rounds
+from .records import CONFIG, ROUNDS_JSONL, RUN_JSON, counted, read_rounds
 from .server import ServerState
 
-RUN_JSON = "run.json"
 RUNTIME_FIELDS = frozenset({"workers"})
 """Fields that change how fast a run goes, never what it computes (worker processes give bit-identical
 results; torch threads may not): a resumed run may change them."""
