@@ -645,3 +645,27 @@ def test_the_traffic_axis_reads_plain_numbers_of_megabytes(runs, tmp_path, drawn
     assert len(shown) >= 3
     assert all(float(label.replace(",", "")) == pytest.approx(x) for x, label in shown.items()), shown
     assert all(re.fullmatch(r"\d{1,3}(,\d{3})*(\.\d+)?", label) for label in shown.values()), shown
+
+
+def test_runs_of_one_config_with_other_plug_in_code_are_not_averaged_together(runs, tmp_path):
+    """A plug-in edited between two seeds makes two experiments: each is a row named by its code's digest;
+    the same code keeps the seeds together with no mark."""
+    import hashlib
+
+    def with_code(codes: dict[int, str]) -> list[dict]:
+        for seed, code in codes.items():
+            copy = tmp_path / f"{code}-{seed}"
+            shutil.copytree(runs / f"mpfl-{seed}", copy)
+            summary = read_summary(copy)
+            summary["versions"]["plugins"] = {"/work/rule.py": code}
+            (copy / "summary.json").write_text(json.dumps(summary))
+        rows = tmp_path / f"rows-{'-'.join(codes.values())}.json"
+        paths = [str(tmp_path / f"{code}-{seed}") for seed, code in codes.items()]
+        assert main(["report", *paths, "--out", str(tmp_path / rows.stem), "--json", str(rows)]) == 0
+        return json.loads(rows.read_text())
+
+    digest = {code: hashlib.sha256(json.dumps({"/work/rule.py": code}).encode()).hexdigest()[:8] for code in "ab"}
+    split = with_code({0: "a", 1: "b"})
+    assert sorted((r["variant"], r["n"]) for r in split) == sorted((f"plugin_code={digest[c]}", 1) for c in "ab")
+    same = with_code({0: "c", 1: "c"})
+    assert [(r["variant"], r["n"]) for r in same] == [("", 2)]

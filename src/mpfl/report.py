@@ -29,6 +29,7 @@ final federated evaluation (Flower runs) is reported apart, and the nodes a run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import textwrap
@@ -352,15 +353,26 @@ def unnamed_settings(groups: Sequence[Group]) -> list[str]:
     return [f"{k}={json.loads(modal)}" for k in named if (modal := _modal(runs, k)) != json.dumps(defaults.get(k))]
 
 
+def plugin_code(run: Run) -> str | None:
+    """A short digest of the plug-in files the run loaded (the summary's ``versions.plugins``: their
+    SHA-256), None for a run without plug-ins: two runs of one config with other plug-in code are not
+    repeats of one experiment."""
+    code = run.summary.get("versions", {}).get("plugins")
+    return hashlib.sha256(json.dumps(code, sort_keys=True).encode()).hexdigest()[:8] if code else None
+
+
 def group_runs(runs: Sequence[Run]) -> list[Group]:
-    """Group runs that differ only in their seed, and name each group's variant within its section."""
-    groups: dict[str, list[Run]] = defaultdict(list)
+    """Group runs that differ only in their seed, and name each group's variant within its section; runs
+    of one config made with other plug-in code are groups of their own, named by that code's digest."""
+    groups: dict[tuple[str, str | None], list[Run]] = defaultdict(list)
     for run in runs:
-        groups[_group_key(run)].append(run)
+        groups[_group_key(run), plugin_code(run)].append(run)
+    versions = Counter(key for key, _ in groups)
     out = []
-    for members in groups.values():
+    for (key, code), members in groups.items():
         members.sort(key=lambda r: (r.flat["seed"], str(r.path)))
-        out.append(Group(members, _variant(members[0], runs)))
+        variant = _variant(members[0], runs)
+        out.append(Group(members, {**variant, "plugin_code": code} if versions[key] > 1 else variant))
     out.sort(key=_sort_key)
     return out
 
