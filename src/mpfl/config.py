@@ -75,8 +75,8 @@ def _choice(name: str, value: str) -> None:
     options = field_choices()[name]
     if value not in options:
         hint = difflib.get_close_matches(str(value).strip().lower(), options, n=1)
-        extra = (f" Did you mean {hint[0]!r}?" if hint else " If a plug-in registers it, load the plug-in with "
-                 "--plugins MODULE_OR_FILE" if name in REGISTRIES else "")
+        extra = (f" Did you mean {hint[0]!r}?" if hint else "") + (" If a plug-in registers it, load the plug-in with "
+                                                                 "--plugins MODULE_OR_FILE" if name in REGISTRIES else "")
         raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
 
