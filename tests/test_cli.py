@@ -858,3 +858,14 @@ def test_an_argument_error_under_a_shortened_log_flag_is_json(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--log", "json", "--bogus"])
     assert json.loads(capsys.readouterr().err)["event"] == "error"
+
+
+def test_study_takes_plugins_as_mpfl_run_does(tmp_path, capsys):
+    """Comma-separated or repeated, each checked with the same message."""
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    errors = []
+    for command in (["run", "--out", str(tmp_path / "r")], ["study", "--dry-run", "--out", str(tmp_path / "s")]):
+        assert main([*command, "--plugins", f"{empty},a b", "--plugins", "c"]) == 2
+        errors.append(capsys.readouterr().err)
+    assert errors[0] == errors[1] and "plug-in 'a b' is neither a module name" in errors[0]

@@ -308,6 +308,62 @@ def test_datasets_option_keeps_the_grid_on_the_named_datasets(capsys):
         preset_cells("quick", datasets=["mnst"])
 
 
+MY_METHOD = ("from mpfl.methods import register_method\nfrom mpfl.methods.mpfl import Mpfl\n\n"
+             "@register_method\nclass Mine(Mpfl):\n    name = 'my-method'\n")
+
+
+def test_without_methods_the_grid_is_the_whole_one_and_plugins_are_named_in_each_cell(tmp_path):
+    assert [len(preset_cells(name)) for name in PRESETS] == [124, 310]  # the counts of the module docstring
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(MY_METHOD)
+    cells = preset_cells("quick", datasets=["mnist"], plugins=[str(plugin)])
+    assert len(cells) == 88 and {c.config().plugins for c in cells} == {(str(plugin),)}
+
+
+def test_methods_plan_the_main_comparison_of_those_methods_only(tmp_path, capsys, monkeypatch):
+    cells = preset_cells("quick", seeds=2, datasets=["mnist"], methods=["MPFL", "FedAvg", "fedavg"])
+    whole = [c for c in preset_cells("quick", seeds=2, datasets=["mnist"]) if c.group == "main"]
+    assert len(cells) == 2 * 4 * 2 and cells == [c for c in whole if c.overrides["method"] in ("mpfl", "fedavg")]
+    calls = counting(monkeypatch)
+    out = tmp_path / "s"
+    assert main(["study", "--dry-run", "--methods", "mpfl,FedAvg", "--seeds", "2", "--datasets", "mnist",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert calls == [] and not out.exists() and text.count(" todo ") == 16
+    assert all(cell_name(c.config()) in text for c in cells) and "ablation" not in text
+
+
+def test_an_unknown_method_is_refused_as_mpfl_run_refuses_it_before_any_cell_runs(tmp_path, capsys, monkeypatch):
+    calls = counting(monkeypatch)
+    out = tmp_path / "s"
+    assert main(["run", "--method", "random-vote", "--out", str(tmp_path / "r")]) == 2
+    refused = " ".join(capsys.readouterr().err.split())
+    assert refused.endswith("Did you mean 'random'? If a plug-in registers it, load the plug-in with --plugins "
+                            "MODULE_OR_FILE")
+    assert main(["study", "--methods", "mpfl,random-vote", "--out", str(out)]) == 2
+    assert " ".join(capsys.readouterr().err.split()) == refused.replace("--method", "--methods")
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(MY_METHOD)
+    assert main(["study", "--plugins", str(plugin), "--methods", "my-methd", "--out", str(out)]) == 2
+    assert "local, ssfl, my-method. Did you mean 'my-method'?" in " ".join(capsys.readouterr().err.split())
+    assert calls == [] and not out.exists()
+
+
+def test_a_plugin_method_runs_beside_a_baseline_in_pool_processes_and_is_in_the_report(tmp_path, capsys, monkeypatch):
+    plugin = tmp_path / "mine.py"
+    plugin.write_text(MY_METHOD)
+    monkeypatch.setitem(PRESETS, "quick", mpfl.study.Preset(TINY, seeds=1, about="tiny"))
+    monkeypatch.setattr(mpfl.study, "PARTITIONS", mpfl.study.PARTITIONS[:1])  # iid only: two cells
+    out = tmp_path / "s"
+    assert main(["study", "--plugins", str(plugin), "--methods", "fedavg,My-Method", "--datasets", "mnist",
+                 "--jobs", "2", "--quiet", "--out", str(out)]) == 0
+    assert "ran 2, already done 0, failed 0" in capsys.readouterr().out
+    names = [cell["name"] for cell in json.loads((out / "study.json").read_text())]
+    assert [read_summary(out / name)["config"]["plugins"] for name in names] == [[str(plugin)]] * 2
+    report = (out / "report.md").read_text()
+    assert "| fedavg |" in report and "| my-method |" in report
+
+
 @pytest.mark.parametrize("seeds", [0, 101])
 def test_seeds_outside_what_a_study_can_run_are_refused_at_once(seeds):
     with pytest.raises(ConfigError, match=f"--seeds must be between 1 and 100 .*, got {seeds}"):

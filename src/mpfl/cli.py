@@ -73,17 +73,23 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
     parser.add_argument("--config", metavar="FILE", help="TOML file with the base configuration")
     group = parser.add_argument_group("configuration", "Each flag overrides the --config file, where it is the key "
                                       "of the same name (with _ for -), in the [section] shown.")
-    defaults, choices, texts, types = Config(), field_choices(), field_help(), field_types()
-    command_defaults = command_defaults or {}
-    for name in names or types:
+    defaults, command_defaults = Config(), command_defaults or {}
+    for name in names or field_types():
         section = FIELD_SECTIONS[name]
         default = getattr(getattr(defaults, section) if section else defaults, name)
-        default = command_defaults.get(name, default)
-        text = f"{texts[name]} (default {_shown(default)}"
-        text += (f"; one of {', '.join(choices[name])})" if name in choices else ")") + (f" [{section}]" if section else "")
-        repeat = "tuple" in str(types[name])
-        group.add_argument(flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(name, types[name]),
-                           action="append" if repeat else "store", help=text.replace("%", "%%"))
+        _add_field_flag(group, name, command_defaults.get(name, default))
+
+
+def _add_field_flag(group: argparse._ActionsContainer, name: str, default: object) -> None:
+    """The flag of config field `name`, its value in ``args.cfg_<name>`` (a list for a repeatable field), with its
+    description, `default`, choices and [section]: one definition for mpfl run's flags and the ones other
+    commands share with it (mpfl study's --plugins)."""
+    section, choices, types = FIELD_SECTIONS[name], field_choices(), field_types()
+    text = f"{field_help()[name]} (default {_shown(default)}"
+    text += (f"; one of {', '.join(choices[name])})" if name in choices else ")") + (f" [{section}]" if section else "")
+    repeat = "tuple" in str(types[name])
+    group.add_argument(flag(name), dest=f"cfg_{name}", default=None, metavar=_metavar(name, types[name]),
+                       action="append" if repeat else "store", help=text.replace("%", "%%"))
 
 
 def _given(args: argparse.Namespace) -> dict[str, object]:
@@ -355,11 +361,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.jobs < 0:
         raise ConfigError(f"--jobs = {args.jobs} must be >= 0 (0: one cell per CPU core at a time, at most 8)")
     jobs = args.jobs or min(available_cores(), MAX_STUDY_JOBS)
-    cells = preset_cells(args.preset, args.seeds, datasets=args.datasets)
+    cells = preset_cells(args.preset, args.seeds, datasets=args.datasets, methods=args.methods,
+                         plugins=split_items("plugins", args.cfg_plugins or []))
     out = Path(args.out) if args.out else Path("studies") / args.preset
     if not args.quiet:
-        console.print("[bold]mpfl study[/] " + escape(f"preset={args.preset} ({PRESETS[args.preset].about}) -> {out}"),
-                      highlight=False)
+        about = PRESETS[args.preset].about if args.methods is None else \
+            f"the main comparison of {', '.join(dict.fromkeys(cell.overrides['method'] for cell in cells))}"
+        console.print("[bold]mpfl study[/] " + escape(f"preset={args.preset} ({about}) -> {out}"), highlight=False)
     if args.dry_run:
         check_study_folder(out)
         print_plan(cells, out, plain_console(stderr=False), args.data_dir, jobs)
@@ -486,7 +494,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--force", action="store_true",
                         help="replace a report.md, plot or JSON file that mpfl report did not write")
     report.set_defaults(func=cmd_report)
-    study = sub.add_parser("study", help="run the study grid (resumable), then report on it")
+    study = sub.add_parser("study", help="run the study grid (resumable), then report on it",
+                           description="Run the study grid (resumable), then report on it. To compare a method "
+                                       "of your own with the baselines: mpfl study --plugins examples/random_vote.py "
+                                       "--methods mpfl,fedavg,random-vote --datasets mnist --seeds 1 (the plug-ins "
+                                       "are named in every cell's config, so each process that runs a cell "
+                                       "imports them).")
     study.add_argument("--preset", choices=("quick", "full"), default="quick", help="grid size (default: quick)")
     study.add_argument("--out", help="study folder (default: studies/<preset>)")
     study.add_argument("--seeds", type=int, metavar="N",
@@ -495,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--datasets", type=_comma_list, metavar="NAMES",
                        help="datasets of the main comparison, comma-separated (default: mnist,fashion-mnist; "
                             "--datasets mnist needs no download)")
+    study.add_argument("--methods", type=_comma_list, metavar="NAMES",
+                       help="run only the main comparison (the datasets, partitions and seeds at sparsity 0.9) of "
+                            "these methods, comma-separated: built-in ones or ones --plugins registers (default: the "
+                            "whole grid, whose main comparison has every built-in method)")
+    _add_field_flag(study, "plugins", ())
     study.add_argument("--data-dir", help="where the datasets are (else $MPFL_DATA, the user cache, a download)")
     study.add_argument("--dry-run", action="store_true",
                        help="list the cells, their estimated time and any missing data; run nothing")

@@ -71,12 +71,15 @@ def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
     return field(default=default, metadata={"help": text, "aliases": aliases})
 
 
+PLUGIN_HINT = "If a plug-in registers it, load the plug-in with --plugins MODULE_OR_FILE"
+"""What an unknown registry name's error adds when no known name is close to it."""
+
+
 def _choice(name: str, value: str) -> None:
     options = field_choices()[name]
     if value not in options:
         hint = difflib.get_close_matches(str(value).strip().lower(), options, n=1)
-        extra = (f" Did you mean {hint[0]!r}?" if hint else "") + (" If a plug-in registers it, load the plug-in with "
-                                                                 "--plugins MODULE_OR_FILE" if name in REGISTRIES else "")
+        extra = (f" Did you mean {hint[0]!r}?" if hint else "") + (f" {PLUGIN_HINT}" if name in REGISTRIES else "")
         raise UnknownNameError(f"{name} = {value!r} is not one of {', '.join(options)}.{extra}")
 
 

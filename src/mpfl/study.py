@@ -27,6 +27,13 @@ The grid (every preset):
 
 Cells that coincide (the default consensus rule is also the main mpfl cell) run once.
 
+Methods of one's own, written as plug-ins, meet the baselines in the main comparison alone (the rest
+of the grid studies MPFL itself): ``mpfl study --plugins examples/random_vote.py --methods
+mpfl,fedavg,random-vote --datasets mnist --seeds 1`` (`preset_cells`' `methods` and `plugins`) runs
+those methods on the preset's datasets, partitions and seeds at sparsity 0.9. The plug-ins are named
+in every cell's config, so each process that runs a cell imports them (and the cells' names differ
+from those of a study without them).
+
 Cells run one after the other in the study's process (`run_study`'s default), or `jobs` at a
 time in a pool of processes (``mpfl study``'s default: one per CPU core); every cell runs on one
 torch thread, so its results are the same either way. As with a run's worker processes, a script
@@ -54,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import re
 import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -67,16 +75,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import Config
+from .config import Config, mentioned
 from .data import DATASETS as DATASET_REGISTRY
 from .data import available_datasets, data_search_path, dataset_available, load_dataset
 from .errors import ConfigError, DataError, MpflError, WorkerError
 from .files import atomic_write
 from .locks import RunLock, refuse_if_locked
-from .methods import method_of, plan
+from .methods import METHODS, method_of, plan
 from .parallel import forkserver_available, refuse_in_a_starting_worker
 from .progress import plain_console
 from .records import CONFIG, MOVED_ASIDE, SUMMARY, counted, read_summary
+from .registry import UnknownNameError
 
 if TYPE_CHECKING:
     from .sim import RunResult
@@ -150,11 +159,16 @@ class Cell:
         return Config().with_overrides({**self.overrides, **({"data_dir": data_dir} if data_dir else {})})
 
 
-def grid(base: dict[str, Any], seeds: int, datasets: Sequence[str] = DATASETS) -> list[Cell]:
-    """The study's cells for a sizing `base`: main comparison on each of `datasets`, then, if mnist is
-    among them, the sparsity sweep and ablations; without duplicates."""
+def grid(base: dict[str, Any], seeds: int, datasets: Sequence[str] = DATASETS,
+         methods: Sequence[str] | None = None) -> list[Cell]:
+    """The study's cells for a sizing `base`: main comparison on each of `datasets`, then MPFL's averaging
+    and, if mnist is among the datasets, the sparsity sweep, precision and ablations; without duplicates.
+    With `methods`, the main comparison of those methods only (a comparison of methods of one's own with
+    the baselines: the rest of the grid studies MPFL itself)."""
     cells = [Cell("main", {**base, "method": m, "dataset": d, **p, "sparsity": MAIN_SPARSITY, "seed": s})
-             for d in datasets for p in PARTITIONS for m in MAIN_METHODS for s in range(seeds)]
+             for d in datasets for p in PARTITIONS for m in methods or MAIN_METHODS for s in range(seeds)]
+    if methods:
+        return unique(cells)
     cells += [Cell("averaging", {**base, "method": "mpfl", "dataset": d, **p, "sparsity": MAIN_SPARSITY, "seed": s,
                                  **EARLY_AVERAGING})
               for d in datasets for p in PARTITIONS for s in range(seeds)]
@@ -172,19 +186,38 @@ def grid(base: dict[str, Any], seeds: int, datasets: Sequence[str] = DATASETS) -
     return unique(cells)
 
 
-def preset_cells(name: str, seeds: int | None = None, datasets: Sequence[str] | None = None) -> list[Cell]:
-    """The cells of a named preset, optionally with another number of seeds or other datasets."""
+def preset_cells(name: str, seeds: int | None = None, datasets: Sequence[str] | None = None,
+                 methods: Sequence[str] | None = None, plugins: Sequence[str] = ()) -> list[Cell]:
+    """The cells of a named preset, optionally with another number of seeds or other datasets, or only the
+    main comparison of `methods` (`grid`). `plugins` are imported first, so the datasets and methods they
+    register can be named, and are named in every cell's config, so each process that runs a cell imports them."""
     if name not in PRESETS:
         raise ConfigError(f"unknown study preset {name!r}; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     if seeds is not None and not 1 <= seeds <= MAX_SEEDS:
         raise ConfigError(f"--seeds must be between 1 and {MAX_SEEDS} (each seed repeats the grid's runs), got {seeds}")
+    base = {**preset.base, "plugins": list(plugins)} if plugins else preset.base
+    Config().with_overrides(base)  # imports the plug-ins (refused as mpfl run refuses them): their names count below
     if datasets is not None:
         unknown = [d for d in datasets if d not in DATASET_REGISTRY]
         if unknown or not datasets:
             raise ConfigError(f"--datasets {','.join(unknown)}: choose from {', '.join(available_datasets())}")
         datasets = [DATASET_REGISTRY.canonical(d) for d in datasets]  # any case, or another name (fmnist), as mpfl run
-    return grid(preset.base, seeds or preset.seeds, tuple(dict.fromkeys(datasets)) if datasets else DATASETS)
+    if methods is not None:
+        methods = _method_names(methods, plugins)
+    return grid(base, seeds or preset.seeds, tuple(dict.fromkeys(datasets)) if datasets else DATASETS, methods)
+
+
+def _method_names(names: Sequence[str], plugins: Sequence[str]) -> list[str]:
+    """`names` as a run's config names each method (any case, or another name, as ``mpfl run --method`` takes
+    it), without repeats; an unknown one is refused as ``mpfl run --method`` refuses it."""
+    if not names:
+        raise ConfigError(f"--methods names no method; choose from {', '.join(METHODS.names())}")
+    try:
+        return list(dict.fromkeys(Config().with_overrides({"plugins": list(plugins), "method": name}).method
+                                  for name in names))
+    except UnknownNameError as exc:
+        raise UnknownNameError(re.sub(mentioned("method"), "--methods", str(exc))) from None
 
 
 def unique(cells: Sequence[Cell]) -> list[Cell]:
