@@ -536,14 +536,15 @@ def test_a_plug_ins_own_error_keeps_its_type_from_a_worker_and_is_one_json_objec
     assert any(note.startswith("raised in worker process") and "in broken" in note for note in raised.value.__notes__)
     capsys.readouterr()
     args = ["run", "--plugins", str(plugin), "--criterion", "broken", *SMALL, "--workers", "2"]
-    with pytest.raises(ValueError, match="broken on purpose") as raised:  # its traceback, then how to go on
-        main([*args, "--out", str(tmp_path / "text")])
-    assert raised.value.__notes__[-1] == ("the run stopped on this error; once it is fixed, continue with: mpfl run "
-                                          f"--resume {tmp_path / 'text'}")
-    with pytest.raises(ValueError, match="broken on purpose") as raised:  # given options, it may be their value
-        main([*args, "--options", "keep=abc", "--out", str(tmp_path / "options")])
-    assert raised.value.__notes__[-1] == ("(if the fix is another --options value, start a new run with --out NEW_DIR "
-                                          "instead: a resumed run keeps its options)")
+    assert main([*args, "--out", str(tmp_path / "text")]) == 1  # the worker's traceback from the plug-in on
+    err = capsys.readouterr().err
+    assert err.startswith("ValueError: broken on purpose\nraised in worker process ")
+    assert f'File "{plugin}", line 4, in broken' in err and "mpfl/" not in err
+    assert err.rstrip().endswith("the run stopped on this error; once it is fixed, continue with: mpfl run --resume "
+                                 f"{tmp_path / 'text'}")
+    assert main([*args, "--options", "keep=abc", "--out", str(tmp_path / "options")]) == 1  # it may be their value
+    assert capsys.readouterr().err.rstrip().endswith("(if the fix is another --options value, start a new run with "
+                                                     "--out NEW_DIR instead: a resumed run keeps its options)")
     args.extend(["--log-format", "json"])
     assert main([*args, "--out", str(tmp_path / "run")]) == 1
     (line,) = capsys.readouterr().err.splitlines()
@@ -644,3 +645,22 @@ def test_options_no_plug_in_read_are_named_at_the_end_of_the_run_with_those_read
                      set()) == ["no plug-in read --options thr, so it had no effect; the plug-ins read no option"]
     Options.read.clear()
     assert dict(cfg.plugin_options.items()) == {"thr": "0.9"} and Options.read == {"thr"}
+
+
+def test_a_plug_ins_error_shows_its_own_frames_and_an_error_of_mpfls_own_its_whole_traceback(tmp_path, capsys,
+                                                                                              monkeypatch):
+    """A plug-in's author needs the frames of their code, not the dozens of mpfl's that called it; an error
+    inside mpfl, with no frame of the user's, is shown whole."""
+    import mpfl.server
+    from mpfl.core.masks import density
+
+    plugin = tmp_path / "rule.py"
+    plugin.write_text("import mpfl\n\ndef boom(votes, support, ctx):\n    raise RuntimeError('boom')\n\n"
+                      "mpfl.register_rule('boom', boom, reads=())\n")
+    assert main(["run", "--plugins", str(plugin), "--consensus", "boom", *SMALL, "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[:4] == ["Traceback (most recent call last):", f'  File "{plugin}", line 4, in boom',
+                                    "    raise RuntimeError('boom')", "RuntimeError: boom"]
+    monkeypatch.setattr(mpfl.server.Server, "run", density)  # a TypeError raised inside mpfl's own code
+    with pytest.raises(TypeError):
+        main(["run", *SMALL, "--out", str(tmp_path / "own")])

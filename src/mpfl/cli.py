@@ -37,7 +37,7 @@ from .config import (
     refuse_quoted_values,
     split_items,
 )
-from .errors import ConfigError, MethodError, MpflError, PathError, WorkerError
+from .errors import WORKER_NOTE, ConfigError, MethodError, MpflError, PathError, WorkerError, from_users_code
 from .interrupts import sigterm_as_interrupt
 from .notes import end_notes, flag, idle_flags
 from .progress import LOG_FORMATS, plain_console
@@ -637,10 +637,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _notice("interrupted", "interrupted", log_format)
         return INTERRUPTED
     except Exception as exc:  # a bug, or a plug-in's own error: its traceback, as one JSON object if asked for
-        if log_format != "json":
-            raise
-        print(json.dumps({"event": "error", "message": f"{type(exc).__name__}: {exc}",
-                          "traceback": traceback.format_exc()}), file=sys.stderr, flush=True)
+        if log_format == "json":
+            print(json.dumps({"event": "error", "message": f"{type(exc).__name__}: {exc}",
+                              "traceback": traceback.format_exc()}), file=sys.stderr, flush=True)
+            return 1
+        users = from_users_code(exc.__traceback__)
+        if users is None and not any(note.startswith(WORKER_NOTE) for note in getattr(exc, "__notes__", ())):
+            raise  # an error of mpfl's own: its whole traceback
+        # a plug-in's: from its own frames on (in a worker, the note holds them), not the dozens of mpfl's before
+        print("".join(traceback.format_exception(type(exc), exc, users)), end="", file=sys.stderr, flush=True)
         return 1
 
 
