@@ -664,3 +664,22 @@ def test_a_plug_ins_error_shows_its_own_frames_and_an_error_of_mpfls_own_its_who
     monkeypatch.setattr(mpfl.server.Server, "run", density)  # a TypeError raised inside mpfl's own code
     with pytest.raises(TypeError):
         main(["run", *SMALL, "--out", str(tmp_path / "own")])
+
+
+def test_a_rule_that_empties_a_layer_is_named_in_the_summary_and_a_note(tmp_path, capsys):
+    """A consensus rule may return any subset, the empty one too; the run goes on, and its end says
+    which layers the final mask prunes whole (the default run empties none)."""
+    from mpfl.records import read_summary
+
+    plugin = tmp_path / "empty.py"
+    plugin.write_text("import numpy as np\nimport mpfl\n\ndef first_only(votes, support, ctx):\n"
+                      "    return [s if i == 0 else np.zeros_like(s) for i, s in enumerate(support)]\n\n"
+                      "mpfl.register_rule('first-only', first_only, reads=())\n")
+    args = ["run", *[a for a in SMALL if a != "--quiet"], "--plugins", str(plugin), "--consensus", "first-only"]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0
+    summary = read_summary(tmp_path / "r")
+    assert summary["emptied_layers"] == ["3.weight", "5.weight"]  # mlp's prunable tensors after the first
+    assert ("note: the final mask prunes every weight of 3.weight, 5.weight (summary.json: emptied_layers)"
+            in " ".join(capsys.readouterr().err.split()))
+    assert main(["run", *SMALL, "--out", str(tmp_path / "plain")]) == 0
+    assert "emptied_layers" not in read_summary(tmp_path / "plain")

@@ -155,8 +155,9 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict,
     counts were limited, a final accuracy well below the run's best (the saved model is the last
     round's; with server momentum, the sign of a run overshooting or diverging), a density far from the
     share of the model kept (layers left dense; a filter mask's dropped filters, which take the next layer's
-    inputs with them), and options that no plug-in read (`options_read`, the keys the run's plug-ins looked
-    up, where known: `mpfl.sim.RunResult.options_read`), a misspelt key left silently unused otherwise."""
+    inputs with them), layers the final mask prunes whole, and options that no plug-in read
+    (`options_read`, the keys the run's plug-ins looked up, where known: `mpfl.sim.RunResult.options_read`),
+    a misspelt key left silently unused otherwise."""
     notes = []
     from .plugins import installed_plugins
 
@@ -187,6 +188,10 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict,
                      "diverge over long runs: a lower --server-momentum is steadier (docs/benchmarks.md, \"Server "
                      "momentum over long runs\")")
         notes.append(note)
+    if emptied := summary.get("emptied_layers"):
+        notes.append(f"the final mask prunes every weight of {', '.join(emptied)} (summary.json: emptied_layers): "
+                     "what passes through is the bias alone, whatever the input; no built-in method empties a "
+                     "layer, so check the mask criterion or consensus rule, or use a lower --sparsity")
     kept, dense, density = summary.get("params_kept"), summary.get("params_dense"), summary.get("final_density")
     if kept and dense and density:
         share, figures = kept / dense, f"({kept:,} of {dense:,}: summary.json's params_kept)"

@@ -91,6 +91,7 @@ class RunSummary(_AlwaysSummarized, total=False):
     limited_counts: dict[str, Any]  # nodes whose sample count claims were bounded, with what each claimed
     plugin_changes: list[dict[str, Any]]  # plug-ins whose code changed while the run was resumed
     params_kept: int  # the final model's parameters, size and cost, pruned and dense (mpfl.costs)
+    emptied_layers: list[str]  # prunable tensors the final mask prunes whole (only when there are any)
     params_dense: int
     model_bytes: int
     model_bytes_dense: int
@@ -394,6 +395,8 @@ def finish_run(exp: Experiment, run_dir: RunDir | None, weights: Weights, mask: 
     units); written with the final weights to `run_dir` when there is one."""
     stats = model_stats(exp.model, exp.spec, weights, mask, exp.dataset.input_shape, method_of(exp.cfg).structured)
     stats.update(traffic_units(records, stats["params_dense"]))
+    if emptied := [name for name, kept in zip(exp.spec.prunable_names, mask) if not kept.any()]:
+        stats["emptied_layers"] = emptied
     summary = summarize(exp.cfg, records, wall_time,
                         {"malicious_nodes": malicious_ids(exp.cfg), "device": describe(exp.device), **extra, **stats})
     if run_dir is not None:
