@@ -104,8 +104,11 @@ def test_two_plugins_registering_one_name_are_refused_naming_the_second(tmp_path
     argv = ["run", "--plugins", str(tmp_path / "first.py"), "--plugins", str(tmp_path / "second.py"), *SMALL]
     assert main([*argv, "--out", str(tmp_path / "r")]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "a consensus rule named 'same' is already registered" in err
+    assert f"a consensus rule named 'same' is already registered (by {tmp_path / 'first.py'})" in err
     assert err.endswith(f"(while importing plug-in '{tmp_path / 'second.py'}')")
+    (tmp_path / "third.py").write_text("import mpfl\n\nmpfl.register_rule('vote', lambda votes, support, ctx: support)\n")
+    assert main(["run", "--plugins", str(tmp_path / "third.py"), *SMALL, "--out", str(tmp_path / "r")]) == 2
+    assert "a consensus rule named 'vote' is already registered (built in)" in capsys.readouterr().err
 
 
 def test_a_plugin_whose_own_code_fails_is_told_where_and_not_to_change_its_path(tmp_path, capsys):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -29,6 +30,15 @@ def normalise(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"a registered name must be a non-empty string, got {name!r}")
     return name.strip().lower()
+
+
+def _origin(entry: object) -> str:
+    """Where a registered entry comes from: built into mpfl, or the file of the plug-in that registered it."""
+    module = getattr(entry, "__module__", None) or ""
+    if module == "mpfl" or module.startswith("mpfl."):
+        return "built in"
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return f"by {file}" if file else f"by module {module}" if module else "by a plug-in"
 
 
 class Registry(Generic[T]):
@@ -49,8 +59,9 @@ class Registry(Generic[T]):
             raise ConfigError(f"a {self.kind} name cannot hold '/' or '\\' ({key!r}): run and study folders are named "
                               "after it")
         if not replace and (key in self._entries or key in self._aliases):
-            raise ConfigError(f"a {self.kind} named {key!r} is already registered; choose another name "
-                              f"(or pass replace=True to swap it for yours)")
+            first = self._entries[self._aliases.get(key, key)]
+            raise ConfigError(f"a {self.kind} named {key!r} is already registered ({_origin(first)}); choose another "
+                              f"name (or pass replace=True to swap it for yours)")
         self._entries[key] = entry
         for alias in aliases:
             self._aliases[normalise(alias)] = key
