@@ -686,3 +686,15 @@ def test_a_rule_that_empties_a_layer_is_named_in_the_summary_and_a_note(tmp_path
             in " ".join(capsys.readouterr().err.split()))
     assert main(["run", *SMALL, "--out", str(tmp_path / "plain")]) == 0
     assert "emptied_layers" not in read_summary(tmp_path / "plain")
+
+
+def test_help_with_plugins_lists_the_names_they_register(tmp_path, capsys):
+    plugin = tmp_path / "helpme.py"
+    plugin.write_text("import mpfl\n\nmpfl.register_rule('help-rule', lambda votes, support, ctx: support, reads=())\n")
+    with pytest.raises(SystemExit):
+        main(["run", "--plugins", str(plugin), "--help"])
+    assert ", help-rule) [prune]" in " ".join(capsys.readouterr().out.split())  # among the consensus rules
+    with pytest.raises(SystemExit):
+        main(["run", f"--plugins={tmp_path / 'missing.py'}", "--help"])
+    out, err = capsys.readouterr()
+    assert "usage: mpfl run" in out and err.startswith("note: the help lists no names of this plug-in: plug-in")

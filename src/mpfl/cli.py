@@ -575,9 +575,12 @@ PATH_FLAGS = ("out", "config", "resume", "data_dir", "init", "json")
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse a command line; unknown flags are refused by the subcommand with a suggestion."""
-    parser = build_parser()
+    """Parse a command line; unknown flags are refused by the subcommand with a suggestion. Asked for
+    help, the plug-ins it names are loaded first, so that the choices it lists hold their names too."""
     tokens = _join_negative_values(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(tokens):
+        _load_named_plugins(tokens)
+    parser = build_parser()
     _Parser.json_errors = json_log_requested(tokens)
     args, unknown = parser.parse_known_args(tokens)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
@@ -591,6 +594,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if "" in (getattr(args, "run_dir", None), *getattr(args, "paths", ())):
         sub.error("a RUN_DIR is empty; give the path of a run directory")
     return args
+
+
+def _load_named_plugins(tokens: Sequence[str]) -> None:
+    """Load the plug-ins `--plugins` names in `tokens` (``--plugins A,B``, ``--plugins=A`` or repeated); the help
+    says so when one cannot be loaded, and lists the names it could load."""
+    from .plugins import load_plugins
+
+    names = [value for flag, value in zip(tokens, tokens[1:]) if flag == "--plugins"]
+    names += [token.split("=", 1)[1] for token in tokens if token.startswith("--plugins=")]
+    try:
+        load_plugins(split_items("plugins", names))
+    except MpflError as exc:
+        _notice("note", f"note: the help lists no names of this plug-in: {exc}", "auto")
 
 
 def _notice(event: str, text: str, log_format: str) -> None:
