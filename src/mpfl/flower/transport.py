@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from typing import TypeVar
 
@@ -29,7 +29,7 @@ from ..errors import PayloadError, RoundError
 from ..protocol import NodeFailure, Reply
 from .payload import EVALUATE, QUERY_PARTITION, message_type, metrics_of, pack, partition_of, timing_of, unpack
 
-K = TypeVar("K")
+K, T = TypeVar("K"), TypeVar("T")
 POLL_S = 0.2
 """Seconds between two pulls for replies (Flower's own `send_and_receive` waits 3 s between pulls)."""
 METRIC_BYTES = 8
@@ -95,6 +95,16 @@ def send(grid: Grid, messages: Mapping[K, Message], timeout: float) -> dict[K, M
         else:
             out[key] = reply
     return out
+
+
+def _content(reply: Message | NodeFailure, read: Callable[[RecordDict], T], malformed: str) -> T | NodeFailure:
+    """A reply's content as `read` takes it, or the failure: the node's own, or `malformed` with why `read` refused it."""
+    if isinstance(reply, NodeFailure):
+        return reply
+    try:
+        return read(reply.content)
+    except PayloadError as exc:
+        return NodeFailure(f"{malformed}: {exc}")
 
 
 class FlowerTransport:
@@ -171,14 +181,8 @@ class FlowerTransport:
         sent = send(self.grid, messages, self.timeout)
         self.exchange_time += time.perf_counter() - started
         for pid, reply in sent.items():
-            if isinstance(reply, NodeFailure):
-                replies[pid] = reply
-                continue
-            try:
-                replies[pid] = unpack(reply.content)
-            except PayloadError as exc:
-                replies[pid] = NodeFailure(f"malformed reply: {exc}")
-            if (timing := timing_of(reply.content)) is not None:
+            replies[pid] = _content(reply, unpack, "malformed reply")
+            if not isinstance(reply, NodeFailure) and (timing := timing_of(reply.content)) is not None:
                 self.timing[pid] = timing
         return replies
 
@@ -187,13 +191,7 @@ class FlowerTransport:
         failures, messages = self._messages(EVALUATE, step, {pid: [body] for pid in self.node_ids()})
         results: dict[int, dict[str, float] | NodeFailure] = dict(failures)
         for pid, reply in send(self.grid, messages, self.timeout).items():
-            if isinstance(reply, NodeFailure):
-                results[pid] = reply
-                continue
-            try:
-                results[pid] = metrics_of(reply.content)
-            except PayloadError as exc:
-                results[pid] = NodeFailure(f"malformed evaluation reply: {exc}")
+            results[pid] = _content(reply, metrics_of, "malformed evaluation reply")
         return results
 
     def _messages(self, mtype: str, step: int, requests: Mapping[int, Sequence[bytes]]
