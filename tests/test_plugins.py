@@ -579,19 +579,34 @@ def test_an_aggregator_that_breaks_its_contract_mid_run_leaves_a_checkpoint_the_
     assert comparable(resumed.records) == comparable(fresh.records)
 
 
-def test_an_aggregators_values_where_the_mask_prunes_are_cleared_with_or_without_server_momentum():
+def test_an_aggregators_values_where_the_mask_prunes_are_cleared_with_or_without_server_momentum(monkeypatch):
     """An aggregator returns full tensors; the global weights keep its values on the mask only, in
-    training rounds with server momentum (its step is taken on the mask) and without (the aggregate itself)."""
+    training rounds with server momentum (its step is taken on the mask) and without (the aggregate itself),
+    and in adaptation rounds, whose regrown weights start at exactly 0."""
     from mpfl.core.aggregate import register_aggregator, weighted_average
     from mpfl.experiment import Experiment
+    from mpfl.methods.mpfl import Mpfl
 
     register_aggregator("shifted-test", lambda tensors, weights, **_: [w + 1 for w in weighted_average(tensors, weights)])
+    regrown: list[np.ndarray] = []
+    train_round = Mpfl.train_round
+
+    def watched(self, server, step):
+        before = [m.copy() for m in server.state.mask]
+        out = train_round(self, server, step)
+        regrown.extend(w[m & ~b] for w, m, b in zip(server.spec.pick(server.state.weights), server.state.mask, before))
+        return out
+
+    monkeypatch.setattr(Mpfl, "train_round", watched)
     for momentum in (0.0, 0.9):
-        cfg = tiny_config(aggregator="shifted-test", server_momentum=momentum, mask_rounds=1, rounds=2)
+        cfg = tiny_config(aggregator="shifted-test", server_momentum=momentum, mask_rounds=1, rounds=2, adapt_every=1,
+                          adapt_until=1.0)
         result = simulate(cfg)
         pruned = Experiment.from_config(cfg).spec.pick(result.weights)
         assert all(not w[~m].any() for w, m in zip(pruned, result.mask)) and masks.density(result.mask) < 0.2
         assert all((w[m] != 0).all() for w, m in zip(pruned, result.mask))  # the shift reached every kept value
+        assert sum(w.size for w in regrown) > 0 and not any(w.any() for w in regrown)
+        regrown.clear()
 
 
 def test_a_consensus_rule_that_narrows_the_current_mask_in_place_is_stopped_not_obeyed():

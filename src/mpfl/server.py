@@ -448,10 +448,12 @@ class Server:
         return spec.apply(stepped, state.mask)
 
     def aggregate(self, exchanged: Round) -> Weights:
-        """The configured aggregate of the valid replies (sample-weighted mean by default)."""
+        """The configured aggregate of the valid replies (sample-weighted mean by default), zero where the
+        mask prunes: nodes send nothing there, so whatever an aggregator returns there is cleared."""
         robust = self.cfg.robust
-        return robust_average([b.tensors for b in exchanged.replies.values()], exchanged.weights(), robust.aggregator,
-                              trim=robust.trim, byzantine=robust.byzantine)
+        average = robust_average([b.tensors for b in exchanged.replies.values()], exchanged.weights(),
+                                 robust.aggregator, trim=robust.trim, byzantine=robust.byzantine)
+        return self.spec.apply(average, self.state.mask)
 
     def average_held(self, kept: Sequence[Sequence[np.ndarray]], holds: Sequence[Mask], weights: Sequence[float],
                      keep: Mask) -> Weights:

@@ -162,8 +162,8 @@ class Method:
 
     def train_round(self, server: Server, step: Step) -> Round:
         """Masked FedAvg: sampled nodes get the mask updates they miss and the kept values, train,
-        and send their kept values back; the global weights become their aggregate on the mask (an
-        aggregator's values where the mask prunes are cleared, with or without server momentum)."""
+        and send their kept values back; the global weights become their aggregate (`Server.aggregate`:
+        zero where the mask prunes, whatever the aggregator returns there)."""
         state = server.state
         supports = server.spec.supports(state.mask)
         nodes = server.sample(step)
@@ -175,7 +175,7 @@ class Method:
 
         exchanged = server.exchange(TASK_TRAIN, step, requests, decode)
         server.acknowledge(exchanged)
-        state.weights = server.advance(step, server.spec.apply(server.aggregate(exchanged), state.mask))
+        state.weights = server.advance(step, server.aggregate(exchanged))
         return exchanged
 
 
