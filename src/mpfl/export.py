@@ -52,7 +52,7 @@ from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .models import MODELS, build_model
 from .records import CONFIG, STOPPED_BEFORE_ROUND_1, SUMMARY, recorded_nothing
-from .resume import refusal
+from .resume import read_config, refusal
 
 EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
 FILES = {"state_dict": "model.pt", "sparse": "model.sparse.pt", "torchscript": "model.ts", "onnx": "model.onnx"}
@@ -223,7 +223,7 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
         raise ExportError(f"{run} holds a run that has not finished (it has no {SUMMARY} yet); "
                           + (f"it cannot be resumed either: {why}" if why else
                              f"finish it (a simulator run with mpfl run --resume {run}), then export it"))
-    cfg = Config.from_toml(run / CONFIG)
+    cfg = read_config(run)  # the plug-ins it names are compared with the run's record before any is imported
     final = load_final(run)
     try:
         model = build_model(cfg.train.model, final.input_shape, final.num_classes)

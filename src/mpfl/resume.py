@@ -29,7 +29,7 @@ from .errors import MpflError, RunDirError
 from .files import atomic_write
 from .node import NodeState
 from .plugins import fingerprints
-from .records import CONFIG, ROUNDS_JSONL, RUN_JSON, counted, read_rounds
+from .records import CONFIG, ROUNDS_JSONL, RUN_JSON, SUMMARY, counted, read_rounds, read_summary
 from .server import ServerState
 
 RUNTIME_FIELDS = frozenset({"workers"})
@@ -167,23 +167,27 @@ def check_resumable(folder: Path, cfg: Config | None) -> dict | None:
     return meta
 
 
-def _edited(folder: Path, saved: dict, current: dict) -> RunDirError:
-    """The error for a config that differs from the one the folder's checkpoint was written with."""
-    foreign = "" if (folder / RUN_JSON).exists() else f" (or, if {CHECKPOINT} is another run's, put this run's back)"
-    return RunDirError(f"the config of {folder} differs from the one its {CHECKPOINT} was written with: "
-                       f"{changes(saved, current)}; undo the edit to {folder / CONFIG}{foreign}, or start a new run "
-                       "with --out NEW_DIR")
+def _edited(folder: Path, saved: dict, current: dict, source: str = CHECKPOINT) -> RunDirError:
+    """The error for a config that differs from the one the folder's checkpoint (or summary) was written with."""
+    foreign = "" if (folder / RUN_JSON).exists() else f" (or, if {source} is another run's, put this run's back)"
+    return RunDirError(f"the config of {folder} differs from the one its {source} was written with: "
+                       f"{changes(saved, current, source.split('.')[0])}; undo the edit to {folder / CONFIG}{foreign}, "
+                       "or start a new run with --out NEW_DIR")
 
 
 def read_config(folder: Path) -> Config:
     """The saved config of the run in `folder`. Building a config imports the plug-ins it names, that is, runs
     their code, so the plug-ins named in `config.toml` are first compared, as the file holds them, with those
-    the checkpoint was written with (`check_resumable`'s checks without a config): an edit naming another
-    plug-in is refused before any plug-in is imported."""
+    the run recorded (in its summary once finished, else in its checkpoint, after `check_resumable`'s checks
+    without a config): an edit naming another plug-in is refused before any plug-in is imported."""
     data = Config.read_toml(folder / CONFIG)
-    meta = check_resumable(folder, None)
-    if meta is not None and data.get("plugins", []) != meta["run"]["config"].get("plugins", []):
-        raise _edited(folder, meta["run"]["config"], {k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
+    if (folder / SUMMARY).exists():
+        recorded, source = read_summary(folder)["config"], SUMMARY
+    else:
+        meta = check_resumable(folder, None)
+        recorded, source = (meta["run"]["config"] if meta is not None else None), CHECKPOINT
+    if recorded is not None and data.get("plugins", []) != recorded.get("plugins", []):
+        raise _edited(folder, recorded, {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}, source)
     refuse_quoted_values(data)
     return Config.from_dict(data)
 
