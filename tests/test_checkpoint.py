@@ -335,7 +335,9 @@ def _set_entry(name: str, index: int, value: float):
     (_set_entry("weights/0", 0, np.nan), "the arrays of 'weights' hold NaN or Inf values"),
     (_set_entry("w0/1", 2, np.inf), "the arrays of 'w0' hold NaN or Inf values"),
     (_set_entry("velocity/3", 1, -np.inf), "the arrays of 'velocity' hold NaN or Inf values"),
-], ids=["NaN in the weights", "Inf in w0", "-Inf in the momentum"])
+    (_set_entry("node/1/local/0", 0, np.nan), "the arrays of 'node/1/local' hold NaN or Inf values"),
+    (_set_entry("node/3/residual/1", 5, np.nan), "the arrays of 'node/3/residual' hold NaN or Inf values"),
+], ids=["NaN in the weights", "Inf in w0", "-Inf in the momentum", "NaN in a node's weights", "NaN in a residual"])
 def test_values_no_run_continues_from_are_damage(tmp_path, change, cause):
     saved(tmp_path)
     rewrite(tmp_path / CHECKPOINT, change)
@@ -354,13 +356,15 @@ def test_weights_where_the_mask_prunes_are_damage_and_weights_it_keeps_are_read_
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
 
 
-def test_initial_weights_other_than_the_runs_are_damage(tmp_path):
+def test_initial_weights_other_than_the_config_builds_here_are_refused_as_another_build(tmp_path):
+    """An intact checkpoint whose w0 another torch version or init file would not build is not damage:
+    the error says what differs and how to go on."""
     server, _ = saved(tmp_path)
     assert same_arrays(load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES, w0=server.w0)[0].w0, server.w0)
     other = [w.copy() for w in server.w0]
     other[3].flat[0] = np.nextafter(other[3].flat[0], np.float32(np.inf))  # one value, one step of float32 away
-    with pytest.raises(RunDirError, match=r"damaged \(ValueError: its initial weights \(w0\) are not those the run's "
-                                          r"config builds"):
+    with pytest.raises(RunDirError, match=r"^the initial weights in .*checkpoint.npz are not those the run's config "
+                                          r"builds here .* another torch version or an edited init file"):
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES, w0=other)
 
 

@@ -597,7 +597,7 @@ DAMAGE = {
     "NaN in the weights": ("checkpoint.npz", lambda p: _edit_array(p, "weights/1", lambda w: np.full_like(w, np.nan)),
                            "the arrays of 'weights' hold NaN or Inf values"),
     "edited w0": ("checkpoint.npz", lambda p: _edit_array(p, "w0/0", lambda w: w + np.float32(1e-3)),
-                  "its initial weights (w0) are not those the run's config builds"),
+                  "are not those the run's config builds here"),
     "an extra array": ("checkpoint.npz", lambda p: _replace_array(p, "junk", np.zeros(3, np.float32)),
                        "it holds junk, which no checkpoint of this run holds"),
     "damaged log line": ("rounds.jsonl", lambda p: p.write_text(p.read_text().replace('"step": 1', '"step": 1,,', 1)),

@@ -247,11 +247,16 @@ def load_checkpoint(run_dir: Path, spec: ParamSpec, *, steps: int, nodes: int, w
                 raise ValueError(f"it holds {', '.join(unknown[:3])}{' and more' if len(unknown) > 3 else ''}, which no "
                                  "checkpoint of this run holds")
             groups = f.read_groups(names - {"meta"}, _largest(meta, spec))
-        state = _states(groups, meta, spec)
-        _check_values(state[0], spec, w0)
-        return state
+        server, node_states = _states(groups, meta, spec)
+        _check_values(server, node_states, spec)
     except DAMAGE as exc:
         raise damaged(path, exc) from None
+    if w0 is not None and weights_digest(server.w0) != weights_digest(w0):  # an intact file, another build
+        raise RunDirError(f"the initial weights in {path} are not those the run's config builds here (from its seed, "
+                          "or its --init file): another torch version or an edited init file builds other ones. Resume "
+                          "with those the run started with, or start the run again with mpfl run --config "
+                          f"{run_dir / 'config.toml'} --out NEW_DIR")
+    return server, node_states
 
 
 def _members(meta: CheckpointMeta, spec: ParamSpec) -> set[str]:
@@ -272,16 +277,18 @@ def _largest(meta: CheckpointMeta, spec: ParamSpec) -> int:
                len(meta.history) * ((sum(math.prod(s) for s in spec.prunable_shapes) + 7) // 8))
 
 
-def _check_values(server: ServerState, spec: ParamSpec, w0: Sequence[np.ndarray] | None) -> None:
-    """Refuse server arrays no run continues from: NaN or Inf in the weights, w0 or momentum; weights that are not
-    zero where the mask prunes (every round leaves them so, `Server.run_step`); initial weights other than `w0`."""
-    for name, arrays in (("weights", server.weights), ("w0", server.w0), ("velocity", server.velocity or [])):
+def _check_values(server: ServerState, nodes: dict[int, NodeState], spec: ParamSpec) -> None:
+    """Refuse arrays no run continues from: NaN or Inf in the server's weights, w0 or momentum, or in a node's own
+    weights or error-feedback residual (a residual's NaN would silently drop entries from its top-k updates); and
+    server weights that are not zero where the mask prunes (every round leaves them so, `Server.run_step`)."""
+    held = [("weights", server.weights), ("w0", server.w0), ("velocity", server.velocity or [])]
+    for n, node in sorted(nodes.items()):
+        held += [(f"node/{n}/local", node.local or []), (f"node/{n}/residual", node.residual or [])]
+    for name, arrays in held:
         if not all(np.isfinite(a).all() for a in arrays):
             raise ValueError(f"the arrays of {name!r} hold NaN or Inf values")
     if any(np.any(server.weights[i][~kept]) for i, kept in zip(spec.prunable, server.mask)):
         raise ValueError(f"the weights are not zero where its mask (version {server.version}) prunes")
-    if w0 is not None and weights_digest(server.w0) != weights_digest(w0):
-        raise ValueError("its initial weights (w0) are not those the run's config builds (from its seed, or its init file)")
 
 
 def _states(groups: dict, meta: CheckpointMeta, spec: ParamSpec) -> tuple[ServerState, dict[int, NodeState]]:
