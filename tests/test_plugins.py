@@ -683,6 +683,13 @@ def test_a_plug_ins_error_shows_its_own_frames_and_an_error_of_mpfls_own_its_who
     with pytest.raises(TypeError):
         main(["run", *SMALL, "--out", str(tmp_path / "own")])
 
+    def not_a_plug_in(server):  # code outside mpfl that no --plugins named (a library, a script): shown whole too
+        raise KeyError("elsewhere")
+
+    monkeypatch.setattr(mpfl.server.Server, "run", not_a_plug_in)
+    with pytest.raises(KeyError):
+        main(["run", *SMALL, "--out", str(tmp_path / "elsewhere")])
+
 
 def test_a_rule_that_empties_a_layer_is_named_in_the_summary_and_a_note(tmp_path, capsys):
     """A consensus rule may return any subset, the empty one too; the run goes on, and its end says

@@ -37,9 +37,10 @@ from .config import (
     refuse_quoted_values,
     split_items,
 )
-from .errors import WORKER_NOTE, ConfigError, MethodError, MpflError, PathError, WorkerError, from_users_code
+from .errors import WORKER_NOTE, ConfigError, MethodError, MpflError, PathError, WorkerError
 from .interrupts import sigterm_as_interrupt
 from .notes import end_notes, flag, idle_flags
+from .plugins import from_plugin_code
 from .progress import LOG_FORMATS, plain_console
 from .protocol import RoundRecord
 
@@ -657,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"event": "error", "message": f"{type(exc).__name__}: {exc}",
                               "traceback": traceback.format_exc()}), file=sys.stderr, flush=True)
             return 1
-        users = from_users_code(exc.__traceback__)
+        users = from_plugin_code(exc.__traceback__)
         if users is None and not any(note.startswith(WORKER_NOTE) for note in getattr(exc, "__notes__", ())):
             raise  # an error of mpfl's own: its whole traceback
         # a plug-in's: from its own frames on (in a worker, the note holds them), not the dozens of mpfl's before

@@ -1,10 +1,5 @@
 """Exceptions raised by mpfl; each message says what was wrong and what to do about it."""
 
-from __future__ import annotations
-
-import sysconfig
-from pathlib import Path
-from types import TracebackType
 
 
 class MpflError(Exception):
@@ -60,17 +55,3 @@ class WorkerError(MpflError):
 
 WORKER_NOTE = "raised in worker process"
 """How the note of an error raised in a worker process begins: the worker's traceback follows it."""
-
-
-def from_users_code(tb: TracebackType | None) -> TracebackType | None:
-    """`tb` from its first frame in code of the user's (a plug-in's file: outside mpfl, the standard
-    library and installed packages), so that a plug-in's error shows its own frames, not the dozens
-    of mpfl's that called it; None when no frame is the user's (an error of mpfl's own, shown whole)."""
-    library = [Path(__file__).parent, *(Path(sysconfig.get_paths()[key]) for key in ("stdlib", "purelib", "platlib"))]
-    library = [path.resolve() for path in library]
-    while tb is not None:
-        file = Path(tb.tb_frame.f_code.co_filename)
-        if file.is_file() and not any(file.resolve().is_relative_to(path) for path in library):
-            return tb
-        tb = tb.tb_next
-    return None

@@ -34,11 +34,11 @@ import torch.multiprocessing as mp
 from .config import Config, Options
 from .data import Dataset
 from .devices import resolve_device
-from .errors import WORKER_NOTE, ConfigError, MpflError, WorkerError, from_users_code
+from .errors import WORKER_NOTE, ConfigError, MpflError, WorkerError
 from .experiment import Experiment
 from .interrupts import signal_handled
 from .node import Node, NodeState, build_nodes, deliver
-from .plugins import load_plugins
+from .plugins import from_plugin_code, load_plugins
 from .protocol import Reply
 
 PRELOAD = ["mpfl.sim"]
@@ -113,7 +113,7 @@ def _answer(conn: Connection, nodes: dict[int, Node]) -> None:
             conn.send(("ok", result))
         except (Exception, SystemExit) as exc:  # raised again in the main process as it is (a plug-in's
             # sys.exit too), as one process would, with where it happened as a note
-            shown = from_users_code(exc.__traceback__) or exc.__traceback__  # a plug-in's frames, if it raised
+            shown = from_plugin_code(exc.__traceback__) or exc.__traceback__  # a plug-in's frames, if it raised
             exc.add_note(f"{WORKER_NOTE} {os.getpid()}:\n{''.join(traceback.format_exception(type(exc), exc, shown)).rstrip()}")
             try:
                 conn.send(("raise", exc))

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, TracebackType
 
 from .errors import ConfigError
 
@@ -161,3 +161,24 @@ def _import(name: str) -> bytes | None:
             detail, where = str(exc), f"{frame.filename}:{frame.lineno}"
         raise ConfigError(f"plug-in {name!r} failed while it was imported: {type(exc).__name__}: {detail} (at {where}); "
                           "fix the plug-in") from exc
+
+
+def plugin_files() -> set[Path]:
+    """The source files of the plug-ins this process loaded: `.py` files named by path, and the modules (with a
+    package's submodules) named by module name."""
+    names = [key for key in _loaded if key != ENTRY_POINT_GROUP]
+    files = {Path(key) for key in names if Path(key).is_absolute()}
+    for module_name, module in list(sys.modules.items()):
+        named = any(module_name == name or module_name.startswith(f"{name}.") for name in names)
+        if named and (file := getattr(module, "__file__", None)):
+            files.add(Path(file).resolve())
+    return files
+
+
+def from_plugin_code(tb: TracebackType | None) -> TracebackType | None:
+    """`tb` from its first frame in a plug-in's file (`plugin_files`), so that a plug-in's error shows its own
+    frames, not the dozens of mpfl's that called it; None when no frame is a plug-in's (shown whole then)."""
+    files = plugin_files()
+    while tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve() not in files:
+        tb = tb.tb_next
+    return tb
