@@ -664,14 +664,15 @@ def test_a_client_apps_exception_reads_as_its_type_and_message():
 
     flower = "<class 'mpfl.errors.ConfigError'>:<'partition-id = 7 is outside 0..2'>"
     assert error_reason(flower) == "ConfigError: partition-id = 7 is outside 0..2"
-    assert error_reason("<class 'ValueError'>:<'two\nlines'>") == "ValueError: two\nlines"
+    assert error_reason("<class 'ValueError'>:<'two\nlines'>") == "ValueError: two\\nlines"  # one log line
     assert error_reason("node unavailable") == "node unavailable"  # Flower's own reasons stay as they are
 
 
 def test_a_long_or_controlling_error_reason_is_cut_and_made_printable():
     from mpfl.flower.transport import REASON_CHARS, error_reason
 
-    assert error_reason("bad\x1b[2J\x07 news\nsecond line") == "bad [2J  news\nsecond line"
+    assert error_reason("bad\x1b[2J\x07 news\nstep 9 (train 5): accuracy 99.00%") == \
+        "bad [2J  news\\nstep 9 (train 5): accuracy 99.00%"  # no terminal controls, no forged log line
     long = error_reason("x" * 50_000)
     assert long == "x" * REASON_CHARS + "... (50000 characters)"
     assert error_reason(None) == "no reason given"

@@ -69,10 +69,11 @@ REASON_CHARS = 1000
 
 def error_reason(reason: str | None) -> str:
     """An error reply's reason as a log line reads it: a ClientApp's exception as ``Type: message``,
-    on one line of printable characters, at most `REASON_CHARS` of them."""
+    on one line of printable characters (a line break shown as ``\\n``, so that a node cannot write
+    lines of the server's log), at most `REASON_CHARS` of them."""
     raised = CLIENT_APP_EXCEPTION.fullmatch((reason or "").strip())
     text = f"{raised[1]}: {raised[2]}" if raised else (reason or "no reason given")
-    text = "".join(char if char.isprintable() or char == "\n" else " " for char in text)  # no terminal controls
+    text = "".join(char if char.isprintable() else "\\n" if char == "\n" else " " for char in text)  # one log line
     return text if len(text) <= REASON_CHARS else f"{text[:REASON_CHARS]}... ({len(text)} characters)"
 
 
