@@ -31,6 +31,7 @@ from mpfl.records import (
     read_summary,
     record_problem,
     removed_if_unused,
+    stopped_before_round_1,
     summarize,
     summary_line,
 )
@@ -86,6 +87,19 @@ def test_a_folder_that_is_not_free_for_a_new_run_is_refused(tmp_path, make, mess
     make(out)
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_run_dir(out)
+
+
+def test_a_run_that_recorded_nothing_takes_a_new_run_only_where_mpfl_wrote_all_its_folder_holds(tmp_path):
+    """Run, report and export agree: without run.json, the config may be the user's own file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CONFIG).write_text("")
+    assert stopped_before_round_1(out) == "stopped before its first round (nothing was recorded)"
+    with pytest.raises(ConfigError, match="already holds files"):
+        check_run_dir(out)
+    (out / RUN_JSON).write_text("{}")
+    assert stopped_before_round_1(out).endswith("(nothing was recorded); a new run may start there again")
+    check_run_dir(out)
 
 
 @pytest.mark.parametrize("make, message", [

@@ -51,7 +51,7 @@ from .files import atomic_write, refuse_link, sync_folder
 from .locks import LOCK, refuse_if_locked
 from .methods import method_of
 from .models import MODELS, build_model
-from .records import CONFIG, STOPPED_BEFORE_ROUND_1, SUMMARY, recorded_nothing
+from .records import CONFIG, SUMMARY, recorded_nothing, stopped_before_round_1
 from .resume import read_config, refusal
 
 EXPORT_JSON, MASK_FILE = "export.json", "mask.bin"
@@ -218,7 +218,7 @@ def _model_from_run(run: Path) -> tuple[Config, Final, nn.Module, ParamSpec, lis
         raise ExportError(f"{run} is not a run directory: it has no {CONFIG}")
     if not (run / FINAL).exists() and not (run / SUMMARY).exists():
         if recorded_nothing(run):
-            raise ExportError(f"{run} holds a run that {STOPPED_BEFORE_ROUND_1}; there is nothing to export")
+            raise ExportError(f"{run} holds a run that {stopped_before_round_1(run)}; there is nothing to export")
         why = refusal(run)
         raise ExportError(f"{run} holds a run that has not finished (it has no {SUMMARY} yet); "
                           + (f"it cannot be resumed either: {why}" if why else

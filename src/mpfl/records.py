@@ -185,14 +185,24 @@ MOVED_ASIDE = ".incomplete-"
 cell runs again (`study.prepare_cell`); a report tells such a folder apart by this part of its name."""
 
 
-STOPPED_BEFORE_ROUND_1 = "stopped before its first round (nothing was recorded); a new run may start there again"
-
-
 def recorded_nothing(path: Path) -> bool:
     """Whether the run in `path` stopped before its first round: no checkpoint and an empty or missing
     log (a resume would only repeat what stopped it, such as a missing option or faults on every node)."""
     log = path / ROUNDS_JSONL
     return not (path / CHECKPOINT).exists() and not (log.is_file() and log.stat().st_size)
+
+
+def takes_new_run(path: Path) -> bool:
+    """Whether `path` holds only what a run that stopped before its first round wrote (its config.toml and
+    run.json, the latter so that a config of the user's own is never taken for it): a new run replaces them."""
+    return (recorded_nothing(path) and (path / RUN_JSON).is_file()
+            and {p.name for p in path.iterdir()} <= {LOCK, CONFIG, RUN_JSON, ROUNDS_JSONL})
+
+
+def stopped_before_round_1(path: Path) -> str:
+    """How a report or an export names a run that recorded nothing, and whether a new run may start there."""
+    return "stopped before its first round (nothing was recorded)" + (
+        "; a new run may start there again" if takes_new_run(path) else "")
 
 
 def check_run_dir(path: Path, *, resume: bool = False) -> None:
@@ -207,9 +217,8 @@ def check_run_dir(path: Path, *, resume: bool = False) -> None:
         raise ConfigError(f"run directory {str(path)!r} exists and is not a directory; choose another --out")
     refuse_if_locked(path)
     if not resume and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
-        if recorded_nothing(path) and (path / RUN_JSON).is_file() and \
-                {p.name for p in path.iterdir()} <= {LOCK, CONFIG, RUN_JSON, ROUNDS_JSONL}:
-            return  # only what a run that stopped before its first round wrote (run.json too: not a config of the user's)
+        if takes_new_run(path):
+            return
         if (path / CONFIG).is_file() and not (path / SUMMARY).is_file() and not recorded_nothing(path):
             raise ConfigError(f"run directory {str(path)!r} holds an unfinished run; continue it with "
                               f"mpfl run --resume {path}, or choose another --out")

@@ -59,7 +59,6 @@ from .records import (
     MOVED_ASIDE,
     ROUNDS_JSONL,
     RUNNER,
-    STOPPED_BEFORE_ROUND_1,
     SUMMARY,
     counted,
     is_flower_run,
@@ -67,6 +66,7 @@ from .records import (
     read_rounds,
     read_summary,
     recorded_nothing,
+    stopped_before_round_1,
 )
 from .resume import refusal
 
@@ -242,7 +242,7 @@ def _unfinished(path: Path) -> str:
         return (f"an unfinished attempt at a study cell, moved aside when the study ran the cell again "
                 f"({path.name.split(MOVED_ASIDE)[0]}); delete it once that cell has finished")
     if recorded_nothing(path):
-        return f"unfinished: it {STOPPED_BEFORE_ROUND_1}"
+        return f"unfinished: it {stopped_before_round_1(path)}"
     if is_flower_run(records):
         return f"unfinished Flower run ({recorded}, no summary.json), which cannot be resumed"
     if (why := refusal(path, plugins=False)) is not None:  # a report runs no plug-in's code
