@@ -726,7 +726,34 @@ def test_federated_evaluation_refuses_malformed_metrics_and_bounds_claimed_examp
     assert summary["federated_eval"]["accuracy"] == pytest.approx(want, rel=1e-12)
     lost = [entry for entry in summary["lost_nodes"] if entry["phase"] == "evaluate"]
     assert [entry["node"] for entry in lost] == [2]
-    assert lost[0]["reason"].startswith("malformed evaluation reply: evaluation metrics need an accuracy of at most 1")
+    assert lost[0]["reason"].startswith("malformed evaluation reply: evaluation metrics must be an accuracy in [0, 1]")
+
+
+@pytest.mark.parametrize("metrics, valid", [
+    ({"accuracy": 0.5, "loss": 1.25, "num-examples": 40}, True),
+    ({"accuracy": 0.1, "loss": float("nan"), "num-examples": 40}, True),  # a diverged model, as the server records it
+    ({"accuracy": 1, "loss": float("inf"), "num-examples": 0}, True),
+    ({"accuracy": float("nan"), "loss": 1.0, "num-examples": 40}, False),
+    ({"accuracy": 1.5, "loss": 1.0, "num-examples": 40}, False),
+    ({"accuracy": 0.5, "loss": -1.0, "num-examples": 40}, False),
+    ({"accuracy": 0.5, "loss": 1.0, "num-examples": 40.5}, False),
+    ({"accuracy": 0.5, "loss": 1.0, "num-examples": -3}, False),
+    ({"accuracy": 0.5, "loss": 1.0}, False),
+    ({"accuracy": 0.5, "loss": 1.0, "num-examples": 40, "bonus": 1.0}, False),
+    ({"accuracy": [0.5, 0.6], "loss": 1.0, "num-examples": 40}, False),
+])
+def test_evaluation_metrics_are_read_only_in_their_ranges(metrics, valid):
+    from flwr.app import MetricRecord
+
+    from mpfl.flower.payload import METRICS, metrics_of
+
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if valid:
+        got = metrics_of(content)
+        assert set(got) == set(metrics) and got["num-examples"] == metrics["num-examples"]
+    else:
+        with pytest.raises(PayloadError, match="evaluation metrics must be an accuracy in"):
+            metrics_of(content)
 
 
 def test_the_serverapp_log_names_a_nodes_reason_once_and_then_refers_to_it(caplog):

@@ -339,7 +339,8 @@ class RobustConfig:
                              aliases=("aggregation",))
     byzantine: int = _field(1, "number of malicious nodes --aggregator krum allows for")
     value_limit: float = _field(1e4, "replies holding a value beyond +-this are rejected")
-    count_limit: float = _field(2.5, "a node's sample count weighs at most this multiple of the median node's")
+    count_limit: float = _field(2.5, "a node's sample count weighs at most this multiple of the (lower) median "
+                                              "node's")
 
     def validate(self) -> None:
         _choice("vote_weighting", self.vote_weighting)

@@ -21,8 +21,9 @@ def normalise(weights: Sequence[float]) -> np.ndarray:
 
 def count_cap(counts: Sequence[int], limit: float) -> float:
     """The largest count a node may weigh with: `limit` times the lower median of `counts`. The
-    lower median is a count some node claimed, and an honest one while at most half of the nodes
-    lie (the mean of the two middle counts of an even number is half a liar's)."""
+    lower median is a count some node claimed: an honest one while fewer than half of the nodes lie,
+    and while half do if they claim more than the honest nodes (as inflating liars do), where the
+    mean of the two middle counts would be half a liar's."""
     ordered = sorted(counts)
     return limit * float(ordered[(len(ordered) - 1) // 2])
 

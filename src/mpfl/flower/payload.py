@@ -81,19 +81,19 @@ def timing_of(content: RecordDict) -> dict[str, float] | None:
 
 
 def metrics_of(content: RecordDict) -> dict[str, float]:
-    """A federated evaluation's ``metrics``: an accuracy in [0, 1], a finite loss >= 0 and a whole
-    number of validation examples >= 0; anything else is a PayloadError."""
+    """A federated evaluation's ``metrics``: an accuracy in [0, 1], a whole number of validation examples
+    >= 0, and a loss >= 0 (infinite or NaN for a diverged model, as the server's own evaluation records
+    it: only the accuracy is averaged); anything else is a PayloadError."""
     metrics = content.metric_records.get(METRICS)
     if metrics is None:
         raise PayloadError("evaluation reply without metrics")
-    if set(metrics) != {"accuracy", "loss", "num-examples"} or not all(map(_non_negative, metrics.values())):
-        raise PayloadError(f"evaluation metrics must be accuracy, loss and num-examples, each a finite number >= 0; "
-                           f"got {_shown(dict(metrics))}")
-    if metrics["accuracy"] > 1 or not isinstance(metrics["num-examples"], int):
-        raise PayloadError(f"evaluation metrics need an accuracy of at most 1 and a whole num-examples; "
-                           f"got {_shown(dict(metrics))}")
-    return {"accuracy": float(metrics["accuracy"]), "loss": float(metrics["loss"]),
-            "num-examples": metrics["num-examples"]}
+    accuracy, loss, examples = (metrics.get(key) for key in ("accuracy", "loss", "num-examples"))
+    if (set(metrics) != {"accuracy", "loss", "num-examples"} or not _non_negative(accuracy) or accuracy > 1
+            or not isinstance(examples, int) or not _non_negative(examples)
+            or not isinstance(loss, (int, float)) or isinstance(loss, bool) or loss < 0):
+        raise PayloadError(f"evaluation metrics must be an accuracy in [0, 1], a loss >= 0 and a whole num-examples "
+                           f">= 0; got {_shown(dict(metrics))}")
+    return {"accuracy": float(accuracy), "loss": float(loss), "num-examples": examples}
 
 
 def _shown(value: object, limit: int = 200) -> str:
