@@ -193,3 +193,12 @@ def benchmark_module(name: str):
         return module
     finally:
         sys.path.remove(str(BENCHMARKS))
+
+
+def rewrite_arrays(path: Path, change) -> None:
+    """Rewrite the `.npz` file at `path` with its arrays (a dict, by member name) changed in place by
+    `change(arrays)`: a hand edit of a checkpoint."""
+    with np.load(path) as f:
+        arrays = {name: f[name] for name in f.files}
+    change(arrays)
+    np.savez(path, **arrays)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import rewrite_arrays
 from mpfl.checkpoint import (
     CHECKPOINT,
     check_meta,
@@ -286,13 +287,6 @@ def test_every_problem_is_named_at_once(tmp_path):
     assert [p.split(" = ")[0] for p in str(refused.value).split("; ")] == ["next_step", "mask_done", "bytes_up"]
 
 
-def rewrite(path, change) -> None:
-    with np.load(path) as f:
-        arrays = {name: f[name] for name in f.files}
-    change(arrays)
-    np.savez(path, **arrays)
-
-
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(meta=np.frombuffer(b"[1, 2]", dtype=np.uint8)), "its metadata is not a JSON object"),
     (lambda a: a.update(meta=np.frombuffer(b"{not json", dtype=np.uint8)), "JSONDecodeError"),
@@ -300,7 +294,7 @@ def rewrite(path, change) -> None:
 ])
 def test_read_meta_calls_a_file_without_readable_metadata_damaged(tmp_path, change, message):
     saved(tmp_path)
-    rewrite(tmp_path / CHECKPOINT, change)
+    rewrite_arrays(tmp_path / CHECKPOINT, change)
     with pytest.raises(RunDirError, match=f"checkpoint.npz is damaged .*{message}.*mpfl run --config"):
         read_meta(tmp_path)
 
@@ -318,7 +312,7 @@ def test_read_meta_calls_a_file_without_readable_metadata_damaged(tmp_path, chan
 ])
 def test_arrays_that_are_not_the_models_are_damage_not_a_wrong_state(tmp_path, change):
     saved(tmp_path)
-    rewrite(tmp_path / CHECKPOINT, change)
+    rewrite_arrays(tmp_path / CHECKPOINT, change)
     with pytest.raises(RunDirError, match="checkpoint.npz is damaged"):
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
 
@@ -340,7 +334,7 @@ def _set_entry(name: str, index: int, value: float):
 ], ids=["NaN in the weights", "Inf in w0", "-Inf in the momentum", "NaN in a node's weights", "NaN in a residual"])
 def test_values_no_run_continues_from_are_damage(tmp_path, change, cause):
     saved(tmp_path)
-    rewrite(tmp_path / CHECKPOINT, change)
+    rewrite_arrays(tmp_path / CHECKPOINT, change)
     with pytest.raises(RunDirError, match=rf"checkpoint.npz is damaged \(ValueError: {cause}\)"):
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
 
@@ -348,9 +342,9 @@ def test_values_no_run_continues_from_are_damage(tmp_path, change, cause):
 def test_weights_where_the_mask_prunes_are_damage_and_weights_it_keeps_are_read_as_they_are(tmp_path):
     server, _ = saved(tmp_path)
     pruned, kept = np.flatnonzero(~server.mask[1]), np.flatnonzero(server.mask[1])  # tensor 2 ("1.weight")
-    rewrite(tmp_path / CHECKPOINT, _set_entry("weights/2", int(kept[0]), 0.5))
+    rewrite_arrays(tmp_path / CHECKPOINT, _set_entry("weights/2", int(kept[0]), 0.5))
     assert load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)[0].weights[2].flat[kept[0]] == np.float32(0.5)
-    rewrite(tmp_path / CHECKPOINT, _set_entry("weights/2", int(pruned[0]), 0.5))
+    rewrite_arrays(tmp_path / CHECKPOINT, _set_entry("weights/2", int(pruned[0]), 0.5))
     with pytest.raises(RunDirError, match=r"damaged \(ValueError: the weights are not zero where its mask \(version 4\) "
                                           r"prunes\)"):
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
@@ -476,7 +470,7 @@ def test_crafted_metadata_is_damage_named_in_one_error_not_a_crash(tmp_path):
         meta.update(counts=[54, 7], nodes="all")
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
-    rewrite(tmp_path / CHECKPOINT, craft)
+    rewrite_arrays(tmp_path / CHECKPOINT, craft)
     with pytest.raises(RunDirError, match="counts does not map node ids 0 to 4; nodes does not map node ids 0 to 4"):
         load_checkpoint(tmp_path, SPEC, steps=STEPS, nodes=NODES)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CLI_RUN, comparable, tiny_config, wait_for_rounds
+from conftest import CLI_RUN, comparable, rewrite_arrays, tiny_config, wait_for_rounds
 from mpfl import codec
 from mpfl.attacks import malicious_ids
 from mpfl.checkpoint import load_final
@@ -554,12 +554,13 @@ def test_report_and_export_send_no_run_to_resume_whose_log_resume_would_refuse(t
 
 def _rewrite_meta(path: Path, change) -> None:
     """Rewrite the checkpoint with its metadata changed by `change(meta)` (what a crafted file holds)."""
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    meta = json.loads(arrays["meta"].tobytes())
-    change(meta)
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(path, **arrays)
+
+    def changed(arrays: dict) -> None:
+        meta = json.loads(arrays["meta"].tobytes())
+        change(meta)
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    rewrite_arrays(path, changed)
 
 
 def _truncate(path: Path) -> None:
@@ -568,17 +569,12 @@ def _truncate(path: Path) -> None:
 
 
 def _replace_array(path: Path, key: str, value: np.ndarray) -> None:
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in f.files}
-    arrays[key] = value
-    np.savez(path, **arrays)
+    rewrite_arrays(path, lambda arrays: arrays.update({key: value}))
 
 
 def _edit_array(path: Path, key: str, edit) -> None:
     """Rewrite the checkpoint with array `key` replaced by `edit(array)` (a hand edit)."""
-    with np.load(path) as f:
-        value = f[key]
-    _replace_array(path, key, edit(value))
+    rewrite_arrays(path, lambda arrays: arrays.update({key: edit(arrays[key])}))
 
 
 DAMAGE = {
