@@ -383,6 +383,26 @@ def _interrupted(out: Path, after: int, **overrides) -> None:
         simulate(tiny_config(**SMALL, **overrides), out, on_round=stop)
 
 
+def test_a_run_whose_node_diverged_in_a_mask_round_resumes_to_the_same_end(tmp_path):
+    """A node whose training diverges in a mask round sends only its mask, keeps NaN weights (rewind none)
+    and is dropped when it next sends values: its checkpoint is the run's own, and resumes bit for bit."""
+    cfg = tiny_config(mask_rounds=3, rounds=3, lr=0.7)
+    whole = simulate(cfg)
+    out = tmp_path / "run"
+
+    def stop(record):
+        if record["step"] >= 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        simulate(cfg, out, on_round=stop)
+    with np.load(out / "checkpoint.npz") as f:
+        assert any(k.startswith("node/") and not np.isfinite(f[k]).all() for k in f.files)  # what is tested
+    resumed = simulate(cfg, out, resume=True)
+    assert comparable(resumed.records) == comparable(whole.records)
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.weights, whole.weights))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"

@@ -278,12 +278,13 @@ def _largest(meta: CheckpointMeta, spec: ParamSpec) -> int:
 
 
 def _check_values(server: ServerState, nodes: dict[int, NodeState], spec: ParamSpec) -> None:
-    """Refuse arrays no run continues from: NaN or Inf in the server's weights, w0 or momentum, or in a node's own
-    weights or error-feedback residual (a residual's NaN would silently drop entries from its top-k updates); and
-    server weights that are not zero where the mask prunes (every round leaves them so, `Server.run_step`)."""
+    """Refuse arrays no run continues from: NaN or Inf in the server's weights, w0 or momentum, or in a node's
+    error-feedback residual (its NaN would silently drop entries from the node's top-k updates; a top-k round
+    that meets one fails before it keeps it); and server weights that are not zero where the mask prunes (every
+    round leaves them so, `Server.run_step`). A node's own weights may hold NaN: a node whose training diverged
+    in a mask round keeps them (its mask is still a mask), and is dropped when it next sends values."""
     held = [("weights", server.weights), ("w0", server.w0), ("velocity", server.velocity or [])]
-    for n, node in sorted(nodes.items()):
-        held += [(f"node/{n}/local", node.local or []), (f"node/{n}/residual", node.residual or [])]
+    held += [(f"node/{n}/residual", node.residual or []) for n, node in sorted(nodes.items())]
     for name, arrays in held:
         if not all(np.isfinite(a).all() for a in arrays):
             raise ValueError(f"the arrays of {name!r} hold NaN or Inf values")

@@ -29,7 +29,7 @@ from .errors import MpflError, RunDirError
 from .files import atomic_write
 from .node import NodeState
 from .plugins import fingerprints
-from .records import CONFIG, ROUNDS_JSONL, RUN_JSON, SUMMARY, counted, read_rounds, read_summary
+from .records import CONFIG, ROUNDS_JSONL, RUN_JSON, SUMMARY, counted, read_rounds
 from .server import ServerState
 
 RUNTIME_FIELDS = frozenset({"workers"})
@@ -177,19 +177,38 @@ def _edited(folder: Path, saved: dict, current: dict, source: str = CHECKPOINT) 
 
 def read_config(folder: Path) -> Config:
     """The saved config of the run in `folder`. Building a config imports the plug-ins it names, that is, runs
-    their code, so the plug-ins named in `config.toml` are first compared, as the file holds them, with those
-    the run recorded (in its summary once finished, else in its checkpoint, after `check_resumable`'s checks
-    without a config): an edit naming another plug-in is refused before any plug-in is imported."""
+    their code, so when `config.toml` names plug-ins they are first compared, as the file holds them, with
+    those the run recorded (in its summary once finished, else in its checkpoint, after `check_resumable`'s
+    checks without a config): an edit naming another plug-in is refused before any plug-in is imported."""
     data = Config.read_toml(folder / CONFIG)
-    if (folder / SUMMARY).exists():
-        recorded, source = read_summary(folder)["config"], SUMMARY
-    else:
-        meta = check_resumable(folder, None)
-        recorded, source = (meta["run"]["config"] if meta is not None else None), CHECKPOINT
-    if recorded is not None and data.get("plugins", []) != recorded.get("plugins", []):
-        raise _edited(folder, recorded, {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}, source)
+    if data.get("plugins"):
+        recorded, source = _recorded_config(folder)
+        if recorded is not None and data["plugins"] != recorded.get("plugins", []):
+            raise _edited(folder, *(_result_fields(config) for config in (recorded, data)), source)
     refuse_quoted_values(data)
     return Config.from_dict(data)
+
+
+def _recorded_config(folder: Path) -> tuple[dict | None, str]:
+    """The config the run in `folder` recorded, and where: its summary's once finished, else its checkpoint's
+    (None when it has neither: a run that has not reached its first checkpoint)."""
+    if (folder / SUMMARY).exists():
+        try:
+            config = json.loads((folder / SUMMARY).read_text())["config"]
+            if not isinstance(config, dict):
+                raise TypeError(f"its config is a {type(config).__name__}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunDirError(f"{folder / SUMMARY} cannot be read ({type(exc).__name__}: {exc}), so the plug-ins "
+                              f"{folder / CONFIG} names cannot be checked against those the run loaded; restore the "
+                              "file from a copy") from None
+        return config, SUMMARY
+    meta = check_resumable(folder, None)
+    return (meta["run"]["config"] if meta is not None else None), CHECKPOINT
+
+
+def _result_fields(config: dict) -> dict:
+    """A config's fields that decide a run's results (those `changes` may name)."""
+    return {key: value for key, value in config.items() if key not in RUNTIME_FIELDS}
 
 
 def refusal(folder: Path, *, plugins: bool = True) -> str | None:
