@@ -679,6 +679,16 @@ def test_a_plug_ins_error_shows_its_own_frames_and_an_error_of_mpfls_own_its_who
     err = capsys.readouterr().err
     assert err.splitlines()[:4] == ["Traceback (most recent call last):", f'  File "{plugin}", line 4, in boom',
                                     "    raise RuntimeError('boom')", "RuntimeError: boom"]
+    helpers = tmp_path / "helpers"  # a plug-in's own helper module, which it imports: its frames are the plug-in's
+    helpers.mkdir()
+    (helpers / "rulebook.py").write_text("def boom(votes, support, ctx):\n    raise RuntimeError('in a helper')\n")
+    monkeypatch.syspath_prepend(str(helpers))
+    (tmp_path / "uses.py").write_text("import mpfl\nfrom rulebook import boom\n\n"
+                                      "mpfl.register_rule('helper-boom', boom, reads=())\n")
+    assert main(["run", "--plugins", str(tmp_path / "uses.py"), "--consensus", "helper-boom", *SMALL,
+                 "--out", str(tmp_path / "h")]) == 1
+    assert capsys.readouterr().err.splitlines()[:2] == ["Traceback (most recent call last):",
+                                                        f'  File "{helpers / "rulebook.py"}", line 2, in boom']
     monkeypatch.setattr(mpfl.server.Server, "run", density)  # a TypeError raised inside mpfl's own code
     with pytest.raises(TypeError):
         main(["run", *SMALL, "--out", str(tmp_path / "own")])

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import site
 import sys
+import sysconfig
 import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -31,6 +33,7 @@ _MODULE_PREFIX = "mpfl_plugin_"
 _loaded: set[str] = set()
 _digests: dict[str, str] = {}
 _installed: dict[str, str] = {}
+_files: set[Path] = set()
 
 
 def load_plugins(names: Sequence[str] = ()) -> None:
@@ -38,6 +41,7 @@ def load_plugins(names: Sequence[str] = ()) -> None:
     if ENTRY_POINT_GROUP not in _loaded:
         _loaded.add(ENTRY_POINT_GROUP)
         for entry in entry_points(group=ENTRY_POINT_GROUP):
+            before = set(sys.modules)
             try:
                 loaded = entry.load()
             except Exception as exc:
@@ -45,12 +49,15 @@ def load_plugins(names: Sequence[str] = ()) -> None:
                                   f"{type(exc).__name__}: {exc}") from exc
             if callable(loaded):
                 loaded()
+            _note_files(before, entry.module)
             if entry.dist is not None:
                 _installed[entry.name] = f"{entry.dist.name} {entry.dist.version}"
     for name in names:
         key = str(Path(name).resolve()) if _is_path(name) else name
         if key not in _loaded:
+            before = set(sys.modules)
             source = _import(name)
+            _note_files(before, None if _is_path(name) else name)
             _loaded.add(key)
             if source is not None:
                 _digests[key] = hashlib.sha256(source).hexdigest()
@@ -163,16 +170,37 @@ def _import(name: str) -> bytes | None:
                           "fix the plug-in") from exc
 
 
+def _note_files(before: set[str], module: str | None) -> None:
+    """Note as plug-in code the files of the modules a plug-in's import brought in (its own, and helpers of the
+    user's it imports; not mpfl's, the standard library's nor installed packages'), and those of `module` and its
+    submodules wherever they are (a plug-in named as a module, or an installed entry-point plug-in)."""
+    library = _library_dirs()
+    for name in set(sys.modules) - before:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file and not _in_library(Path(file).resolve(), library):
+            _files.add(Path(file).resolve())
+    for name, loaded in list(sys.modules.items()):
+        if module and (name == module or name.startswith(f"{module}.")) and getattr(loaded, "__file__", None):
+            _files.add(Path(loaded.__file__).resolve())
+
+
+def _library_dirs() -> list[Path]:
+    """Where code that is no plug-in of the user's lives: mpfl, the standard library and installed packages."""
+    paths = sysconfig.get_paths()
+    dirs = [Path(__file__).parent, *(Path(paths[key]) for key in ("stdlib", "platstdlib", "purelib", "platlib"))]
+    dirs += [Path(p) for p in site.getsitepackages()] + [Path(site.getusersitepackages())]
+    return [d.resolve() for d in dirs]
+
+
+def _in_library(file: Path, library: Sequence[Path]) -> bool:
+    return any(file.is_relative_to(d) for d in library) or bool({"site-packages", "dist-packages"} & set(file.parts))
+
+
 def plugin_files() -> set[Path]:
-    """The source files of the plug-ins this process loaded: `.py` files named by path, and the modules (with a
-    package's submodules) named by module name."""
-    names = [key for key in _loaded if key != ENTRY_POINT_GROUP]
-    files = {Path(key) for key in names if Path(key).is_absolute()}
-    for module_name, module in list(sys.modules.items()):
-        named = any(module_name == name or module_name.startswith(f"{name}.") for name in names)
-        if named and (file := getattr(module, "__file__", None)):
-            files.add(Path(file).resolve())
-    return files
+    """The source files of the plug-ins this process loaded: `.py` files named by path, the modules (with a
+    package's submodules) named by module name or installed as entry points, and the helper modules of the
+    user's they imported."""
+    return {Path(key) for key in _loaded if Path(key).is_absolute()} | _files
 
 
 def from_plugin_code(tb: TracebackType | None) -> TracebackType | None:
