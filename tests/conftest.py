@@ -52,13 +52,13 @@ def restore_registries():
     from mpfl.registry import ALL
 
     saved = [(reg, reg.snapshot()) for reg in ALL]
-    loaded, digests, installed = set(plugins._loaded), dict(plugins._digests), dict(plugins._installed)
+    copies = [(kept, type(kept)(kept)) for kept in (plugins._loaded, plugins._digests, plugins._installed, plugins._files)]
     yield
     for reg, snapshot in saved:
         reg.restore(snapshot)
-    for kept, state in ((plugins._loaded, loaded), (plugins._digests, digests), (plugins._installed, installed)):
+    for kept, copy in copies:
         kept.clear()
-        kept.update(state)
+        kept.update(copy)
 
 
 @pytest.fixture(scope="session")

@@ -683,6 +683,7 @@ def test_a_plug_ins_error_shows_its_own_frames_and_an_error_of_mpfls_own_its_who
     helpers.mkdir()
     (helpers / "rulebook.py").write_text("def boom(votes, support, ctx):\n    raise RuntimeError('in a helper')\n")
     monkeypatch.syspath_prepend(str(helpers))
+    monkeypatch.delitem(sys.modules, "rulebook", raising=False)  # imported below: gone again after the test
     (tmp_path / "uses.py").write_text("import mpfl\nfrom rulebook import boom\n\n"
                                       "mpfl.register_rule('helper-boom', boom, reads=())\n")
     assert main(["run", "--plugins", str(tmp_path / "uses.py"), "--consensus", "helper-boom", *SMALL,
@@ -730,3 +731,23 @@ def test_help_with_plugins_lists_the_names_they_register(tmp_path, capsys):
         main(["run", f"--plugins={tmp_path / 'missing.py'}", "--help"])
     out, err = capsys.readouterr()
     assert "usage: mpfl run" in out and err.startswith("note: the help lists no names of this plug-in: plug-in")
+
+
+def test_plug_in_code_is_what_a_plug_ins_import_brought_in_outside_installed_packages(tmp_path, monkeypatch):
+    """The files a traceback may start at: modules new since the import began that lie outside mpfl, the
+    standard library and installed packages, and the named module's package wherever it is installed."""
+    from mpfl import plugins
+
+    mine = tmp_path / "minehelper.py"
+    mine.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "minehelper", raising=False)
+    before = set(sys.modules) - {"numpy", "numpy.linalg"}  # as if the plug-in imported numpy first
+    __import__("minehelper")
+    plugins._note_files(before, None)
+    files = plugins.plugin_files()
+    assert mine.resolve() in files
+    assert not any(f.is_relative_to(Path(np.__file__).resolve().parent) for f in files)  # an installed package
+    plugins._note_files(set(sys.modules), "numpy")  # an entry point's package: noted wherever it is installed
+    assert Path(np.__file__).resolve() in plugins.plugin_files()
+    monkeypatch.delitem(sys.modules, "minehelper")

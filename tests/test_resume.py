@@ -177,6 +177,12 @@ def test_an_export_of_a_finished_run_compares_the_plug_ins_with_its_summary_befo
     err = " ".join(capsys.readouterr().err.split())
     assert f"differs from the one its summary.json was written with: plugins = ['{plugin}'] (summary: []); undo" in err
     assert not (tmp_path / "ran").exists() and not (tmp_path / "export").exists()
+    (folder / "summary.json").rename(tmp_path / "summary.json")  # no record left: nothing to check the plug-ins by
+    assert main(["export", str(folder), "--out", str(tmp_path / "export")]) == 2
+    assert "holds a finished run's final.npz but neither its summary.json nor a checkpoint.npz" in " ".join(
+        capsys.readouterr().err.split())
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "summary.json").rename(folder / "summary.json")
     (folder / CONFIG).write_text(tomli_w.dumps(CFG.to_dict()))  # no plug-ins: nothing to import, nothing to check
     (folder / "summary.json").write_text('{"truncated": ')
     assert main(["export", str(folder), "--out", str(tmp_path / "export")]) == 0

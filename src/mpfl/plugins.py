@@ -49,7 +49,7 @@ def load_plugins(names: Sequence[str] = ()) -> None:
                                   f"{type(exc).__name__}: {exc}") from exc
             if callable(loaded):
                 loaded()
-            _note_files(before, entry.module)
+            _note_files(before, entry.module.split(".")[0])  # its whole package: installed, it is all the plug-in's
             if entry.dist is not None:
                 _installed[entry.name] = f"{entry.dist.name} {entry.dist.version}"
     for name in names:

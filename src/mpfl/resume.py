@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tomli_w
 
-from .checkpoint import CHECKPOINT, damaged, int_in, load_checkpoint, read_meta
+from .checkpoint import CHECKPOINT, FINAL, damaged, int_in, load_checkpoint, read_meta
 from .config import Config, flatten, refuse_quoted_values
 from .core.params import ParamSpec, Weights
 from .errors import MpflError, RunDirError
@@ -202,6 +202,10 @@ def _recorded_config(folder: Path) -> tuple[dict | None, str]:
                               f"{folder / CONFIG} names cannot be checked against those the run loaded; restore the "
                               "file from a copy") from None
         return config, SUMMARY
+    if (folder / FINAL).exists() and not (folder / CHECKPOINT).exists():
+        raise RunDirError(f"{folder} holds a finished run's {FINAL} but neither its {SUMMARY} nor a {CHECKPOINT}, so "
+                          f"the plug-ins {folder / CONFIG} names cannot be checked against those the run loaded; "
+                          f"restore {SUMMARY} from a copy")
     meta = check_resumable(folder, None)
     return (meta["run"]["config"] if meta is not None else None), CHECKPOINT
 
