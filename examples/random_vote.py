@@ -8,8 +8,9 @@ In each mask round (on the schedule of `--mask-rounds`) the nodes asked draw one
 entry of the consensus mask they hold, from a stream of the method's own (`mpfl.seeds.plugin_rng`:
 the same draws in every runner and worker process), and propose the entries with the highest scores
 at the round's density. The server weighs each proposal by the node's sample count and keeps the
-most-proposed entries at that density; the training phase then runs masked FedAvg, inherited from
-`MaskedMethod`. A baseline no data chose the mask of, as `random` is, but one that travels as votes.
+most-proposed entries at that density (ties broken by a seeded draw of its own); the training phase
+then runs masked FedAvg, inherited from `MaskedMethod`. A baseline no data chose the mask of, as
+`random` is, but one that travels as votes (and, as `random`, slow to train at high sparsity).
 """
 
 from __future__ import annotations
@@ -71,8 +72,12 @@ class RandomVote(MaskedMethod):
         share = np.asarray(exchanged.weights()) / sum(exchanged.weights())
         proposals = [body.tensors for body in exchanged.replies.values()]
         votes = [sum(a * p[i] for a, p in zip(share, proposals)) for i in range(len(support))]
+        # equal shares are common (a few nodes, each proposing a tenth): a seeded draw of the server's own breaks
+        # the ties, where the lower index would hand them all to the first layers
+        draw = plugin_rng(NAME, self.cfg.seed, step.step)
         prune = self.cfg.prune
-        return exchanged, select(votes, support, step.density, prune.scope, prune.layer_floor), {}
+        return exchanged, select(votes, support, step.density, prune.scope, prune.layer_floor,
+                                 tiebreak=[draw.random(m.shape) for m in support]), {}
 
 
 if __name__ == "__main__":
