@@ -72,7 +72,8 @@ def _field(default: Any, text: str, *, aliases: tuple[str, ...] = ()) -> Any:
 
 
 PLUGIN_HINT = "If a plug-in registers it, load the plug-in with --plugins MODULE_OR_FILE"
-"""What an unknown registry name's error adds when no known name is close to it."""
+"""What an unknown registry name's error adds, after any close name it suggests (a plug-in's name may be close to
+a built-in one)."""
 
 
 def _choice(name: str, value: str) -> None:

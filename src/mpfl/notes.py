@@ -158,9 +158,9 @@ def end_notes(cfg: Config, records: Sequence[RoundRecord], summary: dict,
     inputs with them), layers the final mask prunes whole, and options that no plug-in read
     (`options_read`, the keys the run's plug-ins looked up, where known: `mpfl.sim.RunResult.options_read`),
     a misspelt key left silently unused otherwise."""
-    notes = []
     from .plugins import installed_plugins
 
+    notes = []
     loads_plugins = bool(cfg.plugins or installed_plugins())  # else the start of the run said the options do nothing
     unread = [key for key in dict.keys(cfg.plugin_options) if key not in (options_read or ())]
     if options_read is not None and loads_plugins and unread:

@@ -40,7 +40,7 @@ _IDENTITY_KEYS = ("run_id", "config_sha256")
 
 def result_config(cfg: Config) -> dict:
     """The config as a plain dict without the runtime fields: what decides a run's results."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
+    return _result_fields(cfg.to_dict())
 
 
 def config_sha256(cfg: Config) -> str:
@@ -211,7 +211,7 @@ def _recorded_config(folder: Path) -> tuple[dict | None, str]:
 
 
 def _result_fields(config: dict) -> dict:
-    """A config's fields that decide a run's results (those `changes` may name)."""
+    """A config dict's fields that decide a run's results (those `changes` may name)."""
     return {key: value for key, value in config.items() if key not in RUNTIME_FIELDS}
 
 
